@@ -1,0 +1,71 @@
+"""The Python API the CLI is a thin layer over."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from vitconvert.anatomy import Anatomy, read_anatomy
+from vitconvert.errors import UserError
+from vitconvert.methods import ConvertedModel, convert, get_method
+from vitconvert.recipes import Recipe, load_recipe
+from vitconvert.sources import load_base
+
+
+def inspect_model(model: str, checkpoint: str | None = None, model_kwargs: dict[str, Any] | None = None,
+                  pretrained: bool = False) -> Anatomy:
+    """Read the anatomy of a model given like ``apply``'s MODEL argument (weights are not needed)."""
+    base, _ = load_base(model, checkpoint, model_kwargs, pretrained=pretrained)
+    return read_anatomy(base)
+
+
+def apply(
+    model: str | nn.Module,
+    recipe: str | os.PathLike[str] | Recipe | dict[str, Any],
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    pretrained: bool = True,
+    overrides: list[str] | None = None,
+) -> ConvertedModel:
+    """Convert a base model into a dynamic-token model following a recipe.
+
+    Args:
+        model: timm name or alias, ``hf-hub:owner/name`` or ``local-dir:PATH``.
+        recipe: Recipe name (``"cfvit"``), YAML path, mapping or :class:`Recipe`.
+        checkpoint: Weights file to load into the base model (.safetensors, .pth/.bin with weights_only).
+        model_kwargs: timm ``create_model`` kwargs, e.g. ``{"img_size": 32, "num_classes": 10}``.
+        pretrained: Load the source's pretrained weights.
+        overrides: ``key=value`` recipe overrides, e.g. ``["model.alpha=0.6"]``.
+
+    Returns:
+        The converted model in eval mode, at the recipe's operating point.
+
+    Example:
+        >>> m = apply("deit_tiny", "cfvit", pretrained=False)
+        >>> m.full_compute()  # reproduces the base model exactly
+    """
+    rec = load_recipe(recipe, overrides)
+    if isinstance(model, nn.Module):
+        raise UserError("apply() takes a model name or path; to convert a module use vitconvert.methods.convert")
+    base, spec = load_base(model, checkpoint, model_kwargs, pretrained)
+    anatomy = read_anatomy(base)
+    cls = get_method(rec.method)
+    if anatomy.family not in cls.families:
+        from vitconvert.backbones import describe_family
+
+        raise UserError(
+            f"recipe {rec.name!r} (method {rec.method}) supports "
+            f"{', '.join(describe_family(f) for f in cls.families)}; {spec.architecture} is "
+            f"{describe_family(anatomy.family)}"
+        )
+    return convert(base, spec, rec, anatomy)
+
+
+def output_dir_for(model: str, recipe: Recipe) -> Path:
+    """Default output folder: ``<model>-<recipe>`` in the current directory."""
+    stem = model.split(":", 1)[-1].rstrip("/").replace("/", "_").split(".")[0] or "model"
+    return Path(f"{Path(stem).name}-{recipe.name}")

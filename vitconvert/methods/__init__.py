@@ -1,0 +1,89 @@
+"""Method registry: one module per method, each registering a :class:`ConvertedModel` subclass and a timm
+entrypoint ``vitconvert_<method>`` so ``timm.create_model('hf-hub:...')`` rebuilds saved models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitconvert.errors import UserError
+from vitconvert.methods.base import ConvertedModel, CurvePoint, DynamicOutput
+
+METHODS: dict[str, type[ConvertedModel]] = {}
+
+
+def register_method(cls: type[ConvertedModel]) -> type[ConvertedModel]:
+    METHODS[cls.method] = cls
+    return cls
+
+
+def get_method(name: str) -> type[ConvertedModel]:
+    if name not in METHODS:
+        raise UserError(f"method {name!r} is not known; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def convert(base: nn.Module, spec: Any, recipe: Any, anatomy: Any | None = None) -> ConvertedModel:
+    """Convert a base model (with its weights) following a validated recipe."""
+    from vitconvert.anatomy import read_anatomy
+
+    anatomy = anatomy or read_anatomy(base)
+    cls = get_method(recipe.method)
+    with torch.no_grad():
+        return cls(base, spec, recipe, anatomy).eval()
+
+
+def build_from_config(base: dict[str, Any], recipe: dict[str, Any], state: dict[str, Any] | None,
+                      method: str | None = None) -> ConvertedModel:
+    """Rebuild a converted model (random base weights) from the ``model_args`` of a saved config.
+
+    Everything is validated before anything is built: the base architecture must be a timm model, the
+    recipe must pass the method's schema, the state must hold known keys with numeric values.
+    """
+    from vitconvert.recipes import validate_recipe
+    from vitconvert.sources import BaseSpec
+
+    spec = BaseSpec.from_dict(base)
+    rec = validate_recipe(recipe, "in config.json")
+    if method is not None and rec.method != method:
+        raise UserError(f"config: architecture says method {method!r} but the recipe says {rec.method!r}")
+    base_model = spec.build()
+    model = convert(base_model, spec, rec)
+    if state:
+        model.load_state(state)
+    return model
+
+
+def timm_entrypoint(method: str, pretrained: bool = False, **kwargs: Any) -> ConvertedModel:
+    """Shared body of the ``vitconvert_<method>`` timm entrypoints."""
+    from vitconvert.saving import load_weights_from_cfg
+
+    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
+    kwargs.pop("pretrained_cfg_overlay", None)
+    cache_dir = kwargs.pop("cache_dir", None)
+    base = kwargs.pop("base", None)
+    recipe = kwargs.pop("recipe", None)
+    state = kwargs.pop("state", None)
+    kwargs.pop("num_classes", None)  # recorded by timm's factory; fixed by the base model args
+    kwargs.pop("pretrained_model_args", None)
+    if base is None or recipe is None:
+        raise UserError(
+            f"vitconvert_{method} is built from a saved vitconvert model: use "
+            f"timm.create_model('hf-hub:OWNER/NAME' or 'local-dir:PATH', pretrained=True)"
+        )
+    unknown = set(kwargs) - {"device", "dtype"}
+    if unknown:
+        raise UserError(f"vitconvert_{method}: unexpected model arguments {sorted(unknown)}")
+    model = build_from_config(base, recipe, state, method)
+    if pretrained:
+        load_weights_from_cfg(model, pretrained_cfg, cache_dir)
+    return model
+
+
+# Importing the method modules registers them (and their timm entrypoints).
+from vitconvert.methods import cfvit  # noqa: E402
+
+__all__ = ["METHODS", "ConvertedModel", "CurvePoint", "DynamicOutput", "cfvit", "convert", "get_method",
+           "register_method"]

@@ -1,0 +1,313 @@
+"""CF-ViT: coarse-to-fine vision transformer (Chen et al., AAAI 2023, arXiv 2203.03821).
+
+Converted from a pretrained ViT/DeiT with a class token. One set of transformer weights serves both
+stages; only the position embeddings differ.
+
+* Coarse stage: the image is resized so the unchanged patch embedding yields a coarse grid (half the
+  native grid per side by default: 7x7 for 14x14), then class token, all blocks, norm, head. Blocks from
+  ``gca_start_block`` on also report the class token's attention row (an fx rewrite that keeps fused
+  attention), averaged over heads into the global class attention (GCA) by an exponential moving average.
+* Early exit: an image whose coarse confidence (max softmax) exceeds ``eta`` stops there. Only the other
+  images run the fine stage, as a real sub-batch.
+* Fine stage: the ``alpha`` fraction of coarse patches with the highest GCA is re-split 2x2 into fine
+  patches; the others stay coarse (their coarse input embeddings). The coarse stage's final features pass
+  through a small MLP (last layer zero-initialised) and are added to the fine tokens they cover.
+
+The one knob is ``eta``. At ``eta = 1`` (never exit) and ``alpha = 1`` (re-split everything) the model is
+exactly the base model on the full image; :meth:`CFViT.full_compute` sets both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from timm.layers import resample_abs_pos_embed
+from timm.models import register_model
+from torch import nn
+
+from vitconvert import fx as vfx
+from vitconvert.anatomy import Anatomy
+from vitconvert.errors import UserError
+from vitconvert.gmacs import count_macs
+from vitconvert.methods import register_method, timm_entrypoint
+from vitconvert.methods.base import ConvertedModel, DynamicOutput
+from vitconvert.recipes import Recipe, Strict
+from vitconvert.sources import BaseSpec
+
+
+class CFViTSettings(Strict):
+    coarse_grid_ratio: float = Field(0.5, gt=0, lt=1, description="coarse grid side / native grid side")
+    alpha: float = Field(0.5, gt=0, le=1, description="fraction of coarse patches re-split in the fine stage")
+    gca_beta: float = Field(0.99, ge=0, lt=1, description="EMA factor of global class attention")
+    gca_start_block: int = Field(3, ge=0, description="first block (0-based) whose class attention counts")
+    eta: float = Field(1.0, ge=0, le=1, description="initial exit threshold (1 = never exit)")
+    reuse_mlp_ratio: float = Field(4.0, gt=0, le=16, description="hidden width of the feature-reuse MLP / dim")
+    resize: Literal["bilinear", "bicubic", "area"] = "bilinear"
+
+
+class CFViTLosses(Strict):
+    distill: float = Field(1.0, ge=0, description="KL from the original model to the fine output")
+    ce: float = Field(1.0, ge=0, description="cross-entropy of the fine output (when labels exist)")
+    coarse_kl: float = Field(1.0, ge=0, description="KL from the detached fine output to the coarse output")
+
+
+@register_method
+class CFViT(ConvertedModel):
+    """Coarse-to-fine ViT with batched early exit (see the module docstring)."""
+
+    method = "cfvit"
+    families = ("vit",)
+    description = "CF-ViT coarse-to-fine inference with early exit (ViT/DeiT with a class token)"
+    Settings = CFViTSettings
+    Losses = CFViTLosses
+    knob_name = "eta"
+    full_compute_knob = 1.0
+
+    def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
+        super().__init__(base, spec, recipe, anatomy)
+        s: CFViTSettings = self.settings
+        if not anatomy.extras.get("class_token"):
+            raise UserError(f"cfvit needs a class token; {spec.architecture} has none (global_pool={anatomy.pool})")
+        if anatomy.pool != "token":
+            raise UserError(f"cfvit needs class-token pooling; {spec.architecture} pools with {anatomy.pool!r}")
+        if s.gca_start_block >= len(anatomy.blocks):
+            raise UserError(f"recipe: model.gca_start_block must be < the depth ({len(anatomy.blocks)}), "
+                            f"got {s.gca_start_block}")
+        gh, gw = anatomy.grid
+        ch, cw = round(gh * s.coarse_grid_ratio), round(gw * s.coarse_grid_ratio)
+        if (2 * ch, 2 * cw) != (gh, gw):
+            raise UserError(
+                f"cfvit re-splits each coarse patch 2x2, so the native grid {gh}x{gw} must be twice the coarse grid; "
+                f"coarse_grid_ratio={s.coarse_grid_ratio} gives {ch}x{cw}: use 0.5 with an even grid"
+            )
+        self.coarse_grid = (ch, cw)
+        self.num_prefix = anatomy.num_prefix_tokens
+        patch = (anatomy.img_size[0] // gh, anatomy.img_size[1] // gw)
+        self.coarse_img_size = (ch * patch[0], cw * patch[1])
+
+        patch_embed = base.get_submodule(anatomy.patch_embed)
+        if hasattr(patch_embed, "strict_img_size"):
+            patch_embed.strict_img_size = False  # the coarse image goes through the same patch embedding
+
+        pos = base.get_parameter(anatomy.pos_embed)
+        pos_prefix = anatomy.extras["pos_embed_prefix"]
+        self.pos_embed_coarse = nn.Parameter(resample_abs_pos_embed(
+            pos.detach(), new_size=list(self.coarse_grid), old_size=list(anatomy.grid),
+            num_prefix_tokens=pos_prefix, interpolation="bicubic", antialias=True,
+        ))
+        dim = anatomy.embed_dim
+        hidden = int(dim * s.reuse_mlp_ratio)
+        self.reuse = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        nn.init.zeros_(self.reuse[-1].weight)
+        nn.init.zeros_(self.reuse[-1].bias)
+
+        # fx graphs share the base model's modules; they are kept out of the module tree so the state dict
+        # holds every weight exactly once, under its timm name.
+        embed, head = vfx.split_at_blocks(base, anatomy.block_paths)
+        graphs = {
+            "embed": vfx.lift_parameter(embed, anatomy.pos_embed, "pos_embed"),
+            "head": head,
+            "blocks": [base.get_submodule(p) for p in anatomy.block_paths],
+            "tapped": [vfx.tap_class_attention(base.get_submodule(p)) if i >= s.gca_start_block else None
+                       for i, p in enumerate(anatomy.block_paths)],
+            "final_norm": base.get_submodule(anatomy.final_norm) if anatomy.final_norm else nn.Identity(),
+        }
+        object.__setattr__(self, "_graphs", graphs)
+        self.eta = s.eta
+        self._alpha = s.alpha
+        self.costs: dict[str, float] = {}
+        self.base_gmacs = count_macs(lambda: base.eval()(torch.zeros(1, 3, *anatomy.img_size))) / 1e9
+        self._count_costs()
+
+    # --- knobs ----------------------------------------------------------------------------------------
+
+    @property
+    def knob(self) -> float:
+        return float(self.eta)
+
+    @knob.setter
+    def knob(self, value: float) -> None:
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"eta must lie in [0, 1], got {value}")
+        self.eta = float(value)
+
+    @property
+    def alpha(self) -> float:
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        if not 0.0 < value <= 1.0:
+            raise UserError(f"alpha must lie in (0, 1], got {value}")
+        if value != self._alpha:
+            self._alpha = float(value)
+            self._count_costs()
+
+    def full_compute(self) -> CFViT:
+        self.eta = 1.0
+        self.alpha = 1.0
+        return self
+
+    def sweep_knob(self) -> list[float]:
+        return [round(i / 100, 2) for i in range(101)]
+
+    def method_state(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "costs": dict(self.costs)}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        alpha = state.pop("alpha", None)
+        state.pop("costs", None)  # recounted from the structure, never trusted from a file
+        if alpha is not None:
+            if not isinstance(alpha, int | float):
+                raise UserError(f"config: state.alpha must be a number, got {alpha!r}")
+            self.alpha = float(alpha)
+        super().load_method_state(state)
+
+    # --- stages ---------------------------------------------------------------------------------------
+
+    @property
+    def _g(self) -> dict[str, Any]:
+        return self.__dict__["_graphs"]
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if tuple(x.shape[-2:]) != tuple(self.anatomy.img_size):
+            raise ValueError(f"expected {self.anatomy.img_size[0]}x{self.anatomy.img_size[1]} images "
+                             f"(the base model's size), got {x.shape[-2]}x{x.shape[-1]}")
+
+    def forward_coarse(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Coarse stage on the whole batch: logits, final tokens, GCA scores, input embeddings."""
+        g = self._g
+        xc = F.interpolate(x, size=self.coarse_img_size, mode=self.settings.resize,
+                           align_corners=False if self.settings.resize != "area" else None,
+                           antialias=self.settings.resize != "area")
+        tokens = g["embed"](xc, self.pos_embed_coarse)
+        embedded = tokens
+        beta = self.settings.gca_beta
+        gca = torch.zeros(x.shape[0], tokens.shape[1] - self.num_prefix, device=x.device, dtype=tokens.dtype)
+        for block, tapped in zip(g["blocks"], g["tapped"], strict=True):
+            if tapped is None:
+                tokens = block(tokens)
+            else:
+                tokens, attn = tapped(tokens)
+                gca = beta * gca + (1 - beta) * attn[:, :, self.num_prefix:].mean(dim=1)
+        return {"logits": g["head"](tokens), "tokens": tokens, "gca": gca, "embedded": embedded}
+
+    def forward_fine(self, x: torch.Tensor, coarse: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Fine stage for the images in ``x`` given their coarse-stage results; returns logits."""
+        g = self._g
+        p = self.num_prefix
+        fine = g["embed"](x, self.base.get_parameter(self.anatomy.pos_embed))
+        b, _, c = fine.shape
+        ch, cw = self.coarse_grid
+        reuse = self.reuse(g["final_norm"](coarse["tokens"])[:, p:])  # (B, Nc, C)
+        reuse = reuse.transpose(1, 2).reshape(b, c, ch, cw)
+        reuse = F.interpolate(reuse, scale_factor=2, mode="nearest").flatten(2).transpose(1, 2)
+        patches = fine[:, p:] + reuse
+        n_coarse = ch * cw
+        k = math.ceil(self.alpha * n_coarse)
+        if k >= n_coarse:
+            seq = torch.cat([fine[:, :p], patches], dim=1)
+        else:
+            order = coarse["gca"].argsort(dim=1, descending=True)
+            chosen = order[:, :k].sort(dim=1).values
+            kept = order[:, k:].sort(dim=1).values
+            seq = torch.cat([
+                fine[:, :p],
+                _gather(patches, self.fine_indices(chosen)),
+                _gather(coarse["embedded"][:, p:], kept),
+            ], dim=1)
+        for block in g["blocks"]:
+            seq = block(seq)
+        return g["head"](seq)
+
+    def fine_indices(self, coarse_idx: torch.Tensor) -> torch.Tensor:
+        """(B, k) coarse patch indices -> (B, 4k) indices of the fine patches they split into."""
+        cw = self.coarse_grid[1]
+        gw = 2 * cw
+        r, c = coarse_idx // cw, coarse_idx % cw
+        top = 2 * r * gw + 2 * c
+        return torch.stack([top, top + 1, top + gw, top + gw + 1], dim=-1).flatten(1)
+
+    # --- inference ------------------------------------------------------------------------------------
+
+    def forward_dynamic(self, x: torch.Tensor) -> DynamicOutput:
+        """Batched early exit: the fine stage runs only on images whose coarse confidence is <= eta."""
+        self._check_input(x)
+        coarse = self.forward_coarse(x)
+        logits = coarse["logits"]
+        confidence = logits.float().softmax(dim=-1).amax(dim=-1)
+        go_fine = confidence <= self.eta if self.eta < 1.0 else torch.ones_like(confidence, dtype=torch.bool)
+        idx = go_fine.nonzero().squeeze(1)
+        if idx.numel() == x.shape[0]:
+            logits = self.forward_fine(x, coarse)
+        elif idx.numel() > 0:
+            sub = {k: v.index_select(0, idx) for k, v in coarse.items()}
+            fine_logits = self.forward_fine(x.index_select(0, idx), sub)
+            logits = logits.index_copy(0, idx, fine_logits.to(logits.dtype))
+        cost_c, cost_f = self.costs["coarse"], self.costs["fine"]
+        gmacs = torch.where(go_fine, cost_c + cost_f, cost_c).to(torch.float32)
+        return DynamicOutput(logits=logits, gmacs=gmacs, stage=go_fine.long(),
+                             extras={"confidence": confidence, "gca": coarse["gca"]})
+
+    def collect(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both stages on every image, for simulating any eta afterwards (calibration)."""
+        self._check_input(x)
+        coarse = self.forward_coarse(x)
+        return {"coarse": coarse["logits"].float(), "fine": self.forward_fine(x, coarse).float()}
+
+    def simulate(self, collected: dict[str, torch.Tensor], knob: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and per-image GMACs the model would produce at ``eta = knob``."""
+        coarse, fine = collected["coarse"], collected["fine"]
+        conf = coarse.softmax(dim=-1).amax(dim=-1)
+        go_fine = conf <= knob if knob < 1.0 else torch.ones_like(conf, dtype=torch.bool)
+        logits = torch.where(go_fine[:, None], fine, coarse)
+        gmacs = torch.where(go_fine, self.costs["coarse"] + self.costs["fine"], self.costs["coarse"])
+        return logits, gmacs
+
+    # --- training -------------------------------------------------------------------------------------
+
+    def forward_train(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._check_input(x)
+        coarse = self.forward_coarse(x)
+        coarse["gca"] = coarse["gca"].detach()
+        return {"logits": self.forward_fine(x, coarse), "coarse_logits": coarse["logits"]}
+
+    def method_losses(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        target = outputs["logits"].detach().float().softmax(dim=-1)
+        log_coarse = outputs["coarse_logits"].float().log_softmax(dim=-1)
+        return {"coarse_kl": F.kl_div(log_coarse, target, reduction="batchmean")}
+
+    # --- accounting -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _count_costs(self) -> None:
+        """GMACs of the coarse stage and of the fine stage at the current alpha (batch of one image)."""
+        was_training = self.training
+        self.eval()
+        try:
+            p = next(self.parameters())
+            x = torch.zeros(1, 3, *self.anatomy.img_size, device=p.device, dtype=p.dtype)
+            coarse_holder: dict[str, Any] = {}
+
+            def run_coarse() -> None:
+                coarse_holder.update(self.forward_coarse(x))
+
+            self.costs["coarse"] = count_macs(run_coarse) / 1e9
+            self.costs["fine"] = count_macs(lambda: self.forward_fine(x, coarse_holder)) / 1e9
+        finally:
+            self.train(was_training)
+
+
+def _gather(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+@register_model
+def vitconvert_cfvit(pretrained: bool = False, **kwargs: Any) -> CFViT:
+    """CF-ViT converted model, rebuilt from a saved vitconvert config (``model_args``: base, recipe, state)."""
+    return timm_entrypoint("cfvit", pretrained, **kwargs)

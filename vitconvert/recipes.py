@@ -1,0 +1,224 @@
+"""Recipes: YAML files that say which method to apply, with which structure, and how to fine-tune it.
+
+A recipe has four parts::
+
+    name: cfvit                 # how `vitconvert recipes` lists it
+    method: cfvit               # a key of vitconvert.methods.METHODS
+    description: one line
+    model: {...}                # the method's structural settings (its ``Settings`` schema)
+    finetune: {...}             # epochs, lr, batch size, loss weights (``losses`` is the method's schema)
+    calibrate: {...}            # held-out fraction and default budget
+
+Recipes are validated with pydantic: an unknown key is reported with its dotted path and the allowed
+keys, a bad value with the allowed range. ``overrides`` (``--set key=value`` on the CLI) change single
+fields before validation.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vitconvert.errors import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FinetuneSettings(Strict):
+    """The short fine-tuning recipe (shared by every method; ``losses`` is method-specific)."""
+
+    epochs: float = Field(3.0, gt=0, le=1000, description="passes over the training images")
+    batch_size: int = Field(64, ge=1, le=8192)
+    lr: float = Field(2e-4, gt=0, le=1.0, description="peak learning rate (AdamW)")
+    min_lr: float = Field(1e-6, ge=0, le=1.0)
+    weight_decay: float = Field(0.05, ge=0, le=1.0)
+    warmup_epochs: float = Field(0.2, ge=0, le=100)
+    clip_grad: float | None = Field(1.0, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    distill_temperature: float = Field(1.0, gt=0, le=100)
+    max_images: int | None = Field(None, ge=1, description="use at most this many training images")
+    checkpoint_every: int = Field(200, ge=1, description="optimizer steps between resumable checkpoints")
+    seed: int = 0
+    losses: dict[str, float] = Field(default_factory=dict)
+
+
+class CalibrateSettings(Strict):
+    """How operating points are chosen on held-out training images."""
+
+    holdout: float = Field(0.1, gt=0, lt=1, description="fraction of the training folder held out")
+    max_images: int | None = Field(2000, ge=1)
+    budget: str | float | None = Field(None, description="default budget: GMACs, 'N%' of the base model, or 'drop=P'")
+
+
+class Recipe(Strict):
+    """A validated recipe. ``model`` and ``finetune.losses`` hold the method's validated settings."""
+
+    version: Literal[1] = 1
+    name: str
+    method: str
+    description: str = ""
+    model: dict[str, Any] = Field(default_factory=dict)
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    calibrate: CalibrateSettings = Field(default_factory=CalibrateSettings)
+
+    @property
+    def settings(self) -> Any:
+        """The method's structural settings as its pydantic model."""
+        from vitconvert.methods import get_method
+
+        return get_method(self.method).Settings(**self.model)
+
+    @property
+    def losses(self) -> Any:
+        from vitconvert.methods import get_method
+
+        return get_method(self.method).Losses(**self.finetune.losses)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_error(err: ValidationError, source: str, prefix: str = "", schema: type[BaseModel] | None = None) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(first["loc"]))
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(schema, list(first["loc"])[:-1]) if schema else []
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"recipe {source}: unknown key {loc!r}{hint}"
+    if first["type"] == "missing":
+        return f"recipe {source}: missing required key {loc!r}"
+    got = first.get("input")
+    return f"recipe {source}: {loc}: {first['msg']} (got {got!r})"
+
+
+def _allowed_keys(schema: type[BaseModel] | None, path: list[Any]) -> list[str]:
+    for part in path:
+        if schema is None:
+            return []
+        field = schema.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        schema = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return sorted(schema.model_fields) if schema is not None else []
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data['a']['b'] = value`` for ``dotted='a.b'``, creating mappings on the way."""
+    parts = dotted.split(".")
+    cur = data
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise UserError(f"--set {dotted}: {p!r} is not a mapping")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
+    out = []
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects key=value (e.g. model.alpha=0.6), got {item!r}")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        out.append((key.strip(), parsed))
+    return out
+
+
+def validate_recipe(data: Any, source: str = "<dict>", overrides: list[tuple[str, Any]] | None = None) -> Recipe:
+    """Validate a recipe mapping (after applying ``overrides``) and the method's own sections.
+
+    Args:
+        data: The parsed YAML mapping.
+        source: Name used in error messages (file name or recipe name).
+        overrides: ``(dotted.key, value)`` pairs applied first.
+
+    Raises:
+        UserError: with the dotted path of the first problem.
+    """
+    from vitconvert.methods import METHODS
+
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {source}: expected a mapping at the top level")
+    data = copy.deepcopy(data)
+    for key, value in overrides or []:
+        set_path(data, key, value)
+    method = data.get("method")
+    if method not in METHODS:
+        raise UserError(f"recipe {source}: method {method!r} is not known; available: {', '.join(sorted(METHODS))}")
+    try:
+        recipe = Recipe(**data)
+    except ValidationError as e:
+        raise UserError(_format_error(e, source, schema=Recipe)) from None
+    cls = METHODS[method]
+    try:
+        settings = cls.Settings(**recipe.model)
+    except ValidationError as e:
+        raise UserError(_format_error(e, source, "model", cls.Settings)) from None
+    try:
+        losses = cls.Losses(**recipe.finetune.losses)
+    except ValidationError as e:
+        raise UserError(_format_error(e, source, "finetune.losses", cls.Losses)) from None
+    # Store the filled-in settings so saved configs are complete and independent of default changes.
+    recipe.model = settings.model_dump(mode="json")
+    recipe.finetune.losses = losses.model_dump(mode="json")
+    return recipe
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file by path, or by name in the recipes/ folder."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise UserError(f"recipe file {str(path)!r} does not exist")
+        return path
+    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    names = ", ".join(r.stem for r in list_recipe_files())
+    raise UserError(f"unknown recipe {str(name_or_path)!r}; available: {names} (or pass a .yaml path)")
+
+
+def list_recipe_files() -> list[Path]:
+    return sorted(RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path | Recipe | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
+    """Load and validate a recipe by name, path, mapping or Recipe.
+
+    Args:
+        name_or_path: ``"cfvit"``, ``"recipes/cfvit.yaml"``, a mapping, or a :class:`Recipe`.
+        overrides: ``key=value`` strings, e.g. ``["model.alpha=0.6", "finetune.epochs=1"]``.
+
+    Example:
+        >>> r = load_recipe("cfvit", ["model.alpha=0.6"])
+        >>> r.settings.alpha
+        0.6
+    """
+    parsed = parse_overrides(overrides)
+    if isinstance(name_or_path, Recipe):
+        return validate_recipe(name_or_path.to_dict(), name_or_path.name, parsed)
+    if isinstance(name_or_path, dict):
+        return validate_recipe(name_or_path, str(name_or_path.get("name", "<dict>")), parsed)
+    path = find_recipe(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe {path.name}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return validate_recipe(data, path.name, parsed)
+
+
+def list_recipes() -> list[Recipe]:
+    return [load_recipe(p) for p in list_recipe_files()]

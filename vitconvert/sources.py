@@ -1,0 +1,312 @@
+"""Model sources: turn what the user typed into a base timm model plus a JSON description of it.
+
+A source is one of
+
+* a timm model name, with short aliases resolved through timm's registry (``deit_small`` ->
+  ``deit_small_patch16_224``), optionally with a pretrained tag (``deit_small_patch16_224.fb_in1k``);
+* ``hf-hub:owner/name`` or ``local-dir:PATH`` (timm's own conventions);
+* any of these plus a checkpoint file (.safetensors, or .pth/.bin/.pt read with ``weights_only=True``)
+  and timm-style model kwargs, so a user's own fine-tuned weights convert.
+
+The returned :class:`BaseSpec` is what a converted model stores in its config so the base architecture
+can be rebuilt (without weights) when the converted model is loaded again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import yaml
+from torch import nn
+
+from vitconvert.errors import UserError
+
+# Keys timm's factory accepts for every model but that do not describe the architecture.
+_PLAIN_SUFFIX = re.compile(r"((patch|window)\d+|\d+)(_((patch|window)\d+|\d+))*")
+_RUNTIME_ARGS = {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "device", "dtype"}
+
+
+@dataclass
+class BaseSpec:
+    """Everything needed to rebuild the base architecture and to say where its weights came from.
+
+    Args:
+        architecture: Registered timm architecture name (no pretrained tag).
+        model_args: Keyword arguments for ``timm.create_model`` (always includes ``num_classes``).
+        source: The model string as the user gave it (timm name, ``hf-hub:``, ``local-dir:``).
+        pretrained_tag: timm pretrained tag when weights came from timm's registry.
+        hub_id: Hub repository of the base weights when known (used for the model card's ``base_model``).
+        checkpoint: Path of a user checkpoint the weights were read from, if any.
+        pretrained: Whether pretrained weights were loaded at all.
+    """
+
+    architecture: str
+    model_args: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    pretrained_tag: str | None = None
+    hub_id: str | None = None
+    checkpoint: str | None = None
+    pretrained: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BaseSpec:
+        if not isinstance(data, dict) or not isinstance(data.get("architecture"), str):
+            raise UserError("config: model_args.base must be a mapping with a string 'architecture'")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise UserError(f"config: unknown keys in model_args.base: {sorted(unknown)}")
+        if not timm.is_model(data["architecture"]):
+            raise UserError(f"config: base architecture {data['architecture']!r} is not a timm model")
+        if not isinstance(data.get("model_args", {}), dict):
+            raise UserError("config: model_args.base.model_args must be a mapping")
+        return cls(**data)
+
+    def build(self) -> nn.Module:
+        """The base architecture with random weights (weights are loaded by the caller)."""
+        return timm.create_model(self.architecture, pretrained=False, **self.model_args)
+
+
+def resolve_model_name(name: str) -> tuple[str, str | None]:
+    """Resolve a timm name or short alias to ``(architecture, pretrained_tag)``.
+
+    ``deit_small`` -> ``deit_small_patch16_224``; an alias matching several architectures is an error that
+    lists them.
+    """
+    arch, _, tag = name.partition(".")
+    if timm.is_model(arch):
+        return arch, tag or None
+    candidates = sorted(set(timm.list_models(f"{arch}_*")))
+    if not candidates:
+        close = sorted(set(timm.list_models(f"*{arch}*")))[:8]
+        hint = f" Did you mean one of: {', '.join(close)}?" if close else ""
+        raise UserError(f"unknown model {name!r}: not a timm model name or alias.{hint}")
+    if len(candidates) > 1:
+        # An alias names the plain variant: the one whose extra suffix is only patch/window/size tokens
+        # (deit_small -> deit_small_patch16_224, not deit_small_distilled_patch16_224).
+        plain = [c for c in candidates if _PLAIN_SUFFIX.fullmatch(c[len(arch) + 1:])]
+        if len(plain) == 1:
+            return plain[0], tag or None
+        pool = plain or candidates
+        shown = ", ".join(pool[:12]) + (" ..." if len(pool) > 12 else "")
+        raise UserError(f"model alias {name!r} is ambiguous; use one of: {shown}")
+    return candidates[0], tag or None
+
+
+def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
+    """Parse timm-style ``key=value`` strings; values are read as YAML (``4`` -> int, ``[2,2]`` -> list)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--model-kwargs expects key=value, got {item!r}")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        if isinstance(parsed, list):
+            parsed = tuple(parsed)
+        out[key.strip()] = parsed
+    return out
+
+
+def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a state dict from .safetensors, or .pth/.bin/.pt with ``weights_only=True``.
+
+    Handles the usual nesting (``state_dict``, ``model``, ``model_ema``, ``module``) and strips ``module.``
+    prefixes left by DataParallel/DDP.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path), device="cpu")
+        elif suffix in {".pth", ".pt", ".bin", ".ckpt"}:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        else:
+            raise UserError(f"checkpoint {path.name!r}: unsupported format; use .safetensors, .pth, .pt or .bin")
+    except UserError:
+        raise
+    except Exception as e:  # corrupt files raise many different types
+        raise UserError(f"checkpoint {str(path)!r} could not be read ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model", "model_ema", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load strictly, reporting missing/unexpected keys and shape mismatches by name."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_shorten(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_shorten(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch: {_shorten(mismatched)}")
+    if problems:
+        raise UserError(
+            f"{what} does not fit the model ({'; '.join(problems)}); check --model-kwargs (e.g. num_classes, "
+            "img_size, embed_dim, depth) against the checkpoint"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _shorten(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _offline_error(source: str, err: Exception) -> UserError:
+    return UserError(
+        f"pretrained weights for {source!r} could not be fetched ({type(err).__name__}); you are offline or "
+        "the weights are not cached. Alternatives: --checkpoint FILE with the weights, local-dir:PATH to a "
+        "saved timm folder, or --no-pretrained for random weights"
+    )
+
+
+def load_base(
+    model: str,
+    checkpoint: str | os.PathLike[str] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    pretrained: bool = True,
+) -> tuple[nn.Module, BaseSpec]:
+    """Build the base model the user named and load its weights.
+
+    Args:
+        model: timm name or alias, ``hf-hub:owner/name`` or ``local-dir:PATH``.
+        checkpoint: Optional weights file that replaces the source's own weights.
+        model_kwargs: Extra ``timm.create_model`` kwargs (e.g. ``img_size=32, num_classes=10``).
+        pretrained: Load the source's pretrained weights (ignored when ``checkpoint`` is given).
+
+    Returns:
+        The base model in eval mode and its :class:`BaseSpec`.
+
+    Example:
+        >>> base, spec = load_base("deit_tiny", pretrained=False, model_kwargs={"num_classes": 10})
+        >>> spec.architecture
+        'deit_tiny_patch16_224'
+    """
+    kwargs = dict(model_kwargs or {})
+    use_pretrained = pretrained and checkpoint is None
+    hub_id: str | None = None
+    tag: str | None = None
+    if model.startswith("local-dir:"):
+        path = Path(model[len("local-dir:"):]).expanduser()
+        if not (path / "config.json").is_file():
+            raise UserError(f"local-dir: {str(path)!r} has no config.json; point it at a saved timm model folder")
+        cfg = json.loads((path / "config.json").read_text())
+        if not use_pretrained:
+            arch, base_args = _arch_from_config(cfg, model)
+            base = timm.create_model(arch, pretrained=False, **{**base_args, **kwargs})
+        else:
+            base = _create(f"local-dir:{path}", True, kwargs, model)
+        hub_id = (cfg.get("pretrained_cfg") or {}).get("hf_hub_id")
+    elif model.startswith("hf-hub:"):
+        repo = model[len("hf-hub:"):]
+        hub_id = repo
+        if not use_pretrained:
+            from vitconvert.hub import download_config
+
+            arch, base_args = _arch_from_config(download_config(repo), model)
+            base = timm.create_model(arch, pretrained=False, **{**base_args, **kwargs})
+        else:
+            base = _create(model, True, kwargs, model)
+    else:
+        arch, tag = resolve_model_name(model)
+        name = f"{arch}.{tag}" if tag else arch
+        base = _create(name, use_pretrained, kwargs, model)
+        cfg_hub = getattr(base, "pretrained_cfg", {}).get("hf_hub_id")
+        if cfg_hub:
+            hub_id = cfg_hub
+        tag = getattr(base, "pretrained_cfg", {}).get("tag") or tag
+
+    if checkpoint is not None:
+        load_state_dict_checked(base, load_checkpoint_file(checkpoint), f"checkpoint {str(checkpoint)!r}")
+
+    arch = base.pretrained_cfg.get("architecture") or type(base).__name__
+    model_args = {
+        k: v for k, v in getattr(base, "_model_args", {}).items() if k not in _RUNTIME_ARGS and v is not None
+    }
+    model_args.update(kwargs)
+    model_args["num_classes"] = int(getattr(base, "num_classes", model_args.get("num_classes", 0)))
+    spec = BaseSpec(
+        architecture=arch,
+        model_args=_jsonable(model_args),
+        source=model,
+        pretrained_tag=tag,
+        hub_id=hub_id if use_pretrained else None,
+        checkpoint=str(checkpoint) if checkpoint is not None else None,
+        pretrained=use_pretrained or checkpoint is not None,
+    )
+    return base.eval(), spec
+
+
+def _arch_from_config(cfg: dict[str, Any], source: str) -> tuple[str, dict[str, Any]]:
+    arch = cfg.get("architecture")
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        raise UserError(f"{source}: config.json names architecture {arch!r}, which timm does not know")
+    args = dict(cfg.get("model_args") or {})
+    if "num_classes" in cfg:
+        args.setdefault("num_classes", cfg["num_classes"])
+    return arch, args
+
+
+def _create(name: str, pretrained: bool, kwargs: dict[str, Any], source: str) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        raise UserError(f"{source}: bad --model-kwargs for this architecture ({e})") from None
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise UserError(f"{source}: {e}; if it is a vitconvert model use vitconvert.load") from None
+        if pretrained and ("pretrained" in str(e).lower() or "No pretrained weights" in str(e)):
+            raise UserError(
+                f"{source}: timm has no pretrained weights for it; pass --checkpoint FILE or --no-pretrained"
+            ) from None
+        raise
+    except (OSError, ConnectionError, ValueError) as e:
+        if pretrained:
+            raise _offline_error(source, e) from None
+        raise
+    except Exception as e:
+        # huggingface_hub raises its own hierarchy (LocalEntryNotFoundError, RepositoryNotFoundError, ...)
+        if pretrained and type(e).__module__.startswith(("huggingface_hub", "requests", "httpx", "urllib3")):
+            raise _offline_error(source, e) from None
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    raise UserError(f"model argument value {value!r} is not JSON-serialisable")
