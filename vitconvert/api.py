@@ -52,7 +52,7 @@ def apply(
     if isinstance(model, nn.Module):
         raise UserError("apply() takes a model name or path; to convert a module use vitconvert.methods.convert")
     base, spec = load_base(model, checkpoint, model_kwargs, pretrained)
-    anatomy = read_anatomy(base)
+    anatomy = read_anatomy(base, img_size=tuple(spec.img_size) if spec.img_size else None)
     cls = get_method(rec.method)
     if anatomy.family not in cls.families:
         from vitconvert.backbones import describe_family

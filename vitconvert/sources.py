@@ -45,6 +45,8 @@ class BaseSpec:
         hub_id: Hub repository of the base weights when known (used for the model card's ``base_model``).
         checkpoint: Path of a user checkpoint the weights were read from, if any.
         pretrained: Whether pretrained weights were loaded at all.
+        img_size: Input size the model runs at (models such as PVT-v2 take any size; this is the one its
+            data config names).
     """
 
     architecture: str
@@ -54,6 +56,7 @@ class BaseSpec:
     hub_id: str | None = None
     checkpoint: str | None = None
     pretrained: bool = False
+    img_size: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -256,7 +259,10 @@ def load_base(
     }
     model_args.update(kwargs)
     model_args["num_classes"] = int(getattr(base, "num_classes", model_args.get("num_classes", 0)))
+    from vitconvert.anatomy import model_img_size
+
     spec = BaseSpec(
+        img_size=list(model_img_size(base)),
         architecture=arch,
         model_args=_jsonable(model_args),
         source=model,

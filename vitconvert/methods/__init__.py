@@ -29,7 +29,8 @@ def convert(base: nn.Module, spec: Any, recipe: Any, anatomy: Any | None = None)
     """Convert a base model (with its weights) following a validated recipe."""
     from vitconvert.anatomy import read_anatomy
 
-    anatomy = anatomy or read_anatomy(base)
+    size = getattr(spec, "img_size", None)
+    anatomy = anatomy or read_anatomy(base, img_size=tuple(size) if size else None)
     cls = get_method(recipe.method)
     with torch.no_grad():
         return cls(base, spec, recipe, anatomy).eval()

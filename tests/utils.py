@@ -1,0 +1,40 @@
+"""Shared helpers for tests: tiny random-init models of each family (32 px, a few blocks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+
+# name -> (timm architecture, model kwargs): small enough that a forward pass takes milliseconds.
+TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3,
+                                         num_classes=10)),
+    "deit": ("deit_tiny_patch16_224", dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3,
+                                           num_classes=10)),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=4, embed_dim=48, depth=4,
+                                                               num_heads=3, num_classes=10)),
+    "deit3": ("deit3_small_patch16_224", dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3,
+                                              num_classes=10)),
+    # PVT-v2 takes any input size; its data config says which one it runs at.
+    "pvt_v2": ("pvt_v2_b0", dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4),
+                                 num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=24,
+                                                  depths=(1, 2, 2, 1), num_heads=(1, 2, 3, 4), num_classes=10)),
+}
+
+
+def tiny_model(key: str, seed: int = 0) -> tuple[torch.nn.Module, str, dict[str, Any]]:
+    """A random-init tiny model, with the architecture name and kwargs that build it."""
+    arch, kwargs = TINY_MODELS[key]
+    torch.manual_seed(seed)
+    return timm.create_model(arch, pretrained=False, **kwargs).eval(), arch, dict(kwargs)
+
+
+def model_kwargs_args(kwargs: dict[str, Any]) -> list[str]:
+    """kwargs as CLI ``--model-kwargs`` strings."""
+    out = []
+    for k, v in kwargs.items():
+        out.append(f"{k}={list(v) if isinstance(v, tuple) else v}".replace(" ", ""))
+    return out
