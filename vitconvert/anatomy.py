@@ -22,11 +22,14 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from timm.layers import get_notrace_functions
 from torch import nn
 
 from vitconvert import fx as vfx
 from vitconvert.errors import AnatomyError
 
+# timm's position-embedding resamplers (autowrapped by the tracer, so they appear as single calls).
+_RESAMPLERS = set(get_notrace_functions())
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.BatchNorm1d)
 
 
@@ -314,6 +317,8 @@ def _follow_views(node: fx.Node) -> list[fx.Node]:
         u = todo.pop()
         if u.op == "call_method" and u.target in ("expand", "reshape", "view", "to", "type_as", "flatten"):
             todo.extend(u.users)
+        elif u.op == "call_function" and u.target in _RESAMPLERS and u.args and u.args[0] is node:
+            todo.extend(u.users)  # dynamic_img_size models resample the position embedding first
         else:
             out.append(u)
     return out

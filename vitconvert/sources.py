@@ -14,9 +14,14 @@ can be rebuilt (without weights) when the converted model is loaded again.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
+import socket
+import urllib.parse
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,9 +289,44 @@ def _arch_from_config(cfg: dict[str, Any], source: str) -> tuple[str, dict[str, 
     return arch, args
 
 
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub endpoint accepts TCP connections (checked once per process)."""
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def offline_unless_reachable() -> Iterator[None]:
+    """Use huggingface_hub's offline mode while the Hub cannot be reached.
+
+    Cached files then load at once and missing ones fail at once, instead of after the client's
+    retries with back-off (about a minute per file).
+    """
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    if not saved and not hub_reachable():
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def _create(name: str, pretrained: bool, kwargs: dict[str, Any], source: str) -> nn.Module:
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        if not pretrained:
+            return timm.create_model(name, pretrained=False, **kwargs)
+        with offline_unless_reachable():
+            return timm.create_model(name, pretrained=True, **kwargs)
     except TypeError as e:
         raise UserError(f"{source}: bad --model-kwargs for this architecture ({e})") from None
     except RuntimeError as e:

@@ -1,0 +1,201 @@
+"""CF-ViT: exactness at full compute, real batched early exit, GMACs, training, save/load."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from utils import TINY_MODELS, tiny_model
+
+import vitconvert
+from vitconvert.errors import UserError
+from vitconvert.methods.cfvit import CFViT
+
+
+def convert(key: str, overrides: list[str] | None = None, seed: int = 0) -> CFViT:
+    arch, kwargs = TINY_MODELS[key]
+    torch.manual_seed(seed)
+    return vitconvert.apply(arch, "cfvit", model_kwargs=kwargs, pretrained=False,
+                            overrides=["model.gca_start_block=1", *(overrides or [])])
+
+
+def perturb(model: CFViT) -> None:
+    """Fine-tuned-like weights: a non-zero reuse MLP, so the fine stage really differs from the base."""
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in model.reuse.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+
+@pytest.mark.parametrize("key", ["vit", "deit", "deit3", "deit_distilled"])
+def test_full_compute_reproduces_base(key: str) -> None:
+    model = convert(key)
+    base = model.build_base()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = base(x)
+        out = model.full_compute()(x)
+    assert (out - ref).abs().max() <= 1e-4
+    # and the base weights inside the converted model are the original ones
+    orig, _, _ = tiny_model(key)
+    assert all(torch.equal(v, orig.state_dict()[k]) for k, v in model.base_state_dict().items())
+
+
+def test_full_compute_on_real_deit_small() -> None:
+    torch.manual_seed(0)
+    model = vitconvert.apply("deit_small", "cfvit", pretrained=False)
+    base = model.build_base()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert (model.full_compute()(x) - base(x)).abs().max() <= 1e-4
+
+
+def _analytic_stage_gmacs(n: int, dim: int, depth: int, mlp_ratio: float = 4.0) -> float:
+    """MACs of ViT blocks over n tokens: qkv, QK^T, AV, proj, MLP, two LayerNorms (fvcore's 5/elt)."""
+    per_block = n * dim * 3 * dim + 2 * n * n * dim + n * dim * dim + 2 * n * dim * int(dim * mlp_ratio) + 2 * 5 * n * dim
+    return depth * per_block / 1e9
+
+
+def test_stage_gmacs_match_analytic_count_deit_small() -> None:
+    model = vitconvert.apply("deit_small", "cfvit", pretrained=False)
+    dim, depth = 384, 12
+    embed = 49 * 768 * dim + 5 * 50 * dim  # patch conv + final norm (head: 384*1000)
+    head = dim * 1000
+    coarse = _analytic_stage_gmacs(50, dim, depth) + (embed + head) / 1e9
+    # fine stage: 1 + 4*25 + 24 = 125 tokens, patch conv on the full image, reuse MLP on 49 tokens
+    fine = (_analytic_stage_gmacs(125, dim, depth) + (196 * 768 * dim + 5 * 125 * dim + head) / 1e9
+            + (49 * (5 * dim + 2 * dim * 4 * dim) + 5 * 50 * dim) / 1e9)
+    assert abs(model.costs["coarse"] - coarse) / coarse < 0.02
+    assert abs(model.costs["coarse"] + model.costs["fine"] - (coarse + fine)) / (coarse + fine) < 0.02
+    assert abs(model.costs["coarse"] - 1.10) < 0.03 and abs(model.costs["coarse"] + model.costs["fine"] - 4.0) < 0.08
+    assert abs(model.base_gmacs - 4.61) < 0.02
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("eta", [0.0, 0.3, 0.6, 1.0])
+def test_batched_early_exit_equals_choosing_afterwards(batch: int, eta: float) -> None:
+    model = convert("deit")
+    perturb(model)
+    model.eta = eta
+    x = torch.randn(batch, 3, 32, 32) * 2
+    with torch.no_grad():
+        dyn = model.forward_dynamic(x)
+        both = model.collect(x)
+        logits, gmacs = model.simulate(both, eta)
+        # reference computed independently: each image alone through both stages
+        for i in range(batch):
+            coarse = model.forward_coarse(x[i:i + 1])
+            conf = coarse["logits"].softmax(-1).max().item()
+            fine = model.forward_fine(x[i:i + 1], coarse)
+            expected = fine if (eta >= 1.0 or conf <= eta) else coarse["logits"]
+            torch.testing.assert_close(dyn.logits[i:i + 1], expected, atol=1e-4, rtol=1e-4)
+            assert dyn.stage[i].item() == int(eta >= 1.0 or conf <= eta)
+    torch.testing.assert_close(dyn.logits, logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dyn.gmacs, gmacs.float())
+
+
+def test_per_image_gmacs_are_the_path_taken() -> None:
+    model = convert("deit")
+    perturb(model)
+    x = torch.randn(6, 3, 32, 32) * 2
+    with torch.no_grad():
+        conf = model.forward_coarse(x)["logits"].softmax(-1).amax(-1)
+        model.eta = float(conf.median())
+        dyn = model.forward_dynamic(x)
+        assert 0 < int(dyn.stage.sum()) < 6  # a real mix of exits
+        counted = vitconvert.count_macs(lambda: model.forward_dynamic(x)) / 1e9
+        assert math.isclose(counted, float(dyn.gmacs.sum()), rel_tol=1e-3)
+        for i in range(6):
+            one = vitconvert.count_macs(lambda i=i: model.forward_dynamic(x[i:i + 1])) / 1e9
+            assert math.isclose(one, float(dyn.gmacs[i]), rel_tol=1e-3)
+
+
+def test_fine_indices_split_each_coarse_patch_2x2() -> None:
+    model = convert("deit")  # 8x8 fine grid, 4x4 coarse
+    idx = model.fine_indices(torch.tensor([[0, 5, 15]]))
+    assert idx.tolist() == [[0, 1, 8, 9, 18, 19, 26, 27, 54, 55, 62, 63]]
+
+
+def test_selection_uses_global_class_attention() -> None:
+    model = convert("deit", ["model.alpha=0.25"])
+    perturb(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        coarse = model.forward_coarse(x)
+        # Make GCA prefer the last 4 coarse patches: the fine stage must re-split exactly those.
+        coarse["gca"] = torch.arange(16.0).repeat(2, 1)
+        out_a = model.forward_fine(x, coarse)
+        x2 = x.clone()
+        x2[:, :, :16, :] += 5.0  # change only the top half of the image (coarse rows 0-1)
+        coarse2 = model.forward_coarse(x2)
+        coarse2["gca"] = coarse["gca"]
+        coarse2["embedded"] = coarse["embedded"]
+        coarse2["tokens"] = coarse["tokens"]
+        out_b = model.forward_fine(x2, coarse2)
+    # the top half is only visible through unselected coarse embeddings, which were held fixed
+    torch.testing.assert_close(out_a, out_b, atol=1e-5, rtol=1e-5)
+
+
+def test_training_step_and_losses() -> None:
+    model = convert("deit")
+    model.train()
+    x = torch.randn(4, 3, 32, 32)
+    out = model.forward_train(x)
+    assert set(out) == {"logits", "coarse_logits"}
+    losses = model.method_losses(out, None)
+    assert set(losses) == {"coarse_kl"} and losses["coarse_kl"].item() >= 0
+    (out["logits"].logsumexp(-1).mean() + losses["coarse_kl"]).backward()
+    assert model.reuse[-1].weight.grad is not None and model.reuse[-1].weight.grad.abs().sum() > 0
+    assert model.pos_embed_coarse.grad is not None
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    model = convert("deit_distilled")
+    perturb(model)
+    model.eta = 0.4
+    path = vitconvert.save(model, tmp_path / "m")
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.forward_dynamic(x)
+        loaded = vitconvert.load(path)
+        got = loaded.forward_dynamic(x)
+        via_timm = timm.create_model(f"local-dir:{path}", pretrained=True).eval()(x)
+    assert loaded.eta == 0.4 and loaded.alpha == model.alpha
+    assert torch.equal(got.logits, ref.logits) and torch.equal(got.stage, ref.stage)
+    assert torch.equal(via_timm, ref.logits)
+
+
+def test_set_budget_picks_from_curve() -> None:
+    from vitconvert.methods.base import CurvePoint
+
+    model = convert("deit")
+    model.base_gmacs = 1.0
+    model.calibration = {"base_top1": 80.0}
+    model.curve = [CurvePoint(0.2, 0.3, 70.0), CurvePoint(0.5, 0.45, 78.0), CurvePoint(0.8, 0.6, 79.8),
+                   CurvePoint(1.0, 1.0, 80.0)]
+    assert model.set_budget("50%").knob == 0.5 and model.eta == 0.5
+    assert model.set_budget(0.61).knob == 0.8
+    assert model.set_budget("drop=0.5").knob == 0.8
+    with pytest.raises(UserError, match="not understood"):
+        model.set_budget("half")
+
+
+def test_rejects_unsupported_bases() -> None:
+    arch, kwargs = TINY_MODELS["swin"]
+    with pytest.raises(UserError, match="supports ViT/DeiT; swin_tiny_patch4_window7_224 is Swin"):
+        vitconvert.apply(arch, "cfvit", model_kwargs=kwargs, pretrained=False)
+    arch, kwargs = TINY_MODELS["vit"]
+    with pytest.raises(UserError, match="needs a class token"):
+        vitconvert.apply(arch, "cfvit", model_kwargs={**kwargs, "class_token": False, "global_pool": "avg"},
+                         pretrained=False, overrides=["model.gca_start_block=1"])
+    with pytest.raises(UserError, match="grid 8x8 must be twice the coarse grid"):
+        vitconvert.apply(arch, "cfvit", model_kwargs=kwargs, pretrained=False,
+                         overrides=["model.gca_start_block=1", "model.coarse_grid_ratio=0.3"])
+
+
+def test_wrong_image_size_is_a_clear_error() -> None:
+    model = convert("deit")
+    with pytest.raises(ValueError, match="expected 32x32 images"):
+        model(torch.randn(1, 3, 64, 64))

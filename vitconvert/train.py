@@ -1,0 +1,619 @@
+"""The short fine-tune every method shares: distillation from the original model + labels + the method's terms.
+
+The loss is ``sum(weight[name] * term)`` over
+
+* ``distill``: KL divergence from the original (teacher) model's softened outputs to the converted
+  model's, times ``T**2`` (``finetune.distill_temperature``);
+* ``ce``: cross-entropy with the labels (``finetune.label_smoothing``), unless ``labels=False``;
+* the method's own terms from ``model.method_losses`` (e.g. CF-ViT's coarse-to-fine KL);
+
+with weights from ``finetune.losses`` (1.0 when a term has none). AdamW with timm's parameter groups,
+a cosine schedule with warm-up (per step), gradient clipping, optional EMA and bf16 autocast on CUDA.
+
+Runs are repeatable: the data order of epoch ``e`` and the augmentation of each image depend only on
+``(seed, e, index)``, and a checkpoint every ``finetune.checkpoint_every`` steps holds everything else
+(weights, optimizer, schedule, EMA, random state), so an interrupted run resumed with ``resume=True``
+ends with the same weights as an uninterrupted one. Under ``torchrun`` the same call trains data-parallel
+(DistributedDataParallel; gloo on CPU, nccl on GPU): each of the W processes takes ``batch_size / W``
+images of every global batch, so W processes compute the same steps as one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.layers import DropPath
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from vitconvert.data import ImageDataset, Split, open_image_folder, train_transform
+from vitconvert.errors import UserError
+from vitconvert.methods import ConvertedModel
+from vitconvert.recipes import FinetuneSettings, load_recipe, parse_overrides
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "train_log.json"
+# Files of a model folder that describe the model itself; anything else (logs, plots) is carried over.
+MODEL_FILES = ("model.safetensors", "config.json", "README.md")
+
+
+# --- shared helpers (also used by calibrate and evaluate) ------------------------------------------------
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a torch.device; default: the first CUDA device if there is one, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"device {device!r} is not understood (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available here")
+    return dev
+
+
+def resolve_model(model: str | os.PathLike[str] | ConvertedModel) -> tuple[ConvertedModel, Path | None]:
+    """A converted model and the local folder it was loaded from (None for Hub ids and in-memory models)."""
+    from vitconvert.saving import load
+
+    if isinstance(model, ConvertedModel):
+        return model, None
+    if not isinstance(model, str | os.PathLike):
+        raise UserError(f"expected a converted model, a model folder or hf-hub:OWNER/NAME, got {type(model).__name__}")
+    text = str(model)
+    loaded = load(text)
+    if text.startswith("hf-hub:"):
+        return loaded, None
+    folder = Path(text[len("local-dir:"):] if text.startswith("local-dir:") else text).expanduser().resolve()
+    return loaded, folder
+
+
+def original_model(model: ConvertedModel, teacher: str | os.PathLike[str] | None = None) -> tuple[nn.Module, str]:
+    """The original base model (the teacher, and the reference accuracy), with a description of where it came from.
+
+    Before fine-tuning the converted model still holds the original weights; afterwards they are rebuilt
+    from ``model.base_spec`` (its source and checkpoint), or taken from ``teacher`` (a weights file for
+    the base architecture, a timm name, ``hf-hub:`` or ``local-dir:``).
+    """
+    from vitconvert.sources import load_base, load_checkpoint_file, load_state_dict_checked
+
+    spec = model.base_spec
+    if teacher is not None:
+        path = Path(teacher).expanduser()
+        if path.is_file():
+            base = spec.build()
+            load_state_dict_checked(base, load_checkpoint_file(path), f"teacher {str(path)!r}")
+            desc = f"{spec.architecture} with weights {path}"
+        else:
+            name = f"local-dir:{path}" if path.is_dir() else str(teacher)
+            base, _ = load_base(name, pretrained=True)
+            desc = name
+    elif not model.finetuned:
+        return model.build_base(), f"{spec.source or spec.architecture} (the base weights the model holds)"
+    else:
+        if not spec.pretrained:
+            raise UserError(
+                "the model is fine-tuned and its base model had random weights, so the original cannot be rebuilt; "
+                "pass a teacher (weights file or model name)"
+            )
+        source = spec.source or spec.architecture
+        base, _ = load_base(source, spec.checkpoint, spec.model_args, pretrained=True)
+        desc = source + (f" + checkpoint {spec.checkpoint}" if spec.checkpoint else "")
+    num_classes = getattr(base, "num_classes", None)
+    if num_classes != model.num_classes:
+        raise UserError(f"the original model {desc} has {num_classes} classes, the converted model "
+                        f"{model.num_classes}")
+    return base.eval(), desc
+
+
+def carried_files(folder: Path | None, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Files of a model folder other than the model itself (logs, plots), to keep when it is rewritten."""
+    if folder is None or not folder.is_dir():
+        return {}
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if p.is_file() and p.name not in MODEL_FILES and p.name not in skip}
+
+
+class ProgressBar:
+    """A rich progress bar; without a terminal, a plain line every ~5% so logs of background runs show it."""
+
+    def __init__(self, description: str, total: int, enabled: bool = True, fields: tuple[str, ...] = ()) -> None:
+        from rich.console import Console
+
+        self.enabled = enabled
+        self.total = total
+        self.description = description
+        self.console = Console(stderr=True)
+        self.done = 0
+        self.start = time.perf_counter()
+        self.next_line = 0
+        self.progress = None
+        if enabled and self.console.is_terminal:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+            columns += [TextColumn(f"{f} {{task.fields[{f}]}}") for f in fields]
+            columns += [TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+            self.progress = Progress(*columns, console=self.console, transient=False)
+            self.task = self.progress.add_task(description, total=total, **{f: "-" for f in fields})
+
+    def __enter__(self) -> ProgressBar:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def update(self, advance: int = 1, **fields: str) -> None:
+        self.done += advance
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.update(self.task, advance=advance, **fields)
+            return
+        if self.done >= self.next_line or self.done >= self.total:
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / max(self.done, 1) * (self.total - self.done)
+            extra = "".join(f" {k} {v}" for k, v in fields.items())
+            print(f"{self.description} {self.done}/{self.total}{extra} elapsed {elapsed:.0f}s ETA {eta:.0f}s",
+                  file=sys.stderr, flush=True)
+            self.next_line = self.done + max(1, self.total // 20)
+
+
+# --- distributed -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    started_here: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def _init_distributed(device: str | torch.device | None) -> tuple[_Dist, torch.device]:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist(), resolve_device(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    started = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        started = True
+    return _Dist(dist.get_rank(), dist.get_world_size(), started), dev
+
+
+class _GlobalBatchSampler(torch.utils.data.distributed.DistributedSampler):
+    """DistributedSampler whose per-rank batches together form exactly one process's global batches.
+
+    The epoch's permutation depends only on ``(seed, epoch)``; rank ``r`` takes positions ``r, r+W, ...``,
+    so its ``t``-th batch of ``B/W`` images and the other ranks' ``t``-th batches are together positions
+    ``[t*B, (t+1)*B)`` of the permutation, the ``t``-th batch of a single process. ``skip_batches`` starts
+    an epoch part-way through (resuming).
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, world: int, rank: int, seed: int, batch_size: int) -> None:
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.skip_batches = 0
+
+    def batches_per_epoch(self) -> int:
+        return self.num_samples // self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())[: self.batches_per_epoch() * self.batch_size]
+        return iter(indices[self.skip_batches * self.batch_size:])
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch() - self.skip_batches) * self.batch_size
+
+
+class _TrainStep(nn.Module):
+    """Routes DDP's forward to ``forward_train`` so the whole output dict (not just logits) comes back."""
+
+    def __init__(self, model: ConvertedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.forward_train(x)
+
+
+# --- the loss ----------------------------------------------------------------------------------------------
+
+
+def loss_terms(model: ConvertedModel, outputs: dict[str, torch.Tensor], teacher_logits: torch.Tensor | None,
+               labels: torch.Tensor | None, settings: FinetuneSettings) -> dict[str, torch.Tensor]:
+    """The unweighted loss terms: distill (when a teacher runs), ce (with labels) and the method's own."""
+    logits = outputs["logits"].float()
+    terms: dict[str, torch.Tensor] = {}
+    if teacher_logits is not None:
+        t = settings.distill_temperature
+        terms["distill"] = F.kl_div(F.log_softmax(logits / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
+                                    reduction="batchmean", log_target=True) * (t * t)
+    if labels is not None:
+        terms["ce"] = F.cross_entropy(logits, labels, label_smoothing=settings.label_smoothing)
+    for name, value in model.method_losses(outputs, labels).items():
+        if name in terms:
+            raise RuntimeError(f"{model.method}.method_losses returned {name!r}, which the shared loss already has")
+        terms[name] = value
+    return terms
+
+
+def _weights(settings: FinetuneSettings) -> dict[str, float]:
+    return {k: float(v) for k, v in settings.losses.items()}
+
+
+def _no_weight_decay(model: nn.Module) -> set[str]:
+    """Parameter names that timm modules (and the model) exclude from weight decay (position embeddings...)."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        fn = getattr(module, "no_weight_decay", None)
+        if callable(fn):
+            names |= {f"{prefix}.{n}" if prefix else n for n in fn()}
+    return names
+
+
+@contextlib.contextmanager
+def _drop_path(model: ConvertedModel, rate: float) -> Iterator[None]:
+    """Stochastic depth ``rate`` (linear in depth) on the base model's blocks for the duration of training.
+
+    timm builds ``nn.Identity`` where a block's drop path is 0. The method's rewritten graphs call the same
+    module objects, so the objects themselves are switched to DropPath (and back) rather than replaced.
+    """
+    if rate <= 0:
+        yield
+        return
+    paths = model.anatomy.block_paths
+    changed: list[tuple[nn.Module, type, float | None]] = []
+    try:
+        for i, path in enumerate(paths):
+            block = model.base.get_submodule(path)
+            p = rate * i / max(1, len(paths) - 1)
+            for attr in ("drop_path", "drop_path1", "drop_path2"):
+                m = getattr(block, attr, None)
+                if isinstance(m, DropPath):
+                    changed.append((m, DropPath, m.drop_prob))
+                    m.drop_prob = p
+                elif type(m) is nn.Identity:
+                    changed.append((m, nn.Identity, None))
+                    m.__class__ = DropPath
+                    m.drop_prob, m.scale_by_keep = p, True
+        yield
+    finally:
+        for m, cls, prob in changed:
+            m.__class__ = cls
+            if cls is DropPath:
+                m.drop_prob = prob
+            else:
+                del m.drop_prob, m.scale_by_keep
+
+
+def _settings_with_overrides(model: ConvertedModel, overrides: list[str] | None) -> None:
+    """Apply ``finetune.*`` / ``calibrate.*`` overrides to the model's recipe (structure is fixed at apply time)."""
+    if not overrides:
+        return
+    for key, _ in parse_overrides(overrides):
+        if not key.startswith(("finetune.", "calibrate.")):
+            raise UserError(f"--set {key}: fine-tuning takes finetune.* and calibrate.* settings; the model's "
+                            "structure (model.*) is fixed when it is converted")
+    model.recipe = load_recipe(model.recipe, overrides)
+
+
+def _rng_state() -> dict[str, Any]:
+    py = random.getstate()
+    npy = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": [py[0], list(py[1]), py[2]],
+             "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = state["numpy"]
+    np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _after_step(step: int) -> None:
+    """Called after every optimizer step (and checkpoint); tests replace it to interrupt a run."""
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def finetune(
+    model: str | os.PathLike[str] | ConvertedModel,
+    data: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    labels: bool = True,
+    overrides: list[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+    workers: int = 0,
+    teacher: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    max_images: int | None = None,
+) -> Path:
+    """Fine-tune a converted model on an image folder and write the result as a new model folder.
+
+    Args:
+        model: Model folder, ``local-dir:PATH``, ``hf-hub:OWNER/NAME``, or a converted model (trained in place).
+        data: ImageFolder (``ROOT/<class>/...`` or ``ROOT/train/<class>/...``); the recipe's
+            ``calibrate.holdout`` fraction of each class is left out for calibration.
+        out: Output folder; default: the model folder itself (rewritten atomically at the end).
+        labels: Use the labels (cross-entropy); ``False`` trains by distillation alone.
+        overrides: ``finetune.*`` recipe settings, e.g. ``["finetune.epochs=1", "finetune.lr=1e-4"]``.
+        resume: Continue the interrupted run whose checkpoints are in ``<out>.partial/``.
+        overwrite: Replace an existing ``out`` (and discard a stale partial run).
+        device: ``cpu``, ``cuda``, ``cuda:N``; default CUDA when available. Under torchrun each process
+            takes its LOCAL_RANK's GPU.
+        workers: DataLoader worker processes.
+        teacher: The original model for distillation when it cannot be rebuilt from the model's base
+            description (weights file, timm name, ``hf-hub:`` or ``local-dir:``).
+        progress: Show a progress bar (loss, images/s, ETA).
+        max_images: Train on at most this many images, evenly across classes (overrides the recipe).
+
+    Returns:
+        The output folder, holding the fine-tuned model and ``train_log.json``.
+
+    Example:
+        >>> finetune("deit_small-cfvit", "imagenet/", "deit_small-cfvit-ft", overrides=["finetune.epochs=1"])  # doctest: +SKIP
+    """
+    ddp, dev = _init_distributed(device)
+    try:
+        return _finetune(model, data, out, labels, overrides, resume, overwrite, dev, workers, teacher,
+                         progress and ddp.main, max_images, ddp)
+    finally:
+        if ddp.started_here:
+            dist.destroy_process_group()
+
+
+def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list[str] | None, resume: bool,
+              overwrite: bool, dev: torch.device, workers: int, teacher_arg: Any, progress: bool,
+              max_images: int | None, ddp: _Dist) -> Path:
+    from vitconvert.saving import save
+
+    model, folder = resolve_model(model_arg)
+    _settings_with_overrides(model, overrides)
+    settings = model.recipe.finetune
+    if out is None:
+        if folder is None:
+            raise UserError("finetune needs an output folder (out) when the model is not a local folder")
+        out_path = folder
+    else:
+        out_path = Path(out).expanduser().resolve()
+    if out_path.exists() and out_path != folder and not overwrite:
+        raise UserError(f"{str(out_path)!r} already exists; pass --overwrite to replace it or choose another -o")
+    partial = out_path.with_name(out_path.name + ".partial")
+    ckpt_file = partial / CHECKPOINT_NAME
+
+    folder_data = open_image_folder(data, holdout=model.recipe.calibrate.holdout)
+    folder_data.check_classes(model.num_classes)
+    split = folder_data.train_split(max_images if max_images is not None else settings.max_images)
+    if settings.batch_size % ddp.world:
+        raise UserError(f"finetune.batch_size {settings.batch_size} must be divisible by the number of "
+                        f"processes ({ddp.world})")
+    per_rank = settings.batch_size // ddp.world
+    steps_per_epoch = len(split) // settings.batch_size
+    if steps_per_epoch < 1:
+        raise UserError(f"{len(split)} training images are fewer than one batch (finetune.batch_size="
+                        f"{settings.batch_size}); add images or lower the batch size")
+    total_steps = max(1, round(settings.epochs * steps_per_epoch))
+    warmup_steps = min(total_steps - 1, round(settings.warmup_epochs * steps_per_epoch))
+    weights = _weights(settings)
+    # What must match for a checkpoint to continue this run (JSON-normalised, as it is stored).
+    fingerprint = json.loads(json.dumps({"finetune": settings.model_dump(mode="json"), "data": split.fingerprint(),
+                                         "world": ddp.world, "labels": labels, "model": model.get_state()}))
+
+    state: dict[str, Any] | None = None
+    if ckpt_file.is_file():
+        if resume:
+            state = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+            if state["fingerprint"] != fingerprint:
+                raise UserError(f"the partial run in {str(partial)!r} used other settings, data or process count; "
+                                "resume it with the same ones, or pass --overwrite to start over")
+        elif overwrite:
+            if ddp.main:
+                shutil.rmtree(partial, ignore_errors=True)
+        else:
+            raise UserError(f"an interrupted run is in {str(partial)!r}; pass --resume to continue it or "
+                            "--overwrite to start over")
+    elif resume and ddp.main:
+        print(f"no checkpoint in {partial}; starting from the beginning", file=sys.stderr)
+    ddp.barrier()
+
+    # Teacher: the original model, unless distillation is switched off.
+    teacher: nn.Module | None = None
+    teacher_desc = None
+    if weights.get("distill", 1.0) > 0:
+        teacher, teacher_desc = original_model(model, teacher_arg)
+        teacher = teacher.to(dev).eval().requires_grad_(False)
+    use_labels = labels and weights.get("ce", 1.0) > 0
+
+    torch.manual_seed(settings.seed + ddp.rank)
+    model.to(dev).train()
+    params = param_groups_weight_decay(model, settings.weight_decay, no_weight_decay_list=_no_weight_decay(model))
+    optimizer = create_optimizer_v2(params, opt="adamw", lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=settings.min_lr,
+                                  warmup_t=warmup_steps, warmup_lr_init=settings.min_lr, warmup_prefix=True,
+                                  t_in_epochs=False)
+    ema = ModelEmaV3(model, decay=settings.ema_decay) if settings.ema_decay else None
+    step_fn: nn.Module = _TrainStep(model)
+    if ddp.world > 1:
+        step_fn = nn.parallel.DistributedDataParallel(
+            step_fn, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
+
+    log: dict[str, Any] = {
+        "settings": settings.model_dump(mode="json"), "recipe": model.recipe.name, "method": model.method,
+        "data": split.description, "images": len(split), "labels": use_labels, "teacher": teacher_desc,
+        "device": str(dev), "world_size": ddp.world, "global_batch": settings.batch_size,
+        "per_process_batch": per_rank, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+        "warmup_steps": warmup_steps, "autocast": "bf16" if dev.type == "cuda" else None,
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "resumed_at": [], "steps": [], "epochs": [],
+    }
+    step, elapsed_before = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        _set_rng_state(state["rng"][ddp.rank] if isinstance(state["rng"], list) else state["rng"])
+        step, elapsed_before = int(state["step"]), float(state["seconds"])
+        log = state["log"]
+        log["resumed_at"].append(step)
+
+    dataset = ImageDataset(split.files, train_transform(model), seed=settings.seed)
+    sampler = _GlobalBatchSampler(dataset, ddp.world, ddp.rank, settings.seed, per_rank)
+    assert sampler.batches_per_epoch() == steps_per_epoch
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext())
+
+    start = time.perf_counter()
+    bar = ProgressBar(f"finetune {model.method}", total_steps, progress, fields=("loss", "img/s"))
+    with bar, _drop_path(model, settings.drop_path_rate):
+        bar.update(step)
+        while step < total_steps:
+            epoch, skip = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            sampler.skip_batches = skip
+            # Its own generator: a DataLoader draws worker seeds when iterated, which must not move the global
+            # random state (stochastic depth) differently in a resumed run.
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=per_rank, sampler=sampler, num_workers=workers, pin_memory=dev.type == "cuda",
+                drop_last=True, generator=torch.Generator().manual_seed(settings.seed * 1000 + epoch))
+            t_last = time.perf_counter()
+            for x, y in loader:
+                x = x.to(dev, non_blocking=True)
+                y = y.to(dev, non_blocking=True)
+                scheduler.step_update(step)
+                with autocast:
+                    outputs = step_fn(x)
+                    teacher_logits = None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            teacher_logits = teacher(x)
+                terms = loss_terms(model, outputs, teacher_logits, y if use_labels else None, settings)
+                loss = sum(weights.get(k, 1.0) * v for k, v in terms.items())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if settings.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
+                optimizer.step()
+                if ema is not None:
+                    ema.update(model, step=step)
+                step += 1
+
+                values = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
+                if ddp.world > 1:
+                    dist.all_reduce(values)
+                    values /= ddp.world
+                now = time.perf_counter()
+                ips = settings.batch_size / max(now - t_last, 1e-9)
+                t_last = now
+                entry = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                         "loss": values[0].item(), **{k: v.item() for k, v in zip(terms, values[1:], strict=True)},
+                         "images_per_s": round(ips, 1), "seconds": round(elapsed_before + now - start, 2)}
+                log["steps"].append(entry)
+                bar.update(1, loss=f"{entry['loss']:.4f}", **{"img/s": f"{ips:.0f}"})
+                if step % steps_per_epoch == 0 or step == total_steps:
+                    log["epochs"].append(_epoch_summary(log["steps"], epoch, list(terms)))
+                if step % settings.checkpoint_every == 0 and step < total_steps:
+                    rng = _gather_rng(ddp)
+                    if ddp.main:
+                        partial.mkdir(parents=True, exist_ok=True)
+                        _save_atomic({
+                            "step": step, "seconds": elapsed_before + now - start, "fingerprint": fingerprint,
+                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                            "rng": rng, "log": log,
+                        }, ckpt_file)
+                    ddp.barrier()
+                _after_step(step)
+                if step >= total_steps:
+                    break
+
+    if ema is not None:
+        model.load_state_dict(ema.module.state_dict())
+    model.eval().to("cpu")
+    if teacher is not None:
+        teacher.to("cpu")
+    model.finetuned = True
+    # Operating points measured before fine-tuning no longer describe this model.
+    model.curve = []
+    model.calibration = {}
+    log["seconds"] = round(elapsed_before + time.perf_counter() - start, 2)
+    log["ema"] = bool(ema)
+    if ddp.main:
+        extra = carried_files(folder, skip=(LOG_NAME, "curve.png", "eval.json", "eval.png"))
+        extra[LOG_NAME] = json.dumps(log, indent=1) + "\n"
+        save(model, out_path, overwrite=True, extra_files=extra)
+        shutil.rmtree(partial, ignore_errors=True)
+    ddp.barrier()
+    return out_path
+
+
+def _gather_rng(ddp: _Dist) -> dict[str, Any] | list[dict[str, Any]]:
+    """Random state of every process (each keeps its own for stochastic depth)."""
+    state = _rng_state()
+    if ddp.world == 1:
+        return state
+    states: list[Any] = [None] * ddp.world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _epoch_summary(steps: list[dict[str, Any]], epoch: int, names: list[str]) -> dict[str, Any]:
+    rows = [s for s in steps if s["epoch"] == epoch]
+    summary: dict[str, Any] = {"epoch": epoch, "steps": len(rows), "seconds": rows[-1]["seconds"]}
+    for key in ["loss", *names]:
+        summary[key] = sum(r[key] for r in rows) / len(rows)
+    summary["images_per_s"] = round(sum(r["images_per_s"] for r in rows) / len(rows), 1)
+    return summary
+
+
+__all__ = ["finetune", "loss_terms", "original_model", "resolve_device", "resolve_model"]
