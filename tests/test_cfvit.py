@@ -54,7 +54,8 @@ def test_full_compute_on_real_deit_small() -> None:
 
 def _analytic_stage_gmacs(n: int, dim: int, depth: int, mlp_ratio: float = 4.0) -> float:
     """MACs of ViT blocks over n tokens: qkv, QK^T, AV, proj, MLP, two LayerNorms (fvcore's 5/elt)."""
-    per_block = n * dim * 3 * dim + 2 * n * n * dim + n * dim * dim + 2 * n * dim * int(dim * mlp_ratio) + 2 * 5 * n * dim
+    hidden = int(dim * mlp_ratio)
+    per_block = n * dim * 3 * dim + 2 * n * n * dim + n * dim * dim + 2 * n * dim * hidden + 2 * 5 * n * dim
     return depth * per_block / 1e9
 
 

@@ -46,9 +46,9 @@ def test_user_recipe_file(tmp_path) -> None:
     assert r.name == "mine" and r.settings.alpha == 0.25
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed")
-    with pytest.raises(UserError, match="not valid YAML"):
+    with pytest.raises(UserError, match=r"not valid YAML"):
         load_recipe(str(bad))
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match=r"does not exist"):
         load_recipe(str(tmp_path / "missing.yaml"))
-    with pytest.raises(UserError, match="unknown recipe 'nope'; available: .*cfvit"):
+    with pytest.raises(UserError, match=r"unknown recipe 'nope'; available: .*cfvit"):
         load_recipe("nope")

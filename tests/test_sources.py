@@ -29,19 +29,19 @@ def test_pretrained_tag_is_kept() -> None:
 
 
 def test_ambiguous_alias_lists_candidates() -> None:
-    with pytest.raises(UserError, match="ambiguous.*vit_base_patch16_224.*vit_base_patch32_224"):
+    with pytest.raises(UserError, match=r"ambiguous.*vit_base_patch16_224.*vit_base_patch32_224"):
         resolve_model_name("vit_base")
 
 
 def test_unknown_name_suggests() -> None:
-    with pytest.raises(UserError, match="unknown model 'deit_smal'.*deit_small"):
+    with pytest.raises(UserError, match=r"unknown model 'deit_smal'.*deit_small"):
         resolve_model_name("deit_smal")
 
 
 def test_parse_model_kwargs() -> None:
     assert parse_model_kwargs(["img_size=32", "depths=[1,2]", "class_token=false", "act=gelu"]) == {
         "img_size": 32, "depths": (1, 2), "class_token": False, "act": "gelu"}
-    with pytest.raises(UserError, match="key=value"):
+    with pytest.raises(UserError, match=r"key=value"):
         parse_model_kwargs(["img_size"])
 
 
@@ -98,20 +98,20 @@ def test_pickled_code_is_refused(tmp_path) -> None:
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"state_dict": _Payload()}, f)
-    with pytest.raises(UserError, match="could not be read"):
+    with pytest.raises(UserError, match=r"could not be read"):
         load_checkpoint_file(path)
 
 
 def test_corrupt_and_missing_checkpoints(tmp_path) -> None:
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(UserError, match="could not be read"):
+    with pytest.raises(UserError, match=r"could not be read"):
         load_checkpoint_file(bad)
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match=r"does not exist"):
         load_checkpoint_file(tmp_path / "nope.pth")
     other = tmp_path / "w.npz"
     other.write_bytes(b"x")
-    with pytest.raises(UserError, match="unsupported format"):
+    with pytest.raises(UserError, match=r"unsupported format"):
         load_checkpoint_file(other)
 
 
@@ -128,7 +128,7 @@ def test_local_dir_source_loads_saved_timm_folder(tmp_path) -> None:
 
 
 def test_local_dir_without_config(tmp_path) -> None:
-    with pytest.raises(UserError, match="no config.json"):
+    with pytest.raises(UserError, match=r"no config.json"):
         load_base(f"local-dir:{tmp_path}")
 
 
@@ -143,5 +143,5 @@ def test_offline_pretrained_names_the_alternatives(monkeypatch, tmp_path) -> Non
 
 
 def test_bad_model_kwargs() -> None:
-    with pytest.raises(UserError, match="bad --model-kwargs"):
+    with pytest.raises(UserError, match=r"bad --model-kwargs"):
         load_base("deit_tiny", model_kwargs={"no_such_arg": 1}, pretrained=False)

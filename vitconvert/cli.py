@@ -113,7 +113,8 @@ def finetune(
     model_dir: Annotated[str, typer.Argument(help="converted-model folder or hf-hub:OWNER/NAME")],
     data: Annotated[Path, typer.Option("--data", help="ImageFolder with the training images")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="output folder (default DIR-ft)")] = None,
-    labels: Annotated[bool, typer.Option("--labels/--no-labels", help="add cross-entropy on the folder's labels")] = True,
+    labels: Annotated[bool, typer.Option(
+        "--labels/--no-labels", help="add cross-entropy on the folder's labels")] = True,
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
@@ -132,8 +133,8 @@ def finetune(
 def calibrate(
     model_dir: Annotated[str, typer.Argument(help="converted-model folder")],
     data: Annotated[Path, typer.Option("--data", help="ImageFolder; a held-out fraction is used")],
-    budget: Annotated[str | None, typer.Option("--budget", help="GMACs (2.1), a share of the base ('50%'), or 'drop=0.5'")
-                      ] = None,
+    budget: Annotated[str | None, typer.Option(
+        "--budget", help="GMACs (2.1), a share of the base ('50%'), or 'drop=0.5'")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="write here instead of updating DIR")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
     max_images: Annotated[int | None, typer.Option("--max-images")] = None,
@@ -171,8 +172,8 @@ def push(
     private: Annotated[bool, typer.Option("--private")] = False,
     revision: Annotated[str | None, typer.Option("--revision", "--branch", help="branch to push to")] = None,
     commit_message: Annotated[str | None, typer.Option("--commit-message")] = None,
-    token: Annotated[str | None, typer.Option("--token", help="Hub token (default: HF_TOKEN or the saved login)")
-                     ] = None,
+    token: Annotated[str | None, typer.Option(
+        "--token", help="Hub token (default: HF_TOKEN or the saved login)")] = None,
 ) -> None:
     """Upload a converted model (safetensors, config, card) to the Hugging Face Hub."""
     from vitconvert.hub import push as run

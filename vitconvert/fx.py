@@ -20,6 +20,7 @@ rewritten graphs.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import operator
 from collections.abc import Iterable
@@ -165,7 +166,7 @@ def split_at_blocks(model: nn.Module, block_paths: list[str]) -> tuple[fx.GraphM
     block_nodes = [n for n in nodes if n.op == "call_module" and n.target in set(block_paths)]
     if [n.target for n in block_nodes] != block_paths:
         raise AnatomyError("cannot split the model graph: blocks are not called once each, in order")
-    for prev, nxt in zip(block_nodes, block_nodes[1:], strict=False):
+    for prev, nxt in itertools.pairwise(block_nodes):
         if nxt.args[0] is not prev or len(prev.users) != 1:
             raise AnatomyError(f"cannot split the model graph: {nxt.target} does not take {prev.target}'s output")
     first, last = block_nodes[0], block_nodes[-1]

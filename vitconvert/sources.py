@@ -337,13 +337,14 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any], source: str) ->
                 f"{source}: timm has no pretrained weights for it; pass --checkpoint FILE or --no-pretrained"
             ) from None
         raise
-    except (OSError, ConnectionError, ValueError) as e:
-        if pretrained:
-            raise _offline_error(source, e) from None
-        raise
     except Exception as e:
+        from vitconvert.hub import _is_hub_failure, hub_error
+
+        if name.startswith("hf-hub:") and _is_hub_failure(e):
+            # A missing repo, revision or file, a bad token or no network: say which, not "offline".
+            raise hub_error(name[len("hf-hub:"):].split("@")[0], e) from None
         # huggingface_hub raises its own hierarchy (LocalEntryNotFoundError, RepositoryNotFoundError, ...)
-        if pretrained and type(e).__module__.startswith(("huggingface_hub", "requests", "httpx", "urllib3")):
+        if pretrained and (isinstance(e, OSError | ConnectionError | ValueError) or _is_hub_failure(e)):
             raise _offline_error(source, e) from None
         raise
 

@@ -23,7 +23,7 @@ def read(model: nn.Module, draft: Anatomy) -> list[str]:
         missing.append("(shifted) window blocks")
     if missing:
         return missing
-    for b, mod in zip(draft.blocks, blocks, strict=True):
+    for b in draft.blocks:
         b.attn_kind = "window"
     draft.extras["window_size"] = [list(_pair(model.get_submodule(draft.blocks[s.blocks[0]].path).window_size))
                                    for s in draft.stages]

@@ -9,7 +9,8 @@ implements:
 * ``forward_train(x)`` -> dict of logits; ``method_losses(outputs, labels)`` -> its own loss terms;
 * ``knob`` (one number a user turns, e.g. CF-ViT's exit threshold eta), ``full_compute_knob`` (the value
   at which the model reproduces the base model exactly) and ``sweep_knob`` (values calibration tries);
-* optionally ``simulate`` for methods whose operating points can be evaluated from one pass.
+* optionally ``collect(x)`` and ``simulate(collected, knob)`` when every operating point can be evaluated
+  from one pass over the images (CF-ViT: both stages' logits); calibration then needs no re-runs.
 
 The base model is kept as ``self.base`` so its parameters keep their timm names under ``base.``; the
 teacher for fine-tuning and the exactness tests rebuild it from those keys.
@@ -17,6 +18,7 @@ teacher for fine-tuning and the exactness tests rebuild it from those keys.
 
 from __future__ import annotations
 
+import abc
 import copy
 import math
 from dataclasses import dataclass, field
@@ -104,7 +106,7 @@ def choose_point(curve: list[CurvePoint], budget: str | float, base_gmacs: float
     return max(ok, key=lambda p: (p.top1, -p.gmacs))
 
 
-class ConvertedModel(nn.Module):
+class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
     """Base class of every converted model (see the module docstring)."""
 
     method: ClassVar[str]
@@ -138,27 +140,32 @@ class ConvertedModel(nn.Module):
         self.finetuned = False
         self.base_gmacs = 0.0
 
-    # --- to implement -------------------------------------------------------------------------------
+    # --- what a method implements ----------------------------------------------------------------------
 
+    @abc.abstractmethod
     def forward_dynamic(self, x: torch.Tensor) -> DynamicOutput:
-        raise NotImplementedError
+        """Inference at the current operating point, with per-image GMACs of the path taken."""
 
+    @abc.abstractmethod
     def forward_train(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Training forward: a dict with at least ``logits`` (the output distilled and supervised)."""
 
+    @abc.abstractmethod
     def method_losses(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The method's own unweighted loss terms; weights come from ``recipe.finetune.losses``."""
 
     @property
+    @abc.abstractmethod
     def knob(self) -> float:
-        raise NotImplementedError
+        """The one number a user turns (exit threshold, gate bias...)."""
 
     @knob.setter
-    def knob(self, value: float) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def knob(self, value: float) -> None: ...
 
+    @abc.abstractmethod
     def sweep_knob(self) -> list[float]:
-        raise NotImplementedError
+        """Knob values calibration evaluates."""
 
     def method_state(self) -> dict[str, Any]:
         """Method-specific JSON state (in addition to the knob and calibration)."""

@@ -1,0 +1,384 @@
+"""The shared pipeline: data splits, fine-tuning (determinism, resume, DDP), calibration, evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from timm.data import create_transform, resolve_data_config
+from utils import TINY_MODELS, tiny_model
+
+import vitconvert
+import vitconvert.train as vtrain
+from vitconvert.calibrate import calibrate, measure_curve
+from vitconvert.data import ImageDataset, open_image_folder, train_transform
+from vitconvert.errors import UserError
+from vitconvert.evaluate import evaluate
+from vitconvert.methods.base import choose_point
+from vitconvert.train import finetune, loss_terms, original_model
+
+CLASSES = 10
+PER_CLASS = 8  # 6 train + 2 held out at holdout 0.25
+
+
+def _write_images(folder: Path, per_class: int, seed: int, ext: str) -> None:
+    rng = np.random.default_rng(seed)
+    for c in range(CLASSES):
+        d = folder / f"class{c:02d}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            # A class-dependent colour plus noise, so labels mean something.
+            base = np.array([(c * 25) % 256, (c * 70) % 256, 255 - c * 20], dtype=np.float64)
+            img = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(d / f"{i:03d}{ext}")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ROOT/train/<class>/*.png (8 per class) + ROOT/val/<class>/*.jpg (3 per class)."""
+    root = tmp_path_factory.mktemp("data") / "toy"
+    _write_images(root / "train", PER_CLASS, 0, ".png")
+    _write_images(root / "val", 3, 1, ".jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, _, _ = tiny_model("vit")
+    path = tmp_path_factory.mktemp("base") / "base.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+RECIPE = ["model.gca_start_block=1", "finetune.batch_size=8", "finetune.epochs=2", "finetune.warmup_epochs=0.5",
+          "finetune.lr=1e-3", "calibrate.holdout=0.25"]
+
+
+def make_model(base_ckpt: Path, out: Path, overrides: list[str] | None = None) -> Path:
+    arch, kwargs = TINY_MODELS["vit"]
+    model = vitconvert.apply(arch, "cfvit", checkpoint=base_ckpt, model_kwargs=kwargs,
+                             overrides=[*RECIPE, *(overrides or [])])
+    return vitconvert.save(model, out)
+
+
+@pytest.fixture(scope="module")
+def model_dir(base_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(base_ckpt, tmp_path_factory.mktemp("m") / "toy-cfvit")
+
+
+@pytest.fixture(scope="module")
+def finetuned_dir(model_dir: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return finetune(model_dir, data_dir, tmp_path_factory.mktemp("ft") / "ft", device="cpu", progress=False)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+
+def test_splits_are_deterministic_and_disjoint(data_dir: Path) -> None:
+    d = open_image_folder(data_dir, holdout=0.25)
+    assert d.classes == [f"class{c:02d}" for c in range(CLASSES)] and d.name == "toy"
+    train, held, val = d.train_split(), d.heldout_split(), d.eval_split()
+    assert len(train) == 60 and len(held) == 20 and len(val) == 30
+    # held out = the last 2 files of each class in sorted order; train = the rest
+    assert [p.name for p, label in held.files if label == 3] == ["006.png", "007.png"]
+    assert {p for p, _ in train.files}.isdisjoint(p for p, _ in held.files)
+    assert all(p.parent.parent.name == "val" for p, _ in val.files)
+    # max_images takes the first files of each class evenly
+    capped = d.train_split(20)
+    assert [label for _, label in capped.files] == [c for c in range(CLASSES) for _ in range(2)]
+    assert [p.name for p, label in capped.files if label == 0] == ["000.png", "001.png"]
+    # without val/, evaluation uses the held-out split
+    flat = open_image_folder(data_dir / "train", holdout=0.25)
+    assert flat.eval_split().files == held.files and flat.name == "toy"
+
+
+def test_data_errors(tmp_path: Path, data_dir: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        open_image_folder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no class subfolders"):
+        open_image_folder(tmp_path / "empty")
+    (tmp_path / "noimg" / "a").mkdir(parents=True)
+    (tmp_path / "noimg" / "a" / "readme.txt").write_text("x")
+    with pytest.raises(UserError, match="has no images"):
+        open_image_folder(tmp_path / "noimg")
+    with pytest.raises(UserError, match="10 class folders but the model's head has 1000"):
+        open_image_folder(data_dir).check_classes(1000)
+
+
+def test_transforms_are_timms_and_augmentation_is_seeded(model_dir: Path, data_dir: Path) -> None:
+    model = vitconvert.load(model_dir)
+    files = open_image_folder(data_dir, holdout=0.25).train_split().files[:4]
+    ref = create_transform(**resolve_data_config(model=model), is_training=False)
+    with Image.open(files[0][0]) as im:
+        expected = ref(im.convert("RGB"))
+    from vitconvert.data import eval_transform
+
+    assert torch.equal(ImageDataset(files, eval_transform(model))[0][0], expected)
+    a = ImageDataset(files, train_transform(model), seed=3)
+    b = ImageDataset(files, train_transform(model), seed=3, in_memory=False)
+    torch.manual_seed(123)  # the global state must not matter
+    assert torch.equal(a[2][0], b[2][0])
+    b.set_epoch(1)
+    assert not torch.equal(a[2][0], b[2][0])
+
+
+# --- fine-tuning -----------------------------------------------------------------------------------------
+
+
+def test_finetune_writes_model_and_log(finetuned_dir: Path, model_dir: Path) -> None:
+    model = vitconvert.load(finetuned_dir)
+    assert model.finetuned and model.curve == [] and model.calibration == {}
+    before, after = weights(model_dir), weights(finetuned_dir)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    log = json.loads((finetuned_dir / "train_log.json").read_text())
+    # 60 training images (8 per class minus 2 held out), batch 8 -> 7 steps per epoch, 2 epochs
+    assert log["images"] == 60 and log["steps_per_epoch"] == 7 and log["total_steps"] == 14
+    assert [s["step"] for s in log["steps"]] == list(range(1, 15))
+    assert len(log["epochs"]) == 2 and log["warmup_steps"] == 4
+    assert {"loss", "distill", "ce", "coarse_kl", "lr", "images_per_s", "seconds"} <= set(log["steps"][0])
+    for s in log["steps"]:
+        assert s["loss"] == pytest.approx(s["distill"] + s["ce"] + s["coarse_kl"], rel=1e-5)
+    lrs = [s["lr"] for s in log["steps"]]
+    assert lrs[0] == pytest.approx(1e-6) and max(lrs) == pytest.approx(1e-3, rel=0.02) and lrs[-1] < 1e-4
+    assert "base.safetensors" in log["teacher"]
+    assert not finetuned_dir.with_name("ft.partial").exists()
+
+
+def test_finetune_is_repeatable(model_dir: Path, data_dir: Path, finetuned_dir: Path, tmp_path: Path) -> None:
+    again = finetune(model_dir, data_dir, tmp_path / "again", device="cpu", progress=False)
+    a, b = weights(finetuned_dir), weights(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_gives_the_same_weights(base_ckpt: Path, data_dir: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # EMA and stochastic depth on, so their state (and the random state) must be restored too.
+    src = make_model(base_ckpt, tmp_path / "m", ["finetune.checkpoint_every=3", "finetune.ema_decay=0.9",
+                                                 "finetune.drop_path_rate=0.1"])
+    straight = finetune(src, data_dir, tmp_path / "straight", device="cpu", progress=False)
+
+    def interrupt(step: int) -> None:
+        if step == 10:  # mid-epoch 2; the last checkpoint is at step 9
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(vtrain, "_after_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(src, data_dir, tmp_path / "resumed", device="cpu", progress=False)
+    assert (tmp_path / "resumed.partial" / "checkpoint.pt").is_file() and not (tmp_path / "resumed").exists()
+    monkeypatch.setattr(vtrain, "_after_step", lambda step: None)
+    with pytest.raises(UserError, match="--resume"):
+        finetune(src, data_dir, tmp_path / "resumed", device="cpu", progress=False)
+    with pytest.raises(UserError, match="other settings"):
+        finetune(src, data_dir, tmp_path / "resumed", device="cpu", progress=False, resume=True,
+                 overrides=["finetune.lr=5e-4"])
+    resumed = finetune(src, data_dir, tmp_path / "resumed", device="cpu", progress=False, resume=True)
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = json.loads((resumed / "train_log.json").read_text())
+    assert log["resumed_at"] == [9] and [s["step"] for s in log["steps"]] == list(range(1, 15))
+    assert not (tmp_path / "resumed.partial").exists()
+
+
+def test_drop_path_reaches_the_rewritten_graphs(model_dir: Path) -> None:
+    from timm.layers import DropPath
+
+    model = vitconvert.load(model_dir).train()
+    x = torch.randn(2, 3, 32, 32)
+    with vtrain._drop_path(model, 0.3):
+        last = model.base.blocks[3].drop_path1
+        assert type(last) is DropPath and last.drop_prob == pytest.approx(0.3)
+        assert type(model.base.blocks[0].drop_path1) is DropPath and model.base.blocks[0].drop_path1.drop_prob == 0
+        # the coarse stage runs the tapped (fx-rewritten) blocks: stochastic depth must act there too
+        a, b = model.forward_coarse(x)["logits"], model.forward_coarse(x)["logits"]
+        assert not torch.allclose(a, b)
+    assert type(model.base.blocks[3].drop_path1) is torch.nn.Identity
+    a, b = model.forward_coarse(x)["logits"], model.forward_coarse(x)["logits"]
+    assert torch.equal(a, b)
+
+
+def test_finetune_options_and_errors(model_dir: Path, data_dir: Path, tmp_path: Path, finetuned_dir: Path) -> None:
+    out = finetune(model_dir, data_dir, tmp_path / "nolabels", labels=False, device="cpu", progress=False,
+                   overrides=["finetune.epochs=1"], max_images=16)
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["images"] == 16 and log["total_steps"] == 2 and "ce" not in log["steps"][0]
+    assert vitconvert.load(out).recipe.finetune.epochs == 1
+    with pytest.raises(UserError, match="already exists"):
+        finetune(model_dir, data_dir, out, device="cpu", progress=False)
+    with pytest.raises(UserError, match="fixed when it is converted"):
+        finetune(model_dir, data_dir, tmp_path / "x", overrides=["model.alpha=0.3"], progress=False)
+    with pytest.raises(UserError, match="does not exist"):
+        finetune(model_dir, tmp_path / "missing", tmp_path / "x", progress=False)
+    three = tmp_path / "three"
+    for c in range(3):
+        (three / f"c{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), (c * 50, 0, 0)).save(three / f"c{c}" / f"{i}.png")
+    with pytest.raises(UserError, match="3 class folders but the model's head has 10"):
+        finetune(model_dir, three, tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_loss_terms_and_teacher(model_dir: Path, finetuned_dir: Path) -> None:
+    model = vitconvert.load(model_dir)
+    settings = model.recipe.finetune.model_copy(update={"distill_temperature": 2.0, "label_smoothing": 0.1})
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    teacher_logits = torch.randn(4, 10)
+    outputs = model.train().forward_train(x)
+    terms = loss_terms(model, outputs, teacher_logits, y, settings)
+    p_t = F.softmax(teacher_logits / 2, -1)
+    kl = (p_t * (p_t.log() - F.log_softmax(outputs["logits"] / 2, -1))).sum(-1).mean() * 4
+    assert terms["distill"].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert terms["ce"].item() == pytest.approx(F.cross_entropy(outputs["logits"], y, label_smoothing=0.1).item())
+    assert set(terms) == {"distill", "ce", "coarse_kl"}
+    # the teacher is the original model: held weights before fine-tuning, rebuilt from the checkpoint after
+    original, _, _ = tiny_model("vit")
+    xs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = original(xs)
+        before, _ = original_model(model.eval())
+        after, desc = original_model(vitconvert.load(finetuned_dir))
+        assert (before(xs) - ref).abs().max() < 1e-5 and (after(xs) - ref).abs().max() < 1e-5
+    assert "base.safetensors" in desc
+
+
+DDP_SCRIPT = """
+import sys
+from vitconvert.train import finetune
+finetune(sys.argv[1], sys.argv[2], sys.argv[3], device="cpu", progress=False)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_ddp_two_processes_match_one(model_dir: Path, data_dir: Path, finetuned_dir: Path, tmp_path: Path) -> None:
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(vitconvert.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(model_dir), str(data_dir), str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = weights(finetuned_dir), weights(tmp_path / "ddp")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    log = json.loads((tmp_path / "ddp" / "train_log.json").read_text())
+    assert log["world_size"] == 2 and log["per_process_batch"] == 4 and log["total_steps"] == 14
+
+
+# --- calibration -----------------------------------------------------------------------------------------
+
+
+def _independent_top1(model: torch.nn.Module, files: list[tuple[Path, int]], cfg_model: torch.nn.Module | None = None
+                      ) -> tuple[float, float]:
+    """Top-1 (percent) and mean GMACs computed here, with timm's transform, one image at a time."""
+    tf = create_transform(**resolve_data_config(model=cfg_model or model), is_training=False)
+    correct, gmacs = 0, 0.0
+    with torch.no_grad():
+        for path, label in files:
+            with Image.open(path) as im:
+                x = tf(im.convert("RGB"))[None]
+            out = model.forward_dynamic(x) if hasattr(model, "forward_dynamic") else None
+            logits = out.logits if out is not None else model(x)
+            gmacs += float(out.gmacs.sum()) if out is not None else 0.0
+            correct += int(logits.argmax(-1).item() == label)
+    return 100.0 * correct / len(files), gmacs / len(files)
+
+
+def test_calibrate_chooses_within_budget(finetuned_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cal"
+    result = calibrate(finetuned_dir, data_dir, "60%", out, device="cpu", progress=False, batch_size=7)
+    model = vitconvert.load(out)
+    held = open_image_folder(data_dir, holdout=0.25).heldout_split().files
+    cal = model.calibration
+    assert cal["images"] == 20 and cal["dataset"] == "toy" and "held-out last 25%" in cal["split"]
+    assert len(model.curve) == 101 and [p.knob for p in model.curve] == model.sweep_knob()
+    # the chosen point is the most accurate within 60% of the base GMACs
+    limit = 0.6 * model.base_gmacs
+    within = [p for p in model.curve if p.gmacs <= limit + 1e-12]
+    best = max(p.top1 for p in within)
+    assert cal["chosen"]["gmacs"] <= limit and cal["chosen"]["top1"] == best and model.knob == cal["chosen"]["knob"]
+    assert result["eta"] == model.knob and result["out"] == str(out)
+    # curve values agree with an independent evaluation at two knob values
+    for p in (model.curve[0], model.curve[-1]):
+        model.knob = p.knob
+        top1, gmacs = _independent_top1(model, held)
+        assert p.top1 == pytest.approx(top1) and p.gmacs == pytest.approx(gmacs, rel=1e-6)
+    original, _, _ = tiny_model("vit")
+    assert cal["base_top1"] == pytest.approx(_independent_top1(original, held, model)[0])
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "train_log.json").is_file()  # carried over from the fine-tuned folder
+    # loading with a budget switches the knob to the stored curve's point
+    for budget in ("30%", "drop=1", 0.006):
+        expected = choose_point(model.curve, budget, model.base_gmacs, cal["base_top1"])
+        assert vitconvert.load(out, budget=budget).knob == expected.knob
+
+
+def test_calibrate_in_place_and_simulation_matches_real_exit(finetuned_dir: Path, data_dir: Path,
+                                                            tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "inplace"
+    shutil.copytree(finetuned_dir, folder)
+    calibrate(folder, data_dir, device="cpu", progress=False)  # recipe's budget (50%)
+    model = vitconvert.load(folder)
+    assert model.calibration["budget"] == "50%" and model.curve
+    # the simulated curve equals running the real batched early exit at each knob
+    split = open_image_folder(data_dir, holdout=0.25).heldout_split()
+    knobs = [0.0, 0.3, 0.6, 0.9, 1.0]
+    model.sweep_knob = lambda: knobs
+    simulated = measure_curve(model, split, torch.device("cpu"), 8, progress=False)
+    model.collect = None  # forces the generic path: forward_dynamic at every knob
+    real = measure_curve(model, split, torch.device("cpu"), 8, progress=False)
+    for s, r in zip(simulated, real, strict=True):
+        assert s.top1 == pytest.approx(r.top1) and s.gmacs == pytest.approx(r.gmacs, rel=1e-6)
+        assert sum(v for k, v in r.extra.items() if k.startswith("exit_")) == pytest.approx(1.0)
+
+
+# --- evaluation -------------------------------------------------------------------------------------------
+
+
+def test_evaluate_reports_measured_values(finetuned_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    cal = tmp_path / "cal"
+    calibrate(finetuned_dir, data_dir, "50%", cal, device="cpu", progress=False)
+    report = evaluate(cal, data_dir, tmp_path / "ev", budget="60%", device="cpu", progress=False, batch_size=16)
+    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert saved["top1"] == report["top1"] and (tmp_path / "ev" / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    model = vitconvert.load(cal, budget="60%")
+    val = open_image_folder(data_dir).eval_split().files
+    top1, gmacs = _independent_top1(model, val)
+    assert report["split"] == "val" and report["images"] == 30
+    assert report["knob"] == model.knob and report["top1"] == pytest.approx(top1)
+    assert report["gmacs"] == pytest.approx(gmacs, rel=1e-6)
+    assert report["gmacs_fraction"] == pytest.approx(gmacs / model.base_gmacs, rel=1e-6)
+    # exit fractions: the share of images the coarse stage answered
+    coarse = model.costs["coarse"]
+    share_fine = (gmacs - coarse) / model.costs["fine"]
+    assert report["points"][0]["exit_fractions"].get("1", 0.0) == pytest.approx(share_fine, abs=1e-6)
+    original, _, _ = tiny_model("vit")
+    assert report["base"]["top1"] == pytest.approx(_independent_top1(original, val, model)[0])
+    assert report["top1_drop"] == pytest.approx(report["base"]["top1"] - top1)
+    speed = report["throughput"]
+    assert speed["converted_images_per_s"] > 0 and speed["base_images_per_s"] > 0 and speed["batch_size"] == 16
+    # a second budget adds a point to the same eval.json
+    evaluate(cal, data_dir, tmp_path / "ev", budget="100%", device="cpu", progress=False, throughput=False)
+    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert len({p["knob"] for p in saved["points"]}) == len(saved["points"]) >= 1
+    # without val/ the held-out split is used, and said so
+    flat = evaluate(cal, data_dir / "train", None, device="cpu", progress=False, throughput=False)
+    assert flat["split"] == "held-out" and flat["images"] == 20
+    assert (cal / "eval.json").is_file()
