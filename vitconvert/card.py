@@ -1,8 +1,25 @@
-"""Model cards for converted models (README.md with Hub front matter)."""
+"""Model cards for converted models (README.md with Hub front matter).
+
+What the card reads, all optional except the config's ``model_args``:
+
+* ``config["model_args"]["state"]``: the operating point (``state[<knob>]``), ``base_gmacs``,
+  ``finetuned``, ``curve`` (points ``{knob, gmacs, top1, extra}``, top-1 in percent; ``extra`` may hold
+  ``throughput_ratio``) and ``calibration`` (``dataset``, ``dataset_id`` (Hub id), ``split``, ``images``,
+  ``base_top1``, ``throughput_ratio`` as ``{knob: ratio}``, ``throughput`` as ``{device, batch_size, ...}``);
+* ``<folder>/eval.json``: an evaluation, ``{"points": [{knob, top1, gmacs, throughput, throughput_ratio,
+  latency_ms}], "dataset", "dataset_id", "split", "images", "device", "batch_size", "base": {top1, gmacs,
+  throughput}}`` (or just the list of points); the knob may also be given under the method's knob name;
+* ``<folder>/curve.png`` (calibration) and ``<folder>/eval.png`` (evaluation): plots, shown when present.
+
+Only an explicit ``dataset_id`` becomes the front matter's ``datasets`` (a local folder's name could be
+another Hub dataset's id).
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,82 +27,281 @@ import yaml
 
 from vitconvert.backbones import describe_family
 
+EVAL_NAME = "eval.json"
+PLOT_NAME = "curve.png"
+EVAL_PLOT_NAME = "eval.png"
+MAX_ROWS = 12
+_OWNER_PLACEHOLDER = re.compile(r"hf-hub:OWNER/[A-Za-z0-9_.\-]+")
+_DATASET_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
 
-def front_matter(config: dict[str, Any]) -> dict[str, Any]:
-    """Hub metadata: library, tags, lineage (base_model), license, datasets, metrics."""
+
+def _state(config: dict[str, Any]) -> dict[str, Any]:
+    return config.get("model_args", {}).get("state") or {}
+
+
+def _hub_id(base: dict[str, Any]) -> str | None:
+    hub_id = base.get("hub_id")
+    return hub_id.split("@")[0] if isinstance(hub_id, str) and hub_id else None
+
+
+def _dataset_id(*sources: dict[str, Any]) -> str | None:
+    """An explicit Hub dataset id (``dataset_id``); a local folder's name is never claimed as one."""
+    for src in sources:
+        if isinstance(src.get("dataset_id"), str) and _DATASET_ID.match(src["dataset_id"]):
+            return src["dataset_id"]
+    return None
+
+
+def read_eval(folder: Path | None) -> dict[str, Any]:
+    """``eval.json`` of a model folder as ``{"points": [...], ...}``; empty when absent or unreadable."""
+    if folder is None or not (Path(folder) / EVAL_NAME).is_file():
+        return {}
+    try:
+        data = json.loads((Path(folder) / EVAL_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if isinstance(data, list):
+        data = {"points": data}
+    if not isinstance(data, dict):
+        return {}
+    data["points"] = [p for p in data.get("points") or [] if isinstance(p, dict)]
+    return data
+
+
+def front_matter(config: dict[str, Any], evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Hub metadata: library, tags, lineage (base_model), license, datasets, metrics.
+
+    Args:
+        config: The model's config.json content.
+        evaluation: The folder's eval.json content (see :func:`read_eval`), if any.
+    """
     info = config.get("vitconvert", {})
     base = config["model_args"]["base"]
-    pretrained_cfg = config.get("pretrained_cfg", {})
+    pretrained_cfg = config.get("pretrained_cfg") or {}
+    state = _state(config)
+    calibration = state.get("calibration") or {}
+    evaluation = evaluation or {}
+    tags = ["image-classification", "timm", "vitconvert", info.get("method"), info.get("family")]
     meta: dict[str, Any] = {
         "library_name": "timm",
-        "tags": ["image-classification", "timm", "vitconvert", info.get("method", ""), info.get("family", "")],
-        "license": pretrained_cfg.get("license") or "apache-2.0",
         "pipeline_tag": "image-classification",
+        "tags": list(dict.fromkeys(t for t in tags if t)),
     }
-    if base.get("hub_id"):
-        meta["base_model"] = base["hub_id"]
-    calibration = config["model_args"].get("state", {}).get("calibration", {})
-    if calibration.get("dataset"):
-        meta["datasets"] = [calibration["dataset"]]
+    # The weights derive from the base checkpoint, so its licence applies; say nothing when it is unknown.
+    if pretrained_cfg.get("license"):
+        meta["license"] = pretrained_cfg["license"]
+    hub_id = _hub_id(base)
+    if hub_id:
+        meta["base_model"] = hub_id
+    dataset = _dataset_id(evaluation, calibration)
+    if dataset:
+        meta["datasets"] = [dataset]
+    has_top1 = any("top1" in p for p in (state.get("curve") or []) + evaluation.get("points", []))
+    if has_top1 or calibration.get("base_top1") is not None:
         meta["metrics"] = ["accuracy"]
     return meta
 
 
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def _fmt(value: Any, spec: str, suffix: str = "") -> str:
+    num = _num(value)
+    return f"{num:{spec}}{suffix}" if num is not None else "–"
+
+
+def _knob_of(point: dict[str, Any], knob_name: str) -> float | None:
+    return _num(point.get("knob", point.get(knob_name)))
+
+
+def _pick_rows(points: list[dict[str, Any]], keep: float | None, knob_name: str) -> list[dict[str, Any]]:
+    """At most MAX_ROWS points spread over the curve, always with the ends and the stored operating point."""
+    if len(points) <= MAX_ROWS:
+        return points
+    idx = {round(i * (len(points) - 1) / (MAX_ROWS - 2)) for i in range(MAX_ROWS - 1)}
+    if keep is not None:
+        idx.add(min(range(len(points)), key=lambda i: abs((_knob_of(points[i], knob_name) or 0.0) - keep)))
+    return [points[i] for i in sorted(idx)]
+
+
+def _ratio_for(knob: float | None, point: dict[str, Any], calibration: dict[str, Any],
+               eval_points: list[dict[str, Any]], knob_name: str) -> float | None:
+    extra = point.get("extra") or {}
+    if _num(extra.get("throughput_ratio")) is not None:
+        return _num(extra["throughput_ratio"])
+    table = calibration.get("throughput_ratio")
+    if isinstance(table, dict) and knob is not None:
+        for key, value in table.items():
+            try:
+                if abs(float(key) - knob) < 1e-9:
+                    return _num(value)
+            except ValueError:
+                continue
+    for p in eval_points:
+        k = _knob_of(p, knob_name)
+        if knob is not None and k is not None and abs(k - knob) < 1e-9:
+            return _num(p.get("throughput_ratio"))
+    return None
+
+
+def _curve_table(state: dict[str, Any], knob_name: str, evaluation: dict[str, Any]) -> list[str]:
+    curve = sorted((p for p in state.get("curve") or [] if isinstance(p, dict)),
+                   key=lambda p: (_num(p.get("gmacs")) or 0.0, _knob_of(p, knob_name) or 0.0))
+    if not curve:
+        return []
+    cal = state.get("calibration") or {}
+    current = _num(state.get(knob_name))
+    base_gmacs = _num(state.get("base_gmacs"))
+    rows = _pick_rows(curve, current, knob_name)
+    ratios = [_ratio_for(_knob_of(p, knob_name), p, cal, evaluation.get("points", []), knob_name) for p in rows]
+    with_ratio = any(r is not None for r in ratios)
+    where = ", ".join(str(x) for x in (cal.get("dataset"), cal.get("split")) if x) or "held-out training images"
+    images = f"{cal['images']} images, " if cal.get("images") else ""
+    lines = [
+        "## Operating points",
+        "",
+        f"Calibrated on {images}{where}; pick one with `vitconvert.load(..., budget=...)` (GMACs, `'50%'` of the "
+        "base model's GMACs, or `'drop=0.5'` top-1 points).",
+        "",
+        f"| {knob_name} | top-1 (%) | expected GMACs | of base GMACs |"
+        + (" throughput vs base |" if with_ratio else ""),
+        "|---|---|---|---|" + ("---|" if with_ratio else ""),
+    ]
+    if base_gmacs:
+        base_row = f"| base model | {_fmt(cal.get('base_top1'), '.2f')} | {base_gmacs:.4g} | 100% |"
+        lines.append(base_row + (" 1.00× |" if with_ratio else ""))
+    closest = min(rows, key=lambda p: abs((_knob_of(p, knob_name) or 0.0) - current)) if current is not None else None
+    for p, ratio in zip(rows, ratios, strict=True):
+        knob = _knob_of(p, knob_name)
+        label = f"{knob:g}" if knob is not None else "–"
+        if p is closest:
+            label = f"**{label}** (default)"
+        share = f"{_num(p.get('gmacs')) / base_gmacs:.0%}" if base_gmacs and _num(p.get("gmacs")) is not None else "–"
+        line = f"| {label} | {_fmt(p.get('top1'), '.2f')} | {_fmt(p.get('gmacs'), '.4g')} | {share} |"
+        lines.append(line + (f" {_fmt(ratio, '.2f', '×')} |" if with_ratio else ""))
+    throughput = cal.get("throughput")
+    if with_ratio and isinstance(throughput, dict) and throughput:
+        lines += ["", "Throughput measured " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in throughput.items())
+                  + "."]
+    return [*lines, ""]
+
+
+def _eval_table(evaluation: dict[str, Any], knob_name: str, plot: bool = False) -> list[str]:
+    points = evaluation.get("points") or []
+    if not points:
+        return []
+    columns = [("top1", "top-1 (%)", ".2f", ""), ("gmacs", "GMACs", ".4g", ""),
+               ("throughput", "images/s", ".1f", ""), ("throughput_ratio", "throughput vs base", ".2f", "×"),
+               ("latency_ms", "latency (ms)", ".2f", "")]
+    columns = [c for c in columns if any(_num(p.get(c[0])) is not None for p in points)]
+    context = ", ".join(str(evaluation[k]) for k in ("dataset", "split") if evaluation.get(k))
+    details = ", ".join(f"{k.replace('_', ' ')} {evaluation[k]}" for k in ("images", "device", "batch_size")
+                        if evaluation.get(k) is not None)
+    lines = ["## Evaluation", ""]
+    if context or details:
+        lines += [f"Measured on {context or 'the evaluation set'}" + (f" ({details})" if details else "") + ".", ""]
+    lines.append(f"| {knob_name} | " + " | ".join(c[1] for c in columns) + " |")
+    lines.append("|---|" + "---|" * len(columns))
+    base = evaluation.get("base")
+    if isinstance(base, dict):
+        cells = [_fmt(base.get(c[0]), c[2], c[3]) if c[0] != "throughput_ratio" else "1.00×" for c in columns]
+        lines.append("| base model | " + " | ".join(cells) + " |")
+    for p in points:
+        knob = _knob_of(p, knob_name)
+        cells = [_fmt(p.get(c[0]), c[2], c[3]) for c in columns]
+        lines.append(f"| {knob:g} | " if knob is not None else "| – | ")
+        lines[-1] += " | ".join(cells) + " |"
+    lines.append("")
+    if plot:
+        lines += [f"![top-1 against GMACs on the evaluation images]({EVAL_PLOT_NAME})", ""]
+    return lines
+
+
+def _repo_ref(name: str) -> str:
+    return name if "/" in name else f"OWNER/{name}"
+
+
+def fill_repo_id(card: str, repo_id: str) -> str:
+    """Replace the ``hf-hub:OWNER/NAME`` placeholders a card was written with by the real repository id."""
+    return _OWNER_PLACEHOLDER.sub(lambda _: f"hf-hub:{repo_id}", card)
+
+
 def model_card(config: dict[str, Any], folder: Path | None = None, name: str | None = None) -> str:
-    """Render README.md for a converted model config (``folder`` holds files it may link, like curve.png)."""
+    """Render README.md for a converted model config.
+
+    Args:
+        config: The model's config.json content.
+        folder: The model folder, for files the card shows (``curve.png``) or reads (``eval.json``).
+        name: Model name for the title, or ``OWNER/NAME`` to write loading snippets for that repository
+            (otherwise they say ``hf-hub:OWNER/NAME``, which :func:`fill_repo_id` fills at push time).
+
+    Example:
+        >>> card = model_card(json.loads(Path("deit_small-cfvit/config.json").read_text()))  # doctest: +SKIP
+    """
     info = config.get("vitconvert", {})
     args = config["model_args"]
-    base, recipe, state = args["base"], args["recipe"], args.get("state", {})
-    method = info.get("method", "")
+    base, recipe, state = args["base"], args["recipe"], _state(config)
+    method = info.get("method") or recipe.get("method", "")
+    knob_name = info.get("knob") or "knob"
+    folder = Path(folder) if folder is not None else None
     name = name or (folder.name if folder is not None else f"{base['architecture']}-{method}")
+    title = name.rsplit("/", 1)[-1]
+    repo = _repo_ref(name)
+    evaluation = read_eval(folder)
+    hub_id = _hub_id(base)
+    from vitconvert.methods import METHODS
+
+    method_desc = METHODS[method].description if method in METHODS else method
+    source = (f"[`{hub_id}`](https://huggingface.co/{hub_id})" if hub_id
+              else f"`{base.get('source') or base['architecture']}`")
+    weights = ("random initialisation" if not base.get("pretrained")
+               else f"checkpoint `{Path(base['checkpoint']).name}`" if base.get("checkpoint")
+               else "its pretrained weights")
+    current = _num(state.get(knob_name))
+    finetune = recipe.get("finetune") or {}
     lines = [
         "---",
-        yaml.safe_dump(front_matter(config), sort_keys=False).strip(),
+        yaml.safe_dump(front_matter(config, evaluation), sort_keys=False, allow_unicode=True).strip(),
         "---",
         "",
-        f"# {name}",
+        f"# {title}",
         "",
-        f"`{base['architecture']}` ({describe_family(info.get('family', ''))}) converted by "
-        f"[vitconvert](https://github.com/) with the `{recipe['name']}` recipe: {recipe.get('description', '')}.",
+        f"`{base['architecture']}` ({describe_family(info.get('family', ''))}) converted by vitconvert with the "
+        f"`{recipe.get('name', method)}` recipe: {method_desc}.",
         "",
-        f"- Base model: `{base.get('source') or base['architecture']}`"
-        + (f" (Hub: `{base['hub_id']}`)" if base.get("hub_id") else ""),
-        f"- Method: `{method}`; operating point: `{info.get('knob', 'knob')} = {state.get(info.get('knob', ''), '')}`",
-        f"- Base model GMACs: {state.get('base_gmacs', 0):.3f}; fine-tuned: {'yes' if state.get('finetuned') else 'no'}",
+        f"- Base model: {source}, from {weights}",
+        f"- Method: `{method}`; operating point `{knob_name} = {current:g}`" if current is not None
+        else f"- Method: `{method}`",
+        f"- Base model GMACs: {_fmt(state.get('base_gmacs'), '.4g')}"
+        + (f" at {'×'.join(str(v) for v in base['img_size'])} input" if base.get("img_size") else ""),
+        "- Fine-tuned: " + (f"yes ({finetune.get('epochs', '?')} epochs, lr {finetune.get('lr', '?')})"
+                            if state.get("finetuned") else "no (converted weights only)"),
         "",
     ]
-    curve = state.get("curve") or []
-    if curve:
-        cal = state.get("calibration", {})
-        lines += [
-            "## Operating points",
-            "",
-            f"Measured on {cal.get('images', '?')} held-out images ({cal.get('split', 'held-out split')}); "
-            f"base model top-1 {cal.get('base_top1', float('nan')):.2f}.",
-            "",
-            "| knob | top-1 | expected GMACs | share of base GMACs |",
-            "|---|---|---|---|",
-        ]
-        base_gmacs = state.get("base_gmacs") or 1.0
-        step = max(1, len(curve) // 12)
-        for p in curve[::step]:
-            lines.append(f"| {p['knob']:g} | {p['top1']:.2f} | {p['gmacs']:.3f} | {p['gmacs'] / base_gmacs:.0%} |")
-        lines.append("")
-    if folder is not None and (folder / "curve.png").exists():
-        lines += ["![accuracy against GMACs](curve.png)", ""]
+    lines += _curve_table(state, knob_name, evaluation)
+    if folder is not None and (folder / PLOT_NAME).is_file():
+        lines += [f"![top-1 against expected GMACs]({PLOT_NAME})", ""]
+    lines += _eval_table(evaluation, knob_name, folder is not None and (folder / EVAL_PLOT_NAME).is_file())
     lines += [
         "## How to load",
         "",
+        "Loading never runs code from the repository: vitconvert rebuilds the model from `config.json` "
+        "(validated first) and reads only `model.safetensors`.",
+        "",
         "```python",
-        "import vitconvert, timm",
-        f"model = vitconvert.load('hf-hub:OWNER/{name}')            # or budget='50%'",
-        f"model = timm.create_model('hf-hub:OWNER/{name}', pretrained=True)  # after import vitconvert",
+        "import timm",
+        "import vitconvert  # registers the vitconvert_* architectures with timm",
+        "",
+        f"model = vitconvert.load('hf-hub:{repo}')                 # stored operating point",
+        f"model = vitconvert.load('hf-hub:{repo}', budget='50%')   # or GMACs (2.1), or 'drop=0.5'",
+        f"model = timm.create_model('hf-hub:{repo}', pretrained=True)",
         "```",
         "",
         "## Recipe",
         "",
-        "```json",
-        json.dumps(recipe, indent=2),
+        "```yaml",
+        yaml.safe_dump(recipe, sort_keys=False).strip(),
         "```",
         "",
     ]

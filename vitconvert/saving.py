@@ -162,18 +162,24 @@ def _alias_of(model: ConvertedModel, key: str, state: dict[str, torch.Tensor]) -
     return None
 
 
-def load_weights_from_cfg(model: ConvertedModel, pretrained_cfg: Any, cache_dir: Any = None) -> None:
-    """Load safetensors weights for timm's ``pretrained=True`` path (hf-hub or local-dir sources only)."""
+def weights_file_from_cfg(pretrained_cfg: Any, cache_dir: Any = None) -> Path:
+    """The safetensors file for timm's ``pretrained=True`` path (hf-hub or local-dir sources only).
+
+    Resolved (downloaded) before the model is built, so a source without ``model.safetensors`` is refused
+    before any construction work; only the model's own files are fetched.
+    """
     cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else getattr(pretrained_cfg, "__dict__", {}) or {}
     source = cfg.get("source")
     if source == "local-dir":
-        load_weights(model, Path(cfg["file"]) / WEIGHTS_NAME)
-    elif source == "hf-hub" or cfg.get("hf_hub_id"):
-        from vitconvert.hub import download_file
+        weights = Path(cfg["file"]) / WEIGHTS_NAME
+        if not weights.is_file():
+            raise UserError(f"local-dir:{cfg['file']} has no {WEIGHTS_NAME}; vitconvert loads only safetensors weights")
+        return weights
+    if source == "hf-hub" or cfg.get("hf_hub_id"):
+        from vitconvert.hub import download_model
 
-        load_weights(model, download_file(cfg["hf_hub_id"], WEIGHTS_NAME, cache_dir=cache_dir))
-    else:
-        raise UserError("vitconvert models load weights only from hf-hub: or local-dir: sources")
+        return download_model(cfg["hf_hub_id"], cache_dir=cache_dir) / WEIGHTS_NAME
+    raise UserError("vitconvert models load weights only from hf-hub: or local-dir: sources")
 
 
 def load(path: str | os.PathLike[str], budget: str | float | None = None, device: str | torch.device = "cpu",
@@ -204,7 +210,9 @@ def load(path: str | os.PathLike[str], budget: str | float | None = None, device
             raise UserError(f"model folder {text!r} does not exist")
     config = read_config(folder)
     method, base, recipe, state = config_parts(config)
-    model = build_from_config(base, recipe, state, method)
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise UserError(f"model folder {text!r} has no {WEIGHTS_NAME}; vitconvert loads only safetensors weights")
+    model = build_from_config(base, recipe, state, method, config.get("pretrained_cfg"))
     load_weights(model, folder / WEIGHTS_NAME)
     if budget is not None:
         model.set_budget(budget)

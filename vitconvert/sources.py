@@ -338,13 +338,13 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any], source: str) ->
             ) from None
         raise
     except Exception as e:
-        from vitconvert.hub import _is_hub_failure, hub_error
+        from vitconvert.hub import hub_error, is_hub_failure
 
-        if name.startswith("hf-hub:") and _is_hub_failure(e):
+        if name.startswith("hf-hub:") and is_hub_failure(e):
             # A missing repo, revision or file, a bad token or no network: say which, not "offline".
             raise hub_error(name[len("hf-hub:"):].split("@")[0], e) from None
         # huggingface_hub raises its own hierarchy (LocalEntryNotFoundError, RepositoryNotFoundError, ...)
-        if pretrained and (isinstance(e, OSError | ConnectionError | ValueError) or _is_hub_failure(e)):
+        if pretrained and (isinstance(e, OSError | ConnectionError | ValueError) or is_hub_failure(e)):
             raise _offline_error(source, e) from None
         raise
 

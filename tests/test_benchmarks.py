@@ -1,0 +1,174 @@
+"""The benchmark machinery on tiny models: timing helpers, pinned exit fractions, the analytic CF-ViT
+count, result rows, suite discovery and the summary report. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import vitconvert
+from benchmarks import report, timing
+from benchmarks.__main__ import discover, load_runner
+from benchmarks.__main__ import main as suite_main
+from benchmarks.bench_cfvit import AtEta, analytic_costs, pin_fraction
+from benchmarks.tome import ToMe
+from tests.utils import TINY_MODELS, tiny_model
+
+
+def test_summarize_quantiles() -> None:
+    s = timing.summarize([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (s["median"], s["min"], s["max"], s["reps"]) == (3.0, 1.0, 5.0, 5)
+    assert s["p10"] == pytest.approx(1.4) and s["p90"] == pytest.approx(4.6)
+    assert s["all"] == [4.0, 1.0, 3.0, 2.0, 5.0]
+
+
+def test_compare_interleaves_and_pairs() -> None:
+    calls: list[str] = []
+
+    def make(name: str):
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            calls.append(name)
+            return x
+
+        return fn
+
+    x = torch.zeros(4, 2)
+    res = timing.compare({"a": make("a"), "b": make("b"), "c": make("c")}, x, warmup=1, reps=3)
+    # Warm-up round in order, then rotated rounds: abc, bca, cab.
+    assert calls == list("abc" + "abc" + "bca" + "cab")
+    assert res["a"]["ratio"] == 1.0 and res["b"]["reps"] == 3 and res["c"]["batch"] == 4
+    assert res["a"]["unit"] == "img/s"
+    with pytest.raises(ValueError, match="reference"):
+        timing.compare({"a": make("a")}, x, reps=1, reference="z")
+
+
+def test_throughput_latency_threads_and_machine_info() -> None:
+    model, _, _ = tiny_model("deit")
+    x = torch.randn(2, 3, 32, 32)
+    before = torch.get_num_threads()
+    thr = timing.throughput(timing.inference_fn(model), x, warmup=1, reps=2, threads=1)
+    assert thr["reps"] == 2 and thr["batch"] == 2 and thr["median"] > 0
+    assert torch.get_num_threads() == before
+    lat = timing.latency(timing.inference_fn(model, bf16=True), x[:1], warmup=1, reps=2)
+    assert lat["unit"] == "ms" and len(lat["all"]) == 2
+    info = timing.machine_info()
+    assert info["device"] == "cpu" and info["cpu_count"] >= 1 and info["timm"] and info["vitconvert"]
+
+
+def test_measure_models_and_rows_with_tome() -> None:
+    model, _, _ = tiny_model("deit")
+    models = {"timm": model, "tome_r4": ToMe(model, 4)}
+    measured = timing.measure_models(models, (32, 32), quick=True, devices=("cpu",), threads=1)
+    cfg = measured["cpu_throughput"]["config"]
+    assert cfg["batch"] == timing.PROTOCOL["quick"]["cpu_throughput"]["batch"] and cfg["threads"] == 1
+    assert measured["cpu_latency"]["results"]["tome_r4"]["reps"] == timing.PROTOCOL["quick"]["cpu_latency"]["reps"]
+    rows = timing.result_row(measured, "tome_r4", method="tome", backbone="tiny", gmacs=0.01)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["method"] == "tome" and row["device"] == "cpu" and row["gmacs"] == 0.01
+    res = measured["cpu_throughput"]["results"]
+    assert row["throughput"] == res["tome_r4"]["median"] and row["base_throughput"] == res["timm"]["median"]
+    assert row["latency_ratio"] == measured["cpu_latency"]["results"]["tome_r4"]["ratio"]
+
+
+@pytest.fixture(scope="module")
+def tiny_cfvit() -> vitconvert.ConvertedModel:
+    arch, kwargs = TINY_MODELS["deit"]
+    torch.manual_seed(0)
+    return vitconvert.apply(arch, "cfvit", pretrained=False, model_kwargs=kwargs)
+
+
+def test_analytic_cfvit_count_matches_counter(tiny_cfvit: vitconvert.ConvertedModel) -> None:
+    analytic = analytic_costs(tiny_cfvit)
+    # 8x8 grid -> 4x4 coarse + class token; alpha 0.5 re-splits 8 coarse patches into 32 fine ones.
+    assert analytic["tokens_coarse"] == 17 and analytic["tokens_fine"] == 1 + 32 + 8
+    assert analytic["coarse"] == pytest.approx(tiny_cfvit.costs["coarse"], rel=1e-9)
+    assert analytic["fine"] == pytest.approx(tiny_cfvit.costs["fine"], rel=1e-9)
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 1.0])
+def test_pin_fraction_is_exact(tiny_cfvit: vitconvert.ConvertedModel, fraction: float) -> None:
+    x = torch.randn(8, 3, 32, 32)
+    wrapper = AtEta(tiny_cfvit, fraction=fraction)
+    note = pin_fraction(wrapper, x, bf16=False)
+    assert note["fine_fraction"] == fraction
+    costs = tiny_cfvit.costs
+    assert note["mean_gmacs"] == pytest.approx(costs["coarse"] + fraction * costs["fine"], rel=1e-6)
+    with torch.no_grad():
+        tiny_cfvit.eta = 0.0  # the wrapper must restore its own eta on every call
+        out = wrapper(x)
+        tiny_cfvit.eta = note["eta"]
+        ref = tiny_cfvit.forward_dynamic(x).logits
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_suite_discovery_and_list(capsys: pytest.CaptureFixture[str]) -> None:
+    found = discover()
+    assert found["cfvit"] == "bench_cfvit" and found["tome"] == "tome"
+    for module in found.values():
+        assert callable(load_runner(module))
+    assert suite_main(["--list"]) == 0
+    assert "benchmarks/bench_cfvit.py" in capsys.readouterr().out
+
+
+def _row(method: str, setting: str, ratio: float, **extra: object) -> dict[str, object]:
+    return {"method": method, "backbone": "deit_small_patch16_224", "setting": setting, "device": "cpu",
+            "precision": "fp32", "batch": 64, "gmacs": 1.83, "base_gmacs": 4.61, "throughput": 30.0,
+            "base_throughput": 12.0, "throughput_ratio": ratio, "throughput_ratio_p10": ratio - 0.1,
+            "throughput_ratio_p90": ratio + 0.1, "latency_ms": 20.0, "base_latency_ms": 25.0,
+            "latency_ratio": 1.25, **extra}
+
+
+def test_report_from_json(tmp_path: Path) -> None:
+    machine = timing.machine_block()
+    (tmp_path / "cfvit_speed.json").write_text(json.dumps(
+        {"name": "cfvit", "quick": False, "machine": machine,
+         "rows": [_row("cfvit", "fine fraction 0.25", 2.5, cpu_time_ratio=2.45), _row("tome", "r=13", 1.6)]}))
+    (tmp_path / "dge_cifar.json").write_text(json.dumps(
+        {"name": "dge", "machine": machine, "rows": [
+            {"method": "dge", "backbone": "cifar10-pvt", "setting": "budget 50%", "gmacs": 0.1,
+             "base_gmacs": 0.2, "top1": 80.5, "base_top1": 81.0, "finetune_minutes": 12.0,
+             "curve": [[0.08, 78.0], [0.1, 80.5], [0.2, 81.0]]}]}))
+    (tmp_path / "suite.json").write_text(json.dumps({"cfvit": {"ok": True, "seconds": 600.0, "threads": 1}}))
+    (tmp_path / "broken.json").write_text("{not json")
+    path = report.generate(tmp_path)
+    text = path.read_text()
+    assert ("| cfvit | deit_small_patch16_224 | fine fraction 0.25 | 1.83 (4.61) | 30.0 (12.0) "
+            "| **2.50×** (2.40–2.60) | 2.45× | 20.0 (25.0) | 1.25× |") in text
+    assert "| tome | deit_small_patch16_224 | r=13 | 1.83 (4.61) | 30.0 (12.0) | **1.60×** (1.50–1.70) | – |" in text
+    assert "| dge | cifar10-pvt | budget 50% | 0.10 (0.20) | 80.50 (81.00) | -0.50 | 12 min |" in text
+    assert "| cfvit | ok | 10.0 min | 1 |" in text
+    assert "### `cfvit_speed.json`: CPU, fp32, batch 64" in text
+    assert "Quick run" not in text
+    assert (tmp_path / "throughput_ratio.png").stat().st_size > 0
+    assert (tmp_path / "accuracy_vs_gmacs.png").stat().st_size > 0
+
+
+def test_suite_records_failures_and_keeps_going(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import benchmarks.__main__ as suite
+
+    def good(quick: bool, out_dir: Path) -> dict[str, object]:
+        row = _row("tome", "r=8", 1.2)
+        data = {"name": "good", "quick": quick, "machine": timing.machine_block(), "rows": [row]}
+        (out_dir / "good_speed.json").write_text(json.dumps(data))
+        return data
+
+    def bad(quick: bool, out_dir: Path) -> dict[str, object]:
+        raise SystemExit("base model not found")
+
+    runners = {"bad": bad, "good": good}
+    monkeypatch.setattr(suite, "discover", lambda: {"bad": "bad", "good": "good"})
+    monkeypatch.setattr(suite, "load_runner", lambda module: runners[module])
+    threads = torch.get_num_threads()
+    try:
+        assert suite.main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 1
+    finally:
+        torch.set_num_threads(threads)
+    record = json.loads((tmp_path / "suite.json").read_text())
+    assert record["bad"]["ok"] is False and "base model not found" in record["bad"]["error"]
+    assert record["good"]["ok"] is True and record["good"]["threads"] == 1 and record["good"]["quick"] is True
+    text = (tmp_path / "SUMMARY.md").read_text()
+    assert "Quick run" in text and "**1.20×**" in text and "| bad | failed: SystemExit: base model not found |" in text
