@@ -55,7 +55,7 @@ def class_names(root: str | os.PathLike[str] | None = None) -> list[str]:
 def split_files(
     root: str | os.PathLike[str] | None = None, val_per_class: int = VAL_PER_CLASS
 ) -> tuple[FileList, FileList]:
-    """Return ``(train, val)`` lists of ``(path, label)``: last ``val_per_class`` sorted files per class are val."""
+    """Split into ``(train, val)`` lists of ``(path, label)``; the last ``val_per_class`` per class are val."""
     base = resolve_root(root)
     train: FileList = []
     val: FileList = []

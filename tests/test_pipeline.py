@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,15 @@ from vitconvert.train import finetune, loss_terms, original_model
 
 CLASSES = 10
 PER_CLASS = 8  # 6 train + 2 held out at holdout 0.25
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models on a shared CPU: a second thread only spins waiting for a busy core (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _write_images(folder: Path, per_class: int, seed: int, ext: str) -> None:
@@ -135,6 +145,39 @@ def test_transforms_are_timms_and_augmentation_is_seeded(model_dir: Path, data_d
     assert torch.equal(a[2][0], b[2][0])
     b.set_epoch(1)
     assert not torch.equal(a[2][0], b[2][0])
+    # recipe augmentation settings are timm create_transform arguments
+    mild = train_transform(model, scale=[0.5, 1.0], color_jitter=0.0)
+    ref = create_transform(**resolve_data_config(model=model), is_training=True, scale=(0.5, 1.0), color_jitter=0.0)
+    assert repr(mild) == repr(ref)
+    with pytest.raises(UserError, match="unknown keys \\['mixup'\\]"):
+        train_transform(model, mixup=0.8)
+    # RandAugment draws from numpy: seeded too
+    ra = [ImageDataset(files, train_transform(model, auto_augment="rand-m9-mstd0.5"), seed=1, seed_numpy=True)
+          for _ in range(2)]
+    np.random.seed(5)
+    x0 = ra[0][1][0]
+    np.random.seed(6)
+    assert torch.equal(x0, ra[1][1][0])
+
+
+def test_data_config_survives_save_load_and_finetune(data_dir: Path, tmp_path: Path) -> None:
+    """Transforms follow the base model's own data config (here CIFAR-style), not the architecture's defaults."""
+    import timm
+
+    model, _, kwargs = tiny_model("vit")
+    data_cfg = {"input_size": (3, 32, 32), "crop_pct": 1.0, "crop_mode": "center", "interpolation": "bilinear",
+                "mean": (0.4914, 0.4822, 0.4465), "std": (0.247, 0.2435, 0.2616)}
+    timm.models.save_for_hf(model, str(tmp_path / "base"), model_config={"pretrained_cfg": data_cfg},
+                            model_args={k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
+                            safe_serialization=True, data_config=data_cfg)
+    converted = vitconvert.apply(f"local-dir:{tmp_path / 'base'}", "cfvit", overrides=[*RECIPE, "finetune.epochs=1"])
+    folder = vitconvert.save(converted, tmp_path / "m")
+    tuned = finetune(folder, data_dir, tmp_path / "ft", device="cpu", progress=False, max_images=16)
+    for m in (converted, vitconvert.load(folder), vitconvert.load(tuned), timm.create_model(f"local-dir:{tuned}",
+                                                                                               pretrained=True)):
+        cfg = resolve_data_config(model=m)
+        assert cfg["crop_pct"] == 1.0 and cfg["interpolation"] == "bilinear"
+        assert tuple(cfg["mean"]) == data_cfg["mean"] and tuple(cfg["std"]) == data_cfg["std"]
 
 
 # --- fine-tuning -----------------------------------------------------------------------------------------
@@ -155,7 +198,7 @@ def test_finetune_writes_model_and_log(finetuned_dir: Path, model_dir: Path) -> 
         assert s["loss"] == pytest.approx(s["distill"] + s["ce"] + s["coarse_kl"], rel=1e-5)
     lrs = [s["lr"] for s in log["steps"]]
     assert lrs[0] == pytest.approx(1e-6) and max(lrs) == pytest.approx(1e-3, rel=0.02) and lrs[-1] < 1e-4
-    assert "base.safetensors" in log["teacher"]
+    assert "the base weights the model holds" in log["teacher"]
     assert not finetuned_dir.with_name("ft.partial").exists()
 
 
@@ -323,9 +366,12 @@ def test_calibrate_chooses_within_budget(finetuned_dir: Path, data_dir: Path, tm
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "train_log.json").is_file()  # carried over from the fine-tuned folder
     # loading with a budget switches the knob to the stored curve's point
-    for budget in ("30%", "drop=1", 0.006):
-        expected = choose_point(model.curve, budget, model.base_gmacs, cal["base_top1"])
-        assert vitconvert.load(out, budget=budget).knob == expected.knob
+    expected = choose_point(model.curve, "30%", model.base_gmacs, cal["base_top1"])
+    loaded = vitconvert.load(out, budget="30%")
+    assert loaded.knob == expected.knob and expected.gmacs <= 0.3 * model.base_gmacs
+    for budget in ("drop=1", 0.006, "100%"):
+        assert loaded.set_budget(budget).knob == loaded.knob == choose_point(
+            model.curve, budget, model.base_gmacs, cal["base_top1"]).knob
 
 
 def test_calibrate_in_place_and_simulation_matches_real_exit(finetuned_dir: Path, data_dir: Path,
@@ -352,7 +398,11 @@ def test_calibrate_in_place_and_simulation_matches_real_exit(finetuned_dir: Path
 # --- evaluation -------------------------------------------------------------------------------------------
 
 
-def test_evaluate_reports_measured_values(finetuned_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+def test_evaluate_reports_measured_values(finetuned_dir: Path, data_dir: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import vitconvert.evaluate as vevaluate
+
+    monkeypatch.setattr(vevaluate, "THROUGHPUT_SECONDS", 0.2)
     cal = tmp_path / "cal"
     calibrate(finetuned_dir, data_dir, "50%", cal, device="cpu", progress=False)
     report = evaluate(cal, data_dir, tmp_path / "ev", budget="60%", device="cpu", progress=False, batch_size=16)
@@ -381,4 +431,4 @@ def test_evaluate_reports_measured_values(finetuned_dir: Path, data_dir: Path, t
     # without val/ the held-out split is used, and said so
     flat = evaluate(cal, data_dir / "train", None, device="cpu", progress=False, throughput=False)
     assert flat["split"] == "held-out" and flat["images"] == 20
-    assert (cal / "eval.json").is_file()
+    assert (cal / "eval.json").is_file() and "## Evaluation" in (cal / "README.md").read_text()

@@ -212,9 +212,26 @@ def eval_transform(model: nn.Module) -> Callable[[Image.Image], torch.Tensor]:
     return create_transform(**data_config(model), is_training=False)
 
 
-def train_transform(model: nn.Module, **overrides: Any) -> Callable[[Image.Image], torch.Tensor]:
-    """timm's training transform for ``model`` (random resized crop, flip, colour jitter, normalise)."""
-    return create_transform(**data_config(model), is_training=True, **overrides)
+# create_transform arguments a recipe may set (the data config's own keys come from the model).
+AUGMENT_KEYS = ("no_aug", "scale", "ratio", "hflip", "vflip", "color_jitter", "color_jitter_prob", "grayscale_prob",
+                "gaussian_blur_prob", "auto_augment", "re_prob", "re_mode", "re_count", "train_crop_mode")
+
+
+def train_transform(model: nn.Module, **augment: Any) -> Callable[[Image.Image], torch.Tensor]:
+    """timm's training transform for ``model`` (random resized crop, flip, colour jitter, normalise).
+
+    Args:
+        model: Supplies the data config (size, interpolation, mean/std).
+        augment: timm ``create_transform`` arguments (``scale``, ``color_jitter``, ``auto_augment``, ...).
+    """
+    unknown = sorted(set(augment) - set(AUGMENT_KEYS))
+    if unknown:
+        raise UserError(f"recipe finetune.augment: unknown keys {unknown} (allowed: {', '.join(AUGMENT_KEYS)})")
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in augment.items()}
+    try:
+        return create_transform(**data_config(model), is_training=True, **args)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise UserError(f"recipe finetune.augment: {e}") from None
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -229,13 +246,15 @@ class ImageDataset(torch.utils.data.Dataset):
         transform: PIL image -> tensor.
         seed: Seed for per-sample augmentation (None: use the global random state).
         in_memory: Decode all images now; default: when they fit in :data:`IN_MEMORY_BYTES`.
+        seed_numpy: Also seed numpy per sample (transforms that draw from it: RandAugment, AugMix).
     """
 
     def __init__(self, files: FileList, transform: Callable[[Image.Image], torch.Tensor], seed: int | None = None,
-                 in_memory: bool | None = None) -> None:
+                 in_memory: bool | None = None, seed_numpy: bool = False) -> None:
         self.files = list(files)
         self.transform = transform
         self.seed = seed
+        self.seed_numpy = seed_numpy
         self.epoch = 0
         self.images: list[Image.Image] | None = None
         if in_memory is None and self.files:
@@ -256,7 +275,7 @@ class ImageDataset(torch.utils.data.Dataset):
         image = self.images[index] if self.images is not None else _read(path)
         if self.seed is None:
             return self.transform(image), label
-        with _seeded(_sample_seed(self.seed, self.epoch, index)):
+        with _seeded(_sample_seed(self.seed, self.epoch, index), self.seed_numpy):
             return self.transform(image), label
 
 
@@ -274,22 +293,29 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class _seeded:
-    """Seed python, numpy and torch (CPU) from one number, restoring their global state afterwards."""
+    """Seed python's and torch's CPU random state from one number, restoring both afterwards.
 
-    def __init__(self, seed: int) -> None:
+    timm's and torchvision's transforms draw from these two; numpy only in RandAugment/AugMix, so its
+    state (~100x dearer to save and restore) is handled only when ``numpy`` is set.
+    """
+
+    def __init__(self, seed: int, numpy: bool = False) -> None:
         self.seed = seed
+        self.numpy = numpy
 
     def __enter__(self) -> None:
-        self.state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        self.state = (random.getstate(), torch.get_rng_state(), np.random.get_state() if self.numpy else None)
         random.seed(self.seed)
-        np.random.seed(self.seed % (1 << 32))
-        torch.manual_seed(self.seed)
+        # The CPU generator alone: torch.manual_seed would also reseed every CUDA device (~100x slower).
+        torch.default_generator.manual_seed(self.seed)
+        if self.numpy:
+            np.random.seed(self.seed % (1 << 32))
 
     def __exit__(self, *exc: object) -> None:
-        py, npy, pt = self.state
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(pt)
+        random.setstate(self.state[0])
+        torch.set_rng_state(self.state[1])
+        if self.state[2] is not None:
+            np.random.set_state(self.state[2])
 
 
 def loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int = 0,

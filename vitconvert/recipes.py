@@ -49,6 +49,8 @@ class FinetuneSettings(Strict):
     max_images: int | None = Field(None, ge=1, description="use at most this many training images")
     checkpoint_every: int = Field(200, ge=1, description="optimizer steps between resumable checkpoints")
     seed: int = 0
+    augment: dict[str, Any] = Field(default_factory=dict, description="timm create_transform arguments for "
+                                    "training, e.g. {scale: [0.5, 1.0], color_jitter: 0.0}; empty: timm's defaults")
     losses: dict[str, float] = Field(default_factory=dict)
 
 

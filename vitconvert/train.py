@@ -42,7 +42,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from vitconvert.data import ImageDataset, Split, open_image_folder, train_transform
+from vitconvert.data import ImageDataset, open_image_folder, train_transform
 from vitconvert.errors import UserError
 from vitconvert.methods import ConvertedModel
 from vitconvert.recipes import FinetuneSettings, load_recipe, parse_overrides
@@ -146,8 +146,14 @@ class ProgressBar:
         self.next_line = 0
         self.progress = None
         if enabled and self.console.is_terminal:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
             columns += [TextColumn(f"{f} {{task.fields[{f}]}}") for f in fields]
@@ -261,8 +267,8 @@ def loss_terms(model: ConvertedModel, outputs: dict[str, torch.Tensor], teacher_
     terms: dict[str, torch.Tensor] = {}
     if teacher_logits is not None:
         t = settings.distill_temperature
-        terms["distill"] = F.kl_div(F.log_softmax(logits / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
-                                    reduction="batchmean", log_target=True) * (t * t)
+        student, target = F.log_softmax(logits / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1)
+        terms["distill"] = F.kl_div(student, target, reduction="batchmean", log_target=True) * (t * t)
     if labels is not None:
         terms["ce"] = F.cross_entropy(logits, labels, label_smoothing=settings.label_smoothing)
     for name, value in model.method_losses(outputs, labels).items():
@@ -383,7 +389,8 @@ def finetune(
         model: Model folder, ``local-dir:PATH``, ``hf-hub:OWNER/NAME``, or a converted model (trained in place).
         data: ImageFolder (``ROOT/<class>/...`` or ``ROOT/train/<class>/...``); the recipe's
             ``calibrate.holdout`` fraction of each class is left out for calibration.
-        out: Output folder; default: the model folder itself (rewritten atomically at the end).
+        out: Output folder, written atomically at the end; default: ``<model folder>-ft`` (for a Hub model,
+            ``<name>-ft`` in the current directory). It may be the model folder itself.
         labels: Use the labels (cross-entropy); ``False`` trains by distillation alone.
         overrides: ``finetune.*`` recipe settings, e.g. ``["finetune.epochs=1", "finetune.lr=1e-4"]``.
         resume: Continue the interrupted run whose checkpoints are in ``<out>.partial/``.
@@ -400,7 +407,8 @@ def finetune(
         The output folder, holding the fine-tuned model and ``train_log.json``.
 
     Example:
-        >>> finetune("deit_small-cfvit", "imagenet/", "deit_small-cfvit-ft", overrides=["finetune.epochs=1"])  # doctest: +SKIP
+        >>> finetune("deit_small-cfvit", "imagenet/", overrides=["finetune.epochs=1"])  # doctest: +SKIP
+        PosixPath('deit_small-cfvit-ft')
     """
     ddp, dev = _init_distributed(device)
     try:
@@ -419,12 +427,14 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
     model, folder = resolve_model(model_arg)
     _settings_with_overrides(model, overrides)
     settings = model.recipe.finetune
-    if out is None:
-        if folder is None:
-            raise UserError("finetune needs an output folder (out) when the model is not a local folder")
-        out_path = folder
-    else:
+    if out is not None:
         out_path = Path(out).expanduser().resolve()
+    elif folder is not None:
+        out_path = folder.with_name(folder.name + "-ft")
+    elif isinstance(model_arg, str | os.PathLike):
+        out_path = Path.cwd() / (str(model_arg).rstrip("/").rsplit("/", 1)[-1] + "-ft")
+    else:
+        raise UserError("finetune needs an output folder (out) for an in-memory model")
     if out_path.exists() and out_path != folder and not overwrite:
         raise UserError(f"{str(out_path)!r} already exists; pass --overwrite to replace it or choose another -o")
     partial = out_path.with_name(out_path.name + ".partial")
@@ -492,7 +502,7 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
         "device": str(dev), "world_size": ddp.world, "global_batch": settings.batch_size,
         "per_process_batch": per_rank, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
         "warmup_steps": warmup_steps, "autocast": "bf16" if dev.type == "cuda" else None,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "torch": str(torch.__version__), "threads": torch.get_num_threads(),
         "resumed_at": [], "steps": [], "epochs": [],
     }
     step, elapsed_before = 0, 0.0
@@ -507,7 +517,8 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
         log = state["log"]
         log["resumed_at"].append(step)
 
-    dataset = ImageDataset(split.files, train_transform(model), seed=settings.seed)
+    dataset = ImageDataset(split.files, train_transform(model, **settings.augment), seed=settings.seed,
+                           seed_numpy=bool(settings.augment.get("auto_augment")))
     sampler = _GlobalBatchSampler(dataset, ddp.world, ddp.rank, settings.seed, per_rank)
     assert sampler.batches_per_epoch() == steps_per_epoch
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext())

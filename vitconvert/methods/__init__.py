@@ -36,12 +36,18 @@ def convert(base: nn.Module, spec: Any, recipe: Any, anatomy: Any | None = None)
         return cls(base, spec, recipe, anatomy).eval()
 
 
+# Data settings a saved model carries in its pretrained_cfg (the architecture's defaults are ImageNet's).
+DATA_CFG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode", "fixed_input_size",
+                 "min_input_size", "test_input_size", "test_crop_pct", "label_names", "label_descriptions", "license")
+
+
 def build_from_config(base: dict[str, Any], recipe: dict[str, Any], state: dict[str, Any] | None,
-                      method: str | None = None) -> ConvertedModel:
+                      method: str | None = None, pretrained_cfg: Any = None) -> ConvertedModel:
     """Rebuild a converted model (random base weights) from the ``model_args`` of a saved config.
 
     Everything is validated before anything is built: the base architecture must be a timm model, the
-    recipe must pass the method's schema, the state must hold known keys with numeric values.
+    recipe must pass the method's schema, the state must hold known keys with numeric values. The data
+    settings of the saved ``pretrained_cfg`` (input size, mean/std, crop) are restored.
     """
     from vitconvert.recipes import validate_recipe
     from vitconvert.sources import BaseSpec
@@ -54,12 +60,14 @@ def build_from_config(base: dict[str, Any], recipe: dict[str, Any], state: dict[
     model = convert(base_model, spec, rec)
     if state:
         model.load_state(state)
+    saved = pretrained_cfg if isinstance(pretrained_cfg, dict) else getattr(pretrained_cfg, "__dict__", None) or {}
+    model.pretrained_cfg.update({k: saved[k] for k in DATA_CFG_KEYS if saved.get(k) is not None})
     return model
 
 
 def timm_entrypoint(method: str, pretrained: bool = False, **kwargs: Any) -> ConvertedModel:
     """Shared body of the ``vitconvert_<method>`` timm entrypoints."""
-    from vitconvert.saving import load_weights_from_cfg
+    from vitconvert.saving import load_weights, weights_file_from_cfg
 
     pretrained_cfg = kwargs.pop("pretrained_cfg", None)
     kwargs.pop("pretrained_cfg_overlay", None)
@@ -77,14 +85,16 @@ def timm_entrypoint(method: str, pretrained: bool = False, **kwargs: Any) -> Con
     unknown = set(kwargs) - {"device", "dtype"}
     if unknown:
         raise UserError(f"vitconvert_{method}: unexpected model arguments {sorted(unknown)}")
-    model = build_from_config(base, recipe, state, method)
-    if pretrained:
-        load_weights_from_cfg(model, pretrained_cfg, cache_dir)
+    # Fetch the weights first: a source without model.safetensors is refused before anything is built.
+    weights = weights_file_from_cfg(pretrained_cfg, cache_dir) if pretrained else None
+    model = build_from_config(base, recipe, state, method, pretrained_cfg)
+    if weights is not None:
+        load_weights(model, weights)
     return model
 
 
 # Importing the method modules registers them (and their timm entrypoints).
-from vitconvert.methods import cfvit  # noqa: E402
+from vitconvert.methods import cfvit, dge  # noqa: E402
 
-__all__ = ["METHODS", "ConvertedModel", "CurvePoint", "DynamicOutput", "cfvit", "convert", "get_method",
+__all__ = ["METHODS", "ConvertedModel", "CurvePoint", "DynamicOutput", "cfvit", "convert", "dge", "get_method",
            "register_method"]

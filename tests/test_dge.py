@@ -1,0 +1,382 @@
+"""DGE: exactness at the finest granularity, real sparse inference, GMACs, training, knob, save/load."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import timm
+import torch
+from utils import TINY_MODELS, tiny_model
+
+import vitconvert
+from vitconvert.errors import UserError
+from vitconvert.gmacs import count_macs
+from vitconvert.methods.dge import DGE, DGEBlock, plot_granularity
+
+# Grids the region size does not divide: DeiT with a 10x10 grid (like 14x14 at 224 px) and PVT-v2 at 56 px
+# (stage grids 14, 7, 4, 2; the last one smaller than a region).
+EXTRA_MODELS = {
+    "deit_10x10": ("deit_tiny_patch16_224", dict(img_size=40, patch_size=4, embed_dim=48, depth=3, num_heads=3,
+                                                 num_classes=10)),
+    "pvt_v2_56": ("pvt_v2_b0", dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4),
+                                    num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, 56, 56)))),
+    "pvt_v2_li": ("pvt_v2_b2_li", dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4),
+                                       num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))),
+}
+MODELS = {**TINY_MODELS, **EXTRA_MODELS}
+DGE_KEYS = ["vit", "deit", "deit_distilled", "deit3", "pvt_v2", "deit_10x10", "pvt_v2_56", "pvt_v2_li"]
+
+
+def convert(key: str, overrides: list[str] | None = None, seed: int = 0, recipe: str = "dge") -> DGE:
+    arch, kwargs = MODELS[key]
+    torch.manual_seed(seed)
+    return vitconvert.apply(arch, recipe, model_kwargs=kwargs, pretrained=False, overrides=overrides)
+
+
+def images(model: DGE, n: int, seed: int = 1) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(n, 3, *model.anatomy.img_size)
+
+
+def randomize_routers(model: DGE, std: float = 2.0, seed: int = 3) -> None:
+    """Trained-like routers: the choice differs between images and regions."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for r in model.routers.values():
+            r.fc.weight.normal_(0, std / math.sqrt(r.fc.in_features))
+            r.fc.bias.normal_(0, 0.5)
+
+
+# --- structure and exactness ------------------------------------------------------------------------------
+
+
+def test_recipes_validate() -> None:
+    r = vitconvert.load_recipe("dge")
+    assert r.settings.granularities == [4, 2, 1] and r.settings.budget_target == 0.5
+    assert r.losses.budget == 1.0 and r.losses.distill == 1.0 and r.losses.ce == 1.0
+    assert vitconvert.load_recipe("dge_s2").settings.region_size == 2
+    assert vitconvert.load_recipe("dge_light").settings.gumbel_tau_final == 0.5
+    with pytest.raises(UserError, match=r"model\.granularities.*divide"):
+        vitconvert.load_recipe("dge", ["model.granularities=[4,3,1]"])
+    with pytest.raises(UserError, match=r"model\.granularities.*finest"):
+        vitconvert.load_recipe("dge", ["model.granularities=[2,1]"])
+    with pytest.raises(UserError, match=r"unknown key 'model\.region'"):
+        vitconvert.load_recipe("dge", ["model.region=4"])
+
+
+@pytest.mark.parametrize("key", DGE_KEYS)
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_finest_reproduces_base(key: str, layout: str) -> None:
+    model = convert(key, [f"model.inference_layout={layout}"])
+    base = model.build_base()
+    x = images(model, 3)
+    with torch.no_grad():
+        ref = base(x)
+        out = model.forward_dynamic(x)  # router argmax at init: the finest granularity everywhere
+        assert (out.logits - ref).abs().max().item() <= 1e-4
+        assert all((g == 0).all() for k, g in out.extras.items() if k.startswith("granularity."))
+        # the dense training path with all-finest gates is the base model too
+        model.force_ratio(1.0)
+        train = model.forward_train(x)["logits"]
+        model.force_ratio(None)
+        assert (train - ref).abs().max().item() <= 1e-4
+        # the full-compute knob runs the base blocks themselves
+        model.full_compute()
+        assert model.knob == 0.0
+        full = model.forward_dynamic(x)
+        assert torch.equal(full.logits, ref)
+        assert torch.allclose(full.gmacs, torch.full((3,), model.base_gmacs))
+    # base weights unchanged, under their timm names
+    orig = timm.create_model(MODELS[key][0], pretrained=False, **MODELS[key][1])
+    assert set(model.base_state_dict()) == set(orig.state_dict())
+
+
+def test_state_dict_layout() -> None:
+    model = convert("deit3")
+    keys = list(model.state_dict())
+    assert "base.blocks.3.attn.qkv.weight" in keys and "base.blocks.3.ls1.gamma" in keys
+    assert "routers.3.fc.weight" in keys and "routers.3.fc.bias" in keys
+    assert len(keys) == len(set(keys))
+    assert not any(k.startswith("base.") and "router" in k for k in keys)
+    assert isinstance(model.base.blocks[3], DGEBlock)
+    assert model.base.blocks[3].parts.post_attn == ["ls1", "drop_path1"]
+    # every parameter once: routers are registered only at the top level
+    params = list(model.parameters())
+    assert len(params) == len({id(p) for p in params}) == len(keys)
+
+
+def test_router_initialisation() -> None:
+    model = convert("deit")
+    for r in model.routers.values():
+        p = r.fc.bias.softmax(-1)
+        assert p[0].item() == pytest.approx(0.95, abs=1e-6)
+        assert r.fc.bias[0].item() == pytest.approx(0.5 * math.log(38), abs=1e-6)
+        assert torch.count_nonzero(r.fc.weight) == 0
+    m2 = convert("deit", ["model.router_init_std=0.01"])
+    w = m2.routers["0"].fc.weight
+    assert 0.005 < w.std().item() < 0.015
+
+
+def test_pvt_partial_stages() -> None:
+    model = convert("pvt_v2", ["model.stages=[0,2]"])
+    assert model.dynamic_blocks == [0, 2, 3]
+    assert sorted(model.routers) == ["0", "2", "3"]
+    assert not isinstance(model.base.stages[1].blocks[0], DGEBlock)
+    randomize_routers(model)
+    x = images(model, 2)
+    with torch.no_grad():
+        out = model.forward_dynamic(x)
+    assert out.extras["queries"].shape == (2, 3)
+    with pytest.raises(UserError, match=r"model\.stages"):
+        convert("pvt_v2", ["model.stages=[5]"])
+
+
+def test_swin_is_refused() -> None:
+    arch, kwargs = TINY_MODELS["swin"]
+    with pytest.raises(UserError, match="supports ViT/DeiT, PVT-v2"):
+        vitconvert.apply(arch, "dge", model_kwargs=kwargs, pretrained=False)
+
+
+# --- sparse inference --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["deit_distilled", "deit_10x10", "pvt_v2_56"])
+def test_sparse_inference_equals_dense_training_path(key: str) -> None:
+    """Real sparse computation (both layouts) = the paper's dense path combined with the same one-hot gates."""
+    outs = {}
+    for layout in ("padded", "packed"):
+        model = convert(key, [f"model.inference_layout={layout}"])
+        x = images(model, 4)
+        with torch.no_grad():
+            model.force_ratio(0.6, "random", seed=5)
+            sparse = model.forward_dynamic(x)
+            model.force_ratio(0.6, "random", seed=5)
+            dense = model.forward_train(x)
+        assert (sparse.logits - dense["logits"]).abs().max().item() <= 1e-4
+        assert dense["rho"].item() == pytest.approx(sparse.gmacs.double().mean().item() / model.base_gmacs, rel=1e-6)
+        # images really took different paths
+        assert sparse.gmacs.unique().numel() > 1
+        outs[layout] = sparse
+    assert (outs["padded"].logits - outs["packed"].logits).abs().max().item() <= 1e-5
+    assert torch.equal(outs["padded"].gmacs, outs["packed"].gmacs)
+
+
+def test_sparse_path_changes_output_with_coarse_gates() -> None:
+    model = convert("deit")
+    base = model.build_base()
+    x = images(model, 2)
+    with torch.no_grad():
+        model.knob = 1.0  # every region at its coarsest granularity
+        out = model.forward_dynamic(x)
+        ref = base(x)
+    assert all((g == 2).all() for k, g in out.extras.items() if k.startswith("granularity."))
+    assert (out.logits - ref).abs().max().item() > 1e-3
+    # 8x8 grid, 4x4 regions: 4 queries + the class token per block
+    assert torch.equal(out.extras["queries"], torch.full((2, 4), 5.0))
+
+
+@pytest.mark.parametrize("key", ["deit", "deit3", "deit_10x10", "pvt_v2", "pvt_v2_56", "pvt_v2_li"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_gmacs_match_counted_macs(key: str, layout: str) -> None:
+    """Reported per-image GMACs = count_macs of a forward on that image alone (trained-like routers)."""
+    model = convert(key, [f"model.inference_layout={layout}"])
+    randomize_routers(model)
+    x = images(model, 4)
+    with torch.no_grad():
+        out = model.forward_dynamic(x)
+    assert out.gmacs.unique().numel() > 1  # the routers chose differently per image
+    for i in range(4):
+        counted = count_macs(lambda i=i: model.forward_dynamic(x[i:i + 1])) / 1e9
+        assert out.gmacs[i].item() == pytest.approx(counted, rel=0.01)
+    assert (out.gmacs < model.base_gmacs * 1.02).all()
+
+
+def test_gmacs_at_full_compute_and_levels() -> None:
+    model = convert("deit")
+    x = images(model, 1)
+    levels = model.level_ratios()
+    assert levels[0] > 1.0 and levels[0] < 1.02 and levels[0] > levels[1] > levels[2]
+    with torch.no_grad():
+        model.knob = 1.0
+        coarse = model.forward_dynamic(x).gmacs.item()
+    router = sum(c["router"] for c in model.costs.values()) / 1e9
+    assert coarse == pytest.approx(levels[-1] * model.base_gmacs - router, rel=1e-6)
+    assert count_macs(lambda: model.forward_dynamic(x)) / 1e9 == pytest.approx(coarse, rel=1e-6)
+
+
+def test_real_deit_small_at_224_is_exact() -> None:
+    """timm's DeiT-S: 14x14 grid with 4x4 regions (short border regions), exact at the finest."""
+    torch.manual_seed(0)
+    model = vitconvert.apply("deit_small", "dge", pretrained=False)
+    base = model.build_base()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (model.forward_dynamic(x).logits - base(x)).abs().max() <= 1e-4
+    assert model.level_ratios()[-1] == pytest.approx(0.237, abs=0.01)  # floor: kv projections stay dense
+
+
+# --- knob and forcing --------------------------------------------------------------------------------------
+
+
+def test_knob_sweep_is_monotone() -> None:
+    model = convert("deit_10x10")
+    randomize_routers(model, std=1.0)
+    x = images(model, 8)
+    values = model.sweep_knob()
+    assert values[0] == model.full_compute_knob == 0.0 and values[-1] == 1.0 and 0.5 in values
+    assert values == sorted(values)
+    costs = []
+    with torch.no_grad():
+        for v in values:
+            model.knob = v
+            costs.append(model.forward_dynamic(x).gmacs.mean().item())
+    assert costs[0] == pytest.approx(model.base_gmacs)
+    assert all(b <= a + 1e-9 for a, b in itertools.pairwise(costs[1:]))
+    assert costs[-1] < 0.5 * costs[0]
+    with pytest.raises(UserError, match=r"\[0, 1\]"):
+        model.knob = 1.5
+
+
+def test_knob_half_is_router_argmax() -> None:
+    model = convert("deit")
+    randomize_routers(model)
+    x = images(model, 2)
+    with torch.no_grad():
+        out = model.forward_dynamic(x)
+        tokens = model.base.patch_embed(x)
+        tokens = model.base._pos_embed(tokens)
+        region = tokens[:, 1:].reshape(2, 2, 4, 2, 4, -1).mean((2, 4)).reshape(2, 4, -1)
+        expected = model.routers["0"](region).argmax(-1).view(2, 2, 2)
+    assert torch.equal(out.extras["granularity.0"], expected)
+
+
+def test_force_ratio() -> None:
+    model = convert("deit_10x10")
+    x = images(model, 32)
+    with torch.no_grad():
+        expected = model.force_ratio(0.5, "random")
+        got = model.forward_dynamic(x).gmacs.mean().item() / model.base_gmacs
+    assert expected == pytest.approx(0.5)
+    assert got == pytest.approx(0.5, abs=0.05)
+    model.force_ratio(0.7, "pattern")
+    with torch.no_grad():
+        g = model.forward_dynamic(x).gmacs
+    assert g.unique().numel() == 1 and g[0].item() / model.base_gmacs == pytest.approx(0.7, abs=0.08)
+    with pytest.raises(UserError, match="below the cheapest"):
+        model.force_ratio(0.1)
+    model.force_ratio(None)
+    with torch.no_grad():
+        assert (model.forward_dynamic(x).extras["granularity.0"] == 0).all()
+
+
+# --- training ------------------------------------------------------------------------------------------------
+
+
+def test_training_rho_budget_loss_and_gradients() -> None:
+    model = convert("deit")
+    model.train()
+    x = images(model, 4)
+    out = model.forward_train(x)
+    assert set(out) == {"logits", "rho"} and out["rho"].requires_grad
+    assert 0.2 < out["rho"].item() < 1.02
+    losses = model.method_losses(out, None)
+    assert set(losses) == {"budget"}
+    assert losses["budget"].item() == pytest.approx((out["rho"].item() - 0.5) ** 2, rel=1e-5)
+    (out["logits"].logsumexp(-1).mean() + losses["budget"]).backward()
+    for r in model.routers.values():
+        assert r.fc.bias.grad is not None and r.fc.bias.grad.abs().sum() > 0
+    # the budget pulls toward coarser granularities: the finest logit's gradient is positive (descent lowers it)
+    model.zero_grad()
+    out = model.forward_train(x)
+    model.method_losses(out, None)["budget"].backward()
+    assert all(r.fc.bias.grad[0] > 0 for r in model.routers.values())
+
+
+def test_training_with_drop_path_runs() -> None:
+    arch, kwargs = MODELS["pvt_v2"]
+    torch.manual_seed(0)
+    model = vitconvert.apply(arch, "dge", model_kwargs={**kwargs, "drop_path_rate": 0.2}, pretrained=False)
+    model.train()
+    out = model.forward_train(images(model, 2))
+    out["logits"].sum().backward()
+    assert model.base.stages[0].blocks[0].mlp.dwconv.weight.grad is not None
+
+
+def test_temperature_anneals() -> None:
+    model = convert("deit", recipe="dge_light")
+    model.set_train_progress(0.0)
+    assert model.tau == pytest.approx(1.0)
+    model.set_train_progress(0.5)
+    assert model.tau == pytest.approx(math.sqrt(0.5))
+    model.set_train_progress(1.0)
+    assert model.tau == pytest.approx(0.5)
+
+
+# --- saving ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["deit_distilled", "pvt_v2"])
+def test_save_load_round_trip(key: str, tmp_path) -> None:
+    model = convert(key)
+    randomize_routers(model)
+    model.knob = 0.3
+    model.tau = 0.7
+    path = vitconvert.save(model, tmp_path / "m")
+    x = images(model, 3)
+    with torch.no_grad():
+        ref = model.forward_dynamic(x)
+        loaded = vitconvert.load(path)
+        got = loaded.forward_dynamic(x)
+        via_timm = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+        timm_out = via_timm(x)
+    assert isinstance(loaded, DGE) and isinstance(via_timm, DGE)
+    assert loaded.knob == 0.3 and loaded.tau == 0.7
+    assert torch.equal(got.logits, ref.logits) and torch.equal(got.gmacs, ref.gmacs)
+    assert torch.equal(timm_out, ref.logits)
+
+
+def test_bad_state_is_refused() -> None:
+    model = convert("deit")
+    with pytest.raises(UserError, match="gumbel_tau"):
+        model.load_state({"coarsening": 0.5, "gumbel_tau": -1})
+    with pytest.raises(UserError, match="unexpected method state"):
+        model.load_state({"coarsening": 0.5, "bogus": 1})
+
+
+# --- picture ---------------------------------------------------------------------------------------------------
+
+
+def test_plot_granularity_writes_png(tmp_path) -> None:
+    import matplotlib.image
+
+    model = convert("deit_10x10")
+    randomize_routers(model)
+    path = plot_granularity(model, images(model, 3), tmp_path / "g.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(path)
+    assert img.shape[0] > 100 and img.shape[1] > 200
+    with pytest.raises(UserError, match="not dynamic"):
+        plot_granularity(model, images(model, 1), tmp_path / "x.png", block=99)
+
+
+def test_tiny_model_helper_matches() -> None:
+    # guard: the test models above are the shared tiny ones
+    m, arch, _ = tiny_model("deit")
+    assert arch == MODELS["deit"][0] and isinstance(m, torch.nn.Module)
+
+
+def test_benchmark_gmacs_check_on_a_tiny_model() -> None:
+    from benchmarks.bench_dge import build, gmacs_check
+
+    arch, kwargs = MODELS["deit_10x10"]
+    model = build(arch, 0.5, **kwargs)
+    assert model.forced_rho == 0.5
+    x = images(model, 6)
+    check = gmacs_check(model, x, count_images=2)
+    assert check["expected_ratio"] == pytest.approx(0.5)
+    assert check["max_rel_error_single"] <= 0.01
+    # batched, the packed layout pads only the attention core (a third of this tiny model's block MACs,
+    # ~6% of DeiT-S's): above the per-image mean, by less than the padding
+    assert check["reported_mean"] <= check["batch_counted_per_image"] <= 1.25 * check["reported_mean"]
