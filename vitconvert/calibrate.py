@@ -108,7 +108,7 @@ def measure_base(base: torch.nn.Module, split: Split, device: torch.device, batc
 
 def plot_curve(curve: list[CurvePoint], base_gmacs: float, base_top1: float | None, *, chosen: CurvePoint | None = None,
                measured: list[CurvePoint] | None = None, measured_base: float | None = None,
-               title: str = "", curve_label: str = "calibration curve") -> bytes:
+               title: str = "", curve_label: str = "calibration curve", measured_label: str = "measured") -> bytes:
     """PNG of top-1 against expected GMACs: the curve, the chosen/measured point and the base model.
 
     Drawn on a bare Agg canvas, so the caller's matplotlib backend is left alone.
@@ -127,11 +127,11 @@ def plot_curve(curve: list[CurvePoint], base_gmacs: float, base_top1: float | No
         ax.plot([chosen.gmacs], [chosen.top1], "o", ms=8, mfc="none", mew=1.8, color="tab:orange",
                 label=f"chosen point (knob {chosen.knob:g})")
     for i, p in enumerate(measured or []):
-        ax.plot([p.gmacs], [p.top1], "*", ms=13, color="tab:red", label="measured" if i == 0 else None)
-    for top1, label in ((base_top1, "base model"), (measured_base, "base model (measured)")):
+        ax.plot([p.gmacs], [p.top1], "*", ms=13, color="tab:red", label=measured_label if i == 0 else None)
+    calib_label = "base model (calibration images)" if measured_base is not None else "base model"
+    for top1, label, color in ((base_top1, calib_label, "black"), (measured_base, "base model (measured)", "tab:gray")):
         if top1 is not None:
-            ax.plot([base_gmacs], [top1], "s", ms=8, color="black" if label == "base model" else "tab:gray",
-                    label=f"{label}: {top1:.2f}%")
+            ax.plot([base_gmacs], [top1], "s", ms=8, color=color, label=f"{label}: {top1:.2f}%")
     ax.axvline(base_gmacs, color="black", lw=0.6, ls=":")
     ax.set_xlabel("expected GMACs per image")
     ax.set_ylabel("top-1 accuracy (%)")

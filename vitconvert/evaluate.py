@@ -228,9 +228,11 @@ def evaluate(
         out_path.mkdir(parents=True, exist_ok=True)
         report["points"] = _merge_points(out_path / "eval.json", report)
         curve_points = [CurvePoint(p["knob"], p["gmacs"], p["top1"]) for p in report["points"]]
-        png = plot_curve(cm.curve, cm.base_gmacs, None, measured=curve_points, measured_base=base_top1,
+        png = plot_curve(cm.curve, cm.base_gmacs, cm.calibration.get("base_top1"), measured=curve_points,
+                         measured_base=base_top1,
                          title=f"{cm.base_spec.architecture} + {cm.method}: {n} images ({split_name})",
-                         curve_label="calibration curve (held-out training images)")
+                         curve_label="calibration curve (held-out training images)",
+                         measured_label=f"measured on {split_name} ({n} images)")
         _write_atomic(out_path / "eval.json", (json.dumps(report, indent=2) + "\n").encode())
         _write_atomic(out_path / "eval.png", png)
         if (out_path / "config.json").is_file():

@@ -542,6 +542,8 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
                 x = x.to(dev, non_blocking=True)
                 y = y.to(dev, non_blocking=True)
                 scheduler.step_update(step)
+                if hasattr(model, "set_train_progress"):  # schedules inside the method (DGE's Gumbel temperature)
+                    model.set_train_progress(step / total_steps)
                 with autocast:
                     outputs = step_fn(x)
                     teacher_logits = None

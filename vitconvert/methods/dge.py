@@ -34,12 +34,17 @@ real-token count); a sub-patch with no real token does not exist, and the cost c
 queries. Nothing is resized, so the model stays exact at the finest granularity. Tested on 10x10 and
 7x7 ViT grids, PVT-v2 grids 14/7/4/2 (smaller than a region) and timm's DeiT-S at 224 px.
 
-**PVT-v2's MLP** holds a 3x3 depthwise convolution over the token map. DGE keeps it exact and cheap:
-``fc1`` runs on the queries, each query's hidden state is broadcast to the tokens of its sub-patch (the
-same map the update broadcast uses), the depthwise convolution runs on that full-resolution map, its
-output is averaged back over each query's sub-patch, then activation and ``fc2`` run on the queries.
-The convolution stays dense: 9 MACs per token and hidden channel, about 7% of the MLP of a PVT-v2
-stage (mlp_ratio 8) and under 5% of a block.
+**PVT-v2's MLP** holds a 3x3 depthwise convolution over the token map. DGE keeps it exact: ``fc1`` runs
+on the queries, each query's hidden state is broadcast to the tokens of its sub-patch (the same map the
+update broadcast uses), the depthwise convolution runs on that full-resolution map, its output is
+averaged back over each query's sub-patch (only for the granularities some image uses), then activation
+and ``fc2`` run on the queries. At the finest granularity this is timm's MLP. What it costs: the
+convolution stays dense, 9 MACs per token and hidden channel (about 7% of a first-stage MLP, 2.4% of
+PVT-v2-b1's MACs) but, being memory-bound, 15% of PVT-v2-b1's CPU time (batch 16, one thread); and the
+broadcast, pooling and gather are extra passes over hidden-width maps (mlp_ratio 8 in the first two
+stages). So on CPU at batch 64 DGE-PVT-v2 saves MACs but little time (0.94-1.1x at half the MACs,
+``benchmarks/results/dge_speed.json``); batch-1 latency gains 1.2-1.8x. Keeping the MLP dense instead
+would keep most of PVT-v2's MACs (the MLP is ~78% of a first-stage block).
 
 **How it fits the fx anatomy.** :func:`vitconvert.read_anatomy` names the blocks, their stage and grid,
 ``norm1``/``norm2``, the attention and MLP modules and the prefix-token count. Each dynamic block is then
