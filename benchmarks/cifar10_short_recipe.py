@@ -92,6 +92,7 @@ def run_recipe(recipe: str, base: Path, images_per_class: int, out_dir: Path, ov
     if work is None:
         work = Path(tempfile.mkdtemp(prefix="vitconvert-cifar10-"))
     else:
+        work = work.resolve()
         for name in ("cifar10", "converted", "finetuned", "finetuned.partial"):
             shutil.rmtree(work / name, ignore_errors=True)
     machine_start = machine_block()
@@ -181,9 +182,10 @@ def run_recipe(recipe: str, base: Path, images_per_class: int, out_dir: Path, ov
             "target": target,
             "rows": [row],
         }
-        path = out_dir / f"cifar10_{recipe}.json"
-        path.write_text(json.dumps(result, indent=1) + "\n")
-        return result
+        # Local paths say nothing to a reader of the results: name them by role.
+        text = json.dumps(result, indent=1).replace(str(work), "<work>").replace(str(REPO_ROOT) + os.sep, "")
+        (out_dir / f"cifar10_{recipe}.json").write_text(text + "\n")
+        return json.loads(text)
     finally:
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
