@@ -125,18 +125,23 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
-def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
+def parse_key_values(items: list[str] | None, option: str, example: str) -> list[tuple[str, Any]]:
+    """``key=value`` strings as (key, value) pairs; values are read as YAML (``4`` -> int, ``[2,2]`` -> list)."""
     out = []
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UserError(f"--set expects key=value (e.g. model.alpha=0.6), got {item!r}")
+            raise UserError(f"{option} expects key=value (e.g. {example}), got {item!r}")
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             parsed = value
         out.append((key.strip(), parsed))
     return out
+
+
+def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
+    return parse_key_values(items, "--set", "model.alpha=0.6")
 
 
 def validate_recipe(data: Any, source: str = "<dict>", overrides: list[tuple[str, Any]] | None = None) -> Recipe:

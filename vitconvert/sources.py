@@ -28,7 +28,6 @@ from typing import Any
 
 import timm
 import torch
-import yaml
 from torch import nn
 
 from vitconvert.errors import UserError
@@ -113,19 +112,10 @@ def resolve_model_name(name: str) -> tuple[str, str | None]:
 
 def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
     """Parse timm-style ``key=value`` strings; values are read as YAML (``4`` -> int, ``[2,2]`` -> list)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--model-kwargs expects key=value, got {item!r}")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            parsed = value
-        if isinstance(parsed, list):
-            parsed = tuple(parsed)
-        out[key.strip()] = parsed
-    return out
+    from vitconvert.recipes import parse_key_values
+
+    pairs = parse_key_values(items, "--model-kwargs", "img_size=32")
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in pairs}
 
 
 def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
