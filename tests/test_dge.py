@@ -314,6 +314,28 @@ def test_temperature_anneals() -> None:
     assert model.tau == pytest.approx(0.5)
 
 
+def test_routers_learn_at_their_own_rate() -> None:
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    from vitconvert.train import _param_groups
+
+    model = convert("deit", ["model.router_lr_scale=50"])
+    groups = _param_groups(model, 0.05)
+    router_ids = {id(p) for p in model.routers.parameters()}
+    assert router_ids
+    for g in groups:
+        ids = {id(p) for p in g["params"]}
+        assert ids <= router_ids or not ids & router_ids  # a group is all routers or none
+        assert g["lr_scale"] == (50.0 if ids <= router_ids else 1.0)
+        assert all(p.ndim > 1 for p in g["params"]) if g["weight_decay"] else True  # biases, norms: no decay
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    optimizer = create_optimizer_v2(groups, opt="adamw", lr=1e-3, weight_decay=0.05)
+    CosineLRScheduler(optimizer, t_initial=10, t_in_epochs=False).step_update(0)
+    rates = {g["lr_scale"]: g["lr"] for g in optimizer.param_groups}
+    assert rates[50.0] == pytest.approx(50 * rates[1.0]) and rates[1.0] == pytest.approx(1e-3)
+
+
 # --- saving ------------------------------------------------------------------------------------------------------
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import DropPath
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -282,6 +282,22 @@ def _weights(settings: FinetuneSettings) -> dict[str, float]:
     return {k: float(v) for k, v in settings.losses.items()}
 
 
+def _param_groups(model: ConvertedModel, weight_decay: float) -> list[dict[str, Any]]:
+    """timm's weight-decay split (no decay for biases, norms and timm's no_weight_decay names), further split
+    by the method's :meth:`~vitconvert.methods.base.ConvertedModel.lr_scales`; timm's schedulers multiply a
+    group's rate by its ``lr_scale``."""
+    scales = model.lr_scales()
+    no_decay = _no_weight_decay(model)
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = 0.0 if param.ndim <= 1 or name.endswith(".bias") or name in no_decay else weight_decay
+        scale = next((f for prefix, f in scales.items() if name == prefix or name.startswith(prefix + ".")), 1.0)
+        groups.setdefault((decay, scale), []).append(param)
+    return [{"params": ps, "weight_decay": decay, "lr_scale": scale} for (decay, scale), ps in groups.items()]
+
+
 def _no_weight_decay(model: nn.Module) -> set[str]:
     """Parameter names that timm modules (and the model) exclude from weight decay (position embeddings...)."""
     names: set[str] = set()
@@ -485,7 +501,7 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
 
     torch.manual_seed(settings.seed + ddp.rank)
     model.to(dev).train()
-    params = param_groups_weight_decay(model, settings.weight_decay, no_weight_decay_list=_no_weight_decay(model))
+    params = _param_groups(model, settings.weight_decay)
     optimizer = create_optimizer_v2(params, opt="adamw", lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=settings.min_lr,
                                   warmup_t=warmup_steps, warmup_lr_init=settings.min_lr, warmup_prefix=True,
@@ -542,8 +558,7 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
                 x = x.to(dev, non_blocking=True)
                 y = y.to(dev, non_blocking=True)
                 scheduler.step_update(step)
-                if hasattr(model, "set_train_progress"):  # schedules inside the method (DGE's Gumbel temperature)
-                    model.set_train_progress(step / total_steps)
+                model.set_train_progress(step / total_steps)  # schedules inside the method (DGE's temperature)
                 with autocast:
                     outputs = step_fn(x)
                     teacher_logits = None

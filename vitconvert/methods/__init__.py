@@ -32,7 +32,10 @@ def convert(base: nn.Module, spec: Any, recipe: Any, anatomy: Any | None = None)
     size = getattr(spec, "img_size", None)
     anatomy = anatomy or read_anatomy(base, img_size=tuple(size) if size else None)
     cls = get_method(recipe.method)
-    with torch.no_grad():
+    # New parts are initialised from the recipe's seed (and the caller's random state is left alone), so
+    # converting the same model twice gives the same weights and fine-tuning runs are repeatable.
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(recipe.finetune.seed)
         return cls(base, spec, recipe, anatomy).eval()
 
 

@@ -175,6 +175,17 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
         if state:
             raise UserError(f"config: unexpected method state keys {sorted(state)}")
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers for fine-tuning: parameter-name prefix -> factor (default: none).
+
+        New parts that must travel far from their initialisation in a short recipe (DGE's routers) get a
+        larger rate than the pretrained weights around them.
+        """
+        return {}
+
+    def set_train_progress(self, fraction: float) -> None:
+        """Called by the pipeline before each training step with the share of fine-tuning done (0..1)."""
+
     # --- shared behaviour -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,7 @@ class DGESettings(Strict):
     gumbel_tau: float = Field(1.0, gt=0, le=100, description="Gumbel-softmax temperature at the start")
     gumbel_tau_final: float | None = Field(None, gt=0, le=100, description="temperature at the end (annealed)")
     budget_target: float = Field(0.5, gt=0, le=1, description="gamma: target dynamic/static GMACs ratio")
+    router_lr_scale: float = Field(1.0, gt=0, le=1e4, description="fine-tuning learning-rate multiplier of the routers")
     coarsening: float = Field(0.5, ge=0, le=1, description="initial knob (0.5 = router argmax)")
     inference_layout: Literal["packed", "padded"] = "packed"
 
@@ -168,11 +169,17 @@ class _Layout:
 def _sum_pool(m: torch.Tensor, f: int) -> torch.Tensor:
     """(B, h, w, C) -> (B, ceil(h/f), ceil(w/f), C) sums over f x f cells (zero padding at the border).
 
-    Adds of strided views: the (possibly strided) token map is read once and, unless the grid needs
-    padding, never copied whole. On CPU these memory-bound passes can eat the saved matmul time if
+    Strided maps (the patch tokens after prefix tokens): adds of strided views, so the map is read once and,
+    unless the grid needs padding, never copied whole. On CPU these memory-bound passes can eat the saved matmul time if
     written carelessly (``avg_pool2d`` on the prefix-sliced token map first copies it).
     """
     b, h, w, c = m.shape
+    nchw = m.permute(0, 3, 1, 2)
+    if nchw.is_contiguous(memory_format=torch.channels_last):
+        # A whole channels-last map (PVT-v2, or ViT without prefix tokens): the native pooling kernel reads
+        # it once, several times faster than the adds below. ceil_mode + divisor 1: sums over real tokens.
+        out = F.avg_pool2d(nchw, f, ceil_mode=True, divisor_override=1)
+        return out.permute(0, 2, 3, 1)
     ph, pw = (-h) % f, (-w) % f
     if ph or pw:
         m = F.pad(m, (0, 0, 0, pw, 0, ph))
@@ -199,8 +206,12 @@ def _pool(m: torch.Tensor, lay: _Layout, needed: Sequence[int]) -> dict[int, tor
     sums: dict[int, torch.Tensor] = {1: m}
     for p in needed:
         sums[p] = _sum_pool(sums[sources[p]], p // sources[p])
-    # Scale in place once every sum exists (coarser sums are built from finer ones).
-    return {p: sums[p].view(b, -1, c).mul_(lay.inv[p].to(m.dtype).unsqueeze(-1)) for p in needed}
+    # Scale once every sum exists (coarser sums are built from finer ones); in place unless autograd records
+    # (the pooling kernel's backward keeps its input).
+    scale = {p: lay.inv[p].to(m.dtype).unsqueeze(-1) for p in needed}
+    if torch.is_grad_enabled():
+        return {p: sums[p].reshape(b, -1, c) * scale[p] for p in needed}
+    return {p: sums[p].view(b, -1, c).mul_(scale[p]) for p in needed}
 
 
 def _make_layout(hw: tuple[int, int], region: int, sizes: Sequence[int], device: torch.device) -> _Layout:
@@ -842,6 +853,11 @@ class DGE(ConvertedModel):
     def tau(self, value: float) -> None:
         self._c.tau = float(value)
 
+    def lr_scales(self) -> dict[str, float]:
+        """The routers learn at ``router_lr_scale`` times the recipe's rate: from their exact start (P(finest)
+        = 0.95) a short recipe at a fine-tuning rate would barely move them."""
+        return {"routers": self.settings.router_lr_scale}
+
     def set_train_progress(self, fraction: float) -> None:
         """Anneal the Gumbel temperature geometrically from ``gumbel_tau`` to ``gumbel_tau_final``.
 
@@ -973,7 +989,8 @@ def plot_granularity(model: DGE, images: torch.Tensor, path: str | Path, block: 
         model: A DGE model (evaluated at its current knob).
         images: (B, 3, H, W) normalised images at the model's input size (a few; B <= 8 reads well).
         path: PNG file to write.
-        block: Dynamic block whose sub-patches are drawn (default: the middle dynamic block).
+        block: Dynamic block whose sub-patches are drawn (default: the middle dynamic block of the stage with
+            the largest token grid, where regions are most numerous).
         mean: Normalisation mean to undo for display (default: the model's data config).
         std: Normalisation std to undo (default: the model's data config).
 
@@ -989,7 +1006,11 @@ def plot_granularity(model: DGE, images: torch.Tensor, path: str | Path, block: 
     if not isinstance(model, DGE):
         raise UserError("plot_granularity needs a DGE model")
     blocks = model.dynamic_blocks
-    block = blocks[len(blocks) // 2] if block is None else block
+    if block is None:
+        stage_of = {b.index: b.stage for b in model.anatomy.blocks}
+        largest = max({stage_of[i] for i in blocks}, key=lambda s: math.prod(model.anatomy.stages[s].grid))
+        in_largest = [i for i in blocks if stage_of[i] == largest]
+        block = in_largest[len(in_largest) // 2]
     if block not in blocks:
         raise UserError(f"block {block} is not dynamic; dynamic blocks: {blocks}")
     was_training = model.training
