@@ -94,7 +94,7 @@ MODELS: dict[str, ModelSpec] = {
     "cifar10-vit": ModelSpec(
         arch="deit_tiny_patch16_224",
         model_args=dict(img_size=32, patch_size=4, embed_dim=144, depth=6, num_heads=3),
-        epochs=4,
+        epochs=8,
     ),
     # stage grids 8/4/2/1 (the stride-4 stem is fixed in timm), 2.22M params
     "cifar10-pvt": ModelSpec(

@@ -172,3 +172,24 @@ def test_suite_records_failures_and_keeps_going(tmp_path: Path, monkeypatch: pyt
     assert record["good"]["ok"] is True and record["good"]["threads"] == 1 and record["good"]["quick"] is True
     text = (tmp_path / "SUMMARY.md").read_text()
     assert "Quick run" in text and "**1.20×**" in text and "| bad | failed: SystemExit: base model not found |" in text
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10" / "train").is_dir(),
+                    reason="needs the shared CIFAR-10 images")
+def test_cifar10_short_recipe_quick_dge_on_pvt(tmp_path: Path) -> None:
+    from benchmarks import cifar10_short_recipe as runner
+
+    base = runner.DEFAULT_BASE.with_name("cifar10-pvt")
+    result = runner.run_recipe("dge", base, 10, tmp_path, quick=True, progress=False)
+    stem = runner.result_stem("dge", base)
+    assert stem == "cifar10_dge_pvt" and runner.result_stem("cfvit", runner.DEFAULT_BASE) == "cifar10_cfvit"
+    assert json.loads((tmp_path / f"{stem}.json").read_text())["target"] == result["target"]
+    for suffix in ("curve", "eval", "granularity"):
+        assert (tmp_path / f"{stem}_{suffix}.png").stat().st_size > 1000
+    assert result["target"]["rule"].startswith("top-1 within 0.7 points of the base model at <= 60%")
+    ev = result["evaluation"]
+    assert ev["images"] == 500 and ev["base"]["top1"] > 50  # the shipped PVT base is a real classifier
+    cal = result["calibration"]
+    assert cal["budget"] == "60%" and cal["gmacs"] <= 0.6 * cal["base_gmacs"] + 1e-9  # the DGE target's 60%
+    row = result["rows"][0]
+    assert row["backbone"] == "cifar10-pvt" and row["method"] == "dge" and row["top1"] == ev["top1"]

@@ -55,7 +55,7 @@ def randomize_routers(model: DGE, std: float = 2.0, seed: int = 3) -> None:
 def test_recipes_validate() -> None:
     r = vitconvert.load_recipe("dge")
     assert r.settings.granularities == [4, 2, 1] and r.settings.budget_target == 0.5
-    assert r.losses.budget == 1.0 and r.losses.distill == 1.0 and r.losses.ce == 1.0
+    assert r.losses.budget == 2.0 and r.losses.distill == 1.0 and r.losses.ce == 1.0
     assert vitconvert.load_recipe("dge_s2").settings.region_size == 2
     assert vitconvert.load_recipe("dge_light").settings.gumbel_tau_final == 0.5
     with pytest.raises(UserError, match=r"model\.granularities.*divide"):

@@ -830,7 +830,10 @@ class DGE(ConvertedModel):
         ctx.shift = math.log(value / (1.0 - value)) if 0.0 < value < 1.0 else 0.0
 
     def sweep_knob(self) -> list[float]:
-        shifts = [-6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+        # Logit shifts; dense around 0 and wide at the ends: routers trained at a high rate have logit gaps of
+        # several units, and the last regions to turn coarse change the cost the most.
+        shifts = [-8.0, -6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0,
+                  4.0, 5.0, 6.0, 8.0, 10.0, 12.0]
         return [0.0] + [round(1.0 / (1.0 + math.exp(-b)), 6) for b in shifts] + [1.0]
 
     def method_state(self) -> dict[str, Any]:
