@@ -16,7 +16,8 @@
   two-thread run is repeated in a subprocess with ``OMP_WAIT_POLICY=PASSIVE`` (timm gets the same).
 
 Run: ``nice -n 5 python -m benchmarks.bench_dge`` or ``python -m benchmarks --only dge`` (writes
-``benchmarks/results/dge_speed.json``).
+``benchmarks/results/dge_speed.json``); ``--update pvt_v2_b1`` re-measures one architecture's one-thread
+entry and merges it in.
 """
 
 from __future__ import annotations
@@ -190,6 +191,24 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         for key in ("threads2_omp_passive", "threads1"):
             for arch, a in runs[key]["archs"].items():
                 a["gmacs"] = runs["threads2_default"]["archs"][arch]["gmacs"]
+    return _write(runs, quick, out_dir)
+
+
+def update(arch: str, out_dir: Path) -> dict[str, Any]:
+    """Re-measure one architecture in the one-thread run and merge it into the existing ``dge_speed.json``
+    (after a change that affects only that family); the entry records its own machine block and date."""
+    path = out_dir / "dge_speed.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run the whole benchmark first")
+    runs = json.loads(path.read_text())["runs"]
+    fresh = measure(False, threads=1, archs=(arch,), with_gmacs=True)
+    entry = fresh["archs"][arch]
+    entry["machine"] = fresh["machine"]
+    runs["threads1"]["archs"][arch] = entry
+    return _write(runs, False, out_dir)
+
+
+def _write(runs: dict[str, Any], quick: bool, out_dir: Path) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for res in runs.values():
         for arch, a in res["archs"].items():
@@ -209,7 +228,8 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": timing.machine_block(),
         "note": ("CPU shared with other engineers' jobs while measuring (see load averages); run under "
-                 "nice -n 5; models timed side by side in interleaved rounds"),
+                 "nice -n 5; models timed side by side in interleaved rounds; an architecture entry with its "
+                 "own 'machine' block was re-measured later with `--update ARCH`"),
         "summary": {key: summary(res) for key, res in runs.items()},
         "runs": runs,
         "rows": rows,
@@ -228,12 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--no-gmacs", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--update", choices=ARCHS, default=None,
+                        help="re-measure only this architecture (one thread) and merge it into dge_speed.json")
     args = parser.parse_args(argv)
     if args.worker is not None:
         args.worker.write_text(json.dumps(measure(args.quick, args.threads, with_gmacs=not args.no_gmacs)))
         return 0
     out = args.out or (REPO / "benchmarks" / "results" / ("quick" if args.quick else ""))
-    result = run(args.quick, out)
+    result = update(args.update, out) if args.update else run(args.quick, out)
     print(json.dumps(result["summary"], indent=1))
     return 0
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from utils import TINY_MODELS, tiny_model
 
 import vitconvert
@@ -150,6 +151,17 @@ def test_training_step_and_losses() -> None:
     (out["logits"].logsumexp(-1).mean() + losses["coarse_kl"]).backward()
     assert model.reuse[-1].weight.grad is not None and model.reuse[-1].weight.grad.abs().sum() > 0
     assert model.pos_embed_coarse.grad is not None
+
+
+def test_coarse_cross_entropy_is_opt_in() -> None:
+    labels = torch.tensor([0, 3, 9, 1])
+    x = torch.randn(4, 3, 32, 32)
+    assert set(convert("deit").train().method_losses(convert("deit").forward_train(x), labels)) == {"coarse_kl"}
+    model = convert("deit", ["finetune.losses.coarse_ce=0.5"]).train()
+    out = model.forward_train(x)
+    losses = model.method_losses(out, labels)
+    assert losses["coarse_ce"].item() == pytest.approx(F.cross_entropy(out["coarse_logits"], labels).item(), rel=1e-6)
+    assert set(model.method_losses(out, None)) == {"coarse_kl"}  # no labels, no cross-entropy
 
 
 def test_save_load_round_trip(tmp_path) -> None:

@@ -30,7 +30,7 @@ def test_by_name_and_overrides() -> None:
     ("model.alhpa=0.3", r"unknown key 'model.alhpa' \(allowed: alpha, coarse_grid_ratio"),
     ("model.alpha=1.5", r"model.alpha: Input should be less than or equal to 1 \(got 1.5\)"),
     ("finetune.lr=-1", r"finetune.lr: Input should be greater than 0"),
-    ("finetune.losses.nope=1", r"unknown key 'finetune.losses.nope' \(allowed: ce, coarse_kl, distill\)"),
+    ("finetune.losses.nope=1", r"unknown key 'finetune.losses.nope' \(allowed: ce, coarse_ce, coarse_kl, distill\)"),
     ("finetune.epoch=3", r"unknown key 'finetune.epoch' \(allowed: .*epochs"),
     ("method=tome", r"method 'tome' is not known; available: .*cfvit"),
 ])

@@ -53,6 +53,7 @@ class CFViTLosses(Strict):
     distill: float = Field(1.0, ge=0, description="KL from the original model to the fine output")
     ce: float = Field(1.0, ge=0, description="cross-entropy of the fine output (when labels exist)")
     coarse_kl: float = Field(1.0, ge=0, description="KL from the detached fine output to the coarse output")
+    coarse_ce: float = Field(0.0, ge=0, description="cross-entropy of the coarse output (labels; not in the paper)")
 
 
 @register_method
@@ -280,7 +281,10 @@ class CFViT(ConvertedModel):
     def method_losses(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
         target = outputs["logits"].detach().float().softmax(dim=-1)
         log_coarse = outputs["coarse_logits"].float().log_softmax(dim=-1)
-        return {"coarse_kl": F.kl_div(log_coarse, target, reduction="batchmean")}
+        terms = {"coarse_kl": F.kl_div(log_coarse, target, reduction="batchmean")}
+        if labels is not None and self.recipe.losses.coarse_ce > 0:
+            terms["coarse_ce"] = F.nll_loss(log_coarse, labels)
+        return terms
 
     # --- accounting -----------------------------------------------------------------------------------
 

@@ -42,8 +42,10 @@ and ``fc2`` run on the queries. At the finest granularity this is timm's MLP. Wh
 convolution stays dense, 9 MACs per token and hidden channel (about 7% of a first-stage MLP, 2.4% of
 PVT-v2-b1's MACs) but, being memory-bound, 15% of PVT-v2-b1's CPU time (batch 16, one thread); and the
 broadcast, pooling and gather are extra passes over hidden-width maps (mlp_ratio 8 in the first two
-stages). So on CPU at batch 64 DGE-PVT-v2 saves MACs but little time (0.94-1.1x at half the MACs,
-``benchmarks/results/dge_speed.json``); batch-1 latency gains 1.2-1.8x. Keeping the MLP dense instead
+stages). So on CPU at batch 64 DGE-PVT-v2 saves MACs but little time (1.17x at half the MACs with one
+thread, ``benchmarks/results/dge_speed.json``); batch-1 latency gains 1.2-1.9x. An exact sparse convolution
+would need every sub-patch's 1-token halo (20 extra rows per 4x4 region), more traffic than it saves unless
+fused into one kernel. Keeping the MLP dense instead
 would keep most of PVT-v2's MACs (the MLP is ~78% of a first-stage block).
 
 **How it fits the fx anatomy.** :func:`vitconvert.read_anatomy` names the blocks, their stage and grid,
