@@ -45,14 +45,6 @@ import numpy as np
 import timm
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
@@ -61,6 +53,7 @@ if __package__ in (None, ""):  # allow `python benchmarks/train_base.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import cifar10
+from vitconvert.train import ProgressBar
 
 REPO_ROOT = cifar10.REPO_ROOT
 DEFAULT_CKPT_DIR = REPO_ROOT / "benchmarks" / "checkpoints"
@@ -155,21 +148,6 @@ def evaluate(
     return acc, logits
 
 
-def make_progress() -> Progress:
-    """Rich progress bar with loss, throughput and ETA fields."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-
-
 def train_one(
     name: str,
     spec: ModelSpec,
@@ -201,10 +179,9 @@ def train_one(
     history: list[dict[str, float]] = []
     total_steps = steps_per_epoch * epochs
     updates = 0
-    log_every = max(steps_per_epoch // 10, 1)
     t_start = time.perf_counter()
-    with make_progress() as progress:
-        task = progress.add_task(name, total=total_steps, loss=float("nan"), lr=spec.lr, ips=0.0)
+    # vitconvert's bar: rich on a terminal, a plain line every ~5% in logs (nohup runs).
+    with ProgressBar(name, total_steps, fields=("epoch", "loss", "lr", "img/s")) as bar:
         for epoch in range(epochs):
             model.train()
             perm = torch.randperm(n, generator=gen)
@@ -226,20 +203,8 @@ def train_one(
                 seen += len(idx)
                 ips = seen / (time.perf_counter() - t0)
                 lr = optimizer.param_groups[0]["lr"]
-                progress.update(
-                    task,
-                    advance=1,
-                    description=f"{name} ep {epoch + 1}/{epochs}",
-                    loss=loss_sum / loss_count,
-                    lr=lr,
-                    ips=ips,
-                )
-                if not console.is_terminal and (step + 1) % log_every == 0:  # e.g. nohup logs
-                    eta = (total_steps - updates) * bs / max(ips, 1e-9)
-                    console.print(
-                        f"{name} ep {epoch + 1}/{epochs} step {step + 1}/{steps_per_epoch}  "
-                        f"loss {loss_sum / loss_count:.3f}  lr {lr:.2e}  {ips:.0f} img/s  ETA {eta / 60:.1f} min"
-                    )
+                bar.update(1, **{"epoch": f"{epoch + 1}/{epochs}", "loss": f"{loss_sum / loss_count:.3f}",
+                                 "lr": f"{lr:.2e}", "img/s": f"{ips:.0f}"})
             scheduler.step(epoch + 1)
             epoch_s = time.perf_counter() - t0
             epoch_cpu = time.process_time() - c0
@@ -254,7 +219,7 @@ def train_one(
                     "val_top1": round(val_acc, 2),
                 }
             )
-            progress.console.print(
+            bar.console.print(
                 f"{name} epoch {epoch + 1}/{epochs}: loss {loss_sum / max(loss_count, 1):.4f}  "
                 f"val top-1 {val_acc:.2f}%  {epoch_s:.1f}s ({seen / epoch_s:.0f} img/s)"
             )
