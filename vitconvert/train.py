@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import DropPath
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -283,19 +283,20 @@ def _weights(settings: FinetuneSettings) -> dict[str, float]:
 
 
 def _param_groups(model: ConvertedModel, weight_decay: float) -> list[dict[str, Any]]:
-    """timm's weight-decay split (no decay for biases, norms and timm's no_weight_decay names), further split
-    by the method's :meth:`~vitconvert.methods.base.ConvertedModel.lr_scales`; timm's schedulers multiply a
-    group's rate by its ``lr_scale``."""
+    """timm's weight-decay groups, each split by the method's
+    :meth:`~vitconvert.methods.base.ConvertedModel.lr_scales`; timm's schedulers multiply a group's rate by
+    its ``lr_scale``."""
     scales = model.lr_scales()
-    no_decay = _no_weight_decay(model)
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decay = 0.0 if param.ndim <= 1 or name.endswith(".bias") or name in no_decay else weight_decay
-        scale = next((f for prefix, f in scales.items() if name == prefix or name.startswith(prefix + ".")), 1.0)
-        groups.setdefault((decay, scale), []).append(param)
-    return [{"params": ps, "weight_decay": decay, "lr_scale": scale} for (decay, scale), ps in groups.items()]
+    scale_of = {id(param): next((f for prefix, f in scales.items() if name == prefix or name.startswith(prefix + ".")),
+                                1.0)
+                for name, param in model.named_parameters()}
+    groups = []
+    for group in param_groups_weight_decay(model, weight_decay, no_weight_decay_list=_no_weight_decay(model)):
+        by_scale: dict[float, list[nn.Parameter]] = {}
+        for param in group["params"]:
+            by_scale.setdefault(scale_of[id(param)], []).append(param)
+        groups += [{**group, "params": params, "lr_scale": scale} for scale, params in by_scale.items()]
+    return groups
 
 
 def _no_weight_decay(model: nn.Module) -> set[str]:
