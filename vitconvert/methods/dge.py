@@ -1011,8 +1011,8 @@ def plot_granularity(model: DGE, images: torch.Tensor, path: str | Path, block: 
     if not isinstance(model, DGE):
         raise UserError("plot_granularity needs a DGE model")
     blocks = model.dynamic_blocks
+    stage_of = {b.index: b.stage for b in model.anatomy.blocks}
     if block is None:
-        stage_of = {b.index: b.stage for b in model.anatomy.blocks}
         largest = max({stage_of[i] for i in blocks}, key=lambda s: math.prod(model.anatomy.stages[s].grid))
         in_largest = [i for i in blocks if stage_of[i] == largest]
         block = in_largest[len(in_largest) // 2]
@@ -1029,13 +1029,13 @@ def plot_granularity(model: DGE, images: torch.Tensor, path: str | Path, block: 
     cfg = model.pretrained_cfg
     mean_t = torch.tensor(mean if mean is not None else cfg.get("mean", (0.0, 0.0, 0.0))).view(3, 1, 1)
     std_t = torch.tensor(std if std is not None else cfg.get("std", (1.0, 1.0, 1.0))).view(3, 1, 1)
-    stage = next(b.stage for b in model.anatomy.blocks if b.index == block)
+    stage = stage_of[block]
     gh, gw = model.anatomy.stages[stage].grid
     ih, iw = images.shape[-2:]
     sy, sx = ih / gh, iw / gw
     ctx = model._c
     sizes, region = ctx.sizes, ctx.region
-    same_stage = [i for i in blocks if next(b.stage for b in model.anatomy.blocks if b.index == i) == stage]
+    same_stage = [i for i in blocks if stage_of[i] == stage]
     n = images.shape[0]
     fig = Figure(figsize=(2.6 * n, 5.4))
     for i in range(n):
