@@ -1,7 +1,9 @@
 """Train small CIFAR-10 base classifiers (ViT, PVT-v2, Swin) from scratch on CPU.
 
-The models are standard timm architectures shrunk for 32x32 inputs; they are the base
-checkpoints that vitconvert converts and fine-tunes in its benchmarks. Each is saved as a
+The models are standard timm architectures shrunk for 32x32 inputs, plus ``cifar10-pvt64``: the
+PVT-v2 fine-tuned on images upsampled to 64 px, so that its stage grids (16/8/4/2) leave room for
+DGE's 4x4-token regions as ImageNet-size inputs do. They are the base checkpoints that vitconvert
+converts and fine-tunes in its benchmarks. Each is saved as a
 timm-loadable folder ``benchmarks/checkpoints/<name>/`` (``config.json`` +
 ``model.safetensors``) that reloads with
 ``timm.create_model('local-dir:benchmarks/checkpoints/<name>', pretrained=True)``.
@@ -18,9 +20,10 @@ The loss/accuracy curves were identical with 1 and 2 threads in our runs.
 
 Usage (from the repo root)::
 
-    nice -n 10 python -m benchmarks.train_base                 # all three models
+    nice -n 10 python -m benchmarks.train_base                 # all four models
     nice -n 10 python -m benchmarks.train_base --models cifar10-vit
     nice -n 10 python -m benchmarks.train_base --models cifar10-pvt cifar10-swin --threads 1
+    nice -n 10 python -m benchmarks.train_base --models cifar10-pvt64 --threads 1   # needs cifar10-pvt
     python -m benchmarks.train_base --quick                    # smoke test -> temp dir
 """
 
@@ -45,6 +48,7 @@ import numpy as np
 import timm
 import torch
 from rich.console import Console
+from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
@@ -80,6 +84,9 @@ class ModelSpec:
     warmup_epochs: float = 0.5
     batch_size: int = 128
     train_kwargs: dict[str, Any] = field(default_factory=dict)  # training-only (not exported)
+    img_size: int = 32  # input side; CIFAR's 32 px are upsampled (bilinear) to it
+    init_from: str | None = None  # start from this base's checkpoint (progressive resizing)
+    interpolation: str = "bicubic"  # pretrained_cfg interpolation for the eval transform
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -106,6 +113,21 @@ MODELS: dict[str, ModelSpec] = {
         epochs=4,
         train_kwargs=dict(drop_path_rate=0.0),
     ),
+    # cifar10-pvt at 64 px (images upsampled): stage grids 16/8/4/2, so DGE's 4x4 regions tile every
+    # stage but the last, as at ImageNet size. Fine-tuned from cifar10-pvt (PVT-v2 has no position
+    # embeddings: the same weights run at any size) rather than trained again from scratch.
+    "cifar10-pvt64": ModelSpec(
+        arch="pvt_v2_b0",
+        model_args=dict(
+            embed_dims=(32, 64, 160, 192), num_heads=(1, 2, 5, 6), sr_ratios=(4, 2, 1, 1)
+        ),
+        epochs=3,
+        lr=5e-4,
+        warmup_epochs=0.2,
+        img_size=64,
+        init_from="cifar10-pvt",
+        interpolation="bilinear",  # PIL bilinear (eval transform) = torch bilinear (training) to uint8 rounding
+    ),
 }
 
 
@@ -116,20 +138,34 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def create(spec: ModelSpec, **extra: Any) -> nn.Module:
-    """Randomly initialised model for ``spec`` with 10 classes."""
-    return timm.create_model(spec.arch, pretrained=False, num_classes=10, **spec.model_args, **extra)
+def create(spec: ModelSpec, ckpt_root: Path | None = None, **extra: Any) -> nn.Module:
+    """Model for ``spec`` with 10 classes: random, or ``spec.init_from``'s weights from ``ckpt_root``."""
+    model = timm.create_model(spec.arch, pretrained=False, num_classes=10, **spec.model_args, **extra)
+    if spec.init_from is not None:
+        source = (ckpt_root or DEFAULT_CKPT_DIR) / spec.init_from
+        if not (source / "model.safetensors").is_file():
+            raise SystemExit(f"{source}: missing; train {spec.init_from} first (--models {spec.init_from})")
+        model.load_state_dict(load_file(source / "model.safetensors"))
+    return model
 
 
-def count_gmacs(model: nn.Module) -> float | None:
-    """Forward GMACs for one 3x32x32 image (FLOPs / 2), or None if counting fails."""
+def prepare(images: torch.Tensor, img_size: int) -> torch.Tensor:
+    """uint8 32-px batch -> normalised float input of side ``img_size`` (bilinear upsampling)."""
+    x = cifar10.normalize(images)
+    if x.shape[-1] != img_size:
+        x = nn.functional.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    return x
+
+
+def count_gmacs(model: nn.Module, img_size: int = 32) -> float | None:
+    """Forward GMACs for one image (FLOPs / 2), or None if counting fails."""
     try:
         from torch.utils.flop_counter import FlopCounterMode
 
         was_training = model.training
         model.eval()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, 3, 32, 32))
+            model(torch.zeros(1, 3, img_size, img_size))
         model.train(was_training)
         return round(counter.get_total_flops() / 2e9, 4)
     except Exception:  # pragma: no cover - best effort only
@@ -138,11 +174,11 @@ def count_gmacs(model: nn.Module) -> float | None:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500, img_size: int = 32
 ) -> tuple[float, torch.Tensor]:
     """Top-1 (%) of ``model`` on uint8 ``images``; also returns all logits."""
     model.eval()
-    outs = [model(cifar10.normalize(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    outs = [model(prepare(images[i : i + batch_size], img_size)) for i in range(0, len(images), batch_size)]
     logits = torch.cat(outs)
     acc = (logits.argmax(1) == labels).float().mean().item() * 100.0
     return acc, logits
@@ -154,10 +190,11 @@ def train_one(
     data: dict[str, torch.Tensor],
     epochs: int,
     seed: int,
+    ckpt_root: Path | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train one model; returns it with a history dict (per-epoch time, loss, val top-1)."""
     seed_all(seed)
-    model = create(spec, **spec.train_kwargs)
+    model = create(spec, ckpt_root, **spec.train_kwargs)
     model.train()
     x_train, y_train, x_val, y_val = data["x_train"], data["y_train"], data["x_val"], data["y_val"]
     n = len(x_train)
@@ -189,7 +226,7 @@ def train_one(
             loss_sum, loss_count, seen = 0.0, 0, 0
             for step in range(steps_per_epoch):
                 idx = perm[step * bs : (step + 1) * bs]
-                xb = cifar10.normalize(cifar10.augment(x_train[idx], generator=gen))
+                xb = prepare(cifar10.augment(x_train[idx], generator=gen), spec.img_size)
                 yb = y_train[idx]
                 loss = criterion(model(xb), yb)
                 optimizer.zero_grad(set_to_none=True)
@@ -208,7 +245,7 @@ def train_one(
             scheduler.step(epoch + 1)
             epoch_s = time.perf_counter() - t0
             epoch_cpu = time.process_time() - c0
-            val_acc, _ = evaluate(model, x_val, y_val)
+            val_acc, _ = evaluate(model, x_val, y_val, img_size=spec.img_size)
             history.append(
                 {
                     "epoch": epoch + 1,
@@ -230,10 +267,10 @@ def train_one(
 def save_checkpoint(model: nn.Module, spec: ModelSpec, out_dir: Path, labels: list[str]) -> Path:
     """Save ``model`` as a timm ``local-dir:`` folder with a CIFAR-10 pretrained_cfg."""
     data_cfg = dict(
-        input_size=(3, 32, 32),
+        input_size=(3, spec.img_size, spec.img_size),
         crop_pct=1.0,
         crop_mode="center",
-        interpolation="bicubic",
+        interpolation=spec.interpolation,
         mean=cifar10.MEAN,
         std=cifar10.STD,
     )
@@ -272,14 +309,14 @@ def _jsonable(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def verify_checkpoint(
-    model: nn.Module, ckpt: Path, x_val: torch.Tensor, y_val: torch.Tensor, labels: list[str]
+    model: nn.Module, ckpt: Path, x_val: torch.Tensor, y_val: torch.Tensor, labels: list[str], img_size: int = 32
 ) -> dict[str, Any]:
     """Reload ``ckpt`` via ``local-dir:``; compare logits with ``model`` and re-measure val top-1."""
     reloaded = timm.create_model(f"local-dir:{ckpt}", pretrained=True).eval()
     cfg = reloaded.pretrained_cfg
     data_cfg = timm.data.resolve_model_data_config(reloaded)
     problems = []
-    if tuple(data_cfg["input_size"]) != (3, 32, 32):
+    if tuple(data_cfg["input_size"]) != (3, img_size, img_size):
         problems.append(f"input_size {data_cfg['input_size']}")
     if not np.allclose(data_cfg["mean"], cifar10.MEAN) or not np.allclose(data_cfg["std"], cifar10.STD):
         problems.append("mean/std")
@@ -288,9 +325,9 @@ def verify_checkpoint(
     n = min(1000, len(x_val))
     model.eval()
     with torch.no_grad():
-        xb = cifar10.normalize(x_val[:n])
+        xb = prepare(x_val[:n], img_size)
         diff = (model(xb) - reloaded(xb)).abs().max().item()
-    acc, _ = evaluate(reloaded, x_val, y_val)
+    acc, _ = evaluate(reloaded, x_val, y_val, img_size=img_size)
     if diff != 0.0:
         problems.append(f"logit max abs diff {diff}")
     return {"max_abs_logit_diff": diff, "reloaded_val_top1": round(acc, 2), "config_problems": problems}
@@ -378,17 +415,19 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         spec = MODELS[name]
         epochs = 1 if args.quick else (args.epochs or spec.epochs)
-        model, hist = train_one(name, spec, data, epochs, args.seed)
-        val_acc, _ = evaluate(model, x_val, y_val)
+        model, hist = train_one(name, spec, data, epochs, args.seed, ckpt_root)
+        val_acc, _ = evaluate(model, x_val, y_val, img_size=spec.img_size)
         ckpt = save_checkpoint(model, spec, ckpt_root / name, labels)
-        check = verify_checkpoint(model, ckpt, x_val, y_val, labels)
+        check = verify_checkpoint(model, ckpt, x_val, y_val, labels, img_size=spec.img_size)
         size = (ckpt / "model.safetensors").stat().st_size
         entry = {
             "arch": spec.arch,
             "model_args": {**_jsonable(spec.model_args), "num_classes": 10},
             "train_kwargs": spec.train_kwargs,
             "params": sum(p.numel() for p in model.parameters()),
-            "gmacs": count_gmacs(model),
+            "gmacs": count_gmacs(model, spec.img_size),
+            "img_size": spec.img_size,
+            "init_from": spec.init_from,
             "safetensors_bytes": size,
             "checkpoint": os.path.relpath(ckpt, REPO_ROOT) if ckpt.is_relative_to(REPO_ROOT) else str(ckpt),
             "recipe": {
@@ -400,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                 "warmup_epochs": spec.warmup_epochs if epochs > 1 else 0,
                 "label_smoothing": 0.1,
                 "grad_clip": 1.0,
-                "augment": "pad 4 + random crop 32, hflip",
+                "augment": "pad 4 + random crop 32, hflip"
+                + (f", bilinear upsampling to {spec.img_size}" if spec.img_size != 32 else ""),
                 "seed": args.seed,
             },
             "epochs": epochs,

@@ -164,6 +164,19 @@ def test_coarse_cross_entropy_is_opt_in() -> None:
     assert set(model.method_losses(out, None)) == {"coarse_kl"}  # no labels, no cross-entropy
 
 
+def test_added_parts_learning_rate_scale() -> None:
+    from vitconvert.train import _param_groups
+
+    assert all(g["lr_scale"] == 1.0 for g in _param_groups(convert("deit"), 0.05))
+    model = convert("deit", ["model.new_lr_scale=10"])
+    added = {id(model.pos_embed_coarse), *(id(p) for p in model.reuse.parameters())}
+    groups = _param_groups(model, 0.05)
+    for g in groups:
+        ids = {id(p) for p in g["params"]}
+        assert g["lr_scale"] == (10.0 if ids <= added else 1.0) and (ids <= added or not ids & added)
+    assert {id(p) for g in groups if g["lr_scale"] == 10.0 for p in g["params"]} == added
+
+
 def test_save_load_round_trip(tmp_path) -> None:
     model = convert("deit_distilled")
     perturb(model)
