@@ -167,7 +167,7 @@ def test_coarse_cross_entropy_is_opt_in() -> None:
 def test_added_parts_learning_rate_scale() -> None:
     from vitconvert.train import _param_groups
 
-    assert all(g["lr_scale"] == 1.0 for g in _param_groups(convert("deit"), 0.05))
+    assert all(g["lr_scale"] == 1.0 for g in _param_groups(convert("deit", ["model.new_lr_scale=1"]), 0.05))
     model = convert("deit", ["model.new_lr_scale=10"])
     added = {id(model.pos_embed_coarse), *(id(p) for p in model.reuse.parameters())}
     groups = _param_groups(model, 0.05)
