@@ -169,8 +169,7 @@ class CFViT(ConvertedModel):
     def lr_scales(self) -> dict[str, float]:
         """The added parts start from a resize (coarse position embedding) or from zero (the reuse MLP's
         output layer) and may learn faster than the pretrained weights they feed."""
-        scale = self.settings.new_lr_scale
-        return {} if scale == 1.0 else {"pos_embed_coarse": scale, "reuse": scale}
+        return {"pos_embed_coarse": self.settings.new_lr_scale, "reuse": self.settings.new_lr_scale}
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         state = dict(state)
