@@ -10,14 +10,15 @@
   packed layout pads the attention core to the batch's largest query count, so it is a little higher).
 * **Throughput / latency**: :func:`benchmarks.timing.compare`: interleaved rounds, warm-up excluded,
   median and spread, ratios as per-round paired medians. Layouts: ``packed`` (default) and ``padded``.
-* **Threads and the shared CPU**: measured with ``torch.set_num_threads(2)`` as asked, and with one
-  thread (the suite's default). With two threads on a loaded 2-core machine, GNU OpenMP's default wait
-  policy (workers spin after each parallel region) starves the many short ops of the DGE path, so the
-  two-thread run is repeated in a subprocess with ``OMP_WAIT_POLICY=PASSIVE`` (timm gets the same).
+* **Threads and the shared CPU**: one thread by default (as the rest of the suite: on this shared 2-core
+  machine two threads stall each other); ``--threads2`` adds ``torch.set_num_threads(2)`` in a subprocess
+  with ``OMP_WAIT_POLICY=PASSIVE`` (timm gets the same) and ``--omp-default`` two threads with GNU
+  OpenMP's default wait policy, where workers spin after each parallel region and starve the many short
+  ops of the DGE path.
 
 Run: ``nice -n 5 python -m benchmarks.bench_dge`` or ``python -m benchmarks --only dge`` (writes
-``benchmarks/results/dge_speed.json``); ``--update pvt_v2_b1`` re-measures one architecture's one-thread
-entry and merges it in.
+``benchmarks/results/dge_speed.json``); ``--update pvt_v2_b1`` re-measures one architecture in every run
+the file holds and merges it in.
 """
 
 from __future__ import annotations
@@ -142,14 +143,16 @@ def measure(quick: bool, threads: int, archs: tuple[str, ...] = ARCHS, with_gmac
     }
 
 
-def _in_subprocess(quick: bool, threads: int, omp_wait_policy: str | None, with_gmacs: bool) -> dict[str, Any]:
+def _in_subprocess(quick: bool, threads: int, omp_wait_policy: str | None, with_gmacs: bool,
+                   archs: tuple[str, ...] = ARCHS) -> dict[str, Any]:
     """``measure`` in a fresh process: OpenMP reads its environment once, when torch is loaded."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if omp_wait_policy is not None:
         env["OMP_WAIT_POLICY"] = omp_wait_policy
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "out.json"
-        cmd = [sys.executable, "-m", "benchmarks.bench_dge", "--worker", str(path), "--threads", str(threads)]
+        cmd = [sys.executable, "-m", "benchmarks.bench_dge", "--worker", str(path), "--threads", str(threads),
+               "--archs", *archs]
         if quick:
             cmd.append("--quick")
         if not with_gmacs:
@@ -177,34 +180,53 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run(quick: bool, out_dir: Path) -> dict[str, Any]:
-    """Measure DGE at GMACs ratios 0.5 / 0.7 / 1.0 against timm; write ``dge_speed.json``."""
+def run(quick: bool, out_dir: Path, threads2: bool = False, omp_default: bool = False) -> dict[str, Any]:
+    """Measure DGE at GMACs ratios 0.5 / 0.7 / 1.0 against timm; write ``dge_speed.json``.
+
+    Full runs: one thread (GMACs checked there; what ``python -m benchmarks`` runs, to stay within the
+    hour); ``threads2`` adds two threads with ``OMP_WAIT_POLICY=PASSIVE`` and ``omp_default`` two threads
+    with OpenMP's default policy (the slow case the module docstring describes), 8-15 minutes each.
+    """
     runs: dict[str, Any] = {}
     if quick:  # smoke run: this process's environment only
         runs["threads2"] = measure(quick, threads=2)
-    else:
-        runs["threads2_default"] = (measure(quick, threads=2) if "OMP_WAIT_POLICY" not in os.environ
-                                    else _in_subprocess(quick, 2, None, True))
+        return _write(runs, quick, out_dir)
+    runs["threads1"] = measure(quick, threads=1)
+    if threads2:
         runs["threads2_omp_passive"] = _in_subprocess(quick, 2, "PASSIVE", False)
-        runs["threads1"] = measure(quick, threads=1, with_gmacs=False)
-        # GMACs do not depend on threads: copy the measured ones next to each run's timings.
-        for key in ("threads2_omp_passive", "threads1"):
-            for arch, a in runs[key]["archs"].items():
-                a["gmacs"] = runs["threads2_default"]["archs"][arch]["gmacs"]
+    if omp_default:
+        runs["threads2_default"] = (measure(quick, threads=2, with_gmacs=False) if "OMP_WAIT_POLICY" not in os.environ
+                                    else _in_subprocess(quick, 2, None, False))
+    # GMACs do not depend on threads: copy the measured ones next to each run's timings.
+    for key, res in runs.items():
+        if key != "threads1":
+            for arch, a in res["archs"].items():
+                a["gmacs"] = runs["threads1"]["archs"][arch]["gmacs"]
     return _write(runs, quick, out_dir)
 
 
 def update(arch: str, out_dir: Path) -> dict[str, Any]:
-    """Re-measure one architecture in the one-thread run and merge it into the existing ``dge_speed.json``
-    (after a change that affects only that family); the entry records its own machine block and date."""
+    """Re-measure one architecture in every run (two threads with both OpenMP wait policies, one thread)
+    and merge it into the existing ``dge_speed.json`` (after a change that affects only that family); the
+    re-measured entries record their own machine block and date."""
     path = out_dir / "dge_speed.json"
     if not path.is_file():
         raise SystemExit(f"{path} not found: run the whole benchmark first")
     runs = json.loads(path.read_text())["runs"]
-    fresh = measure(False, threads=1, archs=(arch,), with_gmacs=True)
-    entry = fresh["archs"][arch]
-    entry["machine"] = fresh["machine"]
-    runs["threads1"]["archs"][arch] = entry
+    archs = (arch,)
+    fresh = {"threads1": measure(False, threads=1, archs=archs)}
+    if "threads2_omp_passive" in runs:
+        fresh["threads2_omp_passive"] = _in_subprocess(False, 2, "PASSIVE", False, archs)
+    if "threads2_default" in runs:
+        fresh["threads2_default"] = (measure(False, threads=2, archs=archs, with_gmacs=False)
+                                     if "OMP_WAIT_POLICY" not in os.environ
+                                     else _in_subprocess(False, 2, None, False, archs))
+    for key, res in fresh.items():
+        entry = res["archs"][arch]
+        entry["machine"] = res["machine"]
+        if key != "threads1":  # GMACs do not depend on threads: the measured ones
+            entry["gmacs"] = fresh["threads1"]["archs"][arch]["gmacs"]
+        runs[key]["archs"][arch] = entry
     return _write(runs, False, out_dir)
 
 
@@ -220,7 +242,7 @@ def _write(runs: dict[str, Any], quick: bool, out_dir: Path) -> dict[str, Any]:
                             f"{res['threads']} thread(s), OMP_WAIT_POLICY={res['omp_wait_policy']}",
                     gmacs=g["reported_mean"], base_gmacs=a["base_gmacs"],
                     notes="random weights; gates forced at random per image and region")
-    target_run = "threads2" if quick else "threads2_omp_passive"
+    target_run = "threads2" if quick else "threads1"
     target = runs[target_run]["archs"]["deit_small_patch16_224"]["speed"]["cpu_throughput"]
     result = {
         "name": "dge",
@@ -248,14 +270,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--no-gmacs", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS), help=argparse.SUPPRESS)
+    parser.add_argument("--threads2", action="store_true",
+                        help="also measure two threads with OMP_WAIT_POLICY=PASSIVE (8-12 more minutes)")
+    parser.add_argument("--omp-default", action="store_true",
+                        help="also measure two threads with OpenMP's default wait policy (10-15 more minutes)")
     parser.add_argument("--update", choices=ARCHS, default=None,
-                        help="re-measure only this architecture (one thread) and merge it into dge_speed.json")
+                        help="re-measure only this architecture (every run) and merge it into dge_speed.json")
     args = parser.parse_args(argv)
     if args.worker is not None:
-        args.worker.write_text(json.dumps(measure(args.quick, args.threads, with_gmacs=not args.no_gmacs)))
+        result = measure(args.quick, args.threads, archs=tuple(args.archs), with_gmacs=not args.no_gmacs)
+        args.worker.write_text(json.dumps(result))
         return 0
     out = args.out or (REPO / "benchmarks" / "results" / ("quick" if args.quick else ""))
-    result = update(args.update, out) if args.update else run(args.quick, out)
+    result = update(args.update, out) if args.update else run(args.quick, out, args.threads2, args.omp_default)
     print(json.dumps(result["summary"], indent=1))
     return 0
 

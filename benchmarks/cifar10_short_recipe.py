@@ -91,8 +91,12 @@ def first_image_per_class(folder: Any, model: torch.nn.Module, count: int) -> to
 
 
 def run_recipe(recipe: str, base: Path, images_per_class: int, out_dir: Path, overrides: list[str] | None = None,
-               quick: bool = False, work: Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run the whole short recipe and write ``cifar10_<recipe>.json`` + the curve PNG into ``out_dir``."""
+               quick: bool = False, work: Path | None = None, progress: bool = True,
+               val_curve: bool = True) -> dict[str, Any]:
+    """Run the whole short recipe and write ``cifar10_<recipe>.json`` + the curve PNG into ``out_dir``.
+
+    ``val_curve`` adds the accuracy/GMACs curve on the validation images (a diagnostic, 1-3 minutes).
+    """
     import vitconvert
     from benchmarks.timing import machine_block
     from vitconvert.calibrate import calibrate, measure_curve
@@ -147,16 +151,19 @@ def run_recipe(recipe: str, base: Path, images_per_class: int, out_dir: Path, ov
 
         # For diagnosis only (never used to choose anything): the same curve on the validation images,
         # to tell a calibration miss (held-out vs validation) from a model that cannot reach the target.
-        t = time.perf_counter()
         final = vitconvert.load(tuned)
         folder = open_image_folder(data, holdout=final.recipe.calibrate.holdout)
-        val_curve = measure_curve(final, folder.eval_split(eval_max), torch.device("cpu"), 250, progress=False)
-        times["val_curve_diagnostic"] = time.perf_counter() - t
+        curve_points = []
+        if val_curve:
+            t = time.perf_counter()
+            curve_points = measure_curve(final, folder.eval_split(eval_max), torch.device("cpu"), 250,
+                                         progress=False)
+            times["val_curve_diagnostic"] = time.perf_counter() - t
 
         log = json.loads((tuned / "train_log.json").read_text())
         base_top1, top1 = ev["base"]["top1"], ev["top1"]
         base_gmacs = ev["base"]["gmacs"]
-        best_val = [p for p in val_curve if p.gmacs <= target_fraction * base_gmacs + 1e-12]
+        best_val = [p for p in curve_points if p.gmacs <= target_fraction * base_gmacs + 1e-12]
         target = {
             "rule": f"top-1 within {target_drop} points of the base model at <= {target_fraction:.0%} of its "
                     f"GMACs; conversion + fine-tuning <= {TARGET_MINUTES:.0f} min",
@@ -205,7 +212,7 @@ def run_recipe(recipe: str, base: Path, images_per_class: int, out_dir: Path, ov
             "calibration": {k: v for k, v in cal.items() if k != "curve"},
             "curve": cal["curve"],
             "evaluation": {k: v for k, v in ev.items() if k != "points"},
-            "val_curve_diagnostic": [dict(p.__dict__) for p in val_curve],
+            "val_curve_diagnostic": [dict(p.__dict__) for p in curve_points] or None,
             "target": target,
             "rows": [row],
         }
@@ -228,12 +235,14 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
     """Entry point for ``python -m benchmarks``: the :data:`SUITE` runs, each writing its own JSON.
 
     Fine-tuning uses every core, as a user would (the 15-minute target is for the whole 2-core CPU), whatever
-    thread count the suite set for its speed benchmarks.
+    thread count the suite set for its speed benchmarks. The validation-curve diagnostic is left out (it
+    chooses nothing; run a recipe alone to get it).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or threads)
     try:
-        results = {result_stem(recipe, base): run_recipe(recipe, base, 1000, out_dir, quick=quick, progress=False)
+        results = {result_stem(recipe, base): run_recipe(recipe, base, 1000, out_dir, quick=quick, progress=False,
+                                                         val_curve=False)
                    for recipe, base in SUITE}
     finally:
         torch.set_num_threads(threads)

@@ -11,9 +11,10 @@ import torch
 from utils import TINY_MODELS, tiny_model
 
 import vitconvert
+import vitconvert.methods.dge as dge
 from vitconvert.errors import UserError
 from vitconvert.gmacs import count_macs
-from vitconvert.methods.dge import DGE, DGEBlock, plot_granularity
+from vitconvert.methods.dge import DGE, DGEBlock, _conv_at, plot_granularity
 
 # Grids the region size does not divide: DeiT with a 10x10 grid (like 14x14 at 224 px) and PVT-v2 at 56 px
 # (stage grids 14, 7, 4, 2; the last one smaller than a region).
@@ -142,7 +143,7 @@ def test_swin_is_refused() -> None:
 # --- sparse inference --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["deit_distilled", "deit_10x10", "pvt_v2_56"])
+@pytest.mark.parametrize("key", ["deit_distilled", "deit_10x10", "pvt_v2", "pvt_v2_56"])
 def test_sparse_inference_equals_dense_training_path(key: str) -> None:
     """Real sparse computation (both layouts) = the paper's dense path combined with the same one-hot gates."""
     outs = {}
@@ -161,6 +162,61 @@ def test_sparse_inference_equals_dense_training_path(key: str) -> None:
         outs[layout] = sparse
     assert (outs["padded"].logits - outs["packed"].logits).abs().max().item() <= 1e-5
     assert torch.equal(outs["padded"].gmacs, outs["packed"].gmacs)
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_folded_depthwise_kernel_is_exact_on_a_uniform_level(p: int) -> None:
+    """PVT-v2's convolution at scale p on cell averages = the full-resolution convolution of the broadcast
+    map averaged over each p x p cell, when every cell is at level p (zero padding included)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6)
+    cells = torch.randn(2, 12 // p, 8 // p, 6)
+    full = cells.repeat_interleave(p, 1).repeat_interleave(p, 2)  # (2, 12, 8, 6) constant on p x p cells
+    with torch.no_grad():
+        ref = torch.nn.functional.avg_pool2d(conv(full.permute(0, 3, 1, 2)), p).permute(0, 2, 3, 1)
+        assert (_conv_at(conv, cells, p) - ref).abs().max().item() <= 1e-5
+        # a map that is not constant on the cells is not what the folded kernel assumes
+        noisy = full + 0.5 * torch.randn_like(full)
+        pooled = torch.nn.functional.avg_pool2d(noisy.permute(0, 3, 1, 2), p).permute(0, 2, 3, 1)
+        ref = torch.nn.functional.avg_pool2d(conv(noisy.permute(0, 3, 1, 2)), p).permute(0, 2, 3, 1)
+        assert (_conv_at(conv, pooled, p) - ref).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("key", ["pvt_v2", "pvt_v2_56"])
+@pytest.mark.parametrize("level0_share", [0.1, 0.6])  # halo patches / the whole token map for level 0
+def test_pvt_sparse_equals_training_path_with_all_levels_mixed(key: str, level0_share: float, monkeypatch) -> None:
+    """Every granularity next to every other (finer queries averaged into coarser cells), both ways of
+    convolving level 0; per-image GMACs = count_macs of that image alone with the same gates."""
+    drawn: dict[int, torch.Tensor] = {}
+    rows = slice(None)
+
+    def three_levels(forced: dge._Forced, batch: int, regions: int, device: torch.device) -> torch.Tensor:
+        if regions not in drawn:
+            g = torch.Generator().manual_seed(regions)
+            probs = torch.tensor([level0_share, (1 - level0_share) / 2, (1 - level0_share) / 2])
+            drawn[regions] = torch.multinomial(probs, 3 * regions, replacement=True, generator=g).view(3, regions)
+        return drawn[regions][rows]
+
+    monkeypatch.setattr(dge, "_forced_gates", three_levels)
+    for layout in ("packed", "padded"):
+        model = convert(key, [f"model.inference_layout={layout}"])
+        x = images(model, 3)
+        with torch.no_grad():
+            model.force_ratio(0.6, seed=7)
+            sparse = model.forward_dynamic(x)
+            dense = model.forward_train(x)
+        levels = torch.cat([g.flatten() for k, g in sparse.extras.items() if k.startswith("granularity.")])
+        assert set(levels.tolist()) == {0, 1, 2}
+        assert (sparse.logits - dense["logits"]).abs().max().item() <= 1e-4
+        assert dense["rho"].item() == pytest.approx(sparse.gmacs.double().mean().item() / model.base_gmacs, rel=1e-6)
+        for i in range(3):
+            rows = slice(i, i + 1)
+            counted = count_macs(lambda i=i, m=model, xs=x: m.forward_dynamic(xs[i:i + 1])) / 1e9
+            assert sparse.gmacs[i].item() == pytest.approx(counted, rel=1e-6)
+            with torch.no_grad():
+                alone = model.forward_dynamic(x[i:i + 1]).logits
+            assert (alone - sparse.logits[i:i + 1]).abs().max().item() <= 1e-4
+        rows = slice(None)
 
 
 def test_sparse_path_changes_output_with_coarse_gates() -> None:
@@ -187,9 +243,11 @@ def test_gmacs_match_counted_macs(key: str, layout: str) -> None:
     with torch.no_grad():
         out = model.forward_dynamic(x)
     assert out.gmacs.unique().numel() > 1  # the routers chose differently per image
+    levels = torch.cat([g.flatten() for k, g in out.extras.items() if k.startswith("granularity.")])
+    assert set(levels.tolist()) == {0, 1, 2}
     for i in range(4):
         counted = count_macs(lambda i=i: model.forward_dynamic(x[i:i + 1])) / 1e9
-        assert out.gmacs[i].item() == pytest.approx(counted, rel=0.01)
+        assert out.gmacs[i].item() == pytest.approx(counted, rel=1e-6)
     assert (out.gmacs < model.base_gmacs * 1.02).all()
 
 

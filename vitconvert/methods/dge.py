@@ -34,19 +34,22 @@ real-token count); a sub-patch with no real token does not exist, and the cost c
 queries. Nothing is resized, so the model stays exact at the finest granularity. Tested on 10x10 and
 7x7 ViT grids, PVT-v2 grids 14/7/4/2 (smaller than a region) and timm's DeiT-S at 224 px.
 
-**PVT-v2's MLP** holds a 3x3 depthwise convolution over the token map. DGE keeps it exact: ``fc1`` runs
-on the queries, each query's hidden state is broadcast to the tokens of its sub-patch (the same map the
-update broadcast uses), the depthwise convolution runs on that full-resolution map, its output is
-averaged back over each query's sub-patch (only for the granularities some image uses), then activation
-and ``fc2`` run on the queries. At the finest granularity this is timm's MLP. What it costs: the
-convolution stays dense, 9 MACs per token and hidden channel (about 7% of a first-stage MLP, 2.4% of
-PVT-v2-b1's MACs) but, being memory-bound, 15% of PVT-v2-b1's CPU time (batch 16, one thread); and the
-broadcast, pooling and gather are extra passes over hidden-width maps (mlp_ratio 8 in the first two
-stages). So on CPU at batch 64 DGE-PVT-v2 saves MACs but little time (1.17x at half the MACs with one
-thread, ``benchmarks/results/dge_speed.json``); batch-1 latency gains 1.2-1.9x. An exact sparse convolution
-would need every sub-patch's 1-token halo (20 extra rows per 4x4 region), more traffic than it saves unless
-fused into one kernel. Keeping the MLP dense instead
-would keep most of PVT-v2's MACs (the MLP is ~78% of a first-stage block).
+**PVT-v2's MLP** holds a 3x3 depthwise convolution over the token map. ``fc1`` runs on the queries; the
+query hidden states define a piecewise-constant map (every token takes its query's state), and each
+query gets the convolution evaluated at its own scale: the map averaged over p x p cells (p = its
+sub-patch side, real tokens only), convolved with the kernel folded to that scale (``C w C^T / p^2``,
+:func:`_fold_kernel`). Then activation and ``fc2`` run on the queries. At the finest granularity this is
+timm's MLP (exactness); with one granularity everywhere it equals the full-resolution convolution averaged
+over each sub-patch; next to finer regions a coarse query sees its neighbours' cell averages instead of
+their border tokens (the training path computes the same thing, so nothing is learned for a different
+model). Inference never builds the full hidden map for coarse regions: each used level's cell map is
+gathered at its own resolution (1/4 or 1/16 of the tokens) and convolved densely, and level-0 tokens are
+convolved from their regions' halo patches ((S+2)^2 tokens, read from the queries covering them) while at
+most a quarter of the regions are at level 0 (above that, and on grids the region size does not divide,
+PVT-v2's 14x14 and 7x7 at 224 px, the whole token map is faster). The convolution's MACs are counted per
+image as that image alone would run them. Why: broadcasting hidden states to the full grid,
+convolving and pooling back cost more CPU time than the skipped matmuls saved (1.17x at half the MACs on
+pvt_v2_b1, one thread); now 1.55x (``benchmarks/results/dge_speed.json``).
 
 **How it fits the fx anatomy.** :func:`vitconvert.read_anatomy` names the blocks, their stage and grid,
 ``norm1``/``norm2``, the attention and MLP modules and the prefix-token count. Each dynamic block is then
@@ -154,6 +157,13 @@ class _Layout:
     tok_cand_t: torch.Tensor  # (HW, K) the same, transposed for gathers
     nq: torch.Tensor  # (R, K) queries a region costs at each granularity
     inv: dict[int, torch.Tensor]  # sub-patch side -> (n,) 1 / real tokens in each sub-patch
+    # For PVT-v2's depthwise convolution at each granularity's own scale (level k >= 1):
+    cell_cand: dict[int, torch.Tensor]  # k -> (n_k, K) candidate of level g covering each level-k cell (g >= k)
+    cand_cell: dict[int, torch.Tensor]  # k -> (T,) level-k cell holding each candidate (used for finer ones)
+    cand_weight: dict[int, torch.Tensor]  # k -> (T,) real tokens of the candidate / real tokens of that cell
+    halo_tok: torch.Tensor | None  # (R, (S+2)^2) each region's tokens with a 1-token ring, -1 off the grid
+    region_tok: torch.Tensor | None  # (R, S^2) each region's tokens; both None unless S divides the grid
+    tok_local: torch.Tensor  # (HW,) position of each token inside its region (raster)
     region: int = 4
 
     def bounds(self, n_full: int) -> list[int]:
@@ -236,11 +246,35 @@ def _make_layout(hw: tuple[int, int], region: int, sizes: Sequence[int], device:
     nq.index_put_((cr, cg), torch.ones(len(cr)), accumulate=True)
     tc = torch.stack(tok_cand)
     ones = torch.ones(1, h, w, 1, dtype=torch.float64)
-    inv = {p: (1.0 / _sum_pool(ones, p).flatten()).float().to(device) for p in {*sizes[1:], region}}
+    real = {p: _sum_pool(ones, p).flatten() for p in {*sizes, region}}  # real tokens per sub-patch
+    inv = {p: (1.0 / real[p]).float().to(device) for p in {*sizes[1:], region}}
+    # Origin token of every candidate, and the tables of the per-scale depthwise convolution.
+    origin = torch.cat([torch.stack(torch.meshgrid(torch.arange(-(-h // p)) * p, torch.arange(-(-w // p)) * p,
+                                                   indexing="ij"), -1).reshape(-1, 2) for p in sizes])
+    cand_tokens = torch.cat([real[p] for p in sizes])
+    cell_cand, cand_cell, cand_weight = {}, {}, {}
+    for k, p in enumerate(sizes[1:], start=1):
+        cw = -(-w // p)
+        first = origin[sum(counts[:k]): sum(counts[:k + 1])]  # cells of level k = its candidates
+        cell_cand[k] = tc[:, first[:, 0] * w + first[:, 1]].t().contiguous().to(device)
+        cand_cell[k] = ((origin[:, 0] // p) * cw + origin[:, 1] // p)
+        cand_weight[k] = (cand_tokens / real[p][cand_cell[k]]).float().to(device)
+        cand_cell[k] = cand_cell[k].to(device)
+    halo_tok = region_tok = None
+    if h % region == 0 and w % region == 0:
+        ry, rx = torch.meshgrid(torch.arange(rh) * region, torch.arange(rw) * region, indexing="ij")
+        oy, ox = torch.meshgrid(torch.arange(-1, region + 1), torch.arange(-1, region + 1), indexing="ij")
+        hy, hx = ry.reshape(-1, 1) + oy.reshape(1, -1), rx.reshape(-1, 1) + ox.reshape(1, -1)
+        inside = (hy >= 0) & (hy < h) & (hx >= 0) & (hx < w)
+        halo_tok = torch.where(inside, hy * w + hx, -1).to(device)
+        ring = ((oy >= 0) & (oy < region) & (ox >= 0) & (ox < region)).reshape(-1)
+        region_tok = halo_tok[:, ring].contiguous()
     return _Layout(
         hw=hw, sizes=list(sizes), counts=counts, regions=(rh, rw), cand_region=cr.to(device),
         cand_gran=cg.to(device), tok_region=((ys // region) * rw + xs // region).to(device), tok_cand=tc.to(device),
-        tok_cand_t=tc.t().contiguous().to(device), nq=nq.to(device), inv=inv, region=region,
+        tok_cand_t=tc.t().contiguous().to(device), nq=nq.to(device), inv=inv, cell_cand=cell_cand,
+        cand_cell=cand_cell, cand_weight=cand_weight, halo_tok=halo_tok, region_tok=region_tok,
+        tok_local=((ys % region) * region + xs % region).to(device), region=region,
     )
 
 
@@ -252,6 +286,7 @@ class _Record:
     nq: torch.Tensor  # (B,)
     gates: torch.Tensor | None  # (B, Rh, Rw) granularity index (inference)
     router_ran: bool
+    conv_macs: torch.Tensor | None = None  # (B,) PVT-v2: MACs of the depthwise convolution on this path
 
 
 @dataclass
@@ -396,6 +431,10 @@ def _read_block(block: nn.Module, info: BlockInfo, kind: str) -> _BlockParts:
             raise AnatomyError(f"{where}: dge needs PVT-v2 attention with q, kv and proj Linear layers")
         if not all(hasattr(mlp, n) for n in ("fc1", "dwconv", "fc2", "act")):
             raise AnatomyError(f"{where}: dge needs PVT-v2's MLP (fc1, dwconv, act, fc2)")
+        dw = mlp.dwconv
+        if not (isinstance(dw, nn.Conv2d) and dw.kernel_size == (3, 3) and dw.stride == (1, 1)
+                and dw.padding == (1, 1) and dw.dilation == (1, 1) and dw.groups == dw.in_channels == dw.out_channels):
+            raise AnatomyError(f"{where}: dge needs PVT-v2's 3x3 depthwise convolution (stride 1, padding 1)")
     if any(True for _ in block.named_parameters(recurse=False)) or any(True for _ in block.named_buffers(
             recurse=False)):
         raise AnatomyError(f"{where}: parameters held directly by the block are not supported")
@@ -413,7 +452,8 @@ class _Packed:
     MACs. Row order inside an image does not matter: queries attend independently.
     """
 
-    def __init__(self, qsel: torch.Tensor, tok_src: torch.Tensor, bounds: list[int], sizes: list[int]) -> None:
+    def __init__(self, qsel: torch.Tensor, tok_src: torch.Tensor, bounds: list[int], sizes: list[int],
+                 gates: torch.Tensor) -> None:
         b, t = qsel.shape
         dev = qsel.device
         groups = [qsel[:, s:e] for s, e in itertools.pairwise(bounds)]
@@ -421,14 +461,16 @@ class _Packed:
         self.nq = torch.stack(counts).sum(0)
         self.batch = b
         self.sizes = sizes
+        self.gates = gates
+        self.widths = [e - s for s, e in itertools.pairwise(bounds)]
         self.src = [g.flatten().nonzero().squeeze(1) for g in groups]
         n = [s.numel() for s in self.src]
         self.offsets = [0, *itertools.accumulate(n)]
         self.m = self.offsets[-1]
-        self.present = [p for p, k in zip(sizes[1:], n[1:], strict=True) if k]
         rows = torch.full((b, t), -1, dtype=torch.long, device=dev)
         for g, (s, e) in enumerate(itertools.pairwise(bounds)):
             rows[:, s:e][groups[g]] = torch.arange(self.offsets[g], self.offsets[g + 1], device=dev)
+        self.cand_rows = rows  # (B, T) row of each selected candidate, -1 for the others
         self.tok_rows = rows.gather(1, tok_src)  # (B, N) query row covering each token (prefix included)
         # Padding for the attention core: slot j of image i holds its rows group after group, padding
         # slots hold row 0; the way back is the inverse on the real slots.
@@ -467,22 +509,45 @@ class _Packed:
         """Per-query rows -> (B, N, D): every token takes the row of the query covering it."""
         return t.index_select(0, self.tok_rows.flatten()).view(self.batch, -1, t.shape[-1])
 
+    def level_rows(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows of the group-``k`` queries, their image and their column inside the group."""
+        src = self.src[k]
+        rows = torch.arange(self.offsets[k], self.offsets[k + 1], device=src.device)
+        return rows, src // self.widths[k], src % self.widths[k]
+
+    @property
+    def flat_tok_rows(self) -> torch.Tensor:
+        return self.tok_rows
+
 
 class _Padded:
     """The selected queries of each image padded to the batch's largest count: (B, L, C)."""
 
-    def __init__(self, qsel: torch.Tensor, tok_src: torch.Tensor, sizes: list[int]) -> None:
+    def __init__(self, qsel: torch.Tensor, tok_src: torch.Tensor, bounds: list[int], sizes: list[int],
+                 gates: torch.Tensor) -> None:
         b, t = qsel.shape
         pos = qsel.cumsum(1) - 1
         self.nq = pos[:, -1] + 1
         self.sizes = sizes
-        self.present = sizes[1:]
+        self.gates = gates
+        self.qsel = qsel
+        self.bounds = bounds
         length = int(self.nq.max())
         target = torch.where(qsel, pos, length)
         idx = torch.zeros(b, length + 1, dtype=torch.long, device=qsel.device)
         idx.scatter_(1, target, torch.arange(t, device=qsel.device).expand(b, t))
         self.idx = idx[:, :length]  # padding slots point at candidate 0 (a real token; its output is unused)
         self.tok_rows = pos.gather(1, tok_src)
+        # Flat (B * L) row numbers, for the per-scale depthwise convolution of PVT-v2.
+        first = torch.arange(b, device=qsel.device).unsqueeze(1) * length
+        self.cand_rows = torch.where(qsel, first + pos, -1)
+        self.flat_tok_rows = first + self.tok_rows
+
+    def level_rows(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flat rows of the selected candidates of group ``k``, their image and their column in the group."""
+        s, e = self.bounds[k], self.bounds[k + 1]
+        img, col = self.qsel[:, s:e].nonzero().unbind(1)
+        return self.cand_rows[img, s + col], img, col
 
     def gather(self, full: torch.Tensor, pooled: dict[int, torch.Tensor]) -> torch.Tensor:
         table = torch.cat([full, *(pooled[p] for p in self.sizes[1:])], dim=1)
@@ -500,7 +565,6 @@ class _All:
 
     def __init__(self, sizes: list[int]) -> None:
         self.sizes = sizes
-        self.present = sizes[1:]
 
     def gather(self, full: torch.Tensor, pooled: dict[int, torch.Tensor]) -> torch.Tensor:
         return torch.cat([full, *(pooled[p] for p in self.sizes[1:])], dim=1)
@@ -593,13 +657,14 @@ class DGEBlock(nn.Module):
         tok_src = torch.cat([torch.arange(p, device=x.device).expand(b, p), tok_src], dim=1)
         # Dropping a path per row of a packed batch would drop tokens, not images: pad while training.
         if ctx.layout_mode == "packed" and not self.training:
-            q: _Selection = _Packed(qsel, tok_src, lay.bounds(n), lay.sizes)
+            q: _Selection = _Packed(qsel, tok_src, lay.bounds(n), lay.sizes, gates)
         else:
-            q = _Padded(qsel, tok_src, lay.sizes)
+            q = _Padded(qsel, tok_src, lay.bounds(n), lay.sizes, gates)
         delta = self._updates(q.gather(x, pooled), x, hw, lay, q, None)
         out = q.to_tokens(delta)
         out = out.add_(x) if not torch.is_grad_enabled() else out + x
-        ctx.records.append(_Record(self.index, q.nq.to(torch.float64), gates.reshape(b, *lay.regions), ran))
+        ctx.records.append(_Record(self.index, q.nq.to(torch.float64), gates.reshape(b, *lay.regions), ran,
+                                   self._conv_macs(gates, lay)))
         return out
 
     def _forward_train(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -622,8 +687,13 @@ class DGEBlock(nn.Module):
         out_grid = x[:, p:] + upd
         out = torch.cat([x[:, :p] + delta[:, :p], out_grid], dim=1) if p else out_grid
         nq = p + (gates * lay.nq.to(gates.dtype)).sum(dim=(1, 2))
-        ctx.records.append(_Record(self.index, nq, None, True))
+        ctx.records.append(_Record(self.index, nq, None, True, self._conv_macs(gates.detach().argmax(-1), lay)))
         return out
+
+    def _conv_macs(self, gates: torch.Tensor, lay: _Layout) -> torch.Tensor | None:
+        if self.parts.kind != "pvt":
+            return None
+        return _dwconv_macs(self.get_submodule(self.parts.mlp).dwconv, gates, lay)
 
     # --- the block's computation on queries -------------------------------------------------------------
 
@@ -666,20 +736,164 @@ class DGEBlock(nn.Module):
         mlp = self.get_submodule(self.parts.mlp)
         if self.parts.kind == "vit":
             return mlp(t)
-        # PVT-v2: fc1 on queries -> broadcast to the token map -> depthwise conv -> average per query.
-        hidden = mlp.fc1(t)
+        # PVT-v2: fc1 on the queries, the depthwise convolution at each granularity's scale, act, fc2.
         if isinstance(q, _All):
             assert gate_tok is not None
-            grid = sum(gate_tok[..., k:k + 1] * hidden.index_select(1, lay.tok_cand[k])
-                       for k in range(len(lay.sizes)))
+            h = _dwconv_all(mlp.dwconv, mlp.relu(mlp.fc1(t)), hw, lay, gate_tok)
         else:
-            grid = q.to_tokens(hidden)  # PVT-v2 has no prefix tokens: the tokens are the grid
-        b, _, d = grid.shape
-        fmap = mlp.dwconv(mlp.relu(grid.view(b, hw[0], hw[1], d).permute(0, 3, 1, 2)))
-        cl = fmap.permute(0, 2, 3, 1)  # (B, H, W, D); channels-last memory, so a view
-        h = q.gather(cl.reshape(b, -1, d), _pool(cl, lay, q.present))  # only granularities some image uses
+            # The rows plus one zero row (read for tokens off the grid), written by fc1 in place when
+            # autograd is off: copying a hidden-width table costs as much as a small convolution.
+            rows = t.reshape(-1, t.shape[-1])
+            d = mlp.fc1.out_features
+            if torch.is_grad_enabled():
+                table = torch.cat([mlp.fc1(rows), rows.new_zeros(1, d)])
+            else:
+                table = rows.new_empty(rows.shape[0] + 1, d)
+                torch.matmul(rows, mlp.fc1.weight.t(), out=table[:-1])
+                if mlp.fc1.bias is not None:
+                    table[:-1] += mlp.fc1.bias
+                table[-1].zero_()
+            h = _dwconv_selected(mlp.dwconv, mlp.relu(table), hw, lay, q).view(*t.shape[:-1], d)
         h = mlp.drop(mlp.act(h))
         return mlp.drop(mlp.fc2(h))
+
+
+# --- PVT-v2's depthwise convolution on mixed granularities (see the module docstring) ----------------------
+
+
+def _fold_kernel(weight: torch.Tensor, p: int) -> torch.Tensor:
+    """3x3 depthwise kernel acting on p x p cell averages: C w C^T / p^2 with C = [[1,0,0],[p-1,p,p-1],[0,0,1]].
+
+    C[i, j] counts the output rows of a p-row cell that read neighbour cell i - 1 (above, itself, below)
+    through kernel row j: the cell itself is read by all p rows through the centre tap and by p - 1 rows
+    through each outer tap, the cell above only by the first row through the top tap. The same holds for
+    columns. Written with slices, so MAC counters see no matmul.
+    """
+    if p == 1:
+        return weight
+
+    def fold(w: torch.Tensor, dim: int) -> torch.Tensor:
+        a, b, c = w.unbind(dim)
+        return torch.stack([a, (p - 1) * (a + c) + p * b, c], dim)
+
+    return fold(fold(weight, 2), 3) / (p * p)
+
+
+def _conv_at(conv: nn.Conv2d, fmap: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, h, w, D) map of p x p cell averages -> (B, h, w, D) depthwise convolution at that scale."""
+    out = F.conv2d(fmap.permute(0, 3, 1, 2), _fold_kernel(conv.weight, p), conv.bias, padding=1,
+                   groups=conv.groups)
+    return out.permute(0, 2, 3, 1)
+
+
+def _dwconv_all(conv: nn.Conv2d, hidden: torch.Tensor, hw: tuple[int, int], lay: _Layout,
+                gate_tok: torch.Tensor) -> torch.Tensor:
+    """Training path: (B, T, D) hidden states of every candidate -> their convolution outputs (B, T, D)."""
+    b, _, d = hidden.shape
+    grid = sum(gate_tok[..., k:k + 1] * hidden.index_select(1, lay.tok_cand[k]) for k in range(len(lay.sizes)))
+    fmap = grid.view(b, hw[0], hw[1], d)
+    pooled = _pool(fmap, lay, lay.sizes[1:])
+    outs = [conv(fmap.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(b, -1, d)]
+    for p in lay.sizes[1:]:
+        cells = pooled[p].view(b, -(-hw[0] // p), -(-hw[1] // p), d)
+        outs.append(_conv_at(conv, cells, p).reshape(b, -1, d))
+    return torch.cat(outs, dim=1)
+
+
+# Level-0 tokens are convolved from halo patches while at most this share of the regions is at level 0;
+# above it one convolution of the whole token map is faster on CPU (the patches read 2.25x the tokens and
+# a convolution over many 6x6 maps runs far below the kernel's speed on one large map).
+_HALO_MAX_SHARE = 0.25
+
+
+def _use_halo(level0: torch.Tensor, lay: _Layout) -> torch.Tensor:
+    """Whether level-0 regions go through halo patches, from the level-0 mask of one image or of a batch."""
+    return torch.tensor(lay.halo_tok is not None) & (level0.float().mean(-1) <= _HALO_MAX_SHARE)
+
+
+def _dwconv_macs(conv: nn.Conv2d, gates: torch.Tensor, lay: _Layout) -> torch.Tensor:
+    """(B,) MACs of the convolution for each image run alone (as ``count_macs`` counts it), given its (B, R)
+    region levels. In a batch the halo-or-whole-map choice is made for the batch, so a batch may compute more."""
+    per_cell = conv.out_channels * (conv.in_channels // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1]
+    level = gates.reshape(gates.shape[0], -1)
+    macs = torch.zeros(level.shape[0], dtype=torch.float64, device=gates.device)
+    halo = _use_halo(level == 0, lay).to(gates.device)
+    for k, n in enumerate(lay.counts):
+        used = (level == k).sum(1).to(torch.float64)
+        whole_map = per_cell * n * (used > 0).to(torch.float64)  # one convolution over the level's cell map
+        if k == 0 and lay.region_tok is not None:  # or halo patches: the level-0 regions' tokens only
+            macs += torch.where(halo, per_cell * lay.region_tok.shape[1] * used, whole_map)
+        else:
+            macs += whole_map
+    return macs
+
+
+def _dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], lay: _Layout,
+                     q: _Packed | _Padded) -> torch.Tensor:
+    """Inference: (R + 1, D) hidden rows of the selected queries and a last row of zeros (read off the grid)
+    -> the (R, D) convolution outputs of the queries."""
+    r, d = table.shape[0] - 1, table.shape[1]
+    hidden = table[:r]
+    gates = q.gates
+    b = gates.shape[0]
+    # Every packed row is a query and gets written; padded layouts keep zeros in their padding slots.
+    out = hidden.new_empty(r, d) if isinstance(q, _Packed) else hidden.new_zeros(r, d)
+    start = [0, *itertools.accumulate(lay.counts)]
+
+    def put(k: int, rows: torch.Tensor, res: torch.Tensor, index: torch.Tensor) -> None:
+        """out[rows] = res[index]; a packed group's rows are one block, written by one gather."""
+        if isinstance(q, _Packed):
+            torch.index_select(res, 0, index, out=out[q.offsets[k]:q.offsets[k + 1]])
+        else:
+            out.index_copy_(0, rows, res.index_select(0, index))
+
+    for k, p in enumerate(lay.sizes):
+        rows, img, col = q.level_rows(k)
+        if not rows.numel():
+            continue
+        level0 = gates == 0
+        if k == 0 and bool(_use_halo(level0.flatten(), lay)):
+            # Each level-0 region with a one-token ring (the ring reads the queries covering it): a valid
+            # 3x3 convolution of (S+2)^2 tokens gives its S^2 outputs.
+            assert lay.halo_tok is not None
+            img0, reg0 = level0.nonzero().unbind(1)
+            halo = lay.halo_tok[reg0]
+            src = torch.where(halo >= 0, q.flat_tok_rows[img0.unsqueeze(1), halo.clamp(min=0)], r)
+            side = lay.region + 2
+            patches = table.index_select(0, src.flatten()).view(-1, side, side, d).permute(0, 3, 1, 2)
+            res = F.conv2d(patches, conv.weight, conv.bias, groups=conv.groups).permute(0, 2, 3, 1)
+            rank = level0.flatten().cumsum(0).view(b, -1) - 1  # patch number of each level-0 region
+            squares = lay.region * lay.region
+            put(0, rows, res.reshape(-1, d), rank[img, lay.tok_region[col]] * squares + lay.tok_local[col])
+            continue
+        ch, cw = -(-hw[0] // p), -(-hw[1] // p)
+        if k == 0:  # the whole token map
+            fmap = table.index_select(0, q.flat_tok_rows.flatten()).view(b, ch, cw, d)
+            put(0, rows, _conv_at(conv, fmap, p).reshape(-1, d), img * lay.counts[k] + col)
+            continue
+        # Only the images with level-k regions, and of their finer queries only those in the ring of cells
+        # the level-k queries read (the rest of the cell map is computed but never used).
+        g_cell = gates[:, lay.cand_region[start[k]:start[k + 1]]]
+        here = g_cell == k
+        users = here.any(1).nonzero().squeeze(1)
+        slot = torch.full((b,), -1, dtype=torch.long, device=gates.device)
+        slot[users] = torch.arange(users.numel(), device=gates.device)
+        g_cell, here = g_cell[users], here[users]
+        cand = lay.cell_cand[k].unsqueeze(0).expand(users.numel(), -1, -1).gather(2, g_cell.unsqueeze(-1)).squeeze(2)
+        src = torch.where(g_cell >= k, q.cand_rows[users].gather(1, cand), r)
+        cells = table.index_select(0, src.flatten())
+        ring = F.max_pool2d(here.view(-1, 1, ch, cw).to(table.dtype), 3, 1, 1).flatten().bool()
+        for j in range(k):  # finer queries: averaged into their cells with their share of its real tokens
+            rows_j, img_j, col_j = q.level_rows(j)
+            c = start[j] + col_j
+            at = slot[img_j] * lay.counts[k] + lay.cand_cell[k][c]
+            keep = (slot[img_j] >= 0) & ring[at.clamp(min=0)]
+            if keep.any():
+                rows_j, c, at = rows_j[keep], c[keep], at[keep]
+                cells.index_add_(0, at, hidden.index_select(0, rows_j) * lay.cand_weight[k][c].unsqueeze(1))
+        res = _conv_at(conv, cells.view(-1, ch, cw, d), p).reshape(-1, d)
+        put(k, rows, res, slot[img] * lay.counts[k] + col)
+    return out
 
 
 def _pvt_kv(attn: nn.Module, xn: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -757,7 +971,7 @@ def _block_costs(block: nn.Module, parts: _BlockParts, tokens: int, hw: tuple[in
             kv = n * 2 * c * c
         mlp_tok = c * hidden + hidden * c
         per_q = _ln(norm1, c) + c * c + 2 * nkv * c + c * c + _ln(norm2, c) + mlp_tok
-        fixed = n * _ln(norm1, c) + kv + dw_macs
+        fixed = n * _ln(norm1, c) + kv  # + the depthwise convolution, which depends on the levels used
         dense = n * (_ln(norm1, c) + c * c + 2 * nkv * c + c * c + _ln(norm2, c) + mlp_tok) + kv + dw_macs
     return {"fixed": float(fixed), "per_query": float(per_q), "dense": float(dense)}
 
@@ -805,6 +1019,10 @@ class DGE(ConvertedModel):
             costs = _block_costs(block, parts, info.tokens, grid)
             costs["router"] = float(lay.num_regions * (info.dim * k + _ln(router.norm, info.dim)))
             costs["level_nq"] = [float(self.num_prefix + v) for v in lay.nq.sum(0).tolist()]
+            costs["level_conv"] = [0.0] * k
+            if kind == "pvt":  # every region at level j: what DGEBlock._conv_macs counts
+                gates = torch.arange(k).view(k, 1).expand(k, lay.num_regions)
+                costs["level_conv"] = _dwconv_macs(block.get_submodule(parts.mlp).dwconv, gates, lay).tolist()
             self.costs[info.index] = costs
             self.dynamic_blocks.append(info.index)
             new = DGEBlock(block, parts, info.index, self.num_prefix, grid if kind == "vit" else None, router, ctx)
@@ -880,7 +1098,7 @@ class DGE(ConvertedModel):
         """Dynamic/static GMACs ratio with every region of every dynamic block at each granularity."""
         out = []
         for k in range(len(self._c.sizes)):
-            extra = sum(c["fixed"] + c["router"] + c["per_query"] * c["level_nq"][k] - c["dense"]
+            extra = sum(c["fixed"] + c["router"] + c["per_query"] * c["level_nq"][k] + c["level_conv"][k] - c["dense"]
                         for c in self.costs.values())
             out.append(1.0 + extra / 1e9 / self.base_gmacs)
         return out
@@ -943,6 +1161,8 @@ class DGE(ConvertedModel):
             c = self.costs[r.block]
             const = c["fixed"] - c["dense"] + (c["router"] if r.router_ran else 0.0)
             total = total + const + c["per_query"] * r.nq.to(torch.float64)
+            if r.conv_macs is not None:
+                total = total + r.conv_macs
         return total
 
     def forward_dynamic(self, x: torch.Tensor) -> DynamicOutput:
