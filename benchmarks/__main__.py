@@ -4,8 +4,8 @@ Every module ``benchmarks/bench_<name>.py`` that exposes ``run(quick: bool, out_
 benchmark called ``<name>``; so are ``benchmarks/tome.py`` (``tome``, the training-free ToMe baseline)
 and ``benchmarks/cifar10_short_recipe.py`` (``cifar10``, accuracy after the short fine-tuning recipe)
 when present. Each writes its JSON into the results folder and returns it; the run order is the speed
-benchmarks first, accuracy last. The full suite takes about 56 minutes on the 2-core CPU (speed
-~16 min, accuracy ~40 min, estimated from the parts' recorded times); ``--quick`` (smaller batches, fewer
+benchmarks first, accuracy last. The full suite takes about 52 minutes on the 2-core CPU (speed
+13.8 min, timed; accuracy ~38 min, from the three runs' recorded times); ``--quick`` (smaller batches, fewer
 repetitions) a few minutes, and it writes to ``benchmarks/results/quick/`` so it never overwrites
 committed numbers.
 

@@ -206,9 +206,8 @@ def run(quick: bool, out_dir: Path, threads2: bool = False, omp_default: bool = 
 
 
 def update(arch: str, out_dir: Path) -> dict[str, Any]:
-    """Re-measure one architecture in every run (two threads with both OpenMP wait policies, one thread)
-    and merge it into the existing ``dge_speed.json`` (after a change that affects only that family); the
-    re-measured entries record their own machine block and date."""
+    """Re-measure one architecture in every run the existing ``dge_speed.json`` holds and merge it in (after
+    a change that affects only that family); the re-measured entries record their own machine block and date."""
     path = out_dir / "dge_speed.json"
     if not path.is_file():
         raise SystemExit(f"{path} not found: run the whole benchmark first")
