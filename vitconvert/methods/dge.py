@@ -257,9 +257,9 @@ def _make_layout(hw: tuple[int, int], region: int, sizes: Sequence[int], device:
         cw = -(-w // p)
         first = origin[sum(counts[:k]): sum(counts[:k + 1])]  # cells of level k = its candidates
         cell_cand[k] = tc[:, first[:, 0] * w + first[:, 1]].t().contiguous().to(device)
-        cand_cell[k] = ((origin[:, 0] // p) * cw + origin[:, 1] // p)
-        cand_weight[k] = (cand_tokens / real[p][cand_cell[k]]).float().to(device)
-        cand_cell[k] = cand_cell[k].to(device)
+        cell = (origin[:, 0] // p) * cw + origin[:, 1] // p
+        cand_cell[k] = cell.to(device)
+        cand_weight[k] = (cand_tokens / real[p][cell]).float().to(device)
     halo_tok = region_tok = None
     if h % region == 0 and w % region == 0:
         ry, rx = torch.meshgrid(torch.arange(rh) * region, torch.arange(rw) * region, indexing="ij")
@@ -792,11 +792,9 @@ def _dwconv_all(conv: nn.Conv2d, hidden: torch.Tensor, hw: tuple[int, int], lay:
     b, _, d = hidden.shape
     grid = sum(gate_tok[..., k:k + 1] * hidden.index_select(1, lay.tok_cand[k]) for k in range(len(lay.sizes)))
     fmap = grid.view(b, hw[0], hw[1], d)
-    pooled = _pool(fmap, lay, lay.sizes[1:])
-    outs = [conv(fmap.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(b, -1, d)]
-    for p in lay.sizes[1:]:
-        cells = pooled[p].view(b, -(-hw[0] // p), -(-hw[1] // p), d)
-        outs.append(_conv_at(conv, cells, p).reshape(b, -1, d))
+    pooled = {1: grid, **_pool(fmap, lay, lay.sizes[1:])}
+    outs = [_conv_at(conv, pooled[p].view(b, -(-hw[0] // p), -(-hw[1] // p), d), p).reshape(b, -1, d)
+            for p in lay.sizes]
     return torch.cat(outs, dim=1)
 
 
@@ -808,7 +806,7 @@ _HALO_MAX_SHARE = 0.25
 
 def _use_halo(level0: torch.Tensor, lay: _Layout) -> torch.Tensor:
     """Whether level-0 regions go through halo patches, from the level-0 mask of one image or of a batch."""
-    return torch.tensor(lay.halo_tok is not None) & (level0.float().mean(-1) <= _HALO_MAX_SHARE)
+    return (level0.float().mean(-1) <= _HALO_MAX_SHARE) & (lay.halo_tok is not None)
 
 
 def _dwconv_macs(conv: nn.Conv2d, gates: torch.Tensor, lay: _Layout) -> torch.Tensor:
@@ -817,7 +815,7 @@ def _dwconv_macs(conv: nn.Conv2d, gates: torch.Tensor, lay: _Layout) -> torch.Te
     per_cell = conv.out_channels * (conv.in_channels // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1]
     level = gates.reshape(gates.shape[0], -1)
     macs = torch.zeros(level.shape[0], dtype=torch.float64, device=gates.device)
-    halo = _use_halo(level == 0, lay).to(gates.device)
+    halo = _use_halo(level == 0, lay)
     for k, n in enumerate(lay.counts):
         used = (level == k).sum(1).to(torch.float64)
         whole_map = per_cell * n * (used > 0).to(torch.float64)  # one convolution over the level's cell map
@@ -847,11 +845,12 @@ def _dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], 
         else:
             out.index_copy_(0, rows, res.index_select(0, index))
 
+    levels = [q.level_rows(k) for k in range(len(lay.sizes))]  # (rows, image, column) of each level
+    level0 = gates == 0
     for k, p in enumerate(lay.sizes):
-        rows, img, col = q.level_rows(k)
+        rows, img, col = levels[k]
         if not rows.numel():
             continue
-        level0 = gates == 0
         if k == 0 and bool(_use_halo(level0.flatten(), lay)):
             # Each level-0 region with a one-token ring (the ring reads the queries covering it): a valid
             # 3x3 convolution of (S+2)^2 tokens gives its S^2 outputs.
@@ -883,8 +882,8 @@ def _dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], 
         src = torch.where(g_cell >= k, q.cand_rows[users].gather(1, cand), r)
         cells = table.index_select(0, src.flatten())
         ring = F.max_pool2d(here.view(-1, 1, ch, cw).to(table.dtype), 3, 1, 1).flatten().bool()
-        for j in range(k):  # finer queries: averaged into their cells with their share of its real tokens
-            rows_j, img_j, col_j = q.level_rows(j)
+        # Finer queries: averaged into their cells with their share of the cell's real tokens.
+        for j, (rows_j, img_j, col_j) in enumerate(levels[:k]):
             c = start[j] + col_j
             at = slot[img_j] * lay.counts[k] + lay.cand_cell[k][c]
             keep = (slot[img_j] >= 0) & ring[at.clamp(min=0)]
