@@ -180,6 +180,26 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _measure_run(key: str, quick: bool, archs: tuple[str, ...] = ARCHS) -> dict[str, Any]:
+    """One named run: ``threads1`` (with the GMACs checks), ``threads2_omp_passive`` or ``threads2_default``."""
+    if key == "threads1":
+        return measure(quick, threads=1, archs=archs)
+    if key == "threads2_omp_passive":
+        return _in_subprocess(quick, 2, "PASSIVE", False, archs)
+    if key == "threads2_default":  # OpenMP reads its environment once: a subprocess if this one set it
+        return (measure(quick, threads=2, archs=archs, with_gmacs=False) if "OMP_WAIT_POLICY" not in os.environ
+                else _in_subprocess(quick, 2, None, False, archs))
+    raise ValueError(f"unknown run {key!r}")
+
+
+def _copy_gmacs(runs: dict[str, Any]) -> None:
+    """GMACs do not depend on threads: copy the one-thread run's measured ones next to the other timings."""
+    for key, res in runs.items():
+        if key != "threads1":
+            for arch, a in res["archs"].items():
+                a["gmacs"] = runs["threads1"]["archs"][arch]["gmacs"]
+
+
 def run(quick: bool, out_dir: Path, threads2: bool = False, omp_default: bool = False) -> dict[str, Any]:
     """Measure DGE at GMACs ratios 0.5 / 0.7 / 1.0 against timm; write ``dge_speed.json``.
 
@@ -187,21 +207,11 @@ def run(quick: bool, out_dir: Path, threads2: bool = False, omp_default: bool = 
     hour); ``threads2`` adds two threads with ``OMP_WAIT_POLICY=PASSIVE`` and ``omp_default`` two threads
     with OpenMP's default policy (the slow case the module docstring describes), 8-15 minutes each.
     """
-    runs: dict[str, Any] = {}
     if quick:  # smoke run: this process's environment only
-        runs["threads2"] = measure(quick, threads=2)
-        return _write(runs, quick, out_dir)
-    runs["threads1"] = measure(quick, threads=1)
-    if threads2:
-        runs["threads2_omp_passive"] = _in_subprocess(quick, 2, "PASSIVE", False)
-    if omp_default:
-        runs["threads2_default"] = (measure(quick, threads=2, with_gmacs=False) if "OMP_WAIT_POLICY" not in os.environ
-                                    else _in_subprocess(quick, 2, None, False))
-    # GMACs do not depend on threads: copy the measured ones next to each run's timings.
-    for key, res in runs.items():
-        if key != "threads1":
-            for arch, a in res["archs"].items():
-                a["gmacs"] = runs["threads1"]["archs"][arch]["gmacs"]
+        return _write({"threads2": measure(quick, threads=2)}, quick, out_dir)
+    keys = ["threads1", *(["threads2_omp_passive"] if threads2 else []), *(["threads2_default"] if omp_default else [])]
+    runs = {key: _measure_run(key, quick) for key in keys}
+    _copy_gmacs(runs)
     return _write(runs, quick, out_dir)
 
 
@@ -212,19 +222,12 @@ def update(arch: str, out_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SystemExit(f"{path} not found: run the whole benchmark first")
     runs = json.loads(path.read_text())["runs"]
-    archs = (arch,)
-    fresh = {"threads1": measure(False, threads=1, archs=archs)}
-    if "threads2_omp_passive" in runs:
-        fresh["threads2_omp_passive"] = _in_subprocess(False, 2, "PASSIVE", False, archs)
-    if "threads2_default" in runs:
-        fresh["threads2_default"] = (measure(False, threads=2, archs=archs, with_gmacs=False)
-                                     if "OMP_WAIT_POLICY" not in os.environ
-                                     else _in_subprocess(False, 2, None, False, archs))
+    keys = ["threads1", *(k for k in ("threads2_omp_passive", "threads2_default") if k in runs)]
+    fresh = {key: _measure_run(key, False, (arch,)) for key in keys}
+    _copy_gmacs(fresh)
     for key, res in fresh.items():
         entry = res["archs"][arch]
         entry["machine"] = res["machine"]
-        if key != "threads1":  # GMACs do not depend on threads: the measured ones
-            entry["gmacs"] = fresh["threads1"]["archs"][arch]["gmacs"]
         runs[key]["archs"][arch] = entry
     return _write(runs, False, out_dir)
 
