@@ -193,3 +193,40 @@ def test_cifar10_short_recipe_quick_dge_on_pvt(tmp_path: Path) -> None:
     assert cal["budget"] == "60%" and cal["gmacs"] <= 0.6 * cal["base_gmacs"] + 1e-9  # the DGE target's 60%
     row = result["rows"][0]
     assert row["backbone"] == "cifar10-pvt" and row["method"] == "dge" and row["top1"] == ev["top1"]
+
+
+def test_dge_speed_runs_and_update_merge(tmp_path: Path, monkeypatch) -> None:
+    """The suite measures one thread by default; flags add the two-thread runs; --update re-measures one
+    architecture in exactly the runs the file holds and copies the one-thread GMACs next to the others."""
+    import benchmarks.bench_dge as bench
+
+    calls: list[tuple[str, tuple[str, ...]]] = []
+
+    def fake_run(key: str, quick: bool, archs: tuple[str, ...] = bench.ARCHS) -> dict:
+        calls.append((key, archs))
+        gm = {n: {"expected_ratio": 0.5, "reported_mean": 1.0 if key == "threads1" else None, "ratio_to_base": 0.5}
+              for n in ("dge_rho0.5", "dge_rho0.7", "dge_rho0.5_padded")}
+        return {"threads": 1 if key == "threads1" else 2, "omp_wait_policy": key, "machine": {"run": key},
+                "archs": {a: {"base_gmacs": 2.0, "gmacs": gm, "speed": {"tag": key}} for a in archs}}
+
+    written: dict = {}
+
+    def fake_write(runs: dict, quick: bool, out: Path) -> dict:
+        written.clear()
+        written.update(runs)
+        (out / "dge_speed.json").write_text(json.dumps({"runs": runs}))
+        return {"runs": runs}
+
+    monkeypatch.setattr(bench, "_measure_run", fake_run)
+    monkeypatch.setattr(bench, "_write", fake_write)
+    bench.run(False, tmp_path)
+    assert list(written) == ["threads1"]
+    bench.run(False, tmp_path, threads2=True, omp_default=True)
+    assert list(written) == ["threads1", "threads2_omp_passive", "threads2_default"]
+    for res in written.values():  # every run carries the one-thread run's measured GMACs
+        assert res["archs"]["pvt_v2_b1"]["gmacs"]["dge_rho0.5"]["reported_mean"] == 1.0
+    calls.clear()
+    bench.update("pvt_v2_b1", tmp_path)
+    assert calls == [(k, ("pvt_v2_b1",)) for k in ("threads1", "threads2_omp_passive", "threads2_default")]
+    assert written["threads2_default"]["archs"]["pvt_v2_b1"]["machine"] == {"run": "threads2_default"}
+    assert "machine" not in written["threads2_default"]["archs"]["deit_small_patch16_224"]  # left as it was

@@ -12,7 +12,7 @@ from utils import TINY_MODELS, tiny_model
 
 import vitconvert
 import vitconvert.methods.dge as dge
-from vitconvert.errors import UserError
+from vitconvert.errors import AnatomyError, UserError
 from vitconvert.gmacs import count_macs
 from vitconvert.methods.dge import DGE, DGEBlock, _conv_at, plot_granularity
 
@@ -132,6 +132,20 @@ def test_pvt_partial_stages() -> None:
     assert out.extras["queries"].shape == (2, 3)
     with pytest.raises(UserError, match=r"model\.stages"):
         convert("pvt_v2", ["model.stages=[5]"])
+
+
+def test_pvt_depthwise_conv_must_be_3x3() -> None:
+    """The per-scale convolution folds a 3x3 kernel: any other depthwise convolution is refused clearly."""
+    from vitconvert.methods import convert as convert_module
+    from vitconvert.sources import load_base
+
+    arch, kwargs = MODELS["pvt_v2"]
+    base, spec = load_base(arch, None, kwargs, False)
+    mlp = base.stages[0].blocks[0].mlp
+    d = mlp.dwconv.in_channels
+    mlp.dwconv = torch.nn.Conv2d(d, d, 5, padding=2, groups=d)
+    with pytest.raises(AnatomyError, match="3x3 depthwise"):
+        convert_module(base, spec, vitconvert.load_recipe("dge"))
 
 
 def test_swin_is_refused() -> None:
