@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from vitconvert.gmacs import count_macs
 
 import vitconvert
 from benchmarks import timing
-from vitconvert.gmacs import count_macs
 from vitconvert.methods.dge import DGE
 
 ARCHS = ("deit_small_patch16_224", "pvt_v2_b1")

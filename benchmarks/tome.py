@@ -41,7 +41,7 @@ from torch import nn
 from vitconvert import fx as vfx
 from vitconvert.anatomy import Anatomy, read_anatomy
 from vitconvert.errors import AnatomyError, UserError
-from vitconvert.gmacs import count_macs
+from vitconvert.layers.costs import count_macs
 
 __all__ = ["ToMe", "bipartite_merge", "run", "tome"]
 

@@ -9,7 +9,7 @@ from timm.models.vision_transformer import VisionTransformer
 from utils import tiny_model
 
 from vitconvert import fx as vfx
-from vitconvert.anatomy import read_anatomy
+from vitconvert.backbones import read_anatomy
 from vitconvert.errors import AnatomyError
 
 

@@ -85,7 +85,8 @@ def test_batched_early_exit_equals_choosing_afterwards(batch: int, eta: float) -
     with torch.no_grad():
         dyn = model.forward_dynamic(x)
         both = model.collect(x)
-        logits, gmacs = model.simulate(both, eta)
+        simulated = model.simulate(both, {"eta": eta})
+        logits, gmacs = simulated.logits, simulated.gmacs
         # reference computed independently: each image alone through both stages
         for i in range(batch):
             coarse = model.forward_coarse(x[i:i + 1])
@@ -194,13 +195,13 @@ def test_save_load_round_trip(tmp_path) -> None:
 
 
 def test_set_budget_picks_from_curve() -> None:
-    from vitconvert.methods.base import CurvePoint
+    from vitconvert.operating import CurvePoint
 
     model = convert("deit")
     model.base_gmacs = 1.0
     model.calibration = {"base_top1": 80.0}
-    model.curve = [CurvePoint(0.2, 0.3, 70.0), CurvePoint(0.5, 0.45, 78.0), CurvePoint(0.8, 0.6, 79.8),
-                   CurvePoint(1.0, 1.0, 80.0)]
+    model.curve = [CurvePoint({"eta": 0.2}, 0.3, 70.0), CurvePoint({"eta": 0.5}, 0.45, 78.0),
+                   CurvePoint({"eta": 0.8}, 0.6, 79.8), CurvePoint({"eta": 1.0}, 1.0, 80.0)]
     assert model.set_budget("50%").knob == 0.5 and model.eta == 0.5
     assert model.set_budget(0.61).knob == 0.8
     assert model.set_budget("drop=0.5").knob == 0.8

@@ -9,11 +9,11 @@ import pytest
 import timm
 import torch
 from utils import TINY_MODELS, tiny_model
+from vitconvert.gmacs import count_macs
 
 import vitconvert
 import vitconvert.methods.dge as dge
 from vitconvert.errors import AnatomyError, UserError
-from vitconvert.gmacs import count_macs
 from vitconvert.methods.dge import DGE, DGEBlock, _conv_at, plot_granularity
 
 # Grids the region size does not divide: DeiT with a 10x10 grid (like 14x14 at 224 px) and PVT-v2 at 56 px

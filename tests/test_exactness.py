@@ -12,9 +12,9 @@ import torch
 from utils import TINY_MODELS
 
 import vitconvert
-from vitconvert.anatomy import read_anatomy
-from vitconvert.methods import get_method
+from vitconvert.backbones import read_anatomy
 from vitconvert.recipes import list_recipe_files, load_recipe
+from vitconvert.registry import get_method
 
 FAMILY_OF = {key: read_anatomy(timm.create_model(arch, pretrained=False, **kwargs)).family
              for key, (arch, kwargs) in TINY_MODELS.items()}

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from vitconvert.gmacs import count_macs, model_gmacs
+from vitconvert.layers.costs import count_macs, model_gmacs
 
 
 @pytest.mark.parametrize(("name", "published"), [

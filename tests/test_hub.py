@@ -25,11 +25,11 @@ from hub_server import free_port
 from utils import TINY_MODELS, tiny_model
 
 import vitconvert
-import vitconvert.methods as methods
+import vitconvert.saving as saving
 from vitconvert.card import fill_repo_id, front_matter, model_card
 from vitconvert.errors import UserError
-from vitconvert.hub import push
-from vitconvert.methods.base import CurvePoint
+from vitconvert.operating import CurvePoint
+from vitconvert.publish import push
 from vitconvert.sources import BaseSpec
 
 # A valid 1x1 PNG: the card links plots by name; their content does not matter here.
@@ -54,8 +54,9 @@ def converted() -> vitconvert.ConvertedModel:
     torch.manual_seed(0)
     model = vitconvert.apply(arch, "cfvit", model_kwargs=kwargs, pretrained=False)
     costs = model.get_state()["costs"]
-    model.curve = [CurvePoint(0.0, costs["coarse"], 41.0), CurvePoint(0.6, costs["coarse"] + 0.4 * costs["fine"], 55.5),
-                   CurvePoint(1.0, costs["coarse"] + costs["fine"], 60.25)]
+    model.curve = [CurvePoint({"eta": 0.0}, costs["coarse"], 41.0),
+                   CurvePoint({"eta": 0.6}, costs["coarse"] + 0.4 * costs["fine"], 55.5),
+                   CurvePoint({"eta": 1.0}, costs["coarse"] + costs["fine"], 60.25)]
     model.calibration = {"dataset": "cifar10", "split": "held-out", "images": 500, "base_top1": 61.0}
     model.knob = 0.6
     return model
@@ -87,7 +88,7 @@ def test_push_then_load_three_ways(hub, hub_repo, folder, converted, inputs) -> 
 
     # The stored operating point through timm, a budget through vitconvert.load: both equal the original.
     via_timm = timm.create_model(f"hf-hub:{hub_repo}", pretrained=True)
-    assert isinstance(via_timm, methods.METHODS["cfvit"]) and via_timm.knob == pytest.approx(0.6)
+    assert isinstance(via_timm, vitconvert.METHODS["cfvit"]) and via_timm.knob == pytest.approx(0.6)
     assert torch.equal(_logits(via_timm, inputs), _logits(converted, inputs))
     # 30% of the base GMACs leaves only the coarse-only point (eta = 0).
     cheap = vitconvert.load(f"hf-hub:{hub_repo}", budget="30%")
@@ -185,7 +186,7 @@ def test_loading_refuses_unsafe_repos_before_building(hub, hub_repo, folder, mon
         raise AssertionError("a model was built from an invalid repository")
 
     monkeypatch.setattr(BaseSpec, "build", built)
-    monkeypatch.setattr(methods, "convert", built)
+    monkeypatch.setattr(saving, "convert", built)
     with pytest.raises(UserError, match=message):
         vitconvert.load(f"hf-hub:{hub_repo}")
     if case == "unknown architecture":  # timm itself refuses names it does not know
@@ -268,7 +269,8 @@ _CHILD = textwrap.dedent("""
     import sys
 
     import vitconvert
-    from vitconvert.hub import download_model, push
+    from vitconvert.hub import download_model
+    from vitconvert.publish import push
 
     folder, cached, missing = sys.argv[1:4]
     attempts = [("load-missing", lambda: vitconvert.load("hf-hub:" + missing)),

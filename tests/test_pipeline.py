@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ from vitconvert.calibrate import calibrate, measure_curve
 from vitconvert.data import ImageDataset, open_image_folder, train_transform
 from vitconvert.errors import UserError
 from vitconvert.evaluate import evaluate
-from vitconvert.methods.base import choose_point
+from vitconvert.operating import choose_point
 from vitconvert.train import finetune, loss_terms, original_model
 
 CLASSES = 10
@@ -352,12 +353,13 @@ def test_calibrate_chooses_within_budget(finetuned_dir: Path, data_dir: Path, tm
     held = open_image_folder(data_dir, holdout=0.25).heldout_split().files
     cal = model.calibration
     assert cal["images"] == 20 and cal["dataset"] == "toy" and "held-out last 25%" in cal["split"]
-    assert len(model.curve) == 101 and [p.knob for p in model.curve] == model.sweep_knob()
+    assert len(model.curve) == 101 and [p.knob for p in model.curve] == list(model.operating_space().knob("eta").sweep)
     # the chosen point is the most accurate within 60% of the base GMACs
     limit = 0.6 * model.base_gmacs
     within = [p for p in model.curve if p.gmacs <= limit + 1e-12]
     best = max(p.top1 for p in within)
-    assert cal["chosen"]["gmacs"] <= limit and cal["chosen"]["top1"] == best and model.knob == cal["chosen"]["knob"]
+    assert cal["chosen"]["gmacs"] <= limit and cal["chosen"]["top1"] == best
+    assert model.knob == cal["chosen"]["point"]["eta"]
     assert result["eta"] == model.knob and result["out"] == str(out)
     # curve values agree with an independent evaluation at two knob values
     for p in (model.curve[0], model.curve[-1]):
@@ -389,10 +391,12 @@ def test_calibrate_in_place_and_simulation_matches_real_exit(finetuned_dir: Path
     # the simulated curve equals running the real batched early exit at each knob
     split = open_image_folder(data_dir, holdout=0.25).heldout_split()
     knobs = [0.0, 0.3, 0.6, 0.9, 1.0]
-    model.sweep_knob = lambda: knobs
+    space = model.operating_space()
+    eta = dataclasses.replace(space.knob("eta"), sweep=tuple(knobs))
+    model.operating_space = lambda: dataclasses.replace(space, knobs=(eta, space.knob("alpha")))
     simulated = measure_curve(model, split, torch.device("cpu"), 8, progress=False)
-    model.collect = None  # forces the generic path: forward_dynamic at every knob
-    real = measure_curve(model, split, torch.device("cpu"), 8, progress=False)
+    # the generic path: forward_dynamic at every point
+    real = measure_curve(model, split, torch.device("cpu"), 8, progress=False, simulate=False)
     for s, r in zip(simulated, real, strict=True):
         assert s.top1 == pytest.approx(r.top1) and s.gmacs == pytest.approx(r.gmacs, rel=1e-6)
         assert sum(v for k, v in r.extra.items() if k.startswith("exit_")) == pytest.approx(1.0)

@@ -31,7 +31,7 @@ def test_folder_layout_and_config(tmp_path, model) -> None:
     assert cfg["model_args"]["base"]["architecture"] == "deit_tiny_patch16_224"
     assert cfg["model_args"]["base"]["model_args"]["embed_dim"] == 48
     assert cfg["model_args"]["recipe"]["model"]["alpha"] == 0.5
-    assert cfg["model_args"]["state"]["eta"] == 1.0
+    assert cfg["model_args"]["state"]["point"]["eta"] == 1.0
     assert cfg["pretrained_cfg"]["input_size"] == [3, 32, 32]
     assert cfg["pretrained_cfg"]["first_conv"] == "base.patch_embed.proj"
     weights = load_file(str(path / "model.safetensors"))

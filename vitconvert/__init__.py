@@ -12,21 +12,26 @@ Example:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from vitconvert.anatomy import Anatomy, read_anatomy
+from vitconvert._version import __version__
+from vitconvert.anatomy import Anatomy
 from vitconvert.api import apply, inspect_model
+from vitconvert.backbones import read_anatomy
 from vitconvert.errors import UserError
-from vitconvert.gmacs import count_macs, model_gmacs
-from vitconvert.methods import METHODS, ConvertedModel, DynamicOutput
+from vitconvert.layers.costs import count_macs, model_gmacs
+from vitconvert.methods import ConvertedModel, DynamicOutput
+from vitconvert.operating import CurvePoint, Knob, OperatingSpace
 from vitconvert.recipes import Recipe, list_recipes, load_recipe
+from vitconvert.registry import METHODS
 from vitconvert.saving import load, save
 
 __all__ = [
     "METHODS",
     "Anatomy",
     "ConvertedModel",
+    "CurvePoint",
     "DynamicOutput",
+    "Knob",
+    "OperatingSpace",
     "Recipe",
     "UserError",
     "__version__",

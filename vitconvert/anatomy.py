@@ -1,6 +1,6 @@
 """Read a model's anatomy from its fx graph and module tree.
 
-:func:`read_anatomy` traces the model once, propagates shapes for one input at the model's own image
+:func:`read_parts` traces the model once, propagates shapes for one input at the model's own image
 size, and finds, without looking at the model's name:
 
 * attention cores (SDPA calls or softmaxes) and the modules around them: attention, block, stage;
@@ -11,8 +11,8 @@ size, and finds, without looking at the model's name:
 * after the last block: the final norm, the pooling (token or average) and the head linear layers.
 
 The family (ViT/DeiT, PVT-v2, Swin) is then decided by the readers in :mod:`vitconvert.backbones` from
-these parts, and a model that fits none gets an :class:`~vitconvert.errors.AnatomyError` naming what
-was not found.
+these parts (:func:`vitconvert.backbones.read_anatomy` is the entry point), and a model that fits none
+gets an :class:`~vitconvert.errors.AnatomyError` naming what was not found. This module knows no family.
 """
 
 from __future__ import annotations
@@ -139,8 +139,10 @@ def model_img_size(model: nn.Module) -> tuple[int, int]:
     return (int(input_size[1]), int(input_size[2]))
 
 
-def read_anatomy(model: nn.Module, img_size: tuple[int, int] | None = None) -> Anatomy:
-    """Trace ``model`` and describe its parts.
+def read_parts(model: nn.Module, img_size: tuple[int, int] | None = None) -> Anatomy:
+    """Trace ``model`` and describe its parts, without deciding its family (``family = "unknown"``).
+
+    :func:`vitconvert.backbones.read_anatomy` calls this and lets the family readers decide.
 
     Args:
         model: A timm ViT/DeiT, PVT-v2 or Swin model (any weights).
@@ -148,15 +150,7 @@ def read_anatomy(model: nn.Module, img_size: tuple[int, int] | None = None) -> A
 
     Raises:
         AnatomyError: if the model cannot be traced or a part is missing; the message names it.
-
-    Example:
-        >>> import timm
-        >>> a = read_anatomy(timm.create_model("deit_tiny_patch16_224"))
-        >>> a.family, len(a.blocks), a.grid
-        ('vit', 12, (14, 14))
     """
-    from vitconvert.backbones import classify
-
     img_size = img_size or model_img_size(model)
     gm = vfx.trace(model)
     was_training = model.training
@@ -170,9 +164,7 @@ def read_anatomy(model: nn.Module, img_size: tuple[int, int] | None = None) -> A
         ) from None
     finally:
         model.train(was_training)
-    nodes = list(gm.graph.nodes)
-    draft = _read_parts(model, gm, nodes, img_size)
-    return classify(model, draft)
+    return _read_parts(model, gm, list(gm.graph.nodes), img_size)
 
 
 def _read_parts(model: nn.Module, gm: fx.GraphModule, nodes: list[fx.Node], img_size: tuple[int, int]) -> Anatomy:

@@ -1,4 +1,8 @@
-"""The Python API the CLI is a thin layer over."""
+"""The Python API the CLI is a thin layer over: converting (:func:`apply`) and reading a model's anatomy.
+
+Fine-tuning, calibration, evaluation and pushing live in :mod:`vitconvert.train`, :mod:`vitconvert.calibrate`,
+:mod:`vitconvert.evaluate` and :mod:`vitconvert.publish`; saving and loading in :mod:`vitconvert.saving`.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ from typing import Any
 
 from torch import nn
 
-from vitconvert.anatomy import Anatomy, read_anatomy
+from vitconvert.anatomy import Anatomy
+from vitconvert.backbones import read_anatomy
 from vitconvert.errors import UserError
-from vitconvert.methods import ConvertedModel, convert, get_method
+from vitconvert.methods.base import ConvertedModel, convert
 from vitconvert.recipes import Recipe, load_recipe
 from vitconvert.sources import load_base
 
@@ -52,17 +57,7 @@ def apply(
     if isinstance(model, nn.Module):
         raise UserError("apply() takes a model name or path; to convert a module use vitconvert.methods.convert")
     base, spec = load_base(model, checkpoint, model_kwargs, pretrained)
-    anatomy = read_anatomy(base, img_size=tuple(spec.img_size) if spec.img_size else None)
-    cls = get_method(rec.method)
-    if anatomy.family not in cls.families:
-        from vitconvert.backbones import describe_family
-
-        raise UserError(
-            f"recipe {rec.name!r} (method {rec.method}) supports "
-            f"{', '.join(describe_family(f) for f in cls.families)}; {spec.architecture} is "
-            f"{describe_family(anatomy.family)}"
-        )
-    return convert(base, spec, rec, anatomy)
+    return convert(base, spec, rec)
 
 
 def output_dir_for(model: str, recipe: Recipe) -> Path:

@@ -1,10 +1,13 @@
 """Choose a converted model's operating point on held-out training images.
 
-The knob is swept over ``model.sweep_knob()``: methods with ``collect``/``simulate`` (CF-ViT) run one pass
-and simulate every knob value from it; others run ``forward_dynamic`` at each value. The whole curve
-(top-1 and expected GMACs per knob value), the base model's top-1 on the same images, the split and the
-chosen point are stored in the model (``model.curve``, ``model.calibration``), so ``vitconvert.load(dir,
-budget=...)`` can switch to any budget later without data.
+Calibration measures top-1 and expected GMACs at the candidate points of the model's operating space
+(every combination of its knobs' sweeps). A model that can simulate its points
+(:class:`~vitconvert.methods.base.SimulatesPoints`, e.g. a cascade's exit thresholds) runs one pass per
+value of the knobs that change the computation and simulates the rest, which may also be derived from the
+collected outputs (``model.simulated_points``: a cascade's thresholds from target exit distributions);
+other models run ``forward_dynamic`` at every point. The whole curve, the base model's top-1 on the same
+images, the split and the chosen point are stored in the model (``model.curve``, ``model.calibration``),
+so ``vitconvert.load(dir, budget=...)`` can switch to any budget later without data.
 
 Images come from the held-out fraction of the *training* folder (``calibrate.holdout``), never from
 ``val/``: an operating point chosen on the images it is then reported on would flatter it.
@@ -23,8 +26,9 @@ import torch
 
 from vitconvert.data import ImageFolderData, Split, batches, open_image_folder
 from vitconvert.errors import UserError
-from vitconvert.methods import ConvertedModel, CurvePoint
-from vitconvert.methods.base import choose_point
+from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints, can_simulate
+from vitconvert.operating import CurvePoint, OperatingPoint, choose_point, format_point, parse_budget, unique_points
+from vitconvert.saving import save
 from vitconvert.train import ProgressBar, carried_files, original_model, resolve_device, resolve_model
 
 STALE_AFTER_CALIBRATION = ("curve.png", "eval.json", "eval.png")
@@ -36,58 +40,83 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
     return int((logits.topk(k, dim=-1).indices == labels[:, None]).any(dim=-1).sum())
 
 
+class _Tally:
+    """Top-1/top-5 hits, GMACs and exits of one operating point, accumulated over batches."""
+
+    def __init__(self) -> None:
+        self.correct1 = self.correct5 = 0
+        self.gmacs = 0.0
+        self.exits: dict[int, int] = {}
+
+    def add(self, out: DynamicOutput, labels: torch.Tensor) -> None:
+        logits = out.logits.float().cpu()
+        self.correct1 += topk_correct(logits, labels, 1)
+        self.correct5 += topk_correct(logits, labels, 5)
+        self.gmacs += float(out.gmacs.double().sum())
+        if out.stage is not None:
+            for s, c in zip(*out.stage.cpu().unique(return_counts=True), strict=True):
+                self.exits[int(s)] = self.exits.get(int(s), 0) + int(c)
+
+    def point(self, point: OperatingPoint, n: int) -> CurvePoint:
+        extra = {"top5": 100.0 * self.correct5 / n, **{f"exit_{s}": c / n for s, c in sorted(self.exits.items())}}
+        return CurvePoint(point=dict(point), gmacs=self.gmacs / n, top1=100.0 * self.correct1 / n, extra=extra)
+
+
 @torch.inference_mode()
 def measure_curve(model: ConvertedModel, split: Split, device: torch.device, batch_size: int = 64,
-                  progress: bool = True) -> list[CurvePoint]:
-    """Top-1 (percent) and expected GMACs at every value of ``model.sweep_knob()`` on ``split``.
+                  progress: bool = True, simulate: bool | None = None) -> list[CurvePoint]:
+    """Top-1 (percent) and expected GMACs at the candidate operating points of ``model`` on ``split``.
 
     Args:
-        model: The converted model (on ``device``, in eval mode).
+        model: The converted model (on ``device``, in eval mode); its operating point is restored afterwards.
         split: Labelled images.
         device: Where to run.
         batch_size: Images per forward pass.
         progress: Show a progress bar.
+        simulate: Evaluate simulated knobs from one pass per structural setting (default: when the model can).
     """
-    knobs = model.sweep_knob()
+    space = model.operating_space()
     n = len(split)
     labels = torch.tensor([label for _, label in split.files])
-    saved_knob = model.knob
+    saved = model.operating_point
+    batches_per_pass = -(-n // batch_size)
     points: list[CurvePoint] = []
-    simulate = callable(getattr(model, "collect", None)) and callable(getattr(model, "simulate", None))
-    if simulate:
-        parts: list[dict[str, torch.Tensor]] = []
-        with ProgressBar("calibrate: one pass", -(-n // batch_size), progress) as bar:
-            for x, _ in batches(split, model, batch_size):
-                parts.append({k: v.cpu() for k, v in model.collect(x.to(device)).items()})
-                bar.update()
-        collected = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        for knob in knobs:
-            logits, gmacs = model.simulate(collected, knob)
-            points.append(CurvePoint(knob=float(knob), gmacs=float(gmacs.float().mean()),
-                                     top1=100.0 * topk_correct(logits, labels, 1) / n,
-                                     extra={"top5": 100.0 * topk_correct(logits, labels, 5) / n}))
-        return points
     try:
-        with ProgressBar(f"calibrate: {len(knobs)} settings", len(knobs) * -(-n // batch_size), progress) as bar:
-            for knob in knobs:
-                model.knob = knob
-                correct1 = correct5 = 0
-                gmacs_sum = 0.0
-                stages: dict[int, int] = {}
+        if simulate if simulate is not None else can_simulate(model):
+            if not isinstance(model, SimulatesPoints):
+                raise UserError(f"{model.method} models cannot simulate operating points; calibrate without it")
+            structural = unique_points(space.split(p)[0] for p in space.candidates())
+            with ProgressBar("calibrate: collect", len(structural) * batches_per_pass, progress) as bar:
+                for fixed in structural:
+                    model.set_operating_point(fixed)
+                    parts: list[dict[str, torch.Tensor]] = []
+                    for x, _ in batches(split, model, batch_size):
+                        parts.append({k: v.cpu() for k, v in model.collect(x.to(device)).items()})
+                        bar.update()
+                    collected = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+                    for sim in unique_points(model.simulated_points(collected)):
+                        tally = _Tally()
+                        tally.add(model.simulate(collected, {**fixed, **sim}), labels)
+                        points.append(tally.point(space.validate({**fixed, **sim}), n))
+            return _in_space_order(points, space.names)
+        candidates = space.candidates()
+        with ProgressBar(f"calibrate: {len(candidates)} settings", len(candidates) * batches_per_pass,
+                         progress) as bar:
+            for point in candidates:
+                model.set_operating_point(point)
+                tally = _Tally()
                 for x, y in batches(split, model, batch_size):
-                    out = model.forward_dynamic(x.to(device))
-                    logits = out.logits.float().cpu()
-                    correct1 += topk_correct(logits, y, 1)
-                    correct5 += topk_correct(logits, y, 5)
-                    gmacs_sum += float(out.gmacs.float().sum())
-                    if out.stage is not None:
-                        for s, c in zip(*out.stage.cpu().unique(return_counts=True), strict=True):
-                            stages[int(s)] = stages.get(int(s), 0) + int(c)
+                    tally.add(model.forward_dynamic(x.to(device)), y)
                     bar.update()
-                extra = {"top5": 100.0 * correct5 / n, **{f"exit_{s}": c / n for s, c in sorted(stages.items())}}
-                points.append(CurvePoint(knob=float(knob), gmacs=gmacs_sum / n, top1=100.0 * correct1 / n, extra=extra))
+                points.append(tally.point(point, n))
+        return _in_space_order(points, space.names)
     finally:
-        model.knob = saved_knob
+        model.set_operating_point(saved)
+
+
+def _in_space_order(points: list[CurvePoint], names: list[str]) -> list[CurvePoint]:
+    for p in points:
+        p.point = {name: p.point[name] for name in names if name in p.point}
     return points
 
 
@@ -125,7 +154,7 @@ def plot_curve(curve: list[CurvePoint], base_gmacs: float, base_top1: float | No
                 label=curve_label)
     if chosen is not None:
         ax.plot([chosen.gmacs], [chosen.top1], "o", ms=8, mfc="none", mew=1.8, color="tab:orange",
-                label=f"chosen point (knob {chosen.knob:g})")
+                label=f"chosen point ({format_point(chosen.point)})")
     for i, p in enumerate(measured or []):
         ax.plot([p.gmacs], [p.top1], "*", ms=13, color="tab:red", label=measured_label if i == 0 else None)
     calib_label = "base model (calibration images)" if measured_base is not None else "base model"
@@ -184,10 +213,8 @@ def calibrate(
 
     Example:
         >>> calibrate("deit_small-cfvit", "imagenet/train", budget="50%")["chosen"]  # doctest: +SKIP
-        {'knob': 0.53, 'gmacs': 2.29, 'top1': 79.6, 'extra': {'top5': 94.8}}
+        {'point': {'eta': 0.53, 'alpha': 0.5}, 'gmacs': 2.29, 'top1': 79.6, 'extra': {'top5': 94.8}}
     """
-    from vitconvert.saving import save
-
     start = time.perf_counter()
     cm, folder = resolve_model(model)
     dev = resolve_device(device)
@@ -203,6 +230,8 @@ def calibrate(
     else:
         raise UserError("calibrate needs an output folder (-o) for a Hub model")
     budget = budget if budget is not None else settings.budget
+    if budget is not None:
+        parse_budget(budget)  # a bad budget is refused before the measurement pass
     folder_data = open_image_folder(data, holdout=settings.holdout, name=dataset)
     folder_data.check_classes(cm.num_classes)
     split = folder_data.heldout_split(max_images if max_images is not None else settings.max_images)
@@ -221,15 +250,14 @@ def calibrate(
         cm.curve = curve
         if budget is None:
             chosen = max(curve, key=lambda p: (p.top1, -p.gmacs))
-            cm.knob = chosen.knob
         else:
             chosen = choose_point(curve, budget, cm.base_gmacs, base_top1)
-            cm.knob = chosen.knob
+        cm.set_operating_point(chosen.point)
     finally:
         cm.to("cpu")
     cm.calibration = {
         "budget": str(budget) if budget is not None else "best top-1",
-        "chosen": dict(chosen.__dict__),
+        "chosen": chosen.to_dict(),
         "base_top1": base_top1,
         "base_model": base_desc,
         "base_gmacs": cm.base_gmacs,
@@ -238,7 +266,7 @@ def calibrate(
         "dataset": folder_data.name,
         **({"dataset_id": dataset} if dataset and "/" in dataset else {}),
         "holdout": settings.holdout,
-        "simulated": callable(getattr(cm, "collect", None)) and callable(getattr(cm, "simulate", None)),
+        "simulated": can_simulate(cm),
         "finetuned": cm.finetuned,
         "device": str(dev),
         "seconds": round(time.perf_counter() - start, 2),
@@ -251,6 +279,6 @@ def calibrate(
         extra = carried_files(folder, skip=STALE_AFTER_CALIBRATION)
         extra["curve.png"] = png
         save(cm, out_path, overwrite=True, extra_files=extra)
-    return {cm.knob_name: chosen.knob, "top1": chosen.top1, "gmacs": chosen.gmacs,
+    return {**chosen.point, "top1": chosen.top1, "gmacs": chosen.gmacs,
             "gmacs_fraction": chosen.gmacs / cm.base_gmacs if cm.base_gmacs else None, **cm.calibration,
-            "curve": [dict(p.__dict__) for p in curve], "out": str(out_path) if out_path is not None else None}
+            "curve": [p.to_dict() for p in curve], "out": str(out_path) if out_path is not None else None}

@@ -2,13 +2,14 @@
 
 What the card reads, all optional except the config's ``model_args``:
 
-* ``config["model_args"]["state"]``: the operating point (``state[<knob>]``), ``base_gmacs``,
-  ``finetuned``, ``curve`` (points ``{knob, gmacs, top1, extra}``, top-1 in percent; ``extra`` may hold
+* ``config["model_args"]["state"]``: the operating point (``point``: ``{name: value}``), ``base_gmacs``,
+  ``finetuned``, ``curve`` (points ``{point, gmacs, top1, extra}``, top-1 in percent; ``extra`` may hold
   ``throughput_ratio``) and ``calibration`` (``dataset``, ``dataset_id`` (Hub id), ``split``, ``images``,
   ``base_top1``, ``throughput_ratio`` as ``{knob: ratio}``, ``throughput`` as ``{device, batch_size, ...}``);
 * ``<folder>/eval.json``: an evaluation, ``{"points": [{knob, top1, gmacs, throughput, throughput_ratio,
   latency_ms}], "dataset", "dataset_id", "split", "images", "device", "batch_size", "base": {top1, gmacs,
   throughput}}`` (or just the list of points); the knob may also be given under the method's knob name;
+  tables are keyed by the main knob (the first of the point; ``config["vitconvert"]["point"]`` names them);
 * ``<folder>/curve.png`` (calibration) and ``<folder>/eval.png`` (evaluation): plots, shown when present.
 
 Only an explicit ``dataset_id`` becomes the front matter's ``datasets`` (a local folder's name could be
@@ -26,6 +27,7 @@ from typing import Any
 import yaml
 
 from vitconvert.backbones import describe_family
+from vitconvert.registry import METHODS
 
 EVAL_NAME = "eval.json"
 PLOT_NAME = "curve.png"
@@ -36,7 +38,27 @@ _DATASET_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.
 
 
 def _state(config: dict[str, Any]) -> dict[str, Any]:
-    return config.get("model_args", {}).get("state") or {}
+    """The config's state, with each curve point and the operating point also flattened to ``{name: value}``
+    keys and ``knob`` (the main knob), which is what the tables read."""
+    state = dict(config.get("model_args", {}).get("state") or {})
+    main = _knob_name(config)
+    if isinstance(state.get("point"), dict):
+        state.update({k: v for k, v in state["point"].items() if k not in state})
+    curve = []
+    for p in state.get("curve") or []:
+        if isinstance(p, dict) and isinstance(p.get("point"), dict):
+            p = {**p["point"], **p, "knob": p["point"].get(main)}
+        curve.append(p)
+    state["curve"] = curve
+    return state
+
+
+def _knob_name(config: dict[str, Any]) -> str:
+    info = config.get("vitconvert", {})
+    names = info.get("point")
+    if isinstance(names, list) and names and isinstance(names[0], str):
+        return names[0]
+    return info.get("knob") or "knob"  # configs written by vitconvert <= 0.1
 
 
 def _hub_id(base: dict[str, Any]) -> str | None:
@@ -243,15 +265,13 @@ def model_card(config: dict[str, Any], folder: Path | None = None, name: str | N
     args = config["model_args"]
     base, recipe, state = args["base"], args["recipe"], _state(config)
     method = info.get("method") or recipe.get("method", "")
-    knob_name = info.get("knob") or "knob"
+    knob_name = _knob_name(config)
     folder = Path(folder) if folder is not None else None
     name = name or (folder.name if folder is not None else f"{base['architecture']}-{method}")
     title = name.rsplit("/", 1)[-1]
     repo = _repo_ref(name)
     evaluation = read_eval(folder)
     hub_id = _hub_id(base)
-    from vitconvert.methods import METHODS
-
     method_desc = METHODS[method].description if method in METHODS else method
     source = (f"[`{hub_id}`](https://huggingface.co/{hub_id})" if hub_id
               else f"`{base.get('source') or base['architecture']}`")
@@ -259,6 +279,7 @@ def model_card(config: dict[str, Any], folder: Path | None = None, name: str | N
                else f"checkpoint `{Path(base['checkpoint']).name}`" if base.get("checkpoint")
                else "its pretrained weights")
     current = _num(state.get(knob_name))
+    others = {k: v for k, v in (state.get("point") or {}).items() if k != knob_name}
     finetune = recipe.get("finetune") or {}
     lines = [
         "---",
@@ -271,7 +292,8 @@ def model_card(config: dict[str, Any], folder: Path | None = None, name: str | N
         f"`{recipe.get('name', method)}` recipe: {method_desc}.",
         "",
         f"- Base model: {source}, from {weights}",
-        f"- Method: `{method}`; operating point `{knob_name} = {current:g}`" if current is not None
+        f"- Method: `{method}`; operating point `{knob_name} = {current:g}`"
+        + "".join(f", `{k} = {v:g}`" for k, v in others.items() if _num(v) is not None) if current is not None
         else f"- Method: `{method}`",
         f"- Base model GMACs: {_fmt(state.get('base_gmacs'), '.4g')}"
         + (f" at {'×'.join(str(v) for v in base['img_size'])} input" if base.get("img_size") else ""),

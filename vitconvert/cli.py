@@ -14,7 +14,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+import vitconvert
+from vitconvert.api import output_dir_for
+from vitconvert.backbones import describe_family
+from vitconvert.calibrate import calibrate as run_calibrate
 from vitconvert.errors import UserError
+from vitconvert.evaluate import evaluate as run_evaluate
+from vitconvert.operating import format_point
+from vitconvert.publish import push as run_push
+from vitconvert.registry import get_method
+from vitconvert.sources import parse_model_kwargs
+from vitconvert.train import finetune as run_finetune
 
 app = typer.Typer(
     name="vitconvert",
@@ -35,8 +45,6 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda
 
 
 def _kwargs(items: list[str] | None) -> dict:
-    from vitconvert.sources import parse_model_kwargs
-
     return parse_model_kwargs(items)
 
 
@@ -52,9 +60,6 @@ def apply(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output folder")] = False,
 ) -> None:
     """Convert MODEL with a recipe and write a converted-model folder."""
-    import vitconvert
-    from vitconvert.api import output_dir_for
-
     rec = vitconvert.load_recipe(recipe, set_)
     dest = output or output_dir_for(model, rec)
     if dest.exists() and not overwrite:
@@ -70,7 +75,7 @@ def apply(
     table.add_row("base GMACs", f"{converted.base_gmacs:.3f}")
     for key, value in converted.method_state().get("costs", {}).items():
         table.add_row(f"{key} stage GMACs", f"{value:.3f}")
-    table.add_row(converted.knob_name, f"{converted.knob:g}")
+    table.add_row("operating point", format_point(converted.operating_point))
     out.print(table)
 
 
@@ -82,8 +87,6 @@ def inspect(
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained")] = False,
 ) -> None:
     """Print the anatomy the fx reader finds in MODEL (patch embedding, blocks, stages, head)."""
-    import vitconvert
-
     with console.status(f"tracing {model} ..."):
         anatomy = vitconvert.inspect_model(model, checkpoint, _kwargs(model_kwargs), pretrained)
     table = Table(title=f"anatomy of {model}", show_header=False)
@@ -95,10 +98,6 @@ def inspect(
 @app.command()
 def recipes() -> None:
     """List the recipes that ship with vitconvert."""
-    import vitconvert
-    from vitconvert.backbones import describe_family
-    from vitconvert.methods import get_method
-
     table = Table(title="recipes")
     for col in ("recipe", "method", "families", "description"):
         table.add_column(col)
@@ -122,9 +121,7 @@ def finetune(
     max_images: Annotated[int | None, typer.Option("--max-images", help="use at most N training images")] = None,
 ) -> None:
     """Fine-tune a converted model by distilling from its original (labels optional)."""
-    from vitconvert.train import finetune as run
-
-    path = run(model_dir, data, output, labels=labels, overrides=set_, resume=resume, overwrite=overwrite,
+    path = run_finetune(model_dir, data, output, labels=labels, overrides=set_, resume=resume, overwrite=overwrite,
                device=device, max_images=max_images)
     out.print(f"fine-tuned model written to {path}")
 
@@ -141,9 +138,7 @@ def calibrate(
     device: DeviceOpt = None,
 ) -> None:
     """Choose the operating point for a budget on held-out training images; store the curve."""
-    from vitconvert.calibrate import calibrate as run
-
-    summary = run(model_dir, data, budget, output, overwrite=overwrite, max_images=max_images, device=device)
+    summary = run_calibrate(model_dir, data, budget, output, overwrite=overwrite, max_images=max_images, device=device)
     _print_dict("calibration", summary)
 
 
@@ -158,9 +153,7 @@ def evaluate(
     max_images: Annotated[int | None, typer.Option("--max-images")] = None,
 ) -> None:
     """Top-1/top-5, expected GMACs, exit shares and throughput against the base model."""
-    from vitconvert.evaluate import evaluate as run
-
-    summary = run(model_dir, data, output, budget=budget, batch_size=batch_size, device=device,
+    summary = run_evaluate(model_dir, data, output, budget=budget, batch_size=batch_size, device=device,
                   max_images=max_images)
     _print_dict("evaluation", summary)
 
@@ -176,9 +169,7 @@ def push(
         "--token", help="Hub token (default: HF_TOKEN or the saved login)")] = None,
 ) -> None:
     """Upload a converted model (safetensors, config, card) to the Hugging Face Hub."""
-    from vitconvert.hub import push as run
-
-    url = run(model_dir, repo_id, private=private, revision=revision, commit_message=commit_message, token=token)
+    url = run_push(model_dir, repo_id, private=private, revision=revision, commit_message=commit_message, token=token)
     out.print(f"pushed to {url}")
 
 

@@ -21,9 +21,12 @@ import timm
 import torch
 
 from vitconvert.calibrate import plot_curve, topk_correct
+from vitconvert.card import model_card
 from vitconvert.data import ImageDataset, batches, eval_transform, open_image_folder
 from vitconvert.errors import UserError
-from vitconvert.methods import ConvertedModel, CurvePoint
+from vitconvert.methods.base import ConvertedModel
+from vitconvert.operating import CurvePoint
+from vitconvert.saving import CARD_NAME, read_config
 from vitconvert.train import ProgressBar, original_model, resolve_device, resolve_model
 
 # Throughput timing keeps going (up to max_rounds) until this many seconds have been spent.
@@ -189,7 +192,8 @@ def evaluate(
     top1 = 100.0 * c1 / n
     base_top1 = 100.0 * b1 / n if base is not None else None
     point: dict[str, Any] = {
-        "knob": cm.knob, cm.knob_name: cm.knob, "budget": str(budget) if budget is not None else None,
+        "knob": cm.knob, **cm.operating_point, "point": cm.operating_point,
+        "budget": str(budget) if budget is not None else None,
         "top1": top1, "top5": 100.0 * c5 / n, "gmacs": mean_gmacs,
         "gmacs_fraction": mean_gmacs / cm.base_gmacs if cm.base_gmacs else None,
         "top1_drop": base_top1 - top1 if base_top1 is not None else None,
@@ -227,7 +231,8 @@ def evaluate(
     if out_path is not None:
         out_path.mkdir(parents=True, exist_ok=True)
         report["points"] = _merge_points(out_path / "eval.json", report)
-        curve_points = [CurvePoint(p["knob"], p["gmacs"], p["top1"]) for p in report["points"]]
+        curve_points = [CurvePoint(p.get("point") or {cm.knob_name: p["knob"]}, p["gmacs"], p["top1"])
+                        for p in report["points"]]
         png = plot_curve(cm.curve, cm.base_gmacs, cm.calibration.get("base_top1"), measured=curve_points,
                          measured_base=base_top1,
                          title=f"{cm.base_spec.architecture} + {cm.method}: {n} images ({split_name})",
@@ -237,16 +242,13 @@ def evaluate(
         _write_atomic(out_path / "eval.png", png)
         if (out_path / "config.json").is_file():
             # A model folder: its card shows the evaluation table, so render it again.
-            from vitconvert.card import model_card
-            from vitconvert.saving import CARD_NAME, read_config
-
             card = model_card(read_config(out_path), out_path)
             _write_atomic(out_path / CARD_NAME, card.encode())
     return report
 
 
 def _merge_points(path: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Points of an earlier eval.json on the same images and model, with this run's point replacing its knob."""
+    """Points of an earlier eval.json on the same images and model, with this run's point replacing its own."""
     points = list(report["points"])
     try:
         old = json.loads(path.read_text()) if path.is_file() else {}
@@ -254,8 +256,9 @@ def _merge_points(path: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
         old = {}
     same = all(old.get(k) == report[k] for k in ("split_description", "method", "finetuned", "base_architecture"))
     if isinstance(old, dict) and same and isinstance(old.get("points"), list):
-        knob = points[0]["knob"]
-        points += [p for p in old["points"] if isinstance(p, dict) and p.get("knob") != knob]
+        this = points[0].get("point") or {"knob": points[0]["knob"]}
+        points += [p for p in old["points"]
+                   if isinstance(p, dict) and (p.get("point") or {"knob": p.get("knob")}) != this]
     return sorted(points, key=lambda p: p.get("gmacs") or 0.0)
 
 

@@ -1,16 +1,14 @@
-"""Hugging Face Hub access: downloads (used by sources and load) and :func:`push`.
+"""Hugging Face Hub downloads and the translation of Hub errors (uploads are :mod:`vitconvert.publish`).
 
 Only ``config.json``, ``model.safetensors`` and ``README.md`` are ever fetched; nothing from a repository is
-executed. A push uploads exactly those files (plus image plots the card shows) after validating the folder.
-Errors from huggingface_hub (offline, unreachable Hub, missing repo or revision, bad token) become one-line
-UserErrors that say how to fix them.
+executed. Errors from huggingface_hub (offline, unreachable Hub, missing repo or revision, bad token) become
+one-line UserErrors that say how to fix them. huggingface_hub is imported where it is used, so commands that
+never touch the Hub do not pay for importing it.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ def hub_endpoint() -> str:
     return constants.ENDPOINT
 
 
-def _offline() -> bool:
+def is_offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
@@ -54,7 +52,7 @@ def hub_error(repo_id: str, err: Exception, action: str = "download") -> UserErr
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
     pushing = action == "push"
     if isinstance(err, hf_errors.OfflineModeIsEnabled) or (
-        isinstance(err, hf_errors.LocalEntryNotFoundError) and _offline()
+        isinstance(err, hf_errors.LocalEntryNotFoundError) and is_offline()
     ):
         if pushing:
             return UserError("HF_HUB_OFFLINE=1 is set, so nothing can be pushed; unset HF_HUB_OFFLINE and retry")
@@ -158,168 +156,3 @@ def download_model(repo: str, revision: str | None = None, cache_dir: Any = None
         raise UserError(f"hf-hub:{repo_id} has no model.safetensors; vitconvert loads only safetensors weights "
                         "(never .bin/.pth pickles): re-save the model with vitconvert.save and push it again")
     return folder
-
-
-# --- push -----------------------------------------------------------------------------------------------
-
-
-def _check_repo_id(repo_id: str) -> str:
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if not isinstance(repo_id, str) or not repo_id or repo_id.count("/") > 1 or repo_id.startswith("hf-hub:"):
-        raise UserError(f"{repo_id!r} is not a valid Hub repository id: use OWNER/NAME (or NAME for your own "
-                        "namespace), without the hf-hub: prefix")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise hub_error(repo_id, e, "push") from None
-    return repo_id
-
-
-def _card_images(card: str, folder: Path) -> list[str]:
-    """Relative image paths the card shows (Markdown or <img>) that exist inside the folder."""
-    refs = re.findall(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)>?[^)]*\)", card)
-    refs += re.findall(r"<img[^>]*\ssrc=[\"']([^\"']+)", card)
-    root = folder.resolve()
-    found = []
-    for ref in refs:
-        if "://" in ref or ref.startswith(("/", "#")) or not ref.lower().endswith(IMAGE_SUFFIXES):
-            continue
-        path = (folder / ref).resolve()
-        if path.is_file() and path.is_relative_to(root):
-            found.append(path.relative_to(root).as_posix())
-    return list(dict.fromkeys(found))
-
-
-def push_files(folder: str | os.PathLike[str], repo_id: str | None = None) -> dict[str, bytes | Path]:
-    """Validate a model folder and list what a push uploads: ``path in repo -> local file or bytes``.
-
-    The folder must be a saved vitconvert model: ``config.json`` that passes the same checks as loading
-    (known method, timm base architecture, valid recipe), a readable ``model.safetensors``. ``README.md`` is
-    generated from the config when missing; ``hf-hub:OWNER/...`` placeholders in it are filled with
-    ``repo_id``. Plots the card shows (``curve.png`` and other PNG/JPEG files) are included; nothing else.
-    """
-    from safetensors import safe_open
-
-    from vitconvert.card import fill_repo_id, model_card
-    from vitconvert.recipes import validate_recipe
-    from vitconvert.saving import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, config_parts, read_config
-    from vitconvert.sources import BaseSpec
-
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise UserError(f"model folder {str(folder)!r} does not exist")
-    config = read_config(folder)
-    method, base, recipe, _ = config_parts(config)
-    BaseSpec.from_dict(base)
-    rec = validate_recipe(recipe, f"in {folder / CONFIG_NAME}")
-    if rec.method != method:
-        raise UserError(f"{folder / CONFIG_NAME}: architecture says method {method!r} but the recipe says "
-                        f"{rec.method!r}")
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pth", ".pt", ".ckpt"))
-        hint = f" (found {', '.join(found)}; vitconvert pushes only safetensors)" if found else ""
-        raise UserError(f"{str(folder)!r} has no {WEIGHTS_NAME}{hint}; save the model with vitconvert.save")
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            if not list(f.keys()):
-                raise UserError(f"{str(weights)!r} holds no tensors")
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{str(weights)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from None
-    card_path = folder / CARD_NAME
-    card = card_path.read_text() if card_path.is_file() else model_card(config, folder, repo_id or folder.name)
-    if repo_id:
-        card = fill_repo_id(card, repo_id)
-    files: dict[str, bytes | Path] = {CONFIG_NAME: folder / CONFIG_NAME, WEIGHTS_NAME: weights,
-                                      CARD_NAME: card.encode()}
-    for image in _card_images(card, folder):
-        files[image] = folder / image
-    return files
-
-
-def push(
-    folder: str | os.PathLike[str],
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    token: str | None = None,
-    create_pr: bool = False,
-) -> str:
-    """Upload a saved vitconvert model folder to the Hugging Face Hub.
-
-    The folder is validated first (it must load: known method, timm base architecture, valid recipe,
-    ``model.safetensors``). Only ``model.safetensors``, ``config.json``, ``README.md`` (generated when
-    missing) and the plots the card shows are uploaded, in one commit; ``.bin``/``.pth`` files and anything
-    else in the folder stay local. The repository is created if needed, and so is the branch ``revision``.
-
-    Args:
-        folder: A folder written by :func:`vitconvert.save`.
-        repo_id: ``OWNER/NAME`` (or ``NAME`` for the token's own namespace).
-        private: Create the repository as private (ignored if it already exists).
-        revision: Branch to push to (created from ``main`` if missing); default ``main``.
-        commit_message: Commit title; default "Upload <folder name> with vitconvert".
-        token: Hub token with write access; default: ``HF_TOKEN`` or the token saved by ``hf auth login``.
-        create_pr: Open a pull request with the commit instead of committing to the branch.
-
-    Returns:
-        The URL of the commit (or of the pull request with ``create_pr``).
-
-    Raises:
-        UserError: invalid folder or repo id, missing or rejected token, offline (``HF_HUB_OFFLINE=1``) or
-            unreachable Hub. Success is only returned once the Hub lists every uploaded file at the new commit.
-
-    Example:
-        >>> import vitconvert
-        >>> vitconvert.save(model, "deit_small-cfvit")                        # doctest: +SKIP
-        >>> push("deit_small-cfvit", "me/deit_small-cfvit", private=True)     # doctest: +SKIP
-        'https://huggingface.co/me/deit_small-cfvit/commit/0b5c...'
-        >>> vitconvert.load("hf-hub:me/deit_small-cfvit", budget="50%")       # doctest: +SKIP
-    """
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
-
-    from vitconvert import __version__
-
-    repo_id = _check_repo_id(repo_id)
-    folder = Path(folder).expanduser()
-    files = push_files(folder, repo_id if "/" in repo_id else None)  # validate before any network access
-    if _offline():
-        raise hub_error(repo_id, _offline_exception(), "push")
-    token = token or get_token()
-    if not token:
-        raise UserError("pushing needs a Hugging Face token with write access: pass --token, set HF_TOKEN or run "
-                        "`hf auth login`")
-    api = HfApi(token=token, library_name="vitconvert", library_version=__version__)
-    try:
-        resolved = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        if resolved != repo_id:  # NAME only: the Hub chose the namespace; the card can name it now
-            files = push_files(folder, resolved)
-        repo_id = resolved
-        if revision and not revision.startswith("refs/"):
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(src) if isinstance(src, Path) else src)
-                      for name, src in files.items()]
-        message = commit_message or f"Upload {folder.resolve().name} with vitconvert {__version__}"
-        info = api.create_commit(repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr)
-        # Trust only what the Hub lists at the new commit, not the absence of an exception.
-        listed = set(api.list_repo_files(repo_id, revision=info.oid))
-    except Exception as e:
-        if is_hub_failure(e) or (isinstance(e, ValueError) and str(e).startswith("Invalid metadata in README.md")):
-            raise hub_error(repo_id, e, "push") from None
-        raise
-    missing = sorted(set(files) - listed)
-    if missing:
-        raise UserError(f"the upload to {repo_id!r} did not complete: the Hub does not list {', '.join(missing)} at "
-                        f"commit {info.oid}; retry the push")
-    return info.pr_url or info.commit_url
-
-
-def _offline_exception() -> Exception:
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    return OfflineModeIsEnabled("HF_HUB_OFFLINE=1")

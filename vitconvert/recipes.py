@@ -17,6 +17,7 @@ fields before validation.
 from __future__ import annotations
 
 import copy
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,8 +25,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vitconvert.errors import UserError
+from vitconvert.registry import METHODS, get_method
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# The shipped recipes are package data (``vitconvert/builtin_recipes/*.yaml``), so wheels carry them; the
+# repository's top-level ``recipes/`` is a link to that folder, where users look first.
+RECIPES_DIR = Path(str(resources.files("vitconvert") / "builtin_recipes"))
 
 
 class Strict(BaseModel):
@@ -76,14 +80,10 @@ class Recipe(Strict):
     @property
     def settings(self) -> Any:
         """The method's structural settings as its pydantic model."""
-        from vitconvert.methods import get_method
-
         return get_method(self.method).Settings(**self.model)
 
     @property
     def losses(self) -> Any:
-        from vitconvert.methods import get_method
-
         return get_method(self.method).Losses(**self.finetune.losses)
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,8 +155,6 @@ def validate_recipe(data: Any, source: str = "<dict>", overrides: list[tuple[str
     Raises:
         UserError: with the dotted path of the first problem.
     """
-    from vitconvert.methods import METHODS
-
     if not isinstance(data, dict):
         raise UserError(f"recipe {source}: expected a mapping at the top level")
     data = copy.deepcopy(data)
@@ -185,7 +183,7 @@ def validate_recipe(data: Any, source: str = "<dict>", overrides: list[tuple[str
 
 
 def find_recipe(name_or_path: str | Path) -> Path:
-    """A recipe file by path, or by name in the recipes/ folder."""
+    """A recipe file by path, or by name among the recipes shipped with vitconvert."""
     path = Path(name_or_path).expanduser()
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():

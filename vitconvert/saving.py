@@ -1,8 +1,13 @@
-"""Converted-model folders: ``model.safetensors`` + ``config.json`` + ``README.md``, written atomically.
+"""Converted-model folders, loading, and the timm entrypoints that rebuild converted models.
 
-``config.json`` follows timm's Hub layout (``architecture``, ``num_classes``, ``model_args``,
-``pretrained_cfg``), with ``architecture = vitconvert_<method>`` and ``model_args`` holding the base
-model, the recipe and the method's state, so after ``import vitconvert`` timm itself can rebuild it.
+A folder is ``model.safetensors`` + ``config.json`` + ``README.md``, written atomically. ``config.json``
+follows timm's Hub layout (``architecture``, ``num_classes``, ``model_args``, ``pretrained_cfg``), with
+``architecture = vitconvert_<method>`` and ``model_args`` holding the base model, the recipe and the model's
+state (operating point, calibration curve), so timm itself can rebuild it: this module registers a
+``vitconvert_<method>`` entrypoint with timm for every registered method.
+
+Loading validates the config before anything is built (known method, timm base architecture, recipe
+values in range, state values) and reads only safetensors weights; nothing from a folder or the Hub runs.
 """
 
 from __future__ import annotations
@@ -18,9 +23,17 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_model
+from timm.models import register_model
 
+from vitconvert import methods  # noqa: F401  (imports, and so registers, every method)
+from vitconvert._version import __version__
+from vitconvert.card import model_card
 from vitconvert.errors import UserError
-from vitconvert.methods import ConvertedModel, build_from_config
+from vitconvert.hub import download_model
+from vitconvert.methods.base import ConvertedModel, convert
+from vitconvert.recipes import Recipe, validate_recipe
+from vitconvert.registry import METHODS
+from vitconvert.sources import BaseSpec, load_state_dict_checked
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -54,8 +67,6 @@ def atomic_dir(out: str | os.PathLike[str], overwrite: bool = False) -> Iterator
 
 def model_config(model: ConvertedModel) -> dict[str, Any]:
     """The config.json content for a converted model."""
-    from vitconvert import __version__
-
     cfg = dict(model.pretrained_cfg)
     label_names = cfg.pop("label_names", None)
     config: dict[str, Any] = {
@@ -70,7 +81,7 @@ def model_config(model: ConvertedModel) -> dict[str, Any]:
         },
         "pretrained_cfg": cfg,
         "vitconvert": {"version": __version__, "method": model.method, "family": model.anatomy.family,
-                       "knob": model.knob_name},
+                       "point": model.operating_space().names, "exact_at_full_compute": model.exact_at_full_compute},
     }
     if label_names:
         config["label_names"] = list(label_names)
@@ -91,8 +102,6 @@ def save(model: ConvertedModel, out: str | os.PathLike[str], overwrite: bool = F
     Example:
         >>> save(model, "deit_small-cfvit")  # doctest: +SKIP
     """
-    from vitconvert.card import model_card
-
     with atomic_dir(out, overwrite) as tmp:
         save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         config = model_config(model)
@@ -120,8 +129,8 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def config_parts(config: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Validate the outer layout of a config: (method, base, recipe, state)."""
-    from vitconvert.methods import METHODS
-
+    if not isinstance(config, dict):
+        raise UserError(f"config: expected a JSON object at the top level, got {type(config).__name__}")
     arch = config.get("architecture")
     if not isinstance(arch, str) or not arch.startswith("vitconvert_") or arch[len("vitconvert_"):] not in METHODS:
         known = ", ".join(f"vitconvert_{m}" for m in sorted(METHODS))
@@ -135,9 +144,48 @@ def config_parts(config: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str,
     return arch[len("vitconvert_"):], args["base"], args["recipe"], state
 
 
-def load_weights(model: ConvertedModel, weights: Path) -> None:
-    from vitconvert.sources import load_state_dict_checked
+def check_config(config: dict[str, Any], where: str = "in config.json") -> tuple[str, BaseSpec, Recipe,
+                                                                                 dict[str, Any]]:
+    """Everything :func:`load` checks before building: (method, base spec, recipe, state).
 
+    Raises:
+        UserError: naming the first problem (unknown method or architecture, invalid recipe...).
+    """
+    method, base, recipe, state = config_parts(config)
+    spec = BaseSpec.from_dict(base)
+    rec = validate_recipe(recipe, where)
+    if rec.method != method:
+        raise UserError(f"config {where}: architecture says method {method!r} but the recipe says {rec.method!r}")
+    return method, spec, rec, state
+
+
+# Data settings a saved model carries in its pretrained_cfg (the architecture's defaults are ImageNet's).
+DATA_CFG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode", "fixed_input_size",
+                 "min_input_size", "test_input_size", "test_crop_pct", "label_names", "label_descriptions", "license")
+
+
+def build_from_config(base: dict[str, Any], recipe: dict[str, Any], state: dict[str, Any] | None,
+                      method: str | None = None, pretrained_cfg: Any = None) -> ConvertedModel:
+    """Rebuild a converted model (random base weights) from the ``model_args`` of a saved config.
+
+    Everything is validated before anything is built: the base architecture must be a timm model, the
+    recipe must pass the method's schema, the state must hold known keys with valid values. The data
+    settings of the saved ``pretrained_cfg`` (input size, mean/std, crop) are restored.
+    """
+    spec = BaseSpec.from_dict(base)
+    rec = validate_recipe(recipe, "in config.json")
+    if method is not None and rec.method != method:
+        raise UserError(f"config: architecture says method {method!r} but the recipe says {rec.method!r}")
+    model = convert(spec.build(), spec, rec)
+    if state:
+        model.load_state(state)
+    saved = pretrained_cfg if isinstance(pretrained_cfg, dict) else getattr(pretrained_cfg, "__dict__", None) or {}
+    model.pretrained_cfg.update({k: saved[k] for k in DATA_CFG_KEYS if saved.get(k) is not None})
+    return model
+
+
+def load_weights(model: ConvertedModel, weights: Path) -> None:
+    """Read ``weights`` (safetensors) into ``model``, strictly: every key present, every shape right."""
     if not weights.is_file():
         raise UserError(f"{str(weights.parent)!r} has no {WEIGHTS_NAME}")
     try:
@@ -176,8 +224,6 @@ def weights_file_from_cfg(pretrained_cfg: Any, cache_dir: Any = None) -> Path:
             raise UserError(f"local-dir:{cfg['file']} has no {WEIGHTS_NAME}; vitconvert loads only safetensors weights")
         return weights
     if source == "hf-hub" or cfg.get("hf_hub_id"):
-        from vitconvert.hub import download_model
-
         return download_model(cfg["hf_hub_id"], cache_dir=cache_dir) / WEIGHTS_NAME
     raise UserError("vitconvert models load weights only from hf-hub: or local-dir: sources")
 
@@ -201,8 +247,6 @@ def load(path: str | os.PathLike[str], budget: str | float | None = None, device
     """
     text = str(path)
     if text.startswith("hf-hub:"):
-        from vitconvert.hub import download_model
-
         folder = download_model(text[len("hf-hub:"):], revision=revision)
     else:
         folder = Path(text[len("local-dir:"):] if text.startswith("local-dir:") else text).expanduser()
@@ -217,3 +261,49 @@ def load(path: str | os.PathLike[str], budget: str | float | None = None, device
     if budget is not None:
         model.set_budget(budget)
     return model.to(device).eval()
+
+
+# --- timm entrypoints ---------------------------------------------------------------------------------------
+
+
+def timm_entrypoint(method: str, pretrained: bool = False, **kwargs: Any) -> ConvertedModel:
+    """Shared body of the ``vitconvert_<method>`` timm entrypoints."""
+    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
+    kwargs.pop("pretrained_cfg_overlay", None)
+    cache_dir = kwargs.pop("cache_dir", None)
+    base = kwargs.pop("base", None)
+    recipe = kwargs.pop("recipe", None)
+    state = kwargs.pop("state", None)
+    kwargs.pop("num_classes", None)  # recorded by timm's factory; fixed by the base model args
+    kwargs.pop("pretrained_model_args", None)
+    if base is None or recipe is None:
+        raise UserError(
+            f"vitconvert_{method} is built from a saved vitconvert model: use "
+            f"timm.create_model('hf-hub:OWNER/NAME' or 'local-dir:PATH', pretrained=True)"
+        )
+    unknown = set(kwargs) - {"device", "dtype"}
+    if unknown:
+        raise UserError(f"vitconvert_{method}: unexpected model arguments {sorted(unknown)}")
+    # Fetch the weights first: a source without model.safetensors is refused before anything is built.
+    weights = weights_file_from_cfg(pretrained_cfg, cache_dir) if pretrained else None
+    model = build_from_config(base, recipe, state, method, pretrained_cfg)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def _entrypoint_for(method: str) -> Any:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> ConvertedModel:
+        return timm_entrypoint(method, pretrained, **kwargs)
+
+    # timm's registry keys entrypoints by function name and module.
+    entrypoint.__name__ = entrypoint.__qualname__ = f"vitconvert_{method}"
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = (f"{METHODS[method].__name__} converted model, rebuilt from a saved vitconvert config "
+                          "(``model_args``: base, recipe, state).")
+    return entrypoint
+
+
+__all__ = ["build_from_config", "check_config", "load", "load_weights", "model_config", "save", "timm_entrypoint"]
+for _method in sorted(METHODS):
+    register_model(_entrypoint_for(_method))

@@ -30,7 +30,10 @@ import timm
 import torch
 from torch import nn
 
+from vitconvert.anatomy import model_img_size
 from vitconvert.errors import UserError
+from vitconvert.hub import download_config, hub_error, is_hub_failure
+from vitconvert.recipes import parse_key_values
 
 # Keys timm's factory accepts for every model but that do not describe the architecture.
 _PLAIN_SUFFIX = re.compile(r"((patch|window)\d+|\d+)(_((patch|window)\d+|\d+))*")
@@ -112,8 +115,6 @@ def resolve_model_name(name: str) -> tuple[str, str | None]:
 
 def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
     """Parse timm-style ``key=value`` strings; values are read as YAML (``4`` -> int, ``[2,2]`` -> list)."""
-    from vitconvert.recipes import parse_key_values
-
     pairs = parse_key_values(items, "--model-kwargs", "img_size=32")
     return {key: tuple(value) if isinstance(value, list) else value for key, value in pairs}
 
@@ -230,8 +231,6 @@ def load_base(
         repo = model[len("hf-hub:"):]
         hub_id = repo
         if not use_pretrained:
-            from vitconvert.hub import download_config
-
             arch, base_args = _arch_from_config(download_config(repo), model)
             base = timm.create_model(arch, pretrained=False, **{**base_args, **kwargs})
         else:
@@ -254,8 +253,6 @@ def load_base(
     }
     model_args.update(kwargs)
     model_args["num_classes"] = int(getattr(base, "num_classes", model_args.get("num_classes", 0)))
-    from vitconvert.anatomy import model_img_size
-
     spec = BaseSpec(
         img_size=list(model_img_size(base)),
         architecture=arch,
@@ -328,8 +325,6 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any], source: str) ->
             ) from None
         raise
     except Exception as e:
-        from vitconvert.hub import hub_error, is_hub_failure
-
         if name.startswith("hf-hub:") and is_hub_failure(e):
             # A missing repo, revision or file, a bad token or no network: say which, not "offline".
             raise hub_error(name[len("hf-hub:"):].split("@")[0], e) from None

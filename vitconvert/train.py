@@ -44,8 +44,10 @@ from torch import nn
 
 from vitconvert.data import ImageDataset, open_image_folder, train_transform
 from vitconvert.errors import UserError
-from vitconvert.methods import ConvertedModel
+from vitconvert.methods.base import ConvertedModel
 from vitconvert.recipes import FinetuneSettings, load_recipe, parse_overrides
+from vitconvert.saving import load, save
+from vitconvert.sources import load_base, load_checkpoint_file, load_state_dict_checked
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.json"
@@ -71,8 +73,6 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 def resolve_model(model: str | os.PathLike[str] | ConvertedModel) -> tuple[ConvertedModel, Path | None]:
     """A converted model and the local folder it was loaded from (None for Hub ids and in-memory models)."""
-    from vitconvert.saving import load
-
     if isinstance(model, ConvertedModel):
         return model, None
     if not isinstance(model, str | os.PathLike):
@@ -92,8 +92,6 @@ def original_model(model: ConvertedModel, teacher: str | os.PathLike[str] | None
     from ``model.base_spec`` (its source and checkpoint), or taken from ``teacher`` (a weights file for
     the base architecture, a timm name, ``hf-hub:`` or ``local-dir:``).
     """
-    from vitconvert.sources import load_base, load_checkpoint_file, load_state_dict_checked
-
     spec = model.base_spec
     if teacher is not None:
         path = Path(teacher).expanduser()
@@ -260,22 +258,40 @@ class _TrainStep(nn.Module):
 # --- the loss ----------------------------------------------------------------------------------------------
 
 
+EXIT_PREFIX = "exit."
+
+
 def loss_terms(model: ConvertedModel, outputs: dict[str, torch.Tensor], teacher_logits: torch.Tensor | None,
                labels: torch.Tensor | None, settings: FinetuneSettings) -> dict[str, torch.Tensor]:
-    """The unweighted loss terms: distill (when a teacher runs), ce (with labels) and the method's own."""
-    logits = outputs["logits"].float()
+    """The unweighted loss terms: distill (when a teacher runs), ce (with labels) and the method's own.
+
+    ``distill`` and ``ce`` apply to the final ``logits`` and to every earlier exit the method exposes
+    (``exit.<name>`` outputs, e.g. each member of a cascade): ``distill@<name>`` and ``ce@<name>``, weighted
+    like ``distill`` and ``ce``.
+    """
+    exits = {"": outputs["logits"]}
+    exits.update({k[len(EXIT_PREFIX):]: v for k, v in outputs.items() if k.startswith(EXIT_PREFIX)})
     terms: dict[str, torch.Tensor] = {}
-    if teacher_logits is not None:
-        t = settings.distill_temperature
-        student, target = F.log_softmax(logits / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1)
-        terms["distill"] = F.kl_div(student, target, reduction="batchmean", log_target=True) * (t * t)
-    if labels is not None:
-        terms["ce"] = F.cross_entropy(logits, labels, label_smoothing=settings.label_smoothing)
-    for name, value in model.method_losses(outputs, labels).items():
+    t = settings.distill_temperature
+    target = F.log_softmax(teacher_logits.float() / t, dim=-1) if teacher_logits is not None else None
+    for name, exit_logits in exits.items():
+        suffix = f"@{name}" if name else ""
+        logits = exit_logits.float()
+        if target is not None:
+            student = F.log_softmax(logits / t, dim=-1)
+            terms["distill" + suffix] = F.kl_div(student, target, reduction="batchmean", log_target=True) * (t * t)
+        if labels is not None:
+            terms["ce" + suffix] = F.cross_entropy(logits, labels, label_smoothing=settings.label_smoothing)
+    for name, value in model.method_losses(outputs, labels, teacher_logits).items():
         if name in terms:
             raise RuntimeError(f"{model.method}.method_losses returned {name!r}, which the shared loss already has")
         terms[name] = value
     return terms
+
+
+def loss_weight(weights: dict[str, float], term: str) -> float:
+    """The recipe's weight of a loss term; an exit's term (``distill@coarse``) is weighted like its kind."""
+    return weights.get(term.split("@", 1)[0], 1.0)
 
 
 def _weights(settings: FinetuneSettings) -> dict[str, float]:
@@ -313,27 +329,27 @@ def _no_weight_decay(model: nn.Module) -> set[str]:
 def _drop_path(model: ConvertedModel, rate: float) -> Iterator[None]:
     """Stochastic depth ``rate`` (linear in depth) on the base model's blocks for the duration of training.
 
-    timm builds ``nn.Identity`` where a block's drop path is 0. The method's rewritten graphs call the same
-    module objects, so the objects themselves are switched to DropPath (and back) rather than replaced.
+    The slots are the residual branches' drop-path modules the block reader found when the model was
+    converted (:attr:`ConvertedModel.drop_path_slots`), whatever they are called. timm builds
+    ``nn.Identity`` where a block's drop path is 0; the method's rewritten graphs call the same module
+    objects, so the objects themselves are switched to DropPath (and back) rather than replaced.
     """
     if rate <= 0:
         yield
         return
-    paths = model.anatomy.block_paths
+    depth = len(model.anatomy.blocks)
     changed: list[tuple[nn.Module, type, float | None]] = []
     try:
-        for i, path in enumerate(paths):
-            block = model.base.get_submodule(path)
-            p = rate * i / max(1, len(paths) - 1)
-            for attr in ("drop_path", "drop_path1", "drop_path2"):
-                m = getattr(block, attr, None)
-                if isinstance(m, DropPath):
-                    changed.append((m, DropPath, m.drop_prob))
-                    m.drop_prob = p
-                elif type(m) is nn.Identity:
-                    changed.append((m, nn.Identity, None))
-                    m.__class__ = DropPath
-                    m.drop_prob, m.scale_by_keep = p, True
+        for block_index, path in model.drop_path_slots:
+            m = model.base.get_submodule(path)
+            p = rate * block_index / max(1, depth - 1)
+            if isinstance(m, DropPath):
+                changed.append((m, DropPath, m.drop_prob))
+                m.drop_prob = p
+            elif type(m) is nn.Identity:
+                changed.append((m, nn.Identity, None))
+                m.__class__ = DropPath
+                m.drop_prob, m.scale_by_keep = p, True
         yield
     finally:
         for m, cls, prob in changed:
@@ -439,8 +455,6 @@ def finetune(
 def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list[str] | None, resume: bool,
               overwrite: bool, dev: torch.device, workers: int, teacher_arg: Any, progress: bool,
               max_images: int | None, ddp: _Dist) -> Path:
-    from vitconvert.saving import save
-
     model, folder = resolve_model(model_arg)
     _settings_with_overrides(model, overrides)
     settings = model.recipe.finetune
@@ -567,7 +581,7 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
                         with torch.no_grad():
                             teacher_logits = teacher(x)
                 terms = loss_terms(model, outputs, teacher_logits, y if use_labels else None, settings)
-                loss = sum(weights.get(k, 1.0) * v for k, v in terms.items())
+                loss = sum(loss_weight(weights, k) * v for k, v in terms.items())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if settings.clip_grad:

@@ -1,16 +1,24 @@
-"""What every converted model is: the base timm model plus the method's new parts and state.
+"""What every converted model is: the base timm model plus the method's new parts and its operating point.
 
-A method subclasses :class:`ConvertedModel`, declares its ``Settings`` (structure, from the recipe's
-``model`` section), ``Losses`` (weights, from ``finetune.losses``) and supported ``families``, and
-implements:
+A method subclasses :class:`ConvertedModel` and declares its ``Settings`` (structure, from the recipe's
+``model`` section), ``Losses`` (weights, from ``finetune.losses``), supported ``families`` and whether its
+full-compute setting reproduces the base model exactly (``exact_at_full_compute``; when it does not,
+``full_compute_note`` says what it is instead). It implements these hooks:
 
-* ``forward_dynamic(x)`` -> :class:`DynamicOutput`: inference at the current operating point, with the
-  per-image GMACs of the path each image took;
-* ``forward_train(x)`` -> dict of logits; ``method_losses(outputs, labels)`` -> its own loss terms;
-* ``knob`` (one number a user turns, e.g. CF-ViT's exit threshold eta), ``full_compute_knob`` (the value
-  at which the model reproduces the base model exactly) and ``sweep_knob`` (values calibration tries);
-* optionally ``collect(x)`` and ``simulate(collected, knob)`` when every operating point can be evaluated
-  from one pass over the images (CF-ViT: both stages' logits); calibration then needs no re-runs.
+* ``operating_space()`` -> :class:`~vitconvert.operating.OperatingSpace`: the named values a user or
+  calibration turns (CF-ViT: ``eta`` and ``alpha``; DGE: ``coarsening``), each readable and settable as an
+  attribute of the model (override ``_read_point`` / ``_write_point`` to store them otherwise);
+* ``forward_dynamic(x)`` -> :class:`DynamicOutput`: inference at the current point, with the per-image
+  GMACs of the path each image took;
+* ``forward_train(x)`` -> dict with at least ``logits`` (the final output). Keys ``exit.<name>`` are earlier
+  exits: the pipeline distils and supervises each of them like ``logits``;
+* ``method_losses(outputs, labels, teacher_logits)`` -> the method's own unweighted loss terms.
+
+Optional hooks: ``method_state``/``load_method_state`` (extra JSON state), ``lr_scales`` (faster rates for
+new parts), ``set_train_progress`` (schedules inside the method), ``plot_decisions`` (a picture of what the
+model decided on some images: regions, exits), ``simulated_points``. A model whose every operating point can
+be evaluated from one pass over the images also subclasses :class:`SimulatesPoints` (``collect`` and
+``simulate``); calibration then needs one pass per value of the knobs that change the computation.
 
 The base model is kept as ``self.base`` so its parameters keep their timm names under ``base.``; the
 teacher for fine-tuning and the exactness tests rebuild it from those keys.
@@ -21,7 +29,9 @@ from __future__ import annotations
 import abc
 import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -29,8 +39,13 @@ from pydantic import BaseModel
 from torch import nn
 
 from vitconvert.anatomy import Anatomy
-from vitconvert.errors import UserError
+from vitconvert.backbones import describe_family, read_anatomy
+from vitconvert.errors import AnatomyError, UserError
+from vitconvert.layers.costs import model_gmacs
+from vitconvert.layers.seams import drop_path_modules
+from vitconvert.operating import CurvePoint, OperatingPoint, OperatingSpace, choose_point
 from vitconvert.recipes import Recipe
+from vitconvert.registry import get_method
 from vitconvert.sources import BaseSpec
 
 
@@ -51,61 +66,6 @@ class DynamicOutput:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-@dataclass
-class CurvePoint:
-    """One operating point measured on held-out images."""
-
-    knob: float
-    gmacs: float
-    top1: float
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-def parse_budget(budget: str | float) -> tuple[str, float]:
-    """``2.1`` -> ('gmacs', 2.1); ``'50%'`` or ``'0.5x'`` -> ('fraction', 0.5); ``'drop=0.5'`` -> ('drop', 0.5)."""
-    if isinstance(budget, int | float):
-        kind, value = "gmacs", float(budget)
-    else:
-        text = str(budget).strip().lower()
-        try:
-            if text.startswith("drop="):
-                kind, value = "drop", float(text[5:])
-            elif text.endswith("%"):
-                kind, value = "fraction", float(text[:-1]) / 100
-            elif text.endswith("x"):
-                kind, value = "fraction", float(text[:-1])
-            else:
-                kind, value = "gmacs", float(text)
-        except ValueError:
-            raise UserError(
-                f"budget {budget!r} is not understood; use GMACs (2.1), a fraction of the base model ('50%' or "
-                "'0.5x') or a maximum top-1 drop in points ('drop=0.5')"
-            ) from None
-    if not math.isfinite(value) or value < 0 or (kind == "fraction" and value > 1.0):
-        raise UserError(f"budget {budget!r} is out of range (fractions lie in 0..100%, GMACs and drops >= 0)")
-    return kind, value
-
-
-def choose_point(curve: list[CurvePoint], budget: str | float, base_gmacs: float, base_top1: float | None
-                 ) -> CurvePoint:
-    """The most accurate point within a GMACs budget, or the cheapest within an accuracy drop."""
-    if not curve:
-        raise UserError("the model has no calibration curve; run `vitconvert calibrate` first")
-    kind, value = parse_budget(budget)
-    if kind == "drop":
-        if base_top1 is None:
-            raise UserError("a 'drop=' budget needs the base model's accuracy; recalibrate with the base model")
-        ok = [p for p in curve if p.top1 >= base_top1 - value]
-        if not ok:
-            return max(curve, key=lambda p: (p.top1, -p.gmacs))
-        return min(ok, key=lambda p: (p.gmacs, -p.top1))
-    limit = value if kind == "gmacs" else value * base_gmacs
-    ok = [p for p in curve if p.gmacs <= limit + 1e-9]
-    if not ok:
-        return min(curve, key=lambda p: p.gmacs)
-    return max(ok, key=lambda p: (p.top1, -p.gmacs))
-
-
 class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
     """Base class of every converted model (see the module docstring)."""
 
@@ -114,14 +74,12 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
     description: ClassVar[str]
     Settings: ClassVar[type[BaseModel]]
     Losses: ClassVar[type[BaseModel]]
-    knob_name: ClassVar[str] = "knob"
-    full_compute_knob: ClassVar[float]
+    exact_at_full_compute: ClassVar[bool] = True
+    full_compute_note: ClassVar[str] = "the base model itself"
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         super().__init__()
         if anatomy.family not in self.families:
-            from vitconvert.backbones import describe_family
-
             raise UserError(
                 f"method {self.method!r} supports {', '.join(describe_family(f) for f in self.families)} models; "
                 f"{spec.architecture} is a {describe_family(anatomy.family)} model"
@@ -138,9 +96,16 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
         self.curve: list[CurvePoint] = []
         self.calibration: dict[str, Any] = {}
         self.finetuned = False
-        self.base_gmacs = 0.0
+        # Read before the method rewrites anything: the base model's cost (with the same rules as every
+        # per-image cost) and the drop-path slots of its blocks, (block index, path under base).
+        self.base_gmacs = model_gmacs(base, anatomy.img_size)
+        self.drop_path_slots = _drop_path_slots(base, anatomy)
 
     # --- what a method implements ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def operating_space(self) -> OperatingSpace:
+        """The named values of this model's operating point, their ranges, full-compute values and sweeps."""
 
     @abc.abstractmethod
     def forward_dynamic(self, x: torch.Tensor) -> DynamicOutput:
@@ -148,27 +113,41 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
 
     @abc.abstractmethod
     def forward_train(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Training forward: a dict with at least ``logits`` (the output distilled and supervised)."""
+        """Training forward: ``logits`` (distilled and supervised), ``exit.<name>`` for earlier exits, and
+        whatever the method's own losses need."""
 
     @abc.abstractmethod
-    def method_losses(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """The method's own unweighted loss terms; weights come from ``recipe.finetune.losses``."""
+    def method_losses(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor | None,
+                      teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The method's own unweighted loss terms; weights come from ``recipe.finetune.losses``.
 
-    @property
-    @abc.abstractmethod
-    def knob(self) -> float:
-        """The one number a user turns (exit threshold, gate bias...)."""
+        Args:
+            outputs: What :meth:`forward_train` returned.
+            labels: (B,) class indices, or None when fine-tuning without labels.
+            teacher_logits: (B, classes) of the original model, or None when distillation is off.
+        """
 
-    @knob.setter
-    @abc.abstractmethod
-    def knob(self, value: float) -> None: ...
+    def _read_point(self) -> OperatingPoint:
+        """The current values of the operating space's knobs (default: the model's attributes of those names)."""
+        return {name: float(getattr(self, name)) for name in self.operating_space().names}
 
-    @abc.abstractmethod
-    def sweep_knob(self) -> list[float]:
-        """Knob values calibration evaluates."""
+    def _write_point(self, point: OperatingPoint) -> None:
+        """Set validated values (default: the model's attributes of those names, in the space's order)."""
+        for name, value in point.items():
+            setattr(self, name, value)
+
+    def simulated_points(self, collected: dict[str, torch.Tensor]) -> list[OperatingPoint]:
+        """Values of the simulated knobs calibration evaluates on ``collected`` (default: their sweeps).
+
+        A cascade may derive thresholds from the collected confidences instead (target exit distributions).
+        """
+        space = self.operating_space()
+        sim = [k for k in space.knobs if k.simulated]
+        fixed = {k.name: k.full for k in space.knobs if not k.simulated}
+        return [{k.name: p[k.name] for k in sim} for p in space.candidates(fixed)]
 
     def method_state(self) -> dict[str, Any]:
-        """Method-specific JSON state (in addition to the knob and calibration)."""
+        """Method-specific JSON state (besides the operating point and calibration)."""
         return {}
 
     def load_method_state(self, state: dict[str, Any]) -> None:
@@ -186,17 +165,46 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
     def set_train_progress(self, fraction: float) -> None:
         """Called by the pipeline before each training step with the share of fine-tuning done (0..1)."""
 
-    # --- shared behaviour -----------------------------------------------------------------------------
+    def plot_decisions(self, images: torch.Tensor, path: str | Path) -> Path | None:
+        """Draw what the model decided on ``images`` (regions, exits...) into a PNG; None: nothing to draw."""
+        return None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return self.forward_train(x)["logits"]
-        return self.forward_dynamic(x).logits
+    # --- operating point ------------------------------------------------------------------------------
+
+    @property
+    def operating_point(self) -> OperatingPoint:
+        """The current operating point, ``{name: value}`` in the space's order."""
+        return self._read_point()
+
+    def set_operating_point(self, point: Mapping[str, float] | None = None, **values: float) -> OperatingPoint:
+        """Switch to an operating point (any subset of the knobs; the others keep their values).
+
+        Example:
+            >>> model.set_operating_point(eta=0.6)  # doctest: +SKIP
+            {'eta': 0.6, 'alpha': 0.5}
+        """
+        checked = self.operating_space().validate({**(point or {}), **values})
+        self._write_point(checked)
+        return self.operating_point
 
     def full_compute(self) -> ConvertedModel:
-        """Switch to the setting at which the model reproduces the base model exactly."""
-        self.knob = self.full_compute_knob
+        """Switch to the full-compute setting (the base model itself when ``exact_at_full_compute``)."""
+        self.set_operating_point(self.operating_space().full())
         return self
+
+    @property
+    def knob_name(self) -> str:
+        """Name of the main knob (the first of the operating space): the one value a user usually turns."""
+        return self.operating_space().names[0]
+
+    @property
+    def knob(self) -> float:
+        """The main knob's value (CF-ViT's eta, DGE's coarsening)."""
+        return self.operating_point[self.knob_name]
+
+    @knob.setter
+    def knob(self, value: float) -> None:
+        self.set_operating_point({self.knob_name: value})
 
     def set_budget(self, budget: str | float) -> CurvePoint:
         """Pick the operating point for a budget from the stored calibration curve and switch to it.
@@ -205,13 +213,15 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
             budget: GMACs (``2.1``), a fraction of the base model (``"50%"``) or a top-1 drop (``"drop=0.5"``).
         """
         point = choose_point(self.curve, budget, self.base_gmacs, self.calibration.get("base_top1"))
-        self.knob = point.knob
+        self.set_operating_point(point.point)
         return point
+
+    # --- state ----------------------------------------------------------------------------------------
 
     def get_state(self) -> dict[str, Any]:
         return {
-            self.knob_name: self.knob,
-            "curve": [p.__dict__ for p in self.curve],
+            "point": self.operating_point,
+            "curve": [p.to_dict() for p in self.curve],
             "calibration": self.calibration,
             "finetuned": self.finetuned,
             "base_gmacs": self.base_gmacs,
@@ -219,20 +229,33 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`get_state` output (validated; a bad value is a one-line UserError)."""
         state = dict(state)
-        if self.knob_name in state:
-            value = state.pop(self.knob_name)
-            if not isinstance(value, int | float) or not math.isfinite(value):
-                raise UserError(f"config: state.{self.knob_name} must be a number, got {value!r}")
-            self.knob = float(value)
-        try:
-            self.curve = [CurvePoint(**p) for p in state.pop("curve", [])]
-        except TypeError as e:
-            raise UserError(f"config: bad calibration curve ({e})") from None
-        self.calibration = dict(state.pop("calibration", {}))
+        space = self.operating_space()
+        point = space.validate(state.pop("point", {}), "config: state.point.")
+        # vitconvert <= 0.1 stored each knob at the top level of the state (eta, alpha, coarsening).
+        legacy = space.validate({name: state.pop(name) for name in space.names if name in state}, "config: state.")
+        self._write_point({**legacy, **point})
+        curve = state.pop("curve", [])
+        if not isinstance(curve, list):
+            raise UserError(f"config: state.curve must be a list, got {curve!r}")
+        self.curve = [CurvePoint.from_dict(p, space, f"config: state.curve[{i}]") for i, p in enumerate(curve)]
+        calibration = state.pop("calibration", {})
+        if not isinstance(calibration, dict):
+            raise UserError(f"config: state.calibration must be a mapping, got {calibration!r}")
+        self.calibration = dict(calibration)
         self.finetuned = bool(state.pop("finetuned", False))
-        self.base_gmacs = float(state.pop("base_gmacs", self.base_gmacs))
+        base_gmacs = state.pop("base_gmacs", self.base_gmacs)
+        if isinstance(base_gmacs, bool) or not isinstance(base_gmacs, int | float) or not math.isfinite(base_gmacs):
+            raise UserError(f"config: state.base_gmacs must be a number, got {base_gmacs!r}")
         self.load_method_state(state)
+
+    # --- shared behaviour -----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return self.forward_train(x)["logits"]
+        return self.forward_dynamic(x).logits
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         """The base model's weights as held by this model (timm key names)."""
@@ -247,7 +270,62 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
         return base.eval()
 
     def extra_repr(self) -> str:
-        return f"method={self.method}, base={self.base_spec.architecture}, {self.knob_name}={self.knob:g}"
+        point = ", ".join(f"{k}={v:g}" for k, v in self.operating_point.items())
+        return f"method={self.method}, base={self.base_spec.architecture}, {point}"
+
+
+class SimulatesPoints(abc.ABC):
+    """Capability of a converted model: every operating point evaluated from one collected pass.
+
+    ``collect`` runs the images once at the current values of the knobs that change the computation
+    (e.g. every stage of a cascade on every image); ``simulate`` then gives what :meth:`forward_dynamic`
+    would return at any values of the simulated knobs (e.g. exit thresholds), without running the model.
+    """
+
+    @abc.abstractmethod
+    def collect(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-image tensors (first dimension = batch) from which any simulated point can be evaluated."""
+
+    @abc.abstractmethod
+    def simulate(self, collected: dict[str, torch.Tensor], point: Mapping[str, float]) -> DynamicOutput:
+        """Logits, per-image GMACs and exits at ``point`` (its simulated knobs) from ``collected``."""
+
+
+def can_simulate(model: nn.Module) -> bool:
+    """Whether calibration may evaluate ``model``'s operating points by simulation."""
+    return isinstance(model, SimulatesPoints)
+
+
+def convert(base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy | None = None) -> ConvertedModel:
+    """Convert a base model (with its weights) following a validated recipe.
+
+    The method's new parts are initialised from the recipe's seed (the caller's random state is left
+    alone), so converting the same model twice gives the same weights and fine-tuning runs are repeatable.
+    """
+    size = tuple(spec.img_size) if spec.img_size else None
+    anatomy = anatomy or read_anatomy(base, img_size=size)  # type: ignore[arg-type]
+    cls = get_method(recipe.method)
+    if anatomy.family not in cls.families:
+        raise UserError(
+            f"recipe {recipe.name!r} (method {recipe.method}) supports "
+            f"{', '.join(describe_family(f) for f in cls.families)}; {spec.architecture} is "
+            f"{describe_family(anatomy.family)}"
+        )
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(recipe.finetune.seed)
+        return cls(base, spec, recipe, anatomy).eval()
+
+
+def _drop_path_slots(base: nn.Module, anatomy: Anatomy) -> list[tuple[int, str]]:
+    """(block index, module path) of every stochastic-depth slot the residual block reader finds."""
+    slots = []
+    for info in anatomy.blocks:
+        try:
+            names = drop_path_modules(base.get_submodule(info.path))
+        except AnatomyError:  # a block the reader does not understand trains without stochastic depth
+            continue
+        slots += [(info.index, f"{info.path}.{name}") for name in names]
+    return slots
 
 
 def converted_pretrained_cfg(base: nn.Module, anatomy: Anatomy, method: str) -> dict[str, Any]:

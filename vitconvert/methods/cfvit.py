@@ -8,13 +8,16 @@ stages; only the position embeddings differ.
   ``gca_start_block`` on also report the class token's attention row (an fx rewrite that keeps fused
   attention), averaged over heads into the global class attention (GCA) by an exponential moving average.
 * Early exit: an image whose coarse confidence (max softmax) exceeds ``eta`` stops there. Only the other
-  images run the fine stage, as a real sub-batch.
+  images run the fine stage, as a real sub-batch: the two stages are a two-stage
+  :class:`~vitconvert.layers.cascade.Cascade`, which also simulates any ``eta`` from one pass (calibration).
 * Fine stage: the ``alpha`` fraction of coarse patches with the highest GCA is re-split 2x2 into fine
   patches; the others stay coarse (their coarse input embeddings). The coarse stage's final features pass
   through a small MLP (last layer zero-initialised) and are added to the fine tokens they cover.
 
-The one knob is ``eta``. At ``eta = 1`` (never exit) and ``alpha = 1`` (re-split everything) the model is
-exactly the base model on the full image; :meth:`CFViT.full_compute` sets both.
+The operating point is ``eta`` (the knob a user turns; simulated from one pass) and ``alpha`` (changes the
+fine stage; calibration explores the recipe's ``explore_alpha`` when given, else keeps ``model.alpha``). At
+``eta = 1`` (never exit) and ``alpha = 1`` (re-split everything) the model is exactly the base model on
+the full image: that is its full-compute point.
 
 Fine-tuning trains both stages at once (fine output: distillation + cross-entropy; coarse output: KL to the
 detached fine output). The added parts (coarse position embedding, reuse MLP) may learn at ``new_lr_scale``
@@ -25,22 +28,24 @@ GMACs (``recipes/cfvit.yaml`` records the measured steps).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from timm.layers import resample_abs_pos_embed
-from timm.models import register_model
 from torch import nn
 
 from vitconvert import fx as vfx
 from vitconvert.anatomy import Anatomy
 from vitconvert.errors import UserError
-from vitconvert.gmacs import count_macs
-from vitconvert.methods import register_method, timm_entrypoint
-from vitconvert.methods.base import ConvertedModel, DynamicOutput
+from vitconvert.layers.cascade import Carry, Cascade, Stage
+from vitconvert.layers.costs import count_macs, to_gmacs
+from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints
+from vitconvert.operating import Knob, OperatingSpace
 from vitconvert.recipes import Recipe, Strict
+from vitconvert.registry import register_method
 from vitconvert.sources import BaseSpec
 
 
@@ -54,6 +59,8 @@ class CFViTSettings(Strict):
     resize: Literal["bilinear", "bicubic", "area"] = "bilinear"
     new_lr_scale: float = Field(1.0, gt=0, le=1e3, description="fine-tuning learning-rate multiplier of the added "
                                 "parts (coarse position embedding, feature-reuse MLP)")
+    explore_alpha: list[float] | None = Field(None, min_length=1, description="alphas calibration explores with eta "
+                                            "(each in (0, 1]); null: model.alpha only")
 
 
 class CFViTLosses(Strict):
@@ -64,7 +71,7 @@ class CFViTLosses(Strict):
 
 
 @register_method
-class CFViT(ConvertedModel):
+class CFViT(ConvertedModel, SimulatesPoints):
     """Coarse-to-fine ViT with batched early exit (see the module docstring)."""
 
     method = "cfvit"
@@ -72,8 +79,6 @@ class CFViT(ConvertedModel):
     description = "CF-ViT coarse-to-fine inference with early exit (ViT/DeiT with a class token)"
     Settings = CFViTSettings
     Losses = CFViTLosses
-    knob_name = "eta"
-    full_compute_knob = 1.0
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         super().__init__(base, spec, recipe, anatomy)
@@ -125,23 +130,23 @@ class CFViT(ConvertedModel):
             "final_norm": base.get_submodule(anatomy.final_norm) if anatomy.final_norm else nn.Identity(),
         }
         object.__setattr__(self, "_graphs", graphs)
+        # Not modules: the stages call the graphs above, whose parameters are registered once under base.
+        object.__setattr__(self, "cascade", Cascade([Stage("coarse", self._coarse_stage, 0.0),
+                                                     Stage("fine", self._fine_stage, 0.0)]))
         self.eta = s.eta
         self._alpha = s.alpha
-        self.costs: dict[str, float] = {}
-        self.base_gmacs = count_macs(lambda: base.eval()(torch.zeros(1, 3, *anatomy.img_size))) / 1e9
         self._count_costs()
 
-    # --- knobs ----------------------------------------------------------------------------------------
+    # --- operating point ------------------------------------------------------------------------------
 
-    @property
-    def knob(self) -> float:
-        return float(self.eta)
-
-    @knob.setter
-    def knob(self, value: float) -> None:
-        if not 0.0 <= value <= 1.0:
-            raise UserError(f"eta must lie in [0, 1], got {value}")
-        self.eta = float(value)
+    def operating_space(self) -> OperatingSpace:
+        s: CFViTSettings = self.settings
+        return OperatingSpace((
+            Knob("eta", 0.0, 1.0, full=1.0, sweep=tuple(round(i / 100, 2) for i in range(101)), simulated=True,
+                 description="exit after the coarse stage when its confidence exceeds eta"),
+            Knob("alpha", 0.0, 1.0, full=1.0, sweep=tuple(s.explore_alpha or [s.alpha]),
+                 description="share of coarse patches re-split in the fine stage"),
+        ))
 
     @property
     def alpha(self) -> float:
@@ -155,16 +160,13 @@ class CFViT(ConvertedModel):
             self._alpha = float(value)
             self._count_costs()
 
-    def full_compute(self) -> CFViT:
-        self.eta = 1.0
-        self.alpha = 1.0
-        return self
-
-    def sweep_knob(self) -> list[float]:
-        return [round(i / 100, 2) for i in range(101)]
+    @property
+    def costs(self) -> dict[str, float]:
+        """GMACs per image of each stage at the current alpha (the fine stage's excludes the coarse one)."""
+        return {stage.name: stage.gmacs for stage in self.cascade.stages}
 
     def method_state(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "costs": dict(self.costs)}
+        return {"costs": self.costs}
 
     def lr_scales(self) -> dict[str, float]:
         """The added parts start from a resize (coarse position embedding) or from zero (the reuse MLP's
@@ -173,12 +175,7 @@ class CFViT(ConvertedModel):
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        alpha = state.pop("alpha", None)
         state.pop("costs", None)  # recounted from the structure, never trusted from a file
-        if alpha is not None:
-            if not isinstance(alpha, int | float):
-                raise UserError(f"config: state.alpha must be a number, got {alpha!r}")
-            self.alpha = float(alpha)
         super().load_method_state(state)
 
     # --- stages ---------------------------------------------------------------------------------------
@@ -248,39 +245,31 @@ class CFViT(ConvertedModel):
 
     # --- inference ------------------------------------------------------------------------------------
 
+    def _coarse_stage(self, x: torch.Tensor, carry: Carry) -> tuple[torch.Tensor, Carry]:
+        coarse = self.forward_coarse(x)
+        return coarse.pop("logits"), coarse
+
+    def _fine_stage(self, x: torch.Tensor, carry: Carry) -> tuple[torch.Tensor, Carry]:
+        return self.forward_fine(x, carry), {}
+
     def forward_dynamic(self, x: torch.Tensor) -> DynamicOutput:
         """Batched early exit: the fine stage runs only on images whose coarse confidence is <= eta."""
         self._check_input(x)
-        coarse = self.forward_coarse(x)
-        logits = coarse["logits"]
-        confidence = logits.float().softmax(dim=-1).amax(dim=-1)
-        go_fine = confidence <= self.eta if self.eta < 1.0 else torch.ones_like(confidence, dtype=torch.bool)
-        idx = go_fine.nonzero().squeeze(1)
-        if idx.numel() == x.shape[0]:
-            logits = self.forward_fine(x, coarse)
-        elif idx.numel() > 0:
-            sub = {k: v.index_select(0, idx) for k, v in coarse.items()}
-            fine_logits = self.forward_fine(x.index_select(0, idx), sub)
-            logits = logits.index_copy(0, idx, fine_logits.to(logits.dtype))
-        cost_c, cost_f = self.costs["coarse"], self.costs["fine"]
-        gmacs = torch.where(go_fine, cost_c + cost_f, cost_c).to(torch.float32)
-        return DynamicOutput(logits=logits, gmacs=gmacs, stage=go_fine.long(),
-                             extras={"confidence": confidence, "gca": coarse["gca"]})
+        out = self.cascade.run(x, [self.eta])
+        return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit,
+                             extras={"confidence": out.confidence[0]})
 
     def collect(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Both stages on every image, for simulating any eta afterwards (calibration)."""
         self._check_input(x)
-        coarse = self.forward_coarse(x)
-        return {"coarse": coarse["logits"].float(), "fine": self.forward_fine(x, coarse).float()}
+        coarse, fine = self.cascade.run_all(x)
+        return {"coarse": coarse.float(), "fine": fine.float()}
 
-    def simulate(self, collected: dict[str, torch.Tensor], knob: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and per-image GMACs the model would produce at ``eta = knob``."""
-        coarse, fine = collected["coarse"], collected["fine"]
-        conf = coarse.softmax(dim=-1).amax(dim=-1)
-        go_fine = conf <= knob if knob < 1.0 else torch.ones_like(conf, dtype=torch.bool)
-        logits = torch.where(go_fine[:, None], fine, coarse)
-        gmacs = torch.where(go_fine, self.costs["coarse"] + self.costs["fine"], self.costs["coarse"])
-        return logits, gmacs
+    def simulate(self, collected: dict[str, torch.Tensor], point: Mapping[str, float]) -> DynamicOutput:
+        """What :meth:`forward_dynamic` returns at ``eta = point["eta"]`` (at the alpha collected with)."""
+        out = self.cascade.simulate([collected["coarse"], collected["fine"]], [point.get("eta", self.eta)])
+        return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit,
+                             extras={"confidence": out.confidence[0]})
 
     # --- training -------------------------------------------------------------------------------------
 
@@ -290,7 +279,10 @@ class CFViT(ConvertedModel):
         coarse["gca"] = coarse["gca"].detach()
         return {"logits": self.forward_fine(x, coarse), "coarse_logits": coarse["logits"]}
 
-    def method_losses(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def method_losses(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor | None,
+                      teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        # The coarse output is not an exit the pipeline distils from the original model: as in the paper,
+        # it learns from the fine output (coarse_kl), which is what decides the exits.
         target = outputs["logits"].detach().float().softmax(dim=-1)
         log_coarse = outputs["coarse_logits"].float().log_softmax(dim=-1)
         terms = {"coarse_kl": F.kl_div(log_coarse, target, reduction="batchmean")}
@@ -313,17 +305,12 @@ class CFViT(ConvertedModel):
             def run_coarse() -> None:
                 coarse_holder.update(self.forward_coarse(x))
 
-            self.costs["coarse"] = count_macs(run_coarse) / 1e9
-            self.costs["fine"] = count_macs(lambda: self.forward_fine(x, coarse_holder)) / 1e9
+            coarse, fine = self.cascade.stages
+            coarse.gmacs = to_gmacs(count_macs(run_coarse))
+            fine.gmacs = to_gmacs(count_macs(lambda: self.forward_fine(x, coarse_holder)))
         finally:
             self.train(was_training)
 
 
 def _gather(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-
-
-@register_model
-def vitconvert_cfvit(pretrained: bool = False, **kwargs: Any) -> CFViT:
-    """CF-ViT converted model, rebuilt from a saved vitconvert config (``model_args``: base, recipe, state)."""
-    return timm_entrypoint("cfvit", pretrained, **kwargs)

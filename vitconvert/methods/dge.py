@@ -63,7 +63,7 @@ exact dense path. Routers live in the top-level ``routers`` module dict (keys ``
 
 The one knob is ``coarsening`` in [0, 1]: the routers' logits get ``logit(coarsening) * rank`` added
 (rank 0 for the finest granularity, 1, 2, ... for coarser ones) before the argmax. 0.5 is the trained
-argmax, 0 runs the base blocks (exactly the base model, ``full_compute_knob``), 1 the coarsest
+argmax, 0 runs the base blocks (exactly the base model, its full-compute point), 1 the coarsest
 granularity everywhere.
 
 Example:
@@ -87,16 +87,16 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from pydantic import Field, field_validator
-from timm.models import register_model
 from torch import nn
 
 from vitconvert import fx as vfx
 from vitconvert.anatomy import Anatomy, BlockInfo
 from vitconvert.errors import AnatomyError, UserError
-from vitconvert.gmacs import count_macs
-from vitconvert.methods import register_method, timm_entrypoint
+from vitconvert.layers.costs import GIGA
 from vitconvert.methods.base import ConvertedModel, DynamicOutput
+from vitconvert.operating import Knob, OperatingSpace
 from vitconvert.recipes import Recipe, Strict
+from vitconvert.registry import register_method
 from vitconvert.sources import BaseSpec
 
 __all__ = ["DGE", "DGEBlock", "DGELosses", "DGESettings", "Router", "plot_granularity"]
@@ -987,8 +987,6 @@ class DGE(ConvertedModel):
     description = "DGE dynamic-granularity queries per region (ViT/DeiT, PVT-v2)"
     Settings = DGESettings
     Losses = DGELosses
-    knob_name = "coarsening"
-    full_compute_knob = 0.0
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         super().__init__(base, spec, recipe, anatomy)
@@ -998,7 +996,6 @@ class DGE(ConvertedModel):
         if bad or not stages:
             raise UserError(f"recipe: model.stages must list stages in 0..{len(anatomy.stages) - 1}, got {s.stages}")
         kind = "vit" if anatomy.family == "vit" else "pvt"
-        self.base_gmacs = count_macs(lambda: base.eval()(torch.zeros(1, 3, *anatomy.img_size))) / 1e9
         ctx = _Context(s)
         object.__setattr__(self, "_ctx", ctx)
         self.num_prefix = anatomy.num_prefix_tokens if kind == "vit" else 0
@@ -1027,7 +1024,7 @@ class DGE(ConvertedModel):
             new = DGEBlock(block, parts, info.index, self.num_prefix, grid if kind == "vit" else None, router, ctx)
             base.set_submodule(info.path, new)
         self.tau = s.gumbel_tau
-        self.knob = s.coarsening
+        self.coarsening = s.coarsening
 
     # --- knob -----------------------------------------------------------------------------------------
 
@@ -1035,25 +1032,28 @@ class DGE(ConvertedModel):
     def _c(self) -> _Context:
         return self.__dict__["_ctx"]
 
+    def operating_space(self) -> OperatingSpace:
+        # Logit shifts; dense around 0 and wide at the ends: routers trained at a high rate have logit gaps of
+        # several units, and the last regions to turn coarse change the cost the most.
+        shifts = [-8.0, -6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0,
+                  4.0, 5.0, 6.0, 8.0, 10.0, 12.0]
+        sweep = (0.0, *(round(1.0 / (1.0 + math.exp(-b)), 6) for b in shifts), 1.0)
+        return OperatingSpace((Knob("coarsening", 0.0, 1.0, full=0.0, sweep=sweep,
+                                    description="0: the base blocks; 0.5: the routers' argmax; 1: coarsest"),))
+
     @property
-    def knob(self) -> float:
+    def coarsening(self) -> float:
+        """The knob: ``logit(coarsening) * rank`` is added to the routers' logits (see the module docstring)."""
         return float(self._coarsening)
 
-    @knob.setter
-    def knob(self, value: float) -> None:
+    @coarsening.setter
+    def coarsening(self, value: float) -> None:
         if not 0.0 <= value <= 1.0:
             raise UserError(f"coarsening must lie in [0, 1], got {value}")
         self._coarsening = float(value)
         ctx = self._c
         ctx.level = len(ctx.sizes) - 1 if value >= 1.0 else None
         ctx.shift = math.log(value / (1.0 - value)) if 0.0 < value < 1.0 else 0.0
-
-    def sweep_knob(self) -> list[float]:
-        # Logit shifts; dense around 0 and wide at the ends: routers trained at a high rate have logit gaps of
-        # several units, and the last regions to turn coarse change the cost the most.
-        shifts = [-8.0, -6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0,
-                  4.0, 5.0, 6.0, 8.0, 10.0, 12.0]
-        return [0.0] + [round(1.0 / (1.0 + math.exp(-b)), 6) for b in shifts] + [1.0]
 
     def method_state(self) -> dict[str, Any]:
         return {"gumbel_tau": self.tau}
@@ -1099,7 +1099,7 @@ class DGE(ConvertedModel):
         for k in range(len(self._c.sizes)):
             extra = sum(c["fixed"] + c["router"] + c["per_query"] * c["level_nq"][k] + c["level_conv"][k] - c["dense"]
                         for c in self.costs.values())
-            out.append(1.0 + extra / 1e9 / self.base_gmacs)
+            out.append(1.0 + extra / GIGA / self.base_gmacs)
         return out
 
     def force_ratio(self, rho: float | None, mode: Literal["random", "pattern"] = "random", seed: int = 0
@@ -1155,7 +1155,7 @@ class DGE(ConvertedModel):
 
     def _gmacs(self, records: list[_Record], batch: int, device: torch.device) -> torch.Tensor:
         """Per-image MACs (float64) of the path taken, from the blocks' records."""
-        total = torch.full((batch,), self.base_gmacs * 1e9, dtype=torch.float64, device=device)
+        total = torch.full((batch,), self.base_gmacs * GIGA, dtype=torch.float64, device=device)
         for r in records:
             c = self.costs[r.block]
             const = c["fixed"] - c["dense"] + (c["router"] if r.router_ran else 0.0)
@@ -1167,7 +1167,7 @@ class DGE(ConvertedModel):
     def forward_dynamic(self, x: torch.Tensor) -> DynamicOutput:
         """Inference at the current knob; ``gmacs`` per image from the gates each block chose."""
         self._check_input(x)
-        dense = self.knob <= 0.0 and self._c.forced is None
+        dense = self.coarsening <= 0.0 and self._c.forced is None
         with self._c.run("dense" if dense else "sparse") as records:
             logits = self.base(x)
             recs = list(records)
@@ -1179,7 +1179,7 @@ class DGE(ConvertedModel):
             for r in recs:
                 if r.gates is not None:
                     extras[f"granularity.{r.block}"] = r.gates
-        return DynamicOutput(logits=logits, gmacs=(gm / 1e9).float(), extras=extras)
+        return DynamicOutput(logits=logits, gmacs=(gm / GIGA).float(), extras=extras)
 
     def forward_train(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Dense training path with straight-through Gumbel gates; ``rho`` = dynamic/static GMACs of the batch."""
@@ -1188,10 +1188,11 @@ class DGE(ConvertedModel):
             logits = self.base(x)
             recs = list(records)
         gm = self._gmacs(recs, x.shape[0], x.device)
-        rho = (gm.mean() / (self.base_gmacs * 1e9)).float()
+        rho = (gm.mean() / (self.base_gmacs * GIGA)).float()
         return {"logits": logits, "rho": rho}
 
-    def method_losses(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def method_losses(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor | None,
+                      teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         gamma = self.settings.budget_target
         return {"budget": (outputs["rho"].float() - gamma) ** 2}
 
@@ -1280,15 +1281,9 @@ def plot_granularity(model: DGE, images: torch.Tensor, path: str | Path, block: 
         ax2.set_title(f"queries/region, stage {stage} mean", fontsize=8)
         ax2.axis("off")
     fig.colorbar(im, ax=fig.axes[-1], fraction=0.046)
-    fig.suptitle(f"DGE granularities ({model.base_spec.architecture}, coarsening={model.knob:g}, "
+    fig.suptitle(f"DGE granularities ({model.base_spec.architecture}, coarsening={model.coarsening:g}, "
                  f"{float(out.gmacs.mean()):.3f} GMACs)", fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
-
-
-@register_model
-def vitconvert_dge(pretrained: bool = False, **kwargs: Any) -> DGE:
-    """DGE converted model, rebuilt from a saved vitconvert config (``model_args``: base, recipe, state)."""
-    return timm_entrypoint("dge", pretrained, **kwargs)

@@ -1,0 +1,77 @@
+"""The shared early-exit cascade: real sub-batching equals simulation, per-image costs, thresholds from shares."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitconvert.layers.cascade import Carry, Cascade, Stage, confidence, simulate, thresholds_for_exit_shares
+
+
+def _toy_cascade(calls: list[int]) -> tuple[Cascade, torch.Tensor]:
+    """Three stages of fixed per-image logits (by image id, carried along), recording their batch sizes."""
+    torch.manual_seed(0)
+    table = torch.randn(3, 16, 5) * torch.tensor([3.0, 2.0, 1.0]).view(3, 1, 1)
+
+    def stage(k: int):
+        def run(x: torch.Tensor, carry: Carry) -> tuple[torch.Tensor, Carry]:
+            calls.append(x.shape[0])
+            ids = x[:, 0].long()
+            if k > 0:  # what the previous stage handed on belongs to the same images, in the same order
+                assert torch.equal(carry["ids"], ids)
+            return table[k, ids] + 0.0 * x[:, :1], {"ids": ids}
+        return run
+
+    cascade = Cascade([Stage("a", stage(0), 1.0), Stage("b", stage(1), 2.0), Stage("c", stage(2), 4.0)])
+    x = torch.arange(16, dtype=torch.float32).unsqueeze(1).repeat(1, 3)
+    return cascade, x
+
+
+@pytest.mark.parametrize("thresholds", [(1.0, 1.0), (0.0, 0.0), (0.5, 0.7), (0.9, 0.3), (0.7, 1.0), (1.0, 0.5)])
+def test_sub_batched_run_equals_simulation(thresholds: tuple[float, float]) -> None:
+    calls: list[int] = []
+    cascade, x = _toy_cascade(calls)
+    run = cascade.run(x, thresholds)
+    calls_in_run = list(calls)
+    stage_logits = cascade.run_all(x)
+    sim = cascade.simulate(stage_logits, thresholds)
+    assert torch.equal(run.exit, sim.exit) and torch.equal(run.logits.float(), sim.logits)
+    assert torch.equal(run.gmacs, sim.gmacs)
+    # costs are cumulative along the path taken
+    assert run.gmacs.tolist() == [[1.0, 3.0, 7.0][int(e)] for e in run.exit]
+    # only undecided images ran each later stage
+    ran = [16, int((run.exit >= 1).sum()), int((run.exit >= 2).sum())]
+    assert calls_in_run == [n for n in ran if n > 0]
+    # each image's answer is its exit stage's logits, and it left because it was confident enough
+    for i in range(16):
+        e = int(run.exit[i])
+        assert torch.equal(run.logits[i], stage_logits[e][i])
+        for k in range(e):
+            assert confidence(stage_logits[k][i:i + 1]).item() <= thresholds[k] or thresholds[k] >= 1.0
+        if e < 2:
+            assert thresholds[e] < 1.0 and confidence(stage_logits[e][i:i + 1]).item() > thresholds[e]
+
+
+def test_batch_of_one_and_everyone_exiting_early() -> None:
+    calls: list[int] = []
+    cascade, x = _toy_cascade(calls)
+    for i in range(4):
+        one = cascade.run(x[i:i + 1], (0.5, 0.5))
+        sim = simulate([lg[i:i + 1] for lg in cascade.run_all(x)], cascade.costs, (0.5, 0.5))
+        assert torch.equal(one.logits.float(), sim.logits) and torch.equal(one.exit, sim.exit)
+    calls.clear()
+    out = cascade.run(x, (0.0, 0.0))  # every confidence > 0: all leave after the first stage
+    assert calls == [16] and out.exit.eq(0).all() and out.gmacs.eq(1.0).all()
+
+
+@pytest.mark.parametrize("shares", [(0.5, 0.25), (0.0, 0.5), (0.25, 0.0), (1.0, 0.0), (0.1, 0.9)])
+def test_thresholds_reach_target_exit_shares(shares: tuple[float, float]) -> None:
+    torch.manual_seed(1)
+    logits = [torch.randn(200, 10) * s for s in (2.0, 3.0, 4.0)]  # continuous: no ties
+    t = thresholds_for_exit_shares(logits, shares)
+    out = simulate(logits, [1.0, 1.0, 1.0], t)
+    got = [float((out.exit == k).float().mean()) for k in range(3)]
+    assert got[0] == pytest.approx(shares[0], abs=1 / 200) and got[1] == pytest.approx(shares[1], abs=1 / 200)
+    assert sum(got) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        thresholds_for_exit_shares(logits, (0.8, 0.8))

@@ -1,0 +1,107 @@
+"""Operating points: validation, a two-value point stored, reloaded and chosen by budget, legacy configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from utils import TINY_MODELS
+
+import vitconvert
+from vitconvert.errors import UserError
+from vitconvert.operating import CurvePoint, Knob, OperatingSpace, choose_point
+
+
+def _cfvit() -> vitconvert.ConvertedModel:
+    arch, kwargs = TINY_MODELS["deit"]
+    torch.manual_seed(0)
+    return vitconvert.apply(arch, "cfvit", model_kwargs=kwargs, pretrained=False,
+                            overrides=["model.explore_alpha=[0.25,0.5]"])
+
+
+def test_space_validates_names_ranges_and_types() -> None:
+    space = OperatingSpace((Knob("eta", 0, 1, full=1, sweep=(0.0, 1.0), simulated=True),
+                            Knob("size", 1, 64, full=64, sweep=(16, 64), integer=True)))
+    assert space.full() == {"eta": 1.0, "size": 64.0}
+    assert space.validate({"size": 32}) == {"size": 32.0}
+    assert space.candidates() == [{"eta": 0.0, "size": 16}, {"eta": 0.0, "size": 64}, {"eta": 1.0, "size": 16},
+                                  {"eta": 1.0, "size": 64}]
+    assert space.split({"eta": 0.5, "size": 16}) == ({"size": 16}, {"eta": 0.5})
+    for bad, message in (({"eta": 2}, r"eta must lie in \[0, 1\]"), ({"size": 3.5}, "whole number"),
+                         ({"eta": "x"}, "must be a number"), ({"tau": 1}, "unknown operating-point"),
+                         ({"eta": float("nan")}, "must be a number")):
+        with pytest.raises(UserError, match=message):
+            space.validate(bad)
+
+
+def test_two_value_point_is_stored_reloaded_and_chosen_by_budget(tmp_path) -> None:
+    model = _cfvit()
+    assert model.operating_space().names == ["eta", "alpha"]
+    assert model.set_operating_point(eta=0.4, alpha=0.25) == {"eta": 0.4, "alpha": 0.25}
+    assert model.alpha == 0.25 and model.knob == 0.4
+    # the fine stage re-splits fewer patches at a lower alpha: its cost follows the point
+    cheap = model.costs["fine"]
+    model.set_operating_point(alpha=0.5)
+    assert model.costs["fine"] > cheap
+    b = model.base_gmacs  # a loaded model recounts it; curve GMACs are shares of it here
+    model.calibration = {"base_top1": 80.0}
+    model.curve = [CurvePoint({"eta": 0.3, "alpha": 0.25}, 0.30 * b, 70.0),
+                   CurvePoint({"eta": 0.6, "alpha": 0.25}, 0.45 * b, 77.0),
+                   CurvePoint({"eta": 0.6, "alpha": 0.5}, 0.50 * b, 78.5),
+                   CurvePoint({"eta": 1.0, "alpha": 1.0}, 1.0 * b, 80.0)]
+    model.set_operating_point(eta=0.6, alpha=0.25)
+    path = vitconvert.save(model, tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_args"]["state"]["point"] == {"eta": 0.6, "alpha": 0.25}
+    assert config["vitconvert"]["point"] == ["eta", "alpha"]
+    loaded = vitconvert.load(path)
+    assert loaded.operating_point == {"eta": 0.6, "alpha": 0.25}
+    assert [p.point for p in loaded.curve] == [p.point for p in model.curve]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        via_timm = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+        assert via_timm.operating_point == {"eta": 0.6, "alpha": 0.25}
+    # budgets pick whole points, both values
+    assert loaded.set_budget("50%").point == {"eta": 0.6, "alpha": 0.5}
+    assert loaded.operating_point == {"eta": 0.6, "alpha": 0.5} and loaded.alpha == 0.5
+    assert vitconvert.load(path, budget=0.46 * b).operating_point == {"eta": 0.6, "alpha": 0.25}
+    assert vitconvert.load(path, budget="drop=0.5").operating_point == {"eta": 1.0, "alpha": 1.0}
+    assert choose_point(loaded.curve, "drop=3", b, 80.0).point == {"eta": 0.6, "alpha": 0.25}
+    loaded.full_compute()
+    assert loaded.operating_point == {"eta": 1.0, "alpha": 1.0}
+
+
+def test_legacy_one_knob_state_loads(tmp_path) -> None:
+    model = _cfvit()
+    path = vitconvert.save(model, tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    state = config["model_args"]["state"]
+    # vitconvert 0.1 stored the knob and alpha at the top level of the state and curve points as {knob, ...}
+    state.pop("point")
+    state.update(eta=0.3, alpha=0.25, curve=[{"knob": 0.3, "gmacs": 0.01, "top1": 50.0, "extra": {}}])
+    config["vitconvert"] = {**config["vitconvert"], "knob": "eta"}
+    config["vitconvert"].pop("point")
+    (path / "config.json").write_text(json.dumps(config))
+    loaded = vitconvert.load(path)
+    assert loaded.operating_point == {"eta": 0.3, "alpha": 0.25}
+    assert loaded.curve[0].point == {"eta": 0.3} and loaded.curve[0].knob == 0.3
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda s: s.update(point={"eta": 3}), r"eta must lie in \[0, 1\]"),
+    (lambda s: s.update(point={"beta": 0.1}), "unknown operating-point"),
+    (lambda s: s.update(point="fast"), "must be a mapping"),
+    (lambda s: s.update(curve="x"), "state.curve must be a list"),
+    (lambda s: s.update(curve=[{"point": {"eta": 0.5}, "gmacs": "a", "top1": 1}]), "gmacs must be a number"),
+    (lambda s: s.update(calibration="x"), "calibration must be a mapping"),
+])
+def test_bad_stored_points_are_refused_in_one_line(tmp_path, mutate, message) -> None:
+    path = vitconvert.save(_cfvit(), tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    mutate(config["model_args"]["state"])
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=message):
+        vitconvert.load(path)

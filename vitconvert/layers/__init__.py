@@ -1,0 +1,10 @@
+"""Reusable pieces the methods are built from; each module knows no method.
+
+* :mod:`~vitconvert.layers.costs`: the MAC rules and units every GMACs figure is made of;
+* :mod:`~vitconvert.layers.cascade`: early-exit cascades (real sub-batching, per-image cost, simulation);
+* :mod:`~vitconvert.layers.regions`, :mod:`~vitconvert.layers.ragged`: region layouts of token grids and
+  execution of a ragged subset of queries;
+* :mod:`~vitconvert.layers.scale_conv`: PVT-v2's depthwise convolution at each query's own scale;
+* :mod:`~vitconvert.layers.seams`: fx seams in timm blocks (attention logits and bias, inserted residual
+  branches, the pre-norm residual block reader, drop-path slots).
+"""

@@ -1,0 +1,201 @@
+"""Early-exit cascades: stages of increasing cost, each answering or passing an image on.
+
+A :class:`Cascade` holds stages as callables. Stage ``k`` maps the images still running and what the
+previous stage handed on (its ``carry``: per-image tensors such as features to reuse) to logits and a
+new carry. After every stage but the last, an image whose confidence (max softmax of its logits, in
+fp32) is *above* the stage's threshold exits; a threshold of 1 (or more) never exits. Execution is real:
+only undecided images run the next stage, as a sub-batch, with their carry index-selected along.
+
+Every image is charged the cumulative cost of the stages it ran (:attr:`Stage.gmacs` per image), and
+:func:`simulate` gives the same logits, exits and costs from every stage's logits on every image
+(:meth:`Cascade.run_all`), which is how calibration evaluates any thresholds from one pass.
+:func:`thresholds_for_exit_shares` turns a target exit distribution into thresholds, as DVT calibrates.
+
+Nothing here knows a model: CF-ViT is a two-stage cascade (coarse, fine), DVT a K-stage one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+Carry = dict[str, torch.Tensor]
+StageFn = Callable[[torch.Tensor, Carry], tuple[torch.Tensor, Carry]]
+
+
+@dataclass
+class Stage:
+    """One stage: ``run(x, carry) -> (logits, carry)`` and its cost per image in GMACs (given the earlier
+    stages ran). ``gmacs`` may be updated when the stage's structure changes (CF-ViT's alpha)."""
+
+    name: str
+    run: StageFn
+    gmacs: float
+
+
+@dataclass
+class CascadeOutput:
+    """Per-image results of a cascade run.
+
+    Attributes:
+        logits: (B, classes) logits of the stage each image exited at.
+        exit: (B,) index of that stage.
+        gmacs: (B,) cumulative GMACs of the stages each image ran (float32).
+        confidence: per stage, (B,) confidence of the images that ran it (NaN for those that did not).
+    """
+
+    logits: torch.Tensor
+    exit: torch.Tensor
+    gmacs: torch.Tensor
+    confidence: list[torch.Tensor] = field(default_factory=list)
+
+
+def confidence(logits: torch.Tensor) -> torch.Tensor:
+    """Max softmax probability per row, computed in fp32 so low-precision models exit the same images."""
+    return logits.float().softmax(dim=-1).amax(dim=-1)
+
+
+def exits_at(conf: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Which images leave at a stage with this threshold (strictly more confident; never at >= 1)."""
+    if threshold >= 1.0:
+        return torch.zeros_like(conf, dtype=torch.bool)
+    return conf > threshold
+
+
+def cumulative(costs: Sequence[float]) -> list[float]:
+    """Per-stage costs -> cost of exiting at each stage."""
+    out, total = [], 0.0
+    for c in costs:
+        total += c
+        out.append(total)
+    return out
+
+
+class Cascade:
+    """Stages run with real early exit (see the module docstring)."""
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        if len(stages) < 2:
+            raise ValueError("a cascade needs at least two stages")
+        self.stages = list(stages)
+
+    @property
+    def costs(self) -> list[float]:
+        """GMACs per image of each stage."""
+        return [s.gmacs for s in self.stages]
+
+    def _check(self, thresholds: Sequence[float]) -> None:
+        if len(thresholds) != len(self.stages) - 1:
+            raise ValueError(f"{len(self.stages)} stages take {len(self.stages) - 1} thresholds, got {len(thresholds)}")
+
+    def run(self, x: torch.Tensor, thresholds: Sequence[float], carry: Carry | None = None) -> CascadeOutput:
+        """Early-exit inference: stage k+1 runs only on the images stage k did not answer confidently."""
+        self._check(thresholds)
+        b = x.shape[0]
+        cost_at = cumulative(self.costs)
+        active = torch.arange(b, device=x.device)
+        exit_stage = torch.full((b,), len(self.stages) - 1, dtype=torch.long, device=x.device)
+        logits_out: torch.Tensor | None = None
+        confs: list[torch.Tensor] = []
+        xs, state = x, dict(carry or {})
+        for k, stage in enumerate(self.stages):
+            logits, state = stage.run(xs, state)
+            if logits_out is None:
+                logits_out = logits if active.numel() == b else logits.new_zeros(b, logits.shape[-1])
+            elif active.numel() == b:  # nobody exited so far: the whole batch, no scatter needed
+                logits_out = logits
+            else:
+                logits_out = logits_out.index_copy(0, active, logits.to(logits_out.dtype))
+            conf = confidence(logits)
+            full_conf = torch.full((b,), float("nan"), device=x.device)
+            confs.append(full_conf.index_copy(0, active, conf))
+            if k == len(self.stages) - 1:
+                break
+            leave = exits_at(conf, thresholds[k])
+            if bool(leave.any()):
+                exit_stage = exit_stage.index_fill(0, active[leave], k)
+                stay = (~leave).nonzero().squeeze(1)
+                if stay.numel() == 0:
+                    break
+                active = active.index_select(0, stay)
+                xs = xs.index_select(0, stay)
+                state = {name: t.index_select(0, stay) for name, t in state.items()}
+        assert logits_out is not None
+        costs = torch.tensor(cost_at, dtype=torch.float32, device=x.device)
+        return CascadeOutput(logits=logits_out, exit=exit_stage, gmacs=costs[exit_stage], confidence=confs)
+
+    def run_all(self, x: torch.Tensor, carry: Carry | None = None) -> list[torch.Tensor]:
+        """Every stage on every image (for calibration): the logits of each stage."""
+        out = []
+        state = dict(carry or {})
+        for stage in self.stages:
+            logits, state = stage.run(x, state)
+            out.append(logits)
+        return out
+
+    def simulate(self, stage_logits: Sequence[torch.Tensor], thresholds: Sequence[float]) -> CascadeOutput:
+        """What :meth:`run` would return at ``thresholds``, from :meth:`run_all`'s logits."""
+        self._check(thresholds)
+        return simulate(stage_logits, self.costs, thresholds)
+
+
+def simulate(stage_logits: Sequence[torch.Tensor], costs: Sequence[float], thresholds: Sequence[float]
+             ) -> CascadeOutput:
+    """Early exit applied afterwards to every stage's logits on every image (see :meth:`Cascade.simulate`)."""
+    b = stage_logits[0].shape[0]
+    device = stage_logits[0].device
+    last = len(stage_logits) - 1
+    exit_stage = torch.full((b,), last, dtype=torch.long, device=device)
+    undecided = torch.ones(b, dtype=torch.bool, device=device)
+    confs = []
+    for k, logits in enumerate(stage_logits):
+        conf = confidence(logits)
+        confs.append(torch.where(undecided, conf, torch.full_like(conf, float("nan"))))
+        if k == last:
+            break
+        leave = undecided & exits_at(conf, thresholds[k])
+        exit_stage = torch.where(leave, torch.full_like(exit_stage, k), exit_stage)
+        undecided &= ~leave
+    stacked = torch.stack([lg.float() for lg in stage_logits])  # (K, B, C)
+    logits = stacked.gather(0, exit_stage.view(1, b, 1).expand(1, b, stacked.shape[-1])).squeeze(0)
+    cost_at = torch.tensor(cumulative(costs), dtype=torch.float32, device=device)
+    return CascadeOutput(logits=logits, exit=exit_stage, gmacs=cost_at[exit_stage], confidence=confs)
+
+
+def thresholds_for_exit_shares(stage_logits: Sequence[torch.Tensor], shares: Sequence[float]) -> list[float]:
+    """Thresholds under which the given shares of the images exit at each stage (DVT's calibration).
+
+    Args:
+        stage_logits: Each stage's logits on the same held-out images (as from :meth:`Cascade.run_all`).
+        shares: Target share of the images exiting at each stage but the last (the last takes the rest);
+            each in [0, 1], summing to at most 1.
+
+    Returns:
+        One threshold per stage but the last. Stage k's threshold is the confidence quantile that lets the
+        wanted share of the images still undecided at k leave (ties can make the realised share differ
+        slightly); a share of 0 gives 1.0 (never exit).
+    """
+    if len(shares) != len(stage_logits) - 1:
+        raise ValueError(f"{len(stage_logits)} stages take {len(stage_logits) - 1} shares, got {len(shares)}")
+    if any(s < 0 or s > 1 for s in shares) or sum(shares) > 1 + 1e-9:
+        raise ValueError(f"exit shares must lie in [0, 1] and sum to at most 1, got {list(shares)}")
+    b = stage_logits[0].shape[0]
+    undecided = torch.ones(b, dtype=torch.bool, device=stage_logits[0].device)
+    thresholds = []
+    for k, share in enumerate(shares):
+        conf = confidence(stage_logits[k])[undecided]
+        want = round(share * b)
+        if want <= 0 or conf.numel() == 0:
+            thresholds.append(1.0)
+            continue
+        if want >= conf.numel():
+            t = float(conf.min()) - 1e-7
+        else:
+            # The (want)-th largest confidence must be strictly above the threshold: take the next one down.
+            ordered = conf.sort(descending=True).values
+            t = float(ordered[want])
+        thresholds.append(max(0.0, min(t, 1.0)))
+        undecided &= ~exits_at(confidence(stage_logits[k]), thresholds[-1])
+    return thresholds

@@ -1,0 +1,216 @@
+"""Operating points: the named values a converted model runs at, the curve calibration measures over
+them, and choosing a point for a budget.
+
+A method declares its :class:`OperatingSpace`: a few :class:`Knob` s (CF-ViT: ``eta`` and ``alpha``; DGE:
+``coarsening``; a K-member cascade: one exit threshold per member but the last), each with its range, its
+full-compute value and the values calibration tries. An operating point is a plain ``{name: value}``
+mapping, validated against the space; ``config.json`` stores the current point and the measured curve.
+
+Budgets: GMACs (``2.1``), a share of the base model's GMACs (``"50%"`` or ``"0.5x"``) or a maximum top-1
+drop in points (``"drop=0.5"``); :func:`choose_point` picks the most accurate point within a GMACs budget
+or the cheapest within a drop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vitconvert.errors import UserError
+
+OperatingPoint = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One named value of an operating point.
+
+    Attributes:
+        name: Attribute name on the model (``eta``, ``coarsening``, ``threshold_0``...).
+        low, high: Allowed range (inclusive).
+        full: The value at the model's full-compute setting.
+        sweep: Values calibration tries by default.
+        simulated: Calibration can evaluate any value of this knob from one collected pass (exit
+            thresholds); other knobs change the computation and need a pass per value.
+        integer: Only whole numbers are valid (e.g. a cluster size).
+        description: One line for error messages and cards.
+    """
+
+    name: str
+    low: float
+    high: float
+    full: float
+    sweep: tuple[float, ...]
+    simulated: bool = False
+    integer: bool = False
+    description: str = ""
+
+    def check(self, value: Any, where: str = "") -> float:
+        """``value`` as a float if it is valid for this knob, else a UserError naming the knob and range."""
+        prefix = f"{where}{self.name}"
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise UserError(f"{prefix} must be a number in [{self.low:g}, {self.high:g}], got {value!r}")
+        if not self.low <= value <= self.high:
+            raise UserError(f"{prefix} must lie in [{self.low:g}, {self.high:g}], got {value:g}")
+        if self.integer and value != int(value):
+            raise UserError(f"{prefix} must be a whole number, got {value:g}")
+        return float(value)
+
+
+@dataclass(frozen=True)
+class OperatingSpace:
+    """The knobs of one converted model, in the order users read them (the first is the main one)."""
+
+    knobs: tuple[Knob, ...]
+
+    def __post_init__(self) -> None:
+        names = [k.name for k in self.knobs]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"an operating space needs distinct knob names, got {names}")
+
+    @property
+    def names(self) -> list[str]:
+        return [k.name for k in self.knobs]
+
+    def knob(self, name: str) -> Knob:
+        for k in self.knobs:
+            if k.name == name:
+                return k
+        raise UserError(f"unknown operating-point value {name!r}; this model has {', '.join(self.names)}")
+
+    def full(self) -> OperatingPoint:
+        """The full-compute point."""
+        return {k.name: k.full for k in self.knobs}
+
+    def validate(self, point: Mapping[str, Any], where: str = "", partial: bool = True) -> OperatingPoint:
+        """A checked copy of ``point`` (floats, known names, values in range); ``partial=False`` needs every knob."""
+        if not isinstance(point, Mapping):
+            raise UserError(f"{where}operating point must be a mapping of {', '.join(self.names)}, got {point!r}")
+        unknown = [n for n in point if n not in self.names]
+        if unknown:
+            raise UserError(f"{where}unknown operating-point value(s) {unknown}; this model has "
+                            f"{', '.join(self.names)}")
+        if not partial and (missing := [n for n in self.names if n not in point]):
+            raise UserError(f"{where}operating point lacks {missing}")
+        return {k.name: k.check(point[k.name], where) for k in self.knobs if k.name in point}
+
+    def candidates(self, fixed: Mapping[str, float] | None = None) -> list[OperatingPoint]:
+        """Every combination of the knobs' sweeps (a knob in ``fixed`` keeps that one value)."""
+        fixed = dict(fixed or {})
+        axes = [(fixed[k.name],) if k.name in fixed else k.sweep for k in self.knobs]
+        return [dict(zip(self.names, values, strict=True)) for values in itertools.product(*axes)]
+
+    def split(self, point: Mapping[str, float]) -> tuple[OperatingPoint, OperatingPoint]:
+        """(values that need a forward pass, values a simulation can apply afterwards)."""
+        structural = {k.name: point[k.name] for k in self.knobs if not k.simulated and k.name in point}
+        simulated = {k.name: point[k.name] for k in self.knobs if k.simulated and k.name in point}
+        return structural, simulated
+
+
+@dataclass
+class CurvePoint:
+    """One operating point measured on held-out images: its values, expected GMACs and top-1 (percent)."""
+
+    point: OperatingPoint
+    gmacs: float
+    top1: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def knob(self) -> float:
+        """The point's first (main) value: CF-ViT's eta, DGE's coarsening."""
+        return next(iter(self.point.values()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"point": dict(self.point), "gmacs": self.gmacs, "top1": self.top1, "extra": dict(self.extra)}
+
+    @classmethod
+    def from_dict(cls, data: Any, space: OperatingSpace, where: str = "config: curve point") -> CurvePoint:
+        """Read a stored point; ``{"knob": v}`` (the one-knob format of vitconvert <= 0.1) names the main knob."""
+        if not isinstance(data, Mapping):
+            raise UserError(f"{where} must be a mapping, got {data!r}")
+        data = dict(data)
+        if "point" not in data and "knob" in data:
+            data["point"] = {space.names[0]: data.pop("knob")}
+        unknown = set(data) - {"point", "gmacs", "top1", "extra"}
+        if unknown or "point" not in data:
+            raise UserError(f"{where} needs point, gmacs and top1 (got keys {sorted(data)})")
+        point = space.validate(data["point"], f"{where}: ")
+        numbers = {}
+        for key in ("gmacs", "top1"):
+            value = data.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise UserError(f"{where}: {key} must be a number, got {value!r}")
+            numbers[key] = float(value)
+        extra = data.get("extra") or {}
+        if not isinstance(extra, Mapping):
+            raise UserError(f"{where}: extra must be a mapping, got {extra!r}")
+        return cls(point, numbers["gmacs"], numbers["top1"], dict(extra))
+
+
+def parse_budget(budget: str | float) -> tuple[str, float]:
+    """``2.1`` -> ('gmacs', 2.1); ``'50%'`` or ``'0.5x'`` -> ('fraction', 0.5); ``'drop=0.5'`` -> ('drop', 0.5)."""
+    if isinstance(budget, int | float) and not isinstance(budget, bool):
+        kind, value = "gmacs", float(budget)
+    else:
+        text = str(budget).strip().lower()
+        try:
+            if text.startswith("drop="):
+                kind, value = "drop", float(text[5:])
+            elif text.endswith("%"):
+                kind, value = "fraction", float(text[:-1]) / 100
+            elif text.endswith("x"):
+                kind, value = "fraction", float(text[:-1])
+            else:
+                kind, value = "gmacs", float(text)
+        except ValueError:
+            raise UserError(
+                f"budget {budget!r} is not understood; use GMACs (2.1), a fraction of the base model ('50%' or "
+                "'0.5x') or a maximum top-1 drop in points ('drop=0.5')"
+            ) from None
+    if not math.isfinite(value) or value < 0 or (kind == "fraction" and value > 1.0):
+        raise UserError(f"budget {budget!r} is out of range (fractions lie in 0..100%, GMACs and drops >= 0)")
+    return kind, value
+
+
+def choose_point(curve: Sequence[CurvePoint], budget: str | float, base_gmacs: float, base_top1: float | None
+                 ) -> CurvePoint:
+    """The most accurate point within a GMACs budget, or the cheapest within an accuracy drop.
+
+    When nothing meets the budget: the cheapest point (GMACs budgets) or the most accurate (drops).
+    """
+    if not curve:
+        raise UserError("the model has no calibration curve; run `vitconvert calibrate` first")
+    kind, value = parse_budget(budget)
+    if kind == "drop":
+        if base_top1 is None:
+            raise UserError("a 'drop=' budget needs the base model's accuracy; recalibrate with the base model")
+        ok = [p for p in curve if p.top1 >= base_top1 - value]
+        if not ok:
+            return max(curve, key=lambda p: (p.top1, -p.gmacs))
+        return min(ok, key=lambda p: (p.gmacs, -p.top1))
+    limit = value if kind == "gmacs" else value * base_gmacs
+    ok = [p for p in curve if p.gmacs <= limit + 1e-9]
+    if not ok:
+        return min(curve, key=lambda p: p.gmacs)
+    return max(ok, key=lambda p: (p.top1, -p.gmacs))
+
+
+def format_point(point: Mapping[str, float]) -> str:
+    """``eta=0.48, alpha=0.5`` for tables and messages."""
+    return ", ".join(f"{k}={v:g}" for k, v in point.items())
+
+
+def unique_points(points: Iterable[OperatingPoint]) -> list[OperatingPoint]:
+    """``points`` without repeats, in their first order."""
+    seen: set[tuple[tuple[str, float], ...]] = set()
+    out = []
+    for p in points:
+        key = tuple(sorted(p.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out

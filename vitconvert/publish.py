@@ -1,0 +1,168 @@
+"""Uploading a saved model folder to the Hugging Face Hub: :func:`push`.
+
+A push validates the folder exactly as loading does (known method, timm base architecture, valid recipe,
+readable ``model.safetensors``) and uploads ``model.safetensors``, ``config.json``, the model card and the
+plots the card shows, in one commit; nothing else in the folder leaves the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from safetensors import safe_open
+
+from vitconvert._version import __version__
+from vitconvert.card import fill_repo_id, model_card
+from vitconvert.errors import UserError
+from vitconvert.hub import IMAGE_SUFFIXES, hub_error, is_hub_failure, is_offline
+from vitconvert.saving import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, check_config, read_config
+
+
+def _check_repo_id(repo_id: str) -> str:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(repo_id, str) or not repo_id or repo_id.count("/") > 1 or repo_id.startswith("hf-hub:"):
+        raise UserError(f"{repo_id!r} is not a valid Hub repository id: use OWNER/NAME (or NAME for your own "
+                        "namespace), without the hf-hub: prefix")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise hub_error(repo_id, e, "push") from None
+    return repo_id
+
+
+def _card_images(card: str, folder: Path) -> list[str]:
+    """Relative image paths the card shows (Markdown or <img>) that exist inside the folder."""
+    refs = re.findall(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)>?[^)]*\)", card)
+    refs += re.findall(r"<img[^>]*\ssrc=[\"']([^\"']+)", card)
+    root = folder.resolve()
+    found = []
+    for ref in refs:
+        if "://" in ref or ref.startswith(("/", "#")) or not ref.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        path = (folder / ref).resolve()
+        if path.is_file() and path.is_relative_to(root):
+            found.append(path.relative_to(root).as_posix())
+    return list(dict.fromkeys(found))
+
+
+def push_files(folder: str | os.PathLike[str], repo_id: str | None = None) -> dict[str, bytes | Path]:
+    """Validate a model folder and list what a push uploads: ``path in repo -> local file or bytes``.
+
+    The folder must be a saved vitconvert model: ``config.json`` that passes the same checks as loading
+    (known method, timm base architecture, valid recipe), a readable ``model.safetensors``. ``README.md`` is
+    generated from the config when missing; ``hf-hub:OWNER/...`` placeholders in it are filled with
+    ``repo_id``. Plots the card shows (``curve.png`` and other PNG/JPEG files) are included; nothing else.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"model folder {str(folder)!r} does not exist")
+    config = read_config(folder)
+    check_config(config, f"in {folder / CONFIG_NAME}")
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pth", ".pt", ".ckpt"))
+        hint = f" (found {', '.join(found)}; vitconvert pushes only safetensors)" if found else ""
+        raise UserError(f"{str(folder)!r} has no {WEIGHTS_NAME}{hint}; save the model with vitconvert.save")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            if not list(f.keys()):
+                raise UserError(f"{str(weights)!r} holds no tensors")
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{str(weights)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    card_path = folder / CARD_NAME
+    card = card_path.read_text() if card_path.is_file() else model_card(config, folder, repo_id or folder.name)
+    if repo_id:
+        card = fill_repo_id(card, repo_id)
+    files: dict[str, bytes | Path] = {CONFIG_NAME: folder / CONFIG_NAME, WEIGHTS_NAME: weights,
+                                      CARD_NAME: card.encode()}
+    for image in _card_images(card, folder):
+        files[image] = folder / image
+    return files
+
+
+def push(
+    folder: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    create_pr: bool = False,
+) -> str:
+    """Upload a saved vitconvert model folder to the Hugging Face Hub.
+
+    The folder is validated first (it must load: known method, timm base architecture, valid recipe,
+    ``model.safetensors``). Only ``model.safetensors``, ``config.json``, ``README.md`` (generated when
+    missing) and the plots the card shows are uploaded, in one commit; ``.bin``/``.pth`` files and anything
+    else in the folder stay local. The repository is created if needed, and so is the branch ``revision``.
+
+    Args:
+        folder: A folder written by :func:`vitconvert.save`.
+        repo_id: ``OWNER/NAME`` (or ``NAME`` for the token's own namespace).
+        private: Create the repository as private (ignored if it already exists).
+        revision: Branch to push to (created from ``main`` if missing); default ``main``.
+        commit_message: Commit title; default "Upload <folder name> with vitconvert".
+        token: Hub token with write access; default: ``HF_TOKEN`` or the token saved by ``hf auth login``.
+        create_pr: Open a pull request with the commit instead of committing to the branch.
+
+    Returns:
+        The URL of the commit (or of the pull request with ``create_pr``).
+
+    Raises:
+        UserError: invalid folder or repo id, missing or rejected token, offline (``HF_HUB_OFFLINE=1``) or
+            unreachable Hub. Success is only returned once the Hub lists every uploaded file at the new commit.
+
+    Example:
+        >>> import vitconvert
+        >>> vitconvert.save(model, "deit_small-cfvit")                        # doctest: +SKIP
+        >>> push("deit_small-cfvit", "me/deit_small-cfvit", private=True)     # doctest: +SKIP
+        'https://huggingface.co/me/deit_small-cfvit/commit/0b5c...'
+        >>> vitconvert.load("hf-hub:me/deit_small-cfvit", budget="50%")       # doctest: +SKIP
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+
+    repo_id = _check_repo_id(repo_id)
+    folder = Path(folder).expanduser()
+    files = push_files(folder, repo_id if "/" in repo_id else None)  # validate before any network access
+    if is_offline():
+        raise hub_error(repo_id, _offline_exception(), "push")
+    token = token or get_token()
+    if not token:
+        raise UserError("pushing needs a Hugging Face token with write access: pass --token, set HF_TOKEN or run "
+                        "`hf auth login`")
+    api = HfApi(token=token, library_name="vitconvert", library_version=__version__)
+    try:
+        resolved = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if resolved != repo_id:  # NAME only: the Hub chose the namespace; the card can name it now
+            files = push_files(folder, resolved)
+        repo_id = resolved
+        if revision and not revision.startswith("refs/"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(src) if isinstance(src, Path) else src)
+                      for name, src in files.items()]
+        message = commit_message or f"Upload {folder.resolve().name} with vitconvert {__version__}"
+        info = api.create_commit(repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr)
+        # Trust only what the Hub lists at the new commit, not the absence of an exception.
+        listed = set(api.list_repo_files(repo_id, revision=info.oid))
+    except Exception as e:
+        if is_hub_failure(e) or (isinstance(e, ValueError) and str(e).startswith("Invalid metadata in README.md")):
+            raise hub_error(repo_id, e, "push") from None
+        raise
+    missing = sorted(set(files) - listed)
+    if missing:
+        raise UserError(f"the upload to {repo_id!r} did not complete: the Hub does not list {', '.join(missing)} at "
+                        f"commit {info.oid}; retry the push")
+    return info.pr_url or info.commit_url
+
+
+def _offline_exception() -> Exception:
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    return OfflineModeIsEnabled("HF_HUB_OFFLINE=1")
