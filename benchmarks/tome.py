@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitconvert import fx as vfx
-from vitconvert.anatomy import Anatomy, read_anatomy
+from vitconvert.anatomy import Anatomy
+from vitconvert.backbones import read_anatomy
 from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.costs import count_macs
 
