@@ -1,10 +1,11 @@
 """DGE speed benchmark on DeiT-S and PVT-v2-b1 (random weights): GMACs of the real sparse path against
 ``vitconvert.count_macs``, and wall-clock throughput (batch 64) / batch-1 latency against timm, side by side.
 
-* **Gates** are forced (:meth:`DGE.force_ratio`, ``random`` mode: each region of each image independently
-  takes one of two neighbouring granularities) so the expected dynamic/static GMACs ratio is 0.5, 0.7 or
-  1.0 (1.0: every region at the finest granularity, i.e. the DGE machinery at no saving). Random weights
-  are fine for speed: the cost of a path depends only on the gates. The routers still run.
+* **Gates** are forced (:func:`benchmarks.dge_forcing.force_ratio`, ``random`` mode: each region of each
+  image independently takes one of two neighbouring granularities) so the expected dynamic/static GMACs
+  ratio is 0.5, 0.7 or 1.0 (1.0: every region at the finest granularity, i.e. the DGE machinery at no
+  saving). Random weights are fine for speed: the cost of a path depends only on the gates. The routers
+  still run.
 * **GMACs**: the per-image GMACs the model reports (analytic, from the gates each image got) against
   ``count_macs`` of a forward on that image alone, and ``count_macs`` of the whole batch per image (the
   packed layout pads the attention core to the batch's largest query count, so it is a little higher).
@@ -34,10 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from vitconvert.gmacs import count_macs
 
 import vitconvert
 from benchmarks import timing
+from benchmarks.dge_forcing import force_ratio, forced_rho
+from vitconvert.layers.costs import count_macs
 from vitconvert.methods.dge import DGE
 
 ARCHS = ("deit_small_patch16_224", "pvt_v2_b1")
@@ -55,31 +57,31 @@ def build(arch: str, rho: float, layout: str = "packed", seed: int = 0, **model_
     model = vitconvert.apply(arch, "dge", pretrained=False, model_kwargs=model_kwargs or None,
                              overrides=[f"model.inference_layout={layout}"])
     assert isinstance(model, DGE)
-    model.force_ratio(rho, "random", seed=seed)
+    force_ratio(model, rho, "random", seed=seed)
     return model.eval()
 
 
 def gmacs_check(model: DGE, x: torch.Tensor, count_images: int) -> dict[str, Any]:
     """Reported per-image GMACs against count_macs on single images and on the whole batch."""
-    rho = model.forced_rho
+    rho = forced_rho(model)
     assert rho is not None
-    expected = model.force_ratio(rho, "random", seed=1)
+    expected = force_ratio(model, rho, "random", seed=1)
     with torch.inference_mode():
         out = model.forward_dynamic(x)
     reported = out.gmacs.double()
     singles, errors = [], []
     for i in range(count_images):
         # The same random gates for the counted and the reported run: re-seed before each.
-        model.force_ratio(rho, "random", seed=100 + i)
+        force_ratio(model, rho, "random", seed=100 + i)
         counted = count_macs(lambda i=i: model.forward_dynamic(x[i:i + 1])) / 1e9
-        model.force_ratio(rho, "random", seed=100 + i)
+        force_ratio(model, rho, "random", seed=100 + i)
         with torch.inference_mode():
             rep = float(model.forward_dynamic(x[i:i + 1]).gmacs[0])
         singles.append({"reported": rep, "counted": counted})
         errors.append(abs(rep - counted) / counted)
-    model.force_ratio(rho, "random", seed=1)
+    force_ratio(model, rho, "random", seed=1)
     batch_counted = count_macs(lambda: model.forward_dynamic(x)) / 1e9 / x.shape[0]
-    model.force_ratio(rho, "random", seed=0)
+    force_ratio(model, rho, "random", seed=0)
     return {
         "expected_ratio": expected,
         "reported_mean": float(reported.mean()),
@@ -110,7 +112,7 @@ def measure_arch(arch: str, cfg: dict[str, Any], threads: int, with_gmacs: bool 
         if with_gmacs:
             info["gmacs"][name] = gmacs_check(m, x, cfg["count_images"])
         else:  # measured in another run; the ratio is all the rows need
-            info["gmacs"][name] = {"expected_ratio": m.force_ratio(m.forced_rho, "random", seed=0),
+            info["gmacs"][name] = {"expected_ratio": force_ratio(m, forced_rho(m), "random", seed=0),
                                    "reported_mean": None, "ratio_to_base": None}
     out: dict[str, Any] = {}
     for what, batch in (("throughput", x), ("latency", x[:1])):

@@ -177,10 +177,9 @@ def run_recipe(recipe: str, base: Path, images_per_class: int, out_dir: Path, ov
         stem = result_stem(recipe, base)
         shutil.copyfile(tuned / "curve.png", out_dir / f"{stem}_curve.png")
         shutil.copyfile(tuned / "eval.png", out_dir / f"{stem}_eval.png")
-        if final.method == "dge":  # the chosen granularities on the first validation image of each class
-            from vitconvert.methods.dge import plot_granularity
-
-            plot_granularity(final, first_image_per_class(folder, final, 6), out_dir / f"{stem}_granularity.png")
+        # The method's own picture of its decisions on the first validation image of each class (DGE: the
+        # granularity of each region); a method without one returns None and nothing is written.
+        final.plot_decisions(first_image_per_class(folder, final, 6), out_dir / f"{stem}_granularity.png")
         row = {
             "method": final.method, "backbone": base.name, "setting": f"{recipe}, calibrated {cal['budget']}",
             "gmacs": ev["gmacs"], "base_gmacs": base_gmacs, "top1": top1, "base_top1": base_top1,

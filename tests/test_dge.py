@@ -9,12 +9,13 @@ import pytest
 import timm
 import torch
 from utils import TINY_MODELS, tiny_model
-from vitconvert.gmacs import count_macs
 
 import vitconvert
-import vitconvert.methods.dge as dge
+from benchmarks.dge_forcing import force_ratio, forced_rho
 from vitconvert.errors import AnatomyError, UserError
-from vitconvert.methods.dge import DGE, DGEBlock, _conv_at, plot_granularity
+from vitconvert.layers.costs import count_macs
+from vitconvert.layers.scale_conv import conv_at
+from vitconvert.methods.dge import DGE, DGEBlock, plot_granularity
 
 # Grids the region size does not divide: DeiT with a 10x10 grid (like 14x14 at 224 px) and PVT-v2 at 56 px
 # (stage grids 14, 7, 4, 2; the last one smaller than a region).
@@ -79,9 +80,9 @@ def test_finest_reproduces_base(key: str, layout: str) -> None:
         assert (out.logits - ref).abs().max().item() <= 1e-4
         assert all((g == 0).all() for k, g in out.extras.items() if k.startswith("granularity."))
         # the dense training path with all-finest gates is the base model too
-        model.force_ratio(1.0)
+        force_ratio(model, 1.0)
         train = model.forward_train(x)["logits"]
-        model.force_ratio(None)
+        force_ratio(model, None)
         assert (train - ref).abs().max().item() <= 1e-4
         # the full-compute knob runs the base blocks themselves
         model.full_compute()
@@ -136,7 +137,7 @@ def test_pvt_partial_stages() -> None:
 
 def test_pvt_depthwise_conv_must_be_3x3() -> None:
     """The per-scale convolution folds a 3x3 kernel: any other depthwise convolution is refused clearly."""
-    from vitconvert.methods import convert as convert_module
+    from vitconvert.methods.base import convert as convert_module
     from vitconvert.sources import load_base
 
     arch, kwargs = MODELS["pvt_v2"]
@@ -165,9 +166,9 @@ def test_sparse_inference_equals_dense_training_path(key: str) -> None:
         model = convert(key, [f"model.inference_layout={layout}"])
         x = images(model, 4)
         with torch.no_grad():
-            model.force_ratio(0.6, "random", seed=5)
+            force_ratio(model, 0.6, "random", seed=5)
             sparse = model.forward_dynamic(x)
-            model.force_ratio(0.6, "random", seed=5)
+            force_ratio(model, 0.6, "random", seed=5)
             dense = model.forward_train(x)
         assert (sparse.logits - dense["logits"]).abs().max().item() <= 1e-4
         assert dense["rho"].item() == pytest.approx(sparse.gmacs.double().mean().item() / model.base_gmacs, rel=1e-6)
@@ -188,35 +189,111 @@ def test_folded_depthwise_kernel_is_exact_on_a_uniform_level(p: int) -> None:
     full = cells.repeat_interleave(p, 1).repeat_interleave(p, 2)  # (2, 12, 8, 6) constant on p x p cells
     with torch.no_grad():
         ref = torch.nn.functional.avg_pool2d(conv(full.permute(0, 3, 1, 2)), p).permute(0, 2, 3, 1)
-        assert (_conv_at(conv, cells, p) - ref).abs().max().item() <= 1e-5
+        assert (conv_at(conv, cells, p, (12, 8)) - ref).abs().max().item() <= 1e-5
         # a map that is not constant on the cells is not what the folded kernel assumes
         noisy = full + 0.5 * torch.randn_like(full)
         pooled = torch.nn.functional.avg_pool2d(noisy.permute(0, 3, 1, 2), p).permute(0, 2, 3, 1)
         ref = torch.nn.functional.avg_pool2d(conv(noisy.permute(0, 3, 1, 2)), p).permute(0, 2, 3, 1)
-        assert (_conv_at(conv, pooled, p) - ref).abs().max().item() > 1e-3
+        assert (conv_at(conv, pooled, p, (12, 8)) - ref).abs().max().item() > 1e-3
+
+
+def cell_mean_of_full_conv(conv: torch.nn.Conv2d, cells: torch.Tensor, p: int, hw: tuple[int, int]) -> torch.Tensor:
+    """Reference: (B, ch, cw, D) cell values broadcast to the (h, w) grid (the last cells cut short at the
+    border), convolved at full resolution, averaged over each cell's real tokens."""
+    h, w = hw
+    full = cells.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, :h, :w]
+    sums = torch.nn.functional.avg_pool2d(conv(full.permute(0, 3, 1, 2)), p, ceil_mode=True, divisor_override=1)
+    real = torch.nn.functional.avg_pool2d(torch.ones(1, 1, h, w), p, ceil_mode=True, divisor_override=1)
+    return (sums / real).permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize(("hw", "p"), [((7, 7), 2), ((7, 7), 4), ((14, 14), 4), ((5, 9), 2), ((9, 6), 4),
+                                       ((2, 3), 4)])
+def test_folded_depthwise_kernel_is_exact_on_grids_p_does_not_divide(hw: tuple[int, int], p: int) -> None:
+    """The last cell row / column of a grid p does not divide holds fewer than p tokens: its cells are folded
+    with their real size, so the convolution at scale p still equals the full-resolution one averaged over
+    each cell's real tokens, values and gradients."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6)
+    cells = torch.randn(2, -(-hw[0] // p), -(-hw[1] // p), 6, requires_grad=True)
+    got = conv_at(conv, cells, p, hw)
+    ref = cell_mean_of_full_conv(conv, cells, p, hw)
+    assert (got - ref).abs().max().item() <= 1e-5
+    weight = torch.randn_like(ref)
+    grads = torch.autograd.grad((got * weight).sum(), [cells, conv.weight, conv.bias])
+    ref_grads = torch.autograd.grad((ref * weight).sum(), [cells, conv.weight, conv.bias])
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert (g - r).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_pvt_v2_b0_at_224_uniform_level_convolves_like_full_resolution(level: int) -> None:
+    """timm's pvt_v2_b0 at 224 px (stage grids 56, 28, 14, 7; 14 and 7 not divisible by 4, 7 not by 2), every
+    region at one granularity: in every block, sparse inference and the training path, each query's
+    convolution output = the full-resolution convolution of the broadcast hidden map averaged over its cell, and
+    the reported GMACs are what count_macs measures."""
+    torch.manual_seed(0)
+    model = vitconvert.apply("pvt_v2_b0", "dge", pretrained=False)
+    p = model._c.sizes[level]
+    blocks = [blk for stage in model.base.stages for blk in stage.blocks]
+    grid_of: dict[int, tuple[int, int]] = {}  # block index -> its token grid (PVT-v2 passes it to each call)
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {"sparse": [], "train": []}
+    mode = ["sparse"]
+    hooks = []
+    for blk in blocks:
+        hidden: list[torch.Tensor] = []  # the convolution's input rows (written by the identity after fc1)
+        hooks.append(blk.register_forward_pre_hook(lambda m, a: grid_of.__setitem__(m.index, tuple(a[1]))))
+        hooks.append(blk.mlp.relu.register_forward_hook(lambda m, a, out, hidden=hidden: hidden.append(out)))
+        hooks.append(blk.mlp.act.register_forward_pre_hook(
+            lambda m, a, hidden=hidden, i=blk.index: seen[mode[0]].append((hidden.pop(), a[0], i))))
+    model.override_gates(lambda i, b, r, dev: torch.full((b, r), level, dtype=torch.long, device=dev))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        reported = model.forward_dynamic(x).gmacs.item()
+        mode[0] = "train"
+        model.forward_train(x)
+    for h in hooks:
+        h.remove()
+    # the short border cells convolved again are counted
+    assert reported == pytest.approx(count_macs(lambda: model.forward_dynamic(x)) / 1e9, rel=1e-6)
+    grids = set()
+    for path in ("sparse", "train"):
+        assert [i for _, _, i in seen[path]] == [blk.index for blk in blocks]
+        for (table, conv_out, i), blk in zip(seen[path], blocks, strict=True):
+            hw = grid_of[i]
+            ch, cw = -(-hw[0] // p), -(-hw[1] // p)
+            if path == "sparse":  # packed rows: the level's cells in raster order, then the zero row
+                cells, got = table[:-1], conv_out
+            else:  # every candidate: the level's cells follow the finer levels' candidates
+                start = sum(-(-hw[0] // q) * -(-hw[1] // q) for q in model._c.sizes[:level])
+                cells, got = table[0, start:start + ch * cw], conv_out[0, start:start + ch * cw]
+            with torch.no_grad():
+                ref = cell_mean_of_full_conv(blk.mlp.dwconv, cells.reshape(1, ch, cw, -1), p, hw)
+            assert (got.reshape(ref.shape) - ref).abs().max().item() <= 1e-4, (path, hw)
+            grids.add(hw)
+    assert grids == {(56, 56), (28, 28), (14, 14), (7, 7)}
 
 
 @pytest.mark.parametrize("key", ["pvt_v2", "pvt_v2_56"])
 @pytest.mark.parametrize("level0_share", [0.1, 0.6])  # halo patches / the whole token map for level 0
-def test_pvt_sparse_equals_training_path_with_all_levels_mixed(key: str, level0_share: float, monkeypatch) -> None:
+def test_pvt_sparse_equals_training_path_with_all_levels_mixed(key: str, level0_share: float) -> None:
     """Every granularity next to every other (finer queries averaged into coarser cells), both ways of
     convolving level 0; per-image GMACs = count_macs of that image alone with the same gates."""
     drawn: dict[int, torch.Tensor] = {}
     rows = slice(None)
 
-    def three_levels(forced: dge._Forced, batch: int, regions: int, device: torch.device) -> torch.Tensor:
+    def three_levels(block: int, batch: int, regions: int, device: torch.device) -> torch.Tensor:
         if regions not in drawn:
             g = torch.Generator().manual_seed(regions)
             probs = torch.tensor([level0_share, (1 - level0_share) / 2, (1 - level0_share) / 2])
             drawn[regions] = torch.multinomial(probs, 3 * regions, replacement=True, generator=g).view(3, regions)
         return drawn[regions][rows]
 
-    monkeypatch.setattr(dge, "_forced_gates", three_levels)
     for layout in ("packed", "padded"):
         model = convert(key, [f"model.inference_layout={layout}"])
         x = images(model, 3)
         with torch.no_grad():
-            model.force_ratio(0.6, seed=7)
+            model.override_gates(three_levels)
             sparse = model.forward_dynamic(x)
             dense = model.forward_train(x)
         levels = torch.cat([g.flatten() for k, g in sparse.extras.items() if k.startswith("granularity.")])
@@ -328,17 +405,17 @@ def test_force_ratio() -> None:
     model = convert("deit_10x10")
     x = images(model, 32)
     with torch.no_grad():
-        expected = model.force_ratio(0.5, "random")
+        expected = force_ratio(model, 0.5, "random")
         got = model.forward_dynamic(x).gmacs.mean().item() / model.base_gmacs
     assert expected == pytest.approx(0.5)
     assert got == pytest.approx(0.5, abs=0.05)
-    model.force_ratio(0.7, "pattern")
+    force_ratio(model, 0.7, "pattern")
     with torch.no_grad():
         g = model.forward_dynamic(x).gmacs
     assert g.unique().numel() == 1 and g[0].item() / model.base_gmacs == pytest.approx(0.7, abs=0.08)
     with pytest.raises(UserError, match="below the cheapest"):
-        model.force_ratio(0.1)
-    model.force_ratio(None)
+        force_ratio(model, 0.1)
+    force_ratio(model, None)
     with torch.no_grad():
         assert (model.forward_dynamic(x).extras["granularity.0"] == 0).all()
 
@@ -466,7 +543,7 @@ def test_benchmark_gmacs_check_on_a_tiny_model() -> None:
 
     arch, kwargs = MODELS["deit_10x10"]
     model = build(arch, 0.5, **kwargs)
-    assert model.forced_rho == 0.5
+    assert forced_rho(model) == 0.5
     x = images(model, 6)
     check = gmacs_check(model, x, count_images=2)
     assert check["expected_ratio"] == pytest.approx(0.5)

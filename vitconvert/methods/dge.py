@@ -22,40 +22,31 @@ keeps its keys and values dense but computes its queries at a granularity chosen
   the batch (ratio of batch means, patch embedding and head included), differentiable through the gates;
   the budget loss is ``(rho - budget_target)^2`` times the recipe weight ``finetune.losses.budget``.
 * **Inference**: argmax gates and real sparse computation: the selected queries of each image are
-  gathered (``inference_layout``: ``padded`` per image to the batch's largest count, or ``packed``
-  across the batch for the linear layers and MLP with padding only around the attention core), run
-  through attention and MLP, and scattered back. ``DynamicOutput.gmacs`` is the analytic cost of the
-  path each image took, counted the way :func:`vitconvert.count_macs` counts (it matches to the MAC).
+  gathered, run through attention and MLP, and scattered back (``inference_layout``: ``packed`` or
+  ``padded``, :mod:`vitconvert.layers.ragged`). ``DynamicOutput.gmacs`` is the analytic cost of the path
+  each image took, counted the way :func:`vitconvert.count_macs` counts (it matches to the MAC).
+* **Gates from outside**: :meth:`DGE.override_gates` replaces the routers' choice in both paths (speed
+  benchmarks force GMACs ratios with it, ``benchmarks/dge_forcing.py``); the routers still run.
 
-**Grids not divisible by the region size** (DeiT at 224 px: 14x14; PVT-v2's last stage: 7x7) are
-handled as padded grids with the padding excluded: border regions are cut short (14 = 4 + 4 + 4 + 2)
-and every average (router input, query, sub-patch) is over the real tokens only (sums divided by the
-real-token count); a sub-patch with no real token does not exist, and the cost counts only real
-queries. Nothing is resized, so the model stays exact at the finest granularity. Tested on 10x10 and
-7x7 ViT grids, PVT-v2 grids 14/7/4/2 (smaller than a region) and timm's DeiT-S at 224 px.
+**Regions** come from :mod:`vitconvert.layers.regions`: grids not divisible by the region size (DeiT at
+224 px: 14x14; PVT-v2's last stages: 14x14 and 7x7) get border regions cut short, every average (router
+input, query, sub-patch) is over the real tokens only and the cost counts only real queries. Nothing is
+resized, so the model stays exact at the finest granularity. Tested on 10x10 and 7x7 ViT grids, PVT-v2
+grids 14/7/4/2 (smaller than a region) and timm's DeiT-S at 224 px.
 
-**PVT-v2's MLP** holds a 3x3 depthwise convolution over the token map. ``fc1`` runs on the queries; the
-query hidden states define a piecewise-constant map (every token takes its query's state), and each
-query gets the convolution evaluated at its own scale: the map averaged over p x p cells (p = its
-sub-patch side, real tokens only), convolved with the kernel folded to that scale (``C w C^T / p^2``,
-:func:`_fold_kernel`). Then activation and ``fc2`` run on the queries. At the finest granularity this is
-timm's MLP (exactness); with one granularity everywhere it equals the full-resolution convolution averaged
-over each sub-patch; next to finer regions a coarse query sees its neighbours' cell averages instead of
-their border tokens (the training path computes the same thing, so nothing is learned for a different
-model). Inference never builds the full hidden map for coarse regions: each used level's cell map is
-gathered at its own resolution (1/4 or 1/16 of the tokens) and convolved densely, and level-0 tokens are
-convolved from their regions' halo patches ((S+2)^2 tokens, read from the queries covering them) while at
-most a quarter of the regions are at level 0 (above that, and on grids the region size does not divide,
-PVT-v2's 14x14 and 7x7 at 224 px, the whole token map is faster). The convolution's MACs are counted per
-image as that image alone would run them. Why: broadcasting hidden states to the full grid,
-convolving and pooling back cost more CPU time than the skipped matmuls saved (1.17x at half the MACs on
-pvt_v2_b1, one thread); now 1.55x (``benchmarks/results/dge_speed.json``).
+**PVT-v2's MLP** holds a 3x3 depthwise convolution over the token map. ``fc1`` runs on the queries, each
+query gets the convolution evaluated at its own scale (its sub-patch side,
+:mod:`vitconvert.layers.scale_conv`), then activation and ``fc2`` run on the queries. At the finest
+granularity this is timm's MLP (exactness); with one granularity everywhere it equals the full-resolution
+convolution averaged over each sub-patch; next to finer regions a coarse query sees its neighbours' cell
+averages instead of their border tokens (the training path computes the same thing, so nothing is learned
+for a different model). The convolution's MACs are counted per image as that image alone would run them.
 
 **How it fits the fx anatomy.** :func:`vitconvert.read_anatomy` names the blocks, their stage and grid,
 ``norm1``/``norm2``, the attention and MLP modules and the prefix-token count. Each dynamic block is then
-traced on its own with :func:`vitconvert.fx.trace` to check it is a pre-norm residual block
-(``x + branch(attn(norm1(x)))``, then ``+ branch(mlp(norm2(.)))``) and to read the modules between each
-core and its residual add (layer scale, drop path), which the DGE path applies to the query updates.
+read by the shared pre-norm residual block reader (:func:`vitconvert.layers.seams.read_residual_block`:
+``x + branch(attn(norm1(x)))``, then ``+ branch(mlp(norm2(.)))``), which also gives the modules between each
+core and its residual add (layer scale, drop path) that the DGE path applies to the query updates.
 The block is then replaced in place (``set_submodule``) by a :class:`DGEBlock` that adopts the original
 children under their own names, so state-dict keys stay ``base.blocks.3.attn.qkv.weight`` and the model's
 own timm forward runs unchanged around it; the original block object is kept (unregistered) for the
@@ -78,28 +69,30 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from vitconvert import fx as vfx
 from vitconvert.anatomy import Anatomy, BlockInfo
 from vitconvert.errors import AnatomyError, UserError
-from vitconvert.layers.costs import GIGA
+from vitconvert.layers.costs import GIGA, norm_macs
+from vitconvert.layers.ragged import AllQueries, PackedQueries, PaddedQueries, QuerySelection
+from vitconvert.layers.regions import RegionLayout, make_layout, pool_subpatches
+from vitconvert.layers.scale_conv import dwconv_all, dwconv_macs, dwconv_selected
+from vitconvert.layers.seams import read_residual_block
 from vitconvert.methods.base import ConvertedModel, DynamicOutput
 from vitconvert.operating import Knob, OperatingSpace
 from vitconvert.recipes import Recipe, Strict
 from vitconvert.registry import register_method
 from vitconvert.sources import BaseSpec
 
-__all__ = ["DGE", "DGEBlock", "DGELosses", "DGESettings", "Router", "plot_granularity"]
+__all__ = ["DGE", "DGEBlock", "DGELosses", "DGESettings", "GateOverride", "Router", "plot_granularity"]
 
 
 class DGESettings(Strict):
@@ -138,144 +131,7 @@ class DGELosses(Strict):
     budget: float = Field(1.0, ge=0, description="lambda of the budget loss (rho - gamma)^2")
 
 
-# --- static layout of one token grid --------------------------------------------------------------------
-
-
-@dataclass
-class _Layout:
-    """Index tables for one (H, W) grid. Candidates are every granularity's sub-patches, finest first
-    (the finest are the tokens themselves); a region's sub-patches are cut short at the grid border."""
-
-    hw: tuple[int, int]
-    sizes: list[int]  # sub-patch side in tokens per granularity (1 = finest)
-    counts: list[int]  # sub-patches per granularity
-    regions: tuple[int, int]
-    cand_region: torch.Tensor  # (T,) region of each candidate
-    cand_gran: torch.Tensor  # (T,) granularity of each candidate
-    tok_region: torch.Tensor  # (HW,) region of each token
-    tok_cand: torch.Tensor  # (K, HW) candidate covering each token at each granularity
-    tok_cand_t: torch.Tensor  # (HW, K) the same, transposed for gathers
-    nq: torch.Tensor  # (R, K) queries a region costs at each granularity
-    inv: dict[int, torch.Tensor]  # sub-patch side -> (n,) 1 / real tokens in each sub-patch
-    # For PVT-v2's depthwise convolution at each granularity's own scale (level k >= 1):
-    cell_cand: dict[int, torch.Tensor]  # k -> (n_k, K) candidate of level g covering each level-k cell (g >= k)
-    cand_cell: dict[int, torch.Tensor]  # k -> (T,) level-k cell holding each candidate (used for finer ones)
-    cand_weight: dict[int, torch.Tensor]  # k -> (T,) real tokens of the candidate / real tokens of that cell
-    halo_tok: torch.Tensor | None  # (R, (S+2)^2) each region's tokens with a 1-token ring, -1 off the grid
-    region_tok: torch.Tensor | None  # (R, S^2) each region's tokens; both None unless S divides the grid
-    tok_local: torch.Tensor  # (HW,) position of each token inside its region (raster)
-    region: int = 4
-
-    def bounds(self, n_full: int) -> list[int]:
-        """Column bounds of each granularity's candidates when the first holds ``n_full`` full-size rows."""
-        out = [0, n_full]
-        for n in self.counts[1:]:
-            out.append(out[-1] + n)
-        return out
-
-    @property
-    def num_regions(self) -> int:
-        return self.regions[0] * self.regions[1]
-
-
-def _sum_pool(m: torch.Tensor, f: int) -> torch.Tensor:
-    """(B, h, w, C) -> (B, ceil(h/f), ceil(w/f), C) sums over f x f cells (zero padding at the border).
-
-    Strided maps (the patch tokens after prefix tokens): adds of strided views, so the map is read once and,
-    unless the grid needs padding, never copied whole. On CPU these memory-bound passes can eat the saved matmul time if
-    written carelessly (``avg_pool2d`` on the prefix-sliced token map first copies it).
-    """
-    b, h, w, c = m.shape
-    nchw = m.permute(0, 3, 1, 2)
-    if nchw.is_contiguous(memory_format=torch.channels_last):
-        # A whole channels-last map (PVT-v2, or ViT without prefix tokens): the native pooling kernel reads
-        # it once, several times faster than the adds below. ceil_mode + divisor 1: sums over real tokens.
-        out = F.avg_pool2d(nchw, f, ceil_mode=True, divisor_override=1)
-        return out.permute(0, 2, 3, 1)
-    ph, pw = (-h) % f, (-w) % f
-    if ph or pw:
-        m = F.pad(m, (0, 0, 0, pw, 0, ph))
-    cols = m.reshape(b, h + ph, (w + pw) // f, f, c)
-    s = cols[:, :, :, 0].clone()
-    for j in range(1, f):
-        s += cols[:, :, :, j]
-    rows = s.view(b, (h + ph) // f, f, (w + pw) // f, c)
-    out = rows[:, :, 0].clone()
-    for i in range(1, f):
-        out += rows[:, :, i]
-    return out
-
-
-def _pool(m: torch.Tensor, lay: _Layout, needed: Sequence[int]) -> dict[int, torch.Tensor]:
-    """(B, h, w, C) map -> {sub-patch side p: (B, n_p, C) averages over the real tokens of each sub-patch}.
-
-    Each p is summed from the largest side already computed that tiles it (4 from 2 from 1) and only the
-    sides in ``needed`` (and their sources) are computed.
-    """
-    b, _, _, c = m.shape
-    needed = sorted(set(needed))
-    sources = {p: max(d for d in [1, *needed] if d < p and p % d == 0) for p in needed}
-    sums: dict[int, torch.Tensor] = {1: m}
-    for p in needed:
-        sums[p] = _sum_pool(sums[sources[p]], p // sources[p])
-    # Scale once every sum exists (coarser sums are built from finer ones); in place unless autograd records
-    # (the pooling kernel's backward keeps its input).
-    scale = {p: lay.inv[p].to(m.dtype).unsqueeze(-1) for p in needed}
-    if torch.is_grad_enabled():
-        return {p: sums[p].reshape(b, -1, c) * scale[p] for p in needed}
-    return {p: sums[p].view(b, -1, c).mul_(scale[p]) for p in needed}
-
-
-def _make_layout(hw: tuple[int, int], region: int, sizes: Sequence[int], device: torch.device) -> _Layout:
-    h, w = hw
-    rh, rw = -(-h // region), -(-w // region)
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()
-    cand_region, cand_gran, tok_cand, counts = [], [], [], []
-    offset = 0
-    for k, p in enumerate(sizes):
-        ch, cw = -(-h // p), -(-w // p)
-        cy, cx = torch.meshgrid(torch.arange(ch), torch.arange(cw), indexing="ij")
-        cand_region.append(((cy * p // region) * rw + cx * p // region).flatten())
-        cand_gran.append(torch.full((ch * cw,), k))
-        tok_cand.append(offset + (ys // p) * cw + xs // p)
-        counts.append(ch * cw)
-        offset += ch * cw
-    cr, cg = torch.cat(cand_region), torch.cat(cand_gran)
-    nq = torch.zeros(rh * rw, len(sizes))
-    nq.index_put_((cr, cg), torch.ones(len(cr)), accumulate=True)
-    tc = torch.stack(tok_cand)
-    ones = torch.ones(1, h, w, 1, dtype=torch.float64)
-    real = {p: _sum_pool(ones, p).flatten() for p in {*sizes, region}}  # real tokens per sub-patch
-    inv = {p: (1.0 / real[p]).float().to(device) for p in {*sizes[1:], region}}
-    # Origin token of every candidate, and the tables of the per-scale depthwise convolution.
-    origin = torch.cat([torch.stack(torch.meshgrid(torch.arange(-(-h // p)) * p, torch.arange(-(-w // p)) * p,
-                                                   indexing="ij"), -1).reshape(-1, 2) for p in sizes])
-    cand_tokens = torch.cat([real[p] for p in sizes])
-    cell_cand, cand_cell, cand_weight = {}, {}, {}
-    for k, p in enumerate(sizes[1:], start=1):
-        cw = -(-w // p)
-        first = origin[sum(counts[:k]): sum(counts[:k + 1])]  # cells of level k = its candidates
-        cell_cand[k] = tc[:, first[:, 0] * w + first[:, 1]].t().contiguous().to(device)
-        cell = (origin[:, 0] // p) * cw + origin[:, 1] // p
-        cand_cell[k] = cell.to(device)
-        cand_weight[k] = (cand_tokens / real[p][cell]).float().to(device)
-    halo_tok = region_tok = None
-    if h % region == 0 and w % region == 0:
-        ry, rx = torch.meshgrid(torch.arange(rh) * region, torch.arange(rw) * region, indexing="ij")
-        oy, ox = torch.meshgrid(torch.arange(-1, region + 1), torch.arange(-1, region + 1), indexing="ij")
-        hy, hx = ry.reshape(-1, 1) + oy.reshape(1, -1), rx.reshape(-1, 1) + ox.reshape(1, -1)
-        inside = (hy >= 0) & (hy < h) & (hx >= 0) & (hx < w)
-        halo_tok = torch.where(inside, hy * w + hx, -1).to(device)
-        ring = ((oy >= 0) & (oy < region) & (ox >= 0) & (ox < region)).reshape(-1)
-        region_tok = halo_tok[:, ring].contiguous()
-    return _Layout(
-        hw=hw, sizes=list(sizes), counts=counts, regions=(rh, rw), cand_region=cr.to(device),
-        cand_gran=cg.to(device), tok_region=((ys // region) * rw + xs // region).to(device), tok_cand=tc.to(device),
-        tok_cand_t=tc.t().contiguous().to(device), nq=nq.to(device), inv=inv, cell_cand=cell_cand,
-        cand_cell=cand_cell, cand_weight=cand_weight, halo_tok=halo_tok, region_tok=region_tok,
-        tok_local=((ys % region) * region + xs % region).to(device), region=region,
-    )
+# --- what a forward records, and the state the blocks share ------------------------------------------------
 
 
 @dataclass
@@ -289,16 +145,8 @@ class _Record:
     conv_macs: torch.Tensor | None = None  # (B,) PVT-v2: MACs of the depthwise convolution on this path
 
 
-@dataclass
-class _Forced:
-    """Gates forced for speed benchmarks: level ``low`` or ``low + 1`` with probability ``frac`` per region."""
-
-    rho: float
-    low: int
-    frac: float
-    mode: str
-    seed: int
-    generator: torch.Generator = field(default_factory=torch.Generator)
+# (block index, batch, regions, device) -> (batch, regions) granularity index of each region (long, 0 = finest).
+GateOverride = Callable[[int, int, int, torch.device], torch.Tensor]
 
 
 class _Context:
@@ -312,14 +160,15 @@ class _Context:
         self.tau = settings.gumbel_tau
         self.shift = 0.0  # logit shift per coarseness rank (the knob)
         self.level: int | None = None  # all regions at this granularity, no router (knob at 1)
-        self.forced: _Forced | None = None
+        # Gates from outside instead of the routers' choice (speed benchmarks, tests); None: the routers decide.
+        self.gate_override: GateOverride | None = None
         self.records: list[_Record] = []
-        self._layouts: dict[tuple[int, int, str], _Layout] = {}
+        self._layouts: dict[tuple[int, int, str], RegionLayout] = {}
 
-    def layout(self, hw: tuple[int, int], device: torch.device) -> _Layout:
+    def layout(self, hw: tuple[int, int], device: torch.device) -> RegionLayout:
         key = (int(hw[0]), int(hw[1]), str(device))
         if key not in self._layouts:
-            self._layouts[key] = _make_layout(key[:2], self.region, self.sizes, device)
+            self._layouts[key] = make_layout(key[:2], self.region, self.sizes, device)
         return self._layouts[key]
 
     @contextlib.contextmanager
@@ -372,53 +221,13 @@ class _BlockParts:
 
 
 def _read_block(block: nn.Module, info: BlockInfo, kind: str) -> _BlockParts:
-    """Trace one block and check it is ``x + post_attn(attn(norm1(x))); x + post_mlp(mlp(norm2(x)))``."""
-
-    def rel(path: str) -> str:
-        return path[len(info.path) + 1:]
-
-    parts = _BlockParts(kind=kind, norm1=rel(info.norms[0]), norm2=rel(info.norms[1]), attn=rel(info.attn),
-                        mlp=rel(info.mlp), post_attn=[], post_mlp=[])
+    """Read one block with the shared pre-norm residual block reader, then check what DGE itself needs."""
     where = f"dge: block {info.path}"
-    gm = vfx.trace(block)
-    nodes = list(gm.graph.nodes)
-    x = next(n for n in nodes if n.op == "placeholder")
-    adds = [n for n in nodes if vfx.is_add(n) and not vfx.scopes(n)]
-    out = next(n for n in nodes if n.op == "output")
-    if len(adds) != 2 or out.args[0] is not adds[1] or x not in adds[0].args or adds[0] not in adds[1].args:
-        raise AnatomyError(f"{where} is not a pre-norm residual block (x + attn branch, then + MLP branch)")
-
-    def top(n: fx.Node) -> str:
-        s = vfx.scopes(n)
-        return s[0] if s else ""
-
-    def consumers_of(scope: str) -> set[fx.Node]:
-        inputs: set[fx.Node] = set()
-        for n in nodes:
-            if top(n) == scope:
-                inputs.update(a for a in n.all_input_nodes if top(a) != scope)
-        return inputs
-
-    if x not in consumers_of(parts.norm1) or adds[0] not in consumers_of(parts.norm2):
-        raise AnatomyError(f"{where}: {parts.norm1} must normalise the block input and {parts.norm2} the "
-                           "attention output (pre-norm block)")
-    for add, core, post in ((adds[0], parts.attn, parts.post_attn), (adds[1], parts.mlp, parts.post_mlp)):
-        residual = x if add is adds[0] else adds[0]
-        branch = next(a for a in add.args if isinstance(a, fx.Node) and a is not residual)
-        chain: list[str] = []
-        node = branch
-        while top(node) != core:
-            name = top(node)
-            if not name or name in (parts.norm1, parts.norm2, parts.attn, parts.mlp):
-                raise AnatomyError(f"{where}: the residual branch of {core} holds {node.name!r} outside a "
-                                   "per-token module (only layer scale / drop path / identity are supported)")
-            if not chain or chain[-1] != name:
-                chain.append(name)
-            ins = [a for a in node.all_input_nodes if a.op != "get_attr"]
-            if len(ins) != 1:
-                raise AnatomyError(f"{where}: unexpected residual branch shape at {node.name!r}")
-            node = ins[0]
-        post.extend(reversed(chain))
+    res = read_residual_block(block, where)
+    if res.layout != "tokens":
+        raise AnatomyError(f"{where}: dge needs blocks over a token sequence (found a {res.layout} block)")
+    parts = _BlockParts(kind=kind, norm1=res.norm1, norm2=res.norm2, attn=res.attn, mlp=res.mlp,
+                        post_attn=list(res.post_attn), post_mlp=list(res.post_mlp))
     if kind == "vit":
         attn = block.get_submodule(parts.attn)
         if not isinstance(getattr(attn, "qkv", None), nn.Linear) or not hasattr(attn, "num_heads"):
@@ -439,148 +248,6 @@ def _read_block(block: nn.Module, info: BlockInfo, kind: str) -> _BlockParts:
             recurse=False)):
         raise AnatomyError(f"{where}: parameters held directly by the block are not supported")
     return parts
-
-
-class _Packed:
-    """The batch's selected queries as one (M, C) matrix, grouped by where their rows come from: the
-    full-resolution map (prefix and finest tokens), then each coarser granularity's pooled table; image
-    after image inside each group.
-
-    Norms, linear layers and the MLP run on the M rows with no padding. Only the attention core is
-    padded per image to the batch's largest query count (one batched SDPA call): per-image calls are
-    far slower on CPU (each small parallel call pays thread start-up), and the core is ~6% of a block's
-    MACs. Row order inside an image does not matter: queries attend independently.
-    """
-
-    def __init__(self, qsel: torch.Tensor, tok_src: torch.Tensor, bounds: list[int], sizes: list[int],
-                 gates: torch.Tensor) -> None:
-        b, t = qsel.shape
-        dev = qsel.device
-        groups = [qsel[:, s:e] for s, e in itertools.pairwise(bounds)]
-        counts = [g.sum(1) for g in groups]
-        self.nq = torch.stack(counts).sum(0)
-        self.batch = b
-        self.sizes = sizes
-        self.gates = gates
-        self.widths = [e - s for s, e in itertools.pairwise(bounds)]
-        self.src = [g.flatten().nonzero().squeeze(1) for g in groups]
-        n = [s.numel() for s in self.src]
-        self.offsets = [0, *itertools.accumulate(n)]
-        self.m = self.offsets[-1]
-        rows = torch.full((b, t), -1, dtype=torch.long, device=dev)
-        for g, (s, e) in enumerate(itertools.pairwise(bounds)):
-            rows[:, s:e][groups[g]] = torch.arange(self.offsets[g], self.offsets[g + 1], device=dev)
-        self.cand_rows = rows  # (B, T) row of each selected candidate, -1 for the others
-        self.tok_rows = rows.gather(1, tok_src)  # (B, N) query row covering each token (prefix included)
-        # Padding for the attention core: slot j of image i holds its rows group after group, padding
-        # slots hold row 0; the way back is the inverse on the real slots.
-        self.length = int(self.nq.max())
-        j = torch.arange(self.length, device=dev).unsqueeze(0)
-        pad = torch.zeros(b, self.length, dtype=torch.long, device=dev)
-        before = torch.zeros(b, 1, dtype=torch.long, device=dev)
-        for g, c in enumerate(counts):
-            c = c.unsqueeze(1)
-            first = self.offsets[g] + c.cumsum(0) - c
-            pad = torch.where((j >= before) & (j < before + c), first + j - before, pad)
-            before = before + c
-        real = (j < before).flatten()
-        self.pad_src = pad.flatten()
-        self.unpad = torch.empty(self.m, dtype=torch.long, device=dev)
-        self.unpad[self.pad_src[real]] = torch.arange(b * self.length, device=dev)[real]
-
-    def gather(self, full: torch.Tensor, pooled: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Query rows from the (B, N, C) full-resolution map and the (B, n_p, C) pooled tables."""
-        c = full.shape[-1]
-        out = full.new_empty(self.m, c)
-        for g, (src, s, e) in enumerate(zip(self.src, self.offsets, self.offsets[1:], strict=False)):
-            if e > s:
-                table = full if g == 0 else pooled[self.sizes[g]]
-                torch.index_select(table.reshape(-1, c), 0, src, out=out[s:e])
-        return out
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-        """(M, D) queries against per-image (B, h, Nk, d) keys/values -> (M, D)."""
-        d = q.shape[-1]
-        padded = q.index_select(0, self.pad_src).view(self.batch, self.length, d)
-        o = _attend_batched(padded, k, v, dropout)
-        return o.reshape(-1, d).index_select(0, self.unpad)
-
-    def to_tokens(self, t: torch.Tensor) -> torch.Tensor:
-        """Per-query rows -> (B, N, D): every token takes the row of the query covering it."""
-        return t.index_select(0, self.tok_rows.flatten()).view(self.batch, -1, t.shape[-1])
-
-    def level_rows(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows of the group-``k`` queries, their image and their column inside the group."""
-        src = self.src[k]
-        rows = torch.arange(self.offsets[k], self.offsets[k + 1], device=src.device)
-        return rows, src // self.widths[k], src % self.widths[k]
-
-    @property
-    def flat_tok_rows(self) -> torch.Tensor:
-        return self.tok_rows
-
-
-class _Padded:
-    """The selected queries of each image padded to the batch's largest count: (B, L, C)."""
-
-    def __init__(self, qsel: torch.Tensor, tok_src: torch.Tensor, bounds: list[int], sizes: list[int],
-                 gates: torch.Tensor) -> None:
-        b, t = qsel.shape
-        pos = qsel.cumsum(1) - 1
-        self.nq = pos[:, -1] + 1
-        self.sizes = sizes
-        self.gates = gates
-        self.qsel = qsel
-        self.bounds = bounds
-        length = int(self.nq.max())
-        target = torch.where(qsel, pos, length)
-        idx = torch.zeros(b, length + 1, dtype=torch.long, device=qsel.device)
-        idx.scatter_(1, target, torch.arange(t, device=qsel.device).expand(b, t))
-        self.idx = idx[:, :length]  # padding slots point at candidate 0 (a real token; its output is unused)
-        self.tok_rows = pos.gather(1, tok_src)
-        # Flat (B * L) row numbers, for the per-scale depthwise convolution of PVT-v2.
-        first = torch.arange(b, device=qsel.device).unsqueeze(1) * length
-        self.cand_rows = torch.where(qsel, first + pos, -1)
-        self.flat_tok_rows = first + self.tok_rows
-
-    def level_rows(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Flat rows of the selected candidates of group ``k``, their image and their column in the group."""
-        s, e = self.bounds[k], self.bounds[k + 1]
-        img, col = self.qsel[:, s:e].nonzero().unbind(1)
-        return self.cand_rows[img, s + col], img, col
-
-    def gather(self, full: torch.Tensor, pooled: dict[int, torch.Tensor]) -> torch.Tensor:
-        table = torch.cat([full, *(pooled[p] for p in self.sizes[1:])], dim=1)
-        return table.gather(1, self.idx.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-        return _attend_batched(q, k, v, dropout)
-
-    def to_tokens(self, t: torch.Tensor) -> torch.Tensor:
-        return t.gather(1, self.tok_rows.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-
-
-class _All:
-    """Every candidate as a query (the dense training path): (B, T, C), combined by gates afterwards."""
-
-    def __init__(self, sizes: list[int]) -> None:
-        self.sizes = sizes
-
-    def gather(self, full: torch.Tensor, pooled: dict[int, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([full, *(pooled[p] for p in self.sizes[1:])], dim=1)
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-        return _attend_batched(q, k, v, dropout)
-
-
-def _attend_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-    """(B, L, D) queries against (B, h, Nk, d) keys/values -> (B, L, D)."""
-    b, length, d = q.shape
-    qh = q.view(b, length, k.shape[1], -1).transpose(1, 2)
-    return F.scaled_dot_product_attention(qh, k, v, dropout_p=dropout).transpose(1, 2).reshape(b, length, d)
-
-
-_Selection = _Packed | _Padded | _All
 
 
 class DGEBlock(nn.Module):
@@ -630,14 +297,14 @@ class DGEBlock(nn.Module):
             t = self.get_submodule(n)(t)
         return t
 
-    def _sparse_gates(self, regions: torch.Tensor, lay: _Layout) -> tuple[torch.Tensor, bool]:
+    def _sparse_gates(self, regions: torch.Tensor, lay: RegionLayout) -> tuple[torch.Tensor, bool]:
         ctx: _Context = self.__dict__["_ctx"]
         b = regions.shape[0]
-        if ctx.forced is None and ctx.level is not None:
+        if ctx.gate_override is None and ctx.level is not None:
             return torch.full((b, lay.num_regions), ctx.level, dtype=torch.long, device=regions.device), False
         logits = self.__dict__["_router"](regions)
-        if ctx.forced is not None:  # the router still runs, so benchmarks time and count it
-            return _forced_gates(ctx.forced, b, lay.num_regions, regions.device), True
+        if ctx.gate_override is not None:  # the router still runs, so benchmarks time and count it
+            return ctx.gate_override(self.index, b, lay.num_regions, regions.device), True
         if ctx.shift:
             rank = torch.arange(logits.shape[-1], device=logits.device, dtype=logits.dtype)
             logits = logits + ctx.shift * rank
@@ -648,7 +315,7 @@ class DGEBlock(nn.Module):
         lay = ctx.layout(hw, x.device)
         p = self.num_prefix
         b, n, c = x.shape
-        pooled = _pool(x[:, p:].reshape(b, hw[0], hw[1], c), lay, [*lay.sizes[1:], lay.region])
+        pooled = pool_subpatches(x[:, p:].reshape(b, hw[0], hw[1], c), lay, [*lay.sizes[1:], lay.region])
         gates, ran = self._sparse_gates(pooled[lay.region], lay)
         sel = gates[:, lay.cand_region] == lay.cand_gran
         qsel = torch.cat([sel.new_ones(b, p), sel], dim=1)
@@ -657,9 +324,9 @@ class DGEBlock(nn.Module):
         tok_src = torch.cat([torch.arange(p, device=x.device).expand(b, p), tok_src], dim=1)
         # Dropping a path per row of a packed batch would drop tokens, not images: pad while training.
         if ctx.layout_mode == "packed" and not self.training:
-            q: _Selection = _Packed(qsel, tok_src, lay.bounds(n), lay.sizes, gates)
+            q: QuerySelection = PackedQueries(qsel, tok_src, lay.bounds(n), lay.sizes, gates)
         else:
-            q = _Padded(qsel, tok_src, lay.bounds(n), lay.sizes, gates)
+            q = PaddedQueries(qsel, tok_src, lay.bounds(n), lay.sizes, gates)
         delta = self._updates(q.gather(x, pooled), x, hw, lay, q, None)
         out = q.to_tokens(delta)
         out = out.add_(x) if not torch.is_grad_enabled() else out + x
@@ -672,15 +339,15 @@ class DGEBlock(nn.Module):
         lay = ctx.layout(hw, x.device)
         p = self.num_prefix
         b, _, c = x.shape
-        pooled = _pool(x[:, p:].reshape(b, hw[0], hw[1], c), lay, [*lay.sizes[1:], lay.region])
+        pooled = pool_subpatches(x[:, p:].reshape(b, hw[0], hw[1], c), lay, [*lay.sizes[1:], lay.region])
         logits = self.__dict__["_router"](pooled[lay.region])
-        if ctx.forced is not None:  # the knob is for inference; forcing also serves the training path's tests
-            idx = _forced_gates(ctx.forced, b, lay.num_regions, x.device)
+        if ctx.gate_override is not None:  # the knob is for inference; overrides also serve the training path's tests
+            idx = ctx.gate_override(self.index, b, lay.num_regions, x.device)
             gates = F.one_hot(idx, logits.shape[-1]).to(x.dtype)
         else:
             gates = F.gumbel_softmax(logits.float(), tau=ctx.tau, hard=True, dim=-1).to(x.dtype)
         gate_tok = gates[:, lay.tok_region]  # (B, HW, K)
-        q = _All(lay.sizes)
+        q = AllQueries(lay.sizes)
         delta = self._updates(q.gather(x, pooled), x, hw, lay, q, gate_tok)
         upd = sum(gate_tok[..., k:k + 1] * delta.index_select(1, p + lay.tok_cand[k])
                   for k in range(len(lay.sizes)))
@@ -690,15 +357,15 @@ class DGEBlock(nn.Module):
         ctx.records.append(_Record(self.index, nq, None, True, self._conv_macs(gates.detach().argmax(-1), lay)))
         return out
 
-    def _conv_macs(self, gates: torch.Tensor, lay: _Layout) -> torch.Tensor | None:
+    def _conv_macs(self, gates: torch.Tensor, lay: RegionLayout) -> torch.Tensor | None:
         if self.parts.kind != "pvt":
             return None
-        return _dwconv_macs(self.get_submodule(self.parts.mlp).dwconv, gates, lay)
+        return dwconv_macs(self.get_submodule(self.parts.mlp).dwconv, gates, lay)
 
     # --- the block's computation on queries -------------------------------------------------------------
 
-    def _updates(self, q_in: torch.Tensor, x: torch.Tensor, hw: tuple[int, int], lay: _Layout,
-                 q: _Selection, gate_tok: torch.Tensor | None) -> torch.Tensor:
+    def _updates(self, q_in: torch.Tensor, x: torch.Tensor, hw: tuple[int, int], lay: RegionLayout,
+                 q: QuerySelection, gate_tok: torch.Tensor | None) -> torch.Tensor:
         """Attention + MLP updates of the queries (q_out - q_in), keys and values from all of ``x``."""
         norm1 = self.get_submodule(self.parts.norm1)
         norm2 = self.get_submodule(self.parts.norm2)
@@ -708,7 +375,7 @@ class DGEBlock(nn.Module):
         m = self._apply_chain(self.parts.post_mlp, m)
         return a.add_(m) if not torch.is_grad_enabled() else a + m
 
-    def _attention(self, qn: torch.Tensor, xn: torch.Tensor, hw: tuple[int, int], q: _Selection) -> torch.Tensor:
+    def _attention(self, qn: torch.Tensor, xn: torch.Tensor, hw: tuple[int, int], q: QuerySelection) -> torch.Tensor:
         attn = self.get_submodule(self.parts.attn)
         b, n, _ = xn.shape
         heads = attn.num_heads
@@ -731,15 +398,15 @@ class DGEBlock(nn.Module):
                 o = o * attn.gate(qn).sigmoid()
         return attn.proj_drop(attn.proj(o))
 
-    def _mlp(self, t: torch.Tensor, hw: tuple[int, int], lay: _Layout, q: _Selection,
+    def _mlp(self, t: torch.Tensor, hw: tuple[int, int], lay: RegionLayout, q: QuerySelection,
              gate_tok: torch.Tensor | None) -> torch.Tensor:
         mlp = self.get_submodule(self.parts.mlp)
         if self.parts.kind == "vit":
             return mlp(t)
         # PVT-v2: fc1 on the queries, the depthwise convolution at each granularity's scale, act, fc2.
-        if isinstance(q, _All):
+        if isinstance(q, AllQueries):
             assert gate_tok is not None
-            h = _dwconv_all(mlp.dwconv, mlp.relu(mlp.fc1(t)), hw, lay, gate_tok)
+            h = dwconv_all(mlp.dwconv, mlp.relu(mlp.fc1(t)), hw, lay, gate_tok)
         else:
             # The rows plus one zero row (read for tokens off the grid), written by fc1 in place when
             # autograd is off: copying a hidden-width table costs as much as a small convolution.
@@ -753,146 +420,9 @@ class DGEBlock(nn.Module):
                 if mlp.fc1.bias is not None:
                     table[:-1] += mlp.fc1.bias
                 table[-1].zero_()
-            h = _dwconv_selected(mlp.dwconv, mlp.relu(table), hw, lay, q).view(*t.shape[:-1], d)
+            h = dwconv_selected(mlp.dwconv, mlp.relu(table), hw, lay, q).view(*t.shape[:-1], d)
         h = mlp.drop(mlp.act(h))
         return mlp.drop(mlp.fc2(h))
-
-
-# --- PVT-v2's depthwise convolution on mixed granularities (see the module docstring) ----------------------
-
-
-def _fold_kernel(weight: torch.Tensor, p: int) -> torch.Tensor:
-    """3x3 depthwise kernel acting on p x p cell averages: C w C^T / p^2 with C = [[1,0,0],[p-1,p,p-1],[0,0,1]].
-
-    C[i, j] counts the output rows of a p-row cell that read neighbour cell i - 1 (above, itself, below)
-    through kernel row j: the cell itself is read by all p rows through the centre tap and by p - 1 rows
-    through each outer tap, the cell above only by the first row through the top tap. The same holds for
-    columns. Written with slices, so MAC counters see no matmul.
-    """
-    if p == 1:
-        return weight
-
-    def fold(w: torch.Tensor, dim: int) -> torch.Tensor:
-        a, b, c = w.unbind(dim)
-        return torch.stack([a, (p - 1) * (a + c) + p * b, c], dim)
-
-    return fold(fold(weight, 2), 3) / (p * p)
-
-
-def _conv_at(conv: nn.Conv2d, fmap: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, h, w, D) map of p x p cell averages -> (B, h, w, D) depthwise convolution at that scale."""
-    out = F.conv2d(fmap.permute(0, 3, 1, 2), _fold_kernel(conv.weight, p), conv.bias, padding=1,
-                   groups=conv.groups)
-    return out.permute(0, 2, 3, 1)
-
-
-def _dwconv_all(conv: nn.Conv2d, hidden: torch.Tensor, hw: tuple[int, int], lay: _Layout,
-                gate_tok: torch.Tensor) -> torch.Tensor:
-    """Training path: (B, T, D) hidden states of every candidate -> their convolution outputs (B, T, D)."""
-    b, _, d = hidden.shape
-    grid = sum(gate_tok[..., k:k + 1] * hidden.index_select(1, lay.tok_cand[k]) for k in range(len(lay.sizes)))
-    fmap = grid.view(b, hw[0], hw[1], d)
-    pooled = {1: grid, **_pool(fmap, lay, lay.sizes[1:])}
-    outs = [_conv_at(conv, pooled[p].view(b, -(-hw[0] // p), -(-hw[1] // p), d), p).reshape(b, -1, d)
-            for p in lay.sizes]
-    return torch.cat(outs, dim=1)
-
-
-# Level-0 tokens are convolved from halo patches while at most this share of the regions is at level 0;
-# above it one convolution of the whole token map is faster on CPU (the patches read 2.25x the tokens and
-# a convolution over many 6x6 maps runs far below the kernel's speed on one large map).
-_HALO_MAX_SHARE = 0.25
-
-
-def _use_halo(level0: torch.Tensor, lay: _Layout) -> torch.Tensor:
-    """Whether level-0 regions go through halo patches, from the level-0 mask of one image or of a batch."""
-    return (level0.float().mean(-1) <= _HALO_MAX_SHARE) & (lay.halo_tok is not None)
-
-
-def _dwconv_macs(conv: nn.Conv2d, gates: torch.Tensor, lay: _Layout) -> torch.Tensor:
-    """(B,) MACs of the convolution for each image run alone (as ``count_macs`` counts it), given its (B, R)
-    region levels. In a batch the halo-or-whole-map choice is made for the batch, so a batch may compute more."""
-    per_cell = conv.out_channels * (conv.in_channels // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1]
-    level = gates.reshape(gates.shape[0], -1)
-    macs = torch.zeros(level.shape[0], dtype=torch.float64, device=gates.device)
-    halo = _use_halo(level == 0, lay)
-    for k, n in enumerate(lay.counts):
-        used = (level == k).sum(1).to(torch.float64)
-        whole_map = per_cell * n * (used > 0).to(torch.float64)  # one convolution over the level's cell map
-        if k == 0 and lay.region_tok is not None:  # or halo patches: the level-0 regions' tokens only
-            macs += torch.where(halo, per_cell * lay.region_tok.shape[1] * used, whole_map)
-        else:
-            macs += whole_map
-    return macs
-
-
-def _dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], lay: _Layout,
-                     q: _Packed | _Padded) -> torch.Tensor:
-    """Inference: (R + 1, D) hidden rows of the selected queries and a last row of zeros (read off the grid)
-    -> the (R, D) convolution outputs of the queries."""
-    r, d = table.shape[0] - 1, table.shape[1]
-    hidden = table[:r]
-    gates = q.gates
-    b = gates.shape[0]
-    # Every packed row is a query and gets written; padded layouts keep zeros in their padding slots.
-    out = hidden.new_empty(r, d) if isinstance(q, _Packed) else hidden.new_zeros(r, d)
-    start = [0, *itertools.accumulate(lay.counts)]
-
-    def put(k: int, rows: torch.Tensor, res: torch.Tensor, index: torch.Tensor) -> None:
-        """out[rows] = res[index]; a packed group's rows are one block, written by one gather."""
-        if isinstance(q, _Packed):
-            torch.index_select(res, 0, index, out=out[q.offsets[k]:q.offsets[k + 1]])
-        else:
-            out.index_copy_(0, rows, res.index_select(0, index))
-
-    levels = [q.level_rows(k) for k in range(len(lay.sizes))]  # (rows, image, column) of each level
-    level0 = gates == 0
-    for k, p in enumerate(lay.sizes):
-        rows, img, col = levels[k]
-        if not rows.numel():
-            continue
-        if k == 0 and bool(_use_halo(level0.flatten(), lay)):
-            # Each level-0 region with a one-token ring (the ring reads the queries covering it): a valid
-            # 3x3 convolution of (S+2)^2 tokens gives its S^2 outputs.
-            assert lay.halo_tok is not None
-            img0, reg0 = level0.nonzero().unbind(1)
-            halo = lay.halo_tok[reg0]
-            src = torch.where(halo >= 0, q.flat_tok_rows[img0.unsqueeze(1), halo.clamp(min=0)], r)
-            side = lay.region + 2
-            patches = table.index_select(0, src.flatten()).view(-1, side, side, d).permute(0, 3, 1, 2)
-            res = F.conv2d(patches, conv.weight, conv.bias, groups=conv.groups).permute(0, 2, 3, 1)
-            rank = level0.flatten().cumsum(0).view(b, -1) - 1  # patch number of each level-0 region
-            squares = lay.region * lay.region
-            put(0, rows, res.reshape(-1, d), rank[img, lay.tok_region[col]] * squares + lay.tok_local[col])
-            continue
-        ch, cw = -(-hw[0] // p), -(-hw[1] // p)
-        if k == 0:  # the whole token map
-            fmap = table.index_select(0, q.flat_tok_rows.flatten()).view(b, ch, cw, d)
-            put(0, rows, _conv_at(conv, fmap, p).reshape(-1, d), img * lay.counts[k] + col)
-            continue
-        # Only the images with level-k regions, and of their finer queries only those in the ring of cells
-        # the level-k queries read (the rest of the cell map is computed but never used).
-        g_cell = gates[:, lay.cand_region[start[k]:start[k + 1]]]
-        here = g_cell == k
-        users = here.any(1).nonzero().squeeze(1)
-        slot = torch.full((b,), -1, dtype=torch.long, device=gates.device)
-        slot[users] = torch.arange(users.numel(), device=gates.device)
-        g_cell, here = g_cell[users], here[users]
-        cand = lay.cell_cand[k].unsqueeze(0).expand(users.numel(), -1, -1).gather(2, g_cell.unsqueeze(-1)).squeeze(2)
-        src = torch.where(g_cell >= k, q.cand_rows[users].gather(1, cand), r)
-        cells = table.index_select(0, src.flatten())
-        ring = F.max_pool2d(here.view(-1, 1, ch, cw).to(table.dtype), 3, 1, 1).flatten().bool()
-        # Finer queries: averaged into their cells with their share of the cell's real tokens.
-        for j, (rows_j, img_j, col_j) in enumerate(levels[:k]):
-            c = start[j] + col_j
-            at = slot[img_j] * lay.counts[k] + lay.cand_cell[k][c]
-            keep = (slot[img_j] >= 0) & ring[at.clamp(min=0)]
-            if keep.any():
-                rows_j, c, at = rows_j[keep], c[keep], at[keep]
-                cells.index_add_(0, at, hidden.index_select(0, rows_j) * lay.cand_weight[k][c].unsqueeze(1))
-        res = _conv_at(conv, cells.view(-1, ch, cw, d), p).reshape(-1, d)
-        put(k, rows, res, slot[img] * lay.counts[k] + col)
-    return out
 
 
 def _pvt_kv(attn: nn.Module, xn: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -912,24 +442,13 @@ def _pvt_kv(attn: nn.Module, xn: torch.Tensor, hw: tuple[int, int]) -> tuple[tor
     return k, v
 
 
-def _forced_gates(forced: _Forced, batch: int, regions: int, device: torch.device) -> torch.Tensor:
-    if forced.mode == "pattern":
-        # The same spread of coarser regions in every image: a fixed permutation, the first round(frac * R).
-        g = torch.Generator().manual_seed(forced.seed + regions)
-        order = torch.randperm(regions, generator=g)
-        up = torch.zeros(regions, dtype=torch.long)
-        up[order[: round(forced.frac * regions)]] = 1
-        return (forced.low + up).to(device).expand(batch, regions)
-    up = (torch.rand(batch, regions, generator=forced.generator) < forced.frac).long()
-    return (forced.low + up).to(device)
-
 
 # --- analytic costs -------------------------------------------------------------------------------------
 
 
 def _ln(mod: nn.Module | None, width: int) -> int:
-    """MACs per token of a norm layer, as vitconvert.gmacs counts it (LayerNorm: 5 per element)."""
-    return 5 * width if isinstance(mod, nn.LayerNorm) else 0
+    """MACs per token of a norm layer by the cost layer's rule (0 for Identity or no norm)."""
+    return int(norm_macs(1, width, mod)) if mod is not None else 0
 
 
 def _block_costs(block: nn.Module, parts: _BlockParts, tokens: int, hw: tuple[int, int]) -> dict[str, float]:
@@ -1011,14 +530,14 @@ class DGE(ConvertedModel):
             grid = anatomy.stages[info.stage].grid
             router = Router(info.dim, k, s.init_finest_prob, s.router_init_std, s.router_norm)
             self.routers[str(info.index)] = router
-            lay = _make_layout(grid, s.region_size, ctx.sizes, torch.device("cpu"))
+            lay = make_layout(grid, s.region_size, ctx.sizes, torch.device("cpu"))
             costs = _block_costs(block, parts, info.tokens, grid)
             costs["router"] = float(lay.num_regions * (info.dim * k + _ln(router.norm, info.dim)))
             costs["level_nq"] = [float(self.num_prefix + v) for v in lay.nq.sum(0).tolist()]
             costs["level_conv"] = [0.0] * k
             if kind == "pvt":  # every region at level j: what DGEBlock._conv_macs counts
                 gates = torch.arange(k).view(k, 1).expand(k, lay.num_regions)
-                costs["level_conv"] = _dwconv_macs(block.get_submodule(parts.mlp).dwconv, gates, lay).tolist()
+                costs["level_conv"] = dwconv_macs(block.get_submodule(parts.mlp).dwconv, gates, lay).tolist()
             self.costs[info.index] = costs
             self.dynamic_blocks.append(info.index)
             new = DGEBlock(block, parts, info.index, self.num_prefix, grid if kind == "vit" else None, router, ctx)
@@ -1091,7 +610,7 @@ class DGE(ConvertedModel):
         f = min(max(float(fraction), 0.0), 1.0)
         self.tau = s.gumbel_tau * (end / s.gumbel_tau) ** f
 
-    # --- forcing gates for speed benchmarks ---------------------------------------------------------------
+    # --- cost queries and gates from outside ---------------------------------------------------------------
 
     def level_ratios(self) -> list[float]:
         """Dynamic/static GMACs ratio with every region of every dynamic block at each granularity."""
@@ -1102,49 +621,23 @@ class DGE(ConvertedModel):
             out.append(1.0 + extra / GIGA / self.base_gmacs)
         return out
 
-    def force_ratio(self, rho: float | None, mode: Literal["random", "pattern"] = "random", seed: int = 0
-                    ) -> float:
-        """Force the gates so the expected dynamic/static GMACs ratio is ``rho`` (for speed benchmarks).
+    def override_gates(self, fn: GateOverride | None) -> None:
+        """Take every dynamic block's gates from ``fn`` instead of its router (``None``: the routers decide).
 
-        Each region takes one of two neighbouring granularities: at random per image and region
-        (``"random"``, so images differ as they do with a trained router) or by a fixed pattern shared
-        by all images (``"pattern"``). The routers still run, so their cost is timed and counted.
-
-        Args:
-            rho: Target ratio; ``None`` removes the forcing.
-            mode: ``"random"`` or ``"pattern"``.
-            seed: Seed of the random draws / the pattern.
-
-        Returns:
-            The expected ratio of the forced gates (rho clipped to what the granularities can reach).
+        ``fn(block_index, batch, regions, device)`` returns the (batch, regions) granularity index of each
+        region (long, 0 = finest), in both the inference and the training path. The routers still run, so
+        their cost is timed and counted; the knob is ignored while an override is set.
 
         Example:
-            >>> model.force_ratio(0.5)  # doctest: +SKIP
+            >>> finest = lambda i, b, r, dev: torch.zeros(b, r, dtype=torch.long, device=dev)  # doctest: +SKIP
+            >>> model.override_gates(finest)  # doctest: +SKIP
         """
-        ctx = self._c
-        if rho is None:
-            ctx.forced = None
-            return float("nan")
-        if mode not in ("random", "pattern"):
-            raise UserError(f"force_ratio: mode must be 'random' or 'pattern', got {mode!r}")
-        levels = self.level_ratios()
-        if rho < levels[-1] - 1e-9:
-            raise UserError(f"force_ratio: rho={rho} is below the cheapest setting ({levels[-1]:.3f}: every "
-                            "region at the coarsest granularity)")
-        if rho >= levels[0]:
-            low, frac = 0, 0.0
-        else:
-            low = next(j for j in range(len(levels) - 1) if levels[j] >= rho >= levels[j + 1])
-            frac = (levels[low] - rho) / (levels[low] - levels[low + 1])
-        ctx.forced = _Forced(rho=rho, low=low, frac=frac, mode=mode, seed=seed,
-                             generator=torch.Generator().manual_seed(seed))
-        return levels[low] + frac * (levels[low + 1] - levels[low]) if frac else levels[low]
+        self._c.gate_override = fn
 
     @property
-    def forced_rho(self) -> float | None:
-        """The ratio passed to :meth:`force_ratio`, or None when the routers decide."""
-        forced = self._c.forced
-        return forced.rho if forced is not None else None
+    def gate_override(self) -> GateOverride | None:
+        """The function given to :meth:`override_gates`, or None when the routers decide."""
+        return self._c.gate_override
 
     # --- forward --------------------------------------------------------------------------------------
 
@@ -1167,7 +660,7 @@ class DGE(ConvertedModel):
     def forward_dynamic(self, x: torch.Tensor) -> DynamicOutput:
         """Inference at the current knob; ``gmacs`` per image from the gates each block chose."""
         self._check_input(x)
-        dense = self.coarsening <= 0.0 and self._c.forced is None
+        dense = self.coarsening <= 0.0 and self._c.gate_override is None
         with self._c.run("dense" if dense else "sparse") as records:
             logits = self.base(x)
             recs = list(records)
@@ -1195,6 +688,10 @@ class DGE(ConvertedModel):
                       teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         gamma = self.settings.budget_target
         return {"budget": (outputs["rho"].float() - gamma) ** 2}
+
+    def plot_decisions(self, images: torch.Tensor, path: str | Path) -> Path:
+        """Write a PNG of the granularity each region got on ``images`` (:func:`plot_granularity`)."""
+        return plot_granularity(self, images, path)
 
 
 # --- picture --------------------------------------------------------------------------------------------

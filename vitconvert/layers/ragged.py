@@ -1,0 +1,177 @@
+"""Ragged execution of a selected subset of queries: each image of a batch keeps a different set of rows.
+
+The candidates of a token grid (see :mod:`vitconvert.layers.regions`) are the full-resolution tokens
+(prefix tokens included) followed by each coarser level's pooled table. A boolean selection ``qsel``
+(B, T) says which candidates of each image are queries; the classes below gather those rows, run the
+attention core on them against per-image keys/values, and give every token the row of the query
+covering it (``to_tokens``):
+
+* :class:`PackedQueries`: the batch's queries as one (M, C) matrix, no padding for per-row layers, padding
+  only around the attention core (the default for inference);
+* :class:`PaddedQueries`: each image's queries padded to the batch's largest count, (B, L, C);
+* :class:`AllQueries`: every candidate as a query, (B, T, C), for dense training paths that combine the
+  levels afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["AllQueries", "PackedQueries", "PaddedQueries", "QuerySelection", "attend_batched"]
+
+
+class PackedQueries:
+    """The batch's selected queries as one (M, C) matrix, grouped by where their rows come from: the
+    full-resolution map (prefix and finest tokens), then each coarser level's pooled table; image after
+    image inside each group.
+
+    Norms, linear layers and MLPs run on the M rows with no padding. Only the attention core is padded per
+    image to the batch's largest query count (one batched SDPA call): per-image calls are far slower on
+    CPU (each small parallel call pays thread start-up), and the core is a small share of a block's MACs.
+    Row order inside an image does not matter: queries attend independently.
+    """
+
+    def __init__(self, qsel: torch.Tensor, tok_src: torch.Tensor, bounds: list[int], sizes: list[int],
+                 gates: torch.Tensor) -> None:
+        """
+        Args:
+            qsel: (B, T) which candidates of each image are queries.
+            tok_src: (B, N) the candidate covering each token (prefix included).
+            bounds: Column bounds of each level's candidates in ``qsel``.
+            sizes: Sub-patch side of each level (finest first).
+            gates: (B, R) level of each region (kept for per-level layers).
+        """
+        b, t = qsel.shape
+        dev = qsel.device
+        groups = [qsel[:, s:e] for s, e in itertools.pairwise(bounds)]
+        counts = [g.sum(1) for g in groups]
+        self.nq = torch.stack(counts).sum(0)
+        self.batch = b
+        self.sizes = sizes
+        self.gates = gates
+        self.widths = [e - s for s, e in itertools.pairwise(bounds)]
+        self.src = [g.flatten().nonzero().squeeze(1) for g in groups]
+        n = [s.numel() for s in self.src]
+        self.offsets = [0, *itertools.accumulate(n)]
+        self.m = self.offsets[-1]
+        rows = torch.full((b, t), -1, dtype=torch.long, device=dev)
+        for g, (s, e) in enumerate(itertools.pairwise(bounds)):
+            rows[:, s:e][groups[g]] = torch.arange(self.offsets[g], self.offsets[g + 1], device=dev)
+        self.cand_rows = rows  # (B, T) row of each selected candidate, -1 for the others
+        self.tok_rows = rows.gather(1, tok_src)  # (B, N) query row covering each token (prefix included)
+        # Padding for the attention core: slot j of image i holds its rows group after group, padding
+        # slots hold row 0; the way back is the inverse on the real slots.
+        self.length = int(self.nq.max())
+        j = torch.arange(self.length, device=dev).unsqueeze(0)
+        pad = torch.zeros(b, self.length, dtype=torch.long, device=dev)
+        before = torch.zeros(b, 1, dtype=torch.long, device=dev)
+        for g, c in enumerate(counts):
+            c = c.unsqueeze(1)
+            first = self.offsets[g] + c.cumsum(0) - c
+            pad = torch.where((j >= before) & (j < before + c), first + j - before, pad)
+            before = before + c
+        real = (j < before).flatten()
+        self.pad_src = pad.flatten()
+        self.unpad = torch.empty(self.m, dtype=torch.long, device=dev)
+        self.unpad[self.pad_src[real]] = torch.arange(b * self.length, device=dev)[real]
+
+    def gather(self, full: torch.Tensor, pooled: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Query rows from the (B, N, C) full-resolution map and the (B, n_p, C) pooled tables."""
+        c = full.shape[-1]
+        out = full.new_empty(self.m, c)
+        for g, (src, s, e) in enumerate(zip(self.src, self.offsets, self.offsets[1:], strict=False)):
+            if e > s:
+                table = full if g == 0 else pooled[self.sizes[g]]
+                torch.index_select(table.reshape(-1, c), 0, src, out=out[s:e])
+        return out
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+        """(M, D) queries against per-image (B, h, Nk, d) keys/values -> (M, D)."""
+        d = q.shape[-1]
+        padded = q.index_select(0, self.pad_src).view(self.batch, self.length, d)
+        o = attend_batched(padded, k, v, dropout)
+        return o.reshape(-1, d).index_select(0, self.unpad)
+
+    def to_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-query rows -> (B, N, D): every token takes the row of the query covering it."""
+        return t.index_select(0, self.tok_rows.flatten()).view(self.batch, -1, t.shape[-1])
+
+    def level_rows(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows of the group-``k`` queries, their image and their column inside the group."""
+        src = self.src[k]
+        rows = torch.arange(self.offsets[k], self.offsets[k + 1], device=src.device)
+        return rows, src // self.widths[k], src % self.widths[k]
+
+    @property
+    def flat_tok_rows(self) -> torch.Tensor:
+        """(B, N) row of the flat query matrix covering each token."""
+        return self.tok_rows
+
+
+class PaddedQueries:
+    """The selected queries of each image padded to the batch's largest count: (B, L, C)."""
+
+    def __init__(self, qsel: torch.Tensor, tok_src: torch.Tensor, bounds: list[int], sizes: list[int],
+                 gates: torch.Tensor) -> None:
+        """Arguments as :class:`PackedQueries`."""
+        b, t = qsel.shape
+        pos = qsel.cumsum(1) - 1
+        self.nq = pos[:, -1] + 1
+        self.sizes = sizes
+        self.gates = gates
+        self.qsel = qsel
+        self.bounds = bounds
+        length = int(self.nq.max())
+        target = torch.where(qsel, pos, length)
+        idx = torch.zeros(b, length + 1, dtype=torch.long, device=qsel.device)
+        idx.scatter_(1, target, torch.arange(t, device=qsel.device).expand(b, t))
+        self.idx = idx[:, :length]  # padding slots point at candidate 0 (a real token; its output is unused)
+        self.tok_rows = pos.gather(1, tok_src)
+        # Flat (B * L) row numbers, for layers that work on the flattened rows.
+        first = torch.arange(b, device=qsel.device).unsqueeze(1) * length
+        self.cand_rows = torch.where(qsel, first + pos, -1)
+        self.flat_tok_rows = first + self.tok_rows
+
+    def level_rows(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flat rows of the selected candidates of group ``k``, their image and their column in the group."""
+        s, e = self.bounds[k], self.bounds[k + 1]
+        img, col = self.qsel[:, s:e].nonzero().unbind(1)
+        return self.cand_rows[img, s + col], img, col
+
+    def gather(self, full: torch.Tensor, pooled: dict[int, torch.Tensor]) -> torch.Tensor:
+        """(B, L, C) query rows from the full-resolution map and the pooled tables."""
+        table = torch.cat([full, *(pooled[p] for p in self.sizes[1:])], dim=1)
+        return table.gather(1, self.idx.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+        return attend_batched(q, k, v, dropout)
+
+    def to_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) per-query rows -> (B, N, D)."""
+        return t.gather(1, self.tok_rows.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
+class AllQueries:
+    """Every candidate as a query (dense training paths): (B, T, C), combined by gates afterwards."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = sizes
+
+    def gather(self, full: torch.Tensor, pooled: dict[int, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([full, *(pooled[p] for p in self.sizes[1:])], dim=1)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+        return attend_batched(q, k, v, dropout)
+
+
+def attend_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    """(B, L, D) queries against (B, h, Nk, d) keys/values -> (B, L, D)."""
+    b, length, d = q.shape
+    qh = q.view(b, length, k.shape[1], -1).transpose(1, 2)
+    return F.scaled_dot_product_attention(qh, k, v, dropout_p=dropout).transpose(1, 2).reshape(b, length, d)
+
+
+QuerySelection = PackedQueries | PaddedQueries | AllQueries
