@@ -30,6 +30,7 @@ import vitconvert
 from benchmarks import timing
 from benchmarks.tome import ToMe
 from benchmarks.tome import gmacs as tome_gmacs
+from vitconvert.layers.costs import to_gmacs
 from vitconvert.methods.cfvit import CFViT
 
 ARCH = "deit_small_patch16_224"
@@ -82,7 +83,7 @@ def analytic_costs(model: CFViT) -> dict[str, float]:
             + 5 * t_coarse * c  # final norm on the coarse tokens, feeding the reuse MLP
             + n_coarse * (5 * c + reuse)  # reuse MLP (norm + two linears) on the coarse patch tokens
             + block_macs(model, t_fine) + 5 * t_fine * c + head)
-    return {"coarse": coarse / 1e9, "fine": fine / 1e9, "tokens_coarse": t_coarse, "tokens_fine": t_fine}
+    return {"coarse": to_gmacs(coarse), "fine": to_gmacs(fine), "tokens_coarse": t_coarse, "tokens_fine": t_fine}
 
 
 # --- pinned exit fraction ------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import torch
 import vitconvert
 from benchmarks import timing
 from benchmarks.dge_forcing import force_ratio, forced_rho
-from vitconvert.layers.costs import count_macs
+from vitconvert.layers.costs import count_macs, to_gmacs
 from vitconvert.methods.dge import DGE
 
 ARCHS = ("deit_small_patch16_224", "pvt_v2_b1")
@@ -73,14 +73,14 @@ def gmacs_check(model: DGE, x: torch.Tensor, count_images: int) -> dict[str, Any
     for i in range(count_images):
         # The same random gates for the counted and the reported run: re-seed before each.
         force_ratio(model, rho, "random", seed=100 + i)
-        counted = count_macs(lambda i=i: model.forward_dynamic(x[i:i + 1])) / 1e9
+        counted = to_gmacs(count_macs(lambda i=i: model.forward_dynamic(x[i:i + 1])))
         force_ratio(model, rho, "random", seed=100 + i)
         with torch.inference_mode():
             rep = float(model.forward_dynamic(x[i:i + 1]).gmacs[0])
         singles.append({"reported": rep, "counted": counted})
         errors.append(abs(rep - counted) / counted)
     force_ratio(model, rho, "random", seed=1)
-    batch_counted = count_macs(lambda: model.forward_dynamic(x)) / 1e9 / x.shape[0]
+    batch_counted = to_gmacs(count_macs(lambda: model.forward_dynamic(x))) / x.shape[0]
     force_ratio(model, rho, "random", seed=0)
     return {
         "expected_ratio": expected,

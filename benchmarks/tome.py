@@ -42,7 +42,7 @@ from vitconvert import fx as vfx
 from vitconvert.anatomy import Anatomy
 from vitconvert.backbones import read_anatomy
 from vitconvert.errors import AnatomyError, UserError
-from vitconvert.layers.costs import count_macs
+from vitconvert.layers.costs import count_macs, to_gmacs
 
 __all__ = ["ToMe", "bipartite_merge", "run", "tome"]
 
@@ -281,7 +281,7 @@ def tome(model: nn.Module, r: int | list[int] = 8) -> ToMe:
 def gmacs(model: nn.Module, img_size: tuple[int, int]) -> float:
     """GMACs of one image through ``model`` (vitconvert's counter: attention included, fvcore-style)."""
     x = torch.zeros(1, 3, *img_size)
-    return count_macs(lambda: model.eval()(x)) / 1e9
+    return to_gmacs(count_macs(lambda: model.eval()(x)))
 
 
 # --- benchmark ----------------------------------------------------------------------------------------

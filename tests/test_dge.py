@@ -373,8 +373,9 @@ def test_knob_sweep_is_monotone() -> None:
     model = convert("deit_10x10")
     randomize_routers(model, std=1.0)
     x = images(model, 8)
-    values = model.sweep_knob()
-    assert values[0] == model.full_compute_knob == 0.0 and values[-1] == 1.0 and 0.5 in values
+    knob = model.operating_space().knob("coarsening")
+    values = list(knob.sweep)
+    assert values[0] == knob.full == 0.0 and values[-1] == 1.0 and 0.5 in values
     assert values == sorted(values)
     costs = []
     with torch.no_grad():
