@@ -1,7 +1,7 @@
 """The Python API the CLI is a thin layer over: converting (:func:`apply`) and reading a model's anatomy.
 
-Fine-tuning, calibration, evaluation and pushing live in :mod:`vitconvert.train`, :mod:`vitconvert.calibrate`,
-:mod:`vitconvert.evaluate` and :mod:`vitconvert.publish`; saving and loading in :mod:`vitconvert.saving`.
+Fine-tuning, calibration, evaluation and pushing live in :mod:`vitconvert.train`, :mod:`vitconvert.calibration`,
+:mod:`vitconvert.evaluation` and :mod:`vitconvert.publish`; saving and loading in :mod:`vitconvert.saving`.
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ from rich.table import Table
 import vitconvert
 from vitconvert.api import output_dir_for
 from vitconvert.backbones import describe_family
-from vitconvert.calibrate import calibrate as run_calibrate
+from vitconvert.calibration import calibrate as run_calibrate
 from vitconvert.errors import UserError
-from vitconvert.evaluate import evaluate as run_evaluate
+from vitconvert.evaluation import evaluate as run_evaluate
 from vitconvert.operating import format_point
 from vitconvert.publish import push as run_push
 from vitconvert.registry import get_method

@@ -20,7 +20,7 @@ from typing import Any
 import timm
 import torch
 
-from vitconvert.calibrate import plot_curve, topk_correct
+from vitconvert.calibration import plot_curve, topk_correct
 from vitconvert.card import model_card
 from vitconvert.data import ImageDataset, batches, eval_transform, open_image_folder
 from vitconvert.errors import UserError
