@@ -21,6 +21,7 @@ images of every global batch, so W processes compute the same steps as one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import random
@@ -85,15 +86,20 @@ def resolve_model(model: str | os.PathLike[str] | ConvertedModel) -> tuple[Conve
     return loaded, folder
 
 
-def original_model(model: ConvertedModel, teacher: str | os.PathLike[str] | None = None) -> tuple[nn.Module, str]:
+def original_model(model: ConvertedModel, teacher: str | os.PathLike[str] | nn.Module | None = None
+                   ) -> tuple[nn.Module, str]:
     """The original base model (the teacher, and the reference accuracy), with a description of where it came from.
 
     Before fine-tuning the converted model still holds the original weights; afterwards they are rebuilt
     from ``model.base_spec`` (its source and checkpoint), or taken from ``teacher`` (a weights file for
-    the base architecture, a timm name, ``hf-hub:`` or ``local-dir:``).
+    the base architecture, a timm name, ``hf-hub:`` or ``local-dir:``, or the module itself). A model
+    converted from an in-memory module (empty ``source``) cannot be rebuilt once fine-tuned.
     """
     spec = model.base_spec
-    if teacher is not None:
+    if isinstance(teacher, nn.Module):
+        # A copy: the pipeline moves the teacher between devices and freezes it; the caller's module stays as it is.
+        base, desc = copy.deepcopy(teacher), f"{spec.architecture} module given as teacher"
+    elif teacher is not None:
         path = Path(teacher).expanduser()
         if path.is_file():
             base = spec.build()
@@ -106,6 +112,11 @@ def original_model(model: ConvertedModel, teacher: str | os.PathLike[str] | None
     elif not model.finetuned:
         return model.build_base(), f"{spec.source or spec.architecture} (the base weights the model holds)"
     else:
+        if not spec.source and spec.checkpoint is None:
+            raise UserError(
+                "the model is fine-tuned and was converted from an in-memory module, so the original cannot be "
+                "rebuilt; pass that module (or its weights file) as teacher"
+            )
         if not spec.pretrained:
             raise UserError(
                 "the model is fine-tuned and its base model had random weights, so the original cannot be rebuilt; "
@@ -412,7 +423,7 @@ def finetune(
     overwrite: bool = False,
     device: str | torch.device | None = None,
     workers: int = 0,
-    teacher: str | os.PathLike[str] | None = None,
+    teacher: str | os.PathLike[str] | nn.Module | None = None,
     progress: bool = True,
     max_images: int | None = None,
 ) -> Path:
@@ -432,7 +443,7 @@ def finetune(
             takes its LOCAL_RANK's GPU.
         workers: DataLoader worker processes.
         teacher: The original model for distillation when it cannot be rebuilt from the model's base
-            description (weights file, timm name, ``hf-hub:`` or ``local-dir:``).
+            description (weights file, timm name, ``hf-hub:``, ``local-dir:`` or the base module itself).
         progress: Show a progress bar (loss, images/s, ETA).
         max_images: Train on at most this many images, evenly across classes (overrides the recipe).
 
