@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from vitconvert.data import ImageFolderData, Split, batches, open_image_folder
+from vitconvert.data import DataArg, ImageFolderData, SourceData, Split, batches, open_data
 from vitconvert.errors import UserError
 from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints, can_simulate
 from vitconvert.operating import CurvePoint, OperatingPoint, choose_point, format_point, parse_budget, unique_points
@@ -77,7 +77,6 @@ def measure_curve(model: ConvertedModel, split: Split, device: torch.device, bat
     """
     space = model.operating_space()
     n = len(split)
-    labels = torch.tensor([label for _, label in split.files])
     saved = model.operating_point
     batches_per_pass = -(-n // batch_size)
     points: list[CurvePoint] = []
@@ -90,10 +89,13 @@ def measure_curve(model: ConvertedModel, split: Split, device: torch.device, bat
                 for fixed in structural:
                     model.set_operating_point(fixed)
                     parts: list[dict[str, torch.Tensor]] = []
-                    for x, _ in batches(split, model, batch_size):
+                    ys: list[torch.Tensor] = []  # labels as the items give them (a dataset may know them only so)
+                    for x, y in batches(split, model, batch_size):
                         parts.append({k: v.cpu() for k, v in model.collect(x.to(device)).items()})
+                        ys.append(y)
                         bar.update()
                     collected = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+                    labels = torch.cat(ys)
                     for sim in unique_points(model.simulated_points(collected)):
                         tally = _Tally()
                         tally.add(model.simulate(collected, {**fixed, **sim}), labels)
@@ -173,14 +175,14 @@ def plot_curve(curve: list[CurvePoint], base_gmacs: float, base_top1: float | No
     return buf.getvalue()
 
 
-def _short(split: Split, data: ImageFolderData) -> str:
+def _short(split: Split, data: ImageFolderData | SourceData) -> str:
     """The split description with paths relative to the data folder's parent (no local paths on cards)."""
-    return split.description.replace(str(data.root.parent) + os.sep, "")
+    return data.short(split.description)
 
 
 def calibrate(
     model: str | os.PathLike[str] | ConvertedModel,
-    data: str | os.PathLike[str],
+    data: DataArg,
     budget: str | float | None = None,
     out: str | os.PathLike[str] | None = None,
     *,
@@ -195,8 +197,9 @@ def calibrate(
 
     Args:
         model: Model folder, ``local-dir:PATH``, ``hf-hub:OWNER/NAME`` or a converted model (updated in place).
-        data: The training ImageFolder (``ROOT/<class>/...`` or ``ROOT/train/<class>/...``); its held-out
-            fraction (``calibrate.holdout`` of each class, the last files) is used.
+        data: The training ImageFolder (``ROOT/<class>/...`` or ``ROOT/train/<class>/...``), ``hfds/PATH``, a
+            ``.tar`` (or a folder of shards) or your own ``Dataset`` / ``DataLoader``; its held-out share
+            (``calibrate.holdout`` of each class, the last files or indices) is used.
         budget: GMACs (``2.1``), a fraction of the base model (``"50%"``) or a top-1 drop (``"drop=0.5"``);
             default: the recipe's ``calibrate.budget``, else the most accurate point.
         out: Output folder; default: update the model folder in place (atomically).
@@ -232,7 +235,7 @@ def calibrate(
     budget = budget if budget is not None else settings.budget
     if budget is not None:
         parse_budget(budget)  # a bad budget is refused before the measurement pass
-    folder_data = open_image_folder(data, holdout=settings.holdout, name=dataset)
+    folder_data = open_data(data, holdout=settings.holdout, name=dataset)
     folder_data.check_classes(cm.num_classes)
     split = folder_data.heldout_split(max_images if max_images is not None else settings.max_images)
 

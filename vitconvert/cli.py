@@ -41,6 +41,7 @@ CheckpointOpt = Annotated[Path | None, typer.Option("--checkpoint", help="weight
 KwargsOpt = Annotated[list[str] | None, typer.Option(
     "--model-kwargs", help="timm create_model kwargs, key=value (e.g. img_size=32 num_classes=10)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="recipe override key=value (e.g. model.alpha=0.6)")]
+DATA_HELP = "ImageFolder, hfds/PATH (local Hugging Face dataset), a .tar or a folder of .tar shards"
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")]
 
 
@@ -110,7 +111,7 @@ def recipes() -> None:
 @app.command()
 def finetune(
     model_dir: Annotated[str, typer.Argument(help="converted-model folder or hf-hub:OWNER/NAME")],
-    data: Annotated[Path, typer.Option("--data", help="ImageFolder with the training images")],
+    data: Annotated[str, typer.Option("--data", help=DATA_HELP)],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="output folder (default DIR-ft)")] = None,
     labels: Annotated[bool, typer.Option(
         "--labels/--no-labels", help="add cross-entropy on the folder's labels")] = True,
@@ -129,7 +130,7 @@ def finetune(
 @app.command()
 def calibrate(
     model_dir: Annotated[str, typer.Argument(help="converted-model folder")],
-    data: Annotated[Path, typer.Option("--data", help="ImageFolder; a held-out fraction is used")],
+    data: Annotated[str, typer.Option("--data", help=DATA_HELP + "; a held-out share is used")],
     budget: Annotated[str | None, typer.Option(
         "--budget", help="GMACs (2.1), a share of the base ('50%'), or 'drop=0.5'")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="write here instead of updating DIR")] = None,
@@ -145,7 +146,7 @@ def calibrate(
 @app.command("eval")
 def evaluate(
     model_dir: Annotated[str, typer.Argument(help="converted-model folder or hf-hub:OWNER/NAME")],
-    data: Annotated[Path, typer.Option("--data", help="ImageFolder (its val/ split if present, else held out)")],
+    data: Annotated[str, typer.Option("--data", help=DATA_HELP + " (its val/ split if present, else held out)")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="folder for eval.json and eval.png")] = None,
     budget: Annotated[str | None, typer.Option("--budget")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,

@@ -22,7 +22,7 @@ import torch
 
 from vitconvert.calibration import plot_curve, topk_correct
 from vitconvert.card import model_card
-from vitconvert.data import ImageDataset, batches, eval_transform, open_image_folder
+from vitconvert.data import DataArg, ImageDataset, batches, eval_transform, open_data
 from vitconvert.errors import UserError
 from vitconvert.methods.base import ConvertedModel
 from vitconvert.operating import CurvePoint
@@ -95,7 +95,7 @@ def _spread_batch(files: list[tuple[Path, int]], model: torch.nn.Module, batch_s
 
 def evaluate(
     model: str | os.PathLike[str] | ConvertedModel,
-    data: str | os.PathLike[str],
+    data: DataArg,
     out: str | os.PathLike[str] | None = None,
     *,
     budget: str | float | None = None,
@@ -109,7 +109,8 @@ def evaluate(
 
     Args:
         model: Model folder, ``local-dir:PATH``, ``hf-hub:OWNER/NAME`` or a converted model.
-        data: ImageFolder; its ``val/`` subfolder when present, else the held-out part of each class.
+        data: ImageFolder, ``hfds/PATH``, ``.tar`` shards or your own ``Dataset`` / ``DataLoader``; its
+            validation split (``val/``) when present, else the held-out part of each class.
         out: Folder for ``eval.json`` and ``eval.png``; default: the model folder (nothing is written for
             Hub or in-memory models).
         budget: Operating point from the stored calibration curve (GMACs, ``"50%"``, ``"drop=0.5"``);
@@ -133,7 +134,7 @@ def evaluate(
         cm.set_budget(budget)
     dev = resolve_device(device)
     out_path = Path(out).expanduser().resolve() if out is not None else folder
-    folder_data = open_image_folder(data, holdout=cm.recipe.calibrate.holdout)
+    folder_data = open_data(data, holdout=cm.recipe.calibrate.holdout)
     folder_data.check_classes(cm.num_classes)
     split = folder_data.eval_split(max_images)
     n = len(split)
@@ -201,7 +202,7 @@ def evaluate(
         "throughput_ratio": speed["speedup"] if speed else None,
         "exit_fractions": exit_fractions, "extras": summarise_extras(extras),
     }
-    split_name = "val" if folder_data.val_dir is not None else "held-out"
+    split_name = "val" if folder_data.has_val else "held-out"
     report: dict[str, Any] = {
         # The measured point, flat, for quick reading; "points" also holds earlier budgets on the same data.
         **{k: point[k] for k in ("top1", "top5", "gmacs", "gmacs_fraction", "top1_drop", "knob")},
@@ -213,7 +214,7 @@ def evaluate(
         "finetuned": cm.finetuned,
         "dataset": folder_data.name,
         "split": split_name,
-        "split_description": split.description.replace(str(folder_data.root.parent) + os.sep, ""),
+        "split_description": folder_data.short(split.description),
         "images": n,
         "classes": len(folder_data.classes),
         "device": _device_name(dev),

@@ -43,7 +43,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from vitconvert.data import ImageDataset, open_image_folder, train_transform
+from vitconvert.data import DataArg, ImageDataset, open_data, train_transform
 from vitconvert.errors import UserError
 from vitconvert.methods.base import ConvertedModel
 from vitconvert.recipes import FinetuneSettings, load_recipe, parse_overrides
@@ -414,7 +414,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 def finetune(
     model: str | os.PathLike[str] | ConvertedModel,
-    data: str | os.PathLike[str],
+    data: DataArg,
     out: str | os.PathLike[str] | None = None,
     *,
     labels: bool = True,
@@ -431,8 +431,10 @@ def finetune(
 
     Args:
         model: Model folder, ``local-dir:PATH``, ``hf-hub:OWNER/NAME``, or a converted model (trained in place).
-        data: ImageFolder (``ROOT/<class>/...`` or ``ROOT/train/<class>/...``); the recipe's
-            ``calibrate.holdout`` fraction of each class is left out for calibration.
+        data: ImageFolder (``ROOT/<class>/...`` or ``ROOT/train/<class>/...``), ``hfds/PATH``, a ``.tar`` (or a
+            folder of shards), or your own ``torch.utils.data.Dataset`` / ``DataLoader`` (see
+            :mod:`vitconvert.data`); the recipe's ``calibrate.holdout`` share of each class is left out for
+            calibration.
         out: Output folder, written atomically at the end; default: ``<model folder>-ft`` (for a Hub model,
             ``<name>-ft`` in the current directory). It may be the model folder itself.
         labels: Use the labels (cross-entropy); ``False`` trains by distillation alone.
@@ -482,7 +484,7 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
     partial = out_path.with_name(out_path.name + ".partial")
     ckpt_file = partial / CHECKPOINT_NAME
 
-    folder_data = open_image_folder(data, holdout=model.recipe.calibrate.holdout)
+    folder_data = open_data(data, holdout=model.recipe.calibrate.holdout)
     folder_data.check_classes(model.num_classes)
     split = folder_data.train_split(max_images if max_images is not None else settings.max_images)
     if settings.batch_size % ddp.world:
