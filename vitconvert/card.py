@@ -423,6 +423,8 @@ def reproduce_section(config: dict[str, Any], evaluation: dict[str, Any], title:
     apply = f"vitconvert apply {_recipe_args(recipe)} "
     if not source:
         apply += f"{base['architecture']}"
+    elif source.startswith("local-dir:"):  # the folder's name only: local paths are not published
+        apply += "local-dir:" + Path(source[len("local-dir:"):]).name
     else:
         apply += source
     if not base.get("pretrained"):
