@@ -99,9 +99,9 @@ def run_recipe(recipe: str, base: Path, images_per_class: int, out_dir: Path, ov
     """
     import vitconvert
     from benchmarks.timing import machine_block
-    from vitconvert.calibrate import calibrate, measure_curve
+    from vitconvert.calibration import calibrate, measure_curve
     from vitconvert.data import open_image_folder
-    from vitconvert.evaluate import evaluate
+    from vitconvert.evaluation import evaluate
     from vitconvert.train import finetune
 
     if not (base / "config.json").is_file():

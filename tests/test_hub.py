@@ -336,10 +336,12 @@ def test_card_front_matter_and_tables(converted, tmp_path) -> None:
                     "throughput_ratio": 1.9}]}))
     card = model_card(config, tmp_path, "deit-cfvit")
     meta = _front(card)
+    index = meta.pop("model-index")  # issue 17: lineage relation and measured results are new
     assert meta == {"library_name": "timm", "pipeline_tag": "image-classification",
                     "tags": ["image-classification", "timm", "vitconvert", "cfvit", "vit"],
                     "license": "cc-by-nc-4.0", "base_model": "timm/deit_tiny_patch16_224.fb_in1k",
-                    "datasets": ["uoft-cs/cifar10"], "metrics": ["accuracy"]}
+                    "base_model_relation": "finetune", "datasets": ["uoft-cs/cifar10"], "metrics": ["accuracy"]}
+    _check_model_index(card, index)
     state = config["model_args"]["state"]
     coarse = state["costs"]["coarse"]
     # Operating points: base row, the three calibrated points, the stored one marked, throughput from eval.json.
@@ -373,3 +375,39 @@ def test_cli_push(hub, hub_repo, folder, capsys) -> None:
     assert exc.value.code == 2
     err = capsys.readouterr()
     assert len((err.out + err.err).strip().splitlines()) == 1 and "rejected the token" in err.out + err.err
+
+
+def _check_model_index(card: str, index: list[dict[str, Any]]) -> None:
+    """The front matter passes huggingface_hub's own card tools and round-trips through them unchanged."""
+    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    data = ModelCard(card).data
+    meta = _front(card)
+    assert ModelCardData(**meta).to_dict() == meta
+    assert data.base_model == meta["base_model"] and data.base_model_relation == "finetune"
+    name, results = model_index_to_eval_results(index)
+    assert name == "deit-cfvit" and [r.metric_value for r in data.eval_results] == [r.metric_value for r in results]
+    # Calibration curve (three points: top-1 and GMACs each) on cifar10's held-out split, then the evaluation.
+    calibrated = [r for r in results if r.dataset_split == "held-out"]
+    assert [(r.metric_type, r.metric_value, r.metric_config) for r in calibrated[:2]] == [
+        ("accuracy", 41.0, "eta=0"), ("gmacs", calibrated[1].metric_value, "eta=0")]
+    assert len(calibrated) == 6 and all(r.dataset_type == "uoft-cs/cifar10" for r in results)
+    evaluated = [r for r in results if r.dataset_split == "val"]
+    assert [(r.metric_type, r.metric_value) for r in evaluated] == [("accuracy", 55.0), ("gmacs", 0.0044)]
+    assert all(r.task_type == "image-classification" for r in results)
+
+
+def test_card_reproduce_section_and_metadata_through_the_hub(hub, hub_repo, folder, converted) -> None:
+    from huggingface_hub import ModelCard
+
+    card = (folder / "README.md").read_text()
+    assert "## How to reproduce" in card
+    assert ("vitconvert apply --recipe cfvit deit_tiny_patch16_224 --no-pretrained --model-kwargs img_size=32 "
+            "patch_size=4 embed_dim=48 depth=4 num_heads=3 num_classes=10 -o deit-cfvit") in card
+    assert "vitconvert calibrate deit-cfvit --data DATA\n" in card and "vitconvert finetune" not in card
+    push(folder, hub_repo, token=HUB_TOKEN)
+    remote = ModelCard.load(hub_repo)  # the stock client reads and parses what the Hub holds
+    meta = _front(card)
+    assert remote.data.to_dict() == meta and "base_model" not in meta  # random base weights: no lineage claimed
+    assert [r.metric_value for r in remote.data.eval_results][:2] == [41.0, round(converted.curve[0].gmacs, 5)]

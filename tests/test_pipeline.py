@@ -22,10 +22,10 @@ from utils import TINY_MODELS, tiny_model
 
 import vitconvert
 import vitconvert.train as vtrain
-from vitconvert.calibrate import calibrate, measure_curve
+from vitconvert.calibration import calibrate, measure_curve
 from vitconvert.data import ImageDataset, open_image_folder, train_transform
 from vitconvert.errors import UserError
-from vitconvert.evaluate import evaluate
+from vitconvert.evaluation import evaluate
 from vitconvert.operating import choose_point
 from vitconvert.train import finetune, loss_terms, original_model
 
@@ -407,7 +407,7 @@ def test_calibrate_in_place_and_simulation_matches_real_exit(finetuned_dir: Path
 
 def test_evaluate_reports_measured_values(finetuned_dir: Path, data_dir: Path, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import vitconvert.evaluate as vevaluate
+    import vitconvert.evaluation as vevaluate
 
     monkeypatch.setattr(vevaluate, "THROUGHPUT_SECONDS", 0.2)
     cal = tmp_path / "cal"

@@ -27,6 +27,8 @@ from typing import Any
 import yaml
 
 from vitconvert.backbones import describe_family
+from vitconvert.errors import UserError
+from vitconvert.recipes import load_recipe
 from vitconvert.registry import METHODS
 
 EVAL_NAME = "eval.json"
@@ -90,12 +92,22 @@ def read_eval(folder: Path | None) -> dict[str, Any]:
     return data
 
 
-def front_matter(config: dict[str, Any], evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Hub metadata: library, tags, lineage (base_model), license, datasets, metrics.
+def front_matter(config: dict[str, Any], evaluation: dict[str, Any] | None = None,
+                 name: str | None = None) -> dict[str, Any]:
+    """Hub metadata following the Hub's model-card spec: library, tags, lineage (``base_model`` with
+    ``base_model_relation``), license, datasets, metrics, and the measured results as ``model-index``.
+
+    Only what is known is claimed: no ``base_model`` without a Hub id for the base weights, no ``datasets``
+    without an explicit Hub dataset id, no ``model-index`` without measured top-1 values.
 
     Args:
         config: The model's config.json content.
         evaluation: The folder's eval.json content (see :func:`read_eval`), if any.
+        name: Model name for ``model-index`` (default: the base architecture and the method).
+
+    Example:
+        >>> front_matter(json.loads(Path("deit_small-cfvit/config.json").read_text()))["tags"]  # doctest: +SKIP
+        ['image-classification', 'timm', 'vitconvert', 'cfvit', 'vit']
     """
     info = config.get("vitconvert", {})
     base = config["model_args"]["base"]
@@ -115,13 +127,57 @@ def front_matter(config: dict[str, Any], evaluation: dict[str, Any] | None = Non
     hub_id = _hub_id(base)
     if hub_id:
         meta["base_model"] = hub_id
+        # The weights are the base model's, changed by conversion and (usually) training: a fine-tune.
+        meta["base_model_relation"] = "finetune"
     dataset = _dataset_id(evaluation, calibration)
     if dataset:
         meta["datasets"] = [dataset]
     has_top1 = any("top1" in p for p in (state.get("curve") or []) + evaluation.get("points", []))
     if has_top1 or calibration.get("base_top1") is not None:
         meta["metrics"] = ["accuracy"]
+    results = eval_results(config, evaluation)
+    if results:
+        from huggingface_hub import ModelCardData
+
+        title = (name or f"{base['architecture']}-{info.get('method', '')}").rsplit("/", 1)[-1]
+        meta["model-index"] = ModelCardData(model_name=title, eval_results=results).to_dict()["model-index"]
     return meta
+
+
+def eval_results(config: dict[str, Any], evaluation: dict[str, Any] | None = None) -> list[Any]:
+    """huggingface_hub ``EvalResult`` entries for the measured results: top-1 and GMACs of each calibrated
+    operating point (held-out training images; at most :data:`MAX_ROWS`, spread over the curve) and of each
+    evaluated point, with dataset and split. Empty when nothing was measured."""
+    from huggingface_hub import EvalResult
+
+    state = _state(config)
+    knob_name = _knob_name(config)
+    calibration = state.get("calibration") or {}
+    evaluation = evaluation or {}
+    results: list[Any] = []
+
+    def add(points: list[dict[str, Any]], source: dict[str, Any], split: str, what: str) -> None:
+        dataset_name = str(source.get("dataset") or "unknown")
+        dataset_type = _dataset_id(source, calibration) or dataset_name
+        for p in points:
+            knob, top1, gmacs = _knob_of(p, knob_name), _num(p.get("top1")), _num(p.get("gmacs"))
+            if top1 is None:
+                continue
+            at = f"{knob_name}={knob:g}" if knob is not None else "stored point"
+            common = dict(task_type="image-classification", dataset_type=dataset_type, dataset_name=dataset_name,
+                          dataset_split=split, metric_config=at)
+            results.append(EvalResult(metric_type="accuracy", metric_value=round(top1, 2),
+                                      metric_name=f"top-1 (%) at {at}, {what}", **common))
+            if gmacs is not None:
+                results.append(EvalResult(metric_type="gmacs", metric_value=round(gmacs, 5),
+                                          metric_name=f"GMACs per image at {at}, {what}", **common))
+
+    curve = sorted((p for p in state.get("curve") or [] if isinstance(p, dict)),
+                   key=lambda p: (_num(p.get("gmacs")) or 0.0))
+    add(_pick_rows(curve, _num(state.get(knob_name)), knob_name), calibration,
+        str(calibration.get("split") or "held-out training images"), "calibration")
+    add(evaluation.get("points") or [], evaluation, str(evaluation.get("split") or "evaluation"), "evaluation")
+    return results
 
 
 def _num(value: Any) -> float | None:
@@ -283,7 +339,7 @@ def model_card(config: dict[str, Any], folder: Path | None = None, name: str | N
     finetune = recipe.get("finetune") or {}
     lines = [
         "---",
-        yaml.safe_dump(front_matter(config, evaluation), sort_keys=False, allow_unicode=True).strip(),
+        yaml.safe_dump(front_matter(config, evaluation, name), sort_keys=False, allow_unicode=True).strip(),
         "---",
         "",
         f"# {title}",
@@ -327,4 +383,77 @@ def model_card(config: dict[str, Any], folder: Path | None = None, name: str | N
         "```",
         "",
     ]
+    lines += reproduce_section(config, evaluation, title)
     return "\n".join(lines)
+
+
+def _recipe_args(recipe: dict[str, Any]) -> str:
+    """``--recipe NAME`` plus ``--set`` for each value that differs from the shipped recipe of that name;
+    ``--recipe recipe.yaml`` (the Recipe section above) when there is none."""
+    try:
+        shipped = load_recipe(str(recipe.get("name"))).to_dict()
+    except UserError:
+        return "--recipe recipe.yaml"
+    changes: list[str] = []
+
+    def walk(ours: Any, theirs: Any, prefix: str) -> bool:
+        if isinstance(ours, dict) and isinstance(theirs, dict):
+            if set(ours) - set(theirs):
+                return False
+            return all(walk(v, theirs.get(k), f"{prefix}{k}.") for k, v in ours.items())
+        if ours != theirs:
+            value = json.dumps(ours) if not isinstance(ours, str) else ours
+            changes.append(f"--set {prefix[:-1]}={value.replace(' ', '')}")
+        return True
+
+    if not walk(recipe, shipped, ""):
+        return "--recipe recipe.yaml"
+    return " ".join([f"--recipe {recipe['name']}", *changes])
+
+
+def reproduce_section(config: dict[str, Any], evaluation: dict[str, Any], title: str) -> list[str]:
+    """The "How to reproduce" section: the commands that made this model, from its config.
+
+    ``DATA`` stands for the dataset the steps used (named in the text; local paths are not published).
+    """
+    args = config["model_args"]
+    base, recipe, state = args["base"], args["recipe"], _state(config)
+    calibration = state.get("calibration") or {}
+    source = base.get("source") or ""
+    apply = f"vitconvert apply {_recipe_args(recipe)} "
+    if not source:
+        apply += f"{base['architecture']}"
+    elif source.startswith("local-dir:"):  # the folder's name only: local paths are not published
+        apply += "local-dir:" + Path(source[len("local-dir:"):]).name
+    else:
+        apply += source
+    if not base.get("pretrained"):
+        apply += " --no-pretrained"
+    if base.get("checkpoint"):
+        apply += f" --checkpoint {Path(base['checkpoint']).name}"
+    if not source.startswith(("local-dir:", "hf-hub:")):
+        kwargs = [f"{k}={json.dumps(v).replace(' ', '')}" for k, v in (base.get("model_args") or {}).items()]
+        apply += (" --model-kwargs " + " ".join(kwargs)) if kwargs else ""
+    commands = [apply + f" -o {title}"]
+    if state.get("finetuned"):
+        commands.append(f"vitconvert finetune {title} --data DATA -o {title} --overwrite")
+    if calibration:
+        budget = calibration.get("budget")
+        commands.append(f"vitconvert calibrate {title} --data DATA"
+                        + (f" --budget {budget}" if budget and budget != "best top-1" else ""))
+    if evaluation.get("points"):
+        commands.append(f"vitconvert eval {title} --data DATA")
+    datasets = [str(x) for x in (calibration.get("dataset_id") or calibration.get("dataset"),
+                                 evaluation.get("dataset_id") or evaluation.get("dataset")) if x]
+    lines = ["## How to reproduce", "",
+             "With vitconvert " + str(config.get("vitconvert", {}).get("version", "")).strip() + ":", "",
+             "```bash", *commands, "```", ""]
+    if not source:
+        lines += ["The base model was converted from a module in memory (`vitconvert.apply(model, ...)`); the "
+                  "command above rebuilds its architecture with random weights unless `--checkpoint` gives its "
+                  "weights.", ""]
+    if len(commands) > 1:
+        lines += ["`DATA` is the data the model was trained and calibrated on"
+                  + (f" ({', '.join(dict.fromkeys(datasets))})" if datasets else "")
+                  + "; the held-out and evaluation images follow the rules in vitconvert's `data` module.", ""]
+    return lines

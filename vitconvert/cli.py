@@ -17,9 +17,10 @@ from rich.table import Table
 import vitconvert
 from vitconvert.api import output_dir_for
 from vitconvert.backbones import describe_family
-from vitconvert.calibrate import calibrate as run_calibrate
+from vitconvert.calibration import calibrate as run_calibrate
+from vitconvert.demo import run_demo
 from vitconvert.errors import UserError
-from vitconvert.evaluate import evaluate as run_evaluate
+from vitconvert.evaluation import evaluate as run_evaluate
 from vitconvert.operating import format_point
 from vitconvert.publish import push as run_push
 from vitconvert.registry import get_method
@@ -41,6 +42,7 @@ CheckpointOpt = Annotated[Path | None, typer.Option("--checkpoint", help="weight
 KwargsOpt = Annotated[list[str] | None, typer.Option(
     "--model-kwargs", help="timm create_model kwargs, key=value (e.g. img_size=32 num_classes=10)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="recipe override key=value (e.g. model.alpha=0.6)")]
+DATA_HELP = "ImageFolder, hfds/PATH (local Hugging Face dataset), a .tar or a folder of .tar shards"
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")]
 
 
@@ -110,7 +112,7 @@ def recipes() -> None:
 @app.command()
 def finetune(
     model_dir: Annotated[str, typer.Argument(help="converted-model folder or hf-hub:OWNER/NAME")],
-    data: Annotated[Path, typer.Option("--data", help="ImageFolder with the training images")],
+    data: Annotated[str, typer.Option("--data", help=DATA_HELP)],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="output folder (default DIR-ft)")] = None,
     labels: Annotated[bool, typer.Option(
         "--labels/--no-labels", help="add cross-entropy on the folder's labels")] = True,
@@ -129,7 +131,7 @@ def finetune(
 @app.command()
 def calibrate(
     model_dir: Annotated[str, typer.Argument(help="converted-model folder")],
-    data: Annotated[Path, typer.Option("--data", help="ImageFolder; a held-out fraction is used")],
+    data: Annotated[str, typer.Option("--data", help=DATA_HELP + "; a held-out share is used")],
     budget: Annotated[str | None, typer.Option(
         "--budget", help="GMACs (2.1), a share of the base ('50%'), or 'drop=0.5'")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="write here instead of updating DIR")] = None,
@@ -145,7 +147,7 @@ def calibrate(
 @app.command("eval")
 def evaluate(
     model_dir: Annotated[str, typer.Argument(help="converted-model folder or hf-hub:OWNER/NAME")],
-    data: Annotated[Path, typer.Option("--data", help="ImageFolder (its val/ split if present, else held out)")],
+    data: Annotated[str, typer.Option("--data", help=DATA_HELP + " (its val/ split if present, else held out)")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="folder for eval.json and eval.png")] = None,
     budget: Annotated[str | None, typer.Option("--budget")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
@@ -171,6 +173,38 @@ def push(
     """Upload a converted model (safetensors, config, card) to the Hugging Face Hub."""
     url = run_push(model_dir, repo_id, private=private, revision=revision, commit_message=commit_message, token=token)
     out.print(f"pushed to {url}")
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("--out", "-o", help="work folder")] = Path("vitconvert-demo"),
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="recipe to apply")] = "cfvit",
+    epochs: Annotated[float, typer.Option("--epochs", help="fine-tuning epochs")] = 1.0,
+    budget: Annotated[str, typer.Option("--budget", help="calibration budget")] = "50%",
+    model: Annotated[str | None, typer.Option("--model", help="base model (default: the shipped CIFAR-10 ViT)")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="image folder (default: the shipped sample)")] = None,
+    set_: SetOpt = None,
+    max_images: Annotated[int | None, typer.Option("--max-images", help="at most N images per step")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+) -> None:
+    """The whole mission offline: apply, fine-tune, calibrate, evaluate, plot, reload through timm."""
+    s = run_demo(output, recipe=recipe, epochs=epochs, budget=budget, model=model, data=data, overrides=set_,
+                 max_images=max_images, overwrite=overwrite)
+    table = Table(title=f"vitconvert demo: cifar10-vit + {s['recipe']} (CIFAR-10 sample, not a benchmark)")
+    for col in ("model", "top-1 (%)", "GMACs", "of base", "throughput vs base"):
+        table.add_column(col)
+    ratio = f"{s['throughput_ratio']:.2f}x" if s["throughput_ratio"] else "-"
+    base_top1 = f"{s['base_top1']:.2f}" if s["base_top1"] is not None else "-"
+    table.add_row("base", base_top1, f"{s['base_gmacs']:.4f}", "100%", "1.00x")
+    table.add_row(f"{s['method']} at {format_point(s['point'])}", f"{s['top1']:.2f}", f"{s['gmacs']:.4f}",
+                  f"{s['gmacs_share']:.0%}", ratio)
+    out.print(table)
+    out.print(f"{s['eval_images']} {s['eval_split']} images; operating point chosen for {s['budget']} on "
+              f"{s['calibration_images']} held-out training images")
+    out.print("seconds: " + ", ".join(f"{k} {v}" for k, v in s["seconds"].items()))
+    out.print(f"model: {s['model_dir']} (timm.create_model('local-dir:...') reload identical: "
+              f"{s['timm_reload_identical']})")
+    out.print("plots: " + ", ".join(s["plots"]))
 
 
 def _print_dict(title: str, data: dict) -> None:

@@ -15,6 +15,7 @@ can be rebuilt (without weights) when the converted model is loaded again.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import os
@@ -248,15 +249,10 @@ def load_base(
         load_state_dict_checked(base, load_checkpoint_file(checkpoint), f"checkpoint {str(checkpoint)!r}")
 
     arch = base.pretrained_cfg.get("architecture") or type(base).__name__
-    model_args = {
-        k: v for k, v in getattr(base, "_model_args", {}).items() if k not in _RUNTIME_ARGS and v is not None
-    }
-    model_args.update(kwargs)
-    model_args["num_classes"] = int(getattr(base, "num_classes", model_args.get("num_classes", 0)))
     spec = BaseSpec(
         img_size=list(model_img_size(base)),
         architecture=arch,
-        model_args=_jsonable(model_args),
+        model_args=_recorded_args(base, kwargs),
         source=model,
         pretrained_tag=tag,
         hub_id=hub_id if use_pretrained else None,
@@ -264,6 +260,101 @@ def load_base(
         pretrained=use_pretrained or checkpoint is not None,
     )
     return base.eval(), spec
+
+
+def _recorded_args(base: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The constructor kwargs timm recorded on ``base`` (``_model_args``), ``kwargs`` on top, and its head size."""
+    model_args = {
+        k: v for k, v in (getattr(base, "_model_args", None) or {}).items()
+        if k not in _RUNTIME_ARGS and v is not None
+    }
+    model_args.update(kwargs)
+    model_args["num_classes"] = int(getattr(base, "num_classes", model_args.get("num_classes", 0)))
+    return _jsonable(model_args)
+
+
+def base_from_module(
+    model: nn.Module,
+    base_name: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> tuple[nn.Module, BaseSpec]:
+    """Describe a timm model the caller already holds, so a model converted from it saves and loads like any other.
+
+    The architecture comes from ``model.pretrained_cfg["architecture"]`` (or ``base_name``), the constructor
+    arguments from what timm's factory recorded (``model._model_args``) with ``model_kwargs`` on top, the
+    head size from the model. The description is checked before anything is converted: the architecture it
+    names, built without weights, must have exactly the module's parameter names and shapes, otherwise a
+    saved model could not be rebuilt; the error says what to pass.
+
+    The module itself is not changed: the returned base is a deep copy (its own weights), so converting and
+    fine-tuning never alter the caller's model, and the caller's later changes never reach the converted one.
+
+    Args:
+        model: A timm model, e.g. from ``timm.create_model`` (possibly trained since).
+        base_name: timm architecture (or alias) when the module does not record one, e.g. a model built from
+            its class (``VisionTransformer(...)``) rather than by ``timm.create_model``.
+        model_kwargs: Constructor arguments the module does not record, or that override the recorded ones.
+
+    Returns:
+        A copy of the module in eval mode and its :class:`BaseSpec` (``source`` is empty: the weights came
+        from memory, so after fine-tuning the original can only be given back as a teacher).
+
+    Example:
+        >>> m = timm.create_model("deit_tiny_patch16_224", num_classes=10)
+        >>> base, spec = base_from_module(m)
+        >>> spec.architecture, spec.model_args["num_classes"]
+        ('deit_tiny_patch16_224', 10)
+    """
+    if not isinstance(model, nn.Module):
+        raise UserError(f"expected a torch nn.Module, got {type(model).__name__}")
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    # No pretrained tag from the module's cfg: timm sets one even for random weights, and a module may have
+    # been trained since, so only a tag the caller names is claimed.
+    tag = None
+    if base_name is not None:
+        arch, tag = resolve_model_name(base_name)
+    else:
+        arch = cfg.get("architecture")
+    fix = ("pass base_name= (the timm architecture) and model_kwargs= (its constructor arguments, e.g. img_size, "
+           "patch_size, embed_dim, depth, num_heads, num_classes)")
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        raise UserError(f"the {type(model).__name__} module does not say which timm architecture it is "
+                        f"(pretrained_cfg architecture {arch!r}), so a converted model could not be saved; {fix}")
+    kwargs = dict(model_kwargs or {})
+    args = _recorded_args(model, kwargs)
+    recorded = getattr(model, "_model_args", None) is not None
+    problem = _rebuild_mismatch(arch, args, model)
+    if problem:
+        what = "its recorded arguments" if recorded or kwargs else "default arguments (the module records none)"
+        raise UserError(f"{arch} built with {what} does not match the {type(model).__name__} module ({problem}); "
+                        f"{fix}")
+    base = copy.deepcopy(model).eval()
+    spec = BaseSpec(img_size=list(model_img_size(base)), architecture=arch, model_args=args, source="",
+                    pretrained_tag=tag, hub_id=None, checkpoint=None, pretrained=True)
+    return base, spec
+
+
+def _rebuild_mismatch(arch: str, args: dict[str, Any], model: nn.Module) -> str | None:
+    """Why ``arch(**args)`` would not hold ``model``'s weights (missing/extra names, shapes), or None."""
+    try:
+        # On the meta device nothing is allocated or initialised: only names and shapes are compared.
+        with torch.device("meta"):
+            rebuilt = timm.create_model(arch, pretrained=False, **args)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        return f"building it failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    new = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    missing = [k for k in own if k not in new]
+    extra = [k for k in new if k not in own]
+    shapes = [f"{k} {own[k]} vs {new[k]}" for k in own if k in new and own[k] != new[k]]
+    problems = []
+    if missing:
+        problems.append(f"parameters it lacks: {_shorten(missing, 3)}")
+    if extra:
+        problems.append(f"parameters the module lacks: {_shorten(extra, 3)}")
+    if shapes:
+        problems.append(f"shapes (module vs rebuilt): {_shorten(shapes, 3)}")
+    return "; ".join(problems) or None
 
 
 def _arch_from_config(cfg: dict[str, Any], source: str) -> tuple[str, dict[str, Any]]:

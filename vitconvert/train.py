@@ -21,6 +21,7 @@ images of every global batch, so W processes compute the same steps as one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import random
@@ -42,7 +43,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from vitconvert.data import ImageDataset, open_image_folder, train_transform
+from vitconvert.data import DataArg, ImageDataset, open_data, train_transform
 from vitconvert.errors import UserError
 from vitconvert.methods.base import ConvertedModel
 from vitconvert.recipes import FinetuneSettings, load_recipe, parse_overrides
@@ -85,15 +86,20 @@ def resolve_model(model: str | os.PathLike[str] | ConvertedModel) -> tuple[Conve
     return loaded, folder
 
 
-def original_model(model: ConvertedModel, teacher: str | os.PathLike[str] | None = None) -> tuple[nn.Module, str]:
+def original_model(model: ConvertedModel, teacher: str | os.PathLike[str] | nn.Module | None = None
+                   ) -> tuple[nn.Module, str]:
     """The original base model (the teacher, and the reference accuracy), with a description of where it came from.
 
     Before fine-tuning the converted model still holds the original weights; afterwards they are rebuilt
     from ``model.base_spec`` (its source and checkpoint), or taken from ``teacher`` (a weights file for
-    the base architecture, a timm name, ``hf-hub:`` or ``local-dir:``).
+    the base architecture, a timm name, ``hf-hub:`` or ``local-dir:``, or the module itself). A model
+    converted from an in-memory module (empty ``source``) cannot be rebuilt once fine-tuned.
     """
     spec = model.base_spec
-    if teacher is not None:
+    if isinstance(teacher, nn.Module):
+        # A copy: the pipeline moves the teacher between devices and freezes it; the caller's module stays as it is.
+        base, desc = copy.deepcopy(teacher), f"{spec.architecture} module given as teacher"
+    elif teacher is not None:
         path = Path(teacher).expanduser()
         if path.is_file():
             base = spec.build()
@@ -106,6 +112,11 @@ def original_model(model: ConvertedModel, teacher: str | os.PathLike[str] | None
     elif not model.finetuned:
         return model.build_base(), f"{spec.source or spec.architecture} (the base weights the model holds)"
     else:
+        if not spec.source and spec.checkpoint is None:
+            raise UserError(
+                "the model is fine-tuned and was converted from an in-memory module, so the original cannot be "
+                "rebuilt; pass that module (or its weights file) as teacher"
+            )
         if not spec.pretrained:
             raise UserError(
                 "the model is fine-tuned and its base model had random weights, so the original cannot be rebuilt; "
@@ -403,7 +414,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 def finetune(
     model: str | os.PathLike[str] | ConvertedModel,
-    data: str | os.PathLike[str],
+    data: DataArg,
     out: str | os.PathLike[str] | None = None,
     *,
     labels: bool = True,
@@ -412,7 +423,7 @@ def finetune(
     overwrite: bool = False,
     device: str | torch.device | None = None,
     workers: int = 0,
-    teacher: str | os.PathLike[str] | None = None,
+    teacher: str | os.PathLike[str] | nn.Module | None = None,
     progress: bool = True,
     max_images: int | None = None,
 ) -> Path:
@@ -420,8 +431,10 @@ def finetune(
 
     Args:
         model: Model folder, ``local-dir:PATH``, ``hf-hub:OWNER/NAME``, or a converted model (trained in place).
-        data: ImageFolder (``ROOT/<class>/...`` or ``ROOT/train/<class>/...``); the recipe's
-            ``calibrate.holdout`` fraction of each class is left out for calibration.
+        data: ImageFolder (``ROOT/<class>/...`` or ``ROOT/train/<class>/...``), ``hfds/PATH``, a ``.tar`` (or a
+            folder of shards), or your own ``torch.utils.data.Dataset`` / ``DataLoader`` (see
+            :mod:`vitconvert.data`); the recipe's ``calibrate.holdout`` share of each class is left out for
+            calibration.
         out: Output folder, written atomically at the end; default: ``<model folder>-ft`` (for a Hub model,
             ``<name>-ft`` in the current directory). It may be the model folder itself.
         labels: Use the labels (cross-entropy); ``False`` trains by distillation alone.
@@ -432,7 +445,7 @@ def finetune(
             takes its LOCAL_RANK's GPU.
         workers: DataLoader worker processes.
         teacher: The original model for distillation when it cannot be rebuilt from the model's base
-            description (weights file, timm name, ``hf-hub:`` or ``local-dir:``).
+            description (weights file, timm name, ``hf-hub:``, ``local-dir:`` or the base module itself).
         progress: Show a progress bar (loss, images/s, ETA).
         max_images: Train on at most this many images, evenly across classes (overrides the recipe).
 
@@ -471,7 +484,7 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
     partial = out_path.with_name(out_path.name + ".partial")
     ckpt_file = partial / CHECKPOINT_NAME
 
-    folder_data = open_image_folder(data, holdout=model.recipe.calibrate.holdout)
+    folder_data = open_data(data, holdout=model.recipe.calibrate.holdout)
     folder_data.check_classes(model.num_classes)
     split = folder_data.train_split(max_images if max_images is not None else settings.max_images)
     if settings.batch_size % ddp.world:

@@ -1,0 +1,287 @@
+"""Choose a converted model's operating point on held-out training images.
+
+Calibration measures top-1 and expected GMACs at the candidate points of the model's operating space
+(every combination of its knobs' sweeps). A model that can simulate its points
+(:class:`~vitconvert.methods.base.SimulatesPoints`, e.g. a cascade's exit thresholds) runs one pass per
+value of the knobs that change the computation and simulates the rest, which may also be derived from the
+collected outputs (``model.simulated_points``: a cascade's thresholds from target exit distributions);
+other models run ``forward_dynamic`` at every point. The whole curve, the base model's top-1 on the same
+images, the split and the chosen point are stored in the model (``model.curve``, ``model.calibration``),
+so ``vitconvert.load(dir, budget=...)`` can switch to any budget later without data.
+
+Images come from the held-out fraction of the *training* folder (``calibrate.holdout``), never from
+``val/``: an operating point chosen on the images it is then reported on would flatter it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitconvert.data import DataArg, ImageFolderData, SourceData, Split, batches, open_data
+from vitconvert.errors import UserError
+from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints, can_simulate
+from vitconvert.operating import CurvePoint, OperatingPoint, choose_point, format_point, parse_budget, unique_points
+from vitconvert.saving import save
+from vitconvert.train import ProgressBar, carried_files, original_model, resolve_device, resolve_model
+
+STALE_AFTER_CALIBRATION = ("curve.png", "eval.json", "eval.png")
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    """How many rows of ``logits`` have the label among their ``k`` highest scores."""
+    k = min(k, logits.shape[-1])
+    return int((logits.topk(k, dim=-1).indices == labels[:, None]).any(dim=-1).sum())
+
+
+class _Tally:
+    """Top-1/top-5 hits, GMACs and exits of one operating point, accumulated over batches."""
+
+    def __init__(self) -> None:
+        self.correct1 = self.correct5 = 0
+        self.gmacs = 0.0
+        self.exits: dict[int, int] = {}
+
+    def add(self, out: DynamicOutput, labels: torch.Tensor) -> None:
+        logits = out.logits.float().cpu()
+        self.correct1 += topk_correct(logits, labels, 1)
+        self.correct5 += topk_correct(logits, labels, 5)
+        self.gmacs += float(out.gmacs.double().sum())
+        if out.stage is not None:
+            for s, c in zip(*out.stage.cpu().unique(return_counts=True), strict=True):
+                self.exits[int(s)] = self.exits.get(int(s), 0) + int(c)
+
+    def point(self, point: OperatingPoint, n: int) -> CurvePoint:
+        extra = {"top5": 100.0 * self.correct5 / n, **{f"exit_{s}": c / n for s, c in sorted(self.exits.items())}}
+        return CurvePoint(point=dict(point), gmacs=self.gmacs / n, top1=100.0 * self.correct1 / n, extra=extra)
+
+
+@torch.inference_mode()
+def measure_curve(model: ConvertedModel, split: Split, device: torch.device, batch_size: int = 64,
+                  progress: bool = True, simulate: bool | None = None) -> list[CurvePoint]:
+    """Top-1 (percent) and expected GMACs at the candidate operating points of ``model`` on ``split``.
+
+    Args:
+        model: The converted model (on ``device``, in eval mode); its operating point is restored afterwards.
+        split: Labelled images.
+        device: Where to run.
+        batch_size: Images per forward pass.
+        progress: Show a progress bar.
+        simulate: Evaluate simulated knobs from one pass per structural setting (default: when the model can).
+    """
+    space = model.operating_space()
+    n = len(split)
+    saved = model.operating_point
+    batches_per_pass = -(-n // batch_size)
+    points: list[CurvePoint] = []
+    try:
+        if simulate if simulate is not None else can_simulate(model):
+            if not isinstance(model, SimulatesPoints):
+                raise UserError(f"{model.method} models cannot simulate operating points; calibrate without it")
+            structural = unique_points(space.split(p)[0] for p in space.candidates())
+            with ProgressBar("calibrate: collect", len(structural) * batches_per_pass, progress) as bar:
+                for fixed in structural:
+                    model.set_operating_point(fixed)
+                    parts: list[dict[str, torch.Tensor]] = []
+                    ys: list[torch.Tensor] = []  # labels as the items give them (a dataset may know them only so)
+                    for x, y in batches(split, model, batch_size):
+                        parts.append({k: v.cpu() for k, v in model.collect(x.to(device)).items()})
+                        ys.append(y)
+                        bar.update()
+                    collected = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+                    labels = torch.cat(ys)
+                    for sim in unique_points(model.simulated_points(collected)):
+                        tally = _Tally()
+                        tally.add(model.simulate(collected, {**fixed, **sim}), labels)
+                        points.append(tally.point(space.validate({**fixed, **sim}), n))
+            return _in_space_order(points, space.names)
+        candidates = space.candidates()
+        with ProgressBar(f"calibrate: {len(candidates)} settings", len(candidates) * batches_per_pass,
+                         progress) as bar:
+            for point in candidates:
+                model.set_operating_point(point)
+                tally = _Tally()
+                for x, y in batches(split, model, batch_size):
+                    tally.add(model.forward_dynamic(x.to(device)), y)
+                    bar.update()
+                points.append(tally.point(point, n))
+        return _in_space_order(points, space.names)
+    finally:
+        model.set_operating_point(saved)
+
+
+def _in_space_order(points: list[CurvePoint], names: list[str]) -> list[CurvePoint]:
+    for p in points:
+        p.point = {name: p.point[name] for name in names if name in p.point}
+    return points
+
+
+@torch.inference_mode()
+def measure_base(base: torch.nn.Module, split: Split, device: torch.device, batch_size: int, transform_model: Any,
+                 progress: bool = True) -> tuple[float, float]:
+    """Top-1 and top-5 (percent) of a plain model on ``split`` (transforms from ``transform_model``)."""
+    n = len(split)
+    c1 = c5 = 0
+    with ProgressBar("base model", -(-n // batch_size), progress) as bar:
+        for x, y in batches(split, transform_model, batch_size):
+            logits = base(x.to(device)).float().cpu()
+            c1 += topk_correct(logits, y, 1)
+            c5 += topk_correct(logits, y, 5)
+            bar.update()
+    return 100.0 * c1 / n, 100.0 * c5 / n
+
+
+def plot_curve(curve: list[CurvePoint], base_gmacs: float, base_top1: float | None, *, chosen: CurvePoint | None = None,
+               measured: list[CurvePoint] | None = None, measured_base: float | None = None,
+               title: str = "", curve_label: str = "calibration curve", measured_label: str = "measured") -> bytes:
+    """PNG of top-1 against expected GMACs: the curve, the chosen/measured point and the base model.
+
+    Drawn on a bare Agg canvas, so the caller's matplotlib backend is left alone.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if curve:
+        pts = sorted(curve, key=lambda p: p.gmacs)
+        ax.plot([p.gmacs for p in pts], [p.top1 for p in pts], "-o", ms=2.5, lw=1.2, color="tab:blue",
+                label=curve_label)
+    if chosen is not None:
+        ax.plot([chosen.gmacs], [chosen.top1], "o", ms=8, mfc="none", mew=1.8, color="tab:orange",
+                label=f"chosen point ({format_point(chosen.point)})")
+    for i, p in enumerate(measured or []):
+        ax.plot([p.gmacs], [p.top1], "*", ms=13, color="tab:red", label=measured_label if i == 0 else None)
+    calib_label = "base model (calibration images)" if measured_base is not None else "base model"
+    for top1, label, color in ((base_top1, calib_label, "black"), (measured_base, "base model (measured)", "tab:gray")):
+        if top1 is not None:
+            ax.plot([base_gmacs], [top1], "s", ms=8, color=color, label=f"{label}: {top1:.2f}%")
+    ax.axvline(base_gmacs, color="black", lw=0.6, ls=":")
+    ax.set_xlabel("expected GMACs per image")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _short(split: Split, data: ImageFolderData | SourceData) -> str:
+    """The split description with paths relative to the data folder's parent (no local paths on cards)."""
+    return data.short(split.description)
+
+
+def calibrate(
+    model: str | os.PathLike[str] | ConvertedModel,
+    data: DataArg,
+    budget: str | float | None = None,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    overwrite: bool = False,
+    max_images: int | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    dataset: str | None = None,
+) -> dict[str, Any]:
+    """Measure the accuracy/GMACs curve on held-out training images and switch to the point for a budget.
+
+    Args:
+        model: Model folder, ``local-dir:PATH``, ``hf-hub:OWNER/NAME`` or a converted model (updated in place).
+        data: The training ImageFolder (``ROOT/<class>/...`` or ``ROOT/train/<class>/...``), ``hfds/PATH``, a
+            ``.tar`` (or a folder of shards) or your own ``Dataset`` / ``DataLoader``; its held-out share
+            (``calibrate.holdout`` of each class, the last files or indices) is used.
+        budget: GMACs (``2.1``), a fraction of the base model (``"50%"``) or a top-1 drop (``"drop=0.5"``);
+            default: the recipe's ``calibrate.budget``, else the most accurate point.
+        out: Output folder; default: update the model folder in place (atomically).
+        overwrite: Replace an existing ``out``.
+        max_images: Use at most this many held-out images, evenly across classes (default: the recipe's).
+        device: ``cpu``, ``cuda``...; default CUDA when available.
+        batch_size: Images per forward pass.
+        progress: Show progress bars.
+        dataset: Dataset name for the model card (e.g. a Hub dataset id); default: the folder's name.
+
+    Returns:
+        The chosen point (knob, top-1, GMACs), the calibration record (also stored in the model),
+        ``curve`` and ``out``.
+
+    Example:
+        >>> calibrate("deit_small-cfvit", "imagenet/train", budget="50%")["chosen"]  # doctest: +SKIP
+        {'point': {'eta': 0.53, 'alpha': 0.5}, 'gmacs': 2.29, 'top1': 79.6, 'extra': {'top5': 94.8}}
+    """
+    start = time.perf_counter()
+    cm, folder = resolve_model(model)
+    dev = resolve_device(device)
+    settings = cm.recipe.calibrate
+    if out is not None:
+        out_path: Path | None = Path(out).expanduser().resolve()
+        if out_path.exists() and out_path != folder and not overwrite:
+            raise UserError(f"{str(out_path)!r} already exists; pass --overwrite to replace it or choose another -o")
+    elif folder is not None:
+        out_path = folder
+    elif isinstance(model, ConvertedModel):
+        out_path = None  # an in-memory model is calibrated in place and not written
+    else:
+        raise UserError("calibrate needs an output folder (-o) for a Hub model")
+    budget = budget if budget is not None else settings.budget
+    if budget is not None:
+        parse_budget(budget)  # a bad budget is refused before the measurement pass
+    folder_data = open_data(data, holdout=settings.holdout, name=dataset)
+    folder_data.check_classes(cm.num_classes)
+    split = folder_data.heldout_split(max_images if max_images is not None else settings.max_images)
+
+    cm.to(dev).eval()
+    try:
+        curve = measure_curve(cm, split, dev, batch_size, progress)
+        base_top1: float | None = None
+        base_desc: str | None
+        try:
+            base, base_desc = original_model(cm)
+        except UserError as e:
+            base, base_desc = None, f"not measured: {e}"
+        if base is not None:
+            base_top1, _ = measure_base(base.to(dev), split, dev, batch_size, cm, progress)
+        cm.curve = curve
+        if budget is None:
+            chosen = max(curve, key=lambda p: (p.top1, -p.gmacs))
+        else:
+            chosen = choose_point(curve, budget, cm.base_gmacs, base_top1)
+        cm.set_operating_point(chosen.point)
+    finally:
+        cm.to("cpu")
+    cm.calibration = {
+        "budget": str(budget) if budget is not None else "best top-1",
+        "chosen": chosen.to_dict(),
+        "base_top1": base_top1,
+        "base_model": base_desc,
+        "base_gmacs": cm.base_gmacs,
+        "images": len(split),
+        "split": _short(split, folder_data),
+        "dataset": folder_data.name,
+        **({"dataset_id": dataset} if dataset and "/" in dataset else {}),
+        "holdout": settings.holdout,
+        "simulated": can_simulate(cm),
+        "finetuned": cm.finetuned,
+        "device": str(dev),
+        "seconds": round(time.perf_counter() - start, 2),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    png = plot_curve(curve, cm.base_gmacs, base_top1, chosen=chosen,
+                     title=f"{cm.base_spec.architecture} + {cm.method}: {len(split)} held-out training images",
+                     curve_label="held-out training images")
+    if out_path is not None:
+        extra = carried_files(folder, skip=STALE_AFTER_CALIBRATION)
+        extra["curve.png"] = png
+        save(cm, out_path, overwrite=True, extra_files=extra)
+    return {**chosen.point, "top1": chosen.top1, "gmacs": chosen.gmacs,
+            "gmacs_fraction": chosen.gmacs / cm.base_gmacs if cm.base_gmacs else None, **cm.calibration,
+            "curve": [p.to_dict() for p in curve], "out": str(out_path) if out_path is not None else None}

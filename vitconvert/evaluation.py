@@ -1,0 +1,275 @@
+"""Evaluate a converted model at its operating point against the base model, in one run.
+
+Reports top-1/top-5, expected GMACs (the mean of the per-image GMACs of the paths the images really
+took), exit fractions (``DynamicOutput.stage``) and summaries of the method's per-image extras, the base
+model's accuracy on the same images, and batched throughput of both models measured side by side
+(same device, batch and images, timed batches interleaved so background load hits both alike).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from vitconvert.calibration import plot_curve, topk_correct
+from vitconvert.card import model_card
+from vitconvert.data import DataArg, ImageDataset, batches, eval_transform, open_data
+from vitconvert.errors import UserError
+from vitconvert.methods.base import ConvertedModel
+from vitconvert.operating import CurvePoint
+from vitconvert.saving import CARD_NAME, read_config
+from vitconvert.train import ProgressBar, original_model, resolve_device, resolve_model
+
+# Throughput timing keeps going (up to max_rounds) until this many seconds have been spent.
+THROUGHPUT_SECONDS = 10.0
+
+
+def summarise_extras(extras: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
+    """Per-image extras -> numbers: shares of each value for bool/integer entries, means for float ones."""
+    out: dict[str, Any] = {}
+    for name, parts in extras.items():
+        values = torch.cat(parts)
+        if values.dtype == torch.bool:
+            out[f"{name}_share"] = float(values.float().mean())
+        elif not values.is_floating_point():
+            uniq, counts = values.unique(return_counts=True)
+            out[f"{name}_shares"] = {str(int(u)): int(c) / values.numel() for u, c in zip(uniq, counts, strict=True)}
+        else:
+            out[f"{name}_mean"] = float(values.float().mean())
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_throughput(models: dict[str, torch.nn.Module], x: torch.Tensor, *, warmup: int = 2, min_rounds: int = 5,
+                       max_rounds: int = 30, min_seconds: float | None = None) -> dict[str, float]:
+    """Images per second of each model on batch ``x``: median of timed batches, models interleaved.
+
+    Args:
+        models: name -> model (already on ``x``'s device, in eval mode).
+        x: One batch of real images (early exits depend on the images).
+        warmup: Untimed batches per model first.
+        min_rounds, max_rounds: Timed batches per model.
+        min_seconds: Keep timing (up to ``max_rounds``) until this much time has been spent (default
+            :data:`THROUGHPUT_SECONDS`).
+    """
+    min_seconds = THROUGHPUT_SECONDS if min_seconds is None else min_seconds
+    device = x.device
+    for model in models.values():
+        for _ in range(warmup):
+            model(x)
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() - start < min_seconds):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model(x)
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: x.shape[0] / statistics.median(ts) for name, ts in times.items()}
+
+
+def _spread_batch(files: list[tuple[Path, int]], model: torch.nn.Module, batch_size: int) -> torch.Tensor:
+    """A batch of images spread evenly over the split (which is sorted by class), for timing."""
+    n = len(files)
+    idx = [round(i * (n - 1) / max(1, batch_size - 1)) for i in range(batch_size)] if n > 1 else [0] * batch_size
+    ds = ImageDataset([files[i] for i in idx], eval_transform(model), in_memory=False)
+    return torch.stack([ds[i][0] for i in range(len(ds))])
+
+
+def evaluate(
+    model: str | os.PathLike[str] | ConvertedModel,
+    data: DataArg,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    budget: str | float | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    max_images: int | None = None,
+    throughput: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Top-1/top-5, expected GMACs, exit fractions and throughput of a converted model and of its base model.
+
+    Args:
+        model: Model folder, ``local-dir:PATH``, ``hf-hub:OWNER/NAME`` or a converted model.
+        data: ImageFolder, ``hfds/PATH``, ``.tar`` shards or your own ``Dataset`` / ``DataLoader``; its
+            validation split (``val/``) when present, else the held-out part of each class.
+        out: Folder for ``eval.json`` and ``eval.png``; default: the model folder (nothing is written for
+            Hub or in-memory models).
+        budget: Operating point from the stored calibration curve (GMACs, ``"50%"``, ``"drop=0.5"``);
+            default: the stored one.
+        batch_size: Images per forward pass (also the throughput batch).
+        device: ``cpu``, ``cuda``...; default CUDA when available.
+        max_images: Evaluate at most this many images, evenly across classes.
+        throughput: Also time both models.
+        progress: Show progress bars.
+
+    Returns:
+        The eval.json content.
+
+    Example:
+        >>> r = evaluate("deit_small-cfvit", "imagenet/", budget="50%")  # doctest: +SKIP
+        >>> r["top1"], r["gmacs"], r["base"]["top1"]                      # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    cm, folder = resolve_model(model)
+    if budget is not None:
+        cm.set_budget(budget)
+    dev = resolve_device(device)
+    out_path = Path(out).expanduser().resolve() if out is not None else folder
+    folder_data = open_data(data, holdout=cm.recipe.calibrate.holdout)
+    folder_data.check_classes(cm.num_classes)
+    split = folder_data.eval_split(max_images)
+    n = len(split)
+    try:
+        base, base_desc = original_model(cm)
+    except UserError as e:
+        base, base_desc = None, f"not measured: {e}"
+
+    cm.to(dev).eval()
+    if base is not None:
+        base.to(dev).eval()
+    c1 = c5 = b1 = b5 = 0
+    gmacs: list[torch.Tensor] = []
+    stages: list[torch.Tensor] = []
+    extras: dict[str, list[torch.Tensor]] = {}
+    try:
+        with torch.inference_mode(), ProgressBar("evaluate", -(-n // batch_size), progress) as bar:
+            for x, y in batches(split, cm, batch_size):
+                x = x.to(dev)
+                result = cm.forward_dynamic(x)
+                c1 += topk_correct(result.logits.float().cpu(), y, 1)
+                c5 += topk_correct(result.logits.float().cpu(), y, 5)
+                gmacs.append(result.gmacs.float().cpu())
+                if result.stage is not None:
+                    stages.append(result.stage.cpu())
+                for name, value in result.extras.items():
+                    # Only one number per image can be summarised (e.g. confidence, a gate's choice).
+                    if value.dim() == 1 and value.shape[0] == x.shape[0]:
+                        extras.setdefault(name, []).append(value.cpu())
+                if base is not None:
+                    logits = base(x).float().cpu()
+                    b1 += topk_correct(logits, y, 1)
+                    b5 += topk_correct(logits, y, 5)
+                bar.update()
+        mean_gmacs = float(torch.cat(gmacs).mean())
+        speed: dict[str, Any] | None = None
+        if throughput:
+            xb = _spread_batch(split.files, cm, batch_size).to(dev)
+            models = {"converted": cm} if base is None else {"converted": cm, "base": base}
+            ips = measure_throughput(models, xb)
+            speed = {"batch_size": batch_size, "device": _device_name(dev), "threads": torch.get_num_threads(),
+                     "dtype": "float32", "converted_images_per_s": round(ips["converted"], 1),
+                     "base_images_per_s": round(ips["base"], 1) if "base" in ips else None,
+                     "speedup": round(ips["converted"] / ips["base"], 3) if "base" in ips else None,
+                     "protocol": "one batch of real images spread over the split; 2 warm-up batches per model, then "
+                                 "timed batches alternating between the models; median time per batch"}
+    finally:
+        cm.to("cpu")
+        if base is not None:
+            base.to("cpu")
+
+    exit_fractions = None
+    if stages:
+        values, counts = torch.cat(stages).unique(return_counts=True)
+        exit_fractions = {str(int(v)): int(c) / n for v, c in zip(values, counts, strict=True)}
+    top1 = 100.0 * c1 / n
+    base_top1 = 100.0 * b1 / n if base is not None else None
+    point: dict[str, Any] = {
+        "knob": cm.knob, **cm.operating_point, "point": cm.operating_point,
+        "budget": str(budget) if budget is not None else None,
+        "top1": top1, "top5": 100.0 * c5 / n, "gmacs": mean_gmacs,
+        "gmacs_fraction": mean_gmacs / cm.base_gmacs if cm.base_gmacs else None,
+        "top1_drop": base_top1 - top1 if base_top1 is not None else None,
+        "throughput": speed["converted_images_per_s"] if speed else None,
+        "throughput_ratio": speed["speedup"] if speed else None,
+        "exit_fractions": exit_fractions, "extras": summarise_extras(extras),
+    }
+    split_name = "val" if folder_data.has_val else "held-out"
+    report: dict[str, Any] = {
+        # The measured point, flat, for quick reading; "points" also holds earlier budgets on the same data.
+        **{k: point[k] for k in ("top1", "top5", "gmacs", "gmacs_fraction", "top1_drop", "knob")},
+        "points": [point],
+        "model": str(model) if not isinstance(model, ConvertedModel) else None,
+        "method": cm.method,
+        "knob_name": cm.knob_name,
+        "base_architecture": cm.base_spec.architecture,
+        "finetuned": cm.finetuned,
+        "dataset": folder_data.name,
+        "split": split_name,
+        "split_description": folder_data.short(split.description),
+        "images": n,
+        "classes": len(folder_data.classes),
+        "device": _device_name(dev),
+        "batch_size": batch_size,
+        "base": {"model": base_desc, "gmacs": cm.base_gmacs, "top1": base_top1,
+                 "top5": 100.0 * b5 / n if base is not None else None,
+                 "throughput": speed["base_images_per_s"] if speed else None},
+        "throughput": speed,
+        "calibration": {k: cm.calibration.get(k) for k in ("budget", "base_top1", "images", "split")}
+        if cm.calibration else None,
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
+        "seconds": round(time.perf_counter() - start, 2),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    if out_path is not None:
+        out_path.mkdir(parents=True, exist_ok=True)
+        report["points"] = _merge_points(out_path / "eval.json", report)
+        curve_points = [CurvePoint(p.get("point") or {cm.knob_name: p["knob"]}, p["gmacs"], p["top1"])
+                        for p in report["points"]]
+        png = plot_curve(cm.curve, cm.base_gmacs, cm.calibration.get("base_top1"), measured=curve_points,
+                         measured_base=base_top1,
+                         title=f"{cm.base_spec.architecture} + {cm.method}: {n} images ({split_name})",
+                         curve_label="calibration curve (held-out training images)",
+                         measured_label=f"measured on {split_name} ({n} images)")
+        _write_atomic(out_path / "eval.json", (json.dumps(report, indent=2) + "\n").encode())
+        _write_atomic(out_path / "eval.png", png)
+        if (out_path / "config.json").is_file():
+            # A model folder: its card shows the evaluation table, so render it again.
+            card = model_card(read_config(out_path), out_path)
+            _write_atomic(out_path / CARD_NAME, card.encode())
+    return report
+
+
+def _merge_points(path: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Points of an earlier eval.json on the same images and model, with this run's point replacing its own."""
+    points = list(report["points"])
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        old = {}
+    same = all(old.get(k) == report[k] for k in ("split_description", "method", "finetuned", "base_architecture"))
+    if isinstance(old, dict) and same and isinstance(old.get("points"), list):
+        this = points[0].get("point") or {"knob": points[0]["knob"]}
+        points += [p for p in old["points"]
+                   if isinstance(p, dict) and (p.get("point") or {"knob": p.get("knob")}) != this]
+    return sorted(points, key=lambda p: p.get("gmacs") or 0.0)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(content)
+    tmp.replace(path)
