@@ -25,6 +25,7 @@ from vitconvert.evaluate import evaluate as run_evaluate
 from vitconvert.operating import format_point
 from vitconvert.publish import push as run_push
 from vitconvert.registry import get_method
+from vitconvert.saving import check_output_dir
 from vitconvert.sources import parse_model_kwargs
 from vitconvert.train import finetune as run_finetune
 
@@ -69,8 +70,7 @@ def apply(
     """Convert MODEL with a recipe and write a converted-model folder."""
     rec = vitconvert.load_recipe(recipe, set_)
     dest = output or output_dir_for(model, rec)
-    if dest.exists() and not overwrite:
-        raise UserError(f"{str(dest)!r} already exists; pass --overwrite to replace it or choose another -o")
+    check_output_dir(dest, overwrite)  # before the conversion, not after it
     with console.status(f"converting {model} with recipe {rec.name} ..."):
         converted = vitconvert.apply(model, rec, checkpoint=checkpoint, model_kwargs=_kwargs(model_kwargs),
                                      pretrained=pretrained)

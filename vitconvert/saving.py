@@ -40,24 +40,81 @@ CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 
 
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_dir(folder: str | os.PathLike[str], what: str = "output folder") -> Path:
+    """Check that files can be written into ``folder`` (created later if missing) before any work starts.
+
+    Nothing is left behind: the probe is a temporary folder made in ``folder`` or in its nearest existing
+    parent and removed at once.
+
+    Raises:
+        UserError: a parent is a file, or the place is read-only or not writable by this user.
+    """
+    folder = Path(folder).expanduser().resolve()
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise UserError(f"{what} {str(folder)!r} cannot be created: {str(existing)!r} is a file, not a folder; "
+                        "choose another -o")
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".vitconvert-probe-", dir=existing))
+    except OSError as e:
+        raise UserError(f"{what} {str(folder)!r} cannot be written ({e.strerror or type(e).__name__} in "
+                        f"{str(existing)!r}); choose another -o") from None
+    probe.rmdir()
+    return folder
+
+
+def check_output_dir(out: str | os.PathLike[str], overwrite: bool = False, allow_existing: Path | None = None,
+                     what: str = "output folder") -> Path:
+    """Check an output folder before the work starts: free (or ``overwrite``), and writable where it will be
+    written (:func:`atomic_dir` writes beside it, in its parent).
+
+    Args:
+        out: The folder to be written.
+        overwrite: An existing ``out`` may be replaced.
+        allow_existing: A folder that may be replaced without ``overwrite`` (the model folder itself).
+        what: How the message names it.
+
+    Returns:
+        ``out``, absolute.
+    """
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite and out.resolve() != (allow_existing.resolve() if allow_existing else None):
+        raise UserError(f"{str(out)!r} already exists; pass --overwrite to replace it or choose another -o")
+    check_writable_dir(out.parent, what=f"{what} {str(out)!r}: its parent")
+    return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out`` and move it into place only if the block succeeds.
 
-    An interrupted or failed run leaves nothing at ``out`` (and an existing folder untouched).
+    An interrupted or failed run leaves nothing at ``out`` (and an existing folder or file untouched).
     """
     out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise UserError(f"{str(out)!r} already exists; pass --overwrite to replace it or choose another -o")
+    check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
+        if out.exists() or out.is_symlink():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
             tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)  # a file or link as well as a folder: nothing hidden is left behind
         else:
             tmp.rename(out)
     finally:
