@@ -148,8 +148,8 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     except pickle.UnpicklingError:
         # torch's own text spans several lines and suggests weights_only=False, which would run the file's code.
         raise UserError(f"checkpoint {str(path)!r} could not be read: it holds pickled Python objects besides "
-                        "tensors, which vitconvert never unpickles; save only the state dict (torch.save(model.state_dict(), f)) or "
-                        "convert it to .safetensors") from None
+                        "tensors, which vitconvert never unpickles; save only the state dict "
+                        "(torch.save(model.state_dict(), f)) or convert it to .safetensors") from None
     except Exception as e:  # corrupt files raise many different types
         raise UserError(f"checkpoint {str(path)!r} could not be read ({type(e).__name__}: "
                         f"{one_line(e)[:200]})") from None
