@@ -33,7 +33,7 @@ from timm.data import create_transform, resolve_data_config
 from timm.data.readers.img_extensions import get_img_extensions
 from torch import nn
 
-from vitconvert.errors import UserError
+from vitconvert.errors import UserError, one_line
 
 FileList = list[tuple[Path, int]]
 
@@ -258,8 +258,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.images: list[Image.Image] | None = None
         if in_memory is None and self.files:
-            with Image.open(self.files[0][0]) as im:
-                w, h = im.size
+            w, h = _image_size(self.files[0][0])
             in_memory = w * h * 3 * len(self.files) <= IN_MEMORY_BYTES
         if in_memory:
             self.images = [_read(p) for p, _ in self.files]
@@ -279,12 +278,25 @@ class ImageDataset(torch.utils.data.Dataset):
             return self.transform(image), label
 
 
+# What PIL raises for a file that is not a readable image (UnidentifiedImageError is an OSError; truncated or
+# malformed files also raise ValueError or SyntaxError; oversized ones DecompressionBombError).
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def _read(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except OSError as e:
-        raise UserError(f"image {str(path)!r} could not be read ({e})") from None
+    except _PIL_ERRORS as e:
+        raise UserError(f"image {str(path)!r} could not be read ({one_line(e)}); remove or replace it") from None
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except _PIL_ERRORS as e:
+        raise UserError(f"image {str(path)!r} could not be read ({one_line(e)}); remove or replace it") from None
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
