@@ -52,8 +52,6 @@ class FinetuneSettings(Strict):
     distill_temperature: float = Field(1.0, gt=0, le=100)
     max_images: int | None = Field(None, ge=1, description="use at most this many training images")
     checkpoint_every: int = Field(200, ge=1, description="optimizer steps between resumable checkpoints")
-    checkpoint_minutes: float = Field(10.0, gt=0, description="also checkpoint after this many minutes without "
-                                      "one, and at the end of every epoch, so short runs can resume too")
     seed: int = 0
     augment: dict[str, Any] = Field(default_factory=dict, description="timm create_transform arguments for "
                                     "training, e.g. {scale: [0.5, 1.0], color_jitter: 0.0}; empty: timm's defaults")

@@ -81,6 +81,13 @@ class BaseSpec:
             raise UserError(f"config: base architecture {data['architecture']!r} is not a timm model")
         if not isinstance(data.get("model_args", {}), dict):
             raise UserError("config: model_args.base.model_args must be a mapping")
+        for key, types, expected in (("source", (str,), "a string"), ("pretrained_tag", (str, type(None)), "a string"),
+                                     ("hub_id", (str, type(None)), "a string"), ("checkpoint", (str, type(None)),
+                                                                                "a path"),
+                                     ("pretrained", (bool,), "true or false"),
+                                     ("img_size", (list, type(None)), "[height, width]")):
+            if key in data and not isinstance(data[key], types):
+                raise UserError(f"config: model_args.base.{key} must be {expected}, got {data[key]!r}")
         return cls(**data)
 
     def build(self) -> nn.Module:
@@ -347,7 +354,7 @@ def offline_unless_reachable() -> Iterator[None]:
 
 # What timm's constructors raise for arguments they cannot build (num_heads not dividing the width: an
 # AssertionError; patch_size=0: ZeroDivisionError; depth=-1: RuntimeError...).
-_BUILD_ERRORS = (TypeError, ValueError, AssertionError, ZeroDivisionError, RuntimeError, KeyError, IndexError,
+BUILD_ERRORS = (TypeError, ValueError, AssertionError, ZeroDivisionError, RuntimeError, KeyError, IndexError,
                  AttributeError, OverflowError)
 
 
@@ -362,7 +369,7 @@ def build_timm(arch: str, kwargs: dict[str, Any], what: str, source: str | None 
     """
     try:
         return timm.create_model(arch, pretrained=False, **kwargs)
-    except _BUILD_ERRORS as e:
+    except BUILD_ERRORS as e:
         shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no arguments"
         raise UserError(f"{source or arch}: bad {what} for {arch}: timm cannot build it with {shown} "
                         f"({type(e).__name__}: {one_line(e)[:160] or 'invalid value'})") from None

@@ -51,6 +51,9 @@ from vitconvert.sources import load_base, load_checkpoint_file, load_state_dict_
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.json"
+# Besides every finetune.checkpoint_every steps and every epoch, a checkpoint at least this often: a run of
+# long epochs can resume too. A constant, not a recipe field, so older versions still read saved recipes.
+CHECKPOINT_MINUTES = 10.0
 # Files of a model folder that describe the model itself; anything else (logs, plots) is carried over.
 MODEL_FILES = ("model.safetensors", "config.json", "README.md")
 
@@ -598,7 +601,7 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
 
                     now = time.perf_counter()
                     # The clock decides on every process alike: its vote travels with the loss values.
-                    late = float(now - last_saved >= settings.checkpoint_minutes * 60)
+                    late = float(now - last_saved >= CHECKPOINT_MINUTES * 60)
                     values = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values()),
                                           loss.new_tensor(late, dtype=torch.float32)])
                     if ddp.world > 1:
@@ -615,7 +618,7 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
                     epoch_done = step % steps_per_epoch == 0
                     if epoch_done or step == total_steps:
                         log["epochs"].append(_epoch_summary(log["steps"], epoch, list(terms)))
-                    # Every checkpoint_every steps, every epoch and every checkpoint_minutes: a short run resumes too.
+                    # Every checkpoint_every steps, every epoch and every CHECKPOINT_MINUTES: a short run resumes too.
                     if step < total_steps and (step % settings.checkpoint_every == 0 or epoch_done or late_anywhere):
                         rng = _gather_rng(ddp)
                         if ddp.main:
@@ -661,8 +664,9 @@ def _interrupted_message(step: int, total: int, saved_step: int | None, partial:
     if saved_step is not None:
         return (f"finetune interrupted at step {step}/{total}; its checkpoint at step {saved_step} is kept in "
                 f"{str(partial)!r} and nothing else was written: run the same command with --resume to continue")
-    return (f"finetune interrupted at step {step}/{total}, before its first checkpoint (at the end of the first epoch "
-            "or finetune.checkpoint_minutes): nothing was written and it cannot be resumed; run it again")
+    return (f"finetune interrupted at step {step}/{total}, before its first checkpoint (at the end of the first epoch, "
+            f"after {CHECKPOINT_MINUTES:g} minutes or finetune.checkpoint_every steps): nothing was written and it "
+            "cannot be resumed; run it again")
 
 
 def _gather_rng(ddp: _Dist) -> dict[str, Any] | list[dict[str, Any]]:
