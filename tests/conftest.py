@@ -87,5 +87,9 @@ def hub_subprocess_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _REMOVED}
     env.update(HUB_ENV)
     tests_dir = str(Path(__file__).resolve().parent)
-    env["PYTHONPATH"] = os.pathsep.join([tests_dir, *filter(None, [env.get("PYTHONPATH")])])
+    # This checkout's package, not another installed copy.
+    import vitconvert
+
+    package_root = str(Path(vitconvert.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([tests_dir, package_root, *filter(None, [env.get("PYTHONPATH")])])
     return env

@@ -28,7 +28,7 @@ from vitconvert.data import DataArg, ImageFolderData, SourceData, Split, batches
 from vitconvert.errors import UserError
 from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints, can_simulate
 from vitconvert.operating import CurvePoint, OperatingPoint, choose_point, format_point, parse_budget, unique_points
-from vitconvert.saving import save
+from vitconvert.saving import check_output_dir, save
 from vitconvert.train import ProgressBar, carried_files, original_model, resolve_device, resolve_model
 
 STALE_AFTER_CALIBRATION = ("curve.png", "eval.json", "eval.png")
@@ -223,15 +223,15 @@ def calibrate(
     dev = resolve_device(device)
     settings = cm.recipe.calibrate
     if out is not None:
-        out_path: Path | None = Path(out).expanduser().resolve()
-        if out_path.exists() and out_path != folder and not overwrite:
-            raise UserError(f"{str(out_path)!r} already exists; pass --overwrite to replace it or choose another -o")
+        out_path: Path | None = check_output_dir(out, overwrite, allow_existing=folder)
     elif folder is not None:
-        out_path = folder
+        out_path = check_output_dir(folder, overwrite=True, what="model folder")  # rewritten in place
     elif isinstance(model, ConvertedModel):
         out_path = None  # an in-memory model is calibrated in place and not written
     else:
         raise UserError("calibrate needs an output folder (-o) for a Hub model")
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
     budget = budget if budget is not None else settings.budget
     if budget is not None:
         parse_budget(budget)  # a bad budget is refused before the measurement pass

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
+import click
 import typer
+import typer.main
 from rich.console import Console
 from rich.table import Table
 
@@ -19,13 +21,19 @@ from vitconvert.api import output_dir_for
 from vitconvert.backbones import describe_family
 from vitconvert.calibration import calibrate as run_calibrate
 from vitconvert.demo import run_demo
-from vitconvert.errors import UserError
+from vitconvert.errors import Interrupted, UserError, one_line
 from vitconvert.evaluation import evaluate as run_evaluate
 from vitconvert.operating import format_point
 from vitconvert.publish import push as run_push
 from vitconvert.registry import get_method
+from vitconvert.saving import check_output_dir
 from vitconvert.sources import parse_model_kwargs
 from vitconvert.train import finetune as run_finetune
+
+try:  # typer >= 0.17 bundles its own copy of click and raises that copy's exceptions
+    import typer._click.exceptions as _typer_click_exceptions
+except ImportError:  # pragma: no cover - older typer uses click itself
+    _typer_click_exceptions = None
 
 app = typer.Typer(
     name="vitconvert",
@@ -64,8 +72,7 @@ def apply(
     """Convert MODEL with a recipe and write a converted-model folder."""
     rec = vitconvert.load_recipe(recipe, set_)
     dest = output or output_dir_for(model, rec)
-    if dest.exists() and not overwrite:
-        raise UserError(f"{str(dest)!r} already exists; pass --overwrite to replace it or choose another -o")
+    check_output_dir(dest, overwrite)  # before the conversion, not after it
     with console.status(f"converting {model} with recipe {rec.name} ..."):
         converted = vitconvert.apply(model, rec, checkpoint=checkpoint, model_kwargs=_kwargs(model_kwargs),
                                      pretrained=pretrained)
@@ -242,26 +249,70 @@ def normalise_argv(argv: list[str]) -> list[str]:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
-    args = normalise_argv(list(sys.argv[1:] if argv is None else argv))
-    try:
-        app(args=args, prog_name="vitconvert", standalone_mode=False)
-    except UserError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted; nothing was written")
-        sys.exit(130)
-    except Exception as e:
-        import click
+def _click_classes(name: str) -> tuple[type[BaseException], ...]:
+    """``name`` from click and from the copy of click that recent typer versions bundle (``typer._click``).
 
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    typer raises its own copy's exceptions, which are not click's: both are caught by their real classes.
+    """
+    found: list[type[BaseException]] = []
+    for module in (_typer_click_exceptions, click.exceptions, typer.exceptions):
+        cls = getattr(module, name, None) if module is not None else None
+        if isinstance(cls, type) and issubclass(cls, BaseException) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+_USAGE_ERRORS = _click_classes("UsageError")
+_CLICK_ERRORS = _click_classes("ClickException")
+_EXITS = _click_classes("Exit")
+_ABORTS = _click_classes("Abort")
+_NO_ARGS = _click_classes("NoArgsIsHelpError")
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    console.print(f"[bold red]error:[/] {one_line(message)}", highlight=False, soft_wrap=True, markup=True)
+    sys.exit(code)
+
+
+def _usage_message(e: BaseException) -> str:
+    ctx = getattr(e, "ctx", None)
+    path = ctx.command_path if ctx is not None else "vitconvert"
+    if isinstance(e, _NO_ARGS):
+        if ctx is not None and ctx.parent is None:
+            return f"no command given; run `{path} --help` for the commands (apply, finetune, eval, push ...)"
+        return f"missing arguments; run `{path} --help` for its usage"
+    text = e.format_message() if hasattr(e, "format_message") else str(e)
+    return f"{text.rstrip('.')}; run `{path} --help` for its usage"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: exit 0 on success, 2 on a user mistake, 130 on Ctrl-C.
+
+    The click command behind the typer app runs directly, so every exception arrives here as raised: typer's
+    own loop would turn Ctrl-C into a silent exit status and print usage errors with tracebacks or panels.
+    """
+    args = normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    command = typer.main.get_command(app)
+    try:
+        with command.make_context("vitconvert", args) as ctx:
+            command.invoke(ctx)
+    except UserError as e:
+        _fail(str(e), 2)
+    except KeyboardInterrupt as e:
+        message = str(e) if isinstance(e, Interrupted) else "interrupted; nothing was written"
+        console.print(one_line(message), highlight=False, soft_wrap=True, markup=False)
+        sys.exit(130)
+    except _EXITS as e:
+        sys.exit(getattr(e, "exit_code", 0))
+    except _ABORTS:
+        console.print("aborted; nothing was written", highlight=False, markup=False)
+        sys.exit(130)
+    except _USAGE_ERRORS as e:
+        _fail(_usage_message(e), 2)
+    except _CLICK_ERRORS as e:
+        _fail(e.format_message() if hasattr(e, "format_message") else str(e), 2)
+    except BrokenPipeError:
+        sys.exit(1)  # the reader went away (`vitconvert recipes | head`): nothing left to say
 
 
 if __name__ == "__main__":

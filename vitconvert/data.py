@@ -49,7 +49,7 @@ from timm.data import create_transform, resolve_data_config
 from timm.data.readers.img_extensions import get_img_extensions
 from torch import nn
 
-from vitconvert.errors import UserError
+from vitconvert.errors import UserError, one_line
 
 # (path or source item, label); label -1: known only once the item is read (see LabelledSource.labels).
 FileList = list[tuple[Any, int]]
@@ -369,16 +369,28 @@ def _size(path: Path | SourceItem) -> tuple[int, int]:
     if isinstance(path, SourceItem):
         image = path.load()[0]
         return (image.size if isinstance(image, Image.Image) else (image.shape[-1], image.shape[-2]))
-    with Image.open(path) as im:
-        return im.size
+    return _image_size(path)
+
+
+# What PIL raises for a file that is not a readable image (UnidentifiedImageError is an OSError; truncated or
+# malformed files also raise ValueError or SyntaxError; oversized ones DecompressionBombError).
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def _read(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except OSError as e:
-        raise UserError(f"image {str(path)!r} could not be read ({e})") from None
+    except _PIL_ERRORS as e:
+        raise UserError(f"image {str(path)!r} could not be read ({one_line(e)}); remove or replace it") from None
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except _PIL_ERRORS as e:
+        raise UserError(f"image {str(path)!r} could not be read ({one_line(e)}); remove or replace it") from None
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:

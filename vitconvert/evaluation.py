@@ -26,7 +26,7 @@ from vitconvert.data import DataArg, ImageDataset, batches, eval_transform, open
 from vitconvert.errors import UserError
 from vitconvert.methods.base import ConvertedModel
 from vitconvert.operating import CurvePoint
-from vitconvert.saving import CARD_NAME, read_config
+from vitconvert.saving import CARD_NAME, check_writable_dir, read_config
 from vitconvert.train import ProgressBar, original_model, resolve_device, resolve_model
 
 # Throughput timing keeps going (up to max_rounds) until this many seconds have been spent.
@@ -133,7 +133,13 @@ def evaluate(
     if budget is not None:
         cm.set_budget(budget)
     dev = resolve_device(device)
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
     out_path = Path(out).expanduser().resolve() if out is not None else folder
+    if out_path is not None:  # eval.json and eval.png go into it: checked before the images are run
+        if out_path.exists() and not out_path.is_dir():
+            raise UserError(f"eval output {str(out_path)!r} is a file; -o takes a folder for eval.json and eval.png")
+        check_writable_dir(out_path, "eval output folder")
     folder_data = open_data(data, holdout=cm.recipe.calibrate.holdout)
     folder_data.check_classes(cm.num_classes)
     split = folder_data.eval_split(max_images)

@@ -19,7 +19,9 @@ rewritten graphs.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import itertools
 import math
 import operator
@@ -95,7 +97,9 @@ def trace(module: nn.Module, leaves: Iterable[str] = (), concrete: bool = True) 
 
 def shape_prop(gm: fx.GraphModule, *example: torch.Tensor) -> None:
     """Record ``meta['tensor_meta']`` (shape, dtype) on every node for the given example input."""
-    with torch.no_grad():
+    # ShapeProp prints the traceback of a failing node itself before re-raising; the caller reports the error
+    # in one line, so that print is kept off the user's terminal.
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         ShapeProp(gm).propagate(*example)
 
 

@@ -11,13 +11,11 @@ import os
 import re
 from pathlib import Path
 
-from safetensors import safe_open
-
 from vitconvert._version import __version__
 from vitconvert.card import fill_repo_id, model_card
 from vitconvert.errors import UserError
 from vitconvert.hub import IMAGE_SUFFIXES, hub_error, is_hub_failure, is_offline
-from vitconvert.saving import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, check_config, read_config
+from vitconvert.saving import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, check_folder
 
 
 def _check_repo_id(repo_id: str) -> str:
@@ -60,21 +58,14 @@ def push_files(folder: str | os.PathLike[str], repo_id: str | None = None) -> di
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise UserError(f"model folder {str(folder)!r} does not exist")
-    config = read_config(folder)
-    check_config(config, f"in {folder / CONFIG_NAME}")
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pth", ".pt", ".ckpt"))
         hint = f" (found {', '.join(found)}; vitconvert pushes only safetensors)" if found else ""
         raise UserError(f"{str(folder)!r} has no {WEIGHTS_NAME}{hint}; save the model with vitconvert.save")
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            if not list(f.keys()):
-                raise UserError(f"{str(weights)!r} holds no tensors")
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{str(weights)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    # The checks of loading itself (the model is built from the config, the weights' header must fit it): a
+    # folder that would not load is never uploaded.
+    config, _ = check_folder(folder, f"in {folder / CONFIG_NAME}")
     card_path = folder / CARD_NAME
     card = card_path.read_text() if card_path.is_file() else model_card(config, folder, repo_id or folder.name)
     if repo_id:

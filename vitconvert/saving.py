@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -22,42 +23,100 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_model
 from timm.models import register_model
 
 from vitconvert import methods  # noqa: F401  (imports, and so registers, every method)
 from vitconvert._version import __version__
 from vitconvert.card import model_card
-from vitconvert.errors import UserError
+from vitconvert.errors import UserError, one_line
 from vitconvert.hub import download_model
 from vitconvert.methods.base import ConvertedModel, convert
 from vitconvert.recipes import Recipe, validate_recipe
 from vitconvert.registry import METHODS
-from vitconvert.sources import BaseSpec, load_state_dict_checked
+from vitconvert.sources import BUILD_ERRORS, BaseSpec, load_state_dict_checked
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 
 
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_dir(folder: str | os.PathLike[str], what: str = "output folder") -> Path:
+    """Check that files can be written into ``folder`` (created later if missing) before any work starts.
+
+    Nothing is left behind: the probe is a temporary folder made in ``folder`` or in its nearest existing
+    parent and removed at once.
+
+    Raises:
+        UserError: a parent is a file, or the place is read-only or not writable by this user.
+    """
+    folder = Path(folder).expanduser().resolve()
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise UserError(f"{what} {str(folder)!r} cannot be created: {str(existing)!r} is a file, not a folder; "
+                        "choose another -o")
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".vitconvert-probe-", dir=existing))
+    except OSError as e:
+        raise UserError(f"{what} {str(folder)!r} cannot be written ({e.strerror or type(e).__name__} in "
+                        f"{str(existing)!r}); choose another -o") from None
+    probe.rmdir()
+    return folder
+
+
+def check_output_dir(out: str | os.PathLike[str], overwrite: bool = False, allow_existing: Path | None = None,
+                     what: str = "output folder") -> Path:
+    """Check an output folder before the work starts: free (or ``overwrite``), and writable where it will be
+    written (:func:`atomic_dir` writes beside it, in its parent).
+
+    Args:
+        out: The folder to be written.
+        overwrite: An existing ``out`` may be replaced.
+        allow_existing: A folder that may be replaced without ``overwrite`` (the model folder itself).
+        what: How the message names it.
+
+    Returns:
+        ``out``, absolute.
+    """
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite and out.resolve() != (allow_existing.resolve() if allow_existing else None):
+        raise UserError(f"{str(out)!r} already exists; pass --overwrite to replace it or choose another -o")
+    check_writable_dir(out.parent, what=f"{what} {str(out)!r}: its parent")
+    return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out`` and move it into place only if the block succeeds.
 
-    An interrupted or failed run leaves nothing at ``out`` (and an existing folder untouched).
+    An interrupted or failed run leaves nothing at ``out`` (and an existing folder or file untouched).
     """
     out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise UserError(f"{str(out)!r} already exists; pass --overwrite to replace it or choose another -o")
+    check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
+        if out.exists() or out.is_symlink():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
             tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)  # a file or link as well as a folder: nothing hidden is left behind
         else:
             tmp.rename(out)
     finally:
@@ -144,6 +203,23 @@ def config_parts(config: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str,
     return arch[len("vitconvert_"):], args["base"], args["recipe"], state
 
 
+def _check_outer(config: dict[str, Any]) -> None:
+    """The keys besides model_args that loading, cards and timm read."""
+    info = config.get("vitconvert", {})
+    if not isinstance(info, dict):
+        raise UserError(f"config: 'vitconvert' must be a mapping, got {type(info).__name__}")
+    if "point" in info and not (isinstance(info["point"], list) and all(isinstance(n, str) for n in info["point"])):
+        raise UserError(f"config: vitconvert.point must list the knob names, got {info['point']!r}")
+    for key in ("num_classes", "num_features"):
+        if key in config and not (_is_int(config[key]) and config[key] >= 0):
+            raise UserError(f"config: {key} must be a non-negative integer, got {config[key]!r}")
+    if "label_names" in config and not isinstance(config["label_names"], list | dict):
+        raise UserError(f"config: label_names must be a list, got {config['label_names']!r}")
+    cfg = config.get("pretrained_cfg")
+    if cfg is not None and not isinstance(cfg, dict):
+        raise UserError(f"config: pretrained_cfg must be a mapping, got {type(cfg).__name__}")
+
+
 def check_config(config: dict[str, Any], where: str = "in config.json") -> tuple[str, BaseSpec, Recipe,
                                                                                  dict[str, Any]]:
     """Everything :func:`load` checks before building: (method, base spec, recipe, state).
@@ -152,11 +228,54 @@ def check_config(config: dict[str, Any], where: str = "in config.json") -> tuple
         UserError: naming the first problem (unknown method or architecture, invalid recipe...).
     """
     method, base, recipe, state = config_parts(config)
+    _check_outer(config)
     spec = BaseSpec.from_dict(base)
     rec = validate_recipe(recipe, where)
     if rec.method != method:
         raise UserError(f"config {where}: architecture says method {method!r} but the recipe says {rec.method!r}")
     return method, spec, rec, state
+
+
+def check_folder(folder: Path, where: str | None = None) -> tuple[dict[str, Any], ConvertedModel]:
+    """Everything :func:`load` checks, without reading the weights: the config (its layout, the base model's
+    arguments, the recipe, the state, the data settings) by building the model from it, and the header of
+    ``model.safetensors`` (every key present, every shape right). Push runs this, so it refuses whatever
+    loading refuses.
+
+    Returns:
+        The config and the model it builds (random weights).
+    """
+    config = read_config(folder)
+    check_config(config, where or f"in {folder / CONFIG_NAME}")
+    method, base, recipe, state = config_parts(config)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise UserError(f"model folder {str(folder)!r} has no {WEIGHTS_NAME}; vitconvert loads only safetensors "
+                        "weights")
+    model = build_from_config(base, recipe, state, method, config.get("pretrained_cfg"))
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    except Exception as e:  # a truncated or foreign file: safetensors raises its own types
+        raise UserError(f"{str(weights)!r} is not a readable safetensors file ({type(e).__name__}: "
+                        f"{one_line(e)[:200]})") from None
+    if not shapes:
+        raise UserError(f"{str(weights)!r} holds no tensors")
+    _check_fits(model, shapes, f"weights {str(weights)!r}")
+    return config, model
+
+
+def _check_fits(model: ConvertedModel, shapes: dict[str, tuple[int, ...]], what: str) -> None:
+    """The strict check of :func:`load_weights` on shapes alone (shared tensors stored once are fine)."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in own if k not in shapes and _alias_of(model, k, shapes) is None]
+    unexpected = [k for k in shapes if k not in own]
+    mismatched = [f"{k} {shapes[k]} vs model {own[k]}" for k in own if k in shapes and shapes[k] != own[k]]
+    problems = [f"{label}: {', '.join(items[:6])}" + (f" and {len(items) - 6} more" if len(items) > 6 else "")
+                for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                     ("shape mismatch", mismatched)) if items]
+    if problems:
+        raise UserError(f"{what} do not fit the model its config.json describes ({'; '.join(problems)})")
 
 
 # Data settings a saved model carries in its pretrained_cfg (the architecture's defaults are ImageNet's).
@@ -176,12 +295,78 @@ def build_from_config(base: dict[str, Any], recipe: dict[str, Any], state: dict[
     rec = validate_recipe(recipe, "in config.json")
     if method is not None and rec.method != method:
         raise UserError(f"config: architecture says method {method!r} but the recipe says {rec.method!r}")
-    model = convert(spec.build(), spec, rec)
+    if spec.img_size is not None and not (isinstance(spec.img_size, list) and len(spec.img_size) == 2 and all(
+            _is_int(v) and v > 0 for v in spec.img_size)):
+        raise UserError(f"config: model_args.base.img_size must be [height, width] in pixels, got {spec.img_size!r}")
+    base_model = spec.build()
+    embed = getattr(base_model, "patch_embed", None)
+    fixed = getattr(embed, "img_size", None) if getattr(embed, "strict_img_size", False) else None
+    if fixed is not None and spec.img_size is not None and list(fixed) != list(spec.img_size):
+        raise UserError(f"config: model_args.base.img_size {spec.img_size} contradicts the base model, which is built "
+                        f"for {list(fixed)} (its model_args); re-save the model with vitconvert")
+    try:
+        model = convert(base_model, spec, rec)
+    except UserError:
+        raise
+    except BUILD_ERRORS as e:  # sizes that contradict the base model's own arguments
+        raise UserError(f"config: model_args.base does not describe a model vitconvert can rebuild "
+                        f"({type(e).__name__}: {one_line(e)[:160]}); re-save the model with vitconvert") from None
+    if not isinstance(state, dict | None):
+        raise UserError("config: model_args.state must be a mapping")
     if state:
         model.load_state(state)
     saved = pretrained_cfg if isinstance(pretrained_cfg, dict) else getattr(pretrained_cfg, "__dict__", None) or {}
-    model.pretrained_cfg.update({k: saved[k] for k in DATA_CFG_KEYS if saved.get(k) is not None})
+    data = {k: saved[k] for k in DATA_CFG_KEYS if saved.get(k) is not None}
+    _check_data_cfg(data, tuple(model.pretrained_cfg["input_size"]))
+    model.pretrained_cfg.update(data)
     return model
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
+_CROP_MODES = ("center", "squash", "border")
+
+
+def _check_data_cfg(data: dict[str, Any], input_size: tuple[int, ...]) -> None:
+    """The data settings of a saved pretrained_cfg: what timm's transforms would otherwise crash on later."""
+    def bad(key: str, expected: str) -> UserError:
+        return UserError(f"config: pretrained_cfg.{key} must be {expected}, got {data[key]!r}")
+
+    for key in ("input_size", "test_input_size", "min_input_size"):
+        if key in data:
+            v = data[key]
+            if not (isinstance(v, list | tuple) and len(v) == 3 and all(_is_int(x) and x > 0 for x in v)):
+                raise bad(key, "[channels, height, width] (positive integers)")
+    if "input_size" in data and tuple(data["input_size"]) != input_size:
+        raise bad("input_size", f"{list(input_size)}, the size the model runs at")
+    for key in ("mean", "std"):
+        if key in data:
+            v = data[key]
+            if not (isinstance(v, list | tuple) and len(v) == input_size[0] and all(_is_number(x) for x in v)):
+                raise bad(key, f"{input_size[0]} numbers, one per channel")
+            if key == "std" and any(x <= 0 for x in v):
+                raise bad(key, "positive numbers")
+    if "interpolation" in data and data["interpolation"] not in _INTERPOLATIONS:
+        raise bad("interpolation", f"one of {', '.join(_INTERPOLATIONS)}")
+    for key in ("crop_pct", "test_crop_pct"):
+        if key in data and not (_is_number(data[key]) and 0 < data[key] <= 4):
+            raise bad(key, "a number in (0, 4]")
+    if "crop_mode" in data and data["crop_mode"] not in _CROP_MODES:
+        raise bad("crop_mode", f"one of {', '.join(_CROP_MODES)}")
+    if "fixed_input_size" in data and not isinstance(data["fixed_input_size"], bool):
+        raise bad("fixed_input_size", "true or false")
+    for key in ("label_names", "label_descriptions"):
+        if key in data and not isinstance(data[key], list | dict):
+            raise bad(key, "a list or mapping")
+    if "license" in data and not isinstance(data["license"], str):
+        raise bad("license", "a string")
 
 
 def load_weights(model: ConvertedModel, weights: Path) -> None:
@@ -202,7 +387,7 @@ def load_weights(model: ConvertedModel, weights: Path) -> None:
     load_state_dict_checked(model, state, f"weights {str(weights)!r}")
 
 
-def _alias_of(model: ConvertedModel, key: str, state: dict[str, torch.Tensor]) -> str | None:
+def _alias_of(model: ConvertedModel, key: str, state: dict[str, Any]) -> str | None:
     tensor = model.state_dict(keep_vars=True)[key]
     for other, t in model.state_dict(keep_vars=True).items():
         if other != key and other in state and t.data_ptr() == tensor.data_ptr():
@@ -256,6 +441,7 @@ def load(path: str | os.PathLike[str], budget: str | float | None = None, device
     method, base, recipe, state = config_parts(config)
     if not (folder / WEIGHTS_NAME).is_file():
         raise UserError(f"model folder {text!r} has no {WEIGHTS_NAME}; vitconvert loads only safetensors weights")
+    _check_outer(config)
     model = build_from_config(base, recipe, state, method, config.get("pretrained_cfg"))
     load_weights(model, folder / WEIGHTS_NAME)
     if budget is not None:
@@ -304,6 +490,7 @@ def _entrypoint_for(method: str) -> Any:
     return entrypoint
 
 
-__all__ = ["build_from_config", "check_config", "load", "load_weights", "model_config", "save", "timm_entrypoint"]
+__all__ = ["build_from_config", "check_config", "check_folder", "check_output_dir", "check_writable_dir", "load",
+           "load_weights", "model_config", "save", "timm_entrypoint"]
 for _method in sorted(METHODS):
     register_model(_entrypoint_for(_method))

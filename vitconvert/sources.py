@@ -19,6 +19,7 @@ import copy
 import functools
 import json
 import os
+import pickle
 import re
 import socket
 import urllib.parse
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from vitconvert.anatomy import model_img_size
-from vitconvert.errors import UserError
+from vitconvert.errors import UserError, one_line
 from vitconvert.hub import download_config, hub_error, is_hub_failure
 from vitconvert.recipes import parse_key_values
 
@@ -81,11 +82,22 @@ class BaseSpec:
             raise UserError(f"config: base architecture {data['architecture']!r} is not a timm model")
         if not isinstance(data.get("model_args", {}), dict):
             raise UserError("config: model_args.base.model_args must be a mapping")
+        for key, types, expected in (("source", (str,), "a string"), ("pretrained_tag", (str, type(None)), "a string"),
+                                     ("hub_id", (str, type(None)), "a string"), ("checkpoint", (str, type(None)),
+                                                                                "a path"),
+                                     ("pretrained", (bool,), "true or false"),
+                                     ("img_size", (list, type(None)), "[height, width]")):
+            if key in data and not isinstance(data[key], types):
+                raise UserError(f"config: model_args.base.{key} must be {expected}, got {data[key]!r}")
         return cls(**data)
 
     def build(self) -> nn.Module:
-        """The base architecture with random weights (weights are loaded by the caller)."""
-        return timm.create_model(self.architecture, pretrained=False, **self.model_args)
+        """The base architecture with random weights (weights are loaded by the caller).
+
+        Raises:
+            UserError: timm cannot build it with these arguments (e.g. a hand-edited config).
+        """
+        return build_timm(self.architecture, self.model_args, "config.json model_args.base.model_args")
 
 
 def resolve_model_name(name: str) -> tuple[str, str | None]:
@@ -141,8 +153,14 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
             raise UserError(f"checkpoint {path.name!r}: unsupported format; use .safetensors, .pth, .pt or .bin")
     except UserError:
         raise
+    except pickle.UnpicklingError:
+        # torch's own text spans several lines and suggests weights_only=False, which would run the file's code.
+        raise UserError(f"checkpoint {str(path)!r} could not be read: it holds pickled Python objects besides "
+                        "tensors, which vitconvert never unpickles; save only the state dict "
+                        "(torch.save(model.state_dict(), f)) or convert it to .safetensors") from None
     except Exception as e:  # corrupt files raise many different types
-        raise UserError(f"checkpoint {str(path)!r} could not be read ({type(e).__name__}: {e})") from None
+        raise UserError(f"checkpoint {str(path)!r} could not be read ({type(e).__name__}: "
+                        f"{one_line(e)[:200]})") from None
     for key in ("state_dict", "model", "model_ema", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -221,19 +239,27 @@ def load_base(
         path = Path(model[len("local-dir:"):]).expanduser()
         if not (path / "config.json").is_file():
             raise UserError(f"local-dir: {str(path)!r} has no config.json; point it at a saved timm model folder")
-        cfg = json.loads((path / "config.json").read_text())
+        cfg = _read_json_config(path / "config.json", model)
+        arch, base_args = _arch_from_config(cfg, model)  # checked before timm reads the folder
+        pickled = [n for n in ("pytorch_model.bin", "model.pth", "model.pt") if (path / n).is_file()]
         if not use_pretrained:
-            arch, base_args = _arch_from_config(cfg, model)
-            base = timm.create_model(arch, pretrained=False, **{**base_args, **kwargs})
+            base = build_timm(arch, {**base_args, **kwargs}, "--model-kwargs and config.json model_args", model)
+        elif not (path / "model.safetensors").is_file() and pickled:
+            # timm would try the pickled file itself; read it here, with weights_only=True, for one-line errors.
+            base = build_timm(arch, {**base_args, **kwargs}, "--model-kwargs and config.json model_args", model)
+            load_state_dict_checked(base, load_checkpoint_file(path / pickled[0]), f"{model} {pickled[0]}")
+        elif not (path / "model.safetensors").is_file():
+            raise UserError(f"{model} has no weights (model.safetensors); pass --checkpoint FILE or --no-pretrained")
         else:
             base = _create(f"local-dir:{path}", True, kwargs, model)
-        hub_id = (cfg.get("pretrained_cfg") or {}).get("hf_hub_id")
+        hub_id = (cfg.get("pretrained_cfg") or {}).get("hf_hub_id") if isinstance(cfg.get("pretrained_cfg"),
+                                                                                 dict) else None
     elif model.startswith("hf-hub:"):
         repo = model[len("hf-hub:"):]
         hub_id = repo
         if not use_pretrained:
             arch, base_args = _arch_from_config(download_config(repo), model)
-            base = timm.create_model(arch, pretrained=False, **{**base_args, **kwargs})
+            base = build_timm(arch, {**base_args, **kwargs}, "--model-kwargs and the repository's model_args", model)
         else:
             base = _create(model, True, kwargs, model)
     else:
@@ -357,10 +383,28 @@ def _rebuild_mismatch(arch: str, args: dict[str, Any], model: nn.Module) -> str 
     return "; ".join(problems) or None
 
 
-def _arch_from_config(cfg: dict[str, Any], source: str) -> tuple[str, dict[str, Any]]:
+def _read_json_config(file: Path, source: str) -> dict[str, Any]:
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{source}: {str(file)!r} is not valid JSON ({one_line(e)}); fix or re-save the "
+                        "folder") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{source}: {str(file)!r} must hold a JSON object (a timm config), not a "
+                        f"{type(cfg).__name__}")
+    return cfg
+
+
+def _arch_from_config(cfg: Any, source: str) -> tuple[str, dict[str, Any]]:
+    if not isinstance(cfg, dict):
+        raise UserError(f"{source}: config.json must hold a JSON object (a timm config), not a {type(cfg).__name__}")
     arch = cfg.get("architecture")
+    if arch is None:
+        raise UserError(f"{source}: config.json has no 'architecture'; it is not a saved timm model folder")
     if not isinstance(arch, str) or not timm.is_model(arch):
         raise UserError(f"{source}: config.json names architecture {arch!r}, which timm does not know")
+    if not isinstance(cfg.get("model_args") or {}, dict):
+        raise UserError(f"{source}: config.json model_args must be a mapping")
     args = dict(cfg.get("model_args") or {})
     if "num_classes" in cfg:
         args.setdefault("num_classes", cfg["num_classes"])
@@ -399,14 +443,41 @@ def offline_unless_reachable() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = saved
 
 
-def _create(name: str, pretrained: bool, kwargs: dict[str, Any], source: str) -> nn.Module:
+# What timm's constructors raise for arguments they cannot build (num_heads not dividing the width: an
+# AssertionError; patch_size=0: ZeroDivisionError; depth=-1: RuntimeError...).
+BUILD_ERRORS = (TypeError, ValueError, AssertionError, ZeroDivisionError, RuntimeError, KeyError, IndexError,
+                 AttributeError, OverflowError)
+
+
+def build_timm(arch: str, kwargs: dict[str, Any], what: str, source: str | None = None) -> nn.Module:
+    """``timm.create_model(arch, pretrained=False, **kwargs)``; arguments timm cannot build are a UserError.
+
+    Args:
+        arch: A registered timm architecture.
+        kwargs: Its arguments (from --model-kwargs or a config).
+        what: Where the arguments came from, for the message.
+        source: The model as the user named it (default: ``arch``).
+    """
     try:
-        if not pretrained:
-            return timm.create_model(name, pretrained=False, **kwargs)
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except BUILD_ERRORS as e:
+        shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no arguments"
+        raise UserError(f"{source or arch}: bad {what} for {arch}: timm cannot build it with {shown} "
+                        f"({type(e).__name__}: {one_line(e)[:160] or 'invalid value'})") from None
+
+
+def _create(name: str, pretrained: bool, kwargs: dict[str, Any], source: str) -> nn.Module:
+    if not pretrained:
+        return build_timm(name, kwargs, "--model-kwargs", source)
+    try:
         with offline_unless_reachable():
             return timm.create_model(name, pretrained=True, **kwargs)
     except TypeError as e:
-        raise UserError(f"{source}: bad --model-kwargs for this architecture ({e})") from None
+        raise UserError(f"{source}: bad --model-kwargs for this architecture ({one_line(e)})") from None
+    except (AssertionError, ZeroDivisionError, OverflowError, IndexError) as e:
+        raise UserError(f"{source}: timm cannot build it with --model-kwargs "
+                        f"{', '.join(f'{k}={v!r}' for k, v in kwargs.items()) or '(none)'} ({type(e).__name__}: "
+                        f"{one_line(e)[:160] or 'invalid value'})") from None
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise UserError(f"{source}: {e}; if it is a vitconvert model use vitconvert.load") from None
@@ -414,6 +485,8 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any], source: str) ->
             raise UserError(
                 f"{source}: timm has no pretrained weights for it; pass --checkpoint FILE or --no-pretrained"
             ) from None
+        if kwargs:  # the weights do not fit what the arguments built, or timm cannot build it with them
+            raise UserError(f"{source}: timm cannot build it with these --model-kwargs ({one_line(e)[:200]})") from None
         raise
     except Exception as e:
         if name.startswith("hf-hub:") and is_hub_failure(e):

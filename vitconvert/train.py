@@ -44,14 +44,17 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from vitconvert.data import DataArg, ImageDataset, open_data, train_transform
-from vitconvert.errors import UserError
+from vitconvert.errors import Interrupted, UserError
 from vitconvert.methods.base import ConvertedModel
 from vitconvert.recipes import FinetuneSettings, load_recipe, parse_overrides
-from vitconvert.saving import load, save
+from vitconvert.saving import check_output_dir, load, save
 from vitconvert.sources import load_base, load_checkpoint_file, load_state_dict_checked
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.json"
+# Besides every finetune.checkpoint_every steps and every epoch, a checkpoint at least this often: a run of
+# long epochs can resume too. A constant, not a recipe field, so older versions still read saved recipes.
+CHECKPOINT_MINUTES = 10.0
 # Files of a model folder that describe the model itself; anything else (logs, plots) is carried over.
 MODEL_FILES = ("model.safetensors", "config.json", "README.md")
 
@@ -479,8 +482,8 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
         out_path = Path.cwd() / (str(model_arg).rstrip("/").rsplit("/", 1)[-1] + "-ft")
     else:
         raise UserError("finetune needs an output folder (out) for an in-memory model")
-    if out_path.exists() and out_path != folder and not overwrite:
-        raise UserError(f"{str(out_path)!r} already exists; pass --overwrite to replace it or choose another -o")
+    # Before any work: a run that cannot write its result (or its checkpoints, beside it) must not start.
+    check_output_dir(out_path, overwrite, allow_existing=folder)
     partial = out_path.with_name(out_path.name + ".partial")
     ckpt_file = partial / CHECKPOINT_NAME
 
@@ -516,7 +519,8 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
             raise UserError(f"an interrupted run is in {str(partial)!r}; pass --resume to continue it or "
                             "--overwrite to start over")
     elif resume and ddp.main:
-        print(f"no checkpoint in {partial}; starting from the beginning", file=sys.stderr)
+        print(f"--resume: no checkpoint in {partial} (none was written before the run stopped); starting from the "
+              "beginning", file=sys.stderr)
     ddp.barrier()
 
     # Teacher: the original model, unless distillation is switched off.
@@ -550,6 +554,7 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
         "resumed_at": [], "steps": [], "epochs": [],
     }
     step, elapsed_before = 0, 0.0
+    saved_step: int | None = None  # step of the checkpoint on disk, for the message when interrupted
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -558,6 +563,7 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
             ema.load_state_dict(state["ema"])
         _set_rng_state(state["rng"][ddp.rank] if isinstance(state["rng"], list) else state["rng"])
         step, elapsed_before = int(state["step"]), float(state["seconds"])
+        saved_step = step
         log = state["log"]
         log["resumed_at"].append(step)
 
@@ -568,70 +574,83 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext())
 
     start = time.perf_counter()
+    last_saved = start
     bar = ProgressBar(f"finetune {model.method}", total_steps, progress, fields=("loss", "img/s"))
-    with bar, _drop_path(model, settings.drop_path_rate):
-        bar.update(step)
-        while step < total_steps:
-            epoch, skip = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch)
-            dataset.set_epoch(epoch)
-            sampler.skip_batches = skip
-            # Its own generator: a DataLoader draws worker seeds when iterated, which must not move the global
-            # random state (stochastic depth) differently in a resumed run.
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=per_rank, sampler=sampler, num_workers=workers, pin_memory=dev.type == "cuda",
-                drop_last=True, generator=torch.Generator().manual_seed(settings.seed * 1000 + epoch))
-            t_last = time.perf_counter()
-            for x, y in loader:
-                x = x.to(dev, non_blocking=True)
-                y = y.to(dev, non_blocking=True)
-                scheduler.step_update(step)
-                model.set_train_progress(step / total_steps)  # schedules inside the method (DGE's temperature)
-                with autocast:
-                    outputs = step_fn(x)
-                    teacher_logits = None
-                    if teacher is not None:
-                        with torch.no_grad():
-                            teacher_logits = teacher(x)
-                terms = loss_terms(model, outputs, teacher_logits, y if use_labels else None, settings)
-                loss = sum(loss_weight(weights, k) * v for k, v in terms.items())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if settings.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
-                optimizer.step()
-                if ema is not None:
-                    ema.update(model, step=step)
-                step += 1
+    try:
+        with bar, _drop_path(model, settings.drop_path_rate):
+            bar.update(step)
+            while step < total_steps:
+                epoch, skip = divmod(step, steps_per_epoch)
+                sampler.set_epoch(epoch)
+                dataset.set_epoch(epoch)
+                sampler.skip_batches = skip
+                # Its own generator: a DataLoader draws worker seeds when iterated, which must not move the global
+                # random state (stochastic depth) differently in a resumed run.
+                loader = torch.utils.data.DataLoader(
+                    dataset, batch_size=per_rank, sampler=sampler, num_workers=workers, pin_memory=dev.type == "cuda",
+                    drop_last=True, generator=torch.Generator().manual_seed(settings.seed * 1000 + epoch))
+                t_last = time.perf_counter()
+                for x, y in loader:
+                    x = x.to(dev, non_blocking=True)
+                    y = y.to(dev, non_blocking=True)
+                    scheduler.step_update(step)
+                    model.set_train_progress(step / total_steps)  # schedules inside the method (DGE's temperature)
+                    with autocast:
+                        outputs = step_fn(x)
+                        teacher_logits = None
+                        if teacher is not None:
+                            with torch.no_grad():
+                                teacher_logits = teacher(x)
+                    terms = loss_terms(model, outputs, teacher_logits, y if use_labels else None, settings)
+                    loss = sum(loss_weight(weights, k) * v for k, v in terms.items())
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if settings.clip_grad:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
+                    optimizer.step()
+                    if ema is not None:
+                        ema.update(model, step=step)
+                    step += 1
 
-                values = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
-                if ddp.world > 1:
-                    dist.all_reduce(values)
-                    values /= ddp.world
-                now = time.perf_counter()
-                ips = settings.batch_size / max(now - t_last, 1e-9)
-                t_last = now
-                entry = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                         "loss": values[0].item(), **{k: v.item() for k, v in zip(terms, values[1:], strict=True)},
-                         "images_per_s": round(ips, 1), "seconds": round(elapsed_before + now - start, 2)}
-                log["steps"].append(entry)
-                bar.update(1, loss=f"{entry['loss']:.4f}", **{"img/s": f"{ips:.0f}"})
-                if step % steps_per_epoch == 0 or step == total_steps:
-                    log["epochs"].append(_epoch_summary(log["steps"], epoch, list(terms)))
-                if step % settings.checkpoint_every == 0 and step < total_steps:
-                    rng = _gather_rng(ddp)
-                    if ddp.main:
-                        partial.mkdir(parents=True, exist_ok=True)
-                        _save_atomic({
-                            "step": step, "seconds": elapsed_before + now - start, "fingerprint": fingerprint,
-                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-                            "rng": rng, "log": log,
-                        }, ckpt_file)
-                    ddp.barrier()
-                _after_step(step)
-                if step >= total_steps:
-                    break
+                    now = time.perf_counter()
+                    # The clock decides on every process alike: its vote travels with the loss values.
+                    late = float(now - last_saved >= CHECKPOINT_MINUTES * 60)
+                    values = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values()),
+                                          loss.new_tensor(late, dtype=torch.float32)])
+                    if ddp.world > 1:
+                        dist.all_reduce(values)
+                        values /= ddp.world
+                    late_anywhere, values = bool(values[-1] > 0), values[:-1]
+                    ips = settings.batch_size / max(now - t_last, 1e-9)
+                    t_last = now
+                    entry = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                             "loss": values[0].item(), **{k: v.item() for k, v in zip(terms, values[1:], strict=True)},
+                             "images_per_s": round(ips, 1), "seconds": round(elapsed_before + now - start, 2)}
+                    log["steps"].append(entry)
+                    bar.update(1, loss=f"{entry['loss']:.4f}", **{"img/s": f"{ips:.0f}"})
+                    epoch_done = step % steps_per_epoch == 0
+                    if epoch_done or step == total_steps:
+                        log["epochs"].append(_epoch_summary(log["steps"], epoch, list(terms)))
+                    # Every checkpoint_every steps, every epoch and every CHECKPOINT_MINUTES: a short run resumes too.
+                    if step < total_steps and (step % settings.checkpoint_every == 0 or epoch_done or late_anywhere):
+                        rng = _gather_rng(ddp)
+                        if ddp.main:
+                            partial.mkdir(parents=True, exist_ok=True)
+                            _save_atomic({
+                                "step": step, "seconds": elapsed_before + now - start, "fingerprint": fingerprint,
+                                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                                "rng": rng, "log": log,
+                            }, ckpt_file)
+                        ddp.barrier()
+                        saved_step, last_saved = step, time.perf_counter()
+                    _after_step(step)
+                    if step >= total_steps:
+                        break
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted):
+            raise
+        raise Interrupted(_interrupted_message(step, total_steps, saved_step, partial)) from None
 
     if ema is not None:
         model.load_state_dict(ema.module.state_dict())
@@ -651,6 +670,16 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
         shutil.rmtree(partial, ignore_errors=True)
     ddp.barrier()
     return out_path
+
+
+def _interrupted_message(step: int, total: int, saved_step: int | None, partial: Path) -> str:
+    """What an interrupted fine-tune kept, and how to continue it."""
+    if saved_step is not None:
+        return (f"finetune interrupted at step {step}/{total}; its checkpoint at step {saved_step} is kept in "
+                f"{str(partial)!r} and nothing else was written: run the same command with --resume to continue")
+    return (f"finetune interrupted at step {step}/{total}, before its first checkpoint (at the end of the first epoch, "
+            f"after {CHECKPOINT_MINUTES:g} minutes or finetune.checkpoint_every steps): nothing was written and it "
+            "cannot be resumed; run it again")
 
 
 def _gather_rng(ddp: _Dist) -> dict[str, Any] | list[dict[str, Any]]:

@@ -81,10 +81,13 @@ class PackedQueries:
     def gather(self, full: torch.Tensor, pooled: dict[int, torch.Tensor]) -> torch.Tensor:
         """Query rows from the (B, N, C) full-resolution map and the (B, n_p, C) pooled tables."""
         c = full.shape[-1]
+        tables = [full if g == 0 else pooled[self.sizes[g]] for g in range(len(self.src))]
+        if torch.is_grad_enabled():
+            # Autograd does not record ``out=`` writes (saliency maps, attacks, or a forgotten no_grad).
+            return torch.cat([t.reshape(-1, c).index_select(0, src) for t, src in zip(tables, self.src, strict=True)])
         out = full.new_empty(self.m, c)
-        for g, (src, s, e) in enumerate(zip(self.src, self.offsets, self.offsets[1:], strict=False)):
+        for table, src, s, e in zip(tables, self.src, self.offsets, self.offsets[1:], strict=False):
             if e > s:
-                table = full if g == 0 else pooled[self.sizes[g]]
                 torch.index_select(table.reshape(-1, c), 0, src, out=out[s:e])
         return out
 

@@ -162,9 +162,9 @@ def dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], l
 
     def put(k: int, rows: torch.Tensor, res: torch.Tensor, index: torch.Tensor) -> None:
         """out[rows] = res[index]; a packed group's rows are one block, written by one gather."""
-        if isinstance(q, PackedQueries):
+        if isinstance(q, PackedQueries) and not torch.is_grad_enabled():
             torch.index_select(res, 0, index, out=out[q.offsets[k]:q.offsets[k + 1]])
-        else:
+        else:  # autograd records index_copy_, not out= writes
             out.index_copy_(0, rows, res.index_select(0, index))
 
     levels = [q.level_rows(k) for k in range(len(lay.sizes))]  # (rows, image, column) of each level
@@ -211,7 +211,8 @@ def dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], l
             keep = (slot[img_j] >= 0) & ring[at.clamp(min=0)]
             if keep.any():
                 rows_j, c, at = rows_j[keep], c[keep], at[keep]
-                cells.index_add_(0, at, hidden.index_select(0, rows_j) * lay.cand_weight[k][c].unsqueeze(1))
+                weight = lay.cand_weight[k][c].unsqueeze(1).to(hidden.dtype)  # the tables are float32
+                cells.index_add_(0, at, hidden.index_select(0, rows_j) * weight)
         res = conv_at(conv, cells.view(-1, ch, cw, d), p, hw).reshape(-1, d)
         put(k, rows, res, slot[img] * lay.counts[k] + col)
     return out

@@ -243,8 +243,14 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
         calibration = state.pop("calibration", {})
         if not isinstance(calibration, dict):
             raise UserError(f"config: state.calibration must be a mapping, got {calibration!r}")
+        base_top1 = calibration.get("base_top1")
+        if base_top1 is not None and (isinstance(base_top1, bool) or not isinstance(base_top1, int | float)):
+            raise UserError(f"config: state.calibration.base_top1 must be a number, got {base_top1!r}")
         self.calibration = dict(calibration)
-        self.finetuned = bool(state.pop("finetuned", False))
+        finetuned = state.pop("finetuned", False)
+        if not isinstance(finetuned, bool):
+            raise UserError(f"config: state.finetuned must be true or false, got {finetuned!r}")
+        self.finetuned = finetuned
         base_gmacs = state.pop("base_gmacs", self.base_gmacs)
         if isinstance(base_gmacs, bool) or not isinstance(base_gmacs, int | float) or not math.isfinite(base_gmacs):
             raise UserError(f"config: state.base_gmacs must be a number, got {base_gmacs!r}")

@@ -192,19 +192,23 @@ class CFViT(ConvertedModel, SimulatesPoints):
     def forward_coarse(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Coarse stage on the whole batch: logits, final tokens, GCA scores, input embeddings."""
         g = self._g
-        xc = F.interpolate(x, size=self.coarse_img_size, mode=self.settings.resize,
+        # The antialiased resize has no fp16/bf16 kernel on the CPU: resize in fp32, go on in the input's dtype.
+        low = x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
+        xc = F.interpolate(x.float() if low else x, size=self.coarse_img_size, mode=self.settings.resize,
                            align_corners=False if self.settings.resize != "area" else None,
-                           antialias=self.settings.resize != "area")
+                           antialias=self.settings.resize != "area").to(x.dtype)
         tokens = g["embed"](xc, self.pos_embed_coarse)
         embedded = tokens
         beta = self.settings.gca_beta
-        gca = torch.zeros(x.shape[0], tokens.shape[1] - self.num_prefix, device=x.device, dtype=tokens.dtype)
+        # Global class attention accumulates in fp32 whatever the model's dtype or autocast: in bf16 the
+        # EMA's small steps round away and ties reorder which patches are refined.
+        gca = torch.zeros(x.shape[0], tokens.shape[1] - self.num_prefix, device=x.device, dtype=torch.float32)
         for block, tapped in zip(g["blocks"], g["tapped"], strict=True):
             if tapped is None:
                 tokens = block(tokens)
             else:
                 tokens, attn = tapped(tokens)
-                gca = beta * gca + (1 - beta) * attn[:, :, self.num_prefix:].mean(dim=1)
+                gca = beta * gca + (1 - beta) * attn[:, :, self.num_prefix:].float().mean(dim=1)
         return {"logits": g["head"](tokens), "tokens": tokens, "gca": gca, "embedded": embedded}
 
     def forward_fine(self, x: torch.Tensor, coarse: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -412,8 +412,10 @@ class DGEBlock(nn.Module):
             # autograd is off: copying a hidden-width table costs as much as a small convolution.
             rows = t.reshape(-1, t.shape[-1])
             d = mlp.fc1.out_features
-            if torch.is_grad_enabled():
-                table = torch.cat([mlp.fc1(rows), rows.new_zeros(1, d)])
+            # out= writes are neither recorded by autograd nor cast by autocast: those take the plain layer.
+            if torch.is_grad_enabled() or torch.is_autocast_enabled(rows.device.type):
+                h1 = mlp.fc1(rows)
+                table = torch.cat([h1, h1.new_zeros(1, d)])
             else:
                 table = rows.new_empty(rows.shape[0] + 1, d)
                 torch.matmul(rows, mlp.fc1.weight.t(), out=table[:-1])
@@ -660,7 +662,8 @@ class DGE(ConvertedModel):
     def forward_dynamic(self, x: torch.Tensor) -> DynamicOutput:
         """Inference at the current knob; ``gmacs`` per image from the gates each block chose."""
         self._check_input(x)
-        dense = self.coarsening <= 0.0 and self._c.gate_override is None
+        # An empty batch has no regions to route; the base blocks return the base model's empty result.
+        dense = (self.coarsening <= 0.0 and self._c.gate_override is None) or x.shape[0] == 0
         with self._c.run("dense" if dense else "sparse") as records:
             logits = self.base(x)
             recs = list(records)
