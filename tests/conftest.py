@@ -52,6 +52,20 @@ atexit.register(shutil.rmtree, HUB_TMP, True)
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models on a shared CPU: a second thread only spins waiting for a busy core (10x slower).
+
+    Modules of many tiny-model runs use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def hub() -> Iterator[LoopbackHub]:
     """The loopback Hub at ``HF_ENDPOINT`` (started on first use, stopped at the end of the session).

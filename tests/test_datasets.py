@@ -22,12 +22,7 @@ CLASSES, PER_CLASS, VAL = 3, 6, 2
 NAMES = [f"c{c}" for c in range(CLASSES)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image(c: int, i: int) -> Image.Image:

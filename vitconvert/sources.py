@@ -175,26 +175,30 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
 def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """Load strictly, reporting missing/unexpected keys and shape mismatches by name."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_shorten(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_shorten(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatch: {_shorten(mismatched)}")
+    problems = shape_differences(
+        {k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in state.items()},
+        ("missing keys", "unexpected keys", "shape mismatch", "{theirs} vs model {ours}"))
     if problems:
         raise UserError(
             f"{what} does not fit the model ({'; '.join(problems)}); check --model-kwargs (e.g. num_classes, "
             "img_size, embed_dim, depth) against the checkpoint"
         )
     model.load_state_dict(state, strict=True)
+
+
+def shape_differences(ours: dict[str, tuple[int, ...]], theirs: dict[str, tuple[int, ...]],
+                      labels: tuple[str, str, str, str], shown: int = 6) -> list[str]:
+    """What keeps ``theirs`` (name -> shape) from loading into ``ours``: one phrase per kind of problem.
+
+    ``labels`` name the three kinds (keys only ours have, keys only theirs have, shape mismatches) and give the
+    format of one mismatch (``{ours}`` and ``{theirs}`` are the two shapes).
+    """
+    only_ours = [k for k in ours if k not in theirs]
+    only_theirs = [k for k in theirs if k not in ours]
+    shapes = [f"{k} " + labels[3].format(ours=ours[k], theirs=theirs[k])
+              for k in ours if k in theirs and ours[k] != theirs[k]]
+    return [f"{label}: {_shorten(items, shown)}"
+            for label, items in zip(labels[:3], (only_ours, only_theirs, shapes), strict=True) if items]
 
 
 def _shorten(items: list[str], n: int = 6) -> str:
@@ -368,18 +372,11 @@ def _rebuild_mismatch(arch: str, args: dict[str, Any], model: nn.Module) -> str 
             rebuilt = timm.create_model(arch, pretrained=False, **args)
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         return f"building it failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    new = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
-    missing = [k for k in own if k not in new]
-    extra = [k for k in new if k not in own]
-    shapes = [f"{k} {own[k]} vs {new[k]}" for k in own if k in new and own[k] != new[k]]
-    problems = []
-    if missing:
-        problems.append(f"parameters it lacks: {_shorten(missing, 3)}")
-    if extra:
-        problems.append(f"parameters the module lacks: {_shorten(extra, 3)}")
-    if shapes:
-        problems.append(f"shapes (module vs rebuilt): {_shorten(shapes, 3)}")
+    problems = shape_differences(
+        {k: tuple(v.shape) for k, v in model.state_dict().items()},
+        {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()},
+        ("parameters it lacks", "parameters the module lacks", "shapes (module vs rebuilt)", "{ours} vs {theirs}"),
+        shown=3)
     return "; ".join(problems) or None
 
 
