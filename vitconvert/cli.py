@@ -16,8 +16,8 @@ import typer.main
 from rich.console import Console
 from rich.table import Table
 
-import vitconvert
-from vitconvert.api import output_dir_for
+from vitconvert.api import apply as run_apply
+from vitconvert.api import inspect_model, output_dir_for
 from vitconvert.backbones import describe_family
 from vitconvert.calibration import calibrate as run_calibrate
 from vitconvert.demo import run_demo
@@ -25,8 +25,9 @@ from vitconvert.errors import Interrupted, UserError, one_line
 from vitconvert.evaluation import evaluate as run_evaluate
 from vitconvert.operating import format_point
 from vitconvert.publish import push as run_push
+from vitconvert.recipes import list_recipes, load_recipe
 from vitconvert.registry import get_method
-from vitconvert.saving import check_output_dir
+from vitconvert.saving import check_output_dir, save
 from vitconvert.sources import parse_model_kwargs
 from vitconvert.train import finetune as run_finetune
 
@@ -70,14 +71,14 @@ def apply(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output folder")] = False,
 ) -> None:
     """Convert MODEL with a recipe and write a converted-model folder."""
-    rec = vitconvert.load_recipe(recipe, set_)
+    rec = load_recipe(recipe, set_)
     dest = output or output_dir_for(model, rec)
     check_output_dir(dest, overwrite)  # before the conversion, not after it
     with console.status(f"converting {model} with recipe {rec.name} ..."):
-        converted = vitconvert.apply(model, rec, checkpoint=checkpoint, model_kwargs=_kwargs(model_kwargs),
+        converted = run_apply(model, rec, checkpoint=checkpoint, model_kwargs=_kwargs(model_kwargs),
                                      pretrained=pretrained)
     with console.status(f"writing {dest} ..."):
-        path = vitconvert.save(converted, dest, overwrite=overwrite)
+        path = save(converted, dest, overwrite=overwrite)
     table = Table(title=f"{converted.base_spec.architecture} -> {rec.method}", show_header=False)
     table.add_row("output", str(path))
     table.add_row("family", converted.anatomy.family)
@@ -97,7 +98,7 @@ def inspect(
 ) -> None:
     """Print the anatomy the fx reader finds in MODEL (patch embedding, blocks, stages, head)."""
     with console.status(f"tracing {model} ..."):
-        anatomy = vitconvert.inspect_model(model, checkpoint, _kwargs(model_kwargs), pretrained)
+        anatomy = inspect_model(model, checkpoint, _kwargs(model_kwargs), pretrained)
     table = Table(title=f"anatomy of {model}", show_header=False)
     for part, desc in anatomy.rows():
         table.add_row(part, desc)
@@ -110,7 +111,7 @@ def recipes() -> None:
     table = Table(title="recipes")
     for col in ("recipe", "method", "families", "description"):
         table.add_column(col)
-    for rec in vitconvert.list_recipes():
+    for rec in list_recipes():
         fams = ", ".join(describe_family(f) for f in get_method(rec.method).families)
         table.add_row(rec.name, rec.method, fams, rec.description)
     out.print(table)
