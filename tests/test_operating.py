@@ -11,7 +11,7 @@ from utils import TINY_MODELS
 
 import vitconvert
 from vitconvert.errors import UserError
-from vitconvert.operating import CurvePoint, Knob, OperatingSpace, choose_point
+from vitconvert.operating import CurvePoint, Knob, OperatingSpace, choose_point, frontier
 
 
 def _cfvit() -> vitconvert.ConvertedModel:
@@ -105,3 +105,23 @@ def test_bad_stored_points_are_refused_in_one_line(tmp_path, mutate, message) ->
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match=message):
         vitconvert.load(path)
+
+
+def test_speed_budgets_use_measured_points_only() -> None:
+    space = OperatingSpace((Knob("eta", 0, 1, full=1, sweep=(0.0, 1.0), simulated=True),))
+    curve = [CurvePoint({"eta": 0.2}, 0.3, 70.0, {"throughput_ratio": 2.4}),
+             CurvePoint({"eta": 0.5}, 0.5, 78.0, {"throughput_ratio": 1.6}),
+             CurvePoint({"eta": 0.7}, 0.6, 79.0),  # not timed: a speed budget cannot pick it
+             CurvePoint({"eta": 1.0}, 1.0, 80.0, {"throughput_ratio": 0.98})]
+    assert space.validate(curve[0].point) == {"eta": 0.2}
+    assert choose_point(curve, "speed=1.5x", 1.0, 80.0).point == {"eta": 0.5}
+    assert choose_point(curve, "speed=2", 1.0, 80.0).point == {"eta": 0.2}
+    assert choose_point(curve, "speed=3x", 1.0, 80.0).point == {"eta": 0.2}  # none fast enough: the fastest
+    assert choose_point(curve, "speed=0.5x", 1.0, 80.0).point == {"eta": 1.0}
+    with pytest.raises(UserError, match="calibrate with a speed budget"):
+        choose_point([CurvePoint({"eta": 1.0}, 1.0, 80.0)], "speed=2x", 1.0, 80.0)
+    for bad in ("speed=0", "speed=fast", "speed=-1x"):
+        with pytest.raises(UserError):
+            choose_point(curve, bad, 1.0, 80.0)
+    assert [p.point["eta"] for p in frontier(curve)] == [0.2, 0.5, 0.7, 1.0]
+    assert [p.point["eta"] for p in frontier([*curve, CurvePoint({"eta": 0.6}, 0.7, 75.0)])] == [0.2, 0.5, 0.7, 1.0]

@@ -20,12 +20,13 @@ from timm.data import create_transform, resolve_data_config
 from utils import TINY_MODELS, tiny_model
 
 import vitconvert
+import vitconvert.calibration as calibration
 import vitconvert.train as vtrain
 from vitconvert.calibration import calibrate, measure_curve
 from vitconvert.data import ImageDataset, open_image_folder, train_transform
 from vitconvert.errors import UserError
 from vitconvert.evaluation import evaluate
-from vitconvert.operating import choose_point
+from vitconvert.operating import choose_point, frontier
 from vitconvert.train import finetune, loss_terms, original_model
 
 CLASSES = 10
@@ -370,6 +371,35 @@ def test_calibrate_chooses_within_budget(finetuned_dir: Path, data_dir: Path, tm
     for budget in ("drop=1", 0.006, "100%"):
         assert loaded.set_budget(budget).knob == loaded.knob == choose_point(
             model.curve, budget, model.base_gmacs, cal["base_top1"]).knob
+
+
+def test_speed_budget_times_the_frontier_and_stores_throughput(finetuned_dir: Path, data_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(calibration, "SPEED_SECONDS", 0.05)
+    out = tmp_path / "fast"
+    result = calibrate(finetuned_dir, data_dir, "speed=1.2x", out, device="cpu", progress=False, batch_size=8)
+    model = vitconvert.load(out)
+    timed = [p for p in model.curve if "throughput_ratio" in p.extra]
+    frontier_points = frontier(model.curve)
+    # the timed points are the frontier (up to MAX_TIMED_POINTS of it, ends included), each with a measured speed
+    assert 2 <= len(timed) <= calibration.MAX_TIMED_POINTS and {id(p) for p in timed} <= {id(p) for p in model.curve}
+    assert [p.point for p in timed] == [p.point for p in frontier_points] or len(frontier_points) > len(timed)
+    assert {tuple(p.point.items()) for p in timed} <= {tuple(p.point.items()) for p in frontier_points}
+    assert timed[0].point == frontier_points[0].point and timed[-1].point == frontier_points[-1].point
+    assert all(p.extra["throughput"] > 0 and p.extra["throughput_ratio"] > 0 for p in timed)
+    speed = model.calibration["throughput"]
+    assert speed["batch_size"] == 8 and speed["points_timed"] == len(timed)
+    # the choice: the most accurate timed point at >= 1.2x, else the fastest one
+    fast = [p for p in timed if p.extra["throughput_ratio"] >= 1.2]
+    best = max(fast, key=lambda p: (p.top1, p.extra["throughput_ratio"])) if fast else \
+        max(timed, key=lambda p: (p.extra["throughput_ratio"], p.top1))
+    assert model.operating_point == best.point and result["top1"] == best.top1
+    # a loaded model takes other speed budgets from the stored measurements; GMACs budgets still work
+    most_accurate = max(timed, key=lambda p: (p.top1, p.extra["throughput_ratio"]))
+    assert model.set_budget("speed=0.01x").point == most_accurate.point
+    assert model.set_budget("100%").top1 == max(p.top1 for p in model.curve)
+    card = (out / "README.md").read_text()
+    assert "throughput vs base" in card
 
 
 def test_calibrate_in_place_and_simulation_matches_real_exit(finetuned_dir: Path, data_dir: Path,

@@ -27,10 +27,22 @@ import torch
 from vitconvert.data import DataArg, ImageFolderData, SourceData, Split, batches, open_data
 from vitconvert.errors import UserError
 from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints, can_simulate
-from vitconvert.operating import CurvePoint, OperatingPoint, choose_point, format_point, parse_budget, unique_points
+from vitconvert.operating import (
+    CurvePoint,
+    OperatingPoint,
+    choose_point,
+    format_point,
+    frontier,
+    parse_budget,
+    unique_points,
+)
 from vitconvert.saving import check_output_dir, save
+from vitconvert.throughput import device_name, measure_throughput, spread_batch
 from vitconvert.train import ProgressBar, carried_files, original_model, resolve_device, resolve_model
 
+# Speed budgets time at most this many operating points (spread over the frontier), each for this long.
+MAX_TIMED_POINTS = 8
+SPEED_SECONDS = 3.0
 STALE_AFTER_CALIBRATION = ("curve.png", "eval.json", "eval.png")
 
 
@@ -137,6 +149,37 @@ def measure_base(base: torch.nn.Module, split: Split, device: torch.device, batc
     return 100.0 * c1 / n, 100.0 * c5 / n
 
 
+def time_points(model: ConvertedModel, base: torch.nn.Module, points: list[CurvePoint], split: Split,
+                device: torch.device, batch_size: int, progress: bool = True) -> dict[str, Any]:
+    """Measure the speed-up over ``base`` at (up to :data:`MAX_TIMED_POINTS` of) ``points``, in place.
+
+    The points are spread over their GMACs (the cheapest and the most expensive always among them); each
+    gets ``extra["throughput"]`` (images/s) and ``extra["throughput_ratio"]`` (against ``base``, timed in the
+    same interleaved rounds on one batch of held-out images spread over the split). Returns how it was timed.
+    """
+    timed = points
+    if len(points) > MAX_TIMED_POINTS:
+        idx = sorted({round(i * (len(points) - 1) / (MAX_TIMED_POINTS - 1)) for i in range(MAX_TIMED_POINTS)})
+        timed = [points[i] for i in idx]
+    x = spread_batch(split.files, model, batch_size).to(device)
+    base = base.to(device).eval()
+    saved = model.operating_point
+    try:
+        with ProgressBar(f"calibrate: timing {len(timed)} points", len(timed), progress) as bar:
+            for p in timed:
+                model.set_operating_point(p.point)
+                ips = measure_throughput({"converted": model, "base": base}, x, min_seconds=SPEED_SECONDS)
+                p.extra["throughput"] = round(ips["converted"], 1)
+                p.extra["throughput_ratio"] = round(ips["converted"] / ips["base"], 3)
+                bar.update()
+    finally:
+        model.set_operating_point(saved)
+    return {"device": device_name(device), "batch_size": batch_size, "threads": torch.get_num_threads(),
+            "points_timed": len(timed),
+            "protocol": "points on the accuracy/GMACs frontier; one batch of held-out images; the model and its "
+                        "original timed in interleaved rounds after warm-up; median time per batch"}
+
+
 def plot_curve(curve: list[CurvePoint], base_gmacs: float, base_top1: float | None, *, chosen: CurvePoint | None = None,
                measured: list[CurvePoint] | None = None, measured_base: float | None = None,
                title: str = "", curve_label: str = "calibration curve", measured_label: str = "measured") -> bytes:
@@ -200,7 +243,9 @@ def calibrate(
         data: The training ImageFolder (``ROOT/<class>/...`` or ``ROOT/train/<class>/...``), ``hfds/PATH``, a
             ``.tar`` (or a folder of shards) or your own ``Dataset`` / ``DataLoader``; its held-out share
             (``calibrate.holdout`` of each class, the last files or indices) is used.
-        budget: GMACs (``2.1``), a fraction of the base model (``"50%"``) or a top-1 drop (``"drop=0.5"``);
+        budget: GMACs (``2.1``), a fraction of the base model (``"50%"``), a top-1 drop (``"drop=0.5"``) or a
+            speed-up over the base model measured here at ``batch_size`` (``"speed=2x"``: the points on the
+            accuracy/GMACs frontier are timed, and their throughput is stored with the curve);
             default: the recipe's ``calibrate.budget``, else the most accurate point.
         out: Output folder; default: update the model folder in place (atomically).
         overwrite: Replace an existing ``out``.
@@ -239,6 +284,7 @@ def calibrate(
     folder_data.check_classes(cm.num_classes)
     split = folder_data.heldout_split(max_images if max_images is not None else settings.max_images)
 
+    base: torch.nn.Module | None = None
     cm.to(dev).eval()
     try:
         curve = measure_curve(cm, split, dev, batch_size, progress)
@@ -250,6 +296,11 @@ def calibrate(
             base, base_desc = None, f"not measured: {e}"
         if base is not None:
             base_top1, _ = measure_base(base.to(dev), split, dev, batch_size, cm, progress)
+        speed: dict[str, Any] | None = None
+        if budget is not None and parse_budget(budget)[0] == "speed":
+            if base is None:
+                raise UserError(f"a speed budget times the model against its original, which is {base_desc}")
+            speed = time_points(cm, base, frontier(curve), split, dev, batch_size, progress)
         cm.curve = curve
         if budget is None:
             chosen = max(curve, key=lambda p: (p.top1, -p.gmacs))
@@ -258,6 +309,8 @@ def calibrate(
         cm.set_operating_point(chosen.point)
     finally:
         cm.to("cpu")
+        if base is not None:
+            base.to("cpu")
     cm.calibration = {
         "budget": str(budget) if budget is not None else "best top-1",
         "chosen": chosen.to_dict(),
@@ -270,6 +323,7 @@ def calibrate(
         **({"dataset_id": dataset} if dataset and "/" in dataset else {}),
         "holdout": settings.holdout,
         "simulated": can_simulate(cm),
+        **({"throughput": speed} if speed is not None else {}),
         "finetuned": cm.finetuned,
         "device": str(dev),
         "seconds": round(time.perf_counter() - start, 2),

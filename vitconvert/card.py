@@ -240,7 +240,8 @@ def _curve_table(state: dict[str, Any], knob_name: str, evaluation: dict[str, An
         "## Operating points",
         "",
         f"Calibrated on {images}{where}; pick one with `vitconvert.load(..., budget=...)` (GMACs, `'50%'` of the "
-        "base model's GMACs, or `'drop=0.5'` top-1 points).",
+        "base model's GMACs, `'drop=0.5'` top-1 points"
+        + (", or `'speed=2x'` among the points whose throughput was measured)." if with_ratio else ")."),
         "",
         f"| {knob_name} | top-1 (%) | expected GMACs | of base GMACs |"
         + (" throughput vs base |" if with_ratio else ""),

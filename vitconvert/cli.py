@@ -141,14 +141,18 @@ def calibrate(
     model_dir: Annotated[str, typer.Argument(help="converted-model folder")],
     data: Annotated[str, typer.Option("--data", help=DATA_HELP + "; a held-out share is used")],
     budget: Annotated[str | None, typer.Option(
-        "--budget", help="GMACs (2.1), a share of the base ('50%'), or 'drop=0.5'")] = None,
+        "--budget", help="GMACs (2.1), a share of the base ('50%'), 'drop=0.5', or a speed-up measured here "
+                         "('speed=2x')")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="write here instead of updating DIR")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
     max_images: Annotated[int | None, typer.Option("--max-images")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="images per pass (and the batch speed budgets "
+                                                                 "are timed at)")] = 64,
     device: DeviceOpt = None,
 ) -> None:
     """Choose the operating point for a budget on held-out training images; store the curve."""
-    summary = run_calibrate(model_dir, data, budget, output, overwrite=overwrite, max_images=max_images, device=device)
+    summary = run_calibrate(model_dir, data, budget, output, overwrite=overwrite, max_images=max_images,
+                            device=device, batch_size=batch_size)
     _print_dict("calibration", summary)
 
 

@@ -12,7 +12,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,12 @@ import torch
 
 from vitconvert.calibration import plot_curve, topk_correct
 from vitconvert.card import model_card
-from vitconvert.data import DataArg, ImageDataset, batches, eval_transform, open_data
+from vitconvert.data import DataArg, batches, open_data
 from vitconvert.errors import UserError
 from vitconvert.methods.base import ConvertedModel
 from vitconvert.operating import CurvePoint
 from vitconvert.saving import CARD_NAME, check_writable_dir, read_config
+from vitconvert.throughput import device_name, measure_throughput, spread_batch
 from vitconvert.train import ProgressBar, original_model, resolve_device, resolve_model
 
 # Throughput timing keeps going (up to max_rounds) until this many seconds have been spent.
@@ -46,51 +46,6 @@ def summarise_extras(extras: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
         else:
             out[f"{name}_mean"] = float(values.float().mean())
     return out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def measure_throughput(models: dict[str, torch.nn.Module], x: torch.Tensor, *, warmup: int = 2, min_rounds: int = 5,
-                       max_rounds: int = 30, min_seconds: float | None = None) -> dict[str, float]:
-    """Images per second of each model on batch ``x``: median of timed batches, models interleaved.
-
-    Args:
-        models: name -> model (already on ``x``'s device, in eval mode).
-        x: One batch of real images (early exits depend on the images).
-        warmup: Untimed batches per model first.
-        min_rounds, max_rounds: Timed batches per model.
-        min_seconds: Keep timing (up to ``max_rounds``) until this much time has been spent (default
-            :data:`THROUGHPUT_SECONDS`).
-    """
-    min_seconds = THROUGHPUT_SECONDS if min_seconds is None else min_seconds
-    device = x.device
-    for model in models.values():
-        for _ in range(warmup):
-            model(x)
-    _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() - start < min_seconds):
-        for name, model in models.items():
-            t0 = time.perf_counter()
-            model(x)
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-        rounds += 1
-    return {name: x.shape[0] / statistics.median(ts) for name, ts in times.items()}
-
-
-def _spread_batch(files: list[tuple[Path, int]], model: torch.nn.Module, batch_size: int) -> torch.Tensor:
-    """A batch of images spread evenly over the split (which is sorted by class), for timing."""
-    n = len(files)
-    idx = [round(i * (n - 1) / max(1, batch_size - 1)) for i in range(batch_size)] if n > 1 else [0] * batch_size
-    ds = ImageDataset([files[i] for i in idx], eval_transform(model), in_memory=False)
-    return torch.stack([ds[i][0] for i in range(len(ds))])
 
 
 def evaluate(
@@ -178,10 +133,10 @@ def evaluate(
         mean_gmacs = float(torch.cat(gmacs).mean())
         speed: dict[str, Any] | None = None
         if throughput:
-            xb = _spread_batch(split.files, cm, batch_size).to(dev)
+            xb = spread_batch(split.files, cm, batch_size).to(dev)
             models = {"converted": cm} if base is None else {"converted": cm, "base": base}
-            ips = measure_throughput(models, xb)
-            speed = {"batch_size": batch_size, "device": _device_name(dev), "threads": torch.get_num_threads(),
+            ips = measure_throughput(models, xb, min_seconds=THROUGHPUT_SECONDS)
+            speed = {"batch_size": batch_size, "device": device_name(dev), "threads": torch.get_num_threads(),
                      "dtype": "float32", "converted_images_per_s": round(ips["converted"], 1),
                      "base_images_per_s": round(ips["base"], 1) if "base" in ips else None,
                      "speedup": round(ips["converted"] / ips["base"], 3) if "base" in ips else None,
@@ -223,7 +178,7 @@ def evaluate(
         "split_description": folder_data.short(split.description),
         "images": n,
         "classes": len(folder_data.classes),
-        "device": _device_name(dev),
+        "device": device_name(dev),
         "batch_size": batch_size,
         "base": {"model": base_desc, "gmacs": cm.base_gmacs, "top1": base_top1,
                  "top5": 100.0 * b5 / n if base is not None else None,
@@ -267,12 +222,6 @@ def _merge_points(path: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
         points += [p for p in old["points"]
                    if isinstance(p, dict) and (p.get("point") or {"knob": p.get("knob")}) != this]
     return sorted(points, key=lambda p: p.get("gmacs") or 0.0)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def _write_atomic(path: Path, content: bytes) -> None:

@@ -6,9 +6,11 @@ A method declares its :class:`OperatingSpace`: a few :class:`Knob` s (CF-ViT: ``
 full-compute value and the values calibration tries. An operating point is a plain ``{name: value}``
 mapping, validated against the space; ``config.json`` stores the current point and the measured curve.
 
-Budgets: GMACs (``2.1``), a share of the base model's GMACs (``"50%"`` or ``"0.5x"``) or a maximum top-1
-drop in points (``"drop=0.5"``); :func:`choose_point` picks the most accurate point within a GMACs budget
-or the cheapest within a drop.
+Budgets: GMACs (``2.1``), a share of the base model's GMACs (``"50%"`` or ``"0.5x"``), a maximum top-1
+drop in points (``"drop=0.5"``) or a measured speed-up over the base model (``"speed=2x"``: throughput on the
+device and batch size calibration timed, stored as ``extra["throughput_ratio"]`` of the timed points);
+:func:`choose_point` picks the most accurate point within a GMACs or speed budget, or the cheapest within
+a drop.
 """
 
 from __future__ import annotations
@@ -152,7 +154,8 @@ class CurvePoint:
 
 
 def parse_budget(budget: str | float) -> tuple[str, float]:
-    """``2.1`` -> ('gmacs', 2.1); ``'50%'`` or ``'0.5x'`` -> ('fraction', 0.5); ``'drop=0.5'`` -> ('drop', 0.5)."""
+    """``2.1`` -> ('gmacs', 2.1); ``'50%'`` or ``'0.5x'`` -> ('fraction', 0.5); ``'drop=0.5'`` -> ('drop', 0.5);
+    ``'speed=2x'`` (or ``'speed=2'``) -> ('speed', 2.0)."""
     if isinstance(budget, int | float) and not isinstance(budget, bool):
         kind, value = "gmacs", float(budget)
     else:
@@ -160,6 +163,8 @@ def parse_budget(budget: str | float) -> tuple[str, float]:
         try:
             if text.startswith("drop="):
                 kind, value = "drop", float(text[5:])
+            elif text.startswith("speed="):
+                kind, value = "speed", float(text[6:].removesuffix("x"))
             elif text.endswith("%"):
                 kind, value = "fraction", float(text[:-1]) / 100
             elif text.endswith("x"):
@@ -169,22 +174,34 @@ def parse_budget(budget: str | float) -> tuple[str, float]:
         except ValueError:
             raise UserError(
                 f"budget {budget!r} is not understood; use GMACs (2.1), a fraction of the base model ('50%' or "
-                "'0.5x') or a maximum top-1 drop in points ('drop=0.5')"
+                "'0.5x'), a maximum top-1 drop in points ('drop=0.5') or a speed-up over the base ('speed=2x')"
             ) from None
-    if not math.isfinite(value) or value < 0 or (kind == "fraction" and value > 1.0):
-        raise UserError(f"budget {budget!r} is out of range (fractions lie in 0..100%, GMACs and drops >= 0)")
+    bad = (kind == "fraction" and value > 1.0) or (kind == "speed" and value <= 0)
+    if not math.isfinite(value) or value < 0 or bad:
+        raise UserError(f"budget {budget!r} is out of range (fractions lie in 0..100%, GMACs and drops >= 0, "
+                        "speed-ups > 0)")
     return kind, value
 
 
 def choose_point(curve: Sequence[CurvePoint], budget: str | float, base_gmacs: float, base_top1: float | None
                  ) -> CurvePoint:
-    """The most accurate point within a GMACs budget, or the cheapest within an accuracy drop.
+    """The most accurate point within a GMACs or speed budget, or the cheapest within an accuracy drop.
 
-    When nothing meets the budget: the cheapest point (GMACs budgets) or the most accurate (drops).
+    When nothing meets the budget: the cheapest point (GMACs budgets), the fastest timed one (speed) or the
+    most accurate (drops). A speed budget considers only points whose speed was measured.
     """
     if not curve:
         raise UserError("the model has no calibration curve; run `vitconvert calibrate` first")
     kind, value = parse_budget(budget)
+    if kind == "speed":
+        timed = [p for p in curve if isinstance(p.extra.get("throughput_ratio"), int | float)]
+        if not timed:
+            raise UserError("no operating point's speed was measured; calibrate with a speed budget "
+                            "(--budget speed=2x) on the device you will run on")
+        ok = [p for p in timed if p.extra["throughput_ratio"] >= value]
+        if not ok:
+            return max(timed, key=lambda p: (p.extra["throughput_ratio"], p.top1))
+        return max(ok, key=lambda p: (p.top1, p.extra["throughput_ratio"]))
     if kind == "drop":
         if base_top1 is None:
             raise UserError("a 'drop=' budget needs the base model's accuracy; recalibrate with the base model")
@@ -212,5 +229,14 @@ def unique_points(points: Iterable[OperatingPoint]) -> list[OperatingPoint]:
         key = tuple(sorted(p.items()))
         if key not in seen:
             seen.add(key)
+            out.append(p)
+    return out
+
+
+def frontier(curve: Sequence[CurvePoint]) -> list[CurvePoint]:
+    """The points no other point beats on both GMACs and top-1 (the only ones a budget can choose), cheapest first."""
+    out: list[CurvePoint] = []
+    for p in sorted(curve, key=lambda p: (p.gmacs, -p.top1)):
+        if not out or p.top1 > out[-1].top1:
             out.append(p)
     return out
