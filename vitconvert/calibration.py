@@ -112,7 +112,7 @@ def measure_curve(model: ConvertedModel, split: Split, device: torch.device, bat
                         tally = _Tally()
                         tally.add(model.simulate(collected, {**fixed, **sim}), labels)
                         points.append(tally.point(space.validate({**fixed, **sim}), n))
-            return _in_space_order(points, space.names)
+            return points
         candidates = space.candidates()
         with ProgressBar(f"calibrate: {len(candidates)} settings", len(candidates) * batches_per_pass,
                          progress) as bar:
@@ -123,15 +123,9 @@ def measure_curve(model: ConvertedModel, split: Split, device: torch.device, bat
                     tally.add(model.forward_dynamic(x.to(device)), y)
                     bar.update()
                 points.append(tally.point(point, n))
-        return _in_space_order(points, space.names)
+        return points
     finally:
         model.set_operating_point(saved)
-
-
-def _in_space_order(points: list[CurvePoint], names: list[str]) -> list[CurvePoint]:
-    for p in points:
-        p.point = {name: p.point[name] for name in names if name in p.point}
-    return points
 
 
 @torch.inference_mode()

@@ -35,7 +35,7 @@ from vitconvert.hub import download_model
 from vitconvert.methods.base import ConvertedModel, convert
 from vitconvert.recipes import Recipe, validate_recipe
 from vitconvert.registry import METHODS
-from vitconvert.sources import BUILD_ERRORS, BaseSpec, load_state_dict_checked
+from vitconvert.sources import BUILD_ERRORS, BaseSpec, load_state_dict_checked, shape_differences
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -246,8 +246,8 @@ def check_folder(folder: Path, where: str | None = None) -> tuple[dict[str, Any]
         The config and the model it builds (random weights).
     """
     config = read_config(folder)
-    check_config(config, where or f"in {folder / CONFIG_NAME}")
-    method, base, recipe, state = config_parts(config)
+    method, _, _, state = check_config(config, where or f"in {folder / CONFIG_NAME}")
+    base, recipe = config["model_args"]["base"], config["model_args"]["recipe"]
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise UserError(f"model folder {str(folder)!r} has no {WEIGHTS_NAME}; vitconvert loads only safetensors "
@@ -268,12 +268,12 @@ def check_folder(folder: Path, where: str | None = None) -> tuple[dict[str, Any]
 def _check_fits(model: ConvertedModel, shapes: dict[str, tuple[int, ...]], what: str) -> None:
     """The strict check of :func:`load_weights` on shapes alone (shared tensors stored once are fine)."""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in own if k not in shapes and _alias_of(model, k, shapes) is None]
-    unexpected = [k for k in shapes if k not in own]
-    mismatched = [f"{k} {shapes[k]} vs model {own[k]}" for k in own if k in shapes and shapes[k] != own[k]]
-    problems = [f"{label}: {', '.join(items[:6])}" + (f" and {len(items) - 6} more" if len(items) > 6 else "")
-                for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                     ("shape mismatch", mismatched)) if items]
+    stored = dict(shapes)
+    for key in own:  # save_model stores a shared tensor once, under one of its names
+        if key not in stored and (alias := _alias_of(model, key, shapes)) is not None:
+            stored[key] = shapes[alias]
+    problems = shape_differences(own, stored, ("missing keys", "unexpected keys", "shape mismatch",
+                                               "{theirs} vs model {ours}"))
     if problems:
         raise UserError(f"{what} do not fit the model its config.json describes ({'; '.join(problems)})")
 

@@ -370,8 +370,8 @@ def _rebuild_mismatch(arch: str, args: dict[str, Any], model: nn.Module) -> str 
         # On the meta device nothing is allocated or initialised: only names and shapes are compared.
         with torch.device("meta"):
             rebuilt = timm.create_model(arch, pretrained=False, **args)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-        return f"building it failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    except BUILD_ERRORS as e:
+        return f"building it failed: {type(e).__name__}: {one_line(e)[:160]}"
     problems = shape_differences(
         {k: tuple(v.shape) for k, v in model.state_dict().items()},
         {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()},
@@ -458,9 +458,13 @@ def build_timm(arch: str, kwargs: dict[str, Any], what: str, source: str | None 
     try:
         return timm.create_model(arch, pretrained=False, **kwargs)
     except BUILD_ERRORS as e:
-        shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no arguments"
-        raise UserError(f"{source or arch}: bad {what} for {arch}: timm cannot build it with {shown} "
-                        f"({type(e).__name__}: {one_line(e)[:160] or 'invalid value'})") from None
+        raise _cannot_build(arch, kwargs, what, source, e) from None
+
+
+def _cannot_build(arch: str, kwargs: dict[str, Any], what: str, source: str | None, e: Exception) -> UserError:
+    shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no arguments"
+    return UserError(f"{source or arch}: bad {what} for {arch}: timm cannot build it with {shown} "
+                     f"({type(e).__name__}: {one_line(e)[:160] or 'invalid value'})")
 
 
 def _create(name: str, pretrained: bool, kwargs: dict[str, Any], source: str) -> nn.Module:
@@ -472,13 +476,11 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any], source: str) ->
     except TypeError as e:
         raise UserError(f"{source}: bad --model-kwargs for this architecture ({one_line(e)})") from None
     except (AssertionError, ZeroDivisionError, OverflowError, IndexError) as e:
-        raise UserError(f"{source}: timm cannot build it with --model-kwargs "
-                        f"{', '.join(f'{k}={v!r}' for k, v in kwargs.items()) or '(none)'} ({type(e).__name__}: "
-                        f"{one_line(e)[:160] or 'invalid value'})") from None
+        raise _cannot_build(name, kwargs, "--model-kwargs", source, e) from None
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise UserError(f"{source}: {e}; if it is a vitconvert model use vitconvert.load") from None
-        if pretrained and ("pretrained" in str(e).lower() or "No pretrained weights" in str(e)):
+        if "pretrained" in str(e).lower() or "No pretrained weights" in str(e):
             raise UserError(
                 f"{source}: timm has no pretrained weights for it; pass --checkpoint FILE or --no-pretrained"
             ) from None
@@ -490,7 +492,7 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any], source: str) ->
             # A missing repo, revision or file, a bad token or no network: say which, not "offline".
             raise hub_error(name[len("hf-hub:"):].split("@")[0], e) from None
         # huggingface_hub raises its own hierarchy (LocalEntryNotFoundError, RepositoryNotFoundError, ...)
-        if pretrained and (isinstance(e, OSError | ConnectionError | ValueError) or is_hub_failure(e)):
+        if isinstance(e, OSError | ConnectionError | ValueError) or is_hub_failure(e):
             raise _offline_error(source, e) from None
         raise
 

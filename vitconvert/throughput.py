@@ -18,9 +18,6 @@ import torch
 
 from vitconvert.data import ImageDataset, eval_transform
 
-# Timing keeps going (up to max_rounds) until this many seconds have been spent, unless told otherwise.
-THROUGHPUT_SECONDS = 10.0
-
 
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so wall-clock times cover it."""
@@ -30,7 +27,7 @@ def sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def measure_throughput(models: dict[str, torch.nn.Module], x: torch.Tensor, *, warmup: int = 2, min_rounds: int = 5,
-                       max_rounds: int = 30, min_seconds: float | None = None) -> dict[str, float]:
+                       max_rounds: int = 30, min_seconds: float) -> dict[str, float]:
     """Images per second of each model on batch ``x``: median of timed batches, models interleaved.
 
     Args:
@@ -38,10 +35,8 @@ def measure_throughput(models: dict[str, torch.nn.Module], x: torch.Tensor, *, w
         x: One batch of real images (early exits depend on the images).
         warmup: Untimed batches per model first.
         min_rounds, max_rounds: Timed batches per model.
-        min_seconds: Keep timing (up to ``max_rounds``) until this much time has been spent (default
-            :data:`THROUGHPUT_SECONDS`).
+        min_seconds: Keep timing (up to ``max_rounds``) until this much time has been spent.
     """
-    min_seconds = THROUGHPUT_SECONDS if min_seconds is None else min_seconds
     device = x.device
     for model in models.values():
         for _ in range(warmup):
