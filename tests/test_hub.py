@@ -364,6 +364,23 @@ def test_card_front_matter_and_tables(converted, tmp_path) -> None:
     assert "## Operating points" not in model_card(bare)
 
 
+def test_card_names_whole_points_when_a_second_knob_varies(converted) -> None:
+    """A curve calibrated over several alphas: rows (and the model index) name the whole point, and the stored
+    point, not merely the nearest eta, is the one marked."""
+    config = vitconvert.saving.model_config(converted)
+    state = config["model_args"]["state"]
+    state["point"] = {"eta": 0.5, "alpha": 0.25}
+    state["curve"] = [{"point": {"eta": 0.5, "alpha": a}, "gmacs": g, "top1": t, "extra": {}}
+                      for a, g, t in ((0.5, 0.006, 58.0), (0.25, 0.005, 56.0))]
+    card = model_card(config)
+    assert "| operating point | top-1 (%) |" in card
+    assert "| **eta=0.5, alpha=0.25** (default) | 56.00 | 0.005 |" in card
+    assert "| eta=0.5, alpha=0.5 | 58.00 | 0.006 |" in card
+    index = _front(card)["model-index"][0]["results"]
+    assert {m["config"] for r in index for m in r["metrics"]} == {"eta=0.5, alpha=0.25", "eta=0.5, alpha=0.5"}
+    single = vitconvert.saving.model_config(converted)  # one alpha: rows keyed by eta alone, as before
+    assert "| operating point |" not in model_card(single) and "| eta | top-1 (%) |" in model_card(single)
+
 def test_cli_push(hub, hub_repo, folder, capsys) -> None:
     from vitconvert.cli import main
 

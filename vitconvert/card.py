@@ -28,6 +28,7 @@ import yaml
 
 from vitconvert.backbones import describe_family
 from vitconvert.errors import UserError
+from vitconvert.operating import format_point
 from vitconvert.recipes import load_recipe
 from vitconvert.registry import METHODS
 
@@ -159,11 +160,15 @@ def eval_results(config: dict[str, Any], evaluation: dict[str, Any] | None = Non
     def add(points: list[dict[str, Any]], source: dict[str, Any], split: str, what: str) -> None:
         dataset_name = str(source.get("dataset") or "unknown")
         dataset_type = _dataset_id(source, calibration) or dataset_name
+        others = _varying_knobs(points, knob_name)
         for p in points:
             knob, top1, gmacs = _knob_of(p, knob_name), _num(p.get("top1")), _num(p.get("gmacs"))
             if top1 is None:
                 continue
-            at = f"{knob_name}={knob:g}" if knob is not None else "stored point"
+            if others:
+                at = _label(p, knob_name, others)
+            else:
+                at = f"{knob_name}={knob:g}" if knob is not None else "stored point"
             common = dict(task_type="image-classification", dataset_type=dataset_type, dataset_name=dataset_name,
                           dataset_split=split, metric_config=at)
             results.append(EvalResult(metric_type="accuracy", metric_value=round(top1, 2),
@@ -191,6 +196,30 @@ def _fmt(value: Any, spec: str, suffix: str = "") -> str:
 
 def _knob_of(point: dict[str, Any], knob_name: str) -> float | None:
     return _num(point.get("knob", point.get(knob_name)))
+
+
+def _varying_knobs(points: list[dict[str, Any]], knob_name: str) -> list[str]:
+    """The knobs other than the main one that take more than one value over ``points``: when there are any (CF-ViT
+    calibrated over several alphas), a row is only identified by its whole point."""
+    values: dict[str, set[float]] = {}
+    for p in points:
+        for name, value in (p.get("point") or {}).items():
+            if name != knob_name and _num(value) is not None:
+                values.setdefault(name, set()).add(float(value))
+    return [name for name, seen in values.items() if len(seen) > 1]
+
+
+def _label(point: dict[str, Any], knob_name: str, others: list[str]) -> str:
+    """``0.48`` when the main knob identifies the row, ``eta=0.48, alpha=0.5`` when other knobs vary too."""
+    knob = _knob_of(point, knob_name)
+    if not others:
+        return f"{knob:g}" if knob is not None else "–"
+    named = {knob_name: knob, **{k: _num((point.get("point") or {}).get(k)) for k in others}}
+    return format_point({k: v for k, v in named.items() if v is not None}) or "–"
+
+
+def _distance(point: dict[str, Any], target: dict[str, Any], names: list[str]) -> float:
+    return sum(abs((_num((point.get("point") or point).get(k)) or 0.0) - (_num(target.get(k)) or 0.0)) for k in names)
 
 
 def _pick_rows(points: list[dict[str, Any]], keep: float | None, knob_name: str) -> list[dict[str, Any]]:
@@ -232,6 +261,7 @@ def _curve_table(state: dict[str, Any], knob_name: str, evaluation: dict[str, An
     current = _num(state.get(knob_name))
     base_gmacs = _num(state.get("base_gmacs"))
     rows = _pick_rows(curve, current, knob_name)
+    others = _varying_knobs(curve, knob_name)
     ratios = [_ratio_for(_knob_of(p, knob_name), p, cal, evaluation.get("points", []), knob_name) for p in rows]
     with_ratio = any(r is not None for r in ratios)
     where = ", ".join(str(x) for x in (cal.get("dataset"), cal.get("split")) if x) or "held-out training images"
@@ -243,17 +273,18 @@ def _curve_table(state: dict[str, Any], knob_name: str, evaluation: dict[str, An
         "base model's GMACs, `'drop=0.5'` top-1 points"
         + (", or `'speed=2x'` among the points whose throughput was measured)." if with_ratio else ")."),
         "",
-        f"| {knob_name} | top-1 (%) | expected GMACs | of base GMACs |"
+        f"| {'operating point' if others else knob_name} | top-1 (%) | expected GMACs | of base GMACs |"
         + (" throughput vs base |" if with_ratio else ""),
         "|---|---|---|---|" + ("---|" if with_ratio else ""),
     ]
     if base_gmacs:
         base_row = f"| base model | {_fmt(cal.get('base_top1'), '.2f')} | {base_gmacs:.4g} | 100% |"
         lines.append(base_row + (" 1.00× |" if with_ratio else ""))
-    closest = min(rows, key=lambda p: abs((_knob_of(p, knob_name) or 0.0) - current)) if current is not None else None
+    names = [knob_name, *others]
+    stored = {**(state.get("point") or {}), knob_name: current}
+    closest = min(rows, key=lambda p: _distance(p, stored, names)) if current is not None else None
     for p, ratio in zip(rows, ratios, strict=True):
-        knob = _knob_of(p, knob_name)
-        label = f"{knob:g}" if knob is not None else "–"
+        label = _label(p, knob_name, others)
         if p is closest:
             label = f"**{label}** (default)"
         share = f"{_num(p.get('gmacs')) / base_gmacs:.0%}" if base_gmacs and _num(p.get("gmacs")) is not None else "–"
