@@ -52,22 +52,42 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
     return int((logits.topk(k, dim=-1).indices == labels[:, None]).any(dim=-1).sum())
 
 
-class _Tally:
-    """Top-1/top-5 hits, GMACs and exits of one operating point, accumulated over batches."""
+class Tally:
+    """Top-1/top-5 hits, GMACs and exits of one operating point (or of a plain model's logits), accumulated over
+    batches; calibration and evaluation count the same way."""
 
     def __init__(self) -> None:
-        self.correct1 = self.correct5 = 0
+        self.correct1 = self.correct5 = self.images = 0
         self.gmacs = 0.0
         self.exits: dict[int, int] = {}
 
-    def add(self, out: DynamicOutput, labels: torch.Tensor) -> None:
-        logits = out.logits.float().cpu()
+    def add_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        logits = logits.float().cpu()
         self.correct1 += topk_correct(logits, labels, 1)
         self.correct5 += topk_correct(logits, labels, 5)
+        self.images += int(labels.shape[0])
+
+    def add(self, out: DynamicOutput, labels: torch.Tensor) -> None:
+        self.add_logits(out.logits, labels)
         self.gmacs += float(out.gmacs.double().sum())
         if out.stage is not None:
             for s, c in zip(*out.stage.cpu().unique(return_counts=True), strict=True):
                 self.exits[int(s)] = self.exits.get(int(s), 0) + int(c)
+
+    @property
+    def top1(self) -> float:
+        return 100.0 * self.correct1 / max(self.images, 1)
+
+    @property
+    def top5(self) -> float:
+        return 100.0 * self.correct5 / max(self.images, 1)
+
+    @property
+    def mean_gmacs(self) -> float:
+        return self.gmacs / max(self.images, 1)
+
+    def exit_shares(self) -> dict[int, float]:
+        return {s: c / max(self.images, 1) for s, c in sorted(self.exits.items())}
 
     def point(self, point: OperatingPoint, n: int) -> CurvePoint:
         extra = {"top5": 100.0 * self.correct5 / n, **{f"exit_{s}": c / n for s, c in sorted(self.exits.items())}}
@@ -109,7 +129,7 @@ def measure_curve(model: ConvertedModel, split: Split, device: torch.device, bat
                     collected = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
                     labels = torch.cat(ys)
                     for sim in unique_points(model.simulated_points(collected)):
-                        tally = _Tally()
+                        tally = Tally()
                         tally.add(model.simulate(collected, {**fixed, **sim}), labels)
                         points.append(tally.point(space.validate({**fixed, **sim}), n))
             return points
@@ -118,7 +138,7 @@ def measure_curve(model: ConvertedModel, split: Split, device: torch.device, bat
                          progress) as bar:
             for point in candidates:
                 model.set_operating_point(point)
-                tally = _Tally()
+                tally = Tally()
                 for x, y in batches(split, model, batch_size):
                     tally.add(model.forward_dynamic(x.to(device)), y)
                     bar.update()
@@ -132,15 +152,12 @@ def measure_curve(model: ConvertedModel, split: Split, device: torch.device, bat
 def measure_base(base: torch.nn.Module, split: Split, device: torch.device, batch_size: int, transform_model: Any,
                  progress: bool = True) -> tuple[float, float]:
     """Top-1 and top-5 (percent) of a plain model on ``split`` (transforms from ``transform_model``)."""
-    n = len(split)
-    c1 = c5 = 0
-    with ProgressBar("base model", -(-n // batch_size), progress) as bar:
+    tally = Tally()
+    with ProgressBar("base model", -(-len(split) // batch_size), progress) as bar:
         for x, y in batches(split, transform_model, batch_size):
-            logits = base(x.to(device)).float().cpu()
-            c1 += topk_correct(logits, y, 1)
-            c5 += topk_correct(logits, y, 5)
+            tally.add_logits(base(x.to(device)), y)
             bar.update()
-    return 100.0 * c1 / n, 100.0 * c5 / n
+    return tally.top1, tally.top5
 
 
 def time_points(model: ConvertedModel, base: torch.nn.Module, points: list[CurvePoint], split: Split,

@@ -19,7 +19,7 @@ from typing import Any
 import timm
 import torch
 
-from vitconvert.calibration import plot_curve, topk_correct
+from vitconvert.calibration import Tally, plot_curve
 from vitconvert.card import model_card
 from vitconvert.data import DataArg, batches, open_data
 from vitconvert.errors import UserError
@@ -107,30 +107,22 @@ def evaluate(
     cm.to(dev).eval()
     if base is not None:
         base.to(dev).eval()
-    c1 = c5 = b1 = b5 = 0
-    gmacs: list[torch.Tensor] = []
-    stages: list[torch.Tensor] = []
+    tally, base_tally = Tally(), Tally()
     extras: dict[str, list[torch.Tensor]] = {}
     try:
         with torch.inference_mode(), ProgressBar("evaluate", -(-n // batch_size), progress) as bar:
             for x, y in batches(split, cm, batch_size):
                 x = x.to(dev)
                 result = cm.forward_dynamic(x)
-                c1 += topk_correct(result.logits.float().cpu(), y, 1)
-                c5 += topk_correct(result.logits.float().cpu(), y, 5)
-                gmacs.append(result.gmacs.float().cpu())
-                if result.stage is not None:
-                    stages.append(result.stage.cpu())
+                tally.add(result, y)
                 for name, value in result.extras.items():
                     # Only one number per image can be summarised (e.g. confidence, a gate's choice).
                     if value.dim() == 1 and value.shape[0] == x.shape[0]:
                         extras.setdefault(name, []).append(value.cpu())
                 if base is not None:
-                    logits = base(x).float().cpu()
-                    b1 += topk_correct(logits, y, 1)
-                    b5 += topk_correct(logits, y, 5)
+                    base_tally.add_logits(base(x), y)
                 bar.update()
-        mean_gmacs = float(torch.cat(gmacs).mean())
+        mean_gmacs = tally.mean_gmacs
         speed: dict[str, Any] | None = None
         if throughput:
             xb = spread_batch(split.files, cm, batch_size).to(dev)
@@ -147,16 +139,13 @@ def evaluate(
         if base is not None:
             base.to("cpu")
 
-    exit_fractions = None
-    if stages:
-        values, counts = torch.cat(stages).unique(return_counts=True)
-        exit_fractions = {str(int(v)): int(c) / n for v, c in zip(values, counts, strict=True)}
-    top1 = 100.0 * c1 / n
-    base_top1 = 100.0 * b1 / n if base is not None else None
+    exit_fractions = {str(s): share for s, share in tally.exit_shares().items()} or None
+    top1 = tally.top1
+    base_top1 = base_tally.top1 if base is not None else None
     point: dict[str, Any] = {
         "knob": cm.knob, **cm.operating_point, "point": cm.operating_point,
         "budget": str(budget) if budget is not None else None,
-        "top1": top1, "top5": 100.0 * c5 / n, "gmacs": mean_gmacs,
+        "top1": top1, "top5": tally.top5, "gmacs": mean_gmacs,
         "gmacs_fraction": mean_gmacs / cm.base_gmacs if cm.base_gmacs else None,
         "top1_drop": base_top1 - top1 if base_top1 is not None else None,
         "throughput": speed["converted_images_per_s"] if speed else None,
@@ -181,7 +170,7 @@ def evaluate(
         "device": device_name(dev),
         "batch_size": batch_size,
         "base": {"model": base_desc, "gmacs": cm.base_gmacs, "top1": base_top1,
-                 "top5": 100.0 * b5 / n if base is not None else None,
+                 "top5": base_tally.top5 if base is not None else None,
                  "throughput": speed["base_images_per_s"] if speed else None},
         "throughput": speed,
         "calibration": {k: cm.calibration.get(k) for k in ("budget", "base_top1", "images", "split")}
