@@ -5,8 +5,11 @@ Rows, in this order (what a user meets first comes first):
 1. **Trained CIFAR-10 models at their calibrated points**, with torch's default threading (as many threads as
    cores, OpenMP's default wait policy): CF-ViT and DGE on ``cifar10-vit``, DGE on ``cifar10-pvt64``, each
    fine-tuned and calibrated by ``benchmarks/cifar10_short_recipe.py`` (the recipe's own run; the model
-   folders are kept in ``--trained``, default ``benchmarks/work/trained``, and re-created there when missing,
-   ~40 minutes). Batch 64 and batch 1, on real validation images spread over the classes. Also: CF-ViT's
+   folders are kept in ``--trained``, default ``benchmarks/work/trained``, and re-created there with
+   ``--train-missing``, ~15 minutes each). A trained model that is not there is stood in for by the same
+   architecture converted from the committed base, run at the committed trained run's calibrated GMACs share
+   (DGE: gates forced at random; CF-ViT: the same share of images exits), labelled as such.
+   Batch 64 and batch 1, on real validation images spread over the classes. Also: CF-ViT's
    all-refine point (eta = 1), and DGE at every timed frontier point of the calibration curve (what a GMACs
    or speed budget can choose), batch 64 and 1.
 2. **224-px architecture rows** (random weights, gates forced at random per image and region by
@@ -62,15 +65,15 @@ def threading_info() -> dict[str, Any]:
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
-def ensure_trained(folder: Path, quick: bool) -> dict[str, Path]:
-    """The trained model folders, fine-tuned and calibrated by the short recipe where missing."""
+def ensure_trained(folder: Path, quick: bool, build: bool = True) -> dict[str, Path]:
+    """The trained model folders, fine-tuned and calibrated by the short recipe where missing (``build``)."""
     from benchmarks.cifar10_short_recipe import run_recipe
 
     out = {}
     for name, recipe, base in TRAINED_MODELS:
         model_dir = folder / name / "finetuned"
         if not (model_dir / "config.json").is_file():
-            if quick:
+            if quick or not build:
                 continue  # a smoke run does not train
             print(f"[wallclock] training {name} with the short recipe (~15 min)", flush=True)
             run_recipe(recipe, REPO / "benchmarks" / "checkpoints" / base, 1000, folder / name / "results",
@@ -79,10 +82,21 @@ def ensure_trained(folder: Path, quick: bool) -> dict[str, Path]:
     return out
 
 
-def compare_row(fns: dict[str, Any], x: torch.Tensor, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Side-by-side timing (base first: the reference), with the load average around it."""
+def one_by_one(fn: Any) -> Any:
+    """Batch 1 over several images: each image alone, in turn (a cascade's exits depend on the image)."""
+    def run(x: torch.Tensor) -> None:
+        for i in range(x.shape[0]):
+            fn(x[i:i + 1])
+    return run
+
+
+def compare_row(fns: dict[str, Any], x: torch.Tensor, cfg: dict[str, Any], batch: int) -> dict[str, Any]:
+    """Side-by-side timing (base first: the reference), with the load average around it; ``batch`` 1 runs the
+    images of ``x`` one by one."""
     load_before = os.getloadavg()
-    reps = cfg["reps_b1"] if x.shape[0] == 1 else cfg["reps"]
+    reps = cfg["reps_b1"] if batch == 1 else cfg["reps"]
+    if batch == 1:
+        fns = {name: one_by_one(fn) for name, fn in fns.items()}
     res = timing.compare(fns, x, warmup=cfg["warmup"], reps=reps, reference="base")
     out = {name: {"img_s": round(r["median"], 2), "ratio": round(r["ratio"], 3),
                   "ratio_p10_p90": [round(r["ratio_p10"], 3), round(r["ratio_p90"], 3)],
@@ -114,19 +128,21 @@ def gmacs_share(model: ConvertedModel, x: torch.Tensor) -> tuple[float, dict[str
     return float(out.gmacs.mean()) / model.base_gmacs, info
 
 
-def row(name: str, model: ConvertedModel, fns: dict[str, Any], x: torch.Tensor, cfg: dict[str, Any],
+def row(name: str, converted: ConvertedModel, fns: dict[str, Any], x: torch.Tensor, cfg: dict[str, Any], batch: int,
         **fields: Any) -> dict[str, Any]:
-    share, info = gmacs_share(model, x)
+    """One table row: GMACs share on ``x`` and the interleaved timing at ``batch`` (1: ``x``'s images one by one)."""
+    share, info = gmacs_share(converted, x)
     t0 = time.perf_counter()
-    measured = compare_row(fns, x, cfg)
+    measured = compare_row(fns, x, cfg, batch)
     converted = "dge_auto" if "dge_auto" in fns else "converted"
     ratio = measured["timings"][converted]["ratio"]
-    result = {"row": name, **fields, "batch": int(x.shape[0]), **threading_info(), "gmacs_share": round(share, 4),
+    result = {"row": name, **fields, "batch": batch, "images_timed": int(x.shape[0]), **threading_info(),
+              "gmacs_share": round(share, 4),
               **info, "throughput_ratio": ratio, "share_of_gmacs_ideal": round(ratio * share, 3), **measured,
               "seconds": round(time.perf_counter() - t0, 1)}
     if "dge_sparse" in fns:
         result["sparse_only_ratio"] = measured["timings"]["dge_sparse"]["ratio"]
-    print(f"[wallclock] {name} b{x.shape[0]}: GMACs {share:.3f}, x{ratio:.3f} "
+    print(f"[wallclock] {name} b{batch}: GMACs {share:.3f}, x{ratio:.3f} "
           f"({result['share_of_gmacs_ideal']:.0%} of ideal)"
           + (f", sparse-only x{result['sparse_only_ratio']:.3f}" if "sparse_only_ratio" in result else ""), flush=True)
     return result
@@ -140,14 +156,14 @@ def trained_rows(folders: dict[str, Path], cfg: dict[str, Any]) -> list[dict[str
         base, _ = original_model(model)
         base.eval()
         x64 = spread_batch(val, model, cfg["batch"])
-        x1 = x64[:1]
+        x1 = x64[::8]  # batch 1: 8 images (of 8 classes) one by one
         point = dict(model.operating_point)
         fields = {"model": name, "method": model.method, "backbone": model.base_spec.architecture,
                   "gates": "trained", "point": point, "calibrated": model.calibration.get("budget")}
         if isinstance(model, DGE):
             fns = dge_fns(model, base)
             for x in (x64, x1):
-                rows.append(row(f"{name} calibrated", model, fns, x, cfg, **fields))
+                rows.append(row(f"{name} calibrated", model, fns, x, cfg, 64 if x is x64 else 1, **fields))
             # every timed point of the frontier a budget can choose
             curve = sorted(model.curve, key=lambda p: p.gmacs)
             pick = sorted({round(i * (len(curve) - 1) / max(1, cfg["curve_points"] - 1))
@@ -155,19 +171,71 @@ def trained_rows(folders: dict[str, Path], cfg: dict[str, Any]) -> list[dict[str
             for i in pick:
                 model.set_operating_point(curve[i].point)
                 for x in (x64, x1):
-                    rows.append(row(f"{name} curve point", model, fns, x, cfg,
+                    rows.append(row(f"{name} curve point", model, fns, x, cfg, 64 if x is x64 else 1,
                                     **{**fields, "point": dict(curve[i].point), "calibrated": None}))
             model.set_operating_point(point)
             model.execution = "auto"
         else:
             fns = {"base": timing.inference_fn(base), "converted": timing.inference_fn(model)}
             for x in (x64, x1):
-                rows.append(row(f"{name} calibrated", model, fns, x, cfg, **fields))
+                rows.append(row(f"{name} calibrated", model, fns, x, cfg, 64 if x is x64 else 1, **fields))
             model.set_operating_point({**point, "eta": 1.0})  # every image refines: the cascade's worst case
             for x in (x64, x1):
-                rows.append(row(f"{name} all-refine (eta=1)", model, fns, x, cfg,
+                rows.append(row(f"{name} all-refine (eta=1)", model, fns, x, cfg, 64 if x is x64 else 1,
                                 **{**fields, "point": dict(model.operating_point), "calibrated": None}))
             model.set_operating_point(point)
+    return rows
+
+
+def committed_share(name: str) -> float:
+    """GMACs share of the committed short-recipe run's calibrated point (``results/cifar10_<...>.json``)."""
+    stem = {"cfvit_vit": "cifar10_cfvit", "dge_vit": "cifar10_dge", "dge_pvt64": "cifar10_dge_pvt64"}[name]
+    return float(json.loads((REPO / "benchmarks" / "results" / f"{stem}.json").read_text())["evaluation"]
+                 ["gmacs_fraction"])
+
+
+def stand_in_rows(missing: list[str], cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """CIFAR-10 rows for trained models that are not here: the same architecture converted from the committed
+    base checkpoint, run at the committed trained run's calibrated GMACs share. DGE: gates forced at random
+    to that share. CF-ViT: eta set on the batch so that the share of images the calibrated run let exit exits
+    (the cost of each path does not depend on the weights), plus the all-refine point (eta = 1)."""
+    _, val = cifar10.split_files()
+    rows: list[dict[str, Any]] = []
+    for name in missing:
+        recipe, base_dir = next((r, b) for n, r, b in TRAINED_MODELS if n == name)
+        torch.manual_seed(0)
+        model = vitconvert.apply(f"local-dir:{REPO / 'benchmarks' / 'checkpoints' / base_dir}", recipe).eval()
+        base = model.build_base().eval()
+        x64 = spread_batch(val, model, cfg["batch"])
+        x1 = x64[::8]
+        share = committed_share(name)
+        fields = {"model": name, "method": model.method, "backbone": model.base_spec.architecture,
+                  "calibrated": None, "committed_share": round(share, 4)}
+        if isinstance(model, DGE):
+            force_ratio(model, share, "random", seed=0)
+            fns = dge_fns(model, base)
+            for x in (x64, x1):
+                rows.append(row(f"{name} at the trained run's share", model, fns, x, cfg, 64 if x is x64 else 1,
+                                gates="forced (random, at the committed trained run's GMACs share)", **fields))
+            continue
+        # CF-ViT: exit share s from the GMACs share (coarse-only and coarse + fine costs per image)
+        coarse, fine = model.cascade.costs
+        s = min(max((coarse + fine - share * model.base_gmacs) / fine, 0.0), 1.0)
+        fns = {"base": timing.inference_fn(base), "converted": timing.inference_fn(model)}
+        for x in (x64, x1):
+            with torch.inference_mode():
+                conf = model.forward_coarse(x)["logits"].float().softmax(-1).amax(-1)
+            # exits are conf > eta: eta at the (1 - s) quantile lets the share s of this batch exit
+            eta = float(torch.quantile(conf, 1.0 - s)) if s > 0 else 1.0
+            model.set_operating_point({**model.operating_point, "eta": min(max(eta, 0.0), 1.0)})
+            rows.append(row(f"{name} at the trained run's exit share", model, fns, x, cfg, 64 if x is x64 else 1,
+                            gates=f"untrained; eta set so that {s:.0%} exit, as in the committed trained run",
+                            **{**fields, "point": dict(model.operating_point), "exit_share": round(s, 3)}))
+        model.set_operating_point({**model.operating_point, "eta": 1.0})
+        for x in (x64, x1):
+            rows.append(row(f"{name} all-refine (eta=1)", model, fns, x, cfg, 64 if x is x64 else 1,
+                            gates="untrained (every image refines: no exit decision)",
+                            **{**fields, "point": dict(model.operating_point)}))
     return rows
 
 
@@ -185,17 +253,46 @@ def arch_rows(cfg: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
         gen = torch.Generator().manual_seed(0)
         b = min(batch, cfg["batch"]) if quick else batch
         x = torch.randn(b, 3, *model.anatomy.img_size, generator=gen)
-        rows.append(row(f"{arch} rho {rho}", model, dge_fns(model, base), x, cfg, model=arch, method="dge",
+        rows.append(row(f"{arch} rho {rho}", model, dge_fns(model, base), x, cfg, b, model=arch, method="dge",
                         backbone=arch, gates="forced (random per image and region)", rho=rho))
     return rows
 
 
-def run(quick: bool, out_dir: Path, trained: Path = TRAINED, only: str = "all") -> dict[str, Any]:
+def report_rows(measurements: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows ``benchmarks/report.py`` tabulates (one table per batch size): DGE as shipped and forced sparse."""
+    rows = []
+    for m in measurements:
+        point = ", ".join(f"{k}={v:g}" for k, v in (m.get("point") or {}).items())
+        if "rho" in m:
+            where = f"rho {m['rho']}"
+        else:
+            where = f"calibrated {m['calibrated']}" if m.get("calibrated") else m["row"].split(" ", 1)[-1]
+        for name, r in m["timings"].items():
+            if name == "base":
+                continue
+            how = {"dge_auto": "", "dge_sparse": ", sparse only"}.get(name, "")
+            rows.append({
+                "method": m["method"], "backbone": m["model"] if m["gates"] == "trained" else m["backbone"],
+                "setting": f"{where}{f' ({point})' if point else ''}, {m['gates'].split(' ')[0].rstrip(';')} gates, "
+                           f"{m['threads']} threads{how}",
+                "device": "cpu", "precision": "fp32", "batch": m["batch"],
+                "gmacs": m["gmacs"], "base_gmacs": m["base_gmacs"], "throughput": r["img_s"],
+                "base_throughput": m["timings"]["base"]["img_s"], "throughput_ratio": r["ratio"],
+                "throughput_ratio_p10": r["ratio_p10_p90"][0], "throughput_ratio_p90": r["ratio_p10_p90"][1],
+                "cpu_time_ratio": r["cpu_time_ratio"],
+                "notes": f"share of the GMACs ideal {r['ratio'] * m['gmacs_share']:.0%}"})
+    return rows
+
+
+def run(quick: bool, out_dir: Path, trained: Path = TRAINED, only: str = "all", train_missing: bool = False
+        ) -> dict[str, Any]:
     cfg = SETTINGS["quick" if quick else "full"]
     start = timing.machine_block()
     rows: list[dict[str, Any]] = []
     if only in ("all", "trained"):
-        rows += trained_rows(ensure_trained(trained, quick), cfg)
+        found = ensure_trained(trained, quick, build=train_missing)
+        rows += trained_rows(found, cfg)
+        rows += stand_in_rows([n for n, _, _ in TRAINED_MODELS if n not in found], cfg)
     if only in ("all", "arch"):
         rows += arch_rows(cfg, quick)
     result = {
@@ -209,7 +306,8 @@ def run(quick: bool, out_dir: Path, trained: Path = TRAINED, only: str = "all") 
         "note": ("CPU shared with other jobs (load averages per row); base and converted timed in interleaved "
                  "rounds, ratios are per-round paired medians. dge_auto: DGE as shipped (per block and batch, "
                  "sparse or dense by the cost model); dge_sparse: always the sparse path (before issue 18)."),
-        "rows": rows,
+        "measurements": rows,
+        "rows": report_rows(rows),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "wallclock.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -222,9 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--trained", type=Path, default=TRAINED, help="folder of the trained model folders")
     parser.add_argument("--only", choices=("all", "trained", "arch"), default="all")
+    parser.add_argument("--train-missing", action="store_true",
+                        help="fine-tune and calibrate missing trained models with the short recipe (~15 min each)")
     args = parser.parse_args(argv)
     out = args.out or (REPO / "benchmarks" / "results" / ("quick" if args.quick else ""))
-    run(args.quick, out, args.trained, args.only)
+    run(args.quick, out, args.trained, args.only, args.train_missing)
     return 0
 
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import vitconvert
 from benchmarks import cifar10, timing
 from benchmarks.bench_wallclock import TRAINED, threading_info
 from benchmarks.dge_forcing import force_ratio
-from vitconvert.methods.dge import DGE
+from vitconvert.methods.dge import DGE, DGEBlock
 from vitconvert.throughput import spread_batch
 from vitconvert.train import original_model
 
@@ -66,6 +67,58 @@ def profile_fn(fn: Any, x: torch.Tensor, iters: int) -> dict[str, Any]:
                     for o in ops[:15]]}
 
 
+def block_times(model: DGE, x: torch.Tensor, iters: int) -> list[dict[str, Any]]:
+    """Per dynamic block: median wall ms of the base block, the sparse and the dense path on ``x``'s batch, and
+    the path ``auto`` takes (timed through forward hooks; each block sees the input the model gives it)."""
+    blocks = [m for m in model.base.modules() if isinstance(m, DGEBlock)]
+    times: dict[tuple[int, str], list[float]] = {}
+    chosen: dict[int, str] = {}
+    start: dict[int, float] = {}
+    hooks = []
+    mode = [""]
+    for blk in blocks:
+        hooks.append(blk.register_forward_pre_hook(lambda m, a: start.__setitem__(m.index, time.perf_counter())))
+        hooks.append(blk.register_forward_hook(lambda m, a, o: times.setdefault((m.index, mode[0]), []).append(
+            time.perf_counter() - start[m.index])))
+        orig = blk._choose_path
+
+        def spy(*args: Any, blk: DGEBlock = blk, orig: Any = orig) -> str:
+            path = orig(*args)
+            if mode[0] == "auto":
+                chosen[blk.index] = path
+            return path
+        object.__setattr__(blk, "_choose_path", spy)
+    saved = model.execution
+    override = model.gate_override
+    try:
+        with torch.inference_mode():
+            for _ in range(iters):
+                for execution in ("base", "sparse", "dense", "auto"):
+                    mode[0] = execution
+                    if execution == "base":  # the base blocks themselves, at the same inputs' shapes
+                        model.override_gates(lambda i, b, r, dev: torch.zeros(b, r, dtype=torch.long, device=dev))
+                        model.execution = "dense"
+                    else:
+                        model.override_gates(override)
+                        model.execution = execution
+                    model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        for blk in blocks:
+            del blk.__dict__["_choose_path"]
+        model.execution = saved
+        model.override_gates(override)
+    out = []
+    for blk in blocks:
+        row = {"block": blk.index, "auto": chosen.get(blk.index)}
+        for execution in ("base", "sparse", "dense", "auto"):
+            ts = sorted(times[(blk.index, execution)])
+            row[f"{execution}_ms"] = round(1000 * ts[len(ts) // 2], 3)
+        out.append(row)
+    return out
+
+
 def profile_model(name: str, model: DGE, base: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[str, Any]:
     out: dict[str, Any] = {"model": name, "batch": int(x.shape[0])}
     with torch.inference_mode():
@@ -77,6 +130,7 @@ def profile_model(name: str, model: DGE, base: torch.nn.Module, x: torch.Tensor,
         model.execution = execution
         out["profiles"][f"dge_{execution}"] = profile_fn(model, x, iters)
     model.execution = "auto"
+    out["blocks"] = block_times(model, x, max(3, iters))
     print(f"[profile] {name}: " + ", ".join(f"{k} {v['total_ms']:.1f} ms" for k, v in out["profiles"].items()),
           flush=True)
     return out
@@ -97,6 +151,10 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {g} | " + " | ".join(f"{p['groups_ms'][g]:.1f}" for p in m["profiles"].values()) + " |")
         lines.append("| **total** | " + " | ".join(f"**{p['total_ms']:.1f}**" for p in m["profiles"].values()) + " |")
         lines.append("| ops launched | " + " | ".join(str(p["calls"]) for p in m["profiles"].values()) + " |")
+        lines += ["", "Per block (median wall ms; base = the base block; auto: the path it took):", "",
+                  "| block | base | sparse | dense | auto (path) |", "|---|---|---|---|---|"]
+        lines += [f"| {b['block']} | {b['base_ms']:.2f} | {b['sparse_ms']:.2f} | {b['dense_ms']:.2f} "
+                  f"| {b['auto_ms']:.2f} ({b['auto']}) |" for b in m["blocks"]]
         for which, p in m["profiles"].items():
             lines += ["", f"Top ops, {which}:", "", "| op | ms | share | calls |", "|---|---|---|---|"]
             lines += [f"| {o['op']} | {o['self_ms']:.2f} | {o['share']:.1%} | {o['calls']:g} |" for o in p["top"][:10]]

@@ -25,6 +25,20 @@ keeps its keys and values dense but computes its queries at a granularity chosen
   gathered, run through attention and MLP, and scattered back (``inference_layout``: ``packed`` or
   ``padded``, :mod:`vitconvert.layers.ragged`). ``DynamicOutput.gmacs`` is the analytic cost of the path
   each image took, counted the way :func:`vitconvert.count_macs` counts (it matches to the MAC).
+* **Sparse or dense, per block and batch** (``execution``): gathering the selected queries, padding them
+  around the attention core and scattering the updates back costs time the skipped MACs must pay for. Where
+  they do not (few coarse regions, small maps, a batch of one, PVT-v2's convolution at mixed scales), the block
+  runs *densely*: every token is a query row holding its query's state (a coarse query repeated over its
+  sub-patch, :class:`~vitconvert.layers.ragged.TokenQueries`; PVT-v2's convolution from the token map,
+  :func:`~vitconvert.layers.scale_conv.dwconv_tokens`), in the base block's shapes and with the same results;
+  a batch with every region at the finest granularity runs the base block itself. ``auto`` (the default)
+  takes the path :func:`path_costs` estimates cheaper: a deterministic model of the block's matrix-product
+  MACs, elements moved and operators launched on each path, with per-device constants
+  (:data:`EXECUTION_COSTS`) measured on the benchmark CPU. Modelled rather than timed at run time: the same
+  gates always take the same path (reproducible results), and no measurement inside a forward pass is
+  thrown off by a shared machine's load. ``gmacs`` always counts the DGE computation (what the model
+  computes; a dense block runs more MACs to finish sooner); ``extras["dense_blocks"]`` says how many blocks
+  ran densely.
 * **Gates from outside**: :meth:`DGE.override_gates` replaces the routers' choice in both paths (speed
   benchmarks force GMACs ratios with it, ``benchmarks/dge_forcing.py``); the routers still run.
 
@@ -556,6 +570,39 @@ DENSE_OPS = {"vit": 8, "pvt": 10}  # ... and the dense path (plus DENSE_LEVEL_OP
 DENSE_LEVEL_OPS = {"vit": 0, "pvt": 12}
 
 
+def path_terms(costs: dict[str, Any], gates: torch.Tensor, qsel: torch.Tensor, lay: RegionLayout,
+               conv_macs: torch.Tensor | None) -> dict[str, dict[str, float]]:
+    """What one DGE block does on one batch on each path, besides what both paths do alike: matrix-product
+    MACs (``mm``), tensor elements moved by gathers, scatters, copies and extra norms (``move``), depthwise
+    convolution MACs (``conv``) and operators launched (``ops``). See :func:`path_costs`."""
+    kind = "pvt" if conv_macs is not None else "vit"
+    b = gates.shape[0]
+    n, c, d = costs["tokens"], costs["width"], costs["hidden"]
+    nq = qsel.sum(1)
+    m, longest = float(nq.sum()), float(nq.max())
+    coarse = float((gates[:, lay.tok_region] != 0).sum())  # tokens of coarser queries
+    sparse = {"mm": b * costs["fixed"] + costs["per_query"] * m,
+              # gather the queries, pad them for the attention core and back, broadcast the updates to the tokens
+              "move": c * (2 * m + b * longest + b * n), "conv": 0.0, "ops": float(SPARSE_OPS[kind])}
+    dense = {"mm": b * costs["fixed"] + costs["per_query"] * b * n,
+             # the token map copied with the coarse rows replaced, and normalised once more (norm1 of the queries)
+             "move": c * (3 * b * n + coarse), "conv": 0.0, "ops": float(DENSE_OPS[kind])}
+    if conv_macs is not None:
+        sparse["conv"] = float(conv_macs.sum())
+        # the hidden table gathered at least once more for the level maps, and written back per query
+        sparse["move"] += d * (b * n + 2 * m)
+        per_tok = costs["dense_conv"] / n  # full-resolution depthwise MACs per token
+        dense["conv"] = per_tok * b * n
+        for k, size in enumerate(lay.sizes[1:], start=1):
+            if bool((gates == k).any()):
+                # the level's cell map pooled from the token map, convolved, written to its tokens
+                dense["move"] += d * b * n / lay.sizes[k - 1] ** 2
+                dense["conv"] += per_tok * b * n / size**2
+                dense["ops"] += DENSE_LEVEL_OPS[kind]
+        dense["move"] += d * 2 * coarse
+    return {"sparse": sparse, "dense": dense}
+
+
 def path_costs(costs: dict[str, Any], gates: torch.Tensor, qsel: torch.Tensor, lay: RegionLayout,
                conv_macs: torch.Tensor | None, threads: int = 1, device_type: str = "cpu") -> dict[str, float]:
     """Estimated time of one DGE block on one batch, sparse and dense, in matrix-product-MAC units.
@@ -564,8 +611,9 @@ def path_costs(costs: dict[str, Any], gates: torch.Tensor, qsel: torch.Tensor, l
     queries, the dense one every token), plus what each path moves (the sparse path gathers the queries,
     pads them around the attention core and scatters the updates back, at the block's width and, in PVT-v2's
     MLP, at the hidden width; the dense path copies the token map once), the depthwise convolution at each
-    scale, and a fixed cost per operator (which makes small batches on small maps run dense). Deterministic:
-    the same gates always take the same path, whatever the machine's load, so results are reproducible.
+    scale, and a fixed cost per operator (which makes small batches on small maps run dense), weighted by
+    :data:`EXECUTION_COSTS`. Deterministic: the same gates always take the same path, whatever the machine's
+    load, so results are reproducible.
 
     Args:
         costs: The block's MAC counts (``DGE.costs[index]``).
@@ -577,34 +625,9 @@ def path_costs(costs: dict[str, Any], gates: torch.Tensor, qsel: torch.Tensor, l
         device_type: ``cpu``, ``cuda``...
     """
     unit = EXECUTION_COSTS.get(device_type, EXECUTION_COSTS["cpu"])
-    kind = "pvt" if conv_macs is not None else "vit"
-    b = gates.shape[0]
-    n, c, d = costs["tokens"], costs["width"], costs["hidden"]
-    nq = qsel.sum(1)
-    m, longest = float(nq.sum()), float(nq.max())
-    coarse = float((gates[:, lay.tok_region] != 0).sum())  # tokens of coarser queries
-    sparse = b * costs["fixed"] + costs["per_query"] * m
-    dense = b * costs["fixed"] + costs["per_query"] * b * n
-    # Sparse: gather the queries, pad them for the attention core and back, broadcast the updates to the tokens.
-    sparse += unit.move * c * (2 * m + b * longest + b * n)
-    # Dense: the token map copied with the coarse rows replaced, and normalised once more (norm1 of the queries).
-    dense += unit.move * c * (3 * b * n + coarse)
-    levels = 0
-    if conv_macs is not None:
-        sparse += unit.conv * float(conv_macs.sum())
-        # The hidden table is gathered at least once more per level map, and written back per query.
-        sparse += unit.move * d * (b * n + 2 * m)
-        per_tok = costs["dense_conv"] / n  # full-resolution depthwise MACs per token
-        dense += unit.conv * per_tok * b * n
-        for k, size in enumerate(lay.sizes[1:], start=1):
-            if bool((gates == k).any()):
-                levels += 1
-                # the level's cell map pooled from the token map, convolved, written to its tokens
-                dense += unit.move * d * b * n / (lay.sizes[k - 1] ** 2) + unit.conv * per_tok * b * n / size**2
-        dense += unit.move * d * 2 * coarse
-    sparse += unit.op * threads * SPARSE_OPS[kind]
-    dense += unit.op * threads * (DENSE_OPS[kind] + DENSE_LEVEL_OPS[kind] * levels)
-    return {"sparse": sparse, "dense": dense}
+    terms = path_terms(costs, gates, qsel, lay, conv_macs)
+    return {path: t["mm"] + unit.move * t["move"] + unit.conv * t["conv"] + unit.op * threads * t["ops"]
+            for path, t in terms.items()}
 
 
 # --- the converted model ---------------------------------------------------------------------------------
