@@ -284,6 +284,21 @@ def report_rows(measurements: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def markdown_table(measurements: list[dict[str, Any]]) -> str:
+    """The issue's table: one line per measurement (DGE as shipped; before issue 18 = forced sparse)."""
+    lines = ["| model | gates | threads | batch | GMACs share | throughput vs base | share of the GMACs ideal "
+             "| sparse only (before) |", "|---|---|---|---|---|---|---|---|"]
+    for m in measurements:
+        point = ", ".join(f"{k}={v:g}" for k, v in (m.get("point") or {}).items())
+        name = f"{m['method']}, {m['model']}" + (f" rho {m['rho']}" if "rho" in m else "")
+        where = m["row"].split(" ", 1)[-1] if "rho" not in m else ""
+        before = m.get("sparse_only_ratio")
+        lines.append(f"| {name} {where}{f' ({point})' if point else ''} | {m['gates']} | {m['threads']} "
+                     f"| {m['batch']} | {m['gmacs_share']:.0%} | {m['throughput_ratio']:.2f}x "
+                     f"| {m['share_of_gmacs_ideal']:.0%} | {f'{before:.2f}x' if before is not None else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def run(quick: bool, out_dir: Path, trained: Path = TRAINED, only: str = "all", train_missing: bool = False
         ) -> dict[str, Any]:
     cfg = SETTINGS["quick" if quick else "full"]
@@ -311,6 +326,8 @@ def run(quick: bool, out_dir: Path, trained: Path = TRAINED, only: str = "all", 
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "wallclock.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / "wallclock.md").write_text(markdown_table(rows))
+    print(markdown_table(rows), flush=True)
     return result
 
 
