@@ -53,6 +53,7 @@ TRAINED = REPO / "benchmarks" / "work" / "trained"
 # (folder name, recipe, base checkpoint): the trained rows.
 TRAINED_MODELS = (("cfvit_vit", "cfvit", "cifar10-vit"), ("dge_vit", "dge", "cifar10-vit"),
                   ("dge_pvt64", "dge", "cifar10-pvt64"))
+CIFAR_BASES = {name: base for name, _, base in TRAINED_MODELS}  # trained model -> its base's folder name
 # (architecture, rho, batch): the 224-px rows.
 ARCH_ROWS = (("deit_small_patch16_224", 0.5, 64), ("pvt_v2_b1", 0.7, 64), ("deit_small_patch16_224", 1.0, 64),
              ("deit_small_patch16_224", 0.5, 1))
@@ -272,7 +273,7 @@ def report_rows(measurements: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             how = {"dge_auto": "", "dge_sparse": ", sparse only"}.get(name, "")
             rows.append({
-                "method": m["method"], "backbone": m["model"] if m["gates"] == "trained" else m["backbone"],
+                "method": m["method"], "backbone": CIFAR_BASES.get(m["model"], m["backbone"]),
                 "setting": f"{where}{f' ({point})' if point else ''}, {m['gates'].split(' ')[0].rstrip(';')} gates, "
                            f"{m['threads']} threads{how}",
                 "device": "cpu", "precision": "fp32", "batch": m["batch"],
