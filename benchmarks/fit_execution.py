@@ -32,7 +32,7 @@ from benchmarks.dge_forcing import force_ratio
 from vitconvert.methods.dge import DGE, EXECUTION_COSTS, DGEBlock, path_terms
 
 REPO = Path(__file__).resolve().parent.parent
-TERMS = ("mm", "move", "conv", "ops")
+TERMS = ("mm", "rows", "move", "conv", "ops")
 # (model source, batch sizes, forced ratios); CIFAR bases are local folders.
 CONFIGS = (
     ("local-dir:benchmarks/checkpoints/cifar10-vit", (64, 8, 1), (0.5, 0.75, 0.95)),
@@ -131,16 +131,19 @@ def run(out_dir: Path, threads: int, reps: int, quick: bool = False) -> dict[str
     coef = nnls(a / scale, y)
     coef = coef / scale
     mm = coef[0] if coef[0] > 0 else float("nan")
-    fitted = {"move": float(coef[1] / mm), "conv": float(coef[2] / mm), "op": float(coef[3] / mm / threads)}
-    shipped = EXECUTION_COSTS["cpu"]
-    w_fit = {"mm": 1.0, "move": fitted["move"], "conv": fitted["conv"], "ops": fitted["op"]}
-    w_ship = {"mm": 1.0, "move": shipped.move, "conv": shipped.conv, "ops": shipped.op}
+    fitted = {"sparse_rows": float(coef[1] / mm), "move": float(coef[2] / mm), "conv": float(coef[3] / mm),
+              "op": float(coef[4] / mm / threads)}
+    w_fit = {"mm": 1.0, "rows": fitted["sparse_rows"], "move": fitted["move"], "conv": fitted["conv"],
+             "ops": fitted["op"]}
+    shipped = {fam: {"mm": 1.0, "rows": c.sparse_rows, "move": c.move, "conv": c.conv, "ops": c.op}
+               for fam, c in EXECUTION_COSTS["cpu"].items()}
     result = {
         "name": "execution_fit", "machine": timing.machine_block(), "threads": threads, "reps": reps,
         "seconds_per_mm_mac": float(coef[0]), "fitted": fitted,
-        "shipped": {"move": shipped.move, "conv": shipped.conv, "op": shipped.op},
+        "shipped": shipped,
         "choices_fitted": choice_quality(samples, w_fit, threads),
-        "choices_shipped": choice_quality(samples, w_ship, threads),
+        "choices_shipped": {fam: choice_quality([s for s in samples if ("pvt" in s["model"]) == (fam == "pvt")], w,
+                                                threads) for fam, w in shipped.items()},
         "samples": samples,
     }
     print(json.dumps({k: v for k, v in result.items() if k not in ("samples", "machine")}, indent=1), flush=True)

@@ -271,10 +271,10 @@ def test_execution_fit_recovers_known_weights() -> None:
     from benchmarks.fit_execution import TERMS, choice_quality, nnls
 
     rng = np.random.default_rng(0)
-    truth = np.array([1e-10, 2e-9, 0.0, 3e-5])  # seconds per matrix MAC, per element moved, per conv MAC, per op
+    truth = np.array([1e-10, 1.2e-10, 2e-9, 0.0, 3e-5])  # s per matrix MAC, sparse row MAC, element moved, conv MAC, op
     samples = []
     for _ in range(40):
-        terms = {p: dict(zip(TERMS, rng.uniform(0, 1, 4) * np.array([1e9, 1e7, 1e7, 100]), strict=True))
+        terms = {p: dict(zip(TERMS, rng.uniform(0, 1, 5) * np.array([1e9, 1e9, 1e7, 1e7, 100]), strict=True))
                  for p in ("sparse", "dense")}
         seconds = {p: float(np.dot([terms[p][k] for k in TERMS], truth)) for p in terms}
         samples.append({"terms": terms, "seconds": seconds})
@@ -285,5 +285,5 @@ def test_execution_fit_recovers_known_weights() -> None:
     assert np.allclose(coef, truth, rtol=1e-6, atol=1e-15)
     weights = dict(zip(TERMS, coef / coef[0], strict=True))
     assert choice_quality(samples, weights, 1)["right"] == 40
-    wrong = choice_quality(samples, {"mm": 1.0, "move": 0.0, "conv": 0.0, "ops": 0.0}, 1)
+    wrong = choice_quality(samples, {"mm": 1.0, "rows": 1.0, "move": 0.0, "conv": 0.0, "ops": 0.0}, 1)
     assert wrong["right"] < 40 and wrong["seconds_lost"] > 0

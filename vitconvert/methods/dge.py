@@ -584,11 +584,20 @@ class ExecutionCost:
     move: float  # one tensor element read or written by a gather, scatter, copy or norm
     conv: float  # one MAC of the depthwise convolution (memory-bound: far below the matrix-product rate)
     op: float  # one operator launched, per thread (dispatch, allocation, OpenMP fork/join)
+    sparse_rows: float = 1.0  # one MAC of the sparse path's per-query work (gathered, padded rows run slower)
 
 
-# Measured on the benchmark CPU (2-core x86_64, fp32) with benchmarks/bench_wallclock.py --fit; a device without
-# an entry uses the CPU's (a GPU hides the small ops better, so this errs towards the dense path there).
-EXECUTION_COSTS: dict[str, ExecutionCost] = {"cpu": ExecutionCost(move=12.0, conv=3.0, op=2.0e5)}
+# Fitted on the benchmark CPU (2-core x86_64, fp32, 2 threads) by benchmarks/fit_execution.py: per-block times
+# of both paths over the CIFAR-10 ViT and PVT-v2 bases, DeiT-S and PVT-v2-b1, batches 1-64, forced gate mixes
+# (benchmarks/results/execution_fit_t2.json). PVT-v2: the joint fit (it picks the faster path for every
+# configuration but a few near-ties, within 1% of the best in total). ViT: its blocks' sparse rows ran ~16%
+# slower than dense ones (the crossover of the measured times near 65% of the queries), which the element
+# counts do not explain, so the model says so directly, with a smaller operator cost (DeiT-S at batch 1 pays
+# on the sparse path). A device without an entry uses the CPU's.
+EXECUTION_COSTS: dict[str, dict[str, ExecutionCost]] = {
+    "cpu": {"vit": ExecutionCost(move=0.0, conv=0.0, op=5.0e5, sparse_rows=1.16),
+            "pvt": ExecutionCost(move=41.2, conv=30.8, op=1.24e6)},
+}
 SPARSE_OPS = {"vit": 45, "pvt": 110}  # operators one sparse block launches besides the base block's own
 DENSE_OPS = {"vit": 8, "pvt": 10}  # ... and the dense path (plus DENSE_LEVEL_OPS per coarse level present)
 DENSE_LEVEL_OPS = {"vit": 0, "pvt": 12}
@@ -597,21 +606,22 @@ DENSE_LEVEL_OPS = {"vit": 0, "pvt": 12}
 def path_terms(costs: dict[str, Any], gates: torch.Tensor, qsel: torch.Tensor, lay: RegionLayout,
                conv_macs: torch.Tensor | None) -> dict[str, dict[str, float]]:
     """What one DGE block does on one batch on each path, besides what both paths do alike: matrix-product
-    MACs (``mm``), tensor elements moved by gathers, scatters, copies and extra norms (``move``), depthwise
-    convolution MACs (``conv``) and operators launched (``ops``). See :func:`path_costs`."""
+    MACs (``mm``; the sparse path's per-query ones apart, ``rows``), tensor elements moved by gathers, scatters,
+    copies and extra norms (``move``), depthwise convolution MACs (``conv``) and operators launched (``ops``).
+    See :func:`path_costs`."""
     kind = "pvt" if conv_macs is not None else "vit"
     b = gates.shape[0]
     n, c, d = costs["tokens"], costs["width"], costs["hidden"]
     nq = qsel.sum(1)
     m, longest = float(nq.sum()), float(nq.max())
     coarse = float((gates[:, lay.tok_region] != 0).sum())  # tokens of coarser queries
-    sparse = {"mm": b * costs["fixed"] + costs["per_query"] * m,
+    sparse = {"mm": b * costs["fixed"], "rows": costs["per_query"] * m,
               # gather the queries, pad them for the attention core and back, broadcast the updates to the tokens
               "move": c * (2 * m + b * longest + b * n), "conv": 0.0, "ops": float(SPARSE_OPS[kind])}
     # Dense: every token a row, but the MLP (PVT-v2: fc2) once per query; the token map copied with the coarse
     # rows replaced and normalised once more (norm1 of the queries); the MLP's rows gathered and broadcast back.
     mlp = costs["mlp_row"]
-    dense = {"mm": b * costs["fixed"] + (costs["per_query"] - mlp) * b * n + mlp * m,
+    dense = {"mm": b * costs["fixed"] + (costs["per_query"] - mlp) * b * n + mlp * m, "rows": 0.0,
              "move": c * (4 * b * n + coarse + m), "conv": 0.0, "ops": float(DENSE_OPS[kind])}
     if conv_macs is not None:
         sparse["conv"] = float(conv_macs.sum())
@@ -650,10 +660,10 @@ def path_costs(costs: dict[str, Any], gates: torch.Tensor, qsel: torch.Tensor, l
         threads: Threads the operators run on.
         device_type: ``cpu``, ``cuda``...
     """
-    unit = EXECUTION_COSTS.get(device_type, EXECUTION_COSTS["cpu"])
+    unit = EXECUTION_COSTS.get(device_type, EXECUTION_COSTS["cpu"])["pvt" if conv_macs is not None else "vit"]
     terms = path_terms(costs, gates, qsel, lay, conv_macs)
-    return {path: t["mm"] + unit.move * t["move"] + unit.conv * t["conv"] + unit.op * threads * t["ops"]
-            for path, t in terms.items()}
+    return {path: t["mm"] + unit.sparse_rows * t["rows"] + unit.move * t["move"] + unit.conv * t["conv"]
+            + unit.op * threads * t["ops"] for path, t in terms.items()}
 
 
 # --- the converted model ---------------------------------------------------------------------------------
