@@ -140,8 +140,11 @@ def markdown(result: dict[str, Any]) -> str:
     lines = ["# Where DGE's time goes (torch.profiler, self CPU time per forward)", "",
              f"Machine: {result['machine']['cpu']}, {result['threading']['threads']} threads, OpenMP wait policy "
              f"{result['threading']['omp_wait_policy']}; load average {result['machine']['load_average']}. "
-             "Self CPU times are wall time inside each op on the profiling thread (the profiler's overhead "
-             "inflates the many small ops a little). Written by `benchmarks/profile_dge.py`.", ""]
+             "Self CPU times are wall time inside each op on the profiling thread. The profiler adds a fixed "
+             "cost to every op, which inflates the DGE paths' totals (thousands of small ops per forward) far "
+             "more than the base model's (hundreds): read the op tables for where time goes inside a path, and "
+             "compare paths by the per-block wall times (forward hooks, no profiler) and by `wallclock.json`. "
+             "Written by `benchmarks/profile_dge.py`.", ""]
     for m in result["models"]:
         lines += [f"## {m['model']} (batch {m['batch']}, GMACs share {m['gmacs_share']:.2f}, blocks run densely by "
                   f"auto: {m['dense_blocks']})", "",
