@@ -87,8 +87,9 @@ def speed_tables(rows: list[dict[str, Any]]) -> list[str]:
             key = (r["_source"], str(r.get("device", "cpu")), str(r.get("precision", "fp32")), r.get("batch"))
             groups[key].append(r)
     lines: list[str] = []
-    for (source, device, precision, batch), group in sorted(groups.items(),
-                                                            key=lambda kv: (kv[0][1] != "cpu", kv[0])):
+    # The wall-clock table (trained models at their calibrated points first) leads; then the others by name.
+    for (source, device, precision, batch), group in sorted(
+            groups.items(), key=lambda kv: (kv[0][1] != "cpu", kv[0][0] != "wallclock", kv[0][0], -(kv[0][3] or 0))):
         cpu_time = any(r.get("cpu_time_ratio") is not None for r in group)
         lines += [
             f"### `{source}.json`: {device.upper() if device == 'cpu' else device}, {precision}, batch {batch}",

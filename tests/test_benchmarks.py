@@ -230,3 +230,60 @@ def test_dge_speed_runs_and_update_merge(tmp_path: Path, monkeypatch) -> None:
     assert calls == [(k, ("pvt_v2_b1",)) for k in ("threads1", "threads2_omp_passive", "threads2_default")]
     assert written["threads2_default"]["archs"]["pvt_v2_b1"]["machine"] == {"run": "threads2_default"}
     assert "machine" not in written["threads2_default"]["archs"]["deit_small_patch16_224"]  # left as it was
+
+
+def test_wallclock_rows_table_and_summary(tmp_path: Path) -> None:
+    """The wall-clock benchmark's measurements become the issue's table and report rows that lead SUMMARY.md."""
+    from benchmarks.bench_wallclock import markdown_table, report_rows
+
+    def timings(ratio: float) -> dict:
+        return {"img_s": 100.0 * ratio, "ratio": ratio, "ratio_p10_p90": [ratio - 0.1, ratio + 0.1],
+                "ratio_halves": None, "cpu_time_ratio": ratio}
+
+    trained = {"row": "dge_vit calibrated", "model": "dge_vit", "method": "dge", "backbone": "deit_tiny_patch16_224",
+               "gates": "trained", "point": {"coarsening": 0.05}, "calibrated": "60%", "batch": 64, "threads": 2,
+               "gmacs_share": 0.53, "gmacs": 0.056, "base_gmacs": 0.105, "throughput_ratio": 1.5,
+               "share_of_gmacs_ideal": 0.795, "sparse_only_ratio": 1.3,
+               "timings": {"base": timings(1.0), "dge_auto": timings(1.5), "dge_sparse": timings(1.3)}}
+    forced = {**trained, "row": "pvt_v2_b1 rho 0.7", "model": "pvt_v2_b1", "backbone": "pvt_v2_b1", "rho": 0.7,
+              "gates": "forced (random)", "point": None, "calibrated": None, "gmacs_share": 0.7,
+              "throughput_ratio": 1.02, "share_of_gmacs_ideal": 0.714,
+              "timings": {"base": timings(1.0), "dge_auto": timings(1.02), "dge_sparse": timings(1.3)}}
+    table = markdown_table([trained, forced])
+    assert "| dge, dge_vit calibrated (coarsening=0.05) | trained | 2 | 64 | 53% | 1.50x | 80% | 1.30x |" in table
+    assert "| dge, pvt_v2_b1 rho 0.7  | forced (random) | 2 | 64 | 70% | 1.02x | 71% | 1.30x |" in table
+    rows = report_rows([trained, forced])
+    assert [(r["backbone"], r["throughput_ratio"]) for r in rows] == [
+        ("cifar10-vit", 1.5), ("cifar10-vit", 1.3), ("pvt_v2_b1", 1.02), ("pvt_v2_b1", 1.3)]
+    assert rows[0]["setting"] == "calibrated 60% (coarsening=0.05), trained gates, 2 threads"
+    assert rows[1]["setting"].endswith(", sparse only")
+    (tmp_path / "wallclock.json").write_text(json.dumps({"name": "wallclock", "machine": {}, "rows": rows}))
+    (tmp_path / "aaa.json").write_text(json.dumps({"name": "a", "machine": {}, "rows": [
+        {**rows[2], "backbone": "x", "setting": "other"}]}))
+    text = report.generate(tmp_path).read_text()
+    assert text.index("`wallclock.json`") < text.index("`aaa.json`")  # the wall-clock table leads
+
+
+def test_execution_fit_recovers_known_weights() -> None:
+    """The cost-model fit finds the weights that generated the time differences, and scores path choices."""
+    import numpy as np
+
+    from benchmarks.fit_execution import TERMS, choice_quality, nnls
+
+    rng = np.random.default_rng(0)
+    truth = np.array([1e-10, 1.2e-10, 2e-9, 0.0, 3e-5])  # s per matrix MAC, sparse row MAC, element moved, conv MAC, op
+    samples = []
+    for _ in range(40):
+        terms = {p: dict(zip(TERMS, rng.uniform(0, 1, 5) * np.array([1e9, 1e9, 1e7, 1e7, 100]), strict=True))
+                 for p in ("sparse", "dense")}
+        seconds = {p: float(np.dot([terms[p][k] for k in TERMS], truth)) for p in terms}
+        samples.append({"terms": terms, "seconds": seconds})
+    a = np.array([[s["terms"]["sparse"][k] - s["terms"]["dense"][k] for k in TERMS] for s in samples])
+    y = np.array([s["seconds"]["sparse"] - s["seconds"]["dense"] for s in samples])
+    scale = np.abs(a).max(0)
+    coef = nnls(a / scale, y) / scale
+    assert np.allclose(coef, truth, rtol=1e-6, atol=1e-15)
+    weights = dict(zip(TERMS, coef / coef[0], strict=True))
+    assert choice_quality(samples, weights, 1)["right"] == 40
+    wrong = choice_quality(samples, {"mm": 1.0, "rows": 1.0, "move": 0.0, "conv": 0.0, "ops": 0.0}, 1)
+    assert wrong["right"] < 40 and wrong["seconds_lost"] > 0

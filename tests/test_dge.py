@@ -15,7 +15,7 @@ from benchmarks.dge_forcing import force_ratio, forced_rho
 from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.costs import count_macs
 from vitconvert.layers.scale_conv import conv_at
-from vitconvert.methods.dge import DGE, DGEBlock, plot_granularity
+from vitconvert.methods.dge import DGE, DGEBlock, path_costs, plot_granularity
 
 # Grids the region size does not divide: DeiT with a 10x10 grid (like 14x14 at 224 px) and PVT-v2 at 56 px
 # (stage grids 14, 7, 4, 2; the last one smaller than a region).
@@ -31,10 +31,14 @@ MODELS = {**TINY_MODELS, **EXTRA_MODELS}
 DGE_KEYS = ["vit", "deit", "deit_distilled", "deit3", "pvt_v2", "deit_10x10", "pvt_v2_56", "pvt_v2_li"]
 
 
-def convert(key: str, overrides: list[str] | None = None, seed: int = 0, recipe: str = "dge") -> DGE:
+def convert(key: str, overrides: list[str] | None = None, seed: int = 0, recipe: str = "dge",
+            execution: str = "sparse") -> DGE:
+    """A DGE model of a test architecture; the sparse path always runs unless ``execution`` says otherwise (auto
+    would run these tiny blocks densely, and ``count_macs`` counts what runs)."""
     arch, kwargs = MODELS[key]
     torch.manual_seed(seed)
-    return vitconvert.apply(arch, recipe, model_kwargs=kwargs, pretrained=False, overrides=overrides)
+    return vitconvert.apply(arch, recipe, model_kwargs=kwargs, pretrained=False,
+                            overrides=[f"model.execution={execution}", *(overrides or [])])
 
 
 def images(model: DGE, n: int, seed: int = 1) -> torch.Tensor:
@@ -233,7 +237,7 @@ def test_pvt_v2_b0_at_224_uniform_level_convolves_like_full_resolution(level: in
     convolution output = the full-resolution convolution of the broadcast hidden map averaged over its cell, and
     the reported GMACs are what count_macs measures."""
     torch.manual_seed(0)
-    model = vitconvert.apply("pvt_v2_b0", "dge", pretrained=False)
+    model = vitconvert.apply("pvt_v2_b0", "dge", pretrained=False, overrides=["model.execution=sparse"])
     p = model._c.sizes[level]
     blocks = [blk for stage in model.base.stages for blk in stage.blocks]
     grid_of: dict[int, tuple[int, int]] = {}  # block index -> its token grid (PVT-v2 passes it to each call)
@@ -552,3 +556,80 @@ def test_benchmark_gmacs_check_on_a_tiny_model() -> None:
     # batched, the packed layout pads only the attention core (a third of this tiny model's block MACs,
     # ~6% of DeiT-S's): above the per-image mean, by less than the padding
     assert check["reported_mean"] <= check["batch_counted_per_image"] <= 1.25 * check["reported_mean"]
+
+
+# --- dense execution: the same results as the sparse path, chosen per block and batch -----------------------
+
+
+def mixed_levels(block: int, batch: int, regions: int, device: torch.device) -> torch.Tensor:
+    """Every granularity in every block, different per image."""
+    g = torch.Generator().manual_seed(block * 100 + regions)
+    return torch.randint(0, 3, (8, regions), generator=g)[:batch].to(device)  # image i: row i, whatever the batch
+
+
+@pytest.mark.parametrize("key", ["deit_distilled", "deit_10x10", "pvt_v2_56", "pvt_v2_li"])
+def test_dense_execution_equals_sparse(key: str) -> None:
+    """Every token a query row (coarse queries repeated over their sub-patch; PVT-v2's convolution at each
+    level's scale from the token map) gives the sparse path's logits and GMACs, with and without autograd."""
+    model = convert(key).eval()
+    x = images(model, 3)
+    outs = {}
+    for execution in ("sparse", "dense"):
+        model.execution = execution
+        model.override_gates(mixed_levels)
+        with torch.no_grad():
+            outs[execution] = model.forward_dynamic(x)
+        xg = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(model.forward_dynamic(xg).logits[:, 0].sum(), xg)
+        outs[execution + "_grad"] = grad
+    sparse, dense = outs["sparse"], outs["dense"]
+    levels = torch.cat([g.flatten() for k, g in sparse.extras.items() if k.startswith("granularity.")])
+    assert set(levels.tolist()) == {0, 1, 2}
+    assert (dense.logits - sparse.logits).abs().max().item() <= 1e-5
+    assert (outs["dense_grad"] - outs["sparse_grad"]).abs().max().item() <= 1e-5
+    assert torch.equal(dense.gmacs, sparse.gmacs) and torch.equal(dense.extras["queries"], sparse.extras["queries"])
+    blocks = len(model.dynamic_blocks)
+    assert dense.extras["dense_blocks"].tolist() == [float(blocks)] * 3
+    assert sparse.extras["dense_blocks"].tolist() == [0.0] * 3
+    # one image alone, densely: the same as in the batch
+    with torch.no_grad():
+        alone = model.forward_dynamic(x[:1])
+    assert (alone.logits - dense.logits[:1]).abs().max().item() <= 1e-5
+
+
+def test_all_finest_batches_run_the_base_block_and_auto_follows_the_cost_model() -> None:
+    model = convert("deit_10x10", execution="auto").eval()
+    base = model.build_base()
+    x = images(model, 4)
+    finest = lambda i, b, r, dev: torch.zeros(b, r, dtype=torch.long, device=dev)  # noqa: E731
+    model.override_gates(finest)
+    with torch.no_grad():
+        out = model.forward_dynamic(x)
+        assert torch.equal(out.logits, base(x))  # the base blocks themselves, bit for bit
+    assert out.extras["dense_blocks"].tolist() == [3.0] * 4
+    # auto takes, block by block, the path path_costs estimates cheaper; the estimate follows the work
+    model.override_gates(mixed_levels)
+    with torch.no_grad():
+        auto = model.forward_dynamic(x)
+        model.execution = "sparse"
+        sparse = model.forward_dynamic(x)
+    assert (auto.logits - sparse.logits).abs().max().item() <= 1e-5
+    blk = next(b for b in model.base.modules() if isinstance(b, DGEBlock))
+    costs = blk._costs
+    lay = model._c.layout((10, 10), torch.device("cpu"))
+    r = lay.num_regions
+
+    def estimate(gates: torch.Tensor, threads: int = 1) -> dict[str, float]:
+        sel = gates[:, lay.cand_region] == lay.cand_gran
+        qsel = torch.cat([sel.new_ones(gates.shape[0], 1), sel], dim=1)
+        return path_costs(costs, gates, qsel, lay, None, threads)
+
+    coarse = torch.full((256, r), 2)
+    # a large batch of coarse regions: the sparse path saves most of the block (the dense one runs the MLP once
+    # per query too, but attention on every token); a single small image: the operators cost more than it saves
+    assert estimate(coarse)["sparse"] < 0.7 * estimate(coarse)["dense"]
+    assert estimate(coarse[:1])["sparse"] > estimate(coarse[:1])["dense"]
+    # more threads: each operator's fixed cost weighs more against the matrix products
+    assert estimate(coarse[:8], 2)["sparse"] - estimate(coarse[:8], 1)["sparse"] > 0
+    with pytest.raises(UserError, match="execution must be"):
+        model.execution = "fast"

@@ -11,7 +11,7 @@ from utils import TINY_MODELS
 
 import vitconvert
 from vitconvert.errors import UserError
-from vitconvert.operating import CurvePoint, Knob, OperatingSpace, choose_point, frontier
+from vitconvert.operating import CurvePoint, Knob, OperatingSpace, choose_point, frontier, not_slower
 
 
 def _cfvit() -> vitconvert.ConvertedModel:
@@ -125,3 +125,21 @@ def test_speed_budgets_use_measured_points_only() -> None:
             choose_point(curve, bad, 1.0, 80.0)
     assert [p.point["eta"] for p in frontier(curve)] == [0.2, 0.5, 0.7, 1.0]
     assert [p.point["eta"] for p in frontier([*curve, CurvePoint({"eta": 0.6}, 0.7, 75.0)])] == [0.2, 0.5, 0.7, 1.0]
+
+
+def test_gmacs_and_drop_budgets_skip_points_measured_slower_than_the_base() -> None:
+    # DGE-like: the cheapest points pay, a mid point was timed slower than the base model
+    curve = [CurvePoint({"c": 0.9}, 0.4, 70.0, {"throughput_ratio": 1.8}),
+             CurvePoint({"c": 0.6}, 0.6, 78.0, {"throughput_ratio": 0.9}),
+             CurvePoint({"c": 0.5}, 0.7, 79.0),  # untimed; the only timed point with more GMACs is slower
+             CurvePoint({"c": 0.0}, 1.0, 80.0, {"throughput_ratio": 0.97})]  # full compute: the base itself
+    assert [p.point["c"] for p in not_slower(curve, 1.0)] == [0.9, 0.0]
+    assert choose_point(curve, "70%", 1.0, 80.0).point == {"c": 0.9}
+    assert choose_point(curve, "drop=1.5", 1.0, 80.0).point == {"c": 0.0}
+    # untimed points count by a timed point of more GMACs that reached the base's speed
+    fast = [*curve[:2], CurvePoint({"c": 0.55}, 0.65, 78.5),
+            CurvePoint({"c": 0.3}, 0.8, 79.5, {"throughput_ratio": 1.1})]
+    assert [p.point["c"] for p in not_slower(fast, 1.0)] == [0.9, 0.55, 0.3]
+    # nothing timed: GMACs budgets as before
+    plain = [CurvePoint(p.point, p.gmacs, p.top1) for p in curve]
+    assert choose_point(plain, "60%", 1.0, 80.0).point == {"c": 0.6}

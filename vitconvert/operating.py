@@ -188,11 +188,14 @@ def choose_point(curve: Sequence[CurvePoint], budget: str | float, base_gmacs: f
     """The most accurate point within a GMACs or speed budget, or the cheapest within an accuracy drop.
 
     When nothing meets the budget: the cheapest point (GMACs budgets), the fastest timed one (speed) or the
-    most accurate (drops). A speed budget considers only points whose speed was measured.
+    most accurate (drops). A speed budget considers only points whose speed was measured. Where speeds were
+    measured, GMACs and drop budgets never pick a point slower than the base model (:func:`not_slower`).
     """
     if not curve:
         raise UserError("the model has no calibration curve; run `vitconvert calibrate` first")
     kind, value = parse_budget(budget)
+    if kind != "speed":
+        curve = not_slower(curve, base_gmacs)
     if kind == "speed":
         timed = [p for p in curve if isinstance(p.extra.get("throughput_ratio"), int | float)]
         if not timed:
@@ -214,6 +217,29 @@ def choose_point(curve: Sequence[CurvePoint], budget: str | float, base_gmacs: f
     if not ok:
         return min(curve, key=lambda p: p.gmacs)
     return max(ok, key=lambda p: (p.top1, -p.gmacs))
+
+
+def not_slower(curve: Sequence[CurvePoint], base_gmacs: float) -> list[CurvePoint]:
+    """The points of ``curve`` not measured slower than the base model (all of them when none was timed).
+
+    A timed point counts by its ``throughput_ratio``; an untimed one by the timed points of no fewer GMACs
+    (it is kept when one of them reached the base's speed: fewer MACs on the same path run no slower); the
+    full-compute point (the base model's GMACs) runs the base model and is always kept.
+    """
+    timed = [p for p in curve if isinstance(p.extra.get("throughput_ratio"), int | float)]
+    if not timed:
+        return list(curve)
+
+    def ok(p: CurvePoint) -> bool:
+        if p.gmacs >= base_gmacs * (1 - 1e-9):
+            return True
+        ratio = p.extra.get("throughput_ratio")
+        if isinstance(ratio, int | float):
+            return ratio >= 1.0
+        return any(t.extra["throughput_ratio"] >= 1.0 for t in timed if t.gmacs >= p.gmacs)
+
+    kept = [p for p in curve if ok(p)]
+    return kept or list(curve)
 
 
 def format_point(point: Mapping[str, float]) -> str:

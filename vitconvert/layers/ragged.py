@@ -10,7 +10,11 @@ covering it (``to_tokens``):
   only around the attention core (the default for inference);
 * :class:`PaddedQueries`: each image's queries padded to the batch's largest count, (B, L, C);
 * :class:`AllQueries`: every candidate as a query, (B, T, C), for dense training paths that combine the
-  levels afterwards.
+  levels afterwards;
+* :class:`TokenQueries`: every token as a query row holding the state of the query covering it, (B, N, C):
+  the selection run densely, in the base model's shapes (a coarse query's row repeated over its sub-patch),
+  for blocks where gathering and scattering the selected rows costs more than it saves. Rows attend and
+  pass per-row layers independently, so each token gets exactly the result of the query covering it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AllQueries", "PackedQueries", "PaddedQueries", "QuerySelection", "attend_batched"]
+__all__ = ["AllQueries", "PackedQueries", "PaddedQueries", "QuerySelection", "TokenQueries", "attend_batched"]
 
 
 class PackedQueries:
@@ -170,6 +174,72 @@ class AllQueries:
         return attend_batched(q, k, v, dropout)
 
 
+class TokenQueries:
+    """Every token as a query: (B, N, C) rows, each the state of the query covering its token (dense execution
+    of a selection; see the module docstring). Row i of image b is token i, so no scatter back is needed."""
+
+    def __init__(self, qsel: torch.Tensor, tok_src: torch.Tensor, n_full: int, sizes: list[int],
+                 gates: torch.Tensor, cand_first: torch.Tensor | None = None) -> None:
+        """
+        Args:
+            qsel: (B, T) which candidates of each image are queries.
+            tok_src: (B, N) the candidate covering each token (prefix included); below ``n_full`` the token itself.
+            n_full: Columns of the full-resolution map (prefix and finest tokens) among the candidates.
+            sizes: Sub-patch side of each level (finest first).
+            gates: (B, R) level of each region.
+            cand_first: (T,) first token each candidate covers; given, the queries' own rows are indexed too
+                (:meth:`to_unique`, :meth:`from_unique`), for per-row layers that need not run on repeated rows.
+        """
+        self.nq = qsel.sum(1)
+        self.gates = gates
+        self.sizes = sizes
+        self.batch, self.tokens = tok_src.shape
+        self.unique_rows: torch.Tensor | None = None
+        self.unique_of: torch.Tensor | None = None
+        if cand_first is not None:
+            # One row per query (the first token it covers), image after image, and for every token that row.
+            img, cand = qsel.nonzero().unbind(1)
+            self.unique_rows = img * self.tokens + cand_first[cand]
+            row_of = torch.full(qsel.shape, -1, dtype=torch.long, device=qsel.device)
+            row_of[img, cand] = torch.arange(img.numel(), device=qsel.device)
+            self.unique_of = row_of.gather(1, tok_src).flatten()
+        # Only the tokens of coarser queries are rewritten: their flat row and the flat row of their query in
+        # the table of the coarser levels' pooled candidates.
+        coarse = tok_src >= n_full
+        self.coarse_rows = coarse.flatten().nonzero().squeeze(1)
+        img = self.coarse_rows // self.tokens
+        self.coarse_src = img * (qsel.shape[1] - n_full) + tok_src.flatten()[self.coarse_rows] - n_full
+
+    def gather(self, full: torch.Tensor, pooled: dict[int, torch.Tensor]) -> torch.Tensor:
+        """(B, N, C) query rows: a copy of the full-resolution map with the coarse tokens' rows replaced."""
+        c = full.shape[-1]
+        out = full.clone()
+        if self.coarse_rows.numel():
+            table = torch.cat([pooled[p] for p in self.sizes[1:]], dim=1).reshape(-1, c)
+            rows = table.index_select(0, self.coarse_src)
+            if torch.is_grad_enabled():
+                out = out.reshape(-1, c).index_copy(0, self.coarse_rows, rows).view_as(full)
+            else:
+                out.view(-1, c).index_copy_(0, self.coarse_rows, rows)
+        return out
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+        return attend_batched(q, k, v, dropout)
+
+    def to_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def to_unique(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) token rows -> (M, D) one row per query (every token of a query holds the same row)."""
+        assert self.unique_rows is not None
+        return t.reshape(-1, t.shape[-1]).index_select(0, self.unique_rows)
+
+    def from_unique(self, u: torch.Tensor) -> torch.Tensor:
+        """(M, D) one row per query -> (B, N, D): every token takes its query's row."""
+        assert self.unique_of is not None
+        return u.index_select(0, self.unique_of).view(self.batch, self.tokens, u.shape[-1])
+
+
 def attend_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
     """(B, L, D) queries against (B, h, Nk, d) keys/values -> (B, L, D)."""
     b, length, d = q.shape
@@ -177,4 +247,4 @@ def attend_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: f
     return F.scaled_dot_product_attention(qh, k, v, dropout_p=dropout).transpose(1, 2).reshape(b, length, d)
 
 
-QuerySelection = PackedQueries | PaddedQueries | AllQueries
+QuerySelection = PackedQueries | PaddedQueries | AllQueries | TokenQueries

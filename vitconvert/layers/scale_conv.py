@@ -38,7 +38,7 @@ from vitconvert.layers.ragged import PackedQueries, PaddedQueries
 from vitconvert.layers.regions import RegionLayout, pool_subpatches
 
 __all__ = ["HALO_MAX_SHARE", "conv_at", "conv_at_cells", "dwconv_all", "dwconv_macs", "dwconv_selected",
-           "fold_kernel", "use_halo"]
+           "dwconv_tokens", "fold_kernel", "use_halo"]
 
 
 def fold_kernel(weight: torch.Tensor, cell: int | tuple[int, int]) -> torch.Tensor:
@@ -216,3 +216,35 @@ def dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], l
         res = conv_at(conv, cells.view(-1, ch, cw, d), p, hw).reshape(-1, d)
         put(k, rows, res, slot[img] * lay.counts[k] + col)
     return out
+
+
+def dwconv_tokens(conv: nn.Conv2d, hidden: torch.Tensor, hw: tuple[int, int], lay: RegionLayout,
+                  gates: torch.Tensor) -> torch.Tensor:
+    """Dense inference: (B, HW, D) hidden state of the query covering each token -> (B, HW, D) the convolution
+    output of that query, for the (B, R) region levels ``gates``.
+
+    The piecewise-constant token map is the map every level's cells are averaged from (a cell covered by a
+    coarser query holds that query's state; one holding finer queries their average by real tokens), so this
+    gives what :func:`dwconv_selected` gives each query, on every token it covers.
+    """
+    b, n, d = hidden.shape
+    fmap = hidden.view(b, hw[0], hw[1], d)
+    out = conv_at(conv, fmap, 1, hw)  # the base model's convolution; right for every level-0 token
+    level = gates.reshape(b, -1)[:, lay.tok_region]  # (B, HW) level of each token
+    used = [k for k in range(1, len(lay.sizes)) if bool((level == k).any())]
+    if not used:
+        return out.reshape(b, n, d)
+    flat = out.reshape(-1, d)
+    pooled = pool_subpatches(fmap, lay, [lay.sizes[k] for k in used])
+    first = [0, *itertools.accumulate(lay.counts)]
+    for k in used:
+        p = lay.sizes[k]
+        cells = conv_at(conv, pooled[p].view(b, -(-hw[0] // p), -(-hw[1] // p), d), p, hw).reshape(-1, d)
+        rows = (level == k).flatten().nonzero().squeeze(1)  # flat token rows at level k
+        img, tok = rows // n, rows % n
+        src = img * lay.counts[k] + lay.tok_cand[k][tok] - first[k]
+        if torch.is_grad_enabled():
+            flat = flat.index_copy(0, rows, cells.index_select(0, src))
+        else:
+            flat.index_copy_(0, rows, cells.index_select(0, src))
+    return flat.view(b, n, d)

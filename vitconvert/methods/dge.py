@@ -25,6 +25,20 @@ keeps its keys and values dense but computes its queries at a granularity chosen
   gathered, run through attention and MLP, and scattered back (``inference_layout``: ``packed`` or
   ``padded``, :mod:`vitconvert.layers.ragged`). ``DynamicOutput.gmacs`` is the analytic cost of the path
   each image took, counted the way :func:`vitconvert.count_macs` counts (it matches to the MAC).
+* **Sparse or dense, per block and batch** (``execution``): gathering the selected queries, padding them
+  around the attention core and scattering the updates back costs time the skipped MACs must pay for. Where
+  they do not (few coarse regions, small maps, a batch of one, PVT-v2's convolution at mixed scales), the block
+  runs *densely*: every token is a query row holding its query's state (a coarse query repeated over its
+  sub-patch, :class:`~vitconvert.layers.ragged.TokenQueries`; PVT-v2's convolution from the token map,
+  :func:`~vitconvert.layers.scale_conv.dwconv_tokens`), in the base block's shapes and with the same results;
+  a batch with every region at the finest granularity runs the base block itself. ``auto`` (the default)
+  takes the path :func:`path_costs` estimates cheaper: a deterministic model of the block's matrix-product
+  MACs, elements moved and operators launched on each path, with per-device constants
+  (:data:`EXECUTION_COSTS`) measured on the benchmark CPU. Modelled rather than timed at run time: the same
+  gates always take the same path (reproducible results), and no measurement inside a forward pass is
+  thrown off by a shared machine's load. ``gmacs`` always counts the DGE computation (what the model
+  computes; a dense block runs more MACs to finish sooner); ``extras["dense_blocks"]`` says how many blocks
+  ran densely.
 * **Gates from outside**: :meth:`DGE.override_gates` replaces the routers' choice in both paths (speed
   benchmarks force GMACs ratios with it, ``benchmarks/dge_forcing.py``); the routers still run.
 
@@ -82,9 +96,9 @@ from torch import nn
 from vitconvert.anatomy import Anatomy, BlockInfo
 from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.costs import GIGA, norm_macs
-from vitconvert.layers.ragged import AllQueries, PackedQueries, PaddedQueries, QuerySelection
+from vitconvert.layers.ragged import AllQueries, PackedQueries, PaddedQueries, QuerySelection, TokenQueries
 from vitconvert.layers.regions import RegionLayout, make_layout, pool_subpatches
-from vitconvert.layers.scale_conv import dwconv_all, dwconv_macs, dwconv_selected
+from vitconvert.layers.scale_conv import dwconv_all, dwconv_macs, dwconv_selected, dwconv_tokens
 from vitconvert.layers.seams import read_residual_block
 from vitconvert.methods.base import ConvertedModel, DynamicOutput
 from vitconvert.operating import Knob, OperatingSpace
@@ -109,6 +123,9 @@ class DGESettings(Strict):
     router_lr_scale: float = Field(1.0, gt=0, le=1e4, description="fine-tuning learning-rate multiplier of the routers")
     coarsening: float = Field(0.5, ge=0, le=1, description="initial knob (0.5 = router argmax)")
     inference_layout: Literal["packed", "padded"] = "packed"
+    execution: Literal["auto", "sparse", "dense"] = Field(
+        "auto", description="inference per block and batch: auto (the cheaper of sparse and dense by the cost "
+                            "model), sparse (always gather the queries) or dense (every token a query row)")
 
     @field_validator("granularities")
     @classmethod
@@ -143,6 +160,7 @@ class _Record:
     gates: torch.Tensor | None  # (B, Rh, Rw) granularity index (inference)
     router_ran: bool
     conv_macs: torch.Tensor | None = None  # (B,) PVT-v2: MACs of the depthwise convolution on this path
+    path: str = "sparse"  # how it ran (inference): sparse, dense (every token a query row) or base (all finest)
 
 
 # (block index, batch, regions, device) -> (batch, regions) granularity index of each region (long, 0 = finest).
@@ -156,6 +174,7 @@ class _Context:
         self.region = settings.region_size
         self.sizes = [settings.region_size // g for g in settings.granularities]
         self.layout_mode = settings.inference_layout
+        self.execution = settings.execution
         self.mode = "dense"  # dense: the base blocks; sparse: DGE inference; train: DGE dense training path
         self.tau = settings.gumbel_tau
         self.shift = 0.0  # logit shift per coarseness rank (the knob)
@@ -164,12 +183,26 @@ class _Context:
         self.gate_override: GateOverride | None = None
         self.records: list[_Record] = []
         self._layouts: dict[tuple[int, int, str], RegionLayout] = {}
+        self._first: dict[tuple[int, int, str, int], torch.Tensor] = {}
 
     def layout(self, hw: tuple[int, int], device: torch.device) -> RegionLayout:
         key = (int(hw[0]), int(hw[1]), str(device))
         if key not in self._layouts:
             self._layouts[key] = make_layout(key[:2], self.region, self.sizes, device)
         return self._layouts[key]
+
+    def cand_first(self, hw: tuple[int, int], device: torch.device, prefix: int) -> torch.Tensor:
+        """(prefix + T,) the first token (prefix included) each candidate covers: the row a dense block runs
+        for a query whose row repeats over its sub-patch."""
+        key = (int(hw[0]), int(hw[1]), str(device), prefix)
+        if key not in self._first:
+            lay = self.layout(hw, device)
+            k, n = lay.tok_cand.shape
+            first = torch.full((sum(lay.counts),), n, dtype=torch.long, device=device)
+            tokens = torch.arange(n, device=device).repeat(k)
+            first.scatter_reduce_(0, lay.tok_cand.flatten(), tokens, "amin")
+            self._first[key] = torch.cat([torch.arange(prefix, device=device), prefix + first])
+        return self._first[key]
 
     @contextlib.contextmanager
     def run(self, mode: str) -> Iterator[list[_Record]]:
@@ -257,7 +290,7 @@ class DGEBlock(nn.Module):
     """
 
     def __init__(self, block: nn.Module, parts: _BlockParts, index: int, num_prefix: int,
-                 hw: tuple[int, int] | None, router: Router, ctx: _Context) -> None:
+                 hw: tuple[int, int] | None, router: Router, ctx: _Context, costs: dict[str, Any]) -> None:
         super().__init__()
         for name, child in block.named_children():
             self.add_module(name, child)
@@ -270,6 +303,7 @@ class DGEBlock(nn.Module):
         object.__setattr__(self, "_router", router)
         object.__setattr__(self, "_orig", block)
         object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "_costs", costs)  # the block's MAC counts (DGE.costs[index]), for the path choice
 
     def extra_repr(self) -> str:
         return f"index={self.index}, kind={self.parts.kind}, prefix={self.num_prefix}"
@@ -290,7 +324,7 @@ class DGEBlock(nn.Module):
             hw = self.hw
         if ctx.mode == "train":
             return self._forward_train(x, hw)
-        return self._forward_sparse(x, hw)
+        return self._forward_sparse(x, hw, args, kwargs)
 
     def _apply_chain(self, names: list[str], t: torch.Tensor) -> torch.Tensor:
         for n in names:
@@ -310,7 +344,8 @@ class DGEBlock(nn.Module):
             logits = logits + ctx.shift * rank
         return logits.argmax(dim=-1), True
 
-    def _forward_sparse(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    def _forward_sparse(self, x: torch.Tensor, hw: tuple[int, int], args: tuple[Any, ...],
+                        kwargs: dict[str, Any]) -> torch.Tensor:
         ctx: _Context = self.__dict__["_ctx"]
         lay = ctx.layout(hw, x.device)
         p = self.num_prefix
@@ -319,20 +354,49 @@ class DGEBlock(nn.Module):
         gates, ran = self._sparse_gates(pooled[lay.region], lay)
         sel = gates[:, lay.cand_region] == lay.cand_gran
         qsel = torch.cat([sel.new_ones(b, p), sel], dim=1)
-        g_tok = gates[:, lay.tok_region]
-        tok_src = p + lay.tok_cand_t.unsqueeze(0).expand(b, -1, -1).gather(2, g_tok.unsqueeze(-1)).squeeze(2)
-        tok_src = torch.cat([torch.arange(p, device=x.device).expand(b, p), tok_src], dim=1)
-        # Dropping a path per row of a packed batch would drop tokens, not images: pad while training.
-        if ctx.layout_mode == "packed" and not self.training:
-            q: QuerySelection = PackedQueries(qsel, tok_src, lay.bounds(n), lay.sizes, gates)
+        conv_macs = self._conv_macs(gates, lay)
+        path = self._choose_path(gates, qsel, lay, conv_macs)
+        if path == "base":  # every region at the finest granularity: the base block computes the same thing
+            out = self.__dict__["_orig"](x, *args, **kwargs)
+            nq = qsel.sum(1)
         else:
-            q = PaddedQueries(qsel, tok_src, lay.bounds(n), lay.sizes, gates)
-        delta = self._updates(q.gather(x, pooled), x, hw, lay, q, None)
-        out = q.to_tokens(delta)
-        out = out.add_(x) if not torch.is_grad_enabled() else out + x
-        ctx.records.append(_Record(self.index, q.nq.to(torch.float64), gates.reshape(b, *lay.regions), ran,
-                                   self._conv_macs(gates, lay)))
+            g_tok = gates[:, lay.tok_region]
+            tok_src = p + lay.tok_cand_t.unsqueeze(0).expand(b, -1, -1).gather(2, g_tok.unsqueeze(-1)).squeeze(2)
+            tok_src = torch.cat([torch.arange(p, device=x.device).expand(b, p), tok_src], dim=1)
+            q: QuerySelection
+            if path == "dense":
+                # The MLP (PVT-v2: after the convolution) runs on the queries' own rows, not on their repeats;
+                # in training the rows stay per image, as drop path needs.
+                first = None if self.training else ctx.cand_first(hw, x.device, p)
+                q = TokenQueries(qsel, tok_src, n, lay.sizes, gates, first)
+            # Dropping a path per row of a packed batch would drop tokens, not images: pad while training.
+            elif ctx.layout_mode == "packed" and not self.training:
+                q = PackedQueries(qsel, tok_src, lay.bounds(n), lay.sizes, gates)
+            else:
+                q = PaddedQueries(qsel, tok_src, lay.bounds(n), lay.sizes, gates)
+            delta = self._updates(q.gather(x, pooled), x, hw, lay, q, None)
+            out = q.to_tokens(delta)
+            out = out.add_(x) if not torch.is_grad_enabled() else out + x
+            nq = q.nq
+        ctx.records.append(_Record(self.index, nq.to(torch.float64), gates.reshape(b, *lay.regions), ran,
+                                   conv_macs, path))
         return out
+
+    def _choose_path(self, gates: torch.Tensor, qsel: torch.Tensor, lay: RegionLayout,
+                     conv_macs: torch.Tensor | None) -> str:
+        """How this batch runs the block: ``base`` when every region is at the finest granularity (the base
+        block computes exactly the sparse path's result there), else ``sparse`` or ``dense`` by the setting,
+        and under ``auto`` by :func:`path_costs` (the cheaper estimate wins)."""
+        ctx: _Context = self.__dict__["_ctx"]
+        if ctx.execution == "sparse":
+            return "sparse"
+        if not bool(gates.any()):
+            return "base"
+        if ctx.execution == "dense":
+            return "dense"
+        costs = path_costs(self.__dict__["_costs"], gates, qsel, lay, conv_macs, torch.get_num_threads(),
+                           gates.device.type)
+        return "sparse" if costs["sparse"] < costs["dense"] else "dense"
 
     def _forward_train(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         ctx: _Context = self.__dict__["_ctx"]
@@ -401,12 +465,20 @@ class DGEBlock(nn.Module):
     def _mlp(self, t: torch.Tensor, hw: tuple[int, int], lay: RegionLayout, q: QuerySelection,
              gate_tok: torch.Tensor | None) -> torch.Tensor:
         mlp = self.get_submodule(self.parts.mlp)
+        tail = isinstance(q, TokenQueries) and q.unique_rows is not None
         if self.parts.kind == "vit":
+            if tail:
+                assert isinstance(q, TokenQueries)
+                return q.from_unique(mlp(q.to_unique(t)))
             return mlp(t)
         # PVT-v2: fc1 on the queries, the depthwise convolution at each granularity's scale, act, fc2.
         if isinstance(q, AllQueries):
             assert gate_tok is not None
             h = dwconv_all(mlp.dwconv, mlp.relu(mlp.fc1(t)), hw, lay, gate_tok)
+        elif isinstance(q, TokenQueries):
+            h = dwconv_tokens(mlp.dwconv, mlp.relu(mlp.fc1(t)), hw, lay, q.gates)
+            if tail:  # activation and fc2 on the queries' own rows
+                return q.from_unique(mlp.drop(mlp.fc2(mlp.drop(mlp.act(q.to_unique(h))))))
         else:
             # The rows plus one zero row (read for tokens off the grid), written by fc1 in place when
             # autograd is off: copying a hidden-width table costs as much as a small convolution.
@@ -471,6 +543,7 @@ def _block_costs(block: nn.Module, parts: _BlockParts, tokens: int, hw: tuple[in
         fixed = n * (_ln(norm1, c) + 2 * c * d + _ln(attn.k_norm, d))
         dense = n * (_ln(norm1, c) + 3 * c * d + _ln(attn.q_norm, d) + _ln(attn.k_norm, d) + 2 * n * d
                      + _ln(attn.norm, d) + gate + d * c + _ln(norm2, c) + mlp_tok)
+        hidden = max((m.out_features for m in mlp.modules() if isinstance(m, nn.Linear)), default=c)
     else:
         c = attn.q.in_features
         hidden = mlp.fc1.out_features
@@ -493,7 +566,104 @@ def _block_costs(block: nn.Module, parts: _BlockParts, tokens: int, hw: tuple[in
         per_q = _ln(norm1, c) + c * c + 2 * nkv * c + c * c + _ln(norm2, c) + mlp_tok
         fixed = n * _ln(norm1, c) + kv  # + the depthwise convolution, which depends on the levels used
         dense = n * (_ln(norm1, c) + c * c + 2 * nkv * c + c * c + _ln(norm2, c) + mlp_tok) + kv + dw_macs
-    return {"fixed": float(fixed), "per_query": float(per_q), "dense": float(dense)}
+        return {"fixed": float(fixed), "per_query": float(per_q), "dense": float(dense), "tokens": float(n),
+                "width": float(c), "hidden": float(hidden), "dense_conv": float(dw_macs),
+                "mlp_row": float(hidden * c)}  # what the dense path runs once per query: fc2
+    return {"fixed": float(fixed), "per_query": float(per_q), "dense": float(dense), "tokens": float(n),
+            "width": float(c), "hidden": float(hidden), "mlp_row": float(mlp_tok)}  # the dense path's MLP: per query
+
+
+# --- which way a block runs: the execution cost model -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExecutionCost:
+    """Relative CPU time of what the sparse and the dense paths do besides matrix products, in units of one
+    matrix-product MAC (see :func:`path_costs`)."""
+
+    move: float  # one tensor element read or written by a gather, scatter, copy or norm
+    conv: float  # one MAC of the depthwise convolution (memory-bound: far below the matrix-product rate)
+    op: float  # one operator launched, per thread (dispatch, allocation, OpenMP fork/join)
+    sparse_rows: float = 1.0  # one MAC of the sparse path's per-query work (gathered, padded rows run slower)
+
+
+# Fitted on the benchmark CPU (2-core x86_64, fp32, 2 threads) by benchmarks/fit_execution.py: per-block times
+# of both paths over the CIFAR-10 ViT and PVT-v2 bases, DeiT-S and PVT-v2-b1, batches 1-64, forced gate mixes
+# (benchmarks/results/execution_fit_t2.json). PVT-v2: the joint fit (it picks the faster path for every
+# configuration but a few near-ties, within 1% of the best in total). ViT: its blocks' sparse rows ran ~16%
+# slower than dense ones (the crossover of the measured times near 65% of the queries), which the element
+# counts do not explain, so the model says so directly, with a smaller operator cost (DeiT-S at batch 1 pays
+# on the sparse path). A device without an entry uses the CPU's.
+EXECUTION_COSTS: dict[str, dict[str, ExecutionCost]] = {
+    "cpu": {"vit": ExecutionCost(move=0.0, conv=0.0, op=5.0e5, sparse_rows=1.16),
+            "pvt": ExecutionCost(move=41.2, conv=30.8, op=1.24e6)},
+}
+SPARSE_OPS = {"vit": 45, "pvt": 110}  # operators one sparse block launches besides the base block's own
+DENSE_OPS = {"vit": 8, "pvt": 10}  # ... and the dense path (plus DENSE_LEVEL_OPS per coarse level present)
+DENSE_LEVEL_OPS = {"vit": 0, "pvt": 12}
+
+
+def path_terms(costs: dict[str, Any], gates: torch.Tensor, qsel: torch.Tensor, lay: RegionLayout,
+               conv_macs: torch.Tensor | None) -> dict[str, dict[str, float]]:
+    """What one DGE block does on one batch on each path, besides what both paths do alike: matrix-product
+    MACs (``mm``; the sparse path's per-query ones apart, ``rows``), tensor elements moved by gathers, scatters,
+    copies and extra norms (``move``), depthwise convolution MACs (``conv``) and operators launched (``ops``).
+    See :func:`path_costs`."""
+    kind = "pvt" if conv_macs is not None else "vit"
+    b = gates.shape[0]
+    n, c, d = costs["tokens"], costs["width"], costs["hidden"]
+    nq = qsel.sum(1)
+    m, longest = float(nq.sum()), float(nq.max())
+    coarse = float((gates[:, lay.tok_region] != 0).sum())  # tokens of coarser queries
+    sparse = {"mm": b * costs["fixed"], "rows": costs["per_query"] * m,
+              # gather the queries, pad them for the attention core and back, broadcast the updates to the tokens
+              "move": c * (2 * m + b * longest + b * n), "conv": 0.0, "ops": float(SPARSE_OPS[kind])}
+    # Dense: every token a row, but the MLP (PVT-v2: fc2) once per query; the token map copied with the coarse
+    # rows replaced and normalised once more (norm1 of the queries); the MLP's rows gathered and broadcast back.
+    mlp = costs["mlp_row"]
+    dense = {"mm": b * costs["fixed"] + (costs["per_query"] - mlp) * b * n + mlp * m, "rows": 0.0,
+             "move": c * (4 * b * n + coarse + m), "conv": 0.0, "ops": float(DENSE_OPS[kind])}
+    if conv_macs is not None:
+        sparse["conv"] = float(conv_macs.sum())
+        # the hidden table gathered at least once more for the level maps, and written back per query
+        sparse["move"] += d * (b * n + 2 * m)
+        per_tok = costs["dense_conv"] / n  # full-resolution depthwise MACs per token
+        dense["conv"] = per_tok * b * n
+        for k, size in enumerate(lay.sizes[1:], start=1):
+            if bool((gates == k).any()):
+                # the level's cell map pooled from the token map, convolved, written to its tokens
+                dense["move"] += d * b * n / lay.sizes[k - 1] ** 2
+                dense["conv"] += per_tok * b * n / size**2
+                dense["ops"] += DENSE_LEVEL_OPS[kind]
+        dense["move"] += d * (2 * coarse + m)  # the coarse levels written to their tokens, the queries' rows
+    return {"sparse": sparse, "dense": dense}
+
+
+def path_costs(costs: dict[str, Any], gates: torch.Tensor, qsel: torch.Tensor, lay: RegionLayout,
+               conv_macs: torch.Tensor | None, threads: int = 1, device_type: str = "cpu") -> dict[str, float]:
+    """Estimated time of one DGE block on one batch, sparse and dense, in matrix-product-MAC units.
+
+    A model, not a measurement: the block's matrix-product MACs on each path (the sparse path runs the selected
+    queries, the dense one every token), plus what each path moves (the sparse path gathers the queries,
+    pads them around the attention core and scatters the updates back, at the block's width and, in PVT-v2's
+    MLP, at the hidden width; the dense path copies the token map once), the depthwise convolution at each
+    scale, and a fixed cost per operator (which makes small batches on small maps run dense), weighted by
+    :data:`EXECUTION_COSTS`. Deterministic: the same gates always take the same path, whatever the machine's
+    load, so results are reproducible.
+
+    Args:
+        costs: The block's MAC counts (``DGE.costs[index]``).
+        gates: (B, R) level of each region.
+        qsel: (B, T) which candidates are queries.
+        lay: The block's region layout.
+        conv_macs: (B,) MACs of PVT-v2's depthwise convolution on the sparse path, or None (ViT).
+        threads: Threads the operators run on.
+        device_type: ``cpu``, ``cuda``...
+    """
+    unit = EXECUTION_COSTS.get(device_type, EXECUTION_COSTS["cpu"])["pvt" if conv_macs is not None else "vit"]
+    terms = path_terms(costs, gates, qsel, lay, conv_macs)
+    return {path: t["mm"] + unit.sparse_rows * t["rows"] + unit.move * t["move"] + unit.conv * t["conv"]
+            + unit.op * threads * t["ops"] for path, t in terms.items()}
 
 
 # --- the converted model ---------------------------------------------------------------------------------
@@ -542,7 +712,8 @@ class DGE(ConvertedModel):
                 costs["level_conv"] = dwconv_macs(block.get_submodule(parts.mlp).dwconv, gates, lay).tolist()
             self.costs[info.index] = costs
             self.dynamic_blocks.append(info.index)
-            new = DGEBlock(block, parts, info.index, self.num_prefix, grid if kind == "vit" else None, router, ctx)
+            new = DGEBlock(block, parts, info.index, self.num_prefix, grid if kind == "vit" else None, router, ctx,
+                           costs)
             base.set_submodule(info.path, new)
         self.tau = s.gumbel_tau
         self.coarsening = s.coarsening
@@ -575,6 +746,18 @@ class DGE(ConvertedModel):
         ctx = self._c
         ctx.level = len(ctx.sizes) - 1 if value >= 1.0 else None
         ctx.shift = math.log(value / (1.0 - value)) if 0.0 < value < 1.0 else 0.0
+
+    @property
+    def execution(self) -> str:
+        """``auto`` (each block and batch takes the path :func:`path_costs` estimates cheaper), ``sparse`` or
+        ``dense`` (see :class:`DGESettings`); the results are the same whichever runs."""
+        return self._c.execution
+
+    @execution.setter
+    def execution(self, value: str) -> None:
+        if value not in ("auto", "sparse", "dense"):
+            raise UserError(f"execution must be auto, sparse or dense, got {value!r}")
+        self._c.execution = value
 
     def method_state(self) -> dict[str, Any]:
         return {"gumbel_tau": self.tau}
@@ -672,6 +855,9 @@ class DGE(ConvertedModel):
         extras: dict[str, torch.Tensor] = {}
         if recs:
             extras["queries"] = torch.stack([r.nq for r in recs], dim=1).float()
+            # Blocks this batch ran densely (every token a query row, or the base block): same results, and
+            # ``gmacs`` still counts the DGE computation, which is what the model computes.
+            extras["dense_blocks"] = torch.full((b,), float(sum(r.path != "sparse" for r in recs)), device=x.device)
             for r in recs:
                 if r.gates is not None:
                     extras[f"granularity.{r.block}"] = r.gates

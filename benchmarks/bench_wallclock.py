@@ -1,0 +1,350 @@
+"""Wall-clock against GMACs in one run: every row of issue 18's table, converted and base model side by side.
+
+Rows, in this order (what a user meets first comes first):
+
+1. **Trained CIFAR-10 models at their calibrated points**, with torch's default threading (as many threads as
+   cores, OpenMP's default wait policy): CF-ViT and DGE on ``cifar10-vit``, DGE on ``cifar10-pvt64``, each
+   fine-tuned and calibrated by ``benchmarks/cifar10_short_recipe.py`` (the recipe's own run; the model
+   folders are kept in ``--trained``, default ``benchmarks/work/trained``, and re-created there with
+   ``--train-missing``, ~15 minutes each). A trained model that is not there is stood in for by the same
+   architecture converted from the committed base, run at the committed trained run's calibrated GMACs share
+   (DGE: gates forced at random; CF-ViT: the same share of images exits), labelled as such.
+   Batch 64 and batch 1, on real validation images spread over the classes. Also: CF-ViT's
+   all-refine point (eta = 1), and DGE at every timed frontier point of the calibration curve (what a GMACs
+   or speed budget can choose), batch 64 and 1.
+2. **224-px architecture rows** (random weights, gates forced at random per image and region by
+   :func:`benchmarks.dge_forcing.force_ratio`): DGE on DeiT-S at rho 0.5 and 1.0 and on PVT-v2-b1 at 0.7,
+   batch 64, and DeiT-S at rho 0.5 at batch 1.
+
+Every DGE row times the base model, DGE as it ships (``execution=auto``: each block and batch takes the path
+the cost model estimates cheaper) and DGE forced sparse (``execution=sparse``, the path before issue 18), in
+the same interleaved rounds (:func:`benchmarks.timing.compare`); ratios are per-round paired medians. "Share of
+the GMACs ideal" = throughput ratio x GMACs share (1.0: time falls exactly with the MACs).
+
+Writes ``benchmarks/results/wallclock.json`` (machine, threads, OpenMP policy, load average before and after each
+row). Usage (from the repo root; 10-15 minutes on the 2-core CPU once the trained models exist)::
+
+    flock /work/heavy.lock python -m benchmarks.bench_wallclock
+    python -m benchmarks.bench_wallclock --quick   # smoke run, results/quick/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import vitconvert
+from benchmarks import cifar10, timing
+from benchmarks.dge_forcing import force_ratio
+from vitconvert.methods.base import ConvertedModel
+from vitconvert.methods.dge import DGE
+from vitconvert.throughput import spread_batch
+from vitconvert.train import original_model
+
+REPO = Path(__file__).resolve().parent.parent
+TRAINED = REPO / "benchmarks" / "work" / "trained"
+# (folder name, recipe, base checkpoint): the trained rows.
+TRAINED_MODELS = (("cfvit_vit", "cfvit", "cifar10-vit"), ("dge_vit", "dge", "cifar10-vit"),
+                  ("dge_pvt64", "dge", "cifar10-pvt64"))
+CIFAR_BASES = {name: base for name, _, base in TRAINED_MODELS}  # trained model -> its base's folder name
+# (architecture, rho, batch): the 224-px rows.
+ARCH_ROWS = (("deit_small_patch16_224", 0.5, 64), ("pvt_v2_b1", 0.7, 64), ("deit_small_patch16_224", 1.0, 64),
+             ("deit_small_patch16_224", 0.5, 1))
+SETTINGS = {"full": {"warmup": 2, "reps": 8, "reps_b1": 20, "batch": 64, "curve_points": 5},
+            "quick": {"warmup": 1, "reps": 2, "reps_b1": 3, "batch": 8, "curve_points": 2}}
+
+
+def threading_info() -> dict[str, Any]:
+    return {"threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def ensure_trained(folder: Path, quick: bool, build: bool = True) -> dict[str, Path]:
+    """The trained model folders, fine-tuned and calibrated by the short recipe where missing (``build``)."""
+    from benchmarks.cifar10_short_recipe import run_recipe
+
+    out = {}
+    for name, recipe, base in TRAINED_MODELS:
+        model_dir = folder / name / "finetuned"
+        if not (model_dir / "config.json").is_file():
+            if quick or not build:
+                continue  # a smoke run does not train
+            print(f"[wallclock] training {name} with the short recipe (~15 min)", flush=True)
+            run_recipe(recipe, REPO / "benchmarks" / "checkpoints" / base, 1000, folder / name / "results",
+                       work=folder / name, progress=False, val_curve=False)
+        out[name] = model_dir
+    return out
+
+
+def one_by_one(fn: Any) -> Any:
+    """Batch 1 over several images: each image alone, in turn (a cascade's exits depend on the image)."""
+    def run(x: torch.Tensor) -> None:
+        for i in range(x.shape[0]):
+            fn(x[i:i + 1])
+    return run
+
+
+def compare_row(fns: dict[str, Any], x: torch.Tensor, cfg: dict[str, Any], batch: int) -> dict[str, Any]:
+    """Side-by-side timing (base first: the reference), with the load average around it; ``batch`` 1 runs the
+    images of ``x`` one by one."""
+    load_before = os.getloadavg()
+    reps = cfg["reps_b1"] if batch == 1 else cfg["reps"]
+    if batch == 1:
+        fns = {name: one_by_one(fn) for name, fn in fns.items()}
+    res = timing.compare(fns, x, warmup=cfg["warmup"], reps=reps, reference="base")
+    out = {name: {"img_s": round(r["median"], 2), "ratio": round(r["ratio"], 3),
+                  "ratio_p10_p90": [round(r["ratio_p10"], 3), round(r["ratio_p90"], 3)],
+                  "ratio_halves": [round(v, 3) for v in r["ratio_halves"]] if r["ratio_halves"] else None,
+                  "cpu_time_ratio": round(r.get("cpu_time_ratio", float("nan")), 3)}
+           for name, r in res.items()}
+    return {"timings": out, "reps": reps, "load_average": [[round(v, 2) for v in load_before],
+                                                           [round(v, 2) for v in os.getloadavg()]]}
+
+
+def dge_fns(model: DGE, base: torch.nn.Module) -> dict[str, Any]:
+    """Base, DGE as shipped (auto) and DGE forced sparse, each under inference mode."""
+    def run(execution: str) -> Any:
+        def fn(x: torch.Tensor) -> Any:
+            model.execution = execution
+            return model(x)
+        return timing.inference_fn(fn)
+    return {"base": timing.inference_fn(base), "dge_auto": run("auto"), "dge_sparse": run("sparse")}
+
+
+def gmacs_share(model: ConvertedModel, x: torch.Tensor) -> tuple[float, dict[str, Any]]:
+    """Mean GMACs / base GMACs on ``x`` (and what the blocks ran), at the model's current point."""
+    with torch.inference_mode():
+        out = model.forward_dynamic(x)
+    info: dict[str, Any] = {"gmacs": round(float(out.gmacs.mean()), 5), "base_gmacs": round(model.base_gmacs, 5)}
+    if "dense_blocks" in out.extras:
+        info["dense_blocks"] = float(out.extras["dense_blocks"][0])
+        info["dynamic_blocks"] = len(model.dynamic_blocks)
+    return float(out.gmacs.mean()) / model.base_gmacs, info
+
+
+def row(name: str, converted: ConvertedModel, fns: dict[str, Any], x: torch.Tensor, cfg: dict[str, Any], batch: int,
+        **fields: Any) -> dict[str, Any]:
+    """One table row: GMACs share on ``x`` and the interleaved timing at ``batch`` (1: ``x``'s images one by one)."""
+    share, info = gmacs_share(converted, x)
+    t0 = time.perf_counter()
+    measured = compare_row(fns, x, cfg, batch)
+    converted = "dge_auto" if "dge_auto" in fns else "converted"
+    ratio = measured["timings"][converted]["ratio"]
+    result = {"row": name, **fields, "batch": batch, "images_timed": int(x.shape[0]), **threading_info(),
+              "gmacs_share": round(share, 4),
+              **info, "throughput_ratio": ratio, "share_of_gmacs_ideal": round(ratio * share, 3), **measured,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    if "dge_sparse" in fns:
+        result["sparse_only_ratio"] = measured["timings"]["dge_sparse"]["ratio"]
+    print(f"[wallclock] {name} b{batch}: GMACs {share:.3f}, x{ratio:.3f} "
+          f"({result['share_of_gmacs_ideal']:.0%} of ideal)"
+          + (f", sparse-only x{result['sparse_only_ratio']:.3f}" if "sparse_only_ratio" in result else ""), flush=True)
+    return result
+
+
+def trained_rows(folders: dict[str, Path], cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    _, val = cifar10.split_files()
+    rows: list[dict[str, Any]] = []
+    for name, folder in folders.items():
+        model = vitconvert.load(folder).eval()
+        base, _ = original_model(model)
+        base.eval()
+        x64 = spread_batch(val, model, cfg["batch"])
+        x1 = x64[::8]  # batch 1: 8 images (of 8 classes) one by one
+        point = dict(model.operating_point)
+        fields = {"model": name, "method": model.method, "backbone": model.base_spec.architecture,
+                  "gates": "trained", "point": point, "calibrated": model.calibration.get("budget")}
+        if isinstance(model, DGE):
+            fns = dge_fns(model, base)
+            for x in (x64, x1):
+                rows.append(row(f"{name} calibrated", model, fns, x, cfg, 64 if x is x64 else 1, **fields))
+            # every timed point of the frontier a budget can choose
+            curve = sorted(model.curve, key=lambda p: p.gmacs)
+            pick = sorted({round(i * (len(curve) - 1) / max(1, cfg["curve_points"] - 1))
+                           for i in range(cfg["curve_points"])})
+            for i in pick:
+                model.set_operating_point(curve[i].point)
+                for x in (x64, x1):
+                    rows.append(row(f"{name} curve point", model, fns, x, cfg, 64 if x is x64 else 1,
+                                    **{**fields, "point": dict(curve[i].point), "calibrated": None}))
+            model.set_operating_point(point)
+            model.execution = "auto"
+        else:
+            fns = {"base": timing.inference_fn(base), "converted": timing.inference_fn(model)}
+            for x in (x64, x1):
+                rows.append(row(f"{name} calibrated", model, fns, x, cfg, 64 if x is x64 else 1, **fields))
+            model.set_operating_point({**point, "eta": 1.0})  # every image refines: the cascade's worst case
+            for x in (x64, x1):
+                rows.append(row(f"{name} all-refine (eta=1)", model, fns, x, cfg, 64 if x is x64 else 1,
+                                **{**fields, "point": dict(model.operating_point), "calibrated": None}))
+            model.set_operating_point(point)
+    return rows
+
+
+def committed_share(name: str) -> float:
+    """GMACs share of the committed short-recipe run's calibrated point (``results/cifar10_<...>.json``)."""
+    stem = {"cfvit_vit": "cifar10_cfvit", "dge_vit": "cifar10_dge", "dge_pvt64": "cifar10_dge_pvt64"}[name]
+    return float(json.loads((REPO / "benchmarks" / "results" / f"{stem}.json").read_text())["evaluation"]
+                 ["gmacs_fraction"])
+
+
+def stand_in_rows(missing: list[str], cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """CIFAR-10 rows for trained models that are not here: the same architecture converted from the committed
+    base checkpoint, run at the committed trained run's calibrated GMACs share. DGE: gates forced at random
+    to that share. CF-ViT: eta set on the batch so that the share of images the calibrated run let exit exits
+    (the cost of each path does not depend on the weights), plus the all-refine point (eta = 1)."""
+    _, val = cifar10.split_files()
+    rows: list[dict[str, Any]] = []
+    for name in missing:
+        recipe, base_dir = next((r, b) for n, r, b in TRAINED_MODELS if n == name)
+        torch.manual_seed(0)
+        model = vitconvert.apply(f"local-dir:{REPO / 'benchmarks' / 'checkpoints' / base_dir}", recipe).eval()
+        base = model.build_base().eval()
+        x64 = spread_batch(val, model, cfg["batch"])
+        x1 = x64[::8]
+        share = committed_share(name)
+        fields = {"model": name, "method": model.method, "backbone": model.base_spec.architecture,
+                  "calibrated": None, "committed_share": round(share, 4)}
+        if isinstance(model, DGE):
+            force_ratio(model, share, "random", seed=0)
+            fns = dge_fns(model, base)
+            for x in (x64, x1):
+                rows.append(row(f"{name} at the trained run's share", model, fns, x, cfg, 64 if x is x64 else 1,
+                                gates="forced (random, at the committed trained run's GMACs share)", **fields))
+            continue
+        # CF-ViT: exit share s from the GMACs share (coarse-only and coarse + fine costs per image)
+        coarse, fine = model.cascade.costs
+        s = min(max((coarse + fine - share * model.base_gmacs) / fine, 0.0), 1.0)
+        fns = {"base": timing.inference_fn(base), "converted": timing.inference_fn(model)}
+        for x in (x64, x1):
+            with torch.inference_mode():
+                conf = model.forward_coarse(x)["logits"].float().softmax(-1).amax(-1)
+            # exits are conf > eta: eta at the (1 - s) quantile lets the share s of this batch exit
+            eta = float(torch.quantile(conf, 1.0 - s)) if s > 0 else 1.0
+            model.set_operating_point({**model.operating_point, "eta": min(max(eta, 0.0), 1.0)})
+            rows.append(row(f"{name} at the trained run's exit share", model, fns, x, cfg, 64 if x is x64 else 1,
+                            gates=f"untrained; eta set so that {s:.0%} exit, as in the committed trained run",
+                            **{**fields, "point": dict(model.operating_point), "exit_share": round(s, 3)}))
+        model.set_operating_point({**model.operating_point, "eta": 1.0})
+        for x in (x64, x1):
+            rows.append(row(f"{name} all-refine (eta=1)", model, fns, x, cfg, 64 if x is x64 else 1,
+                            gates="untrained (every image refines: no exit decision)",
+                            **{**fields, "point": dict(model.operating_point)}))
+    return rows
+
+
+def arch_rows(cfg: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
+    rows = []
+    built: dict[str, tuple[DGE, torch.nn.Module]] = {}
+    for arch, rho, batch in ARCH_ROWS:
+        if arch not in built:
+            torch.manual_seed(0)
+            model = vitconvert.apply(arch, "dge", pretrained=False)
+            assert isinstance(model, DGE)
+            built[arch] = (model.eval(), model.build_base().eval())
+        model, base = built[arch]
+        force_ratio(model, rho, "random", seed=0)
+        gen = torch.Generator().manual_seed(0)
+        b = min(batch, cfg["batch"]) if quick else batch
+        x = torch.randn(b, 3, *model.anatomy.img_size, generator=gen)
+        rows.append(row(f"{arch} rho {rho}", model, dge_fns(model, base), x, cfg, b, model=arch, method="dge",
+                        backbone=arch, gates="forced (random per image and region)", rho=rho))
+    return rows
+
+
+def report_rows(measurements: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows ``benchmarks/report.py`` tabulates (one table per batch size): DGE as shipped and forced sparse."""
+    rows = []
+    for m in measurements:
+        point = ", ".join(f"{k}={v:g}" for k, v in (m.get("point") or {}).items())
+        if "rho" in m:
+            where = f"rho {m['rho']}"
+        else:
+            where = f"calibrated {m['calibrated']}" if m.get("calibrated") else m["row"].split(" ", 1)[-1]
+        for name, r in m["timings"].items():
+            if name == "base":
+                continue
+            how = {"dge_auto": "", "dge_sparse": ", sparse only"}.get(name, "")
+            rows.append({
+                "method": m["method"], "backbone": CIFAR_BASES.get(m["model"], m["backbone"]),
+                "setting": f"{where}{f' ({point})' if point else ''}, {m['gates'].split(' ')[0].rstrip(';')} gates, "
+                           f"{m['threads']} threads{how}",
+                "device": "cpu", "precision": "fp32", "batch": m["batch"],
+                "gmacs": m["gmacs"], "base_gmacs": m["base_gmacs"], "throughput": r["img_s"],
+                "base_throughput": m["timings"]["base"]["img_s"], "throughput_ratio": r["ratio"],
+                "throughput_ratio_p10": r["ratio_p10_p90"][0], "throughput_ratio_p90": r["ratio_p10_p90"][1],
+                "cpu_time_ratio": r["cpu_time_ratio"],
+                "notes": f"share of the GMACs ideal {r['ratio'] * m['gmacs_share']:.0%}"})
+    return rows
+
+
+def markdown_table(measurements: list[dict[str, Any]]) -> str:
+    """The issue's table: one line per measurement (DGE as shipped; before issue 18 = forced sparse)."""
+    lines = ["| model | gates | threads | batch | GMACs share | throughput vs base | share of the GMACs ideal "
+             "| sparse only (before) |", "|---|---|---|---|---|---|---|---|"]
+    for m in measurements:
+        point = ", ".join(f"{k}={v:g}" for k, v in (m.get("point") or {}).items())
+        name = f"{m['method']}, {m['model']}" + (f" rho {m['rho']}" if "rho" in m else "")
+        where = m["row"].split(" ", 1)[-1] if "rho" not in m else ""
+        before = m.get("sparse_only_ratio")
+        lines.append(f"| {name} {where}{f' ({point})' if point else ''} | {m['gates']} | {m['threads']} "
+                     f"| {m['batch']} | {m['gmacs_share']:.0%} | {m['throughput_ratio']:.2f}x "
+                     f"| {m['share_of_gmacs_ideal']:.0%} | {f'{before:.2f}x' if before is not None else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(quick: bool, out_dir: Path, trained: Path = TRAINED, only: str = "all", train_missing: bool = False
+        ) -> dict[str, Any]:
+    cfg = SETTINGS["quick" if quick else "full"]
+    start = timing.machine_block()
+    rows: list[dict[str, Any]] = []
+    if only in ("all", "trained"):
+        found = ensure_trained(trained, quick, build=train_missing)
+        rows += trained_rows(found, cfg)
+        rows += stand_in_rows([n for n, _, _ in TRAINED_MODELS if n not in found], cfg)
+    if only in ("all", "arch"):
+        rows += arch_rows(cfg, quick)
+    result = {
+        "name": "wallclock",
+        "quick": quick,
+        "date": start["date"],
+        "machine": start,
+        "machine_end": timing.machine_block(),
+        "threading": threading_info(),
+        "settings": cfg,
+        "note": ("CPU shared with other jobs (load averages per row); base and converted timed in interleaved "
+                 "rounds, ratios are per-round paired medians. dge_auto: DGE as shipped (per block and batch, "
+                 "sparse or dense by the cost model); dge_sparse: always the sparse path (before issue 18)."),
+        "measurements": rows,
+        "rows": report_rows(rows),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "wallclock.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / "wallclock.md").write_text(markdown_table(rows))
+    print(markdown_table(rows), flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--trained", type=Path, default=TRAINED, help="folder of the trained model folders")
+    parser.add_argument("--only", choices=("all", "trained", "arch"), default="all")
+    parser.add_argument("--train-missing", action="store_true",
+                        help="fine-tune and calibrate missing trained models with the short recipe (~15 min each)")
+    args = parser.parse_args(argv)
+    out = args.out or (REPO / "benchmarks" / "results" / ("quick" if args.quick else ""))
+    run(args.quick, out, args.trained, args.only, args.train_missing)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
