@@ -11,7 +11,15 @@ from utils import TINY_MODELS
 
 import vitconvert
 from vitconvert.errors import UserError
-from vitconvert.operating import CurvePoint, Knob, OperatingSpace, choose_point, frontier, not_slower
+from vitconvert.operating import (
+    CurvePoint,
+    Knob,
+    OperatingSpace,
+    choose_point,
+    eligible_points,
+    frontier,
+    not_slower,
+)
 
 
 def _cfvit() -> vitconvert.ConvertedModel:
@@ -143,3 +151,14 @@ def test_gmacs_and_drop_budgets_skip_points_measured_slower_than_the_base() -> N
     # nothing timed: GMACs budgets as before
     plain = [CurvePoint(p.point, p.gmacs, p.top1) for p in curve]
     assert choose_point(plain, "60%", 1.0, 80.0).point == {"c": 0.6}
+
+
+def test_budgets_skip_points_costing_more_than_the_base_unless_the_method_adds_compute() -> None:
+    # DVT-like: never exiting runs every member (1.9x the base's GMACs); FSLA-augment-like methods opt in.
+    curve = [CurvePoint({"t": 0.5}, 0.5, 70.0), CurvePoint({"t": 0.9}, 0.95, 79.0),
+             CurvePoint({"t": 1.0}, 1.9, 80.0)]
+    assert [p.point["t"] for p in eligible_points(curve, 1.0)] == [0.5, 0.9]
+    assert choose_point(curve, "drop=0", 1.0, 80.0).point == {"t": 0.9}  # nothing meets it: the best affordable
+    assert choose_point(curve, 5.0, 1.0, 80.0).point == {"t": 0.9}
+    assert choose_point(curve, "drop=0", 1.0, 80.0, adds_compute=True).point == {"t": 1.0}
+    assert eligible_points(curve[2:], 1.0) == curve[2:]  # nothing is that cheap: everything stays eligible

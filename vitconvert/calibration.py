@@ -31,6 +31,7 @@ from vitconvert.operating import (
     CurvePoint,
     OperatingPoint,
     choose_point,
+    eligible_points,
     format_point,
     frontier,
     parse_budget,
@@ -314,9 +315,9 @@ def calibrate(
             speed = time_points(cm, base, frontier(curve), split, dev, batch_size, progress)
         cm.curve = curve
         if budget is None:
-            chosen = max(curve, key=lambda p: (p.top1, -p.gmacs))
+            chosen = max(eligible_points(curve, cm.base_gmacs, cm.adds_compute), key=lambda p: (p.top1, -p.gmacs))
         else:
-            chosen = choose_point(curve, budget, cm.base_gmacs, base_top1)
+            chosen = choose_point(curve, budget, cm.base_gmacs, base_top1, cm.adds_compute)
         cm.set_operating_point(chosen.point)
     finally:
         cm.to("cpu")

@@ -183,17 +183,20 @@ def parse_budget(budget: str | float) -> tuple[str, float]:
     return kind, value
 
 
-def choose_point(curve: Sequence[CurvePoint], budget: str | float, base_gmacs: float, base_top1: float | None
-                 ) -> CurvePoint:
+def choose_point(curve: Sequence[CurvePoint], budget: str | float, base_gmacs: float, base_top1: float | None,
+                 adds_compute: bool = False) -> CurvePoint:
     """The most accurate point within a GMACs or speed budget, or the cheapest within an accuracy drop.
 
     When nothing meets the budget: the cheapest point (GMACs budgets), the fastest timed one (speed) or the
     most accurate (drops). A speed budget considers only points whose speed was measured. Where speeds were
     measured, GMACs and drop budgets never pick a point slower than the base model (:func:`not_slower`).
+    Points costing more GMACs than the base model are left out (:func:`eligible_points`) unless the method
+    ``adds_compute`` on purpose.
     """
     if not curve:
         raise UserError("the model has no calibration curve; run `vitconvert calibrate` first")
     kind, value = parse_budget(budget)
+    curve = eligible_points(curve, base_gmacs, adds_compute)
     if kind != "speed":
         curve = not_slower(curve, base_gmacs)
     if kind == "speed":
@@ -217,6 +220,15 @@ def choose_point(curve: Sequence[CurvePoint], budget: str | float, base_gmacs: f
     if not ok:
         return min(curve, key=lambda p: p.gmacs)
     return max(ok, key=lambda p: (p.top1, -p.gmacs))
+
+
+def eligible_points(curve: Sequence[CurvePoint], base_gmacs: float, adds_compute: bool = False) -> list[CurvePoint]:
+    """The points a budget may choose: none that costs more GMACs than the base model (a DVT cascade where every
+    image reaches the last member runs all members, more than the model it replaces), unless the method adds
+    compute on purpose (FSLA's augment mode buys accuracy with it) or no point is that cheap."""
+    if adds_compute:
+        return list(curve)
+    return [p for p in curve if p.gmacs <= base_gmacs * (1 + 1e-6)] or list(curve)
 
 
 def not_slower(curve: Sequence[CurvePoint], base_gmacs: float) -> list[CurvePoint]:

@@ -76,6 +76,9 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
     Losses: ClassVar[type[BaseModel]]
     exact_at_full_compute: ClassVar[bool] = True
     full_compute_note: ClassVar[str] = "the base model itself"
+    # True for a method whose points may cost more than the base model on purpose (FSLA augment); otherwise a
+    # budget never chooses such a point (operating.eligible_points).
+    adds_compute: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         super().__init__()
@@ -212,7 +215,8 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
         Args:
             budget: GMACs (``2.1``), a fraction of the base model (``"50%"``) or a top-1 drop (``"drop=0.5"``).
         """
-        point = choose_point(self.curve, budget, self.base_gmacs, self.calibration.get("base_top1"))
+        point = choose_point(self.curve, budget, self.base_gmacs, self.calibration.get("base_top1"),
+                             self.adds_compute)
         self.set_operating_point(point.point)
         return point
 
