@@ -64,8 +64,12 @@ from torch import nn
 from vitconvert.anatomy import Anatomy
 from vitconvert.backbones import read_anatomy
 from vitconvert.errors import AnatomyError, UserError
-from vitconvert.layers.clustering import DEFAULT_ITERS, DEFAULT_TEMPERATURE, clustered_attention, \
-    clustered_attention_macs
+from vitconvert.layers.clustering import (
+    DEFAULT_ITERS,
+    DEFAULT_TEMPERATURE,
+    clustered_attention,
+    clustered_attention_macs,
+)
 from vitconvert.layers.costs import GIGA, attention_macs, conv_macs, linear_macs, norm_macs
 from vitconvert.layers.seams import insert_residual_branch, read_residual_block, replace_attention_core
 from vitconvert.methods.base import ConvertedModel, DynamicOutput
@@ -223,7 +227,7 @@ def _resize(base: nn.Module, spec: BaseSpec, anatomy: Anatomy, size: tuple[int, 
             raise UserError(f"fsla: {spec.architecture} cannot change its input size (no set_input_size in timm)")
         try:
             base.set_input_size(img_size=size)  # ViT: resamples the position embeddings
-        except Exception as e:  # noqa: BLE001 - timm raises assorted errors for sizes a model cannot take
+        except Exception as e:
             raise UserError(f"fsla: {spec.architecture} cannot run at {size[0]}x{size[1]}: {e}") from None
         args["img_size"] = list(size)
     spec = dataclasses.replace(spec, model_args=args, img_size=list(size))
