@@ -80,7 +80,7 @@ def test_clustering_groups_similar_queries() -> None:
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: int, overlap: int, g: int) -> torch.Tensor:
     """Loops over images, heads and clusters: what clustered_attention must compute."""
-    b, h, n, d = q.shape
+    b, h, n, _ = q.shape
     plan = plan_clusters(n - g, size, overlap)
     perm = balanced_clusters(q[:, :, g:], plan)
     out = torch.zeros_like(q)
