@@ -110,6 +110,18 @@ def plan_clusters(tokens: int, cluster_size: int, overlap: int = 0) -> ClusterPl
     return ClusterPlan(tokens=tokens, levels=levels, leaf=leaf, overlap=min(overlap, leaf) if levels else 0)
 
 
+def _permute_rows(x: Tensor, perm: Tensor) -> Tensor:
+    """``x.gather(-2, perm[..., None].expand(..., e))`` for x (..., N, e) and perm (..., M), as one
+    ``index_select`` of whole rows of the flattened ``x``: on CPU about 5x faster than ``gather`` with an
+    expanded index (element by element) and 2x faster than advanced indexing, even counting the copy that
+    flattens a strided q, k or v (a view of a fused qkv)."""
+    n, e = x.shape[-2], x.shape[-1]
+    rows = perm.reshape(-1, perm.shape[-1])
+    offset = torch.arange(rows.shape[0], device=perm.device).unsqueeze(1) * n
+    flat = x.reshape(-1, e).index_select(0, (rows + offset).reshape(-1))
+    return flat.view(*perm.shape, e)
+
+
 def inverse_permutation(perm: Tensor) -> Tensor:
     """``inv`` with ``inv[..., perm[..., i]] = i`` along the last dimension."""
     src = torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)
@@ -143,12 +155,16 @@ def balanced_clusters(q: Tensor, plan: ClusterPlan, iters: int = DEFAULT_ITERS,
         groups = 2 ** level
         size = np_ // groups
         half = size // 2
-        x = x_all.gather(1, order.unsqueeze(-1).expand(-1, -1, d)).view(rows, groups, size, d)
+        x = _permute_rows(x_all, order).view(rows, groups, size, d)
         xn = F.normalize(x, dim=-1)
         c = F.normalize(torch.stack([x[:, :, :half].mean(2), x[:, :, half:].mean(2)], dim=2), dim=-1)
         for _ in range(iters):
-            a = (temperature * (xn @ c.transpose(-1, -2))).softmax(dim=-1)  # (rows, groups, size, 2)
-            c = F.normalize(a.transpose(-1, -2) @ x, dim=-1)
+            s = xn @ c.transpose(-1, -2)  # (rows, groups, size, 2)
+            # softmax over two centroids = sigmoid of the difference (one elementwise pass, not a softmax kernel
+            # over a dimension of 2); the same soft assignment.
+            a0 = torch.sigmoid(temperature * (s[..., 0] - s[..., 1]))
+            a = torch.stack([a0, 1 - a0], dim=-2)  # (rows, groups, 2, size)
+            c = F.normalize(a @ x, dim=-1)
         s = xn @ c.transpose(-1, -2)
         r = (s[..., 0] + 1) / (s[..., 1] + 1).clamp_min(1e-6)
         pad = (order >= n).view(rows, groups, size)
@@ -236,17 +252,16 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
     plan = plan_clusters(n - g, cluster_size, overlap)
     if not _pays(plan, g, h * d, iters):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    ql, kl, vl = q[:, :, g:], k[:, :, g:], v[:, :, g:]
-    perm = balanced_clusters(ql, plan, iters, temperature)  # (B, h, Np), no gradient
+    perm = balanced_clusters(q[:, :, g:], plan, iters, temperature)  # (B, h, Np), no gradient
     extra = plan.padded - plan.tokens
-    if extra:
-        ql, kl, vl = (F.pad(t, (0, 0, 0, extra)) for t in (ql, kl, vl))
+    # Rows of the full q, k, v: cluster order shifted past the global tokens; padding slots read token g (any
+    # real row: padding keys are masked and padding queries' outputs dropped), so nothing is padded or copied.
+    src = torch.where(perm < plan.tokens, perm + g, g) if extra else perm + g
 
-    def clustered(t: Tensor) -> Tensor:  # (B, h, Np, e) -> (B, h, C, leaf, e) in cluster order
-        idx = perm.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])
-        return t.gather(2, idx).unflatten(2, (plan.clusters, plan.leaf))
+    def clustered(t: Tensor) -> Tensor:  # (B, h, N, e) -> (B, h, C, leaf, e) in cluster order
+        return _permute_rows(t, src).unflatten(2, (plan.clusters, plan.leaf))
 
-    qc, kc, vc = clustered(ql), clustered(kl), clustered(vl)
+    qc, kc, vc = clustered(q), clustered(k), clustered(v)
     keys = [kc, _sibling(kc, plan)]
     values = [vc, _sibling(vc, plan)]
     if g:  # every cluster also reads the global tokens
@@ -265,9 +280,7 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
     c, m = plan.clusters, plan.leaf
     out = F.scaled_dot_product_attention(qc.flatten(1, 2), kk.flatten(1, 2), vv.flatten(1, 2), attn_mask=mask,
                                          dropout_p=dropout_p, scale=scale)  # (B, h*C, leaf, dv)
-    out = out.view(b, h, c * m, -1)
-    inv = inverse_permutation(perm).unsqueeze(-1).expand(-1, -1, -1, out.shape[-1])
-    out = out.gather(2, inv)[:, :, :plan.tokens]
+    out = _permute_rows(out.view(b, h, c * m, -1), inverse_permutation(perm)[..., :plan.tokens])
     if g:
         out_g = F.scaled_dot_product_attention(q[:, :, :g], k, v, dropout_p=dropout_p, scale=scale)
         out = torch.cat([out_g, out], dim=2)
