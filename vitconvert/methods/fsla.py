@@ -101,7 +101,7 @@ class _Common(Strict):
             return v
         sizes = [v] if isinstance(v, int) else v
         if len(sizes) not in (1, 2) or any(s < 8 or s > 8192 for s in sizes):
-            raise ValueError("give one size or [height, width], each 8..8192 pixels")
+            raise ValueError("give one size or a list of height and width, each 8..8192 pixels")
         return v
 
     @field_validator("sweep")
