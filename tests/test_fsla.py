@@ -113,6 +113,7 @@ def test_augment_picks_shifted_blocks_where_the_grid_exceeds_the_window() -> Non
     block = m.base.layers[1].blocks[1]
     assert torch.equal(block.fsla.qkv.weight, block.attn.qkv.weight)  # init_from_window
     assert not block.fsla.proj.weight.any()
+    assert m.lr_scales() == {"base.layers.1.blocks.1.fsla": 10.0}
 
 
 @pytest.mark.parametrize("cluster_size", [0, 4, 16, 64])

@@ -117,6 +117,8 @@ class FSLASettings(_Common):
                                      "exceeds the window)")
     init_from_window: bool = Field(True, description="new LayerNorm and qkv start as copies of norm1 and the "
                                    "window attention's qkv (else LN 1/0 and trunc-normal 0.02)")
+    new_lr_scale: float = Field(10.0, gt=0, le=1e4, description="fine-tuning learning-rate multiplier of the "
+                                "FSLA sub-layers")
 
 
 class FSLAReplaceSettings(_Common):
@@ -349,6 +351,7 @@ class FSLA(_FSLABase):
         # The branches live inside the base blocks (keys base.<block>.fsla.*); a plain dict, not a second
         # registration, so no tensor is saved twice.
         object.__setattr__(self, "_branches", {})
+        self.branch_paths: list[str] = []
         self.grids: dict[int, tuple[int, int]] = {}
         self.window_areas: list[int] = []
         for stage in a.stages:
@@ -367,6 +370,7 @@ class FSLA(_FSLABase):
                     _copy_init(branch, block, parts.norm1, parts.attn, info.path)
                 self.base.set_submodule(info.path, insert_residual_branch(block, branch, name="fsla"))
                 self.__dict__["_branches"][index] = branch
+                self.branch_paths.append(f"base.{info.path}.fsla")
                 self.grids[index] = tuple(stage.grid)
                 self.window_areas.append(window[0] * window[1])
                 self.fsla_blocks.append(index)
@@ -388,6 +392,11 @@ class FSLA(_FSLABase):
     def _default_sweep(self) -> list[int]:
         w = self._window_area()
         return [w, 0, max(1, w // 2), 2 * w]
+
+    def lr_scales(self) -> dict[str, float]:
+        """The new sub-layers learn at ``new_lr_scale`` times the recipe's rate: their projection starts at zero
+        and has to travel far in a short recipe, while the pretrained weights around them only adapt."""
+        return {path: self.settings.new_lr_scale for path in self.branch_paths}
 
     def _extra_macs(self, cluster_size: int) -> float:
         branches = self.__dict__["_branches"]
