@@ -259,27 +259,29 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
     # real row: padding keys are masked and padding queries' outputs dropped), so nothing is padded or copied.
     src = torch.where(perm < plan.tokens, perm + g, g) if extra else perm + g
 
-    def clustered(t: Tensor) -> Tensor:  # (B, h, N, e) -> (B, h, C, leaf, e) in cluster order
-        return _permute_rows(t, src).unflatten(2, (plan.clusters, plan.leaf))
-
-    qc, kc, vc = clustered(q), clustered(k), clustered(v)
-    keys = [kc, _sibling(kc, plan)]
-    values = [vc, _sibling(vc, plan)]
-    if g:  # every cluster also reads the global tokens
-        keys.insert(0, k[:, :, None, :g].expand(-1, -1, plan.clusters, -1, -1))
-        values.insert(0, v[:, :, None, :g].expand(-1, -1, plan.clusters, -1, -1))
-    kk, vv = torch.cat(keys, dim=3), torch.cat(values, dim=3)  # (B, h, C, g + leaf + overlap, e)
+    c, m = plan.clusters, plan.leaf
+    cluster_rows = src.view(b, h, c, m)
+    # Each cluster's key rows: the global tokens, its own tokens, its sibling's boundary tokens. Built on the
+    # indices, so keys and values are gathered once into place (no float copies to concatenate afterwards).
+    key_rows = [cluster_rows, _sibling(cluster_rows.unsqueeze(-1), plan).squeeze(-1)]
+    if g:
+        key_rows.insert(0, torch.arange(g, device=q.device).expand(b, h, c, g))
+    key_rows_t = torch.cat(key_rows, dim=3)  # (B, h, C, g + leaf + overlap)
+    width = key_rows_t.shape[-1]
+    qc = _permute_rows(q, src)  # (B, h, Np, d)
+    kk = _permute_rows(k, key_rows_t.flatten(2))  # (B, h, C * keys, d)
+    vv = _permute_rows(v, key_rows_t.flatten(2))
     mask = None
     if extra:
-        real = (perm < plan.tokens).view(b, h, plan.clusters, plan.leaf, 1)
+        real = (perm < plan.tokens).view(b, h, c, m, 1)
         valid = torch.cat([real, _sibling(real, plan)], dim=3).squeeze(-1)
         if g:
-            valid = torch.cat([valid.new_ones(b, h, plan.clusters, g), valid], dim=3)
+            valid = torch.cat([valid.new_ones(b, h, c, g), valid], dim=3)
         # Finite, not -inf: a cluster made only of padding must give finite (discarded) outputs and gradients.
         mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(
             ~valid, torch.finfo(q.dtype).min / 2).flatten(1, 2).unsqueeze(2)
-    c, m = plan.clusters, plan.leaf
-    out = F.scaled_dot_product_attention(qc.flatten(1, 2), kk.flatten(1, 2), vv.flatten(1, 2), attn_mask=mask,
+    out = F.scaled_dot_product_attention(qc.view(b, h * c, m, d), kk.view(b, h * c, width, d),
+                                         vv.view(b, h * c, width, -1), attn_mask=mask,
                                          dropout_p=dropout_p, scale=scale)  # (B, h*C, leaf, dv)
     out = _permute_rows(out.view(b, h, c * m, -1), inverse_permutation(perm)[..., :plan.tokens])
     if g:
