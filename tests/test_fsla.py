@@ -144,8 +144,13 @@ def test_augment_gmacs_match_counted_and_branch_changes_output(cluster_size: int
         assert counted == pytest.approx(m.base_gmacs, abs=1e-12) and torch.equal(out.logits, ref)
 
 
-@pytest.mark.parametrize(("key", "overrides"), [("swin", ()), ("vit", ("model.img_size=64", "model.cluster_size=16")),
-                                                ("pvt_v2", ("model.img_size=192", "model.cluster_size=8"))])
+NO_OVERHEAD = "model.clustering_overhead=0"  # tiny grids: let MACs alone decide, so clustering really runs
+
+
+@pytest.mark.parametrize(("key", "overrides"), [
+    ("swin", ()),
+    ("vit", ("model.img_size=64", "model.cluster_size=16", NO_OVERHEAD)),
+    ("pvt_v2", ("model.img_size=192", "model.cluster_size=8", NO_OVERHEAD))])
 def test_each_image_is_computed_alone_at_odd_batch_sizes(key: str, overrides: tuple[str, ...]) -> None:
     recipe = "fsla" if key == "swin" else "fsla_replace"
     m = _apply(key, recipe, *overrides)
@@ -220,7 +225,7 @@ def test_augment_finetunes_and_calibrates(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("key", ["deit_distilled", "vit"])
 def test_replace_at_higher_resolution(key: str, tmp_path: Path) -> None:
-    m = _apply(key, "fsla_replace", "model.img_size=64", "model.cluster_size=16")
+    m = _apply(key, "fsla_replace", "model.img_size=64", "model.cluster_size=16", "model.clustering_overhead=0")
     assert m.anatomy.img_size == (64, 64) and m.pretrained_cfg["input_size"] == (3, 64, 64)
     assert m.base_spec.model_args["img_size"] == [64, 64] and m.fsla_blocks == [0, 1, 2, 3]
     x = torch.randn(2, 3, 64, 64)
@@ -246,7 +251,7 @@ def test_replace_at_higher_resolution(key: str, tmp_path: Path) -> None:
 
 
 def test_replace_pvt_only_where_keys_are_the_queries() -> None:
-    m = _apply("pvt_v2", "fsla_replace", "model.img_size=256", "model.cluster_size=8")
+    m = _apply("pvt_v2", "fsla_replace", "model.img_size=256", "model.cluster_size=8", "model.clustering_overhead=0")
     # sr_ratios (8, 4, 2, 1): only the last stage (block 4, 8x8 tokens at 256 px) has global attention.
     assert m.fsla_blocks == [4]
     x = torch.randn(2, 3, 256, 256)
@@ -268,3 +273,22 @@ def test_bad_settings_are_one_line_errors() -> None:
     m = _apply("vit", "fsla_replace")
     with pytest.raises(UserError, match="whole number"):
         m.set_operating_point(cluster_size=2.5)
+
+
+def test_clustering_overhead_keeps_small_grids_dense() -> None:
+    # 256 patch tokens: clustering saves attention MACs, but not once its sorts and gathers are charged.
+    cheap = _apply("vit", "fsla_replace", "model.img_size=64", "model.cluster_size=16", "model.clustering_overhead=0")
+    costly = _apply("vit", "fsla_replace", "model.img_size=64", "model.cluster_size=16")  # the recipe's 500
+    assert cheap.gmacs_at() < cheap.base_gmacs and costly.gmacs_at() == costly.base_gmacs
+    assert costly.operating_space().knobs[0].sweep == (0.0,)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(costly(x), costly.build_base()(x))
+
+
+def test_replace_trains_through_the_clustered_attention() -> None:
+    m = _apply("deit", "fsla_replace", "model.img_size=64", "model.cluster_size=16", "model.clustering_overhead=0")
+    m.train()
+    m.forward_train(torch.randn(3, 3, 64, 64))["logits"].square().sum().backward()
+    grad = m.base.blocks[0].attn.qkv.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -34,6 +34,9 @@ outputs are put back in the original order with the inverse permutation.
 **Dense when clustering does not pay**: when the clustered path would cost at least as many MACs as plain
 attention (one cluster holds all tokens, or the clustering overhead eats the saving), the dense
 ``scaled_dot_product_attention`` runs instead, so one cluster holding all tokens is exactly the base attention.
+``overhead`` charges the clustering's sorts and gathers extra MAC-equivalents in that decision only: they are
+memory-bound and cost far more time than their MACs (on the benchmark CPU about 500 MAC-equivalents per
+token, channel and level, against 10 real MACs), so a caller that must never be slower than dense sets it.
 
 **Cost**: :func:`clustered_attention_macs` counts, per image, exactly the matrix products these functions run
 (the clustering's similarity and centroid products, the in-cluster QK^T and AV including padding and the
@@ -185,13 +188,15 @@ def _sibling(t: Tensor, plan: ClusterPlan) -> Tensor:
     return torch.stack([even, odd], dim=-3).flatten(-4, -3)
 
 
-def _pays(plan: ClusterPlan, num_global: int, width: int, iters: int) -> bool:
-    """Whether the clustered path costs fewer MACs than dense attention over the same tokens."""
+def _pays(plan: ClusterPlan, num_global: int, width: int, iters: int, overhead: float = 0.0) -> bool:
+    """Whether the clustered path costs less than dense attention over the same tokens: its MACs plus
+    ``overhead`` MAC-equivalents per (padded) token, channel and level for the sorts and gathers."""
     if plan.levels == 0:
         return False
     total = plan.tokens + num_global
     dense = attention_macs(total, total, width, width)
-    return _clustered_macs(plan, num_global, width, iters) < dense
+    moves = overhead * plan.padded * width * plan.levels
+    return _clustered_macs(plan, num_global, width, iters) + moves < dense
 
 
 def _clustered_macs(plan: ClusterPlan, num_global: int, width: int, iters: int) -> float:
@@ -212,21 +217,21 @@ def clustering_macs(plan: ClusterPlan, width: int, iters: int = DEFAULT_ITERS) -
 
 
 def clustered_attention_macs(tokens: int, width: int, cluster_size: int, overlap: int = 0, num_global: int = 0,
-                             iters: int = DEFAULT_ITERS) -> float:
+                             iters: int = DEFAULT_ITERS, overhead: float = 0.0) -> float:
     """MACs of :func:`clustered_attention` for one image of ``tokens`` tokens (global ones included).
 
     This is what the forward really runs: dense attention when clustering does not pay, else the clustering,
     the in-cluster QK^T and AV (padding and overlap keys included) and the global tokens' rows and columns.
     """
     plan = plan_clusters(tokens - num_global, cluster_size, overlap)
-    if not _pays(plan, num_global, width, iters):
+    if not _pays(plan, num_global, width, iters, overhead):
         return attention_macs(tokens, tokens, width, width)
     return _clustered_macs(plan, num_global, width, iters)
 
 
 def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, overlap: int = 0, num_global: int = 0,
                         iters: int = DEFAULT_ITERS, temperature: float = DEFAULT_TEMPERATURE,
-                        scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+                        scale: float | None = None, dropout_p: float = 0.0, overhead: float = 0.0) -> Tensor:
     """Attention of every token to its own cluster (plus sibling overlap and global tokens).
 
     Args:
@@ -240,6 +245,9 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
         temperature: Soft-assignment sharpness.
         scale: Logit scale (default ``d ** -0.5``, as SDPA).
         dropout_p: Attention dropout (training only; the caller decides).
+        overhead: MAC-equivalents per token, channel and level charged to the clustering's sorts and gathers
+            when deciding whether it pays (never counted as MACs): on CPU those memory-bound ops cost far more
+            than their few MACs, so with 0 the clustered path can be chosen where it is slower than dense.
 
     Returns:
         (B, heads, N, dv), in the input order. Exactly ``F.scaled_dot_product_attention(q, k, v)`` when the
@@ -251,7 +259,7 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
                          f"got {k.shape[-2]} keys and {v.shape[-2]} values")
     g = num_global
     plan = plan_clusters(n - g, cluster_size, overlap)
-    if not _pays(plan, g, h * d, iters):
+    if not _pays(plan, g, h * d, iters, overhead):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     perm = balanced_clusters(q[:, :, g:], plan, iters, temperature)  # (B, h, Np), no gradient
     extra = plan.padded - plan.tokens

@@ -91,6 +91,9 @@ class _Common(Strict):
     iters: int = Field(DEFAULT_ITERS, ge=0, le=10, description="soft k-means steps per split")
     temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, le=1e4, description="soft-assignment sharpness")
     sweep: list[int] | None = Field(None, description="cluster sizes calibration evaluates (null: the mode's default)")
+    clustering_overhead: float = Field(0.0, ge=0, le=1e5, description="MAC-equivalents per token, channel and "
+                                       "level charged to the clustering when deciding whether it beats dense "
+                                       "attention (not counted in GMACs; 0: MACs alone decide)")
     img_size: int | list[int] | None = Field(None, description="run at this input size (ViT: position embeddings "
                                              "resampled); null: the base model's")
 
@@ -139,6 +142,7 @@ class _Context:
         self.overlap = s.overlap
         self.iters = s.iters
         self.temperature = s.temperature
+        self.overhead = s.clustering_overhead
 
 
 class ClusteredCore(nn.Module):
@@ -163,7 +167,7 @@ class ClusteredCore(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                   is_causal=is_causal, scale=scale)
         return clustered_attention(q, k, v, c.cluster_size, c.overlap, self.num_global, c.iters, c.temperature,
-                                   scale=scale, dropout_p=dropout_p)
+                                   scale=scale, dropout_p=dropout_p, overhead=c.overhead)
 
     def extra_repr(self) -> str:
         return f"num_global={self.num_global}"
@@ -198,7 +202,7 @@ class FSLABranch(nn.Module):
         n, h = hh * ww, self.num_heads
         t = self.norm(x).reshape(b, n, dim)
         q, k, v = self.qkv(t).reshape(b, n, 3, h, dim // h).permute(2, 0, 3, 1, 4).unbind(0)
-        out = clustered_attention(q, k, v, c.cluster_size, c.overlap, 0, c.iters, c.temperature)
+        out = clustered_attention(q, k, v, c.cluster_size, c.overlap, 0, c.iters, c.temperature, overhead=c.overhead)
         v_map = v.transpose(1, 2).reshape(b, hh, ww, dim).permute(0, 3, 1, 2)
         pos = self.pos(v_map).flatten(2).transpose(1, 2)
         out = out.transpose(1, 2).reshape(b, n, dim) + pos
@@ -211,7 +215,7 @@ class FSLABranch(nn.Module):
         c: _Context = self.__dict__["_ctx"]
         n, dim = grid[0] * grid[1], self.proj.in_features
         return (norm_macs(n, dim) + linear_macs(n, dim, 3 * dim) + conv_macs(n, self.pos) + linear_macs(n, dim, dim)
-                + clustered_attention_macs(n, dim, cluster_size, c.overlap, 0, c.iters))
+                + clustered_attention_macs(n, dim, cluster_size, c.overlap, 0, c.iters, c.overhead))
 
 
 def _pair(v: int | list[int]) -> tuple[int, int]:
@@ -460,16 +464,17 @@ class FSLAReplace(_FSLABase):
         return s.cluster_size if s.cluster_size is not None else 0
 
     def _default_sweep(self) -> list[int]:
-        most = max(t - g for t, _, g in self.block_costs.values())
-        sizes = [c for c in (1024, 512, 256, 128, 64, 32, 16) if c < most]
+        # Only sizes at which some block really clusters (else the point is the dense model again).
         chosen = self.settings.cluster_size
-        return [0, *sizes, *([chosen] if chosen else [])]
+        sizes = [c for c in (1024, 512, 256, 128, 64, 32, 16, *([chosen] if chosen else [])) if self._extra_macs(c) < 0]
+        return [0, *sizes]
 
     def _extra_macs(self, cluster_size: int) -> float:
         if cluster_size == 0:
             return 0.0
         c = self._c
-        return sum(clustered_attention_macs(t, w, cluster_size, c.overlap, g, c.iters) - attention_macs(t, t, w, w)
+        return sum(clustered_attention_macs(t, w, cluster_size, c.overlap, g, c.iters, c.overhead)
+                   - attention_macs(t, t, w, w)
                    for t, w, g in self.block_costs.values())
 
 
