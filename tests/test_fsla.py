@@ -292,3 +292,15 @@ def test_replace_trains_through_the_clustered_attention() -> None:
     m.forward_train(torch.randn(3, 3, 64, 64))["logits"].square().sum().backward()
     grad = m.base.blocks[0].attn.qkv.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_augment_at_another_resolution_keeps_the_windows(tmp_path: Path) -> None:
+    m = _apply("swin", "fsla", "model.img_size=48")  # grids 24, 12, 6, 3 with 4x4 windows: 36 tokens per leaf
+    assert m.fsla_blocks == [2, 4] and m.base_spec.model_args["window_size"] == 4
+    assert m.pretrained_cfg["input_size"] == (3, 48, 48) and m.cluster_size == 16
+    _perturb_projections(m)
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        out = m(x)
+        path = vitconvert.save(m, tmp_path / "m")
+        assert torch.equal(vitconvert.load(path)(x), out)

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -231,8 +231,14 @@ def _resize(base: nn.Module, spec: BaseSpec, anatomy: Anatomy, size: tuple[int, 
     if anatomy.family in ("vit", "swin"):
         if not hasattr(base, "set_input_size"):
             raise UserError(f"fsla: {spec.architecture} cannot change its input size (no set_input_size in timm)")
+        kwargs: dict[str, Any] = {}
+        if anatomy.family == "swin":
+            # Keep the windows (and so the relative-position tables): timm would otherwise derive new ones.
+            block = base.get_submodule(anatomy.blocks[0].path)
+            kwargs["window_size"] = tuple(block.window_size) if not isinstance(block.window_size, int) \
+                else block.window_size
         try:
-            base.set_input_size(img_size=size)  # ViT: resamples the position embeddings
+            base.set_input_size(img_size=size, **kwargs)  # ViT: resamples the position embeddings
         except Exception as e:
             raise UserError(f"fsla: {spec.architecture} cannot run at {size[0]}x{size[1]}: {e}") from None
         args["img_size"] = list(size)
