@@ -34,10 +34,18 @@ default); with the zero-initialised projection the fresh model equals Swin at ev
 its full-compute point too, and 0 remains a cheaper point (the base model's GMACs) calibration may choose.
 Calibration evaluates the sweep (a structural knob: one pass per value, no simulation).
 
+**Never slower than dense**: a block clusters only when that costs less than its dense attention
+(:mod:`vitconvert.layers.clustering`), with ``clustering_overhead`` MAC-equivalents per token, channel and level
+charged for the clustering's sorts and gathers, which cost far more time than their MACs on CPU. The replace
+recipe sets 500 (measured: DeiT-S at 768 px clusters, 1.63x faster than dense; at 384 px clustering ran
+0.99x, so it stays dense there); the augment recipe sets 0, as BOAT clusters in every FSLA block. GMACs follow
+what really runs.
+
 **Resolution**: ``img_size`` (e.g. 384 or [768, 768]) runs the converted model at another input size: a
-ViT's position embeddings are resampled (timm's ``set_input_size``), Swin is rebuilt for it the same way,
-PVT-v2 takes any size; the base spec records the new size, so the saved model, its teacher and
-``pretrained_cfg['input_size']`` all follow it, and ``base_gmacs`` is the dense model at that size.
+ViT's position embeddings are resampled (timm's ``set_input_size``), Swin gets the new grid with its windows
+(and relative-position tables) kept, PVT-v2 takes any size; the base spec records the new size, so the saved
+model, its teacher and ``pretrained_cfg['input_size']`` all follow it, and ``base_gmacs`` is the dense model
+at that size.
 
 **Cost**: ``DynamicOutput.gmacs`` is the base model's GMACs plus, per FSLA block, the analytic count of what
 that block runs at the current cluster size (:func:`vitconvert.layers.clustering.clustered_attention_macs`
