@@ -304,3 +304,16 @@ def test_augment_at_another_resolution_keeps_the_windows(tmp_path: Path) -> None
         out = m(x)
         path = vitconvert.save(m, tmp_path / "m")
         assert torch.equal(vitconvert.load(path)(x), out)
+
+
+def test_cluster_map_and_plot(tmp_path: Path) -> None:
+    m = _apply("swin", "fsla")
+    x = torch.randn(2, 3, 32, 32)
+    maps = m.cluster_map(x)  # block 2: an 8x8 grid in 4 clusters of 16
+    assert maps.shape == (2, 8, 8) and torch.equal(torch.bincount(maps[1].flatten()), torch.full((4,), 16))
+    assert m.plot_decisions(x, tmp_path / "c.png").stat().st_size > 1000
+    m.set_operating_point(cluster_size=0)
+    assert m.cluster_map(x) is None and m.plot_decisions(x, tmp_path / "none.png") is None
+    r = _apply("vit", "fsla_replace", "model.img_size=64", "model.cluster_size=16", NO_OVERHEAD)
+    maps = r.cluster_map(torch.randn(1, 3, 64, 64))  # 256 patch tokens (the class token stays global)
+    assert maps.shape == (1, 16, 16) and torch.equal(torch.bincount(maps.flatten()), torch.full((16,), 16))

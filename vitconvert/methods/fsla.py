@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -75,8 +76,11 @@ from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.clustering import (
     DEFAULT_ITERS,
     DEFAULT_TEMPERATURE,
+    balanced_clusters,
     clustered_attention,
     clustered_attention_macs,
+    inverse_permutation,
+    plan_clusters,
 )
 from vitconvert.layers.costs import GIGA, attention_macs, conv_macs, linear_macs, norm_macs
 from vitconvert.layers.seams import insert_residual_branch, read_residual_block, replace_attention_core
@@ -350,6 +354,79 @@ class _FSLABase(ConvertedModel):
                       teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return {}  # distillation from the original model and cross-entropy are the shared loss's
 
+    # --- what the clustering decided ------------------------------------------------------------------
+
+    def _probe(self) -> tuple[int, nn.Module, tuple[int, int], int]:
+        """(block index, module whose inputs give the queries of the first FSLA block, token grid, global tokens)."""
+        raise NotImplementedError
+
+    def _probe_queries(self, module: nn.Module, args: tuple[Any, ...]) -> torch.Tensor:
+        """(B, heads, N, d) queries of the probed block's clustered tokens from the probe module's inputs."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def cluster_map(self, images: torch.Tensor, head: int = 0) -> torch.Tensor | None:
+        """The cluster of every token of the first FSLA block for one head: (B, grid h, grid w) leaf indices.
+
+        None when that block does not cluster at the current cluster size (0, or dense attention pays).
+        """
+        _, module, grid, g = self._probe()
+        captured: list[torch.Tensor] = []
+        handle = module.register_forward_pre_hook(lambda mod, args: captured.append(self._probe_queries(mod, args)))
+        was_training = self.training
+        self.eval()
+        try:
+            self.forward_dynamic(images)
+        finally:
+            handle.remove()
+            self.train(was_training)
+        if not captured:
+            return None
+        q = captured[0][:, head:head + 1]
+        n, width = q.shape[-2], q.shape[-1] * captured[0].shape[1]
+        c = self._c
+        plan = plan_clusters(n, max(self.cluster_size, 1), c.overlap)
+        dense = attention_macs(n + g, n + g, width, width)
+        if self.cluster_size == 0 or clustered_attention_macs(n + g, width, self.cluster_size, c.overlap, g, c.iters,
+                                                              c.overhead) >= dense:
+            return None
+        perm = balanced_clusters(q, plan, c.iters, c.temperature)[:, 0]
+        leaf = inverse_permutation(perm)[:, :n] // plan.leaf
+        return leaf.view(-1, *grid)
+
+    def plot_decisions(self, images: torch.Tensor, path: str | Path) -> Path | None:
+        """Write a PNG of the clusters of the first FSLA block (head 0) on ``images``; None when it does not
+        cluster at the current cluster size."""
+        from matplotlib.figure import Figure
+
+        maps = self.cluster_map(images)
+        if maps is None:
+            return None
+        cfg = self.pretrained_cfg
+        mean = torch.tensor(cfg.get("mean", (0.0, 0.0, 0.0))).view(3, 1, 1)
+        std = torch.tensor(cfg.get("std", (1.0, 1.0, 1.0))).view(3, 1, 1)
+        index = self._probe()[0]
+        n = images.shape[0]
+        # Shuffled colours, so that neighbouring leaf indices (siblings) do not look alike.
+        colours = torch.randperm(int(maps.max()) + 1, generator=torch.Generator().manual_seed(0))
+        fig = Figure(figsize=(2.4 * n, 5.0))
+        for i in range(n):
+            img = (images[i].float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+            ax = fig.add_subplot(2, n, i + 1)
+            ax.imshow(img)
+            ax.axis("off")
+            ax2 = fig.add_subplot(2, n, n + i + 1)
+            ax2.imshow(img)
+            ax2.imshow(colours[maps[i].cpu()].numpy(), cmap="tab20", alpha=0.6, interpolation="nearest",
+                       extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5))
+            ax2.axis("off")
+        fig.suptitle(f"FSLA clusters of block {index}, head 0 ({self.base_spec.architecture}, "
+                     f"cluster_size={self.cluster_size})", fontsize=9)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        return path
+
 
 @register_method
 class FSLA(_FSLABase):
@@ -416,6 +493,17 @@ class FSLA(_FSLABase):
         and has to travel far in a short recipe, while the pretrained weights around them only adapt."""
         return {path: self.settings.new_lr_scale for path in self.branch_paths}
 
+    def _probe(self) -> tuple[int, nn.Module, tuple[int, int], int]:
+        index = self.fsla_blocks[0]
+        return index, self.__dict__["_branches"][index], self.grids[index], 0
+
+    def _probe_queries(self, module: nn.Module, args: tuple[Any, ...]) -> torch.Tensor:
+        x = args[0]
+        b, hh, ww, dim = x.shape
+        h = module.num_heads
+        qkv = module.qkv(module.norm(x).reshape(b, hh * ww, dim))
+        return qkv.reshape(b, hh * ww, 3, h, dim // h)[:, :, 0].transpose(1, 2)
+
     def _extra_macs(self, cluster_size: int) -> float:
         branches = self.__dict__["_branches"]
         return sum(branches[i].macs(self.grids[i], cluster_size) for i in self.fsla_blocks)
@@ -472,6 +560,15 @@ class FSLAReplace(_FSLABase):
 
     def _none_reason(self) -> str:
         return "clustered attention replaces global attention; PVT-v2 has it only in blocks with sr_ratio 1"
+
+    def _probe(self) -> tuple[int, nn.Module, tuple[int, int], int]:
+        index = self.fsla_blocks[0]
+        info = self.anatomy.blocks[index]
+        core = self.base.get_submodule(f"{info.path}.attn_core")
+        return index, core, tuple(self.anatomy.stages[info.stage].grid), core.num_global
+
+    def _probe_queries(self, module: nn.Module, args: tuple[Any, ...]) -> torch.Tensor:
+        return args[0][:, :, module.num_global:]
 
     def _initial_cluster_size(self) -> int:
         s: FSLAReplaceSettings = self.settings
