@@ -60,6 +60,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import copy
 import dataclasses
 from pathlib import Path
@@ -279,21 +280,25 @@ class _FSLABase(ConvertedModel):
 
     # --- what each mode supplies ------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _build(self) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _none_reason(self) -> str:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _initial_cluster_size(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _default_sweep(self) -> list[int]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _extra_macs(self, cluster_size: int) -> float:
         """MACs per image added to (or, negative, saved from) the base model at ``cluster_size``."""
-        raise NotImplementedError
 
     # --- knob -----------------------------------------------------------------------------------------
 
@@ -356,13 +361,13 @@ class _FSLABase(ConvertedModel):
 
     # --- what the clustering decided ------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _probe(self) -> tuple[int, nn.Module, tuple[int, int], int]:
         """(block index, module whose inputs give the queries of the first FSLA block, token grid, global tokens)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _probe_queries(self, module: nn.Module, args: tuple[Any, ...]) -> torch.Tensor:
         """(B, heads, N, d) queries of the probed block's clustered tokens from the probe module's inputs."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def cluster_map(self, images: torch.Tensor, head: int = 0) -> torch.Tensor | None:
