@@ -241,7 +241,10 @@ def test_replace_at_higher_resolution(key: str, tmp_path: Path) -> None:
     assert (out.logits - dense).abs().max() > 1e-5 and torch.isfinite(out.logits).all()
     m.full_compute()
     with torch.no_grad():
-        assert (m(x) - dense).abs().max().item() <= 1e-4
+        full = m(x)
+        assert (full - dense).abs().max().item() <= 1e-4
+        m.set_operating_point(cluster_size=256)  # one cluster holding all 256 patch tokens: the base attention
+        assert torch.equal(m(x), full) and m.gmacs_at() == m.base_gmacs
     m.set_operating_point(cluster_size=16)
     path = vitconvert.save(m, tmp_path / "m")
     via_timm = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
