@@ -6,5 +6,7 @@
   execution of a ragged subset of queries;
 * :mod:`~vitconvert.layers.scale_conv`: PVT-v2's depthwise convolution at each query's own scale;
 * :mod:`~vitconvert.layers.seams`: fx seams in timm blocks (attention logits and bias, inserted residual
-  branches, the pre-norm residual block reader, drop-path slots).
+  branches, the pre-norm residual block reader, drop-path slots, swapping the attention core);
+* :mod:`~vitconvert.layers.clustering`: balanced hierarchical clustering of tokens and attention inside the
+  clusters (BOAT's feature-space local attention), with its MAC count.
 """

@@ -600,3 +600,68 @@ def _finish(gm: fx.GraphModule, class_name: str) -> fx.GraphModule:
     gm.recompile()
     gm.__class__.__name__ = class_name
     return gm
+
+
+# --------------------------------------------------------------------------------------------------------
+# Swapping the attention core (q, k, v -> output)
+# --------------------------------------------------------------------------------------------------------
+
+
+def replace_attention_core(block: nn.Module, core: nn.Module, name: str = "attn_core") -> fx.GraphModule:
+    """A replacement for ``block`` whose ``scaled_dot_product_attention`` call is ``core`` instead.
+
+    Everything around the core (the block's own q/k/v projections, norms, output projection, residuals) is
+    the block's, with its parameters and names; only the product ``softmax(q k^T) v`` changes. ``core`` is
+    registered as ``name`` inside the replacement and called as
+    ``core(q, k, v, attn_mask=..., dropout_p=..., is_causal=..., scale=..., dropout=attn_drop)``: the SDPA
+    arguments the block passes (``dropout_p`` as baked by the trace) plus the attention module's ``attn_drop``
+    (``None`` if it has none), so the core can follow train/eval at run time as timm does. A core without
+    parameters leaves ``model.state_dict()`` unchanged.
+
+    Only a fused SDPA core is understood: a block built with ``fused_attn=False`` computes its attention as
+    several ops (scale, matmul, mask, softmax, matmul) that a swap would have to match one by one; set the
+    attention module's ``fused_attn = True`` first (the same attention, up to float rounding).
+
+    Args:
+        block: A pre-norm residual block (see :func:`read_residual_block`) with an SDPA attention core.
+        core: Module computing attention from ``(q, k, v)`` shaped (B, heads, N, d).
+        name: Attribute name of the core in the replacement; must not clash with the block's.
+
+    Raises:
+        AnatomyError: the block is not a pre-norm residual block, or its core is not an SDPA call.
+        ValueError: ``name`` is not a plain identifier or already names an attribute of the block.
+
+    Example:
+        >>> import timm
+        >>> class Plain(nn.Module):
+        ...     def forward(self, q, k, v, dropout=None, **sdpa):
+        ...         return F.scaled_dot_product_attention(q, k, v, **sdpa)
+        >>> m = timm.create_model("vit_tiny_patch16_224").eval()
+        >>> new = replace_attention_core(m.blocks[0], Plain())
+        >>> x = torch.randn(1, 197, 192)
+        >>> torch.equal(new(x), m.blocks[0](x))
+        True
+    """
+    if not name.isidentifier() or hasattr(block, name):
+        raise ValueError(f"replace_attention_core: {name!r} is not a free attribute name on {type(block).__name__}")
+    where = type(block).__name__
+    parts, t = _read(block, where)
+    gm, graph, node = t.gm, t.gm.graph, t.core
+    if not (node.op == "call_function" and node.target is F.scaled_dot_product_attention):
+        raise AnatomyError(f"{where}: the attention core is not a scaled_dot_product_attention call (a block built "
+                           "with fused_attn=False); set its attention's fused_attn = True first")
+    q, k, v, *rest = node.args
+    kwargs = dict(zip(_SDPA_KWARGS, rest, strict=False)) | dict(node.kwargs)
+    unknown = set(kwargs) - set(_SDPA_KWARGS)
+    if unknown:
+        raise AnatomyError(f"{where}: scaled_dot_product_attention with {sorted(unknown)} is not supported")
+    attn = block.get_submodule(parts.attn)
+    _adopt(gm, block)
+    gm.add_module(name, core)
+    with graph.inserting_before(node):
+        dropout = (graph.get_attr(f"{parts.attn}.attn_drop")
+                   if isinstance(getattr(attn, "attn_drop", None), nn.Dropout) else None)
+        new = graph.call_module(name, (q, k, v), {**kwargs, "dropout": dropout})
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return _finish(gm, f"{type(block).__name__}With{type(core).__name__}")

@@ -1,0 +1,161 @@
+"""Balanced hierarchical clustering and clustered attention (vitconvert.layers.clustering)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitconvert.layers.clustering import (
+    balanced_clusters,
+    clustered_attention,
+    clustered_attention_macs,
+    inverse_permutation,
+    plan_clusters,
+)
+from vitconvert.layers.costs import attention_macs, count_macs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# (tokens incl. global, cluster size, overlap, global tokens): exact powers of two, padding, a class token,
+# overlap larger than a leaf, and one cluster (dense).
+CASES = [(256, 32, 8, 0), (197, 16, 4, 1), (100, 7, 20, 2), (65, 64, 20, 1), (50, 12, 5, 0)]
+
+
+def _qkv(b: int, n: int, h: int = 2, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(b, h, n, d, generator=g) for _ in range(3))
+
+
+def test_plan_clusters() -> None:
+    assert plan_clusters(3136, 49, 20) == plan_clusters(3136, 49, 20)
+    p = plan_clusters(3136, 49, 20)  # Swin-T stage 1 at 224 px: BOAT's 6 levels of 49
+    assert (p.levels, p.leaf, p.padded, p.overlap, p.keys) == (6, 49, 3136, 20, 69)
+    p = plan_clusters(9216, 144, 20)  # Swin at 384 px with 12x12 windows: 64 clusters, no padding
+    assert (p.levels, p.leaf, p.padded) == (6, 144, 9216)
+    p = plan_clusters(2304, 49, 20)  # not 49 x 2^k: 64 leaves of 36
+    assert (p.levels, p.leaf, p.padded) == (6, 36, 2304)
+    p = plan_clusters(2305, 64, 20)  # padding: fewer than 2^levels extra tokens
+    assert (p.levels, p.leaf, p.padded) == (6, 37, 2368) and p.padded - p.tokens < p.clusters
+    p = plan_clusters(30, 64, 20)
+    assert (p.levels, p.leaf, p.overlap) == (0, 30, 0)
+    assert plan_clusters(40, 8, 20).overlap == 5  # at most a leaf
+    with pytest.raises(ValueError):
+        plan_clusters(10, 0)
+
+
+@pytest.mark.parametrize(("n", "size"), [(256, 32), (196, 16), (50, 7)])
+def test_clusters_are_a_balanced_permutation_with_padding_last(n: int, size: int) -> None:
+    q = _qkv(3, n)[0]
+    plan = plan_clusters(n, size)
+    perm = balanced_clusters(q, plan)
+    assert perm.shape == (3, 2, plan.padded)
+    assert torch.equal(perm.sort(-1).values, torch.arange(plan.padded).expand_as(perm))
+    inv = inverse_permutation(perm)
+    assert torch.equal(perm.gather(-1, inv), torch.arange(plan.padded).expand_as(perm))
+    # Every leaf has exactly plan.leaf slots and at most one leaf mixes padding with real tokens, the padding
+    # sitting in the last leaves (it is scored +inf at every split).
+    pad = (perm >= n).view(3, 2, plan.clusters, plan.leaf)
+    per_leaf = pad.sum(-1)
+    assert int(per_leaf.sum(-1).unique().item()) == plan.padded - n
+    partial = ((per_leaf > 0) & (per_leaf < plan.leaf)).sum(-1)
+    assert int(partial.max()) <= 1
+    full_pad_leaves = (per_leaf == plan.leaf).sum(-1, keepdim=True)
+    tail = torch.arange(plan.clusters) >= plan.clusters - full_pad_leaves
+    assert torch.equal(per_leaf == plan.leaf, tail)
+
+
+def test_clustering_groups_similar_queries() -> None:
+    # Four well-separated directions, tokens shuffled: every leaf must hold one direction only.
+    torch.manual_seed(0)
+    centres = F.normalize(torch.randn(4, 16), dim=-1) * 5
+    labels = torch.arange(4).repeat_interleave(32)[torch.randperm(128)]
+    q = (centres[labels] + 0.3 * torch.randn(128, 16)).view(1, 1, 128, 16)
+    plan = plan_clusters(128, 32)
+    perm = balanced_clusters(q, plan)[0, 0]
+    groups = labels[perm].view(plan.clusters, plan.leaf)
+    assert all(len(g.unique()) == 1 for g in groups)
+    assert sorted(int(g[0]) for g in groups) == [0, 1, 2, 3]
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: int, overlap: int, g: int) -> torch.Tensor:
+    """Loops over images, heads and clusters: what clustered_attention must compute."""
+    b, h, n, _ = q.shape
+    plan = plan_clusters(n - g, size, overlap)
+    perm = balanced_clusters(q[:, :, g:], plan)
+    out = torch.zeros_like(q)
+    m, o = plan.leaf, plan.overlap
+    for i in range(b):
+        for j in range(h):
+            out[i, j, :g] = F.scaled_dot_product_attention(q[i, j, :g], k[i, j], v[i, j])
+            clusters = perm[i, j].view(plan.clusters, m)
+            for c in range(plan.clusters):
+                sib = clusters[c + 1, :o] if c % 2 == 0 else clusters[c - 1, m - o:]
+                keys = torch.cat([torch.arange(g), g + torch.cat([clusters[c], sib])])
+                keys = keys[keys < n]  # padding is never attended
+                rows = clusters[c][clusters[c] < n - g] + g
+                if len(rows):
+                    out[i, j, rows] = F.scaled_dot_product_attention(q[i, j, rows], k[i, j, keys], v[i, j, keys])
+    return out
+
+
+@pytest.mark.parametrize(("n", "size", "overlap", "g"), CASES[:3] + CASES[4:])
+def test_clustered_attention_matches_a_loop_reference(n: int, size: int, overlap: int, g: int) -> None:
+    q, k, v = _qkv(2, n)
+    out = clustered_attention(q, k, v, size, overlap, g)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, _reference(q, k, v, size, overlap, g), atol=1e-5, rtol=1e-5)
+    # Not just dense attention in disguise.
+    assert (out - F.scaled_dot_product_attention(q, k, v)).abs().max() > 1e-2
+
+
+def test_one_cluster_is_exactly_dense_attention() -> None:
+    q, k, v = _qkv(3, 65)
+    assert torch.equal(clustered_attention(q, k, v, 64, 20, 1), F.scaled_dot_product_attention(q, k, v))
+    assert torch.equal(clustered_attention(q, k, v, 1000), F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize(("n", "size", "overlap", "g"), CASES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_no_token_attends_to_another_image(n: int, size: int, overlap: int, g: int, batch: int) -> None:
+    q, k, v = _qkv(batch, n, seed=1)
+    out = clustered_attention(q, k, v, size, overlap, g)
+    for i in range(batch):  # each image alone gives the same result as inside the (odd) batch
+        alone = clustered_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], size, overlap, g)
+        torch.testing.assert_close(out[i:i + 1], alone, atol=1e-6, rtol=1e-6)
+    if batch > 1:  # changing one image changes nothing in the others
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        for t in (q2, k2, v2):
+            t[1] = torch.randn_like(t[1]) * 3
+        out2 = clustered_attention(q2, k2, v2, size, overlap, g)
+        assert torch.equal(out2[[0, 2]], out[[0, 2]])
+        assert (out2[1] - out[1]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize(("n", "size", "overlap", "g"), CASES)
+def test_macs_match_counted(n: int, size: int, overlap: int, g: int) -> None:
+    q, k, v = _qkv(3, n, h=2, d=8)
+    counted = count_macs(lambda: clustered_attention(q, k, v, size, overlap, g))
+    assert counted == 3 * clustered_attention_macs(n, 16, size, overlap, g)
+
+
+def test_macs_scale_with_cluster_size_and_fall_back_to_dense() -> None:
+    dense = attention_macs(3136, 3136, 96, 96)
+    clustered = clustered_attention_macs(3136, 96, 49, 20)
+    # BOAT's count for one Swin-T stage-1 block: 2 x 69 x N x C for QK^T and AV, plus the clustering.
+    assert clustered == 3136 * 69 * 2 * 96 + 6 * 10 * 3136 * 96
+    assert clustered < dense / 10
+    assert clustered_attention_macs(3136, 96, 98, 20) > clustered
+    assert clustered_attention_macs(64, 96, 32, 20) < attention_macs(64, 64, 96, 96)
+    assert clustered_attention_macs(64, 96, 32, 32) == attention_macs(64, 64, 96, 96)  # does not pay: dense
+
+
+def test_gradients_flow_to_qkv_but_not_through_the_clustering() -> None:
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 50))
+    out = clustered_attention(q, k, v, 12, 5)  # padding: 50 tokens in 8 leaves of 7
+    out.square().sum().backward()
+    for t in (q, k, v):
+        assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+    # The clustering itself is an index: the same permutation whatever the gradient mode.
+    plan = plan_clusters(50, 12, 5)
+    assert torch.equal(balanced_clusters(q, plan), balanced_clusters(q.detach(), plan))

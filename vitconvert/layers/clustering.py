@@ -1,0 +1,298 @@
+"""Balanced hierarchical clustering of tokens and attention inside the clusters (BOAT's feature-space attention).
+
+Pure tensor code that knows no model (like ToMe's ``merge.py``): it takes per-head queries, keys and values
+``(B, heads, N, d)`` and returns attention outputs of the same shape. BOAT (Yu et al., BMVC 2022, arXiv
+2201.13027) clusters the queries of each image and head into groups of similar features and lets each group
+attend only to itself, so attention costs about ``N x cluster size`` instead of ``N^2``.
+
+**Clustering** (:func:`balanced_clusters`): ``L`` levels of balanced two-way splits. At each level every
+current group is split in two: two centroids start as the means of the group's first and second halves in
+its current order (raster order at the first level), are L2-normalised, and refined by ``iters`` soft k-means
+steps on cosine similarity (assignment = softmax(temperature x similarity), centroid = assignment-weighted
+sum of the raw queries, re-normalised). Every token is then scored by ``r = (s0 + 1) / (s1 + 1)`` and the
+group is sorted by ``r`` and cut exactly in half, so the clusters are balanced by construction. Everything
+runs under ``no_grad``: the result is an index (a permutation), so no gradient could flow through it anyway,
+and the soft assignments are not part of the output.
+
+**Token counts** that are not ``cluster_size x 2^k`` (other resolutions, a class token, Swin at 384 px with
+12x12 windows) are padded, not rounded: ``L`` is the smallest number of levels whose leaves hold at most
+``cluster_size`` tokens, the leaf size is ``ceil(N / 2^L)`` and fewer than ``2^L`` zero tokens are appended.
+The padding tokens are scored ``+inf`` at every split, so they gather in the last clusters rather than at
+the split boundaries, and they are masked out as keys (a large finite negative logit, so a cluster made only
+of padding yields finite, discarded outputs and no NaN gradient).
+
+**Attention** (:func:`clustered_attention`): keys and values follow the queries' permutation. Clusters come
+in sibling pairs (``2i``, ``2i + 1``) from the last split; each cluster also attends to the ``overlap``
+tokens of its sibling nearest the split boundary (the first ones of ``2i + 1`` for ``2i``, the last ones of
+``2i`` for ``2i + 1``), as BOAT does. The pairs are formed inside one (image, head) row, so no token ever
+attends to another image's tokens at any batch size (BOAT-CSWin pairs images 2i and 2i + 1 of the batch
+when an image is a single cluster, and fails at odd batch sizes). ``num_global`` leading tokens (a ViT's
+class and distillation tokens) stay global: their queries attend to every token and every cluster also
+attends to them, because a class token confined to one cluster would read only part of the image. The
+outputs are put back in the original order with the inverse permutation.
+
+**Dense when clustering does not pay**: when the clustered path would cost at least as many MACs as plain
+attention (one cluster holds all tokens, or the clustering overhead eats the saving), the dense
+``scaled_dot_product_attention`` runs instead, so one cluster holding all tokens is exactly the base attention.
+``overhead`` charges the clustering's sorts and gathers extra MAC-equivalents in that decision only: they are
+memory-bound and cost far more time than their MACs (on the benchmark CPU about 500 MAC-equivalents per
+token, channel and level, against 10 real MACs), so a caller that must never be slower than dense sets it.
+
+**Cost**: :func:`clustered_attention_macs` counts, per image, exactly the matrix products these functions run
+(the clustering's similarity and centroid products, the in-cluster QK^T and AV including padding and the
+overlap keys, the global tokens' rows), with the rules of :mod:`vitconvert.layers.costs`, so it agrees with
+:func:`vitconvert.layers.costs.count_macs` to the MAC.
+
+Example:
+    >>> q = k = v = torch.randn(2, 3, 256, 16)
+    >>> clustered_attention(q, k, v, cluster_size=32, overlap=8).shape
+    torch.Size([2, 3, 256, 16])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vitconvert.layers.costs import attention_macs
+
+__all__ = ["ClusterPlan", "balanced_clusters", "clustered_attention", "clustered_attention_macs",
+           "clustering_macs", "inverse_permutation", "plan_clusters"]
+
+# Soft k-means: BOAT's two refinement steps at temperature 100 on cosine similarity.
+DEFAULT_ITERS = 2
+DEFAULT_TEMPERATURE = 100.0
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    """How ``tokens`` tokens are clustered: ``levels`` splits into ``2^levels`` leaves of ``leaf`` tokens.
+
+    ``padded = leaf x 2^levels >= tokens``; ``overlap`` is the number of sibling tokens each cluster also
+    attends to (0 with a single cluster, at most ``leaf``).
+    """
+
+    tokens: int
+    levels: int
+    leaf: int
+    overlap: int
+
+    @property
+    def clusters(self) -> int:
+        return 2 ** self.levels
+
+    @property
+    def padded(self) -> int:
+        return self.leaf * self.clusters
+
+    @property
+    def keys(self) -> int:
+        """Keys each clustered query sees (its own cluster plus the sibling overlap; global tokens not included)."""
+        return self.leaf + self.overlap
+
+
+def plan_clusters(tokens: int, cluster_size: int, overlap: int = 0) -> ClusterPlan:
+    """The smallest number of balanced splits that leaves clusters of at most ``cluster_size`` tokens.
+
+    Example:
+        >>> plan_clusters(3136, 49, 20)
+        ClusterPlan(tokens=3136, levels=6, leaf=49, overlap=20)
+        >>> plan_clusters(2304, 64, 20).padded, plan_clusters(100, 200, 20).clusters
+        (2304, 1)
+    """
+    if tokens < 1 or cluster_size < 1 or overlap < 0:
+        raise ValueError(f"plan_clusters: need tokens >= 1, cluster_size >= 1, overlap >= 0 "
+                         f"(got {tokens}, {cluster_size}, {overlap})")
+    levels = 0
+    while cluster_size * 2 ** levels < tokens:  # integer loop: no float log2 rounding at exact powers of two
+        levels += 1
+    leaf = -(-tokens // 2 ** levels)
+    return ClusterPlan(tokens=tokens, levels=levels, leaf=leaf, overlap=min(overlap, leaf) if levels else 0)
+
+
+def _permute_rows(x: Tensor, perm: Tensor) -> Tensor:
+    """``x.gather(-2, perm[..., None].expand(..., e))`` for x (..., N, e) and perm (..., M), as one
+    ``index_select`` of whole rows of the flattened ``x``: on CPU about 5x faster than ``gather`` with an
+    expanded index (element by element) and 2x faster than advanced indexing, even counting the copy that
+    flattens a strided q, k or v (a view of a fused qkv)."""
+    n, e = x.shape[-2], x.shape[-1]
+    rows = perm.reshape(-1, perm.shape[-1])
+    offset = torch.arange(rows.shape[0], device=perm.device).unsqueeze(1) * n
+    flat = x.reshape(-1, e).index_select(0, (rows + offset).reshape(-1))
+    return flat.view(*perm.shape, e)
+
+
+def inverse_permutation(perm: Tensor) -> Tensor:
+    """``inv`` with ``inv[..., perm[..., i]] = i`` along the last dimension."""
+    src = torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)
+    return torch.empty_like(perm).scatter_(-1, perm, src)
+
+
+@torch.no_grad()
+def balanced_clusters(q: Tensor, plan: ClusterPlan, iters: int = DEFAULT_ITERS,
+                      temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
+    """Permutation that puts the tokens of each row in cluster order (see the module docstring).
+
+    Args:
+        q: (..., N, d) queries; every leading index (image, head) is clustered on its own.
+        plan: From :func:`plan_clusters` with ``plan.tokens == N``.
+        iters: Soft k-means refinement steps per split.
+        temperature: Sharpness of the soft assignment (BOAT: 100).
+
+    Returns:
+        (..., plan.padded) long: token indices in cluster order; cluster ``c`` is positions
+        ``c * leaf .. (c + 1) * leaf - 1``; indices ``>= N`` are padding.
+    """
+    *lead, n, d = q.shape
+    if n != plan.tokens:
+        raise ValueError(f"balanced_clusters: the plan is for {plan.tokens} tokens, got {n}")
+    x_all = q.detach().reshape(-1, n, d)
+    rows, np_ = x_all.shape[0], plan.padded
+    if np_ > n:
+        x_all = torch.cat([x_all, x_all.new_zeros(rows, np_ - n, d)], dim=1)
+    order = torch.arange(np_, device=q.device).expand(rows, np_)
+    for level in range(plan.levels):
+        groups = 2 ** level
+        size = np_ // groups
+        half = size // 2
+        x = _permute_rows(x_all, order).view(rows, groups, size, d)
+        xn = F.normalize(x, dim=-1)
+        c = F.normalize(torch.stack([x[:, :, :half].mean(2), x[:, :, half:].mean(2)], dim=2), dim=-1)
+        xt = xn.transpose(-1, -2)  # similarities as (2, size) = c @ xn^T: faster on CPU than xn @ c^T (size, 2)
+        for _ in range(iters):
+            s = c @ xt  # (rows, groups, 2, size)
+            # softmax over two centroids = sigmoid of the difference (one elementwise pass, not a softmax kernel
+            # over a dimension of 2); the same soft assignment.
+            a0 = torch.sigmoid(temperature * (s[:, :, 0] - s[:, :, 1]))
+            a = torch.stack([a0, 1 - a0], dim=2)  # (rows, groups, 2, size)
+            c = F.normalize(a @ x, dim=-1)
+        s = c @ xt
+        r = (s[:, :, 0] + 1) / (s[:, :, 1] + 1).clamp_min(1e-6)
+        pad = (order >= n).view(rows, groups, size)
+        r = r.masked_fill(pad, float("inf"))  # padding sorts last: away from the boundaries, into the last leaves
+        idx = r.argsort(dim=-1, stable=True)
+        order = order.view(rows, groups, size).gather(2, idx).view(rows, np_)
+    return order.view(*lead, np_)
+
+
+def _sibling(t: Tensor, plan: ClusterPlan) -> Tensor:
+    """(..., C, leaf, e) -> (..., C, overlap, e): for cluster 2i the first ``overlap`` of 2i + 1, for 2i + 1 the
+    last ``overlap`` of 2i (the tokens nearest their split boundary)."""
+    n, m = plan.overlap, plan.leaf
+    pairs = t.unflatten(-3, (plan.clusters // 2, 2))  # (..., C/2, 2, leaf, e)
+    even = pairs[..., 1, :n, :]
+    odd = pairs[..., 0, m - n:, :]
+    return torch.stack([even, odd], dim=-3).flatten(-4, -3)
+
+
+def _pays(plan: ClusterPlan, num_global: int, width: int, iters: int, overhead: float = 0.0) -> bool:
+    """Whether the clustered path costs less than dense attention over the same tokens: its MACs plus
+    ``overhead`` MAC-equivalents per (padded) token, channel and level for the sorts and gathers."""
+    if plan.levels == 0:
+        return False
+    total = plan.tokens + num_global
+    dense = attention_macs(total, total, width, width)
+    moves = overhead * plan.padded * width * plan.levels
+    return _clustered_macs(plan, num_global, width, iters) + moves < dense
+
+
+def _clustered_macs(plan: ClusterPlan, num_global: int, width: int, iters: int) -> float:
+    total = plan.tokens + num_global
+    return (clustering_macs(plan, width, iters)
+            + attention_macs(plan.padded, num_global + plan.keys, width, width)
+            + attention_macs(num_global, total, width, width))
+
+
+def clustering_macs(plan: ClusterPlan, width: int, iters: int = DEFAULT_ITERS) -> float:
+    """MACs of :func:`balanced_clusters` for one image, ``width`` = heads x head dim.
+
+    Per level and token: ``iters + 1`` similarity products against 2 centroids and ``iters`` centroid
+    updates (2 x d each), i.e. ``(4 iters + 2) x padded x width``. Means, norms, softmax and sort are not
+    MACs (fvcore does not count them either).
+    """
+    return float(plan.levels * (4 * iters + 2) * plan.padded * width)
+
+
+def clustered_attention_macs(tokens: int, width: int, cluster_size: int, overlap: int = 0, num_global: int = 0,
+                             iters: int = DEFAULT_ITERS, overhead: float = 0.0) -> float:
+    """MACs of :func:`clustered_attention` for one image of ``tokens`` tokens (global ones included).
+
+    This is what the forward really runs: dense attention when clustering does not pay, else the clustering,
+    the in-cluster QK^T and AV (padding and overlap keys included) and the global tokens' rows and columns.
+    """
+    plan = plan_clusters(tokens - num_global, cluster_size, overlap)
+    if not _pays(plan, num_global, width, iters, overhead):
+        return attention_macs(tokens, tokens, width, width)
+    return _clustered_macs(plan, num_global, width, iters)
+
+
+def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, overlap: int = 0, num_global: int = 0,
+                        iters: int = DEFAULT_ITERS, temperature: float = DEFAULT_TEMPERATURE,
+                        scale: float | None = None, dropout_p: float = 0.0, overhead: float = 0.0) -> Tensor:
+    """Attention of every token to its own cluster (plus sibling overlap and global tokens).
+
+    Args:
+        q: (B, heads, N, d) queries; clustering runs on them, per image and head.
+        k: (B, heads, N, d) keys (same tokens as the queries).
+        v: (B, heads, N, dv) values.
+        cluster_size: Largest number of tokens in a cluster (leaves are ``ceil(N' / 2^L)``).
+        overlap: Tokens of the sibling cluster each cluster also attends to (BOAT: 20).
+        num_global: Leading tokens (class/distillation) that attend to, and are attended by, every token.
+        iters: Soft k-means steps per split.
+        temperature: Soft-assignment sharpness.
+        scale: Logit scale (default ``d ** -0.5``, as SDPA).
+        dropout_p: Attention dropout (training only; the caller decides).
+        overhead: MAC-equivalents per token, channel and level charged to the clustering's sorts and gathers
+            when deciding whether it pays (never counted as MACs): on CPU those memory-bound ops cost far more
+            than their few MACs, so with 0 the clustered path can be chosen where it is slower than dense.
+
+    Returns:
+        (B, heads, N, dv), in the input order. Exactly ``F.scaled_dot_product_attention(q, k, v)`` when the
+        clustered path does not pay (e.g. ``cluster_size >= N``).
+    """
+    b, h, n, d = q.shape
+    if k.shape[-2] != n or v.shape[-2] != n:
+        raise ValueError(f"clustered_attention: queries, keys and values must be the same {n} tokens, "
+                         f"got {k.shape[-2]} keys and {v.shape[-2]} values")
+    g = num_global
+    plan = plan_clusters(n - g, cluster_size, overlap)
+    if not _pays(plan, g, h * d, iters, overhead):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    perm = balanced_clusters(q[:, :, g:], plan, iters, temperature)  # (B, h, Np), no gradient
+    extra = plan.padded - plan.tokens
+    # Rows of the full q, k, v: cluster order shifted past the global tokens; padding slots read token g (any
+    # real row: padding keys are masked and padding queries' outputs dropped), so nothing is padded or copied.
+    src = torch.where(perm < plan.tokens, perm + g, g) if extra else perm + g
+
+    c, m = plan.clusters, plan.leaf
+    cluster_rows = src.view(b, h, c, m)
+    # Each cluster's key rows: the global tokens, its own tokens, its sibling's boundary tokens. Built on the
+    # indices, so keys and values are gathered once into place (no float copies to concatenate afterwards).
+    key_rows = [cluster_rows, _sibling(cluster_rows.unsqueeze(-1), plan).squeeze(-1)]
+    if g:
+        key_rows.insert(0, torch.arange(g, device=q.device).expand(b, h, c, g))
+    key_rows_t = torch.cat(key_rows, dim=3)  # (B, h, C, g + leaf + overlap)
+    width = key_rows_t.shape[-1]
+    qc = _permute_rows(q, src)  # (B, h, Np, d)
+    kk = _permute_rows(k, key_rows_t.flatten(2))  # (B, h, C * keys, d)
+    vv = _permute_rows(v, key_rows_t.flatten(2))
+    mask = None
+    if extra:
+        real = (perm < plan.tokens).view(b, h, c, m, 1)
+        valid = torch.cat([real, _sibling(real, plan)], dim=3).squeeze(-1)
+        if g:
+            valid = torch.cat([valid.new_ones(b, h, c, g), valid], dim=3)
+        # Finite, not -inf: a cluster made only of padding must give finite (discarded) outputs and gradients.
+        mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(
+            ~valid, torch.finfo(q.dtype).min / 2).flatten(1, 2).unsqueeze(2)
+    out = F.scaled_dot_product_attention(qc.view(b, h * c, m, d), kk.view(b, h * c, width, d),
+                                         vv.view(b, h * c, width, -1), attn_mask=mask,
+                                         dropout_p=dropout_p, scale=scale)  # (B, h*C, leaf, dv)
+    out = _permute_rows(out.view(b, h, c * m, -1), inverse_permutation(perm)[..., :plan.tokens])
+    if g:
+        out_g = F.scaled_dot_product_attention(q[:, :, :g], k, v, dropout_p=dropout_p, scale=scale)
+        out = torch.cat([out_g, out], dim=2)
+    return out
