@@ -442,6 +442,7 @@ class FSLA(_FSLABase):
     description = "BOAT feature-space local attention sub-layers after Swin's shifted-window attention"
     Settings = FSLASettings
     mode = "augment"
+    adds_compute = True  # BOAT's sub-layers buy accuracy with compute: budgets may choose points above Swin's GMACs
 
     def _build(self) -> None:
         s: FSLASettings = self.settings
