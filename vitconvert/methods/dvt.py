@@ -66,6 +66,7 @@ image is charged the cumulative cost of the members it ran.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -77,7 +78,7 @@ from torch import nn
 from vitconvert import fx as vfx
 from vitconvert.anatomy import Anatomy
 from vitconvert.errors import UserError
-from vitconvert.layers.cascade import Carry, Cascade, Stage, thresholds_for_exit_shares
+from vitconvert.layers.cascade import Carry, Cascade, Stage, StageFn, thresholds_for_exit_shares
 from vitconvert.layers.costs import count_macs, to_gmacs
 from vitconvert.layers.reuse import FeatureReuse, RelationMixer, resize_relations
 from vitconvert.layers.seams import rewrite_attention
@@ -253,13 +254,13 @@ class DVT(ConvertedModel, SimulatesPoints):
                 for step in (_stride(anatomy), anatomy.patch_size[0]):
                     imgs = [(max(step, round(h * f / step) * step), max(step, round(w * f / step) * step))
                             for f in s.scales[:-1]] + [(h, w)]
-                    if all(a[0] < b[0] for a, b in zip(imgs, imgs[1:], strict=False)):
+                    if all(a[0] < b[0] for a, b in itertools.pairwise(imgs)):
                         break
             if imgs[-1] != (h, w):
                 raise UserError(f"dvt: the last member must run at the base model's size {h}x{w}, got "
                                 f"{imgs[-1][0]}x{imgs[-1][1]}")
             grids = imgs  # replaced by each member's last-stage map once the members exist
-        if any(a[0] >= b[0] or a[1] >= b[1] for a, b in zip(imgs, imgs[1:], strict=False)):
+        if any(a[0] >= b[0] or a[1] >= b[1] for a, b in itertools.pairwise(imgs)):
             raise UserError(f"dvt: member sizes must increase, got {[f'{g[0]}x{g[1]}' for g in imgs]}")
         return imgs, grids
     @torch.no_grad()
@@ -366,7 +367,7 @@ class DVT(ConvertedModel, SimulatesPoints):
         return F.interpolate(x.float() if low else x, size=size, mode=mode,
                              align_corners=False if mode != "area" else None, antialias=mode != "area").to(x.dtype)
 
-    def _stage_fn(self, k: int):  # noqa: ANN202 - a Stage callable
+    def _stage_fn(self, k: int) -> StageFn:
         def run(x: torch.Tensor, carry: Carry) -> tuple[torch.Tensor, Carry]:
             return self._run_vit(x, carry, k) if self.is_vit else self._run_hooked(x, carry, k)
         return run
