@@ -294,7 +294,10 @@ def test_member_gmacs_on_deit_small_match_analytic_count() -> None:
 def test_swin_tiny_at_224_is_exact_and_round_trips(tmp_path) -> None:
     torch.manual_seed(0)
     model = vitconvert.apply("swin_tiny_patch4_window7_224", "dvt", pretrained=False)
-    assert model.img_sizes == [(128, 128), (160, 160), (224, 224)] and model.grids == [(4, 4), (5, 5), (7, 7)]
+    assert model.img_sizes == [(112, 112), (160, 160), (224, 224)] and model.grids == [(4, 4), (5, 5), (7, 7)]
+    # 160 px: 5x5 windows divide its 40/20/10/5 maps (7x7 ones would be padded)
+    assert [layer.blocks[0].window_size for layer in model.members[1].layers] == [(5, 5)] * 4
+    assert model.costs["112px"] < 0.27 * model.base_gmacs
     base = model.build_base()
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():

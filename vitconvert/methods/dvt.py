@@ -19,10 +19,13 @@ accuracy at high budgets) drifts away from the base model it starts as.
 **Member sizes.** ``scales`` (default 0.5, 0.72, 1: a 14x14 DeiT gets 7x7, 10x10, 14x14 as in the paper,
 the 8x8 CIFAR ViT 4x4, 6x6, 8x8) are per-side fractions of the native grid (ViT) or input size
 (PVT-v2, Swin); ``grids`` / ``img_sizes`` give them explicitly. PVT-v2 and Swin sizes are rounded to a
-multiple of the model's total stride (32 for a four-stage model with patch 4) so every stage has whole
-maps: Swin-T at 224 px gets 128 / 160 / 224 px (last-stage maps 4x4, 5x5, 7x7: timm shrinks the window to
-the map when the map is smaller than the window, resampling the relative-position table, and pads windows
-that do not divide the map). PVT-v2-b1 at 224 px gets 128 / 160 / 224 px as well.
+multiple of half the total stride (16 px for four stages with patch 4). Swin-T at 224 px gets 112 / 160 /
+224 px: 112 px keeps 7x7 windows on the 28/14/7 maps (the 4x4 last map gets a 4x4 window, timm shrinks
+it), 160 px runs 5x5 windows on its 40/20/10/5 maps (:func:`_set_input_size`: windows that do not divide a
+map are padded, and padding 128 px's 8x8 stage-3 map to 14x14 would cost 2.05 GMACs against 1.18 at
+112 px); a changed window resamples the pretrained relative-position table (the fine-tune adapts it).
+PVT-v2-b1 at 224 px gets 112 / 160 / 224 px (last-stage maps 4x4, 5x5, 7x7; its overlapping strided
+convolutions take any size).
 
 **Feature reuse** (all families). The previous member's last-block output (before the final norm: ViT
 tokens, or the last stage's map for PVT-v2/Swin) goes, for every downstream block that receives it, through
@@ -67,6 +70,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -249,9 +253,10 @@ class DVT(ConvertedModel, SimulatesPoints):
             if s.img_sizes is not None:
                 imgs = [(i, i) for i in s.img_sizes]
             else:
-                # Whole last-stage maps (multiples of the total stride) when that keeps the members apart, else
-                # whole patches (timm pads odd maps when merging patches and windows that do not divide a map).
-                for step in (_stride(anatomy), anatomy.patch_size[0]):
+                # Multiples of half the total stride (16 px for four stages with patch 4: whole maps up to the
+                # third stage, the last one rounded up by padding) when that keeps the members apart, else
+                # whole patches (timm pads odd maps when merging patches).
+                for step in (max(anatomy.patch_size[0], _stride(anatomy) // 2), anatomy.patch_size[0]):
                     imgs = [(max(step, round(h * f / step) * step), max(step, round(w * f / step) * step))
                             for f in s.scales[:-1]] + [(h, w)]
                     if all(a[0] < b[0] for a, b in itertools.pairwise(imgs)):
@@ -480,16 +485,33 @@ class DVT(ConvertedModel, SimulatesPoints):
 
 
 def _set_input_size(member: nn.Module, size: tuple[int, int], anatomy: Anatomy) -> None:
-    """timm's ``set_input_size`` for a member; Swin keeps its windows (timm would derive them from the size
-    and shrinks one only where the map is smaller)."""
-    if anatomy.family == "swin":
-        windows = []
-        for stage in anatomy.stages:
-            block = member.get_submodule(anatomy.blocks[stage.blocks[0]].path)
-            windows.append(tuple(getattr(block, "target_window_size", block.window_size)))
-        member.set_input_size(img_size=size, window_size=windows)
-    else:
+    """timm's ``set_input_size`` for a member.
+
+    Swin: timm would derive windows from the size; we keep each stage's window where it divides the stage's
+    map and otherwise take the largest divisor of the map between half the window and the window (a 160 px
+    Swin-T runs 5x5 windows on its 40/20/10/5 maps), because a window that does not divide the map is padded:
+    128 px with 7x7 windows pads stage 3's 8x8 map to 14x14 and costs 2.05 GMACs, 160 px 2.69, against 1.18
+    at 112 px. Where no such divisor exists the window stays (and is padded); where the map is smaller than
+    the window timm shrinks the window to the map. A changed window resamples the relative-position table.
+    """
+    if anatomy.family != "swin":
         member.set_input_size(img_size=size)
+        return
+    windows = []
+    side = (math.ceil(size[0] / anatomy.patch_size[0]), math.ceil(size[1] / anatomy.patch_size[1]))
+    for i, stage in enumerate(anatomy.stages):
+        block = member.get_submodule(anatomy.blocks[stage.blocks[0]].path)
+        target = tuple(getattr(block, "target_window_size", block.window_size))
+        if i > 0:  # every later Swin stage starts by merging 2x2 patches (odd maps padded)
+            side = (math.ceil(side[0] / 2), math.ceil(side[1] / 2))
+        windows.append(tuple(_window_for(m, w) for m, w in zip(side, target, strict=True)))
+    member.set_input_size(img_size=size, window_size=windows)
+
+
+def _window_for(side: int, window: int) -> int:
+    if side <= window or side % window == 0:
+        return window
+    return next((d for d in range(window, math.ceil(window / 2) - 1, -1) if side % d == 0), window)
 
 
 def _tie(member: nn.Module, base_params: dict[str, nn.Parameter]) -> None:
