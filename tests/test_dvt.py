@@ -6,6 +6,7 @@ test_exactness.py; here the reuse branches are perturbed so that they really cha
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -192,6 +193,23 @@ def test_training_outputs_every_exit_and_gradients_reach_reuse() -> None:
     assert model.mixers["2"].fc2.weight.grad.abs().sum() > 0
     assert model.members[0].blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert model.lr_scales() == {"reuse": 10.0, "mixers": 10.0}
+
+
+@pytest.mark.parametrize("key", ["deit", "pvt_v2"])
+def test_deepcopy_runs_its_own_weights(key: str) -> None:
+    """EMA copies the model: the copy's cascade, graphs and hooks must run the copy's weights."""
+    model = convert(key)
+    perturb(model)
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, *model.anatomy.img_size)
+    with torch.no_grad():
+        ref = model.collect(x)
+        assert all(torch.equal(a, b) for a, b in zip(ref.values(), twin.collect(x).values(), strict=True))
+        for p in twin.parameters():
+            p.mul_(1.5)
+        changed = twin.collect(x)
+        assert all(torch.equal(a, b) for a, b in zip(ref.values(), model.collect(x).values(), strict=True))
+    assert not torch.allclose(changed[model.names[-1]], ref[model.names[-1]])
 
 
 def test_shared_weights_hold_one_set_of_tensors(tmp_path) -> None:

@@ -69,6 +69,7 @@ image is charged the cumulative cost of the members it ran.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 from collections.abc import Mapping
@@ -373,9 +374,11 @@ class DVT(ConvertedModel, SimulatesPoints):
                              align_corners=False if mode != "area" else None, antialias=mode != "area").to(x.dtype)
 
     def _stage_fn(self, k: int) -> StageFn:
-        def run(x: torch.Tensor, carry: Carry) -> tuple[torch.Tensor, Carry]:
-            return self._run_vit(x, carry, k) if self.is_vit else self._run_hooked(x, carry, k)
-        return run
+        # A partial of a bound method, not a closure: deepcopy (EMA) rebinds it to the copy.
+        return functools.partial(self._run_member, k)
+
+    def _run_member(self, k: int, x: torch.Tensor, carry: Carry) -> tuple[torch.Tensor, Carry]:
+        return self._run_vit(x, carry, k) if self.is_vit else self._run_hooked(x, carry, k)
 
     def _run_vit(self, x: torch.Tensor, carry: Carry, k: int) -> tuple[torch.Tensor, Carry]:
         g = self.__dict__["_graphs"][k]
