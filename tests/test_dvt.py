@@ -15,7 +15,9 @@ import torch
 from utils import TINY_MODELS
 
 import vitconvert
+from benchmarks.bench_dvt import AtThresholds, counts_for, force, shares_for
 from vitconvert.errors import UserError
+from vitconvert.layers.cascade import cumulative
 from vitconvert.layers.reuse import FeatureReuse, RelationMixer, resize_grid, resize_relations, resize_tokens
 from vitconvert.methods.dvt import DVT
 
@@ -323,3 +325,22 @@ def test_swin_tiny_at_224_is_exact_and_round_trips(tmp_path) -> None:
         assert (out - base(x)).abs().max() <= 1e-4
         path = vitconvert.save(model, tmp_path / "m")
         assert torch.equal(vitconvert.load(path)(x), out)
+
+
+def test_speed_benchmark_forces_exit_counts_and_budgets() -> None:
+    model = convert("deit")
+    perturb(model)
+    costs = list(model.costs.values())
+    shares = shares_for(costs, 0.5 * model.base_gmacs)
+    assert sum(s * c for s, c in zip(shares, cumulative(costs), strict=True)) == pytest.approx(0.5 * model.base_gmacs,
+                                                                                                rel=1e-3)
+    assert shares[0] > shares[1] > shares[2]  # DVT's geometric family with q < 1
+    wrapper = AtThresholds(model, shares=shares)
+    x = torch.randn(16, 3, 32, 32) * 2
+    note = force(wrapper, x, bf16=False)
+    assert note["exit_counts"] == counts_for(shares, 16)
+    with torch.no_grad():
+        assert torch.equal(wrapper(x), model.forward_dynamic(x).logits)
+        path = AtThresholds(model, exit_at=1)
+        path(x)
+        assert model.forward_dynamic(x).stage.tolist() == [1] * 16
