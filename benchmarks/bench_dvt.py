@@ -206,13 +206,20 @@ def run_arch(arch: str, quick: bool) -> dict[str, Any]:
 
 
 def run(quick: bool, out_dir: Path, archs: tuple[str, ...] = ARCHS) -> dict[str, Any]:
-    """Measure DVT on each backbone against timm; write ``dvt_speed.json`` (merged with existing entries)."""
+    """Measure DVT on each backbone against timm; write ``dvt_speed.json`` after each backbone (merged with
+    the entries already there, so a long run stopped half-way keeps what it measured)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "dvt_speed.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     entries = {e["arch"]: e for e in old.get("backbones", []) if old.get("quick") == quick}
+    results: dict[str, Any] = {}
     for arch in archs:
         entries[arch] = run_arch(arch, quick)
+        results = _write(path, quick, entries)
+    return results
+
+
+def _write(path: Path, quick: bool, entries: dict[str, Any]) -> dict[str, Any]:
     ordered = [entries[a] for a in ARCHS if a in entries]
     targets = {}
     for e in ordered:
