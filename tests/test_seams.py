@@ -25,6 +25,7 @@ from vitconvert.layers.seams import (
     insert_residual_branch,
     read_residual_block,
     rewrite_attention,
+    rewrite_block,
     sdpa_with_bias,
 )
 
@@ -532,3 +533,85 @@ def test_branch_name_must_be_free() -> None:
         insert_residual_branch(model.blocks[0], nn.Identity(), name="attn")
     with pytest.raises(ValueError):
         insert_residual_branch(model.blocks[0], nn.Identity(), name="a.b")
+
+
+# --- 5. both seams on one block ----------------------------------------------------------------------------
+
+
+def reference_bias_and_branch(block: nn.Module, key: str, branch: nn.Module, x: torch.Tensor, extra: tuple,
+                              bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hand-written: biased attention residual, then the branch residual, then the MLP residual."""
+    if key == "pvt_v2":
+        a, logits = pvt_attention(block.attn, block.norm1(x), extra[0], bias)
+        x = x + block.drop_path1(a)
+        x = x + branch(x, *extra)
+        return x + block.drop_path2(block.mlp(block.norm2(x), *extra)), logits
+    a, logits = vit_attention(block.attn, block.norm1(x), bias)
+    x = x + block.drop_path1(block.ls1(a))
+    x = x + branch(x)
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), logits
+
+
+@pytest.mark.parametrize("key", ["vit", "pvt_v2"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_rewrite_block_composes_bias_logits_and_branch(key: str, fused: bool) -> None:
+    model, _, _ = tiny_model(key)
+    img = image(model, key)
+    torch.manual_seed(4)
+    for path in block_paths(model):
+        block = model.get_submodule(path)
+        block.attn.fused_attn = fused
+        args, kwargs = block_inputs(model, path, img)
+        x = args[0]
+        _, plain = block_with(block, key, x, args[1:], 0.0)
+        bias = torch.randn(plain.shape)
+        branch = Adapter(x.shape[-1])
+        before = state(block)
+        new = rewrite_block(block, bias=True, logits=True, branch=branch, name="adapter")
+        out, logits = new(*args, **kwargs, attn_bias=bias)
+        ref, ref_logits = reference_bias_and_branch(block, key, branch, x, args[1:], bias)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+        assert branch.extra == tuple(args[1:])
+        after = state(new)
+        assert_same_state(before, {k: v for k, v in after.items() if not k.startswith("adapter.")})
+        assert sorted(k for k in after if k.startswith("adapter.")) == [f"adapter.{k}" for k in sorted(
+            branch.state_dict())]
+        # without a bias and with a zero branch it is the block itself (and its logits)
+        zero = rewrite_block(block, bias=True, logits=True, branch=Adapter(x.shape[-1], zero=True))
+        out0, logits0 = zero(*args, **kwargs)
+        assert torch.equal(out0, rewrite_attention(block, logits=True)(*args, **kwargs)[0])
+        torch.testing.assert_close(out0, block(*args, **kwargs), atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits0, plain, atol=1e-5, rtol=0)
+
+
+def test_rewrite_block_on_shifted_swin_windows() -> None:
+    model, _, _ = tiny_model("swin")
+    img = image(model, "swin")
+    path = next(p for p in block_paths(model) if any(model.get_submodule(p).shift_size))
+    block = model.get_submodule(path)
+    args, kwargs = block_inputs(model, path, img)
+    branch = Adapter(args[0].shape[-1])
+    new = rewrite_block(block, logits=True, bias=True, branch=branch)
+    logits_ref = swin_logits(block, args[0])
+    bias = torch.randn(logits_ref.shape)
+    out, logits = new(*args, **kwargs, attn_bias=bias)
+    torch.testing.assert_close(logits, logits_ref + bias, atol=1e-5, rtol=0)
+    # the branch runs after the biased attention residual: y = x + attention part, read from a copy of the
+    # block whose MLP adds nothing
+    no_mlp = copy.deepcopy(block)
+    nn.init.zeros_(no_mlp.mlp.fc2.weight)
+    nn.init.zeros_(no_mlp.mlp.fc2.bias)
+    b, h, w, c = args[0].shape
+    y = rewrite_attention(no_mlp, bias=True)(args[0], attn_bias=bias)
+    y = (y + branch(y)).reshape(b, -1, c)
+    ref = (y + block.drop_path2(block.mlp(block.norm2(y)))).reshape(b, h, w, c)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_rewrite_block_needs_something_to_do_and_a_free_name() -> None:
+    model, _, _ = tiny_model("vit")
+    with pytest.raises(ValueError):
+        rewrite_block(model.blocks[0])
+    with pytest.raises(ValueError):
+        rewrite_block(model.blocks[0], bias=True, branch=nn.Identity(), name="mlp")

@@ -5,6 +5,8 @@
 * :mod:`~vitconvert.layers.regions`, :mod:`~vitconvert.layers.ragged`: region layouts of token grids and
   execution of a ragged subset of queries;
 * :mod:`~vitconvert.layers.scale_conv`: PVT-v2's depthwise convolution at each query's own scale;
+* :mod:`~vitconvert.layers.reuse`: reuse between the members of a multi-resolution cascade (token-grid and
+  attention-logit resizes, the feature-reuse branch, the relation mixer);
 * :mod:`~vitconvert.layers.seams`: fx seams in timm blocks (attention logits and bias, inserted residual
   branches, the pre-norm residual block reader, drop-path slots, swapping the attention core);
 * :mod:`~vitconvert.layers.clustering`: balanced hierarchical clustering of tokens and attention inside the

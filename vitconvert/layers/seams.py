@@ -9,7 +9,9 @@ This module owns the block-level surgery that methods share, none of it tied to 
 * :func:`rewrite_attention` returns a drop-in replacement of a block whose attention takes an additive
   ``attn_bias`` and/or also returns the pre-softmax logits;
 * :func:`insert_residual_branch` returns a drop-in replacement of a block with one more residual branch
-  between its attention and its MLP.
+  between its attention and its MLP;
+* :func:`rewrite_block` applies both of the above to one block from a single trace (they do not compose
+  by re-tracing a rewritten block).
 
 The replacements are :class:`torch.fx.GraphModule` objects that hold the block's own children, parameters
 and buffers (same names, same tensors, same persistence), so ``model.set_submodule(path, replacement)``
@@ -38,6 +40,7 @@ __all__ = [
     "insert_residual_branch",
     "read_residual_block",
     "rewrite_attention",
+    "rewrite_block",
     "sdpa_with_bias",
 ]
 
@@ -437,9 +440,14 @@ def rewrite_attention(block: nn.Module, *, bias: bool = False, logits: bool = Fa
         raise ValueError("rewrite_attention: ask for bias=True and/or logits=True")
     where = type(block).__name__
     parts, t = _read(block, where)
-    gm, graph, core = t.gm, t.gm.graph, t.core
-    _adopt(gm, block)
+    _adopt(t.gm, block)
+    _attention_seam(block, parts, t, bias, logits, where)
+    return _finish(t.gm, f"{type(block).__name__}AttentionSeam")
 
+
+def _attention_seam(block: nn.Module, parts: ResidualBlock, t: _Traced, bias: bool, logits: bool, where: str) -> None:
+    """:func:`rewrite_attention`'s graph edit on a traced block (``t``), in place."""
+    gm, graph, core = t.gm, t.gm.graph, t.core
     bias_node: fx.Node | None = None
     if bias:
         last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
@@ -455,7 +463,6 @@ def rewrite_attention(block: nn.Module, *, bias: bool = False, logits: bool = Fa
     if logits:
         out = next(n for n in graph.nodes if n.op == "output")
         out.args = ((out.args[0], logits_node),)
-    return _finish(gm, f"{type(block).__name__}AttentionSeam")
 
 
 def _rewrite_sdpa(gm: fx.GraphModule, core: fx.Node, attn: nn.Module, attn_path: str, bias_node: fx.Node | None,
@@ -550,18 +557,68 @@ def insert_residual_branch(block: nn.Module, branch: nn.Module, name: str = "bra
         >>> "blocks.3.adapter.weight" in m.state_dict()
         True
     """
-    if not name.isidentifier() or hasattr(block, name):
-        raise ValueError(f"insert_residual_branch: {name!r} is not a free attribute name on {type(block).__name__}")
+    _check_branch_name(block, name, "insert_residual_branch")
     _, t = _read(block, type(block).__name__)
+    _adopt(t.gm, block)
+    _branch_seam(t, branch, name)
+    return _finish(t.gm, f"{type(block).__name__}With{type(branch).__name__}")
+
+
+def _check_branch_name(block: nn.Module, name: str, caller: str) -> None:
+    if not name.isidentifier() or hasattr(block, name):
+        raise ValueError(f"{caller}: {name!r} is not a free attribute name on {type(block).__name__}")
+
+
+def _branch_seam(t: _Traced, branch: nn.Module, name: str) -> None:
+    """:func:`insert_residual_branch`'s graph edit on a traced block (``t``), in place."""
     gm, graph = t.gm, t.gm.graph
-    _adopt(gm, block)
     gm.add_module(name, branch)
     with graph.inserting_after(t.attn_add):
         update = graph.call_module(name, (t.attn_add, *t.extra))
     with graph.inserting_after(update):
         x = graph.call_function(operator.add, (t.attn_add, update))
     t.attn_add.replace_all_uses_with(x, delete_user_cb=lambda user: user not in (update, x))
-    return _finish(gm, f"{type(block).__name__}With{type(branch).__name__}")
+
+
+def rewrite_block(block: nn.Module, *, bias: bool = False, logits: bool = False, branch: nn.Module | None = None,
+                  name: str = "branch") -> fx.GraphModule:
+    """:func:`rewrite_attention` and :func:`insert_residual_branch` on one block, from one trace.
+
+    The two seams do not compose by calling one on the other's output: re-tracing a rewritten block loses
+    the module scopes the reader needs (the replacement's nodes are no longer inside ``attn`` / ``mlp``).
+    This applies both edits to a single trace of the original block: the replacement takes the block's
+    inputs (plus ``attn_bias`` with ``bias``), runs the inserted ``branch`` after the attention residual and
+    returns ``(out, attn_logits)`` with ``logits``, with the same state-dict keys as each seam alone.
+
+    Args:
+        block: A pre-norm residual block (see :func:`read_residual_block`).
+        bias, logits: As in :func:`rewrite_attention`.
+        branch, name: As in :func:`insert_residual_branch` (None: no branch).
+
+    Raises:
+        AnatomyError: the block is not a pre-norm residual block.
+        ValueError: nothing to do, or ``name`` is not free.
+
+    Example:
+        >>> import timm
+        >>> m = timm.create_model("vit_tiny_patch16_224").eval()
+        >>> new = rewrite_block(m.blocks[0], bias=True, logits=True, branch=nn.Identity(), name="adapter")
+        >>> out, lg = new(torch.randn(1, 197, 192))
+        >>> out.shape, lg.shape
+        (torch.Size([1, 197, 192]), torch.Size([1, 3, 197, 197]))
+    """
+    if not (bias or logits or branch is not None):
+        raise ValueError("rewrite_block: ask for bias=True, logits=True and/or a branch")
+    if branch is not None:
+        _check_branch_name(block, name, "rewrite_block")
+    where = type(block).__name__
+    parts, t = _read(block, where)
+    _adopt(t.gm, block)
+    if bias or logits:
+        _attention_seam(block, parts, t, bias, logits, where)
+    if branch is not None:
+        _branch_seam(t, branch, name)
+    return _finish(t.gm, f"{where}Seams")
 
 
 # --------------------------------------------------------------------------------------------------------

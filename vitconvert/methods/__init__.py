@@ -8,9 +8,9 @@ here and to this import list.
 
 from __future__ import annotations
 
-from vitconvert.methods import cfvit, dge, fsla
+from vitconvert.methods import cfvit, dge, dvt, fsla
 from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints, can_simulate, convert
 from vitconvert.registry import METHODS, get_method
 
 __all__ = ["METHODS", "ConvertedModel", "DynamicOutput", "SimulatesPoints", "can_simulate", "cfvit", "convert",
-           "dge", "fsla", "get_method"]
+           "dge", "dvt", "fsla", "get_method"]

@@ -1,0 +1,532 @@
+"""DVT: Dynamic Vision Transformer cascades (Wang et al., NeurIPS 2021, arXiv 2105.15075).
+
+Converted from one pretrained ViT/DeiT, PVT-v2 or Swin. K members (default 3) see the same image at
+increasing token grids; member k+1 runs only on the images member k did not answer confidently, as a real
+sub-batch of the shared :class:`~vitconvert.layers.cascade.Cascade` (what each member hands on, its
+features and attention logits, is index-selected along with the images).
+
+**Members.** Every member starts from the base checkpoint. The last one *is* the base model (``base.*``,
+timm's names); the others are copies resized with timm's own ``set_input_size`` (position embeddings
+resampled; Swin's windows recomputed for the smaller maps) under ``members.<k>.*``, fed the image resized
+(bilinear, antialiased) so the unchanged patch embedding yields their grid. ``share_weights`` picks the
+paper's layout (false: K independent sets of weights, K x parameters) or one set of weights (true: every
+parameter whose name and shape match the base's is the base's tensor; only resized position embeddings and
+Swin's resized relative-position tables stay per member; the safetensors file stores shared tensors once).
+The default is independent weights, as in the paper: with one set of weights, the short fine-tune has to
+serve the low- and high-resolution inputs with the same tensors, and the last member (which decides the
+accuracy at high budgets) drifts away from the base model it starts as. Both cost the same GMACs per image;
+they differ in parameters (deit_small: 67.9M independent, 24.0M shared, 22.1M base; swin_tiny 85.4M /
+28.9M / 28.3M; pvt_v2_b1 42.4M / 14.4M / 14.0M). Their accuracies after the short recipe have not been
+measured against each other yet (the CIFAR-10 runs could not be scheduled on the shared machine).
+
+**Member sizes.** ``scales`` (default 0.5, 0.72, 1: a 14x14 DeiT gets 7x7, 10x10, 14x14 as in the paper,
+the 8x8 CIFAR ViT 4x4, 6x6, 8x8) are per-side fractions of the native grid (ViT) or input size
+(PVT-v2, Swin); ``grids`` / ``img_sizes`` give them explicitly. PVT-v2 and Swin sizes are rounded to a
+multiple of half the total stride (16 px for four stages with patch 4). Swin-T at 224 px gets 112 / 160 /
+224 px: 112 px keeps 7x7 windows on the 28/14/7 maps (the 4x4 last map gets a 4x4 window, timm shrinks
+it), 160 px runs 5x5 windows on its 40/20/10/5 maps (:func:`_set_input_size`: windows that do not divide a
+map are padded, and padding 128 px's 8x8 stage-3 map to 14x14 would cost 2.05 GMACs against 1.18 at
+112 px); a changed window resamples the pretrained relative-position table (the fine-tune adapts it).
+PVT-v2-b1 at 224 px gets 112 / 160 / 224 px (last-stage maps 4x4, 5x5, 7x7; its overlapping strided
+convolutions take any size).
+
+**Feature reuse** (all families). The previous member's last-block output (before the final norm: ViT
+tokens, or the last stage's map for PVT-v2/Swin) goes, for every downstream block that receives it, through
+a :class:`~vitconvert.layers.reuse.FeatureReuse` branch (own LayerNorm, C -> 128 -> 48, resized to the
+block's grid by nearest upsample + adaptive average pool, prefix tokens zero, zero-initialised 48 -> C
+projection) added to the block's output, i.e. to its MLP residual. ViT: every block of members 2..K;
+PVT-v2 and Swin: every block of the last stage (the only stage whose map is "the previous member's
+last-stage map" resolution-wise). A fresh branch adds exact zeros.
+
+**Relation reuse** (ViT only). Each member but the last reports the pre-softmax logits of every layer
+(the logits actually used, including the bias it received, so relations cascade); the next member mixes
+the stacked (B, L*h, n, n) maps with a :class:`~vitconvert.layers.reuse.RelationMixer` (1x1 convs,
+L*h -> 3*L*h -> L*h, last conv zero), resizes them with the class rows/columns handled separately and
+adds layer l's slice to its layer l logits before the softmax (:func:`~vitconvert.layers.seams.rewrite_attention`).
+Logits are materialised only in members that hand them on; the last member keeps fused attention with
+the bias as SDPA's additive mask. PVT-v2 and Swin get no relation reuse: PVT-v2's spatial-reduction
+attention attends to a pooled key map whose size and pooling grid change with the input resolution (and
+its early stages would have to materialise 3136 x 49 logits per head for no comparable target), and
+Swin's logits are per window: windows cover different image regions at different resolutions and the
+shifted-window masks differ, so a resized map would not describe the same token pairs.
+
+**Operating point.** ``threshold_0 .. threshold_{K-2}``: member k answers an image whose confidence (max
+softmax) is above threshold k. All 1 (never exit) is the full-compute point: every image reaches the last
+member, which, with zero-initialised reuse, is exactly the base model (it costs the cumulative GMACs of
+all members, more than the base: choose a budget). Calibration follows DVT (MSDNet style): it collects
+every member's logits on held-out training images once (:class:`SimulatesPoints`), and for each ``q`` of
+``exit_q`` (default DVT's p/20, p = 1..59) sets target exit shares proportional to q^k and derives the
+thresholds that realise them (:func:`~vitconvert.layers.cascade.thresholds_for_exit_shares`); the curve
+is stored and :meth:`set_budget` picks another point of it on a loaded model.
+
+**Training.** Every member's logits are ``exit.<name>`` outputs (names like ``7x7`` or ``128px``), so the
+pipeline distils each from the original model and adds cross-entropy when labels exist, DVT's equal
+weights over exits. Nothing is detached: later members' losses reach earlier ones through reuse, as in the
+official code.
+
+**Cost.** ``costs`` are each member's GMACs given the earlier members ran (reuse branches, mixers and the
+resized image's patch embedding included), counted by :func:`~vitconvert.layers.costs.count_macs`; an
+image is charged the cumulative cost of the members it ran.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from vitconvert import fx as vfx
+from vitconvert.anatomy import Anatomy
+from vitconvert.errors import UserError
+from vitconvert.layers.cascade import Carry, Cascade, Stage, StageFn, thresholds_for_exit_shares
+from vitconvert.layers.costs import count_macs, to_gmacs
+from vitconvert.layers.reuse import FeatureReuse, RelationMixer, resize_relations
+from vitconvert.layers.seams import rewrite_attention
+from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints
+from vitconvert.operating import Knob, OperatingPoint, OperatingSpace
+from vitconvert.recipes import Recipe, Strict
+from vitconvert.registry import register_method
+from vitconvert.sources import BaseSpec
+
+# DVT's budget family: target exit shares proportional to q**k, q = p / 20 for p = 1..59 (inference.py).
+DVT_EXIT_Q = tuple(round(p / 20, 2) for p in range(1, 60))
+
+
+class DVTSettings(Strict):
+    scales: list[float] = Field([0.5, 0.72, 1.0], min_length=2, max_length=8,
+                                description="per-side size of each member / the base's (grid for ViT, image for "
+                                "PVT-v2 and Swin), increasing, the last 1")
+    grids: list[int] | None = Field(None, min_length=2, max_length=8, description="ViT: member grid sides "
+                                    "(square), increasing, the last the native grid; overrides scales")
+    img_sizes: list[int] | None = Field(None, min_length=2, max_length=8, description="member input sides in "
+                                        "pixels, increasing, the last the base's; overrides scales")
+    share_weights: bool = Field(False, description="one set of weights for every member (false: independent "
+                                "copies, as in the paper)")
+    feature_reuse: bool = True
+    relation_reuse: bool = Field(True, description="ViT only: upstream attention logits biased into each layer")
+    reuse_hidden: int = Field(128, ge=1, le=4096, description="hidden width of the feature-reuse transform")
+    reuse_dim: int = Field(48, ge=1, le=4096, description="width of the reused features before the projection")
+    relation_ratio: float = Field(3.0, gt=0, le=16, description="hidden / input channels of the relation mixer")
+    resize: Literal["bilinear", "bicubic", "area"] = "bilinear"
+    thresholds: list[float] | None = Field(None, description="initial exit thresholds (K-1, each in [0, 1]); "
+                                           "null: 1 = never exit")
+    exit_q: list[float] | None = Field(None, min_length=1, description="q values of the target exit shares "
+                                       "(proportional to q^k) calibration derives thresholds for; null: DVT's")
+    new_lr_scale: float = Field(1.0, gt=0, le=1e3, description="fine-tuning learning-rate multiplier of the "
+                                "reuse branches and relation mixers")
+
+
+class DVTLosses(Strict):
+    distill: float = Field(1.0, ge=0, description="KL from the original model, at every member's exit")
+    ce: float = Field(1.0, ge=0, description="cross-entropy at every member's exit (when labels exist)")
+
+
+def _capture_output(module: nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook of the blocks that take feature reuse (PVT-v2 / Swin last stage).
+
+    It adds what the model set as ``module._dvt_add`` and keeps the output in ``module._dvt_out`` when
+    ``module._dvt_capture`` is set. It reads only its module's attributes (no closure), so copies of the
+    model (EMA, deepcopy) carry working hooks of their own.
+    """
+    add = module.__dict__.get("_dvt_add")
+    if add is not None:
+        output = output + add.to(output.dtype)
+    if module.__dict__.get("_dvt_capture"):
+        grid = tuple(output.shape[1:3]) if output.dim() == 4 else tuple(int(v) for v in args[1])
+        module.__dict__["_dvt_out"] = (output, grid)
+    return output
+
+
+def _stride(anatomy: Anatomy) -> int:
+    """Total stride of a hierarchical model: its input side / its last stage's map side."""
+    return max(1, anatomy.img_size[0] // anatomy.stages[-1].grid[0])
+
+
+@register_method
+class DVT(ConvertedModel, SimulatesPoints):
+    """A K-member DVT cascade with real early exit (see the module docstring)."""
+
+    method = "dvt"
+    families = ("vit", "pvt_v2", "swin")
+    description = "DVT cascade of increasing token grids with feature/relation reuse and early exit"
+    Settings = DVTSettings
+    Losses = DVTLosses
+
+    def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
+        super().__init__(base, spec, recipe, anatomy)
+        s: DVTSettings = self.settings
+        self.is_vit = anatomy.family == "vit"
+        self.img_sizes, self.grids = self._member_sizes(s, anatomy)
+        k_members = len(self.img_sizes)
+        self.names = [f"{g[0]}x{g[1]}" if self.is_vit else f"{i[0]}px" if i[0] == i[1] else f"{i[0]}x{i[1]}px"
+                      for g, i in zip(self.grids, self.img_sizes, strict=True)]
+        if len(set(self.names)) != k_members:
+            raise UserError(f"dvt members must differ in size; got {', '.join(self.names)}")
+        self.relation = bool(s.relation_reuse and self.is_vit)
+        self.num_prefix = anatomy.num_prefix_tokens if self.is_vit else 0
+
+        # Members 0..K-2: copies of the base resized with timm's set_input_size; the last member is the base.
+        copies = []
+        base_params = dict(base.named_parameters())
+        for size in self.img_sizes[:-1]:
+            member = copy.deepcopy(base)
+            if hasattr(member, "set_input_size"):  # PVT-v2 has none: it takes any input size as it is
+                try:
+                    _set_input_size(member, size, anatomy)
+                except Exception as e:  # timm refuses sizes its layout cannot take
+                    raise UserError(f"dvt: {spec.architecture} cannot run at {size[0]}x{size[1]} px "
+                                    f"({type(e).__name__}: {e}); choose other member sizes") from None
+            if s.share_weights:
+                _tie(member, base_params)
+            copies.append(member)
+        self.members = nn.ModuleList(copies)
+
+        self.num_blocks = len(anatomy.blocks)
+        if self.is_vit:
+            dim = anatomy.embed_dim
+            reuse_blocks = list(range(self.num_blocks))
+            heads = anatomy.blocks[0].num_heads
+            if any(b.num_heads != heads for b in anatomy.blocks):
+                self.relation = False  # relation maps are stacked over layers: every layer needs the same heads
+        else:
+            dim = anatomy.stages[-1].dim
+            reuse_blocks = list(anatomy.stages[-1].blocks)
+            heads = 0
+        self.reuse_blocks = reuse_blocks
+        self.reuse = nn.ModuleDict()
+        if s.feature_reuse:
+            for k in range(1, k_members):
+                self.reuse[str(k)] = nn.ModuleList(
+                    FeatureReuse(dim, dim, s.reuse_hidden, s.reuse_dim) for _ in reuse_blocks)
+        self.mixers = nn.ModuleDict()
+        if self.relation:
+            for k in range(1, k_members):
+                self.mixers[str(k)] = RelationMixer(self.num_blocks * heads, s.relation_ratio)
+
+        graphs: list[dict[str, Any]] = []
+        for k in range(k_members):
+            model = self._member(k)
+            if self.is_vit:
+                graphs.append(self._vit_graphs(model, k))
+            else:
+                for i in reuse_blocks:
+                    model.get_submodule(anatomy.blocks[i].path).register_forward_hook(_capture_output)
+                graphs.append({})
+        object.__setattr__(self, "_graphs", graphs)
+        stages = [Stage(name, self._stage_fn(k), 0.0) for k, name in enumerate(self.names)]
+        object.__setattr__(self, "cascade", Cascade(stages))
+        thresholds = s.thresholds if s.thresholds is not None else [1.0] * (k_members - 1)
+        if len(thresholds) != k_members - 1 or any(not 0.0 <= t <= 1.0 for t in thresholds):
+            raise UserError(f"recipe: model.thresholds must be {k_members - 1} values in [0, 1], got {thresholds}")
+        self.thresholds = [float(t) for t in thresholds]
+        if not self.is_vit:
+            self.grids = self._last_stage_grids()
+        self._count_costs()
+
+    # --- structure ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _member_sizes(s: DVTSettings, anatomy: Anatomy) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Each member's input size and its grid (ViT: token grid; others: last-stage map)."""
+        h, w = anatomy.img_size
+        if anatomy.family == "vit":
+            gh, gw = anatomy.grid
+            ph, pw = h // gh, w // gw
+            if s.grids is not None:
+                sides = [(g, g) for g in s.grids]
+            elif s.img_sizes is not None:
+                sides = [(i // ph, i // pw) for i in s.img_sizes]
+            else:
+                sides = [(max(1, round(gh * f)), max(1, round(gw * f))) for f in s.scales]
+            if sides[-1] != (gh, gw):
+                raise UserError(f"dvt: the last member must run at the base model's grid {gh}x{gw}, got "
+                                f"{sides[-1][0]}x{sides[-1][1]}")
+            imgs = [(a * ph, b * pw) for a, b in sides]
+            grids = sides
+        else:
+            if s.grids is not None:
+                raise UserError("dvt: model.grids is for ViT models; give PVT-v2 / Swin members as img_sizes")
+            if s.img_sizes is not None:
+                imgs = [(i, i) for i in s.img_sizes]
+            else:
+                # Multiples of half the total stride (16 px for four stages with patch 4: whole maps up to the
+                # third stage, the last one rounded up by padding) when that keeps the members apart, else
+                # whole patches (timm pads odd maps when merging patches).
+                for step in (max(anatomy.patch_size[0], _stride(anatomy) // 2), anatomy.patch_size[0]):
+                    imgs = [(max(step, round(h * f / step) * step), max(step, round(w * f / step) * step))
+                            for f in s.scales[:-1]] + [(h, w)]
+                    if all(a[0] < b[0] for a, b in itertools.pairwise(imgs)):
+                        break
+            if imgs[-1] != (h, w):
+                raise UserError(f"dvt: the last member must run at the base model's size {h}x{w}, got "
+                                f"{imgs[-1][0]}x{imgs[-1][1]}")
+            grids = imgs  # replaced by each member's last-stage map once the members exist
+        if any(a[0] >= b[0] or a[1] >= b[1] for a, b in itertools.pairwise(imgs)):
+            raise UserError(f"dvt: member sizes must increase, got {[f'{g[0]}x{g[1]}' for g in imgs]}")
+        return imgs, grids
+    @torch.no_grad()
+    def _last_stage_grids(self) -> list[tuple[int, int]]:
+        """PVT-v2/Swin: each member's last-stage map, read by running it once (padding makes it a ceil)."""
+        grids = []
+        p = next(self.parameters())
+        for k, size in enumerate(self.img_sizes):
+            model = self._member(k)
+            block = model.get_submodule(self.anatomy.blocks[self.reuse_blocks[-1]].path)
+            was_training = model.training
+            block.__dict__["_dvt_capture"] = True
+            try:
+                model.eval()
+                model(torch.zeros(1, 3, *size, device=p.device, dtype=p.dtype))
+                grids.append(block.__dict__.pop("_dvt_out")[1])
+            finally:
+                model.train(was_training)
+                block.__dict__.pop("_dvt_capture", None)
+                block.__dict__.pop("_dvt_out", None)
+        return grids
+
+    def _member(self, k: int) -> nn.Module:
+        return self.base if k == len(self.img_sizes) - 1 else self.members[k]
+
+    def _vit_graphs(self, model: nn.Module, k: int) -> dict[str, Any]:
+        """fx graphs of one ViT member (kept out of the module tree: they hold the member's own modules)."""
+        last = k == len(self.img_sizes) - 1
+        logits, bias = self.relation and not last, self.relation and k > 0
+        embed, head = vfx.split_at_blocks(model, self.anatomy.block_paths)
+        blocks = [model.get_submodule(p) for p in self.anatomy.block_paths]
+        if logits or bias:
+            blocks = [rewrite_attention(b, bias=bias, logits=logits) for b in blocks]
+        return {"embed": embed, "head": head, "blocks": blocks, "logits": logits, "bias": bias}
+
+    # --- operating point ------------------------------------------------------------------------------
+
+    def operating_space(self) -> OperatingSpace:
+        return OperatingSpace(tuple(
+            Knob(f"threshold_{k}", 0.0, 1.0, full=1.0, sweep=(0.5, 0.7, 0.9, 1.0), simulated=True,
+                 description=f"member {self.names[k]} answers when its confidence exceeds this")
+            for k in range(len(self.img_sizes) - 1)))
+
+    def _read_point(self) -> OperatingPoint:
+        return {f"threshold_{k}": t for k, t in enumerate(self.thresholds)}
+
+    def _write_point(self, point: OperatingPoint) -> None:
+        for name, value in point.items():
+            self.thresholds[int(name.rsplit("_", 1)[1])] = float(value)
+
+    def simulated_points(self, collected: dict[str, torch.Tensor]) -> list[OperatingPoint]:
+        """DVT's calibration: thresholds realising exit shares proportional to q^k, for every q of ``exit_q``,
+        plus the full-compute point."""
+        logits = [collected[name] for name in self.names]
+        k_members = len(logits)
+        points = [self.operating_space().full()]
+        for q in self.settings.exit_q or DVT_EXIT_Q:
+            weights = [q ** (k + 1) for k in range(k_members)]
+            total = sum(weights)
+            shares = [w / total for w in weights[:-1]]
+            thresholds = thresholds_for_exit_shares(logits, shares)
+            points.append({f"threshold_{k}": t for k, t in enumerate(thresholds)})
+        return points
+
+    def set_exit_shares(self, images: torch.Tensor, shares: list[float]) -> OperatingPoint:
+        """Set the thresholds under which ``shares`` of ``images`` exit at each member but the last."""
+        with torch.no_grad():
+            logits = self.cascade.run_all(self._checked(images))
+        return self.set_operating_point({f"threshold_{k}": t for k, t in
+                                         enumerate(thresholds_for_exit_shares(logits, shares))})
+
+    @property
+    def costs(self) -> dict[str, float]:
+        """GMACs per image of each member, given the earlier members ran (reuse included)."""
+        return {stage.name: stage.gmacs for stage in self.cascade.stages}
+
+    def method_state(self) -> dict[str, Any]:
+        return {"costs": self.costs}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state.pop("costs", None)  # recounted from the structure, never trusted from a file
+        super().load_method_state(state)
+
+    def lr_scales(self) -> dict[str, float]:
+        """The reuse branches and mixers start at zero output and may learn faster than pretrained weights."""
+        return {"reuse": self.settings.new_lr_scale, "mixers": self.settings.new_lr_scale}
+
+    # --- members --------------------------------------------------------------------------------------
+
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != tuple(self.anatomy.img_size):
+            raise ValueError(f"expected {self.anatomy.img_size[0]}x{self.anatomy.img_size[1]} images "
+                             f"(the base model's size), got {x.shape[-2]}x{x.shape[-1]}")
+        return x
+
+    def _resized(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        size = self.img_sizes[k]
+        if tuple(x.shape[-2:]) == tuple(size):
+            return x
+        mode = self.settings.resize
+        # The antialiased resize has no fp16/bf16 kernel on the CPU: resize in fp32, go on in the input's dtype.
+        low = x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
+        return F.interpolate(x.float() if low else x, size=size, mode=mode,
+                             align_corners=False if mode != "area" else None, antialias=mode != "area").to(x.dtype)
+
+    def _stage_fn(self, k: int) -> StageFn:
+        # A partial of a bound method, not a closure: deepcopy (EMA) rebinds it to the copy.
+        return functools.partial(self._run_member, k)
+
+    def _run_member(self, k: int, x: torch.Tensor, carry: Carry) -> tuple[torch.Tensor, Carry]:
+        return self._run_vit(x, carry, k) if self.is_vit else self._run_hooked(x, carry, k)
+
+    def _run_vit(self, x: torch.Tensor, carry: Carry, k: int) -> tuple[torch.Tensor, Carry]:
+        g = self.__dict__["_graphs"][k]
+        p = self.num_prefix
+        tokens = g["embed"](self._resized(x, k))
+        bias = None
+        if g["bias"]:
+            rel = self.mixers[str(k)](carry["relations"])
+            rel = resize_relations(rel, p, self.grids[k - 1], self.grids[k])
+            bias = rel.view(rel.shape[0], self.num_blocks, -1, *rel.shape[-2:])
+        reuse = self.reuse[str(k)] if k > 0 and str(k) in self.reuse else None
+        relations = []
+        for i, block in enumerate(g["blocks"]):
+            out = block(tokens, attn_bias=bias[:, i]) if bias is not None else block(tokens)
+            if g["logits"]:
+                out, lg = out
+                relations.append(lg)
+            tokens = out
+            if reuse is not None:
+                tokens = tokens + reuse[i](carry["features"], p, self.grids[k - 1], self.grids[k])
+        new: Carry = {}
+        if k < len(self.img_sizes) - 1:
+            new["features"] = tokens
+            if relations:
+                new["relations"] = torch.cat(relations, dim=1)
+        return g["head"](tokens), new
+
+    def _run_hooked(self, x: torch.Tensor, carry: Carry, k: int) -> tuple[torch.Tensor, Carry]:
+        model = self._member(k)
+        blocks = [model.get_submodule(self.anatomy.blocks[i].path) for i in self.reuse_blocks]
+        last = k == len(self.img_sizes) - 1
+        reuse = self.reuse[str(k)] if k > 0 and str(k) in self.reuse else None
+        try:
+            if reuse is not None:
+                up, up_grid = carry["features"], self.grids[k - 1]
+                dst = self.grids[k]
+                for block, branch in zip(blocks, reuse, strict=True):
+                    add = branch(up, 0, up_grid, dst)
+                    if self.anatomy.family == "swin":
+                        add = add.reshape(add.shape[0], *dst, add.shape[-1])
+                    block.__dict__["_dvt_add"] = add
+            blocks[-1].__dict__["_dvt_capture"] = not last
+            logits = model(self._resized(x, k))
+            new: Carry = {}
+            if not last:
+                out, grid = blocks[-1].__dict__.pop("_dvt_out")
+                new["features"] = out.reshape(out.shape[0], grid[0] * grid[1], out.shape[-1])
+            return logits, new
+        finally:
+            for block in blocks:
+                block.__dict__.pop("_dvt_add", None)
+                block.__dict__.pop("_dvt_capture", None)
+                block.__dict__.pop("_dvt_out", None)
+
+    # --- inference ------------------------------------------------------------------------------------
+
+    def forward_dynamic(self, x: torch.Tensor) -> DynamicOutput:
+        """Real early exit: member k+1 runs only on the images member k did not answer."""
+        out = self.cascade.run(self._checked(x), self.thresholds)
+        return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit,
+                             extras={f"confidence_{k}": c for k, c in enumerate(out.confidence)})
+
+    def collect(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every member on every image (calibration simulates any thresholds from these logits)."""
+        return {name: lg.float() for name, lg in zip(self.names, self.cascade.run_all(self._checked(x)),
+                                                      strict=True)}
+
+    def simulate(self, collected: dict[str, torch.Tensor], point: Mapping[str, float]) -> DynamicOutput:
+        thresholds = [float(point.get(f"threshold_{k}", t)) for k, t in enumerate(self.thresholds)]
+        out = self.cascade.simulate([collected[name] for name in self.names], thresholds)
+        return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit,
+                             extras={f"confidence_{k}": c for k, c in enumerate(out.confidence)})
+
+    # --- training -------------------------------------------------------------------------------------
+
+    def forward_train(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.cascade.run_all(self._checked(x))
+        out = {"logits": logits[-1]}
+        out.update({f"exit.{name}": lg for name, lg in zip(self.names[:-1], logits[:-1], strict=True)})
+        return out
+
+    def method_losses(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor | None,
+                      teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return {}  # DVT's loss is cross-entropy (+ our distillation) at every exit: the pipeline's terms
+
+    # --- accounting -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _count_costs(self) -> None:
+        """Each member's GMACs on one image given the earlier members' carry."""
+        was_training = self.training
+        self.eval()
+        try:
+            p = next(self.parameters())
+            x = torch.zeros(1, 3, *self.anatomy.img_size, device=p.device, dtype=p.dtype)
+            carry: Carry = {}
+            for stage in self.cascade.stages:
+                holder: dict[str, Any] = {}
+
+                def run(stage: Stage = stage, carry: Carry = carry, holder: dict[str, Any] = holder) -> None:
+                    holder["carry"] = stage.run(x, carry)[1]
+
+                stage.gmacs = to_gmacs(count_macs(run))
+                carry = holder["carry"]
+        finally:
+            self.train(was_training)
+
+
+def _set_input_size(member: nn.Module, size: tuple[int, int], anatomy: Anatomy) -> None:
+    """timm's ``set_input_size`` for a member.
+
+    Swin: timm would derive windows from the size; we keep each stage's window where it divides the stage's
+    map and otherwise take the largest divisor of the map between half the window and the window (a 160 px
+    Swin-T runs 5x5 windows on its 40/20/10/5 maps), because a window that does not divide the map is padded:
+    128 px with 7x7 windows pads stage 3's 8x8 map to 14x14 and costs 2.05 GMACs, 160 px 2.69, against 1.18
+    at 112 px. Where no such divisor exists the window stays (and is padded); where the map is smaller than
+    the window timm shrinks the window to the map. A changed window resamples the relative-position table.
+    """
+    if anatomy.family != "swin":
+        member.set_input_size(img_size=size)
+        return
+    windows = []
+    side = (math.ceil(size[0] / anatomy.patch_size[0]), math.ceil(size[1] / anatomy.patch_size[1]))
+    for i, stage in enumerate(anatomy.stages):
+        block = member.get_submodule(anatomy.blocks[stage.blocks[0]].path)
+        target = tuple(getattr(block, "target_window_size", block.window_size))
+        if i > 0:  # every later Swin stage starts by merging 2x2 patches (odd maps padded)
+            side = (math.ceil(side[0] / 2), math.ceil(side[1] / 2))
+        windows.append(tuple(_window_for(m, w) for m, w in zip(side, target, strict=True)))
+    member.set_input_size(img_size=size, window_size=windows)
+
+
+def _window_for(side: int, window: int) -> int:
+    if side <= window or side % window == 0:
+        return window
+    return next((d for d in range(window, math.ceil(window / 2) - 1, -1) if side % d == 0), window)
+
+
+def _tie(member: nn.Module, base_params: dict[str, nn.Parameter]) -> None:
+    """Make every parameter of ``member`` whose name and shape match the base's the base's own tensor."""
+    for name, param in list(member.named_parameters()):
+        shared = base_params.get(name)
+        if shared is not None and shared.shape == param.shape:
+            owner, _, attr = name.rpartition(".")
+            setattr(member.get_submodule(owner) if owner else member, attr, shared)
+
+
+__all__ = ["DVT", "DVTLosses", "DVTSettings"]
