@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="keep the model folders here (default: temp)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="50 images per class, 1 epoch (smoke run)")
+    parser.add_argument("--no-val-curve", action="store_true",
+                        help="skip the validation-curve diagnostic (minutes for models with many operating points)")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
     result = run_recipe(args.recipe, args.base.resolve(), args.images_per_class, out, args.set, args.quick,
-                        args.work)
+                        args.work, val_curve=not args.no_val_curve)
     ev, tgt, times = result["evaluation"], result["target"], result["times_s"]
     print(f"base top-1 {ev['base']['top1']:.2f}  converted top-1 {ev['top1']:.2f} at {ev['gmacs_fraction']:.1%} "
           f"GMACs  (drop {tgt['top1_drop']:+.2f})  convert+finetune {times['convert_and_finetune'] / 60:.1f} min  "
