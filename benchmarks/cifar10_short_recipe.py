@@ -96,10 +96,11 @@ def first_image_per_class(folder: Any, model: torch.nn.Module, count: int) -> to
 
 def run_recipe(recipe: str, base: Path, images_per_class: int, out_dir: Path, overrides: list[str] | None = None,
                quick: bool = False, work: Path | None = None, progress: bool = True,
-               val_curve: bool = True) -> dict[str, Any]:
+               val_curve: bool = True, labels: bool = True) -> dict[str, Any]:
     """Run the whole short recipe and write ``cifar10_<recipe>.json`` + the curve PNG into ``out_dir``.
 
-    ``val_curve`` adds the accuracy/GMACs curve on the validation images (a diagnostic, 1-3 minutes).
+    ``val_curve`` adds the accuracy/GMACs curve on the validation images (a diagnostic, 1-3 minutes);
+    ``labels=False`` fine-tunes by distillation from the base model alone (results named ``..._nolabels``).
     """
     import vitconvert
     from benchmarks.timing import machine_block
@@ -137,7 +138,7 @@ def run_recipe(recipe: str, base: Path, images_per_class: int, out_dir: Path, ov
         times["convert"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        tuned = finetune(converted, data, work / "finetuned", device="cpu", progress=progress,
+        tuned = finetune(converted, data, work / "finetuned", device="cpu", progress=progress, labels=labels,
                          max_images=images_per_class * len(cifar10.CLASS_NAMES))
         times["finetune"] = time.perf_counter() - t
         times["convert_and_finetune"] = times["convert"] + times["finetune"]
@@ -179,14 +180,15 @@ def run_recipe(recipe: str, base: Path, images_per_class: int, out_dir: Path, ov
             "best_val_top1_within_budget": max((p.top1 for p in best_val), default=None),
         }
         target["met"] = target["accuracy_met"] and target["time_met"]
-        stem = result_stem(recipe, base)
+        stem = result_stem(recipe, base) + ("" if labels else "_nolabels")
         shutil.copyfile(tuned / "curve.png", out_dir / f"{stem}_curve.png")
         shutil.copyfile(tuned / "eval.png", out_dir / f"{stem}_eval.png")
         # The method's own picture of its decisions on the first validation image of each class (DGE: the
         # granularity of each region); a method without one returns None and nothing is written.
         final.plot_decisions(first_image_per_class(folder, final, 6), out_dir / f"{stem}_granularity.png")
+        setting = f"{recipe}{'' if labels else ' (no labels)'}, calibrated {cal['budget']}"
         row = {
-            "method": final.method, "backbone": base.name, "setting": f"{recipe}, calibrated {cal['budget']}",
+            "method": final.method, "backbone": base.name, "setting": setting,
             "gmacs": ev["gmacs"], "base_gmacs": base_gmacs, "top1": top1, "base_top1": base_top1,
             "finetune_minutes": round(times["finetune"] / 60, 2), "device": "cpu",
             "throughput": ev["throughput"]["converted_images_per_s"] if ev["throughput"] else None,
@@ -204,7 +206,7 @@ def run_recipe(recipe: str, base: Path, images_per_class: int, out_dir: Path, ov
             "machine": machine_start,
             "machine_end": machine_block(),
             "settings": {
-                "recipe": recipe, "overrides": overrides, "base": _rel(base),
+                "recipe": recipe, "overrides": overrides, "base": _rel(base), "labels": labels,
                 "images_per_class": images_per_class, "finetune_images": log["images"],
                 "finetune": log["settings"], "world_size": log["world_size"],
                 "calibrate": final.recipe.calibrate.model_dump(mode="json"),
@@ -264,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="keep the model folders here (default: temp)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="50 images per class, 1 epoch (smoke run)")
+    parser.add_argument("--no-labels", action="store_true", help="fine-tune by distillation only (no labels)")
     parser.add_argument("--no-val-curve", action="store_true",
                         help="skip the validation-curve diagnostic (minutes for models with many operating points)")
     args = parser.parse_args(argv)
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
     result = run_recipe(args.recipe, args.base.resolve(), args.images_per_class, out, args.set, args.quick,
-                        args.work, val_curve=not args.no_val_curve)
+                        args.work, val_curve=not args.no_val_curve, labels=not args.no_labels)
     ev, tgt, times = result["evaluation"], result["target"], result["times_s"]
     print(f"base top-1 {ev['base']['top1']:.2f}  converted top-1 {ev['top1']:.2f} at {ev['gmacs_fraction']:.1%} "
           f"GMACs  (drop {tgt['top1_drop']:+.2f})  convert+finetune {times['convert_and_finetune'] / 60:.1f} min  "

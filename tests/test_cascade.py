@@ -75,3 +75,20 @@ def test_thresholds_reach_target_exit_shares(shares: tuple[float, float]) -> Non
     assert sum(got) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="sum to at most 1"):
         thresholds_for_exit_shares(logits, (0.8, 0.8))
+
+
+def test_count_costs_charges_each_stage_its_own_macs_given_the_carry() -> None:
+    """Stage 2 multiplies what stage 1 hands on: its count is its own matmul only, with the carry's shape."""
+    w1, w2 = torch.randn(8, 6), torch.randn(6, 4)
+
+    def first(x: torch.Tensor, carry: Carry) -> tuple[torch.Tensor, Carry]:
+        h = x @ w1
+        return h[:, :4], {"h": h}
+
+    def second(x: torch.Tensor, carry: Carry) -> tuple[torch.Tensor, Carry]:
+        return carry["h"] @ w2, {}
+
+    cascade = Cascade([Stage("a", first, 0.0), Stage("b", second, 0.0)])
+    costs = cascade.count_costs(torch.randn(1, 8))
+    assert costs == pytest.approx([8 * 6 / 1e9, 6 * 4 / 1e9])
+    assert [s.gmacs for s in cascade.stages] == costs

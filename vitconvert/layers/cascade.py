@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .costs import count_macs, to_gmacs
+
 Carry = dict[str, torch.Tensor]
 StageFn = Callable[[torch.Tensor, Carry], tuple[torch.Tensor, Carry]]
 
@@ -85,6 +87,21 @@ class Cascade:
     def costs(self) -> list[float]:
         """GMACs per image of each stage."""
         return [s.gmacs for s in self.stages]
+
+    @torch.no_grad()
+    def count_costs(self, x: torch.Tensor) -> list[float]:
+        """Set every stage's :attr:`Stage.gmacs` by counting it on ``x`` (one image, the model in eval mode),
+        each stage given the carry of the stages before it, as it runs in :meth:`run`; returns the costs."""
+        carry: Carry = {}
+        for stage in self.stages:
+            handed_on: list[Carry] = []
+
+            def run_stage(stage: Stage = stage, carry: Carry = carry, handed_on: list[Carry] = handed_on) -> None:
+                handed_on.append(stage.run(x, carry)[1])
+
+            stage.gmacs = to_gmacs(count_macs(run_stage))
+            carry = handed_on[0]
+        return self.costs
 
     def _check(self, thresholds: Sequence[float]) -> None:
         if len(thresholds) != len(self.stages) - 1:

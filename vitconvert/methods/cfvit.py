@@ -41,7 +41,6 @@ from vitconvert import fx as vfx
 from vitconvert.anatomy import Anatomy
 from vitconvert.errors import UserError
 from vitconvert.layers.cascade import Carry, Cascade, Stage
-from vitconvert.layers.costs import count_macs, to_gmacs
 from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints
 from vitconvert.operating import Knob, OperatingSpace
 from vitconvert.recipes import Recipe, Strict
@@ -296,22 +295,13 @@ class CFViT(ConvertedModel, SimulatesPoints):
 
     # --- accounting -----------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _count_costs(self) -> None:
         """GMACs of the coarse stage and of the fine stage at the current alpha (batch of one image)."""
         was_training = self.training
         self.eval()
         try:
             p = next(self.parameters())
-            x = torch.zeros(1, 3, *self.anatomy.img_size, device=p.device, dtype=p.dtype)
-            coarse_holder: dict[str, Any] = {}
-
-            def run_coarse() -> None:
-                coarse_holder.update(self.forward_coarse(x))
-
-            coarse, fine = self.cascade.stages
-            coarse.gmacs = to_gmacs(count_macs(run_coarse))
-            fine.gmacs = to_gmacs(count_macs(lambda: self.forward_fine(x, coarse_holder)))
+            self.cascade.count_costs(torch.zeros(1, 3, *self.anatomy.img_size, device=p.device, dtype=p.dtype))
         finally:
             self.train(was_training)
 

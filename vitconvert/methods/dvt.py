@@ -87,7 +87,6 @@ from vitconvert import fx as vfx
 from vitconvert.anatomy import Anatomy
 from vitconvert.errors import UserError
 from vitconvert.layers.cascade import Carry, Cascade, Stage, StageFn, thresholds_for_exit_shares
-from vitconvert.layers.costs import count_macs, to_gmacs
 from vitconvert.layers.reuse import FeatureReuse, RelationMixer, resize_relations
 from vitconvert.layers.seams import rewrite_attention
 from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints
@@ -476,16 +475,7 @@ class DVT(ConvertedModel, SimulatesPoints):
         self.eval()
         try:
             p = next(self.parameters())
-            x = torch.zeros(1, 3, *self.anatomy.img_size, device=p.device, dtype=p.dtype)
-            carry: Carry = {}
-            for stage in self.cascade.stages:
-                holder: dict[str, Any] = {}
-
-                def run(stage: Stage = stage, carry: Carry = carry, holder: dict[str, Any] = holder) -> None:
-                    holder["carry"] = stage.run(x, carry)[1]
-
-                stage.gmacs = to_gmacs(count_macs(run))
-                carry = holder["carry"]
+            self.cascade.count_costs(torch.zeros(1, 3, *self.anatomy.img_size, device=p.device, dtype=p.dtype))
         finally:
             self.train(was_training)
 
