@@ -107,3 +107,12 @@ def hub_subprocess_env() -> dict[str, str]:
     package_root = str(Path(vitconvert.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([tests_dir, package_root, *filter(None, [env.get("PYTHONPATH")])])
     return env
+
+
+@pytest.fixture(autouse=True)
+def quick_speed_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calibration times its chosen point against the base model for a second; tiny test models need far less to
+    tell which runs faster, and timing precision is not what the tests check."""
+    from vitconvert import calibration
+
+    monkeypatch.setattr(calibration, "SPEED_CHECK_SECONDS", 0.05)

@@ -348,11 +348,16 @@ def test_calibrate_chooses_within_budget(finetuned_dir: Path, data_dir: Path, tm
     cal = model.calibration
     assert cal["images"] == 20 and cal["dataset"] == "toy" and "held-out last 25%" in cal["split"]
     assert len(model.curve) == 101 and [p.knob for p in model.curve] == list(model.operating_space().knob("eta").sweep)
-    # the chosen point is the most accurate within 60% of the base GMACs
+    # the chosen point is the most accurate within 60% of the base GMACs among those not timed slower than the
+    # base model here (the speed check times the choice and chooses again while it is slower)
     limit = 0.6 * model.base_gmacs
-    within = [p for p in model.curve if p.gmacs <= limit + 1e-12]
-    best = max(p.top1 for p in within)
-    assert cal["chosen"]["gmacs"] <= limit and cal["chosen"]["top1"] == best
+    slow = [p for p in model.curve if p.extra.get("throughput_ratio", 1.0) < 1.0]
+    within = [p for p in model.curve if p.gmacs <= limit + 1e-12 and p not in slow]
+    check = cal["speed_check"]
+    assert check["points_timed"] >= 1 and check["points_slower"] == len(slow) and check["batch_size"] == 7
+    if check["not_slower"]:
+        assert cal["chosen"]["gmacs"] <= limit and cal["chosen"]["top1"] == max(p.top1 for p in within)
+        assert cal["chosen"]["extra"]["throughput_ratio"] >= 1.0
     assert model.knob == cal["chosen"]["point"]["eta"]
     assert result["eta"] == model.knob and result["out"] == str(out)
     # curve values agree with an independent evaluation at two knob values
@@ -371,6 +376,44 @@ def test_calibrate_chooses_within_budget(finetuned_dir: Path, data_dir: Path, tm
     for budget in ("drop=1", 0.006, "100%"):
         assert loaded.set_budget(budget).knob == loaded.knob == choose_point(
             model.curve, budget, model.base_gmacs, cal["base_top1"]).knob
+
+
+def test_gmacs_budget_sets_aside_points_slower_than_the_base(finetuned_dir: Path, data_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timing is faked by the point being timed (eta > 0.1 'runs' at half the base's speed): the budget's choice is
+    timed, set aside while slower, and the most accurate point within budget that is not slower is kept."""
+    timed_etas: list[float] = []
+
+    def fake_throughput(models: dict, x: torch.Tensor, **kwargs: object) -> dict[str, float]:
+        eta = models["converted"].operating_point["eta"]
+        timed_etas.append(eta)
+        return {"converted": 50.0 if eta > 0.1 else 200.0, "base": 100.0}
+
+    monkeypatch.setattr(calibration, "measure_throughput", fake_throughput)
+    out = tmp_path / "checked"
+    calibrate(finetuned_dir, data_dir, "60%", out, device="cpu", progress=False, batch_size=8)
+    model = vitconvert.load(out)
+    limit = 0.6 * model.base_gmacs
+    allowed = [p for p in model.curve if p.gmacs <= limit + 1e-12 and p.point["eta"] <= 0.1]
+    best = max(allowed, key=lambda p: (p.top1, -p.gmacs))
+    assert model.operating_point == best.point
+    # every point timed before it was more accurate (or as accurate and cheaper) and slower; it was timed last
+    assert timed_etas[-1] == best.point["eta"] and all(e > 0.1 for e in timed_etas[:-1]) and len(timed_etas) >= 2
+    check = model.calibration["speed_check"]
+    assert check["not_slower"] and check["points_timed"] == len(timed_etas)
+    assert check["points_slower"] == len(timed_etas) - 1
+    stored = {p.point["eta"]: p.extra.get("throughput_ratio") for p in model.curve}
+    assert all(stored[e] == (0.5 if e > 0.1 else 2.0) for e in timed_etas)
+    # a loaded model's GMACs budgets keep away from the points measured slower
+    assert model.set_budget("60%").point == best.point
+    # without the check the budget takes the most accurate point within 60%, slow or not
+    monkeypatch.setattr(calibration, "measure_throughput", lambda *a, **k: pytest.fail("timed without a check"))
+    calibrate(finetuned_dir, data_dir, "60%", tmp_path / "unchecked", device="cpu", progress=False, batch_size=8,
+              check_speed=False)
+    unchecked = vitconvert.load(tmp_path / "unchecked")
+    within = [p for p in unchecked.curve if p.gmacs <= limit + 1e-12]
+    assert unchecked.operating_point == max(within, key=lambda p: (p.top1, -p.gmacs)).point
+    assert "speed_check" not in unchecked.calibration
 
 
 def test_speed_budget_times_the_frontier_and_stores_throughput(finetuned_dir: Path, data_dir: Path, tmp_path: Path,

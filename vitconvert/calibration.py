@@ -19,6 +19,7 @@ import datetime
 import io
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from vitconvert.train import ProgressBar, carried_files, original_model, resolve
 # Speed budgets time at most this many operating points (spread over the frontier), each for this long.
 MAX_TIMED_POINTS = 8
 SPEED_SECONDS = 3.0
+SPEED_CHECK_SECONDS = 1.0  # per timed point when checking a GMACs/drop choice (a few points, not the frontier)
 STALE_AFTER_CALIBRATION = ("curve.png", "eval.json", "eval.png")
 
 
@@ -192,6 +194,52 @@ def time_points(model: ConvertedModel, base: torch.nn.Module, points: list[Curve
                         "original timed in interleaved rounds after warm-up; median time per batch"}
 
 
+def confirm_not_slower(model: ConvertedModel, base: torch.nn.Module, curve: list[CurvePoint],
+                       pick: Callable[[list[CurvePoint]], CurvePoint], split: Split, device: torch.device,
+                       batch_size: int, progress: bool = True) -> tuple[CurvePoint, dict[str, Any]]:
+    """The point ``pick`` chooses from ``curve``, timed against ``base`` here: while it runs slower than the base
+    model, it is set aside and ``pick`` chooses again (at most :data:`MAX_TIMED_POINTS` timings).
+
+    GMACs do not say how fast a point runs on this device (a DVT cascade where a quarter of the images reach the
+    last member costs 75% of the MACs and ran 0.86x on a 1-thread CPU), so a GMACs or drop budget would
+    otherwise be free to choose a point slower than the model it replaces. Points costing at least the base
+    model's GMACs are not timed (they run the base computation). If every timed point is slower, the fastest
+    one is kept and the record says the check failed. Timed points keep ``throughput`` and
+    ``throughput_ratio`` in their ``extra``, as a speed budget's do.
+    """
+    x = spread_batch(split.files, model, batch_size).to(device)
+    base = base.to(device).eval()
+    saved = model.operating_point
+    slow: list[CurvePoint] = []
+    timed: list[CurvePoint] = []
+    try:
+        with ProgressBar("calibrate: checking speed", MAX_TIMED_POINTS, progress) as bar:
+            while True:
+                chosen = pick([p for p in curve if all(p is not s for s in slow)] or curve)
+                done = (chosen.gmacs >= model.base_gmacs * (1 - 1e-9) or len(timed) >= MAX_TIMED_POINTS
+                        or any(chosen is t for t in timed))
+                if done:
+                    break
+                model.set_operating_point(chosen.point)
+                ips = measure_throughput({"converted": model, "base": base}, x, min_seconds=SPEED_CHECK_SECONDS)
+                chosen.extra["throughput"] = round(ips["converted"], 1)
+                chosen.extra["throughput_ratio"] = round(ips["converted"] / ips["base"], 3)
+                timed.append(chosen)
+                if chosen.extra["throughput_ratio"] < 1.0:
+                    slow.append(chosen)
+                bar.update()
+    finally:
+        model.set_operating_point(saved)
+    met = not any(chosen is s for s in slow)
+    if not met:  # nothing timed ran at the base's speed: the fastest of them
+        chosen = max(timed, key=lambda p: (p.extra["throughput_ratio"], p.top1))
+    return chosen, {"device": device_name(device), "batch_size": batch_size, "threads": torch.get_num_threads(),
+                    "points_timed": len(timed), "points_slower": len(slow), "not_slower": met,
+                    "protocol": "the chosen point and its original timed in interleaved rounds on one batch of "
+                                "held-out images; a point slower than the original is set aside and the budget "
+                                "chooses again"}
+
+
 def plot_curve(curve: list[CurvePoint], base_gmacs: float, base_top1: float | None, *, chosen: CurvePoint | None = None,
                measured: list[CurvePoint] | None = None, measured_base: float | None = None,
                title: str = "", curve_label: str = "calibration curve", measured_label: str = "measured") -> bytes:
@@ -247,6 +295,7 @@ def calibrate(
     batch_size: int = 64,
     progress: bool = True,
     dataset: str | None = None,
+    check_speed: bool | None = None,
 ) -> dict[str, Any]:
     """Measure the accuracy/GMACs curve on held-out training images and switch to the point for a budget.
 
@@ -266,6 +315,9 @@ def calibrate(
         batch_size: Images per forward pass.
         progress: Show progress bars.
         dataset: Dataset name for the model card (e.g. a Hub dataset id); default: the folder's name.
+        check_speed: Time the chosen point against the base model on ``device`` at ``batch_size`` and choose
+            again while it runs slower (:func:`confirm_not_slower`; GMACs, drop and no budget); default: the
+            recipe's ``calibrate.check_speed`` (on).
 
     Returns:
         The chosen point (knob, top-1, GMACs), the calibration record (also stored in the model),
@@ -314,10 +366,16 @@ def calibrate(
                 raise UserError(f"a speed budget times the model against its original, which is {base_desc}")
             speed = time_points(cm, base, frontier(curve), split, dev, batch_size, progress)
         cm.curve = curve
-        if budget is None:
-            chosen = max(eligible_points(curve, cm.base_gmacs, cm.adds_compute), key=lambda p: (p.top1, -p.gmacs))
-        else:
-            chosen = choose_point(curve, budget, cm.base_gmacs, base_top1, cm.adds_compute)
+
+        def pick(points: list[CurvePoint]) -> CurvePoint:
+            if budget is None:
+                return max(eligible_points(points, cm.base_gmacs, cm.adds_compute), key=lambda p: (p.top1, -p.gmacs))
+            return choose_point(points, budget, cm.base_gmacs, base_top1, cm.adds_compute)
+
+        chosen = pick(curve)
+        speed_check: dict[str, Any] | None = None
+        if (settings.check_speed if check_speed is None else check_speed) and speed is None and base is not None:
+            chosen, speed_check = confirm_not_slower(cm, base, curve, pick, split, dev, batch_size, progress)
         cm.set_operating_point(chosen.point)
     finally:
         cm.to("cpu")
@@ -336,6 +394,7 @@ def calibrate(
         "holdout": settings.holdout,
         "simulated": can_simulate(cm),
         **({"throughput": speed} if speed is not None else {}),
+        **({"speed_check": speed_check} if speed_check is not None else {}),
         "finetuned": cm.finetuned,
         "device": str(dev),
         "seconds": round(time.perf_counter() - start, 2),

@@ -149,10 +149,13 @@ def calibrate(
     batch_size: Annotated[int, typer.Option("--batch-size", help="images per pass (and the batch speed budgets "
                                                                  "are timed at)")] = 64,
     device: DeviceOpt = None,
+    speed_check: Annotated[bool | None, typer.Option(
+        "--speed-check/--no-speed-check", help="time the chosen point against the base model here and choose "
+                                               "again while it is slower (default: the recipe's, on)")] = None,
 ) -> None:
     """Choose the operating point for a budget on held-out training images; store the curve."""
     summary = run_calibrate(model_dir, data, budget, output, overwrite=overwrite, max_images=max_images,
-                            device=device, batch_size=batch_size)
+                            device=device, batch_size=batch_size, check_speed=speed_check)
     _print_dict("calibration", summary)
 
 

@@ -64,6 +64,8 @@ class CalibrateSettings(Strict):
     holdout: float = Field(0.1, gt=0, lt=1, description="fraction of the training folder held out")
     max_images: int | None = Field(2000, ge=1)
     budget: str | float | None = Field(None, description="default budget: GMACs, 'N%' of the base model, or 'drop=P'")
+    check_speed: bool = Field(True, description="time the chosen point against the base model on this device and "
+                              "choose again, without it, while it runs slower (GMACs, drop and no budget)")
 
 
 class Recipe(Strict):
