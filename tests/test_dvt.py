@@ -12,6 +12,7 @@ import math
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from utils import TINY_MODELS
 
 import vitconvert
@@ -57,6 +58,32 @@ def test_resize_grid_is_nearest_upsample_then_average_pool() -> None:
     # a constant map stays constant; shrinking averages
     assert torch.allclose(resize_grid(torch.full((1, 1, 10, 10), 2.0), (14, 14)), torch.full((1, 1, 14, 14), 2.0))
     assert resize_grid(x, (1, 1)).item() == 1.5
+
+
+@pytest.mark.parametrize(("src", "dst"), [((7, 7), (10, 10)), ((10, 10), (14, 14)), ((4, 4), (6, 6)),
+                                          ((5, 7), (3, 9)), ((3, 3), (11, 11))])
+def test_resize_taps_equal_the_upsample_and_pool_they_replace(src: tuple[int, int], dst: tuple[int, int]) -> None:
+    x = torch.randn(2, 3, *src)
+    fh, fw = -(-dst[0] // src[0]), -(-dst[1] // src[1])
+    ref = F.adaptive_avg_pool2d(F.interpolate(x, size=(src[0] * fh, src[1] * fw), mode="nearest"), dst)
+    torch.testing.assert_close(resize_grid(x, dst), ref, atol=1e-6, rtol=0)
+    # tokens and relation maps resize the same grid in their own layouts
+    tokens = x.flatten(2).transpose(1, 2)
+    torch.testing.assert_close(resize_tokens(tokens, 0, src, dst), ref.flatten(2).transpose(1, 2), atol=1e-6, rtol=0)
+    n = src[0] * src[1]
+    rel = torch.randn(2, 4, 1 + n, 1 + n)
+    big = resize_relations(rel, 1, src, dst)
+    keys = F.adaptive_avg_pool2d(F.interpolate(rel[..., 1:].reshape(2, -1, *src), scale_factor=(fh, fw),
+                                               mode="nearest"), dst).reshape(2, 4, 1 + n, -1)
+    torch.testing.assert_close(big[:, :, :1, 1:], keys[:, :, :1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(big[:, :, 0, 0], rel[:, :, 0, 0])
+
+
+def test_relation_mixer_is_the_1x1_convolutions_it_holds() -> None:
+    mixer = RelationMixer(6)
+    torch.nn.init.normal_(mixer.fc2.weight)
+    x = torch.randn(2, 6, 5, 5, requires_grad=True)
+    torch.testing.assert_close(mixer(x), mixer.fc2(mixer.act(mixer.fc1(x))), atol=1e-5, rtol=0)
 
 
 def test_resize_tokens_and_relations_keep_prefix_apart() -> None:
