@@ -386,15 +386,20 @@ class DVT(ConvertedModel, SimulatesPoints):
         g = self.__dict__["_graphs"][k]
         p = self.num_prefix
         tokens = g["embed"](self._resized(x, k))
-        bias = None
+        mixed = None
         if g["bias"]:
-            rel = self.mixers[str(k)](carry["relations"])
-            rel = resize_relations(rel, p, self.grids[k - 1], self.grids[k])
-            bias = rel.view(rel.shape[0], self.num_blocks, -1, *rel.shape[-2:])
+            # Mixed at the upstream grid, resized one layer at a time just before its block: the resized
+            # maps of all layers at once (L*h maps of (P+N)^2) would leave the cache before attention reads them.
+            mixed = self.mixers[str(k)](carry["relations"])
+            mixed = mixed.view(mixed.shape[0], self.num_blocks, -1, *mixed.shape[-2:])
         reuse = self.reuse[str(k)] if k > 0 and str(k) in self.reuse else None
         relations = []
         for i, block in enumerate(g["blocks"]):
-            out = block(tokens, attn_bias=bias[:, i]) if bias is not None else block(tokens)
+            if mixed is not None:
+                bias = resize_relations(mixed[:, i], p, self.grids[k - 1], self.grids[k])
+                out = block(tokens, attn_bias=bias)
+            else:
+                out = block(tokens)
             if g["logits"]:
                 out, lg = out
                 relations.append(lg)
