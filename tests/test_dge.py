@@ -633,3 +633,36 @@ def test_all_finest_batches_run_the_base_block_and_auto_follows_the_cost_model()
     assert estimate(coarse[:8], 2)["sparse"] - estimate(coarse[:8], 1)["sparse"] > 0
     with pytest.raises(UserError, match="execution must be"):
         model.execution = "fast"
+
+
+def one_level_per_image(block: int, batch: int, regions: int, device: torch.device) -> torch.Tensor:
+    """Each image's regions all at one level (as on grids of one region), every level among the images."""
+    levels = torch.tensor([1, 0, 2, 1, 2, 0, 1, 2])[(torch.arange(8) + block) % 8]
+    return levels[:batch].view(-1, 1).expand(batch, regions).to(device)
+
+
+@pytest.mark.parametrize("key", ["deit_distilled", "pvt_v2_56"])
+def test_auto_splits_batches_whose_images_take_one_level_each(key: str) -> None:
+    """Where each image's regions share one level, auto runs the block as one dense batch per level (the finest
+    images through the base block, the others with their level's whole cell map as queries): the sparse path's
+    logits, gradients and GMACs, recorded as not sparse."""
+    model = convert(key).eval()
+    x = images(model, 5)
+    outs = {}
+    for execution in ("sparse", "auto"):
+        model.execution = execution
+        model.override_gates(one_level_per_image)
+        with torch.no_grad():
+            outs[execution] = model.forward_dynamic(x)
+        xg = x.clone().requires_grad_()
+        (outs[execution + "_grad"],) = torch.autograd.grad(model.forward_dynamic(xg).logits[:, 0].sum(), xg)
+    sparse, auto = outs["sparse"], outs["auto"]
+    assert (auto.logits - sparse.logits).abs().max().item() <= 1e-5
+    assert (outs["auto_grad"] - outs["sparse_grad"]).abs().max().item() <= 1e-5
+    assert (sparse.logits - model.build_base()(x)).abs().max().item() > 1e-3  # coarse levels changed the output
+    assert torch.equal(auto.gmacs, sparse.gmacs)
+    assert auto.extras["dense_blocks"].tolist() == [float(len(model.dynamic_blocks))] * 5
+    # the first image alone (its gates do not depend on the batch): the same as in the batch
+    with torch.no_grad():
+        alone = model.forward_dynamic(x[:1])
+    assert (alone.logits - auto.logits[:1]).abs().max().item() <= 1e-5

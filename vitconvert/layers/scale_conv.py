@@ -151,13 +151,22 @@ def dwconv_macs(conv: nn.Conv2d, gates: torch.Tensor, lay: RegionLayout) -> torc
 def dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], lay: RegionLayout,
                     q: PackedQueries | PaddedQueries) -> torch.Tensor:
     """Inference: (R + 1, D) hidden rows of the selected queries and a last row of zeros (read off the grid)
-    -> the (R, D) convolution outputs of the queries (``q.gates``: the (B, R) level of each region)."""
+    -> the (R, D) convolution outputs of the queries (``q.gates``: the (B, R) level of each region).
+
+    Without autograd, packed rows whose level 0 runs on the whole token map are written over ``table``'s own rows
+    (everything later is read from the token map): one hidden-width buffer less to allocate and fault in."""
     r, d = table.shape[0] - 1, table.shape[1]
     hidden = table[:r]
     gates = q.gates
     b = gates.shape[0]
+    levels = [q.level_rows(k) for k in range(len(lay.sizes))]  # (rows, image, column) of each level
+    level0 = gates == 0
+    whole_map = bool(levels[0][0].numel()) and not bool(use_halo(level0.flatten(), lay))
     # Every packed row is a query and gets written; padded layouts keep zeros in their padding slots.
-    out = hidden.new_empty(r, d) if isinstance(q, PackedQueries) else hidden.new_zeros(r, d)
+    if isinstance(q, PackedQueries):
+        out = hidden if whole_map and not torch.is_grad_enabled() else hidden.new_empty(r, d)
+    else:
+        out = hidden.new_zeros(r, d)
     start = [0, *itertools.accumulate(lay.counts)]
 
     def put(k: int, rows: torch.Tensor, res: torch.Tensor, index: torch.Tensor) -> None:
@@ -167,13 +176,12 @@ def dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], l
         else:  # autograd records index_copy_, not out= writes
             out.index_copy_(0, rows, res.index_select(0, index))
 
-    levels = [q.level_rows(k) for k in range(len(lay.sizes))]  # (rows, image, column) of each level
-    level0 = gates == 0
+    pooled: dict[int, torch.Tensor] | None = None  # cell maps pooled from the whole token map, once it is built
     for k, p in enumerate(lay.sizes):
         rows, img, col = levels[k]
         if not rows.numel():
             continue
-        if k == 0 and bool(use_halo(level0.flatten(), lay)):
+        if k == 0 and not whole_map:
             # Each level-0 region with a one-token ring (the ring reads the queries covering it): a valid
             # 3x3 convolution of (S+2)^2 tokens gives its S^2 outputs.
             assert lay.halo_tok is not None
@@ -191,15 +199,28 @@ def dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], l
         if k == 0:  # the whole token map
             fmap = table.index_select(0, q.flat_tok_rows.flatten()).view(b, ch, cw, d)
             put(0, rows, conv_at(conv, fmap, p, hw).reshape(-1, d), img * lay.counts[k] + col)
+            # The coarser levels' cell maps are this piecewise-constant map averaged over their cells (a cell
+            # under a coarser query holds its state, one of finer queries their average by real tokens): one
+            # native pooling pass at the hidden width, instead of gathering the cells and adding the finer
+            # queries into them row by row (an index_add at the hidden width, slow on CPU).
+            used = [lay.sizes[j] for j in range(1, len(lay.sizes)) if levels[j][0].numel()]
+            if used:
+                pooled = pool_subpatches(fmap, lay, used)
+            continue
+        g_cell = gates[:, lay.cand_region[start[k]:start[k + 1]]]
+        users = (g_cell == k).any(1).nonzero().squeeze(1)
+        slot = torch.full((b,), -1, dtype=torch.long, device=gates.device)
+        slot[users] = torch.arange(users.numel(), device=gates.device)
+        if pooled is not None:
+            # Only the images with level-k regions are convolved (what dwconv_macs counts).
+            cells = pooled[p] if users.numel() == b else pooled[p].index_select(0, users)
+            res = conv_at(conv, cells.view(-1, ch, cw, d), p, hw).reshape(-1, d)
+            put(k, rows, res, slot[img] * lay.counts[k] + col)
             continue
         # Only the images with level-k regions, and of their finer queries only those in the ring of cells
         # the level-k queries read (the rest of the cell map is computed but never used).
-        g_cell = gates[:, lay.cand_region[start[k]:start[k + 1]]]
+        g_cell = g_cell[users]
         here = g_cell == k
-        users = here.any(1).nonzero().squeeze(1)
-        slot = torch.full((b,), -1, dtype=torch.long, device=gates.device)
-        slot[users] = torch.arange(users.numel(), device=gates.device)
-        g_cell, here = g_cell[users], here[users]
         cand = lay.cell_cand[k].unsqueeze(0).expand(users.numel(), -1, -1).gather(2, g_cell.unsqueeze(-1)).squeeze(2)
         src = torch.where(g_cell >= k, q.cand_rows[users].gather(1, cand), r)
         cells = table.index_select(0, src.flatten())
@@ -219,25 +240,44 @@ def dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], l
 
 
 def dwconv_tokens(conv: nn.Conv2d, hidden: torch.Tensor, hw: tuple[int, int], lay: RegionLayout,
-                  gates: torch.Tensor) -> torch.Tensor:
+                  gates: torch.Tensor, queries: tuple[list[int], list[torch.Tensor]] | None = None) -> torch.Tensor:
     """Dense inference: (B, HW, D) hidden state of the query covering each token -> (B, HW, D) the convolution
     output of that query, for the (B, R) region levels ``gates``.
 
     The piecewise-constant token map is the map every level's cells are averaged from (a cell covered by a
     coarser query holds that query's state; one holding finer queries their average by real tokens), so this
     gives what :func:`dwconv_selected` gives each query, on every token it covers.
+
+    With ``queries`` = (row offsets of each level, row of that level's (B * n_k)-row output map for each of its
+    queries), as :class:`~vitconvert.layers.ragged.TokenQueries` orders the queries' own rows: the (M, D) outputs
+    of the queries themselves, read straight from each level's map (no token map written for coarse levels).
     """
     b, n, d = hidden.shape
     fmap = hidden.view(b, hw[0], hw[1], d)
     out = conv_at(conv, fmap, 1, hw)  # the base model's convolution; right for every level-0 token
+    if queries is not None:
+        offsets, cells_of = queries
+        maps = [out.reshape(-1, d)]
+        used = [lay.sizes[k] for k in range(1, len(lay.sizes)) if offsets[k + 1] > offsets[k]]
+        pooled = pool_subpatches(fmap, lay, used) if used else {}
+        for p in lay.sizes[1:]:
+            maps.append(conv_at(conv, pooled[p].view(b, -(-hw[0] // p), -(-hw[1] // p), d), p, hw).reshape(-1, d)
+                        if p in pooled else out.new_empty(0, d))
+        if torch.is_grad_enabled():
+            return torch.cat([m.index_select(0, c) for m, c in zip(maps, cells_of, strict=True)])
+        res = out.new_empty(offsets[-1], d)
+        for m, c, s, e in zip(maps, cells_of, offsets, offsets[1:], strict=False):
+            if e > s:
+                torch.index_select(m, 0, c, out=res[s:e])
+        return res
     level = gates.reshape(b, -1)[:, lay.tok_region]  # (B, HW) level of each token
-    used = [k for k in range(1, len(lay.sizes)) if bool((level == k).any())]
-    if not used:
+    used_k = [k for k in range(1, len(lay.sizes)) if bool((level == k).any())]
+    if not used_k:
         return out.reshape(b, n, d)
     flat = out.reshape(-1, d)
-    pooled = pool_subpatches(fmap, lay, [lay.sizes[k] for k in used])
+    pooled = pool_subpatches(fmap, lay, [lay.sizes[k] for k in used_k])
     first = [0, *itertools.accumulate(lay.counts)]
-    for k in used:
+    for k in used_k:
         p = lay.sizes[k]
         cells = conv_at(conv, pooled[p].view(b, -(-hw[0] // p), -(-hw[1] // p), d), p, hw).reshape(-1, d)
         rows = (level == k).flatten().nonzero().squeeze(1)  # flat token rows at level k
