@@ -13,11 +13,14 @@ Two ways to run it:
 
 * :func:`dwconv_all` (dense training paths): every level's cell map built from the gated full map,
   each convolved whole.
-* :func:`dwconv_selected` (inference): the full hidden map is never built for coarse regions. Each used
-  level's cell map is gathered at its own resolution from the selected queries (1/4 or 1/16 of the tokens)
-  and convolved; level-0 tokens are convolved from their regions' halo patches ((S+2)^2 tokens, read from
-  the queries covering them) while at most :data:`HALO_MAX_SHARE` of the regions are at level 0 (above that,
-  and on grids the region size does not divide, the whole token map is faster).
+* :func:`dwconv_selected` (inference): level-0 tokens are convolved from their regions' halo patches
+  ((S+2)^2 tokens, read from the queries covering them) while at most :data:`HALO_MAX_SHARE` of the regions
+  are at level 0; each used coarser level's cell map is then gathered at its own resolution from the selected
+  queries (1/4 or 1/16 of the tokens, finer queries added into the cells next to coarse ones) and convolved.
+  Above that share, and on grids the region size does not divide, the whole token map is built for level 0
+  and the coarser cell maps are pooled from it (one native pooling pass beats adding the finer queries into
+  the cells row by row at the hidden width).
+* :func:`dwconv_tokens` (dense inference, every token a row): the same outputs from the token map.
 
 :func:`dwconv_macs` gives the MACs each image would run alone, as :func:`vitconvert.count_macs` counts them.
 Why all this: broadcasting hidden states to the full grid, convolving and pooling back cost more CPU time

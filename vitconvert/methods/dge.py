@@ -31,8 +31,11 @@ keeps its keys and values dense but computes its queries at a granularity chosen
   runs *densely*: every token is a query row holding its query's state (a coarse query repeated over its
   sub-patch, :class:`~vitconvert.layers.ragged.TokenQueries`; PVT-v2's convolution from the token map,
   :func:`~vitconvert.layers.scale_conv.dwconv_tokens`), in the base block's shapes and with the same results;
-  a batch with every region at the finest granularity runs the base block itself. ``auto`` (the default)
-  takes the path :func:`path_costs` estimates cheaper: a deterministic model of the block's matrix-product
+  a batch with every region at the finest granularity runs the base block itself. Under ``auto`` (the default)
+  a batch whose images each take one level in all their regions (always so on grids of one region, like
+  PVT-v2's last stages on small images) runs *split*: one dense batch per level, the finest images through
+  the base block, the others with their level's whole cell map as queries (no gathers, no padding). Otherwise
+  ``auto`` takes the path :func:`path_costs` estimates cheaper: a deterministic model of the block's matrix-product
   MACs, elements moved and operators launched on each path, with per-device constants
   (:data:`EXECUTION_COSTS`) measured on the benchmark CPU. Modelled rather than timed at run time: the same
   gates always take the same path (reproducible results), and no measurement inside a forward pass is
@@ -167,7 +170,7 @@ class _Record:
     gates: torch.Tensor | None  # (B, Rh, Rw) granularity index (inference)
     router_ran: bool
     conv_macs: torch.Tensor | None = None  # (B,) PVT-v2: MACs of the depthwise convolution on this path
-    path: str = "sparse"  # how it ran (inference): sparse, dense (every token a query row) or base (all finest)
+    path: str = "sparse"  # how it ran (inference): sparse, dense (every token a row), split (by level) or base
 
 
 # (block index, batch, regions, device) -> (batch, regions) granularity index of each region (long, 0 = finest).
@@ -935,8 +938,8 @@ class DGE(ConvertedModel):
         extras: dict[str, torch.Tensor] = {}
         if recs:
             extras["queries"] = torch.stack([r.nq for r in recs], dim=1).float()
-            # Blocks this batch ran densely (every token a query row, or the base block): same results, and
-            # ``gmacs`` still counts the DGE computation, which is what the model computes.
+            # Blocks this batch ran not sparse (every token a query row, split by level, or the base block): same
+            # results, and ``gmacs`` still counts the DGE computation, which is what the model computes.
             extras["dense_blocks"] = torch.full((b,), float(sum(r.path != "sparse" for r in recs)), device=x.device)
             for r in recs:
                 if r.gates is not None:
