@@ -180,6 +180,8 @@ def dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], l
             out.index_copy_(0, rows, res.index_select(0, index))
 
     pooled: dict[int, torch.Tensor] | None = None  # cell maps pooled from the whole token map, once it is built
+    fine_cells: dict[int, torch.Tensor] = {}  # level k -> the level-0 regions' level-k cells (halo patches)
+    fine_regions: tuple[torch.Tensor, torch.Tensor] | None = None  # (image, region) of each halo patch
     for k, p in enumerate(lay.sizes):
         rows, img, col = levels[k]
         if not rows.numel():
@@ -188,15 +190,27 @@ def dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], l
             # Each level-0 region with a one-token ring (the ring reads the queries covering it): a valid
             # 3x3 convolution of (S+2)^2 tokens gives its S^2 outputs.
             assert lay.halo_tok is not None
-            img0, reg0 = level0.nonzero().unbind(1)
+            img0, reg0 = level0.view(b, -1).nonzero().unbind(1)
             halo = lay.halo_tok[reg0]
             src = torch.where(halo >= 0, q.flat_tok_rows[img0.unsqueeze(1), halo.clamp(min=0)], r)
             side = lay.region + 2
-            patches = table.index_select(0, src.flatten()).view(-1, side, side, d).permute(0, 3, 1, 2)
-            res = F.conv2d(patches, conv.weight, conv.bias, groups=conv.groups).permute(0, 2, 3, 1)
+            patches = table.index_select(0, src.flatten()).view(-1, side, side, d)
+            res = F.conv2d(patches.permute(0, 3, 1, 2), conv.weight, conv.bias, groups=conv.groups)
             rank = level0.flatten().cumsum(0).view(b, -1) - 1  # patch number of each level-0 region
             squares = lay.region * lay.region
-            put(0, rows, res.reshape(-1, d), rank[img, lay.tok_region[col]] * squares + lay.tok_local[col])
+            put(0, rows, res.permute(0, 2, 3, 1).reshape(-1, d),
+                rank[img, lay.tok_region[col]] * squares + lay.tok_local[col])
+            # The level-0 regions' cells of the coarser levels used, averaged from the patches' inner S x S
+            # tokens (strided adds; the regions are whole, the grid being divisible): what the coarser cell maps
+            # hold there, without adding the level-0 rows into them one by one.
+            sums, step = patches[:, 1:-1, 1:-1], 1
+            for j in range(1, len(lay.sizes)):
+                f = lay.sizes[j] // step
+                sums = sum(sums[:, a::f, c::f] for a in range(f) for c in range(f))
+                step = lay.sizes[j]
+                if levels[j][0].numel():
+                    fine_cells[j] = sums.reshape(-1, d) * (1.0 / (step * step))
+            fine_regions = (img0, reg0)
             continue
         ch, cw = -(-hw[0] // p), -(-hw[1] // p)
         if k == 0:  # the whole token map
@@ -230,6 +244,17 @@ def dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], l
         ring = F.max_pool2d(here.view(-1, 1, ch, cw).to(table.dtype), 3, 1, 1).flatten().bool()
         # Finer queries: averaged into their cells with their share of the cell's real tokens.
         for j, (rows_j, img_j, col_j) in enumerate(levels[:k]):
+            if j == 0 and k in fine_cells and fine_regions is not None:  # from the halo patches, cell by cell
+                img_f, reg_f = fine_regions
+                keep = slot[img_f] >= 0
+                side_k = lay.region // p  # cells per region side
+                local = torch.arange(side_k * side_k, device=gates.device)
+                ry, rx = (reg_f[keep] // lay.regions[1]).unsqueeze(1), (reg_f[keep] % lay.regions[1]).unsqueeze(1)
+                at = (slot[img_f[keep]].unsqueeze(1) * lay.counts[k] + (ry * side_k + local // side_k) * cw
+                      + rx * side_k + local % side_k)
+                patch = keep.nonzero() * (side_k * side_k) + local  # (kept patches, cells per region)
+                cells.index_copy_(0, at.flatten(), fine_cells[k].index_select(0, patch.flatten()))
+                continue
             c = start[j] + col_j
             at = slot[img_j] * lay.counts[k] + lay.cand_cell[k][c]
             keep = (slot[img_j] >= 0) & ring[at.clamp(min=0)]
