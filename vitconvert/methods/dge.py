@@ -575,9 +575,11 @@ class DGEBlock(nn.Module):
 
 
 def _act(act: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """The MLP's activation; timm's exact GELU in place when autograd is off (``h`` is a fresh buffer of the
-    block's own: no new hidden-width tensor is allocated and faulted in)."""
-    if type(act) is nn.GELU and not torch.is_grad_enabled():
+    """The MLP's activation; timm's GELU in place when autograd is off (``h`` is a fresh buffer of the block's
+    own: no new hidden-width tensor is allocated and faulted in) and no hook watches the module."""
+    hooked = act._forward_hooks or act._forward_pre_hooks or nn.modules.module._global_forward_hooks or \
+        nn.modules.module._global_forward_pre_hooks
+    if type(act) is nn.GELU and not torch.is_grad_enabled() and not hooked:
         return torch.ops.aten.gelu_(h, approximate=act.approximate)
     return act(h)
 
