@@ -156,8 +156,8 @@ def dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], l
     """Inference: (R + 1, D) hidden rows of the selected queries and a last row of zeros (read off the grid)
     -> the (R, D) convolution outputs of the queries (``q.gates``: the (B, R) level of each region).
 
-    Without autograd, packed rows whose level 0 runs on the whole token map are written over ``table``'s own rows
-    (everything later is read from the token map): one hidden-width buffer less to allocate and fault in."""
+    Without autograd, packed outputs are written over ``table``'s own rows once every level has read them: one
+    hidden-width buffer less to allocate and fault in (large CPU buffers are fresh pages on every call)."""
     r, d = table.shape[0] - 1, table.shape[1]
     hidden = table[:r]
     gates = q.gates
@@ -165,19 +165,12 @@ def dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], l
     levels = [q.level_rows(k) for k in range(len(lay.sizes))]  # (rows, image, column) of each level
     level0 = gates == 0
     whole_map = bool(levels[0][0].numel()) and not bool(use_halo(level0.flatten(), lay))
-    # Every packed row is a query and gets written; padded layouts keep zeros in their padding slots.
-    if isinstance(q, PackedQueries):
-        out = hidden if whole_map and not torch.is_grad_enabled() else hidden.new_empty(r, d)
-    else:
-        out = hidden.new_zeros(r, d)
     start = [0, *itertools.accumulate(lay.counts)]
+    results: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # written once every level is read
 
     def put(k: int, rows: torch.Tensor, res: torch.Tensor, index: torch.Tensor) -> None:
-        """out[rows] = res[index]; a packed group's rows are one block, written by one gather."""
-        if isinstance(q, PackedQueries) and not torch.is_grad_enabled():
-            torch.index_select(res, 0, index, out=out[q.offsets[k]:q.offsets[k + 1]])
-        else:  # autograd records index_copy_, not out= writes
-            out.index_copy_(0, rows, res.index_select(0, index))
+        """out[rows] = res[index], once every level's inputs have been read."""
+        results.append((k, rows, res, index))
 
     pooled: dict[int, torch.Tensor] | None = None  # cell maps pooled from the whole token map, once it is built
     fine_cells: dict[int, torch.Tensor] = {}  # level k -> the level-0 regions' level-k cells (halo patches)
@@ -264,6 +257,15 @@ def dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], l
                 cells.index_add_(0, at, hidden.index_select(0, rows_j) * weight)
         res = conv_at(conv, cells.view(-1, ch, cw, d), p, hw).reshape(-1, d)
         put(k, rows, res, slot[img] * lay.counts[k] + col)
+    # Every packed row is a query and gets written: without autograd, over the hidden rows themselves (no longer
+    # read), a packed group's rows as one block by one gather. Padded layouts keep zeros in their padding slots.
+    if isinstance(q, PackedQueries) and not torch.is_grad_enabled():
+        for k, _, res, index in results:
+            torch.index_select(res, 0, index, out=hidden[q.offsets[k]:q.offsets[k + 1]])
+        return hidden
+    out = hidden.new_empty(r, d) if isinstance(q, PackedQueries) else hidden.new_zeros(r, d)
+    for _, rows, res, index in results:  # autograd records index_copy_, not out= writes
+        out.index_copy_(0, rows, res.index_select(0, index))
     return out
 
 
