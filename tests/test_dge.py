@@ -245,9 +245,11 @@ def test_pvt_v2_b0_at_224_uniform_level_convolves_like_full_resolution(level: in
     mode = ["sparse"]
     hooks = []
     for blk in blocks:
-        hidden: list[torch.Tensor] = []  # the convolution's input rows (written by the identity after fc1)
+        # the convolution's input rows (written by the identity after fc1; copied: inference writes the
+        # convolution's outputs over them)
+        hidden: list[torch.Tensor] = []
         hooks.append(blk.register_forward_pre_hook(lambda m, a: grid_of.__setitem__(m.index, tuple(a[1]))))
-        hooks.append(blk.mlp.relu.register_forward_hook(lambda m, a, out, hidden=hidden: hidden.append(out)))
+        hooks.append(blk.mlp.relu.register_forward_hook(lambda m, a, out, hidden=hidden: hidden.append(out.clone())))
         hooks.append(blk.mlp.act.register_forward_pre_hook(
             lambda m, a, hidden=hidden, i=blk.index: seen[mode[0]].append((hidden.pop(), a[0], i))))
     model.override_gates(lambda i, b, r, dev: torch.full((b, r), level, dtype=torch.long, device=dev))
