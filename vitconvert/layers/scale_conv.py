@@ -123,11 +123,10 @@ def dwconv_all(conv: nn.Conv2d, hidden: torch.Tensor, hw: tuple[int, int], lay: 
 
 
 # Level-0 tokens are convolved from halo patches while at most this share of the regions is at level 0;
-# above it one convolution of the whole token map is faster on CPU (the patches read 2.25x the tokens). Measured
-# on the benchmark CPU (1 thread, oneDNN, channels-last): 6x6 patches of 30% of the regions convolve in half
-# the time of the whole 16x16 map (4.2 vs 8.2 ms, 64 images, 256 channels), of 50% of a 56x56 map's regions
-# in 56% (65 vs 115 ms); with the coarser cells then averaged from the patches, PVT-v2 DGE runs 1.18x -> 1.49x
-# the base's speed at 59% GMACs (cifar10-pvt64, batch 64) and 1.06x -> 1.17x on PVT-v2-b1 at 71% (batch 16).
+# above it one convolution of the whole token map is faster on CPU (the patches read 2.25x the tokens). On the
+# benchmark CPU (oneDNN, channels-last) the 6x6 patches of half the regions convolve in about half the time of
+# the whole map, and the coarser cells are then averaged from the patches instead of pooled from a whole
+# hidden-width map (``benchmarks/results/wallclock.json``: the PVT-v2 rows).
 HALO_MAX_SHARE = 0.6
 
 
