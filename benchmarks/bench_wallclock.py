@@ -17,7 +17,8 @@ Rows, in this order (what a user meets first comes first):
    batch 64, and DeiT-S at rho 0.5 at batch 1.
 
 Every DGE row times the base model, DGE as it ships (``execution=auto``: each block and batch takes the path
-the cost model estimates cheaper) and DGE forced sparse (``execution=sparse``, the path before issue 18), in
+the cost model estimates cheaper) and DGE forced sparse (``execution=sparse``: never dense, split or the base
+block, as before issue 18, but with today's sparse kernels), in
 the same interleaved rounds (:func:`benchmarks.timing.compare`); ratios are per-round paired medians. "Share of
 the GMACs ideal" = throughput ratio x GMACs share (1.0: time falls exactly with the MACs).
 
@@ -287,9 +288,9 @@ def report_rows(measurements: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown_table(measurements: list[dict[str, Any]]) -> str:
-    """The issue's table: one line per measurement (DGE as shipped; before issue 18 = forced sparse)."""
+    """The issue's table: one line per measurement (DGE as shipped; "sparse only" = forced sparse)."""
     lines = ["| model | gates | threads | batch | GMACs share | throughput vs base | share of the GMACs ideal "
-             "| sparse only (before) |", "|---|---|---|---|---|---|---|---|"]
+             "| sparse only |", "|---|---|---|---|---|---|---|---|"]
     for m in measurements:
         point = ", ".join(f"{k}={v:g}" for k, v in (m.get("point") or {}).items())
         name = f"{m['method']}, {m['model']}" + (f" rho {m['rho']}" if "rho" in m else "")
@@ -347,7 +348,8 @@ def run(quick: bool, out_dir: Path, trained: Path = TRAINED, only: str = "all", 
         "settings": cfg,
         "note": ("CPU shared with other jobs (load averages per row); base and converted timed in interleaved "
                  "rounds, ratios are per-round paired medians. dge_auto: DGE as shipped (per block and batch, "
-                 "sparse or dense by the cost model); dge_sparse: always the sparse path (before issue 18)."
+                 "sparse or dense by the cost model, split by level where each image takes one); dge_sparse: "
+                 "always the sparse path (as before issue 18, with the sparse kernels of the run's date)."
                  + (" Rows measured again in this run (their date) merged into an earlier run's rows."
                     if select is not None else "")),
         "measurements": rows,
