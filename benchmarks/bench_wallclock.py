@@ -17,15 +17,17 @@ Rows, in this order (what a user meets first comes first):
    batch 64, and DeiT-S at rho 0.5 at batch 1.
 
 Every DGE row times the base model, DGE as it ships (``execution=auto``: each block and batch takes the path
-the cost model estimates cheaper) and DGE forced sparse (``execution=sparse``, the path before issue 18), in
+the cost model estimates cheaper) and DGE forced sparse (``execution=sparse``: never dense, split or the base
+block, as before issue 18, but with today's sparse kernels), in
 the same interleaved rounds (:func:`benchmarks.timing.compare`); ratios are per-round paired medians. "Share of
 the GMACs ideal" = throughput ratio x GMACs share (1.0: time falls exactly with the MACs).
 
 Writes ``benchmarks/results/wallclock.json`` (machine, threads, OpenMP policy, load average before and after each
-row). Usage (from the repo root; 10-15 minutes on the 2-core CPU once the trained models exist)::
+row; each row its date). Usage (from the repo root; 10-15 minutes on the 2-core CPU once the trained models exist)::
 
     flock /work/heavy.lock python -m benchmarks.bench_wallclock
     python -m benchmarks.bench_wallclock --quick   # smoke run, results/quick/
+    python -m benchmarks.bench_wallclock --rows dge_pvt64,pvt_v2_b1:0.7:64   # these rows again, merged in
 """
 
 from __future__ import annotations
@@ -240,10 +242,10 @@ def stand_in_rows(missing: list[str], cfg: dict[str, Any]) -> list[dict[str, Any
     return rows
 
 
-def arch_rows(cfg: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
+def arch_rows(cfg: dict[str, Any], quick: bool, which: Any = None) -> list[dict[str, Any]]:
     rows = []
     built: dict[str, tuple[DGE, torch.nn.Module]] = {}
-    for arch, rho, batch in ARCH_ROWS:
+    for arch, rho, batch in ARCH_ROWS if which is None else which:
         if arch not in built:
             torch.manual_seed(0)
             model = vitconvert.apply(arch, "dge", pretrained=False)
@@ -286,9 +288,9 @@ def report_rows(measurements: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown_table(measurements: list[dict[str, Any]]) -> str:
-    """The issue's table: one line per measurement (DGE as shipped; before issue 18 = forced sparse)."""
+    """The issue's table: one line per measurement (DGE as shipped; "sparse only" = forced sparse)."""
     lines = ["| model | gates | threads | batch | GMACs share | throughput vs base | share of the GMACs ideal "
-             "| sparse only (before) |", "|---|---|---|---|---|---|---|---|"]
+             "| sparse only |", "|---|---|---|---|---|---|---|---|"]
     for m in measurements:
         point = ", ".join(f"{k}={v:g}" for k, v in (m.get("point") or {}).items())
         name = f"{m['method']}, {m['model']}" + (f" rho {m['rho']}" if "rho" in m else "")
@@ -300,17 +302,42 @@ def markdown_table(measurements: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(quick: bool, out_dir: Path, trained: Path = TRAINED, only: str = "all", train_missing: bool = False
-        ) -> dict[str, Any]:
+def row_key(m: dict[str, Any]) -> str:
+    """What a measurement measures (model, point or rho, batch): a re-measured row replaces the old one."""
+    point = json.dumps(m.get("point"), sort_keys=True) if "rho" not in m else str(m["rho"])
+    return f"{m['row']}|{point}|{m['batch']}"
+
+
+def merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` with the rows ``new`` measures again replaced in place, then ``new``'s other rows."""
+    fresh = {row_key(m): m for m in new}
+    out = [fresh.pop(row_key(m), m) for m in old]
+    return out + [m for m in new if row_key(m) in fresh]
+
+
+def run(quick: bool, out_dir: Path, trained: Path = TRAINED, only: str = "all", train_missing: bool = False,
+        select: list[str] | None = None) -> dict[str, Any]:
+    """Measure the rows (``select``: only the trained models named and the architecture rows given as
+    ``arch:rho:batch``, merged into the results already in ``out_dir``) and write the results."""
     cfg = SETTINGS["quick" if quick else "full"]
     start = timing.machine_block()
     rows: list[dict[str, Any]] = []
     if only in ("all", "trained"):
         found = ensure_trained(trained, quick, build=train_missing)
-        rows += trained_rows(found, cfg)
-        rows += stand_in_rows([n for n, _, _ in TRAINED_MODELS if n not in found], cfg)
+        names = [n for n, _, _ in TRAINED_MODELS if select is None or n in select]
+        rows += trained_rows({n: f for n, f in found.items() if n in names}, cfg)
+        rows += stand_in_rows([n for n in names if n not in found], cfg)
     if only in ("all", "arch"):
-        rows += arch_rows(cfg, quick)
+        keep = None if select is None else [a for a in ARCH_ROWS if f"{a[0]}:{a[1]}:{a[2]}" in select]
+        rows += arch_rows(cfg, quick, keep)
+    for m in rows:
+        m["date"] = start["date"]
+    old = out_dir / "wallclock.json"
+    if select is not None and old.is_file():
+        before = json.loads(old.read_text())
+        for m in before["measurements"]:
+            m.setdefault("date", before["machine"]["date"])
+        rows = merge(before["measurements"], rows)
     result = {
         "name": "wallclock",
         "quick": quick,
@@ -321,7 +348,10 @@ def run(quick: bool, out_dir: Path, trained: Path = TRAINED, only: str = "all", 
         "settings": cfg,
         "note": ("CPU shared with other jobs (load averages per row); base and converted timed in interleaved "
                  "rounds, ratios are per-round paired medians. dge_auto: DGE as shipped (per block and batch, "
-                 "sparse or dense by the cost model); dge_sparse: always the sparse path (before issue 18)."),
+                 "sparse or dense by the cost model, split by level where each image takes one); dge_sparse: "
+                 "always the sparse path (as before issue 18, with the sparse kernels of the run's date)."
+                 + (" Rows measured again in this run (their date) merged into an earlier run's rows."
+                    if select is not None else "")),
         "measurements": rows,
         "rows": report_rows(rows),
     }
@@ -338,11 +368,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--trained", type=Path, default=TRAINED, help="folder of the trained model folders")
     parser.add_argument("--only", choices=("all", "trained", "arch"), default="all")
+    parser.add_argument("--rows", default=None,
+                        help="comma-separated rows to measure again, merged into the existing results: trained "
+                             "model names (" + ", ".join(CIFAR_BASES) + ") and architecture rows as arch:rho:batch ("
+                             + ", ".join(f"{a}:{r}:{b}" for a, r, b in ARCH_ROWS) + ")")
     parser.add_argument("--train-missing", action="store_true",
                         help="fine-tune and calibrate missing trained models with the short recipe (~15 min each)")
     args = parser.parse_args(argv)
     out = args.out or (REPO / "benchmarks" / "results" / ("quick" if args.quick else ""))
-    run(args.quick, out, args.trained, args.only, args.train_missing)
+    select = None
+    if args.rows is not None:
+        select = [r.strip() for r in args.rows.split(",") if r.strip()]
+        known = {*CIFAR_BASES, *(f"{a}:{r}:{b}" for a, r, b in ARCH_ROWS)}
+        bad = [r for r in select if r not in known]
+        if bad:
+            print(f"bench_wallclock: unknown rows {bad}; known: {sorted(known)}", file=sys.stderr)
+            return 2
+    run(args.quick, out, args.trained, args.only, args.train_missing, select)
     return 0
 
 

@@ -287,3 +287,18 @@ def test_execution_fit_recovers_known_weights() -> None:
     assert choice_quality(samples, weights, 1)["right"] == 40
     wrong = choice_quality(samples, {"mm": 1.0, "rows": 1.0, "move": 0.0, "conv": 0.0, "ops": 0.0}, 1)
     assert wrong["right"] < 40 and wrong["seconds_lost"] > 0
+
+
+def test_wallclock_rows_measured_again_replace_their_old_rows() -> None:
+    """``bench_wallclock --rows``: a row measured again replaces the old one in place (same model, point or rho and
+    batch); the others stay, new rows follow."""
+    from benchmarks.bench_wallclock import merge
+
+    def m(row: str, batch: int, ratio: float, **kw: object) -> dict:
+        return {"row": row, "batch": batch, "throughput_ratio": ratio, **kw}
+
+    old = [m("dge_vit calibrated", 64, 1.6, point={"coarsening": 0.05}), m("dge_vit calibrated", 1, 0.6,
+           point={"coarsening": 0.05}), m("pvt_v2_b1 rho 0.7", 64, 0.77, rho=0.7)]
+    new = [m("pvt_v2_b1 rho 0.7", 64, 0.9, rho=0.7), m("dge_vit calibrated", 64, 1.7, point={"coarsening": 0.1})]
+    merged = merge(old, new)
+    assert [r["throughput_ratio"] for r in merged] == [1.6, 0.6, 0.9, 1.7]

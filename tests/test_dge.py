@@ -245,9 +245,11 @@ def test_pvt_v2_b0_at_224_uniform_level_convolves_like_full_resolution(level: in
     mode = ["sparse"]
     hooks = []
     for blk in blocks:
-        hidden: list[torch.Tensor] = []  # the convolution's input rows (written by the identity after fc1)
+        # the convolution's input rows (written by the identity after fc1; copied: inference writes the
+        # convolution's outputs over them)
+        hidden: list[torch.Tensor] = []
         hooks.append(blk.register_forward_pre_hook(lambda m, a: grid_of.__setitem__(m.index, tuple(a[1]))))
-        hooks.append(blk.mlp.relu.register_forward_hook(lambda m, a, out, hidden=hidden: hidden.append(out)))
+        hooks.append(blk.mlp.relu.register_forward_hook(lambda m, a, out, hidden=hidden: hidden.append(out.clone())))
         hooks.append(blk.mlp.act.register_forward_pre_hook(
             lambda m, a, hidden=hidden, i=blk.index: seen[mode[0]].append((hidden.pop(), a[0], i))))
     model.override_gates(lambda i, b, r, dev: torch.full((b, r), level, dtype=torch.long, device=dev))
@@ -279,7 +281,7 @@ def test_pvt_v2_b0_at_224_uniform_level_convolves_like_full_resolution(level: in
 
 
 @pytest.mark.parametrize("key", ["pvt_v2", "pvt_v2_56"])
-@pytest.mark.parametrize("level0_share", [0.1, 0.6])  # halo patches / the whole token map for level 0
+@pytest.mark.parametrize("level0_share", [0.1, 0.85])  # halo patches / the whole token map for level 0
 def test_pvt_sparse_equals_training_path_with_all_levels_mixed(key: str, level0_share: float) -> None:
     """Every granularity next to every other (finer queries averaged into coarser cells), both ways of
     convolving level 0; per-image GMACs = count_macs of that image alone with the same gates."""
@@ -633,3 +635,36 @@ def test_all_finest_batches_run_the_base_block_and_auto_follows_the_cost_model()
     assert estimate(coarse[:8], 2)["sparse"] - estimate(coarse[:8], 1)["sparse"] > 0
     with pytest.raises(UserError, match="execution must be"):
         model.execution = "fast"
+
+
+def one_level_per_image(block: int, batch: int, regions: int, device: torch.device) -> torch.Tensor:
+    """Each image's regions all at one level (as on grids of one region), every level among the images."""
+    levels = torch.tensor([1, 0, 2, 1, 2, 0, 1, 2])[(torch.arange(8) + block) % 8]
+    return levels[:batch].view(-1, 1).expand(batch, regions).to(device)
+
+
+@pytest.mark.parametrize("key", ["deit_distilled", "pvt_v2_56"])
+def test_auto_splits_batches_whose_images_take_one_level_each(key: str) -> None:
+    """Where each image's regions share one level, auto runs the block as one dense batch per level (the finest
+    images through the base block, the others with their level's whole cell map as queries): the sparse path's
+    logits, gradients and GMACs, recorded as not sparse."""
+    model = convert(key).eval()
+    x = images(model, 5)
+    outs = {}
+    for execution in ("sparse", "auto"):
+        model.execution = execution
+        model.override_gates(one_level_per_image)
+        with torch.no_grad():
+            outs[execution] = model.forward_dynamic(x)
+        xg = x.clone().requires_grad_()
+        (outs[execution + "_grad"],) = torch.autograd.grad(model.forward_dynamic(xg).logits[:, 0].sum(), xg)
+    sparse, auto = outs["sparse"], outs["auto"]
+    assert (auto.logits - sparse.logits).abs().max().item() <= 1e-5
+    assert (outs["auto_grad"] - outs["sparse_grad"]).abs().max().item() <= 1e-5
+    assert (sparse.logits - model.build_base()(x)).abs().max().item() > 1e-3  # coarse levels changed the output
+    assert torch.equal(auto.gmacs, sparse.gmacs)
+    assert auto.extras["dense_blocks"].tolist() == [float(len(model.dynamic_blocks))] * 5
+    # the first image alone (its gates do not depend on the batch): the same as in the batch
+    with torch.no_grad():
+        alone = model.forward_dynamic(x[:1])
+    assert (alone.logits - auto.logits[:1]).abs().max().item() <= 1e-5

@@ -11,6 +11,8 @@ covering it (``to_tokens``):
 * :class:`PaddedQueries`: each image's queries padded to the batch's largest count, (B, L, C);
 * :class:`AllQueries`: every candidate as a query, (B, T, C), for dense training paths that combine the
   levels afterwards;
+* :class:`UniformQueries`: images whose regions all take one level, each with that level's whole cell map as
+  its queries (a dense batch at the level's resolution);
 * :class:`TokenQueries`: every token as a query row holding the state of the query covering it, (B, N, C):
   the selection run densely, in the base model's shapes (a coarse query's row repeated over its sub-patch),
   for blocks where gathering and scattering the selected rows costs more than it saves. Rows attend and
@@ -24,7 +26,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AllQueries", "PackedQueries", "PaddedQueries", "QuerySelection", "TokenQueries", "attend_batched"]
+__all__ = ["AllQueries", "PackedQueries", "PaddedQueries", "QuerySelection", "TokenQueries", "UniformQueries",
+           "attend_batched"]
 
 
 class PackedQueries:
@@ -179,7 +182,8 @@ class TokenQueries:
     of a selection; see the module docstring). Row i of image b is token i, so no scatter back is needed."""
 
     def __init__(self, qsel: torch.Tensor, tok_src: torch.Tensor, n_full: int, sizes: list[int],
-                 gates: torch.Tensor, cand_first: torch.Tensor | None = None) -> None:
+                 gates: torch.Tensor, cand_first: torch.Tensor | None = None, bounds: list[int] | None = None
+                 ) -> None:
         """
         Args:
             qsel: (B, T) which candidates of each image are queries.
@@ -189,6 +193,10 @@ class TokenQueries:
             gates: (B, R) level of each region.
             cand_first: (T,) first token each candidate covers; given, the queries' own rows are indexed too
                 (:meth:`to_unique`, :meth:`from_unique`), for per-row layers that need not run on repeated rows.
+            bounds: Column bounds of each level's candidates in ``qsel``; given (with ``cand_first``), the
+                queries' own rows are ordered level after level (image after image inside a level), and
+                ``level_offsets`` / ``level_cells`` say where each level's rows are and which row of that
+                level's (B * n_k)-row map each one is, so per-level results are written without a token map.
         """
         self.nq = qsel.sum(1)
         self.gates = gates
@@ -196,9 +204,21 @@ class TokenQueries:
         self.batch, self.tokens = tok_src.shape
         self.unique_rows: torch.Tensor | None = None
         self.unique_of: torch.Tensor | None = None
+        self.level_offsets: list[int] | None = None
+        self.level_cells: list[torch.Tensor] | None = None
         if cand_first is not None:
             # One row per query (the first token it covers), image after image, and for every token that row.
             img, cand = qsel.nonzero().unbind(1)
+            if bounds is not None:
+                edges = torch.tensor(bounds[1:-1], device=qsel.device)
+                level = torch.bucketize(cand, edges, right=True)
+                order = torch.argsort(level, stable=True)
+                img, cand, level = img[order], cand[order], level[order]
+                per_level = torch.bincount(level, minlength=len(bounds) - 1).tolist()
+                self.level_offsets = [0, *itertools.accumulate(per_level)]
+                widths = [e - s for s, e in itertools.pairwise(bounds)]
+                self.level_cells = [img[s:e] * widths[k] + cand[s:e] - bounds[k] for k, (s, e) in
+                                    enumerate(itertools.pairwise(self.level_offsets))]
             self.unique_rows = img * self.tokens + cand_first[cand]
             row_of = torch.full(qsel.shape, -1, dtype=torch.long, device=qsel.device)
             row_of[img, cand] = torch.arange(img.numel(), device=qsel.device)
@@ -240,6 +260,36 @@ class TokenQueries:
         return u.index_select(0, self.unique_of).view(self.batch, self.tokens, u.shape[-1])
 
 
+class UniformQueries:
+    """Images whose regions all take one level: each image's queries are its prefix tokens and that level's whole
+    cell map, (B, P + n_k, C) taken as they are from the pooled table (no gathers, no padding: a dense batch at
+    the level's resolution); every token takes the row of its cell."""
+
+    def __init__(self, prefix: int, size: int, tok_index: torch.Tensor, gates: torch.Tensor) -> None:
+        """
+        Args:
+            prefix: Prefix tokens (always queries at full granularity).
+            size: Sub-patch side of the level.
+            tok_index: (P + HW,) the query row covering each token (prefix first).
+            gates: (B, R) level of each region (the same in every region of an image).
+        """
+        self.prefix = prefix
+        self.size = size
+        self.tok_index = tok_index
+        self.gates = gates
+
+    def gather(self, full: torch.Tensor, pooled: dict[int, torch.Tensor]) -> torch.Tensor:
+        cells = pooled[self.size]
+        return torch.cat([full[:, :self.prefix], cells], dim=1) if self.prefix else cells
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+        return attend_batched(q, k, v, dropout)
+
+    def to_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, P + n_k, D) query rows -> (B, P + HW, D)."""
+        return t.index_select(1, self.tok_index)
+
+
 def attend_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
     """(B, L, D) queries against (B, h, Nk, d) keys/values -> (B, L, D)."""
     b, length, d = q.shape
@@ -247,4 +297,4 @@ def attend_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: f
     return F.scaled_dot_product_attention(qh, k, v, dropout_p=dropout).transpose(1, 2).reshape(b, length, d)
 
 
-QuerySelection = PackedQueries | PaddedQueries | AllQueries | TokenQueries
+QuerySelection = PackedQueries | PaddedQueries | AllQueries | TokenQueries | UniformQueries

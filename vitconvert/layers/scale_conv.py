@@ -13,11 +13,14 @@ Two ways to run it:
 
 * :func:`dwconv_all` (dense training paths): every level's cell map built from the gated full map,
   each convolved whole.
-* :func:`dwconv_selected` (inference): the full hidden map is never built for coarse regions. Each used
-  level's cell map is gathered at its own resolution from the selected queries (1/4 or 1/16 of the tokens)
-  and convolved; level-0 tokens are convolved from their regions' halo patches ((S+2)^2 tokens, read from
-  the queries covering them) while at most :data:`HALO_MAX_SHARE` of the regions are at level 0 (above that,
-  and on grids the region size does not divide, the whole token map is faster).
+* :func:`dwconv_selected` (inference): level-0 tokens are convolved from their regions' halo patches
+  ((S+2)^2 tokens, read from the queries covering them) while at most :data:`HALO_MAX_SHARE` of the regions
+  are at level 0; each used coarser level's cell map is then gathered at its own resolution from the selected
+  queries (1/4 or 1/16 of the tokens, finer queries added into the cells next to coarse ones) and convolved.
+  Above that share, and on grids the region size does not divide, the whole token map is built for level 0
+  and the coarser cell maps are pooled from it (one native pooling pass beats adding the finer queries into
+  the cells row by row at the hidden width).
+* :func:`dwconv_tokens` (dense inference, every token a row): the same outputs from the token map.
 
 :func:`dwconv_macs` gives the MACs each image would run alone, as :func:`vitconvert.count_macs` counts them.
 Why all this: broadcasting hidden states to the full grid, convolving and pooling back cost more CPU time
@@ -120,9 +123,11 @@ def dwconv_all(conv: nn.Conv2d, hidden: torch.Tensor, hw: tuple[int, int], lay: 
 
 
 # Level-0 tokens are convolved from halo patches while at most this share of the regions is at level 0;
-# above it one convolution of the whole token map is faster on CPU (the patches read 2.25x the tokens and
-# a convolution over many 6x6 maps runs far below the kernel's speed on one large map).
-HALO_MAX_SHARE = 0.25
+# above it one convolution of the whole token map is faster on CPU (the patches read 2.25x the tokens). On the
+# benchmark CPU (oneDNN, channels-last) the 6x6 patches of half the regions convolve in about half the time of
+# the whole map, and the coarser cells are then averaged from the patches instead of pooled from a whole
+# hidden-width map (``benchmarks/results/wallclock.json``: the PVT-v2 rows).
+HALO_MAX_SHARE = 0.6
 
 
 def use_halo(level0: torch.Tensor, lay: RegionLayout) -> torch.Tensor:
@@ -151,61 +156,100 @@ def dwconv_macs(conv: nn.Conv2d, gates: torch.Tensor, lay: RegionLayout) -> torc
 def dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], lay: RegionLayout,
                     q: PackedQueries | PaddedQueries) -> torch.Tensor:
     """Inference: (R + 1, D) hidden rows of the selected queries and a last row of zeros (read off the grid)
-    -> the (R, D) convolution outputs of the queries (``q.gates``: the (B, R) level of each region)."""
+    -> the (R, D) convolution outputs of the queries (``q.gates``: the (B, R) level of each region).
+
+    Without autograd, packed outputs are written over ``table``'s own rows once every level has read them: one
+    hidden-width buffer less to allocate and fault in (large CPU buffers are fresh pages on every call)."""
     r, d = table.shape[0] - 1, table.shape[1]
     hidden = table[:r]
     gates = q.gates
     b = gates.shape[0]
-    # Every packed row is a query and gets written; padded layouts keep zeros in their padding slots.
-    out = hidden.new_empty(r, d) if isinstance(q, PackedQueries) else hidden.new_zeros(r, d)
-    start = [0, *itertools.accumulate(lay.counts)]
-
-    def put(k: int, rows: torch.Tensor, res: torch.Tensor, index: torch.Tensor) -> None:
-        """out[rows] = res[index]; a packed group's rows are one block, written by one gather."""
-        if isinstance(q, PackedQueries) and not torch.is_grad_enabled():
-            torch.index_select(res, 0, index, out=out[q.offsets[k]:q.offsets[k + 1]])
-        else:  # autograd records index_copy_, not out= writes
-            out.index_copy_(0, rows, res.index_select(0, index))
-
     levels = [q.level_rows(k) for k in range(len(lay.sizes))]  # (rows, image, column) of each level
     level0 = gates == 0
+    whole_map = bool(levels[0][0].numel()) and not bool(use_halo(level0.flatten(), lay))
+    start = [0, *itertools.accumulate(lay.counts)]
+    results: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # written once every level is read
+
+    def put(k: int, rows: torch.Tensor, res: torch.Tensor, index: torch.Tensor) -> None:
+        """out[rows] = res[index], once every level's inputs have been read."""
+        results.append((k, rows, res, index))
+
+    pooled: dict[int, torch.Tensor] | None = None  # cell maps pooled from the whole token map, once it is built
+    fine_cells: dict[int, torch.Tensor] = {}  # level k -> the level-0 regions' level-k cells (halo patches)
+    fine_regions: tuple[torch.Tensor, torch.Tensor] | None = None  # (image, region) of each halo patch
     for k, p in enumerate(lay.sizes):
         rows, img, col = levels[k]
         if not rows.numel():
             continue
-        if k == 0 and bool(use_halo(level0.flatten(), lay)):
+        if k == 0 and not whole_map:
             # Each level-0 region with a one-token ring (the ring reads the queries covering it): a valid
             # 3x3 convolution of (S+2)^2 tokens gives its S^2 outputs.
             assert lay.halo_tok is not None
-            img0, reg0 = level0.nonzero().unbind(1)
+            img0, reg0 = level0.view(b, -1).nonzero().unbind(1)
             halo = lay.halo_tok[reg0]
             src = torch.where(halo >= 0, q.flat_tok_rows[img0.unsqueeze(1), halo.clamp(min=0)], r)
             side = lay.region + 2
-            patches = table.index_select(0, src.flatten()).view(-1, side, side, d).permute(0, 3, 1, 2)
-            res = F.conv2d(patches, conv.weight, conv.bias, groups=conv.groups).permute(0, 2, 3, 1)
+            patches = table.index_select(0, src.flatten()).view(-1, side, side, d)
+            res = F.conv2d(patches.permute(0, 3, 1, 2), conv.weight, conv.bias, groups=conv.groups)
             rank = level0.flatten().cumsum(0).view(b, -1) - 1  # patch number of each level-0 region
             squares = lay.region * lay.region
-            put(0, rows, res.reshape(-1, d), rank[img, lay.tok_region[col]] * squares + lay.tok_local[col])
+            put(0, rows, res.permute(0, 2, 3, 1).reshape(-1, d),
+                rank[img, lay.tok_region[col]] * squares + lay.tok_local[col])
+            # The level-0 regions' cells of the coarser levels used, averaged from the patches' inner S x S
+            # tokens (strided adds; the regions are whole, the grid being divisible): what the coarser cell maps
+            # hold there, without adding the level-0 rows into them one by one.
+            sums, step = patches[:, 1:-1, 1:-1], 1
+            for j in range(1, len(lay.sizes)):
+                f = lay.sizes[j] // step
+                sums = sum(sums[:, a::f, c::f] for a in range(f) for c in range(f))
+                step = lay.sizes[j]
+                if levels[j][0].numel():
+                    fine_cells[j] = sums.reshape(-1, d) * (1.0 / (step * step))
+            fine_regions = (img0, reg0)
             continue
         ch, cw = -(-hw[0] // p), -(-hw[1] // p)
         if k == 0:  # the whole token map
             fmap = table.index_select(0, q.flat_tok_rows.flatten()).view(b, ch, cw, d)
             put(0, rows, conv_at(conv, fmap, p, hw).reshape(-1, d), img * lay.counts[k] + col)
+            # The coarser levels' cell maps are this piecewise-constant map averaged over their cells (a cell
+            # under a coarser query holds its state, one of finer queries their average by real tokens): one
+            # native pooling pass at the hidden width, instead of gathering the cells and adding the finer
+            # queries into them row by row (an index_add at the hidden width, slow on CPU).
+            used = [lay.sizes[j] for j in range(1, len(lay.sizes)) if levels[j][0].numel()]
+            if used:
+                pooled = pool_subpatches(fmap, lay, used)
+            continue
+        g_cell = gates[:, lay.cand_region[start[k]:start[k + 1]]]
+        users = (g_cell == k).any(1).nonzero().squeeze(1)
+        slot = torch.full((b,), -1, dtype=torch.long, device=gates.device)
+        slot[users] = torch.arange(users.numel(), device=gates.device)
+        if pooled is not None:
+            # Only the images with level-k regions are convolved (what dwconv_macs counts).
+            cells = pooled[p] if users.numel() == b else pooled[p].index_select(0, users)
+            res = conv_at(conv, cells.view(-1, ch, cw, d), p, hw).reshape(-1, d)
+            put(k, rows, res, slot[img] * lay.counts[k] + col)
             continue
         # Only the images with level-k regions, and of their finer queries only those in the ring of cells
         # the level-k queries read (the rest of the cell map is computed but never used).
-        g_cell = gates[:, lay.cand_region[start[k]:start[k + 1]]]
+        g_cell = g_cell[users]
         here = g_cell == k
-        users = here.any(1).nonzero().squeeze(1)
-        slot = torch.full((b,), -1, dtype=torch.long, device=gates.device)
-        slot[users] = torch.arange(users.numel(), device=gates.device)
-        g_cell, here = g_cell[users], here[users]
         cand = lay.cell_cand[k].unsqueeze(0).expand(users.numel(), -1, -1).gather(2, g_cell.unsqueeze(-1)).squeeze(2)
         src = torch.where(g_cell >= k, q.cand_rows[users].gather(1, cand), r)
         cells = table.index_select(0, src.flatten())
         ring = F.max_pool2d(here.view(-1, 1, ch, cw).to(table.dtype), 3, 1, 1).flatten().bool()
         # Finer queries: averaged into their cells with their share of the cell's real tokens.
         for j, (rows_j, img_j, col_j) in enumerate(levels[:k]):
+            if j == 0 and k in fine_cells and fine_regions is not None:  # from the halo patches, cell by cell
+                img_f, reg_f = fine_regions
+                keep = slot[img_f] >= 0
+                side_k = lay.region // p  # cells per region side
+                local = torch.arange(side_k * side_k, device=gates.device)
+                ry, rx = (reg_f[keep] // lay.regions[1]).unsqueeze(1), (reg_f[keep] % lay.regions[1]).unsqueeze(1)
+                at = (slot[img_f[keep]].unsqueeze(1) * lay.counts[k] + (ry * side_k + local // side_k) * cw
+                      + rx * side_k + local % side_k)
+                patch = keep.nonzero() * (side_k * side_k) + local  # (kept patches, cells per region)
+                cells.index_copy_(0, at.flatten(), fine_cells[k].index_select(0, patch.flatten()))
+                continue
             c = start[j] + col_j
             at = slot[img_j] * lay.counts[k] + lay.cand_cell[k][c]
             keep = (slot[img_j] >= 0) & ring[at.clamp(min=0)]
@@ -215,29 +259,57 @@ def dwconv_selected(conv: nn.Conv2d, table: torch.Tensor, hw: tuple[int, int], l
                 cells.index_add_(0, at, hidden.index_select(0, rows_j) * weight)
         res = conv_at(conv, cells.view(-1, ch, cw, d), p, hw).reshape(-1, d)
         put(k, rows, res, slot[img] * lay.counts[k] + col)
+    # Every packed row is a query and gets written: without autograd, over the hidden rows themselves (no longer
+    # read), a packed group's rows as one block by one gather. Padded layouts keep zeros in their padding slots.
+    if isinstance(q, PackedQueries) and not torch.is_grad_enabled():
+        for k, _, res, index in results:
+            torch.index_select(res, 0, index, out=hidden[q.offsets[k]:q.offsets[k + 1]])
+        return hidden
+    out = hidden.new_empty(r, d) if isinstance(q, PackedQueries) else hidden.new_zeros(r, d)
+    for _, rows, res, index in results:  # autograd records index_copy_, not out= writes
+        out.index_copy_(0, rows, res.index_select(0, index))
     return out
 
 
 def dwconv_tokens(conv: nn.Conv2d, hidden: torch.Tensor, hw: tuple[int, int], lay: RegionLayout,
-                  gates: torch.Tensor) -> torch.Tensor:
+                  gates: torch.Tensor, queries: tuple[list[int], list[torch.Tensor]] | None = None) -> torch.Tensor:
     """Dense inference: (B, HW, D) hidden state of the query covering each token -> (B, HW, D) the convolution
     output of that query, for the (B, R) region levels ``gates``.
 
     The piecewise-constant token map is the map every level's cells are averaged from (a cell covered by a
     coarser query holds that query's state; one holding finer queries their average by real tokens), so this
     gives what :func:`dwconv_selected` gives each query, on every token it covers.
+
+    With ``queries`` = (row offsets of each level, row of that level's (B * n_k)-row output map for each of its
+    queries), as :class:`~vitconvert.layers.ragged.TokenQueries` orders the queries' own rows: the (M, D) outputs
+    of the queries themselves, read straight from each level's map (no token map written for coarse levels).
     """
     b, n, d = hidden.shape
     fmap = hidden.view(b, hw[0], hw[1], d)
     out = conv_at(conv, fmap, 1, hw)  # the base model's convolution; right for every level-0 token
+    if queries is not None:
+        offsets, cells_of = queries
+        maps = [out.reshape(-1, d)]
+        used = [lay.sizes[k] for k in range(1, len(lay.sizes)) if offsets[k + 1] > offsets[k]]
+        pooled = pool_subpatches(fmap, lay, used) if used else {}
+        for p in lay.sizes[1:]:
+            maps.append(conv_at(conv, pooled[p].view(b, -(-hw[0] // p), -(-hw[1] // p), d), p, hw).reshape(-1, d)
+                        if p in pooled else out.new_empty(0, d))
+        if torch.is_grad_enabled():
+            return torch.cat([m.index_select(0, c) for m, c in zip(maps, cells_of, strict=True)])
+        res = out.new_empty(offsets[-1], d)
+        for m, c, s, e in zip(maps, cells_of, offsets, offsets[1:], strict=False):
+            if e > s:
+                torch.index_select(m, 0, c, out=res[s:e])
+        return res
     level = gates.reshape(b, -1)[:, lay.tok_region]  # (B, HW) level of each token
-    used = [k for k in range(1, len(lay.sizes)) if bool((level == k).any())]
-    if not used:
+    used_k = [k for k in range(1, len(lay.sizes)) if bool((level == k).any())]
+    if not used_k:
         return out.reshape(b, n, d)
     flat = out.reshape(-1, d)
-    pooled = pool_subpatches(fmap, lay, [lay.sizes[k] for k in used])
+    pooled = pool_subpatches(fmap, lay, [lay.sizes[k] for k in used_k])
     first = [0, *itertools.accumulate(lay.counts)]
-    for k in used:
+    for k in used_k:
         p = lay.sizes[k]
         cells = conv_at(conv, pooled[p].view(b, -(-hw[0] // p), -(-hw[1] // p), d), p, hw).reshape(-1, d)
         rows = (level == k).flatten().nonzero().squeeze(1)  # flat token rows at level k

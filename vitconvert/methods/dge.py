@@ -31,8 +31,11 @@ keeps its keys and values dense but computes its queries at a granularity chosen
   runs *densely*: every token is a query row holding its query's state (a coarse query repeated over its
   sub-patch, :class:`~vitconvert.layers.ragged.TokenQueries`; PVT-v2's convolution from the token map,
   :func:`~vitconvert.layers.scale_conv.dwconv_tokens`), in the base block's shapes and with the same results;
-  a batch with every region at the finest granularity runs the base block itself. ``auto`` (the default)
-  takes the path :func:`path_costs` estimates cheaper: a deterministic model of the block's matrix-product
+  a batch with every region at the finest granularity runs the base block itself. Under ``auto`` (the default)
+  a batch whose images each take one level in all their regions (always so on grids of one region, like
+  PVT-v2's last stages on small images) runs *split*: one dense batch per level, the finest images through
+  the base block, the others with their level's whole cell map as queries (no gathers, no padding). Otherwise
+  ``auto`` takes the path :func:`path_costs` estimates cheaper: a deterministic model of the block's matrix-product
   MACs, elements moved and operators launched on each path, with per-device constants
   (:data:`EXECUTION_COSTS`) measured on the benchmark CPU. Modelled rather than timed at run time: the same
   gates always take the same path (reproducible results), and no measurement inside a forward pass is
@@ -96,9 +99,16 @@ from torch import nn
 from vitconvert.anatomy import Anatomy, BlockInfo
 from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.costs import GIGA, norm_macs
-from vitconvert.layers.ragged import AllQueries, PackedQueries, PaddedQueries, QuerySelection, TokenQueries
+from vitconvert.layers.ragged import (
+    AllQueries,
+    PackedQueries,
+    PaddedQueries,
+    QuerySelection,
+    TokenQueries,
+    UniformQueries,
+)
 from vitconvert.layers.regions import RegionLayout, make_layout, pool_subpatches
-from vitconvert.layers.scale_conv import dwconv_all, dwconv_macs, dwconv_selected, dwconv_tokens
+from vitconvert.layers.scale_conv import conv_at, dwconv_all, dwconv_macs, dwconv_selected, dwconv_tokens
 from vitconvert.layers.seams import read_residual_block
 from vitconvert.methods.base import ConvertedModel, DynamicOutput
 from vitconvert.operating import Knob, OperatingSpace
@@ -160,7 +170,7 @@ class _Record:
     gates: torch.Tensor | None  # (B, Rh, Rw) granularity index (inference)
     router_ran: bool
     conv_macs: torch.Tensor | None = None  # (B,) PVT-v2: MACs of the depthwise convolution on this path
-    path: str = "sparse"  # how it ran (inference): sparse, dense (every token a query row) or base (all finest)
+    path: str = "sparse"  # how it ran (inference): sparse, dense (every token a row), split (by level) or base
 
 
 # (block index, batch, regions, device) -> (batch, regions) granularity index of each region (long, 0 = finest).
@@ -184,6 +194,7 @@ class _Context:
         self.records: list[_Record] = []
         self._layouts: dict[tuple[int, int, str], RegionLayout] = {}
         self._first: dict[tuple[int, int, str, int], torch.Tensor] = {}
+        self._uniform: dict[tuple[int, int, str, int, int], torch.Tensor] = {}
 
     def layout(self, hw: tuple[int, int], device: torch.device) -> RegionLayout:
         key = (int(hw[0]), int(hw[1]), str(device))
@@ -203,6 +214,16 @@ class _Context:
             first.scatter_reduce_(0, lay.tok_cand.flatten(), tokens, "amin")
             self._first[key] = torch.cat([torch.arange(prefix, device=device), prefix + first])
         return self._first[key]
+
+    def uniform_index(self, hw: tuple[int, int], device: torch.device, prefix: int, level: int) -> torch.Tensor:
+        """(prefix + HW,) the row of each token in a query table of the prefix tokens and level ``level``'s whole
+        cell map (:class:`~vitconvert.layers.ragged.UniformQueries`)."""
+        key = (int(hw[0]), int(hw[1]), str(device), prefix, level)
+        if key not in self._uniform:
+            lay = self.layout(hw, device)
+            first = sum(lay.counts[:level])
+            self._uniform[key] = torch.cat([torch.arange(prefix, device=device), prefix + lay.tok_cand[level] - first])
+        return self._uniform[key]
 
     @contextlib.contextmanager
     def run(self, mode: str) -> Iterator[list[_Record]]:
@@ -359,6 +380,9 @@ class DGEBlock(nn.Module):
         if path == "base":  # every region at the finest granularity: the base block computes the same thing
             out = self.__dict__["_orig"](x, *args, **kwargs)
             nq = qsel.sum(1)
+        elif path == "split":
+            out = self._forward_split(x, hw, lay, gates, pooled, args, kwargs)
+            nq = qsel.sum(1)
         else:
             g_tok = gates[:, lay.tok_region]
             tok_src = p + lay.tok_cand_t.unsqueeze(0).expand(b, -1, -1).gather(2, g_tok.unsqueeze(-1)).squeeze(2)
@@ -368,7 +392,8 @@ class DGEBlock(nn.Module):
                 # The MLP (PVT-v2: after the convolution) runs on the queries' own rows, not on their repeats;
                 # in training the rows stay per image, as drop path needs.
                 first = None if self.training else ctx.cand_first(hw, x.device, p)
-                q = TokenQueries(qsel, tok_src, n, lay.sizes, gates, first)
+                q = TokenQueries(qsel, tok_src, n, lay.sizes, gates, first, lay.bounds(n) if first is not None
+                                 and self.parts.kind == "pvt" else None)
             # Dropping a path per row of a packed batch would drop tokens, not images: pad while training.
             elif ctx.layout_mode == "packed" and not self.training:
                 q = PackedQueries(qsel, tok_src, lay.bounds(n), lay.sizes, gates)
@@ -382,11 +407,47 @@ class DGEBlock(nn.Module):
                                    conv_macs, path))
         return out
 
+    def _forward_split(self, x: torch.Tensor, hw: tuple[int, int], lay: RegionLayout, gates: torch.Tensor,
+                       pooled: dict[int, torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        """Every image's regions at one level: the batch split by level, the finest images through the base
+        block, the others with their level's whole cell map as queries (:class:`UniformQueries`), each group
+        a dense batch: the sparse path's results without its gathers, padding and per-row index tables."""
+        ctx: _Context = self.__dict__["_ctx"]
+        level = gates[:, 0]
+        present = torch.unique(level).tolist()
+        outs, order = [], []
+        for k in present:
+            idx = (level == k).nonzero().squeeze(1)
+            whole = len(present) == 1
+            xk = x if whole else x.index_select(0, idx)
+            if k == 0:
+                res = self.__dict__["_orig"](xk, *args, **kwargs)
+            else:
+                size = lay.sizes[k]
+                cells = pooled[size] if whole else pooled[size].index_select(0, idx)
+                q = UniformQueries(self.num_prefix, size, ctx.uniform_index(hw, x.device, self.num_prefix, k),
+                                   gates if whole else gates.index_select(0, idx))
+                res = q.to_tokens(self._updates(q.gather(xk, {size: cells}), xk, hw, lay, q, None))
+                res = res.add_(xk) if not torch.is_grad_enabled() else res + xk
+            outs.append(res)
+            order.append(idx)
+        if len(outs) == 1:
+            return outs[0]
+        if torch.is_grad_enabled():
+            inverse = torch.argsort(torch.cat(order))
+            return torch.cat(outs).index_select(0, inverse)
+        out = x.new_empty(x.shape)
+        for idx, res in zip(order, outs, strict=True):
+            out.index_copy_(0, idx, res)
+        return out
+
     def _choose_path(self, gates: torch.Tensor, qsel: torch.Tensor, lay: RegionLayout,
                      conv_macs: torch.Tensor | None) -> str:
         """How this batch runs the block: ``base`` when every region is at the finest granularity (the base
-        block computes exactly the sparse path's result there), else ``sparse`` or ``dense`` by the setting,
-        and under ``auto`` by :func:`path_costs` (the cheaper estimate wins)."""
+        block computes exactly the sparse path's result there), else ``sparse`` or ``dense`` by the setting;
+        under ``auto``, ``split`` when each image's regions share one level (always so on grids of one region:
+        the batch runs as a dense batch per level, :meth:`_forward_split`), else the path :func:`path_costs`
+        estimates cheaper."""
         ctx: _Context = self.__dict__["_ctx"]
         if ctx.execution == "sparse":
             return "sparse"
@@ -394,6 +455,8 @@ class DGEBlock(nn.Module):
             return "base"
         if ctx.execution == "dense":
             return "dense"
+        if lay.num_regions == 1 or bool((gates == gates[:, :1]).all()):
+            return "split"
         costs = path_costs(self.__dict__["_costs"], gates, qsel, lay, conv_macs, torch.get_num_threads(),
                            gates.device.type)
         return "sparse" if costs["sparse"] < costs["dense"] else "dense"
@@ -475,7 +538,18 @@ class DGEBlock(nn.Module):
         if isinstance(q, AllQueries):
             assert gate_tok is not None
             h = dwconv_all(mlp.dwconv, mlp.relu(mlp.fc1(t)), hw, lay, gate_tok)
+        elif isinstance(q, UniformQueries):  # the level's whole cell map: the convolution at its scale
+            h = mlp.relu(mlp.fc1(t))
+            p = q.size
+            cells = h.view(h.shape[0], -(-hw[0] // p), -(-hw[1] // p), h.shape[-1])
+            h = conv_at(mlp.dwconv, cells, p, hw).reshape(h.shape)
         elif isinstance(q, TokenQueries):
+            if tail and q.level_offsets is not None:
+                # the convolution's outputs of the queries themselves, then activation and fc2 on those rows
+                assert q.level_cells is not None
+                h = dwconv_tokens(mlp.dwconv, mlp.relu(mlp.fc1(t)), hw, lay, q.gates,
+                                  (q.level_offsets, q.level_cells))
+                return q.from_unique(mlp.drop(mlp.fc2(mlp.drop(_act(mlp.act, h)))))
             h = dwconv_tokens(mlp.dwconv, mlp.relu(mlp.fc1(t)), hw, lay, q.gates)
             if tail:  # activation and fc2 on the queries' own rows
                 return q.from_unique(mlp.drop(mlp.fc2(mlp.drop(mlp.act(q.to_unique(h))))))
@@ -490,13 +564,24 @@ class DGEBlock(nn.Module):
                 table = torch.cat([h1, h1.new_zeros(1, d)])
             else:
                 table = rows.new_empty(rows.shape[0] + 1, d)
-                torch.matmul(rows, mlp.fc1.weight.t(), out=table[:-1])
-                if mlp.fc1.bias is not None:
-                    table[:-1] += mlp.fc1.bias
+                if mlp.fc1.bias is not None:  # one fused call: the bias is the product's starting value
+                    torch.addmm(mlp.fc1.bias, rows, mlp.fc1.weight.t(), out=table[:-1])
+                else:
+                    torch.matmul(rows, mlp.fc1.weight.t(), out=table[:-1])
                 table[-1].zero_()
             h = dwconv_selected(mlp.dwconv, mlp.relu(table), hw, lay, q).view(*t.shape[:-1], d)
-        h = mlp.drop(mlp.act(h))
+        h = mlp.drop(_act(mlp.act, h))
         return mlp.drop(mlp.fc2(h))
+
+
+def _act(act: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation; timm's GELU in place when autograd is off (``h`` is a fresh buffer of the block's
+    own: no new hidden-width tensor is allocated and faulted in) and no hook watches the module."""
+    hooked = act._forward_hooks or act._forward_pre_hooks or nn.modules.module._global_forward_hooks or \
+        nn.modules.module._global_forward_pre_hooks
+    if type(act) is nn.GELU and not torch.is_grad_enabled() and not hooked:
+        return torch.ops.aten.gelu_(h, approximate=act.approximate)
+    return act(h)
 
 
 def _pvt_kv(attn: nn.Module, xn: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -635,7 +720,7 @@ def path_terms(costs: dict[str, Any], gates: torch.Tensor, qsel: torch.Tensor, l
                 dense["move"] += d * b * n / lay.sizes[k - 1] ** 2
                 dense["conv"] += per_tok * b * n / size**2
                 dense["ops"] += DENSE_LEVEL_OPS[kind]
-        dense["move"] += d * (2 * coarse + m)  # the coarse levels written to their tokens, the queries' rows
+        dense["move"] += d * m  # the queries' rows read from each level's map
     return {"sparse": sparse, "dense": dense}
 
 
@@ -855,8 +940,8 @@ class DGE(ConvertedModel):
         extras: dict[str, torch.Tensor] = {}
         if recs:
             extras["queries"] = torch.stack([r.nq for r in recs], dim=1).float()
-            # Blocks this batch ran densely (every token a query row, or the base block): same results, and
-            # ``gmacs`` still counts the DGE computation, which is what the model computes.
+            # Blocks this batch ran not sparse (every token a query row, split by level, or the base block): same
+            # results, and ``gmacs`` still counts the DGE computation, which is what the model computes.
             extras["dense_blocks"] = torch.full((b,), float(sum(r.path != "sparse" for r in recs)), device=x.device)
             for r in recs:
                 if r.gates is not None:
