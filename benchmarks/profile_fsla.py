@@ -44,6 +44,7 @@ if __package__ in (None, ""):  # allow `python benchmarks/profile_fsla.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vitconvert
+import vitconvert.methods.fsla as fsla_module
 from benchmarks import timing
 from vitconvert.layers.clustering import balanced_clusters, clustered_attention, plan_clusters
 
@@ -72,7 +73,20 @@ def _median_ms(fn: Callable[[], Any], reps: int) -> float:
 
 
 def _parts(branch: torch.nn.Module, x: torch.Tensor, reps: int) -> dict[str, float]:
-    """Milliseconds of each part of one FSLA sub-layer on its input ``x`` (B, H, W, C)."""
+    """Milliseconds of each part of one FSLA sub-layer on its input ``x`` (B, H, W, C), summed over the batch
+    slices the sub-layer runs in inference (``vitconvert.methods.fsla.SLICE_BYTES``; one slice without it)."""
+    slice_bytes = getattr(fsla_module, "SLICE_BYTES", None)
+    step = max(1, slice_bytes // (3 * x[0].numel() * x.element_size())) if slice_bytes else x.shape[0]
+    ms = {"sub-layer": _median_ms(lambda: branch(x), reps)}
+    for xs in x.split(step):
+        for name, t in _slice_parts(branch, xs, reps).items():
+            ms[name] = ms.get(name, 0.0) + t
+    ms["gathers + un-permute"] = ms["clustered attention"] - ms["clustering"] - ms["in-cluster SDPA alone"]
+    ms["slices"] = -(-x.shape[0] // step)
+    return {k: round(v, 3) for k, v in ms.items()}
+
+
+def _slice_parts(branch: torch.nn.Module, x: torch.Tensor, reps: int) -> dict[str, float]:
     c = branch.__dict__["_ctx"]
     b, hh, ww, dim = x.shape
     n, h = hh * ww, branch.num_heads
@@ -86,8 +100,7 @@ def _parts(branch: torch.nn.Module, x: torch.Tensor, reps: int) -> dict[str, flo
     g = torch.Generator().manual_seed(0)
     qs = torch.randn(b, h * plan.clusters, plan.leaf, dim // h, generator=g)
     ks = torch.randn(b, h * plan.clusters, plan.keys, dim // h, generator=g)
-    ms = {
-        "sub-layer": _median_ms(lambda: branch(x), reps),
+    return {
         "norm + qkv": _median_ms(lambda: branch.qkv(branch.norm(x).reshape(b, n, dim)), reps),
         "clustering": _median_ms(lambda: balanced_clusters(q, plan, c.iters, c.temperature), reps),
         "clustered attention": _median_ms(lambda: clustered_attention(
@@ -96,8 +109,6 @@ def _parts(branch: torch.nn.Module, x: torch.Tensor, reps: int) -> dict[str, flo
         "depthwise conv": _median_ms(lambda: branch.pos(v_map), reps),
         "proj (+ conv term)": _median_ms(lambda: branch.proj(out + pos), reps),
     }
-    ms["gathers + un-permute"] = ms["clustered attention"] - ms["clustering"] - ms["in-cluster SDPA alone"]
-    return {k: round(v, 3) for k, v in ms.items()}
 
 
 def _op_groups(run: Callable[[], Any]) -> dict[str, Any]:
@@ -167,8 +178,9 @@ def _commit(path: Path) -> str | None:
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# Where FSLA's added time goes (Swin-T, 5 sub-layers, cluster size 49)", "",
              "Written by `benchmarks/profile_fsla.py` (random weights; CPU, fp32, "
-             f"{result['runs'][0]['threads']} thread). Parts are timed alone on each sub-layer's captured input "
-             "(median ms, no profiler); `gathers + un-permute` = clustered attention - clustering - SDPA alone. "
+             f"{result['runs'][0]['threads']} thread). Parts are timed alone on each sub-layer's captured input, "
+             "on the batch slices the sub-layer runs in (median ms summed over slices, no profiler); `gathers + "
+             "un-permute` = clustered attention - clustering - SDPA alone. "
              "The op groups come from torch.profiler (it adds a cost per op, so read them as shares).", ""]
     for run in result["runs"]:
         lines += [f"## {run['label']} (vitconvert at {run['git_commit'] or '?'}; load average "

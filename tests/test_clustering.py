@@ -12,6 +12,8 @@ from vitconvert.layers.clustering import (
     clustered_attention_macs,
     inverse_permutation,
     plan_clusters,
+    release_workspace,
+    workspace,
 )
 from vitconvert.layers.costs import attention_macs, count_macs
 
@@ -214,3 +216,21 @@ def test_strided_fused_qkv_and_gradient_paths_agree() -> None:
         torch.testing.assert_close(strided, _reference(q, k, v, size, overlap, glob), atol=1e-5, rtol=1e-5)
         # Heads merge into (B, N, h * dv) as a view of the output (no copy).
         assert strided.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize(("n", "size", "overlap", "g"), [(256, 32, 8, 0), (197, 16, 4, 1), (65, 64, 20, 1)])
+def test_out_buffer_and_workspace(n: int, size: int, overlap: int, g: int) -> None:
+    # Writing into a given (B, N, h, dv) buffer (clustered, with global tokens, and the dense path) gives the same
+    # values and returns a view of that buffer; workspace buffers are reused by name and released on request.
+    q, k, v = _qkv(2, n, seed=4)
+    ref = clustered_attention(q, k, v, size, overlap, g)
+    with torch.inference_mode():
+        buf = workspace("test_out", (2, n, 2, 8), q)
+        got = clustered_attention(q, k, v, size, overlap, g, out=buf)
+        assert got.data_ptr() == buf.data_ptr() and torch.equal(got, ref)
+        assert workspace("test_out", (2, n, 2, 8), q).data_ptr() == buf.data_ptr()
+        assert workspace("test_out", (1, 4), q).data_ptr() == buf.data_ptr()  # smaller: the same storage
+    release_workspace()
+    fresh = workspace("test_out", (2, n, 2, 8), q)
+    fresh.fill_(1.0)  # a normal tensor: writable outside inference mode
+    assert torch.equal(ref, clustered_attention(q, k, v, size, overlap, g))  # nothing cached in the results
