@@ -14,6 +14,7 @@ from torch import nn
 from utils import TINY_MODELS, tiny_model
 
 import vitconvert
+import vitconvert.methods.fsla as fsla_module
 from vitconvert.calibration import calibrate
 from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.costs import count_macs
@@ -170,8 +171,6 @@ def test_augment_inference_in_batch_slices_equals_the_whole_batch(monkeypatch: p
     # Inference runs each FSLA sub-layer on slices of the batch (5 images in slices of 2, 2, 1 here); with
     # gradients it runs whole. Both must give the logits of the whole batch at once, and the gradient path
     # must still train the sub-layer.
-    import vitconvert.methods.fsla as fsla_module
-
     m = _apply("swin", "fsla")
     _perturb_projections(m)
     m.set_operating_point(cluster_size=8)
