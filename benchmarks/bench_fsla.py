@@ -16,8 +16,9 @@ clusters' shapes are fixed by the token count). Models are timed side by side, i
 (``benchmarks.timing.compare``); high-resolution models at small batches (a 768-px DeiT-S forward is about
 100 GMACs per image), recorded with each result. Threads: whatever the caller set (the suite: 1).
 
-Run: ``python -m benchmarks --only fsla`` or ``python benchmarks/bench_fsla.py [--quick] [--threads N]``
-(writes ``benchmarks/results/fsla_speed.json``).
+Run: ``python -m benchmarks --only fsla`` or ``python benchmarks/bench_fsla.py [--quick] [--threads N]
+[--only swin|replace]`` (writes ``benchmarks/results/fsla_speed.json``; ``--only`` measures one part and keeps
+the other's committed result, each part recording when it was measured).
 """
 
 from __future__ import annotations
@@ -141,13 +142,27 @@ def high_res(arch: str, size: int, batch: int, warmup: int, reps: int, cluster_s
     }
 
 
-def run(quick: bool, out_dir: Path) -> dict[str, Any]:
-    """Measure Swin-T augment and the high-resolution replace models; write ``fsla_speed.json``."""
-    swin = swin_augment(quick)
+def run(quick: bool, out_dir: Path, only: str | None = None) -> dict[str, Any]:
+    """Measure Swin-T augment and the high-resolution replace models; write ``fsla_speed.json``.
+
+    ``only="swin"`` or ``"replace"`` measures that part alone and keeps the other from the existing JSON (each
+    part records when it was measured), so the two halves can run in separate, shorter sessions.
+    """
+    previous: dict[str, Any] = {}
+    path = out_dir / "fsla_speed.json"
+    if only is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"--only {only} keeps the other part from {path}, which does not exist")
+        previous = json.loads(path.read_text())
+    now = timing.machine_info()["date"]
+    swin = {**swin_augment(quick), "measured": now} if only in (None, "swin") else previous["swin_augment"]
     replace = []
-    for arch, size, batch, warmup, reps, quick_br, sizes in HIGH_RES:
-        b, r = quick_br if quick else (batch, reps)
-        replace.append(high_res(arch, size, b, warmup, r, sizes))
+    if only in (None, "replace"):
+        for arch, size, batch, warmup, reps, quick_br, sizes in HIGH_RES:
+            b, r = quick_br if quick else (batch, reps)
+            replace.append({**high_res(arch, size, b, warmup, r, sizes), "measured": now})
+    else:
+        replace = previous["replace"]
     deit768 = next(r for r in replace if r["model"] == DEIT and r["img_size"] == 768)
     best = max(deit768["speedup"].values())
     rows = list(swin["rows"])
@@ -186,9 +201,11 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the suite)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--only", choices=("swin", "replace"), default=None,
+                        help="measure one part; keep the other from the existing fsla_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    res = run(args.quick, args.out / ("quick" if args.quick else ""))
+    res = run(args.quick, args.out / ("quick" if args.quick else ""), only=args.only)
     print(json.dumps({"target": res["target"], "swin_gmacs": res["swin_augment"]["gmacs"],
                       "replace": [{k: r[k] for k in ("model", "img_size", "gmacs", "speedup")}
                                   for r in res["replace"]]}, indent=1))

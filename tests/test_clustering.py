@@ -12,6 +12,8 @@ from vitconvert.layers.clustering import (
     clustered_attention_macs,
     inverse_permutation,
     plan_clusters,
+    release_workspace,
+    workspace,
 )
 from vitconvert.layers.costs import attention_macs, count_macs
 
@@ -159,3 +161,76 @@ def test_gradients_flow_to_qkv_but_not_through_the_clustering() -> None:
     # The clustering itself is an index: the same permutation whatever the gradient mode.
     plan = plan_clusters(50, 12, 5)
     assert torch.equal(balanced_clusters(q, plan), balanced_clusters(q.detach(), plan))
+
+
+def _plain_clusters(q: torch.Tensor, plan, iters: int = 2, temperature: float = 100.0) -> torch.Tensor:
+    """The algorithm as the module docstring states it, written plainly: zero padding, normalised copies of the
+    queries, means of the halves, soft k-means, a stable float sort of r at every level, gathers from the input."""
+    *lead, n, d = q.shape
+    x_all = q.reshape(-1, n, d)
+    rows, np_ = x_all.shape[0], plan.padded
+    x_all = torch.cat([x_all, x_all.new_zeros(rows, np_ - n, d)], dim=1)
+    order = torch.arange(np_).expand(rows, np_)
+    for level in range(plan.levels):
+        groups, size = 2 ** level, np_ // 2 ** level
+        x = x_all.gather(1, order.unsqueeze(-1).expand(rows, np_, d)).view(rows, groups, size, d)
+        xn = F.normalize(x, dim=-1)
+        c = F.normalize(torch.stack([x[:, :, :size // 2].mean(2), x[:, :, size // 2:].mean(2)], dim=2), dim=-1)
+        for _ in range(iters):
+            a = torch.softmax(temperature * (c @ xn.transpose(-1, -2)), dim=2)
+            c = F.normalize(a @ x, dim=-1)
+        s = c @ xn.transpose(-1, -2)
+        r = (s[:, :, 0] + 1) / (s[:, :, 1] + 1).clamp_min(1e-6)
+        r = r.masked_fill((order >= n).view(rows, groups, size), float("inf"))
+        order = order.view(rows, groups, size).gather(2, r.argsort(dim=-1, stable=True)).view(rows, np_)
+    return order.view(*lead, np_)
+
+
+@pytest.mark.parametrize(("n", "size"), [(256, 32), (196, 16), (50, 7), (392, 49)])
+def test_clustering_equals_the_plain_algorithm(n: int, size: int) -> None:
+    # The same permutation, token for token (so the same clusters and the same sibling boundary tokens), from
+    # queries given as a strided view of a fused qkv projection.
+    g = torch.Generator().manual_seed(n)
+    qkv = torch.randn(2, n, 3, 3, 8, generator=g)
+    q = qkv.permute(2, 0, 3, 1, 4)[0]  # a strided view, as a fused qkv projection gives
+    plan = plan_clusters(n, size, 4)
+    fast, plain = balanced_clusters(q, plan), _plain_clusters(q, plan)
+    assert torch.equal(fast, plain)
+
+
+def test_strided_fused_qkv_and_gradient_paths_agree() -> None:
+    # Inference reads rows straight out of the fused projection's storage and reuses the clustering's sorted
+    # queries; with a gradient to carry, q, k and v are flattened copies and the queries are gathered again.
+    # Both must compute the same values, and the same as contiguous inputs.
+    g = torch.Generator().manual_seed(3)
+    for n, size, overlap, glob in [(256, 32, 8, 0), (197, 16, 4, 1), (50, 12, 5, 0)]:
+        qkv = torch.randn(3, n, 3, 2, 8, generator=g)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        with torch.inference_mode():
+            strided = clustered_attention(q, k, v, size, overlap, glob)
+        contiguous = clustered_attention(q.contiguous(), k.contiguous(), v.contiguous(), size, overlap, glob)
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        with_grad = clustered_attention(qg, kg, vg, size, overlap, glob)
+        torch.testing.assert_close(strided, contiguous, atol=0, rtol=0)
+        torch.testing.assert_close(with_grad.detach(), strided, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(strided, _reference(q, k, v, size, overlap, glob), atol=1e-5, rtol=1e-5)
+        # Heads merge into (B, N, h * dv) as a view of the output (no copy).
+        assert strided.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize(("n", "size", "overlap", "g"), [(256, 32, 8, 0), (197, 16, 4, 1), (65, 64, 20, 1)])
+def test_out_buffer_and_workspace(n: int, size: int, overlap: int, g: int) -> None:
+    # Writing into a given (B, N, h, dv) buffer (clustered, with global tokens, and the dense path) gives the same
+    # values and returns a view of that buffer; workspace buffers are reused by name and released on request.
+    q, k, v = _qkv(2, n, seed=4)
+    ref = clustered_attention(q, k, v, size, overlap, g)
+    with torch.inference_mode():
+        buf = workspace("test_out", (2, n, 2, 8), q)
+        got = clustered_attention(q, k, v, size, overlap, g, out=buf)
+        assert got.data_ptr() == buf.data_ptr() and torch.equal(got, ref)
+        assert workspace("test_out", (2, n, 2, 8), q).data_ptr() == buf.data_ptr()
+        assert workspace("test_out", (1, 4), q).data_ptr() == buf.data_ptr()  # smaller: the same storage
+    release_workspace()
+    fresh = workspace("test_out", (2, n, 2, 8), q)
+    fresh.fill_(1.0)  # a normal tensor: writable outside inference mode
+    assert torch.equal(ref, clustered_attention(q, k, v, size, overlap, g))  # nothing cached in the results

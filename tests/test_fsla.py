@@ -14,6 +14,7 @@ from torch import nn
 from utils import TINY_MODELS, tiny_model
 
 import vitconvert
+import vitconvert.methods.fsla as fsla_module
 from vitconvert.calibration import calibrate
 from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.costs import count_macs
@@ -164,6 +165,37 @@ def test_each_image_is_computed_alone_at_odd_batch_sizes(key: str, overrides: tu
         x2[1] = torch.randn_like(x2[1])
         changed = m(x2)
     torch.testing.assert_close(changed[[0, 2]], batch[[0, 2]], atol=2e-5, rtol=1e-5)
+
+
+def test_augment_inference_in_batch_slices_equals_the_whole_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Inference runs each FSLA sub-layer on slices of the batch (5 images in slices of 2, 2, 1 here); with
+    # gradients it runs whole. Both must give the logits of the whole batch at once, and the gradient path
+    # must still train the sub-layer.
+    m = _apply("swin", "fsla")
+    _perturb_projections(m)
+    m.set_operating_point(cluster_size=8)
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        whole = m(x)
+    per_image = 3 * 8 * 8 * m.base.layers[1].blocks[1].fsla.proj.in_features * 4  # qkv bytes of one 8x8 image
+    monkeypatch.setattr(fsla_module, "SLICE_BYTES", 2 * per_image)
+    branch = m.base.layers[1].blocks[1].fsla
+    slices = []
+    update = branch._update
+    monkeypatch.setattr(branch, "_update", lambda t, out=None: slices.append(t.shape[0]) or update(t, out))
+    with torch.no_grad():
+        sliced = m(x)
+    assert slices == [2, 2, 1]
+    calls = []
+    handle = branch.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    torch.testing.assert_close(sliced, whole, atol=1e-5, rtol=1e-5)
+    assert (sliced - m.build_base()(x)).abs().max() > 1e-3  # the sub-layer really contributes
+    out = m(x)  # eval mode, gradients on: one call over the whole batch
+    out.square().mean().backward()
+    handle.remove()
+    assert calls == [5]  # the hook sees the sub-layer's call, not its slices
+    assert branch.proj.weight.grad is not None and branch.proj.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(out.detach(), whole, atol=1e-5, rtol=1e-5)
 
 
 def test_augment_round_trip_after_training(tmp_path: Path) -> None:

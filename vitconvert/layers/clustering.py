@@ -38,6 +38,15 @@ attention (one cluster holds all tokens, or the clustering overhead eats the sav
 memory-bound and cost far more time than their MACs (on the benchmark CPU about 500 MAC-equivalents per
 token, channel and level, against 10 real MACs), so a caller that must never be slower than dense sets it.
 
+**Speed** (CPU; the clustering moves memory far more than it multiplies): q, k and v are read in place from
+the fused qkv projection they are usually views of (no contiguous copies) when no gradient is needed; each
+level of the clustering reads the queries six times (initial centroids, two products per soft k-means step,
+final scores) and permutes them inside the previous level's groups (a local gather), and the last permutation
+leaves them in cluster order for the attention; the exact cut sorts ``r``'s float32 bits as int32 (the same
+stable order for ``r >= 0``, faster); the output is un-permuted straight into a (B, N, heads, d) layout, so
+merging the heads afterwards is a view. The permutation equals the plain statement of the algorithm token for
+token (tested).
+
 **Cost**: :func:`clustered_attention_macs` counts, per image, exactly the matrix products these functions run
 (the clustering's similarity and centroid products, the in-cluster QK^T and AV including padding and the
 overlap keys, the global tokens' rows), with the rules of :mod:`vitconvert.layers.costs`, so it agrees with
@@ -51,7 +60,9 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from math import prod
 
 import torch
 import torch.nn.functional as F
@@ -60,11 +71,44 @@ from torch import Tensor
 from vitconvert.layers.costs import attention_macs
 
 __all__ = ["ClusterPlan", "balanced_clusters", "clustered_attention", "clustered_attention_macs",
-           "clustering_macs", "inverse_permutation", "plan_clusters"]
+           "clustering_macs", "inverse_permutation", "plan_clusters", "release_workspace", "workspace"]
 
 # Soft k-means: BOAT's two refinement steps at temperature 100 on cosine similarity.
 DEFAULT_ITERS = 2
 DEFAULT_TEMPERATURE = 100.0
+
+
+# Scratch tensors reused across calls (see workspace): per thread, at most this many bytes each.
+WORKSPACE_MAX_BYTES = 256 * 2**20
+_WORKSPACE = threading.local()
+
+
+def workspace(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised CPU tensor of ``shape`` (``like``'s dtype) that is reused by every call with this ``name``
+    on this thread: for temporaries that die before the call returns, in inference only (autograd must never
+    save one).
+
+    Why: glibc hands the freed top of its heap back to the kernel once it exceeds a threshold, so a layer whose
+    temporaries total a few MB gets fresh pages on every call, and on a virtual machine a page fault costs more
+    than the pass that fills the page (measured: an FSLA sub-layer on Swin-T's first stage at batch 1 runs in
+    24 ms with fresh temporaries, 17 ms with retained ones). Other devices (their own caching allocators) and
+    requests over :data:`WORKSPACE_MAX_BYTES` get a fresh tensor. :func:`release_workspace` frees them all.
+    """
+    numel = prod(shape)
+    if like.device.type != "cpu" or numel * like.element_size() > WORKSPACE_MAX_BYTES:
+        return like.new_empty(shape)
+    store: dict[tuple[str, torch.dtype], Tensor] = _WORKSPACE.__dict__.setdefault("buffers", {})
+    buf = store.get((name, like.dtype))
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = torch.empty(numel, dtype=like.dtype)
+        store[(name, like.dtype)] = buf
+    return buf[:numel].view(shape)
+
+
+def release_workspace() -> None:
+    """Free this thread's :func:`workspace` tensors."""
+    _WORKSPACE.__dict__.pop("buffers", None)
 
 
 @dataclass(frozen=True)
@@ -113,16 +157,33 @@ def plan_clusters(tokens: int, cluster_size: int, overlap: int = 0) -> ClusterPl
     return ClusterPlan(tokens=tokens, levels=levels, leaf=leaf, overlap=min(overlap, leaf) if levels else 0)
 
 
-def _permute_rows(x: Tensor, perm: Tensor) -> Tensor:
-    """``x.gather(-2, perm[..., None].expand(..., e))`` for x (..., N, e) and perm (..., M), as one
-    ``index_select`` of whole rows of the flattened ``x``: on CPU about 5x faster than ``gather`` with an
-    expanded index (element by element) and 2x faster than advanced indexing, even counting the copy that
-    flattens a strided q, k or v (a view of a fused qkv)."""
-    n, e = x.shape[-2], x.shape[-1]
-    rows = perm.reshape(-1, perm.shape[-1])
-    offset = torch.arange(rows.shape[0], device=perm.device).unsqueeze(1) * n
-    flat = x.reshape(-1, e).index_select(0, (rows + offset).reshape(-1))
-    return flat.view(*perm.shape, e)
+def _row_source(t: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Where the rows of ``t`` (B, h, N, e) are: a 2-D (rows, e) tensor ``src``, the row of ``t[b, j, 0]`` in it
+    as ``base`` (B, h) and the step between consecutive tokens, so ``t[b, j, i] == src[base[b, j] + i * step]``.
+
+    q, k and v usually are strided views of one fused qkv projection (B, N, 3, h, e). Copying each to a
+    contiguous tensor before gathering from it costs a full read and write of q, k and v (and, at large
+    batches, a fresh allocation that the kernel must zero), so when no gradient is needed and every stride is
+    a whole number of rows the rows are indexed in the projection's own storage. Otherwise (training, odd
+    layouts) ``t`` is flattened with ``reshape``, which copies only when it must; gradients then flow as usual.
+    """
+    b, h, n, e = t.shape
+    s0, s1, s2, s3 = t.stride()
+    off = t.storage_offset()
+    if (s3 == 1 and not (t.requires_grad and torch.is_grad_enabled())
+            and all(v % e == 0 for v in (s0, s1, s2, off)) and s2 > 0):
+        total = t.untyped_storage().nbytes() // t.element_size()
+        src = t.as_strided((total // e, e), (e, 1), 0)
+        base = (off // e + torch.arange(b, device=t.device).unsqueeze(1) * (s0 // e)
+                + torch.arange(h, device=t.device) * (s1 // e))
+        return src, base, s2 // e
+    return t.reshape(b * h * n, e), torch.arange(b * h, device=t.device).view(b, h) * n, 1
+
+
+def _row_index(base: Tensor, step: int, tokens: Tensor) -> Tensor:
+    """Rows of ``src`` (see :func:`_row_source`) holding ``tokens`` (B, h, ...) of each (image, head)."""
+    shape = base.shape + (1,) * (tokens.dim() - base.dim())
+    return base.view(shape) + (tokens * step if step != 1 else tokens)
 
 
 def inverse_permutation(perm: Tensor) -> Tensor:
@@ -149,33 +210,73 @@ def balanced_clusters(q: Tensor, plan: ClusterPlan, iters: int = DEFAULT_ITERS,
     *lead, n, d = q.shape
     if n != plan.tokens:
         raise ValueError(f"balanced_clusters: the plan is for {plan.tokens} tokens, got {n}")
-    x_all = q.detach().reshape(-1, n, d)
-    rows, np_ = x_all.shape[0], plan.padded
-    if np_ > n:
-        x_all = torch.cat([x_all, x_all.new_zeros(rows, np_ - n, d)], dim=1)
+    q4 = q.detach() if q.dim() == 4 else q.detach().reshape(-1, 1, n, d)  # (image, head) rows, no copy
+    order, _ = _cluster(q4, plan, iters, temperature, sorted_queries=False)
+    return order.view(*lead, plan.padded)
+
+
+@torch.no_grad()
+def _cluster(q: Tensor, plan: ClusterPlan, iters: int, temperature: float, sorted_queries: bool
+             ) -> tuple[Tensor, Tensor | None]:
+    """:func:`balanced_clusters` of q (B, h, N, d) as (B * h, padded) and, if ``sorted_queries``, the queries in
+    that order as a (B * h * padded, d) tensor (padding rows zero).
+
+    The time goes into moving memory, so each level touches the queries as few times as the algorithm allows:
+    once for the initial centroids, twice per soft k-means step, once for the final scores, and once to gather
+    them into the new order. That gather permutes rows inside each group of the previous level's order (local:
+    a group of 98 rows is 12 KB), not across the whole image, and the last one leaves the queries in cluster order
+    for the attention. Cosine similarities divide the raw products by each token's norm (computed once) instead of
+    normalising a copy of the queries; two buffers alternate, with no new allocation per level.
+    """
+    b, h, n, d = q.shape
+    rows, np_ = b * h, plan.padded
+    cur = workspace("cluster_a", (rows * np_, d), q)  # no gradient ever flows through these
+    x0 = cur.view(b, h, np_, d)
+    x0[:, :, :n].copy_(q)
+    if np_ > n:  # padding tokens are zero vectors: they add nothing to any centroid
+        x0[:, :, n:].zero_()
+    nxt = workspace("cluster_b", (rows * np_, d), q) if plan.levels > 1 or sorted_queries else cur
+    # 1 / |q| per token (padding: 1e12, always times a zero product).
+    inv = torch.linalg.vector_norm(cur, dim=-1).clamp_min_(1e-12).reciprocal_().view(rows, np_)
     order = torch.arange(np_, device=q.device).expand(rows, np_)
+    pad = (order >= n) if np_ > n else None
     for level in range(plan.levels):
         groups = 2 ** level
         size = np_ // groups
         half = size // 2
-        x = _permute_rows(x_all, order).view(rows, groups, size, d)
-        xn = F.normalize(x, dim=-1)
-        c = F.normalize(torch.stack([x[:, :, :half].mean(2), x[:, :, half:].mean(2)], dim=2), dim=-1)
-        xt = xn.transpose(-1, -2)  # similarities as (2, size) = c @ xn^T: faster on CPU than xn @ c^T (size, 2)
+        rg = rows * groups
+        x = cur.view(rg, size, d)  # 3-D batched products (bmm): one kernel call each, no broadcasting views
+        xt = x.transpose(1, 2)  # similarities as (2, size) = c @ x^T: faster on CPU than x @ c^T (size, 2)
+        inv_g = inv.view(rg, 1, size)
+        c = _normalized(x.view(rg, 2, half, d).sum(2))  # means of the two halves (the scale does not matter)
         for _ in range(iters):
-            s = c @ xt  # (rows, groups, 2, size)
+            s = torch.bmm(c, xt).mul_(inv_g)  # (rg, 2, size) cosine similarities
             # softmax over two centroids = sigmoid of the difference (one elementwise pass, not a softmax kernel
             # over a dimension of 2); the same soft assignment.
-            a0 = torch.sigmoid(temperature * (s[:, :, 0] - s[:, :, 1]))
-            a = torch.stack([a0, 1 - a0], dim=2)  # (rows, groups, 2, size)
-            c = F.normalize(a @ x, dim=-1)
-        s = c @ xt
-        r = (s[:, :, 0] + 1) / (s[:, :, 1] + 1).clamp_min(1e-6)
-        pad = (order >= n).view(rows, groups, size)
-        r = r.masked_fill(pad, float("inf"))  # padding sorts last: away from the boundaries, into the last leaves
-        idx = r.argsort(dim=-1, stable=True)
-        order = order.view(rows, groups, size).gather(2, idx).view(rows, np_)
-    return order.view(*lead, np_)
+            a0 = torch.sigmoid((s[:, 0] - s[:, 1]).mul_(temperature))
+            c = _normalized(torch.bmm(torch.stack([a0, 1 - a0], dim=1), x))
+        s = torch.bmm(c, xt).mul_(inv_g)
+        # r >= +0 (a cosine a rounding error below -1 counts as -1), so its float32 bits, read as int32, sort in
+        # the same order as its values: the same stable order, from an integer sort about 1.5x faster on CPU.
+        r = (s[:, 0] + 1).clamp_min_(0.0).div_((s[:, 1] + 1).clamp_min_(1e-6))
+        if pad is not None:  # padding sorts last: away from the boundaries, into the last leaves
+            r.masked_fill_(pad.view(rg, size), float("inf"))
+        last = level == plan.levels - 1
+        idx = r.view(torch.int32).argsort(dim=-1, stable=True)  # (rg, size), inside each group
+        order = order.reshape(rg, size).gather(1, idx).view(rows, np_)
+        if not last or sorted_queries:
+            if pad is not None:
+                pad = pad.view(rg, size).gather(1, idx).view(rows, np_)
+            inv = inv.view(rg, size).gather(1, idx).view(rows, np_)
+            start = torch.arange(0, rows * np_, size, device=q.device).view(rg, 1)
+            torch.index_select(cur, 0, (idx + start).view(-1), out=nxt)
+            cur, nxt = nxt, cur
+    return order, (cur if sorted_queries else None)
+
+
+def _normalized(c: Tensor) -> Tensor:
+    """``F.normalize(c, dim=-1)`` in place (the same values, fewer kernel calls)."""
+    return c.div_(torch.linalg.vector_norm(c, dim=-1, keepdim=True).clamp_min_(1e-12))
 
 
 def _sibling(t: Tensor, plan: ClusterPlan) -> Tensor:
@@ -231,7 +332,8 @@ def clustered_attention_macs(tokens: int, width: int, cluster_size: int, overlap
 
 def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, overlap: int = 0, num_global: int = 0,
                         iters: int = DEFAULT_ITERS, temperature: float = DEFAULT_TEMPERATURE,
-                        scale: float | None = None, dropout_p: float = 0.0, overhead: float = 0.0) -> Tensor:
+                        scale: float | None = None, dropout_p: float = 0.0, overhead: float = 0.0,
+                        out: Tensor | None = None) -> Tensor:
     """Attention of every token to its own cluster (plus sibling overlap and global tokens).
 
     Args:
@@ -248,10 +350,13 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
         overhead: MAC-equivalents per token, channel and level charged to the clustering's sorts and gathers
             when deciding whether it pays (never counted as MACs): on CPU those memory-bound ops cost far more
             than their few MACs, so with 0 the clustered path can be chosen where it is slower than dense.
+        out: Optional contiguous (B, N, heads, dv) tensor to write the result into (no gradient), e.g. a
+            :func:`workspace` buffer; the return value is then its (B, heads, N, dv) transposed view.
 
     Returns:
-        (B, heads, N, dv), in the input order. Exactly ``F.scaled_dot_product_attention(q, k, v)`` when the
-        clustered path does not pay (e.g. ``cluster_size >= N``).
+        (B, heads, N, dv), in the input order (clustered: a transposed view of a contiguous (B, N, heads, dv)
+        tensor). Exactly ``F.scaled_dot_product_attention(q, k, v)`` when the clustered path does not pay (e.g.
+        ``cluster_size >= N``).
     """
     b, h, n, d = q.shape
     if k.shape[-2] != n or v.shape[-2] != n:
@@ -260,8 +365,12 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
     g = num_global
     plan = plan_clusters(n - g, cluster_size, overlap)
     if not _pays(plan, g, h * d, iters, overhead):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    perm = balanced_clusters(q[:, :, g:], plan, iters, temperature)  # (B, h, Np), no gradient
+        dense = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        return dense if out is None else out.copy_(dense.transpose(1, 2)).transpose(1, 2)
+    # The clustering leaves the queries in cluster order; with a gradient to carry they are gathered again below.
+    grad = torch.is_grad_enabled() and q.requires_grad
+    perm, q_sorted = _cluster(q[:, :, g:], plan, iters, temperature, sorted_queries=not grad)
+    perm = perm.view(b, h, plan.padded)  # no gradient through it
     extra = plan.padded - plan.tokens
     # Rows of the full q, k, v: cluster order shifted past the global tokens; padding slots read token g (any
     # real row: padding keys are masked and padding queries' outputs dropped), so nothing is padded or copied.
@@ -276,9 +385,24 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
         key_rows.insert(0, torch.arange(g, device=q.device).expand(b, h, c, g))
     key_rows_t = torch.cat(key_rows, dim=3)  # (B, h, C, g + leaf + overlap)
     width = key_rows_t.shape[-1]
-    qc = _permute_rows(q, src)  # (B, h, Np, d)
-    kk = _permute_rows(k, key_rows_t.flatten(2))  # (B, h, C * keys, d)
-    vv = _permute_rows(v, key_rows_t.flatten(2))
+    # Keys and values gathered straight from their storage (usually the fused qkv projection, see _row_source):
+    # no contiguous copy of k and v first.
+    keys_t = key_rows_t.flatten(2)  # (B, h, C * keys)
+    ks, kb, kstep = _row_source(k)
+    vs, vb, vstep = _row_source(v)
+    k_rows = _row_index(kb, kstep, keys_t).reshape(-1)
+    v_rows = _row_index(vb, vstep, keys_t).reshape(-1)
+    if grad or (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
+        kk, vv = ks.index_select(0, k_rows), vs.index_select(0, v_rows)
+    else:  # temporaries only SDPA reads: reused buffers (see workspace)
+        kk = torch.index_select(ks, 0, k_rows, out=workspace("keys", (k_rows.numel(), d), k))
+        vv = torch.index_select(vs, 0, v_rows, out=workspace("values", (v_rows.numel(), v.shape[-1]), v))
+    kk, vv = kk.view(b, h * c, width, d), vv.view(b, h * c, width, -1)
+    if q_sorted is not None:
+        qc = q_sorted  # (B * h * Np, d); padding rows are zero queries whose outputs are dropped
+    else:
+        qs, qb, qstep = _row_source(q)
+        qc = qs.index_select(0, _row_index(qb, qstep, src).reshape(-1))
     mask = None
     if extra:
         real = (perm < plan.tokens).view(b, h, c, m, 1)
@@ -288,11 +412,20 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
         # Finite, not -inf: a cluster made only of padding must give finite (discarded) outputs and gradients.
         mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(
             ~valid, torch.finfo(q.dtype).min / 2).flatten(1, 2).unsqueeze(2)
-    out = F.scaled_dot_product_attention(qc.view(b, h * c, m, d), kk.view(b, h * c, width, d),
-                                         vv.view(b, h * c, width, -1), attn_mask=mask,
-                                         dropout_p=dropout_p, scale=scale)  # (B, h*C, leaf, dv)
-    out = _permute_rows(out.view(b, h, c * m, -1), inverse_permutation(perm)[..., :plan.tokens])
+    attn = F.scaled_dot_product_attention(qc.view(b, h * c, m, d), kk, vv, attn_mask=mask,
+                                          dropout_p=dropout_p, scale=scale)  # (B, h*C, leaf, dv)
+    # Back to the input order with one gather that also lays the heads out as (B, N, h, dv): callers merge heads
+    # with ``out.transpose(1, 2).reshape(B, N, h * dv)``, which is then a view instead of another copy.
+    dv = attn.shape[-1]
+    inv = inverse_permutation(perm)[..., :plan.tokens]  # (B, h, N'): each token's position in cluster order
+    rows = (torch.arange(b * h, device=q.device).view(b, h, 1) * plan.padded + inv).transpose(1, 2)
+    flat = attn.reshape(-1, dv)
     if g:
         out_g = F.scaled_dot_product_attention(q[:, :, :g], k, v, dropout_p=dropout_p, scale=scale)
-        out = torch.cat([out_g, out], dim=2)
-    return out
+        res = torch.cat([out_g.transpose(1, 2), flat.index_select(0, rows.reshape(-1)).view(b, plan.tokens, h, dv)],
+                        dim=1)
+        return res.transpose(1, 2) if out is None else out.copy_(res).transpose(1, 2)
+    if out is None:
+        return flat.index_select(0, rows.reshape(-1)).view(b, n, h, dv).transpose(1, 2)
+    torch.index_select(flat, 0, rows.reshape(-1), out=out.view(b * n * h, dv))
+    return out.transpose(1, 2)
