@@ -41,6 +41,7 @@ from torch import nn
 from vitconvert.anatomy import Anatomy
 from vitconvert.backbones import describe_family, read_anatomy
 from vitconvert.errors import AnatomyError, UserError
+from vitconvert.layers.cascade import Cascade
 from vitconvert.layers.costs import model_gmacs
 from vitconvert.layers.seams import drop_path_modules
 from vitconvert.operating import CurvePoint, OperatingPoint, OperatingSpace, choose_point
@@ -270,6 +271,16 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         """The base model's weights as held by this model (timm key names)."""
         return {k[len("base."):]: v for k, v in self.state_dict().items() if k.startswith("base.")}
+
+    def _count_cascade_costs(self, cascade: Cascade) -> None:
+        """Set every stage's GMACs of a cascade method (CF-ViT, DVT) from one blank image, in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            p = next(self.parameters())
+            cascade.count_costs(torch.zeros(1, 3, *self.anatomy.img_size, device=p.device, dtype=p.dtype))
+        finally:
+            self.train(was_training)
 
     def build_base(self) -> nn.Module:
         """A plain timm model with the base weights currently held by this model."""

@@ -297,13 +297,7 @@ class CFViT(ConvertedModel, SimulatesPoints):
 
     def _count_costs(self) -> None:
         """GMACs of the coarse stage and of the fine stage at the current alpha (batch of one image)."""
-        was_training = self.training
-        self.eval()
-        try:
-            p = next(self.parameters())
-            self.cascade.count_costs(torch.zeros(1, 3, *self.anatomy.img_size, device=p.device, dtype=p.dtype))
-        finally:
-            self.train(was_training)
+        self._count_cascade_costs(self.cascade)
 
 
 def _gather(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

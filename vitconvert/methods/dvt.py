@@ -473,16 +473,9 @@ class DVT(ConvertedModel, SimulatesPoints):
 
     # --- accounting -----------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _count_costs(self) -> None:
         """Each member's GMACs on one image given the earlier members' carry."""
-        was_training = self.training
-        self.eval()
-        try:
-            p = next(self.parameters())
-            self.cascade.count_costs(torch.zeros(1, 3, *self.anatomy.img_size, device=p.device, dtype=p.dtype))
-        finally:
-            self.train(was_training)
+        self._count_cascade_costs(self.cascade)
 
 
 def _set_input_size(member: nn.Module, size: tuple[int, int], anatomy: Anatomy) -> None:
