@@ -45,7 +45,8 @@ import torch
 import vitconvert
 from benchmarks import cifar10, timing
 from benchmarks.dge_forcing import force_ratio
-from vitconvert.methods.base import ConvertedModel
+from vitconvert.calibration import find_small_batch_rule
+from vitconvert.methods.base import ConvertedModel, SmallBatchRule
 from vitconvert.methods.dge import DGE
 from vitconvert.throughput import spread_batch
 from vitconvert.train import original_model
@@ -110,44 +111,76 @@ def compare_row(fns: dict[str, Any], x: torch.Tensor, cfg: dict[str, Any], batch
                                                            [round(v, 2) for v in os.getloadavg()]]}
 
 
-def dge_fns(model: DGE, base: torch.nn.Module) -> dict[str, Any]:
-    """Base, DGE as shipped (auto) and DGE forced sparse, each under inference mode."""
-    def run(execution: str) -> Any:
+def dge_fns(model: DGE, base: torch.nn.Module, rule: SmallBatchRule | None = None) -> dict[str, Any]:
+    """Base, DGE as shipped (auto, with the small-batch rule when one is given: ``dge_rule``), DGE auto without the
+    rule and DGE forced sparse, each under inference mode."""
+    def run(execution: str, small_batch: SmallBatchRule | None = None) -> Any:
         def fn(x: torch.Tensor) -> Any:
             model.execution = execution
+            model.small_batch = small_batch
             return model(x)
         return timing.inference_fn(fn)
-    return {"base": timing.inference_fn(base), "dge_auto": run("auto"), "dge_sparse": run("sparse")}
+    fns = {"base": timing.inference_fn(base), "dge_auto": run("auto"), "dge_sparse": run("sparse")}
+    if rule is not None:
+        fns["dge_rule"] = run("auto", rule)
+    return fns
 
 
-def gmacs_share(model: ConvertedModel, x: torch.Tensor) -> tuple[float, dict[str, Any]]:
-    """Mean GMACs / base GMACs on ``x`` (and what the blocks ran), at the model's current point."""
+def small_batch_rule(model: DGE, base: torch.nn.Module, x64: torch.Tensor) -> tuple[SmallBatchRule | None, Any]:
+    """The small-batch rule calibration stores for the model's current point on this machine: the same function
+    (:func:`vitconvert.calibration.find_small_batch_rule`) on the row's batch-64 images."""
+    model.execution, model.small_batch = "auto", None
+    rule, record = find_small_batch_rule(model, base, x64, progress=False)
+    return rule, record
+
+
+def gmacs_share(model: ConvertedModel, x: torch.Tensor, batch: int) -> tuple[float, dict[str, Any]]:
+    """Mean GMACs / base GMACs on ``x`` (and what the blocks ran), at the model's current point and small-batch
+    rule, ``x``'s images one by one when ``batch`` is 1 (as they are timed)."""
     with torch.inference_mode():
-        out = model.forward_dynamic(x)
-    info: dict[str, Any] = {"gmacs": round(float(out.gmacs.mean()), 5), "base_gmacs": round(model.base_gmacs, 5)}
-    if "dense_blocks" in out.extras:
-        info["dense_blocks"] = float(out.extras["dense_blocks"][0])
+        outs = [model.forward_dynamic(x[i:i + 1]) for i in range(x.shape[0])] if batch == 1 \
+            else [model.forward_dynamic(x)]
+    gmacs = torch.cat([o.gmacs for o in outs])
+    info: dict[str, Any] = {"gmacs": round(float(gmacs.mean()), 5), "base_gmacs": round(model.base_gmacs, 5)}
+    if "dense_blocks" in outs[0].extras:
+        info["dense_blocks"] = float(outs[0].extras["dense_blocks"][0])
         info["dynamic_blocks"] = len(model.dynamic_blocks)
-    return float(out.gmacs.mean()) / model.base_gmacs, info
+    return float(gmacs.mean()) / model.base_gmacs, info
 
 
 def row(name: str, converted: ConvertedModel, fns: dict[str, Any], x: torch.Tensor, cfg: dict[str, Any], batch: int,
-        **fields: Any) -> dict[str, Any]:
-    """One table row: GMACs share on ``x`` and the interleaved timing at ``batch`` (1: ``x``'s images one by one)."""
-    share, info = gmacs_share(converted, x)
+        rule: tuple[SmallBatchRule | None, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    """One table row: GMACs share on ``x`` and the interleaved timing at ``batch`` (1: ``x``'s images one by one).
+
+    With ``rule`` (a DGE row at a small batch: the rule and its record), the headline is DGE as shipped with that
+    rule (``dge_rule``); ``without_rule`` keeps the share and speed of the point itself."""
     t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if rule is not None:
+        extra["small_batch"] = {**rule[1], "applies": rule[0] is not None and batch < rule[0].below}
+        converted.small_batch = None
+        point_share, _ = gmacs_share(converted, x, batch)
+        extra["without_rule"] = {"gmacs_share": round(point_share, 4)}
+        converted.small_batch = rule[0]
+    share, info = gmacs_share(converted, x, batch)
     measured = compare_row(fns, x, cfg, batch)
-    converted = "dge_auto" if "dge_auto" in fns else "converted"
-    ratio = measured["timings"][converted]["ratio"]
+    converted.small_batch = None
+    name_of = "dge_rule" if "dge_rule" in fns else "dge_auto" if "dge_auto" in fns else "converted"
+    ratio = measured["timings"][name_of]["ratio"]
+    if rule is not None and "dge_rule" in fns:
+        auto = measured["timings"]["dge_auto"]["ratio"]
+        extra["without_rule"].update(throughput_ratio=auto,
+                                     share_of_gmacs_ideal=round(auto * extra["without_rule"]["gmacs_share"], 3))
     result = {"row": name, **fields, "batch": batch, "images_timed": int(x.shape[0]), **threading_info(),
               "gmacs_share": round(share, 4),
-              **info, "throughput_ratio": ratio, "share_of_gmacs_ideal": round(ratio * share, 3), **measured,
+              **info, "throughput_ratio": ratio, "share_of_gmacs_ideal": round(ratio * share, 3), **extra, **measured,
               "seconds": round(time.perf_counter() - t0, 1)}
     if "dge_sparse" in fns:
         result["sparse_only_ratio"] = measured["timings"]["dge_sparse"]["ratio"]
     print(f"[wallclock] {name} b{batch}: GMACs {share:.3f}, x{ratio:.3f} "
           f"({result['share_of_gmacs_ideal']:.0%} of ideal)"
-          + (f", sparse-only x{result['sparse_only_ratio']:.3f}" if "sparse_only_ratio" in result else ""), flush=True)
+          + (f", sparse-only x{result['sparse_only_ratio']:.3f}" if "sparse_only_ratio" in result else "")
+          + (f", small-batch rule {extra['small_batch']}" if "small_batch" in extra else ""), flush=True)
     return result
 
 
@@ -164,18 +197,15 @@ def trained_rows(folders: dict[str, Path], cfg: dict[str, Any]) -> list[dict[str
         fields = {"model": name, "method": model.method, "backbone": model.base_spec.architecture,
                   "gates": "trained", "point": point, "calibrated": model.calibration.get("budget")}
         if isinstance(model, DGE):
-            fns = dge_fns(model, base)
-            for x in (x64, x1):
-                rows.append(row(f"{name} calibrated", model, fns, x, cfg, 64 if x is x64 else 1, **fields))
+            rows += dge_point_rows(f"{name} calibrated", model, base, x64, x1, cfg, fields)
             # every timed point of the frontier a budget can choose
             curve = sorted(model.curve, key=lambda p: p.gmacs)
             pick = sorted({round(i * (len(curve) - 1) / max(1, cfg["curve_points"] - 1))
                            for i in range(cfg["curve_points"])})
             for i in pick:
                 model.set_operating_point(curve[i].point)
-                for x in (x64, x1):
-                    rows.append(row(f"{name} curve point", model, fns, x, cfg, 64 if x is x64 else 1,
-                                    **{**fields, "point": dict(curve[i].point), "calibrated": None}))
+                rows += dge_point_rows(f"{name} curve point", model, base, x64, x1, cfg,
+                                       {**fields, "point": dict(curve[i].point), "calibrated": None})
             model.set_operating_point(point)
             model.execution = "auto"
         else:
@@ -188,6 +218,15 @@ def trained_rows(folders: dict[str, Path], cfg: dict[str, Any]) -> list[dict[str
                                 **{**fields, "point": dict(model.operating_point), "calibrated": None}))
             model.set_operating_point(point)
     return rows
+
+
+def dge_point_rows(name: str, model: DGE, base: torch.nn.Module, x64: torch.Tensor, x1: torch.Tensor,
+                   cfg: dict[str, Any], fields: dict[str, Any]) -> list[dict[str, Any]]:
+    """A DGE point at batch 64 and at batch 1, the batch-1 row with the small-batch rule calibration would store."""
+    out = [row(name, model, dge_fns(model, base), x64, cfg, 64, **fields)]
+    rule = small_batch_rule(model, base, x64)
+    out.append(row(name, model, dge_fns(model, base, rule[0]), x1, cfg, 1, rule=rule, **fields))
+    return out
 
 
 def committed_share(name: str) -> float:
@@ -216,10 +255,8 @@ def stand_in_rows(missing: list[str], cfg: dict[str, Any]) -> list[dict[str, Any
                   "calibrated": None, "committed_share": round(share, 4)}
         if isinstance(model, DGE):
             force_ratio(model, share, "random", seed=0)
-            fns = dge_fns(model, base)
-            for x in (x64, x1):
-                rows.append(row(f"{name} at the trained run's share", model, fns, x, cfg, 64 if x is x64 else 1,
-                                gates="forced (random, at the committed trained run's GMACs share)", **fields))
+            rows += dge_point_rows(f"{name} at the trained run's share", model, base, x64, x1, cfg,
+                                   {"gates": "forced (random, at the committed trained run's GMACs share)", **fields})
             continue
         # CF-ViT: exit share s from the GMACs share (coarse-only and coarse + fine costs per image)
         coarse, fine = model.cascade.costs
@@ -256,8 +293,12 @@ def arch_rows(cfg: dict[str, Any], quick: bool, which: Any = None) -> list[dict[
         gen = torch.Generator().manual_seed(0)
         b = min(batch, cfg["batch"]) if quick else batch
         x = torch.randn(b, 3, *model.anatomy.img_size, generator=gen)
-        rows.append(row(f"{arch} rho {rho}", model, dge_fns(model, base), x, cfg, b, model=arch, method="dge",
-                        backbone=arch, gates="forced (random per image and region)", rho=rho))
+        rule = None
+        if b < cfg["batch"]:  # the rule is found on a calibration-size batch, as calibration does
+            rule = small_batch_rule(model, base, torch.randn(cfg["batch"], 3, *model.anatomy.img_size, generator=gen))
+        rows.append(row(f"{arch} rho {rho}", model, dge_fns(model, base, rule[0] if rule else None), x, cfg, b,
+                        rule=rule, model=arch, method="dge", backbone=arch,
+                        gates="forced (random per image and region)", rho=rho))
     return rows
 
 
@@ -273,24 +314,27 @@ def report_rows(measurements: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for name, r in m["timings"].items():
             if name == "base":
                 continue
-            how = {"dge_auto": "", "dge_sparse": ", sparse only"}.get(name, "")
+            # the rule's row runs what it runs (full compute when it applies); the others run the point itself
+            share = m["without_rule"]["gmacs_share"] if name != "dge_rule" and "without_rule" in m else m["gmacs_share"]
+            how = {"dge_auto": "" if "dge_rule" not in m["timings"] else ", without the small-batch rule",
+                   "dge_rule": ", small-batch rule", "dge_sparse": ", sparse only"}.get(name, "")
             rows.append({
                 "method": m["method"], "backbone": CIFAR_BASES.get(m["model"], m["backbone"]),
                 "setting": f"{where}{f' ({point})' if point else ''}, {m['gates'].split(' ')[0].rstrip(';')} gates, "
                            f"{m['threads']} threads{how}",
                 "device": "cpu", "precision": "fp32", "batch": m["batch"],
-                "gmacs": m["gmacs"], "base_gmacs": m["base_gmacs"], "throughput": r["img_s"],
+                "gmacs": round(share * m["base_gmacs"], 5), "base_gmacs": m["base_gmacs"], "throughput": r["img_s"],
                 "base_throughput": m["timings"]["base"]["img_s"], "throughput_ratio": r["ratio"],
                 "throughput_ratio_p10": r["ratio_p10_p90"][0], "throughput_ratio_p90": r["ratio_p10_p90"][1],
                 "cpu_time_ratio": r["cpu_time_ratio"],
-                "notes": f"share of the GMACs ideal {r['ratio'] * m['gmacs_share']:.0%}"})
+                "notes": f"share of the GMACs ideal {r['ratio'] * share:.0%}"})
     return rows
 
 
 def markdown_table(measurements: list[dict[str, Any]]) -> str:
     """The issue's table: one line per measurement (DGE as shipped; "sparse only" = forced sparse)."""
     lines = ["| model | gates | threads | batch | GMACs share | throughput vs base | share of the GMACs ideal "
-             "| sparse only |", "|---|---|---|---|---|---|---|---|"]
+             "| sparse only | without the small-batch rule |", "|---|---|---|---|---|---|---|---|---|"]
     for m in measurements:
         point = ", ".join(f"{k}={v:g}" for k, v in (m.get("point") or {}).items())
         name = f"{m['method']}, {m['model']}" + (f" rho {m['rho']}" if "rho" in m else "")
@@ -298,8 +342,17 @@ def markdown_table(measurements: list[dict[str, Any]]) -> str:
         before = m.get("sparse_only_ratio")
         lines.append(f"| {name} {where}{f' ({point})' if point else ''} | {m['gates']} | {m['threads']} "
                      f"| {m['batch']} | {m['gmacs_share']:.0%} | {m['throughput_ratio']:.2f}x "
-                     f"| {m['share_of_gmacs_ideal']:.0%} | {f'{before:.2f}x' if before is not None else '-'} |")
+                     f"| {m['share_of_gmacs_ideal']:.0%} | {f'{before:.2f}x' if before is not None else '-'} "
+                     f"| {_without_rule(m)} |")
     return "\n".join(lines) + "\n"
+
+
+def _without_rule(m: dict[str, Any]) -> str:
+    """The point's own share and speed where the small-batch rule ran full compute instead."""
+    w, rule = m.get("without_rule"), m.get("small_batch")
+    if not w or "throughput_ratio" not in w:
+        return "-" if not rule else f"not slower at batch 1 ({rule['ratios'].get('1')}x): no rule"
+    return f"{w['gmacs_share']:.0%} GMACs, {w['throughput_ratio']:.2f}x (rule: full compute below {rule['below']})"
 
 
 def row_key(m: dict[str, Any]) -> str:

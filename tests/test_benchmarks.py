@@ -262,6 +262,19 @@ def test_wallclock_rows_table_and_summary(tmp_path: Path) -> None:
         {**rows[2], "backbone": "x", "setting": "other"}]}))
     text = report.generate(tmp_path).read_text()
     assert text.index("`wallclock.json`") < text.index("`aaa.json`")  # the wall-clock table leads
+    # at batch 1 the headline is DGE as shipped, with the small-batch rule calibration stores (full compute here)
+    small = {**trained, "batch": 1, "gmacs_share": 1.0, "throughput_ratio": 1.01, "share_of_gmacs_ideal": 1.01,
+             "small_batch": {"ratios": {"1": 0.7, "2": 0.8, "4": 1.05}, "threads": 2, "below": 4, "applies": True},
+             "without_rule": {"gmacs_share": 0.5, "throughput_ratio": 0.7, "share_of_gmacs_ideal": 0.35},
+             "sparse_only_ratio": 0.6, "timings": {"base": timings(1.0), "dge_auto": timings(0.7),
+                                                   "dge_sparse": timings(0.6), "dge_rule": timings(1.01)}}
+    assert ("| trained | 2 | 1 | 100% | 1.01x | 101% | 0.60x | 50% GMACs, 0.70x (rule: full compute below 4) |"
+            in markdown_table([small]))
+    by_setting = {r["setting"].rsplit(", ", 1)[-1]: r for r in report_rows([small])}
+    assert by_setting["small-batch rule"]["throughput_ratio"] == 1.01
+    assert by_setting["small-batch rule"]["gmacs"] == pytest.approx(0.105)
+    assert by_setting["without the small-batch rule"]["gmacs"] == pytest.approx(0.0525)
+    assert by_setting["without the small-batch rule"]["notes"] == "share of the GMACs ideal 35%"
 
 
 def test_execution_fit_recovers_known_weights() -> None:

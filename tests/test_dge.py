@@ -12,9 +12,11 @@ from utils import TINY_MODELS, tiny_model
 
 import vitconvert
 from benchmarks.dge_forcing import force_ratio, forced_rho
+from vitconvert import calibration
 from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.costs import count_macs
 from vitconvert.layers.scale_conv import conv_at
+from vitconvert.methods.base import SmallBatchRule
 from vitconvert.methods.dge import DGE, DGEBlock, path_costs, plot_granularity
 
 # Grids the region size does not divide: DeiT with a 10x10 grid (like 14x14 at 224 px) and PVT-v2 at 56 px
@@ -521,6 +523,72 @@ def test_bad_state_is_refused() -> None:
         model.load_state({"coarsening": 0.5, "gumbel_tau": -1})
     with pytest.raises(UserError, match="unexpected method state"):
         model.load_state({"coarsening": 0.5, "bogus": 1})
+
+
+# --- small batches ----------------------------------------------------------------------------------------------
+
+
+def test_small_batches_run_at_full_compute_under_the_rule(tmp_path) -> None:
+    model = convert("deit", execution="auto")
+    randomize_routers(model)
+    model.knob = 0.7
+    x = images(model, 6)
+    with torch.no_grad():
+        sparse = [model.forward_dynamic(x[:n]) for n in (3, 4)]
+        model.full_compute()
+        full = model.forward_dynamic(x[:3])
+        base = model.build_base()(x[:3])
+        model.knob = 0.7
+        model.small_batch = SmallBatchRule(4, "cpu", 1, {1: 0.6, 2: 0.8, 4: 1.1})
+        small, large = model.forward_dynamic(x[:3]), model.forward_dynamic(x[:4])
+    assert model.knob == 0.7  # the point is restored after a small batch
+    assert torch.equal(small.logits, full.logits) and (small.logits - base).abs().max() <= 1e-4
+    assert torch.equal(small.gmacs, torch.full((3,), model.base_gmacs)) and "queries" not in small.extras
+    assert (sparse[0].gmacs < model.base_gmacs).all()  # without the rule, the same 3 images ran sparse
+    assert torch.equal(large.logits, sparse[1].logits) and torch.equal(large.gmacs, sparse[1].gmacs)
+    model.override_gates(lambda i, b, r, dev: torch.ones(b, r, dtype=torch.long, device=dev))
+    with torch.no_grad():  # forced gates (benchmarks) are a point too: the rule runs the base blocks all the same
+        assert torch.equal(model.forward_dynamic(x[:3]).logits, full.logits)
+        assert (model.forward_dynamic(x[:4]).gmacs < model.base_gmacs).all()
+    model.override_gates(None)
+    # the rule is part of the saved state and the card says it; a bad one is one line
+    model.calibration = {"small_batch": {"ratios": {"1": 0.6, "2": 0.8, "4": 1.1}, "threads": 1, "below": 4}}
+    loaded = vitconvert.load(vitconvert.save(model, tmp_path / "m"))
+    assert loaded.small_batch == model.small_batch
+    card = " ".join((tmp_path / "m" / "README.md").read_text().split())
+    assert "ran 0.60× at batch 1, 0.80× at batch 2, 1.10× at batch 4 the base model's speed" in card
+    assert "batches of fewer than 4 images run at the full-compute point" in card
+    with pytest.raises(UserError, match=r"state\.small_batch\.below"):
+        model.load_state({"coarsening": 0.5, "small_batch": {"below": 0}})
+    cascade = vitconvert.apply(*TINY_MODELS["vit"][:1], "cfvit", model_kwargs=TINY_MODELS["vit"][1], pretrained=False)
+    with pytest.raises(UserError, match="only valid for methods"):
+        cascade.load_state({**cascade.get_state(), "small_batch": {"below": 4}})
+
+
+def test_small_batch_rule_is_the_smallest_batch_not_slower(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Faked timings: the point 'runs' at 0.5x its base below 8 images and 1.2x from 8 on."""
+    timed: list[int] = []
+
+    def fake_throughput(models: dict, x: torch.Tensor, **kwargs: object) -> dict[str, float]:
+        timed.append(x.shape[0])
+        return {"converted": 60.0 if x.shape[0] >= 8 else 25.0, "base": 50.0}
+
+    monkeypatch.setattr(calibration, "measure_throughput", fake_throughput)
+    model = convert("deit", execution="auto")
+    base = model.build_base()
+    x = images(model, 32)
+    rule, record = calibration.find_small_batch_rule(model, base, x, progress=False)
+    assert timed == [1, 2, 4, 8] and rule == SmallBatchRule(8, "cpu", torch.get_num_threads(),
+                                                             {1: 0.5, 2: 0.5, 4: 0.5, 8: 1.2})
+    assert record == {"ratios": {"1": 0.5, "2": 0.5, "4": 0.5, "8": 1.2}, "threads": torch.get_num_threads(),
+                      "below": 8}
+    timed.clear()  # slower at every size below the calibration batch: the rule covers them all
+    rule, _ = calibration.find_small_batch_rule(model, base, x[:8], progress=False)
+    assert timed == [1, 2, 4] and rule is not None and rule.below == 8
+    timed.clear()  # a cascade has no base computation to fall back to: batch 1 is measured and recorded
+    cascade = vitconvert.apply(*TINY_MODELS["vit"][:1], "cfvit", model_kwargs=TINY_MODELS["vit"][1], pretrained=False)
+    rule, record = calibration.find_small_batch_rule(cascade, base, x, progress=False)
+    assert timed == [1] and rule is None and record["ratios"] == {"1": 0.5} and record["below"] is None
 
 
 # --- picture ---------------------------------------------------------------------------------------------------

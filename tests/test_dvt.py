@@ -21,6 +21,7 @@ from vitconvert.errors import UserError
 from vitconvert.layers.cascade import cumulative
 from vitconvert.layers.reuse import FeatureReuse, RelationMixer, resize_grid, resize_relations, resize_tokens
 from vitconvert.methods.dvt import DVT
+from vitconvert.train import loss_weight
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -222,6 +223,21 @@ def test_training_outputs_every_exit_and_gradients_reach_reuse() -> None:
     assert model.mixers["2"].fc2.weight.grad.abs().sum() > 0
     assert model.members[0].blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert model.lr_scales() == {"reuse": 10.0, "mixers": 10.0}
+
+
+def test_cascade_kl_teaches_earlier_exits_the_last_members_answer() -> None:
+    model = convert("deit", overrides=["finetune.losses.cascade_kl=0.5"]).train()
+    out = model.forward_train(torch.randn(4, 3, 32, 32))
+    terms = model.method_losses(out, None)
+    assert set(terms) == {"cascade_kl@4x4", "cascade_kl@6x6"}
+    last = out["logits"].detach().log_softmax(-1)
+    for name in ("4x4", "6x6"):
+        ref = (last.exp() * (last - out[f"exit.{name}"].log_softmax(-1))).sum(-1).mean()
+        torch.testing.assert_close(terms[f"cascade_kl@{name}"], ref)
+    assert loss_weight(model.recipe.losses.model_dump(), "cascade_kl@4x4") == 0.5
+    terms["cascade_kl@4x4"].backward()  # the last member is the target, not a student
+    assert model.members[0].blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.base.blocks[0].attn.qkv.weight.grad is None  # the last member is the base model
 
 
 @pytest.mark.parametrize("key", ["deit", "pvt_v2"])

@@ -9,6 +9,10 @@ other models run ``forward_dynamic`` at every point. The whole curve, the base m
 images, the split and the chosen point are stored in the model (``model.curve``, ``model.calibration``),
 so ``vitconvert.load(dir, budget=...)`` can switch to any budget later without data.
 
+Calibration also checks the chosen point's speed against the base model on the device
+(:func:`confirm_not_slower`) and, for a model that can fall back to the base computation, finds the batch size
+below which it should (:func:`find_small_batch_rule`).
+
 Images come from the held-out fraction of the *training* folder (``calibrate.holdout``), never from
 ``val/``: an operating point chosen on the images it is then reported on would flatter it.
 """
@@ -27,7 +31,7 @@ import torch
 
 from vitconvert.data import DataArg, ImageFolderData, SourceData, Split, batches, open_data
 from vitconvert.errors import UserError
-from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints, can_simulate
+from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints, SmallBatchRule, can_simulate
 from vitconvert.operating import (
     CurvePoint,
     OperatingPoint,
@@ -46,6 +50,7 @@ from vitconvert.train import ProgressBar, carried_files, original_model, resolve
 MAX_TIMED_POINTS = 8
 SPEED_SECONDS = 3.0
 SPEED_CHECK_SECONDS = 1.0  # per timed point when checking a GMACs/drop choice (a few points, not the frontier)
+SMALL_BATCH_MAX_ROUNDS = 300  # timed batches per model at the small batch sizes (a batch-1 forward can take 3 ms)
 STALE_AFTER_CALIBRATION = ("curve.png", "eval.json", "eval.png")
 
 
@@ -240,6 +245,41 @@ def confirm_not_slower(model: ConvertedModel, base: torch.nn.Module, curve: list
                                 "chooses again"}
 
 
+def find_small_batch_rule(model: ConvertedModel, base: torch.nn.Module, x: torch.Tensor, progress: bool = True
+                          ) -> tuple[SmallBatchRule | None, dict[str, Any]]:
+    """Time the current point against ``base`` (both on ``x``'s device) on the first 1, 2, 4, ... images of the
+    calibration batch ``x`` until it is not slower; the rule makes smaller batches run at the full-compute point
+    (the base computation).
+
+    Fixed costs per operation do not shrink with the batch, so a point faster than its base at 64 images can be
+    slower at one (DGE on the CIFAR-10 ViT: 1.6x at 64, 0.7x at 1). Only a model with ``full_compute_runs_base``
+    gets a rule; for the others (cascades) the batch-1 speed is measured and recorded. No rule is returned when
+    the point is not slower at batch 1; when it is slower at every size tried, ``below`` is ``batch_size``.
+    """
+    batch_size = x.shape[0]
+    sizes = [1 << i for i in range(max(1, batch_size).bit_length()) if 1 << i < batch_size]
+    if not model.full_compute_runs_base:
+        sizes = sizes[:1]
+    ratios: dict[int, float] = {}
+    below: int | None = None
+    with ProgressBar("calibrate: checking small batches", len(sizes), progress) as bar:
+        for b in sizes:
+            ips = measure_throughput({"converted": model, "base": base}, x[:b], min_seconds=SPEED_CHECK_SECONDS,
+                                     max_rounds=SMALL_BATCH_MAX_ROUNDS)
+            ratios[b] = round(ips["converted"] / ips["base"], 3)
+            bar.update()
+            if ratios[b] >= 1.0:
+                below = b
+                break
+    record: dict[str, Any] = {"ratios": {str(k): v for k, v in ratios.items()}, "threads": torch.get_num_threads()}
+    if not model.full_compute_runs_base or below == 1:
+        record["below"] = None
+        return None, record
+    below = below if below is not None else batch_size
+    record["below"] = below
+    return SmallBatchRule(below, x.device.type, torch.get_num_threads(), ratios), record
+
+
 def plot_curve(curve: list[CurvePoint], base_gmacs: float, base_top1: float | None, *, chosen: CurvePoint | None = None,
                measured: list[CurvePoint] | None = None, measured_base: float | None = None,
                title: str = "", curve_label: str = "calibration curve", measured_label: str = "measured") -> bytes:
@@ -349,6 +389,7 @@ def calibrate(
     split = folder_data.heldout_split(max_images if max_images is not None else settings.max_images)
 
     base: torch.nn.Module | None = None
+    cm.small_batch = None  # measured again below, for the point chosen now
     cm.to(dev).eval()
     try:
         curve = measure_curve(cm, split, dev, batch_size, progress)
@@ -377,6 +418,11 @@ def calibrate(
         if (settings.check_speed if check_speed is None else check_speed) and speed is None and base is not None:
             chosen, speed_check = confirm_not_slower(cm, base, curve, pick, split, dev, batch_size, progress)
         cm.set_operating_point(chosen.point)
+        small_batch: dict[str, Any] | None = None
+        if (speed is not None or speed_check is not None) and batch_size > 1 and base is not None \
+                and chosen.gmacs < cm.base_gmacs * (1 - 1e-9):
+            cm.small_batch, small_batch = find_small_batch_rule(
+                cm, base.to(dev).eval(), spread_batch(split.files, cm, batch_size).to(dev), progress)
     finally:
         cm.to("cpu")
         if base is not None:
@@ -395,6 +441,7 @@ def calibrate(
         "simulated": can_simulate(cm),
         **({"throughput": speed} if speed is not None else {}),
         **({"speed_check": speed_check} if speed_check is not None else {}),
+        **({"small_batch": small_batch} if small_batch is not None else {}),
         "finetuned": cm.finetuned,
         "device": str(dev),
         "seconds": round(time.perf_counter() - start, 2),

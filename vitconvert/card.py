@@ -297,6 +297,22 @@ def _curve_table(state: dict[str, Any], knob_name: str, evaluation: dict[str, An
     return [*lines, ""]
 
 
+def _small_batch_lines(state: dict[str, Any]) -> list[str]:
+    """What calibration measured at small batches, and the rule it stored (``state.small_batch``)."""
+    record = (state.get("calibration") or {}).get("small_batch")
+    if not isinstance(record, dict) or not isinstance(record.get("ratios"), dict):
+        return []
+    measured = ", ".join(f"{_fmt(v, '.2f', '×')} at batch {k}" for k, v in record["ratios"].items())
+    rule = state.get("small_batch")
+    if isinstance(rule, dict) and _num(rule.get("below")) is not None:
+        return [f"At small batches the chosen point ran {measured} the base model's speed "
+                    f"({rule.get('device_type', 'cpu')}, {record.get('threads')} threads), so batches of fewer than "
+                    f"{rule['below']} images run at the full-compute point (the base model's computation with these "
+                    "weights), counted at its GMACs.", ""]
+    return [f"At small batches the chosen point ran {measured} the base model's speed "
+            f"({record.get('threads')} threads).", ""]
+
+
 def _eval_table(evaluation: dict[str, Any], knob_name: str, plot: bool = False) -> list[str]:
     points = evaluation.get("points") or []
     if not points:
@@ -390,6 +406,7 @@ def model_card(config: dict[str, Any], folder: Path | None = None, name: str | N
         "",
     ]
     lines += _curve_table(state, knob_name, evaluation)
+    lines += _small_batch_lines(state)
     if folder is not None and (folder / PLOT_NAME).is_file():
         lines += [f"![top-1 against expected GMACs]({PLOT_NAME})", ""]
     lines += _eval_table(evaluation, knob_name, folder is not None and (folder / EVAL_PLOT_NAME).is_file())

@@ -34,7 +34,7 @@ def measure_throughput(models: dict[str, torch.nn.Module], x: torch.Tensor, *, w
         models: name -> model (already on ``x``'s device, in eval mode).
         x: One batch of real images (early exits depend on the images).
         warmup: Untimed batches per model first.
-        min_rounds, max_rounds: Timed batches per model.
+        min_rounds, max_rounds: Timed batches per model (small batches need many: a 5 ms forward is noisy).
         min_seconds: Keep timing (up to ``max_rounds``) until this much time has been spent.
     """
     device = x.device

@@ -8,8 +8,8 @@ full-compute setting reproduces the base model exactly (``exact_at_full_compute`
 * ``operating_space()`` -> :class:`~vitconvert.operating.OperatingSpace`: the named values a user or
   calibration turns (CF-ViT: ``eta`` and ``alpha``; DGE: ``coarsening``), each readable and settable as an
   attribute of the model (override ``_read_point`` / ``_write_point`` to store them otherwise);
-* ``forward_dynamic(x)`` -> :class:`DynamicOutput`: inference at the current point, with the per-image
-  GMACs of the path each image took;
+* ``forward_at_point(x)`` -> :class:`DynamicOutput`: inference at the current point, with the per-image
+  GMACs of the path each image took (callers use ``forward_dynamic``, which adds the small-batch rule below);
 * ``forward_train(x)`` -> dict with at least ``logits`` (the final output). Keys ``exit.<name>`` are earlier
   exits: the pipeline distils and supervises each of them like ``logits``;
 * ``method_losses(outputs, labels, teacher_logits)`` -> the method's own unweighted loss terms.
@@ -19,6 +19,13 @@ new parts), ``set_train_progress`` (schedules inside the method), ``plot_decisio
 model decided on some images: regions, exits), ``simulated_points``. A model whose every operating point can
 be evaluated from one pass over the images also subclasses :class:`SimulatesPoints` (``collect`` and
 ``simulate``); calibration then needs one pass per value of the knobs that change the computation.
+
+A method whose full-compute point runs the base model's own computation at the base's cost (DGE: no routers;
+FSLA: no clustering) sets ``full_compute_runs_base``. Calibration can then give the model a small-batch rule
+(``small_batch``): batches of fewer than ``below`` images on that kind of device run at the full-compute point,
+because there the sparse path's fixed cost per operation outweighs the MACs it saves (a 7.5 ms batch-1 forward
+of the CIFAR-10 DGE ViT launches 2,082 ops against the base's 655), so the model is never slower than its base.
+Those images then get the full-compute result and are counted at the base's GMACs.
 
 The base model is kept as ``self.base`` so its parameters keep their timm names under ``base.``; the
 teacher for fine-tuning and the exactness tests rebuild it from those keys.
@@ -67,6 +74,48 @@ class DynamicOutput:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SmallBatchRule:
+    """Batches of fewer than ``below`` images on a ``device_type`` device run at the full-compute point.
+
+    Found by calibration (:func:`vitconvert.calibration.find_small_batch_rule`): the smallest batch size, among
+    powers of two up to the calibration batch, at which the chosen point was timed at least as fast as the base
+    model; ``threads`` and ``ratios`` (batch size -> measured speed-up) record the measurement.
+    """
+
+    below: int
+    device_type: str = "cpu"
+    threads: int | None = None
+    ratios: dict[int, float] = field(default_factory=dict)
+
+    def applies(self, x: torch.Tensor) -> bool:
+        return x.shape[0] < self.below and x.device.type == self.device_type
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"below": self.below, "device_type": self.device_type, "threads": self.threads,
+                "ratios": {str(k): v for k, v in self.ratios.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> SmallBatchRule:
+        """Validated: a bad value is a one-line UserError naming the key."""
+        where = "config: state.small_batch"
+        if not isinstance(data, dict):
+            raise UserError(f"{where} must be a mapping, got {data!r}")
+        below, device_type, threads = data.get("below"), data.get("device_type", "cpu"), data.get("threads")
+        if isinstance(below, bool) or not isinstance(below, int) or below < 1:
+            raise UserError(f"{where}.below must be a whole number >= 1, got {below!r}")
+        if not isinstance(device_type, str) or not device_type:
+            raise UserError(f"{where}.device_type must be a device type such as 'cpu', got {device_type!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
+            raise UserError(f"{where}.threads must be a whole number, got {threads!r}")
+        ratios = data.get("ratios") or {}
+        try:
+            parsed = {int(k): float(v) for k, v in ratios.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise UserError(f"{where}.ratios must map batch sizes to speed-ups, got {ratios!r}") from None
+        return cls(below, device_type, threads, parsed)
+
+
 class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
     """Base class of every converted model (see the module docstring)."""
 
@@ -80,6 +129,9 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
     # True for a method whose points may cost more than the base model on purpose (FSLA augment); otherwise a
     # budget never chooses such a point (operating.eligible_points).
     adds_compute: ClassVar[bool] = False
+    # True for a method whose full-compute point is the base model's computation at the base's cost (see the module
+    # docstring): the small-batch rule may fall back to it.
+    full_compute_runs_base: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         super().__init__()
@@ -100,6 +152,7 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
         self.curve: list[CurvePoint] = []
         self.calibration: dict[str, Any] = {}
         self.finetuned = False
+        self.small_batch: SmallBatchRule | None = None
         # Read before the method rewrites anything: the base model's cost (with the same rules as every
         # per-image cost) and the drop-path slots of its blocks, (block index, path under base).
         self.base_gmacs = model_gmacs(base, anatomy.img_size)
@@ -112,7 +165,7 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
         """The named values of this model's operating point, their ranges, full-compute values and sweeps."""
 
     @abc.abstractmethod
-    def forward_dynamic(self, x: torch.Tensor) -> DynamicOutput:
+    def forward_at_point(self, x: torch.Tensor) -> DynamicOutput:
         """Inference at the current operating point, with per-image GMACs of the path taken."""
 
     @abc.abstractmethod
@@ -230,6 +283,7 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
             "calibration": self.calibration,
             "finetuned": self.finetuned,
             "base_gmacs": self.base_gmacs,
+            **({"small_batch": self.small_batch.to_dict()} if self.small_batch is not None else {}),
             **self.method_state(),
         }
 
@@ -259,6 +313,11 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
         base_gmacs = state.pop("base_gmacs", self.base_gmacs)
         if isinstance(base_gmacs, bool) or not isinstance(base_gmacs, int | float) or not math.isfinite(base_gmacs):
             raise UserError(f"config: state.base_gmacs must be a number, got {base_gmacs!r}")
+        small_batch = state.pop("small_batch", None)
+        self.small_batch = SmallBatchRule.from_dict(small_batch) if small_batch is not None else None
+        if self.small_batch is not None and not self.full_compute_runs_base:
+            raise UserError(f"config: state.small_batch is only valid for methods whose full-compute point runs the "
+                            f"base model's computation, not {self.method}")
         self.load_method_state(state)
 
     # --- shared behaviour -----------------------------------------------------------------------------
@@ -267,6 +326,22 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
         if self.training:
             return self.forward_train(x)["logits"]
         return self.forward_dynamic(x).logits
+
+    def forward_dynamic(self, x: torch.Tensor) -> DynamicOutput:
+        """Inference at the current operating point (or, under the small-batch rule, at full compute), with the
+        per-image GMACs of the path taken."""
+        if self.small_batch is not None and self.small_batch.applies(x):
+            return self.forward_full_compute(x)
+        return self.forward_at_point(x)
+
+    def forward_full_compute(self, x: torch.Tensor) -> DynamicOutput:
+        """Inference at the full-compute point, whatever the current point (the small-batch rule's path)."""
+        saved = self.operating_point
+        self._write_point(self.operating_space().full())
+        try:
+            return self.forward_at_point(x)
+        finally:
+            self._write_point(saved)
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         """The base model's weights as held by this model (timm key names)."""

@@ -255,7 +255,7 @@ class CFViT(ConvertedModel, SimulatesPoints):
     def _fine_stage(self, x: torch.Tensor, carry: Carry) -> tuple[torch.Tensor, Carry]:
         return self.forward_fine(x, carry), {}
 
-    def forward_dynamic(self, x: torch.Tensor) -> DynamicOutput:
+    def forward_at_point(self, x: torch.Tensor) -> DynamicOutput:
         """Batched early exit: the fine stage runs only on images whose coarse confidence is <= eta."""
         self._check_input(x)
         out = self.cascade.run(x, [self.eta])

@@ -763,6 +763,7 @@ class DGE(ConvertedModel):
     description = "DGE dynamic-granularity queries per region (ViT/DeiT, PVT-v2)"
     Settings = DGESettings
     Losses = DGELosses
+    full_compute_runs_base = True  # coarsening 0: the base blocks, routers not run
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         super().__init__(base, spec, recipe, anatomy)
@@ -927,7 +928,7 @@ class DGE(ConvertedModel):
                 total = total + r.conv_macs
         return total
 
-    def forward_dynamic(self, x: torch.Tensor) -> DynamicOutput:
+    def forward_at_point(self, x: torch.Tensor) -> DynamicOutput:
         """Inference at the current knob; ``gmacs`` per image from the gates each block chose."""
         self._check_input(x)
         # An empty batch has no regions to route; the base blocks return the base model's empty result.
@@ -947,6 +948,13 @@ class DGE(ConvertedModel):
                 if r.gates is not None:
                     extras[f"granularity.{r.block}"] = r.gates
         return DynamicOutput(logits=logits, gmacs=(gm / GIGA).float(), extras=extras)
+
+    def forward_full_compute(self, x: torch.Tensor) -> DynamicOutput:
+        """The base blocks, routers not run, whatever the knob or a gate override (the small-batch rule's path)."""
+        self._check_input(x)
+        with self._c.run("dense"):
+            logits = self.base(x)
+        return DynamicOutput(logits=logits, gmacs=torch.full((x.shape[0],), self.base_gmacs, device=x.device))
 
     def forward_train(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Dense training path with straight-through Gumbel gates; ``rho`` = dynamic/static GMACs of the batch."""

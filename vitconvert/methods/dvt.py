@@ -126,6 +126,8 @@ class DVTSettings(Strict):
 class DVTLosses(Strict):
     distill: float = Field(1.0, ge=0, description="KL from the original model, at every member's exit")
     ce: float = Field(1.0, ge=0, description="cross-entropy at every member's exit (when labels exist)")
+    cascade_kl: float = Field(0.0, ge=0, description="KL from the last member's (detached) output at every earlier "
+                              "exit, as CF-ViT's coarse output learns from its fine output")
 
 
 def _capture_output(module: nn.Module, args: tuple, output: Any) -> Any:
@@ -442,7 +444,7 @@ class DVT(ConvertedModel, SimulatesPoints):
 
     # --- inference ------------------------------------------------------------------------------------
 
-    def forward_dynamic(self, x: torch.Tensor) -> DynamicOutput:
+    def forward_at_point(self, x: torch.Tensor) -> DynamicOutput:
         """Real early exit: member k+1 runs only on the images member k did not answer."""
         out = self.cascade.run(self._checked(x), self.thresholds)
         return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit,
@@ -469,7 +471,14 @@ class DVT(ConvertedModel, SimulatesPoints):
 
     def method_losses(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor | None,
                       teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return {}  # DVT's loss is cross-entropy (+ our distillation) at every exit: the pipeline's terms
+        # DVT's loss is cross-entropy (+ our distillation) at every exit: the pipeline's terms. cascade_kl also
+        # teaches each earlier member the last member's answer, which is what its exit decision stands in for.
+        if self.recipe.losses.cascade_kl <= 0:
+            return {}
+        target = outputs["logits"].detach().float().log_softmax(dim=-1)
+        return {f"cascade_kl@{name}": F.kl_div(outputs[f"exit.{name}"].float().log_softmax(dim=-1), target,
+                                               reduction="batchmean", log_target=True)
+                for name in self.names[:-1]}
 
     # --- accounting -----------------------------------------------------------------------------------
 

@@ -294,6 +294,7 @@ class _FSLABase(ConvertedModel):
 
     Losses = FSLALosses
     mode: ClassVar[str]
+    full_compute_runs_base = True  # cluster size 0: the base blocks, no clustering and no added sub-layers
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         s = recipe.settings
@@ -373,7 +374,7 @@ class _FSLABase(ConvertedModel):
             raise ValueError(f"expected {self.anatomy.img_size[0]}x{self.anatomy.img_size[1]} images "
                              f"(the converted model's size), got {x.shape[-2]}x{x.shape[-1]}")
 
-    def forward_dynamic(self, x: torch.Tensor) -> DynamicOutput:
+    def forward_at_point(self, x: torch.Tensor) -> DynamicOutput:
         """Inference at the current cluster size; every image costs the same (the clusters' shapes are fixed)."""
         self._check_input(x)
         logits = self.base(x)
