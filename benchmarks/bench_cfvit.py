@@ -178,15 +178,9 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
     measured = timing.measure_models(models, img, quick=quick, latency_models=latency_models, setup=_setup)
 
     # Latency at fraction f is the mean over images of the two paths.
-    for dev in ("cpu", "cuda"):
-        lat = measured.get(f"{dev}_latency")
-        if lat is None:
-            continue
-        res = lat["results"]
-        for f in FRACTIONS:
-            ms = (1 - f) * res["cfvit_exit"]["median"] + f * res["cfvit_fine"]["median"]
-            res[f"cfvit_f{f}"] = {"median": ms, "ratio": res["timm"]["median"] / ms, "unit": "ms",
-                                  "derived": f"(1-{f}) * cfvit_exit + {f} * cfvit_fine medians"}
+    for f in FRACTIONS:
+        timing.add_path_mix_latency(measured, f"cfvit_f{f}", {"cfvit_exit": 1 - f, "cfvit_fine": f},
+                                    f"(1-{f}) * cfvit_exit + {f} * cfvit_fine medians")
 
     rows: list[dict[str, Any]] = []
     for f in FRACTIONS:

@@ -184,15 +184,9 @@ def run_arch(arch: str, quick: bool) -> dict[str, Any]:
     measured = timing.measure_models(models, img, quick=quick, latency_models={"timm": base, **paths},
                                      setup=_setup, threads=1)
     batch = measured["cpu_throughput"]["config"]["batch"]
-    for dev in ("cpu", "cuda"):
-        lat = measured.get(f"{dev}_latency")
-        if lat is None:
-            continue
-        res = lat["results"]
-        for b in BUDGETS:
-            ms = sum(s * res[f"dvt_exit{k}"]["median"] for k, s in enumerate(shares[b]))
-            res[f"dvt_{b}"] = {"median": ms, "ratio": res["timm"]["median"] / ms, "unit": "ms",
-                               "derived": "share-weighted mean of the per-exit path medians"}
+    for b in BUDGETS:
+        timing.add_path_mix_latency(measured, f"dvt_{b}", {f"dvt_exit{k}": s for k, s in enumerate(shares[b])},
+                                    "share-weighted mean of the per-exit path medians")
     rows = []
     for b in BUDGETS:
         counts = counts_for(shares[b], batch)

@@ -186,7 +186,8 @@ def run_recipe(recipe: str, base: Path, images_per_class: int, out_dir: Path, ov
         # The method's own picture of its decisions on the first validation image of each class (DGE: the
         # granularity of each region); a method without one returns None and nothing is written.
         final.plot_decisions(first_image_per_class(folder, final, 6), out_dir / f"{stem}_granularity.png")
-        setting = f"{recipe}{'' if labels else ' (no labels)'}, calibrated {cal['budget']}"
+        setting = (f"{recipe}{''.join(f' {o}' for o in overrides)}{'' if labels else ' (no labels)'}, "
+                   f"calibrated {cal['budget']}")
         row = {
             "method": final.method, "backbone": base.name, "setting": setting,
             "gmacs": ev["gmacs"], "base_gmacs": base_gmacs, "top1": top1, "base_top1": base_top1,

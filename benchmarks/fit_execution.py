@@ -19,7 +19,6 @@ import argparse
 import itertools
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import torch
 import vitconvert
 from benchmarks import timing
 from benchmarks.dge_forcing import force_ratio
+from benchmarks.dge_hooks import timed_blocks
 from vitconvert.methods.dge import DGE, EXECUTION_COSTS, DGEBlock, path_terms
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,41 +44,23 @@ CONFIGS = (
 
 def measure_blocks(model: DGE, x: torch.Tensor, reps: int) -> list[dict[str, Any]]:
     """Per dynamic block: the terms of both paths (from the auto pass) and their median wall seconds."""
-    blocks = [m for m in model.base.modules() if isinstance(m, DGEBlock)]
-    times: dict[tuple[int, str], list[float]] = {}
     terms: dict[int, dict[str, dict[str, float]]] = {}
-    start: dict[int, float] = {}
-    mode = [""]
-    hooks = []
-    for blk in blocks:
-        hooks.append(blk.register_forward_pre_hook(lambda m, a: start.__setitem__(m.index, time.perf_counter())))
-        hooks.append(blk.register_forward_hook(lambda m, a, o: times.setdefault((m.index, mode[0]), []).append(
-            time.perf_counter() - start[m.index])))
-        orig = blk._choose_path
 
-        def spy(gates: torch.Tensor, qsel: torch.Tensor, lay: Any, conv: Any, blk: DGEBlock = blk,
-                orig: Any = orig) -> str:
-            terms[blk.index] = path_terms(blk._costs, gates, qsel, lay, conv)
-            return orig(gates, qsel, lay, conv)
-        object.__setattr__(blk, "_choose_path", spy)
+    def record_terms(blk: DGEBlock, args: tuple[Any, ...], path: str) -> None:
+        terms[blk.index] = path_terms(blk._costs, *args)
+
     try:
-        with torch.inference_mode():
+        with timed_blocks(model, record_terms) as timer, torch.inference_mode():
             for r in range(reps + 1):
                 for execution in ("sparse", "dense"):
-                    mode[0] = execution if r else "warmup"
+                    timer.label = execution if r else "warmup"
                     model.execution = execution
                     model(x)
     finally:
-        for h in hooks:
-            h.remove()
-        for blk in blocks:
-            del blk.__dict__["_choose_path"]
         model.execution = "auto"
-    out = []
-    for blk in blocks:
-        med = {e: float(np.median(times[(blk.index, e)])) for e in ("sparse", "dense")}
-        out.append({"block": blk.index, "terms": terms[blk.index], "seconds": med})
-    return out
+    med = {e: timer.median(e) for e in ("sparse", "dense")}
+    return [{"block": blk.index, "terms": terms[blk.index], "seconds": {e: med[e][blk.index] for e in med}}
+            for blk in timer.blocks]
 
 
 def nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import vitconvert
 from benchmarks import cifar10, timing
 from benchmarks.bench_wallclock import CIFAR_BASES, TRAINED, committed_share, threading_info
 from benchmarks.dge_forcing import force_ratio
+from benchmarks.dge_hooks import BlockTimer, timed_blocks
 from vitconvert.methods.dge import DGE, DGEBlock
 from vitconvert.throughput import spread_batch
 from vitconvert.train import original_model
@@ -70,31 +70,20 @@ def profile_fn(fn: Any, x: torch.Tensor, iters: int) -> dict[str, Any]:
 def block_times(model: DGE, x: torch.Tensor, iters: int) -> list[dict[str, Any]]:
     """Per dynamic block: median wall ms of the base block, the sparse and the dense path on ``x``'s batch, and
     the path ``auto`` takes (timed through forward hooks; each block sees the input the model gives it)."""
-    blocks = [m for m in model.base.modules() if isinstance(m, DGEBlock)]
-    times: dict[tuple[int, str], list[float]] = {}
     chosen: dict[int, str] = {}
-    start: dict[int, float] = {}
-    hooks = []
-    mode = [""]
-    for blk in blocks:
-        hooks.append(blk.register_forward_pre_hook(lambda m, a: start.__setitem__(m.index, time.perf_counter())))
-        hooks.append(blk.register_forward_hook(lambda m, a, o: times.setdefault((m.index, mode[0]), []).append(
-            time.perf_counter() - start[m.index])))
-        orig = blk._choose_path
-
-        def spy(*args: Any, blk: DGEBlock = blk, orig: Any = orig) -> str:
-            path = orig(*args)
-            if mode[0] == "auto":
-                chosen[blk.index] = path
-            return path
-        object.__setattr__(blk, "_choose_path", spy)
     saved = model.execution
     override = model.gate_override
+    timer: BlockTimer
+
+    def record_choice(blk: DGEBlock, args: tuple[Any, ...], path: str) -> None:
+        if timer.label == "auto":
+            chosen[blk.index] = path
+
     try:
-        with torch.inference_mode():
+        with timed_blocks(model, record_choice) as timer, torch.inference_mode():
             for _ in range(iters):
                 for execution in ("base", "sparse", "dense", "auto"):
-                    mode[0] = execution
+                    timer.label = execution
                     if execution == "base":  # the base blocks themselves, at the same inputs' shapes
                         model.override_gates(lambda i, b, r, dev: torch.zeros(b, r, dtype=torch.long, device=dev))
                         model.execution = "dense"
@@ -103,20 +92,11 @@ def block_times(model: DGE, x: torch.Tensor, iters: int) -> list[dict[str, Any]]
                         model.execution = execution
                     model(x)
     finally:
-        for h in hooks:
-            h.remove()
-        for blk in blocks:
-            del blk.__dict__["_choose_path"]
         model.execution = saved
         model.override_gates(override)
-    out = []
-    for blk in blocks:
-        row = {"block": blk.index, "auto": chosen.get(blk.index)}
-        for execution in ("base", "sparse", "dense", "auto"):
-            ts = sorted(times[(blk.index, execution)])
-            row[f"{execution}_ms"] = round(1000 * ts[len(ts) // 2], 3)
-        out.append(row)
-    return out
+    med = {e: timer.median(e) for e in ("base", "sparse", "dense", "auto")}
+    return [{"block": blk.index, "auto": chosen.get(blk.index),
+             **{f"{e}_ms": round(1000 * med[e][blk.index], 3) for e in med}} for blk in timer.blocks]
 
 
 def profile_model(name: str, model: DGE, base: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[str, Any]:

@@ -398,6 +398,23 @@ def _load_average() -> list[float] | None:
         return None
 
 
+def add_path_mix_latency(measured: Mapping[str, Any], name: str, weights: Mapping[str, float], derived: str) -> None:
+    """Batch-1 latency of ``name``, whose images take different paths (a cascade's exits), as the weighted mean of
+    the paths' medians (each path timed alone by :func:`measure_models`), added to every device's latency results.
+
+    One image at a time, an exit distribution is a mix of whole paths; timing one random image stream instead would
+    only add the variance of which path each draw took.
+    """
+    for dev in ("cpu", "cuda"):
+        lat = measured.get(f"{dev}_latency")
+        if lat is None:
+            continue
+        res = lat["results"]
+        ms = sum(w * res[path]["median"] for path, w in weights.items())
+        res[name] = {"median": ms, "ratio": res[lat["config"]["reference"]]["median"] / ms, "unit": "ms",
+                     "derived": derived}
+
+
 def result_row(measured: Mapping[str, Any], name: str, **fields: Any) -> list[dict[str, Any]]:
     """Rows for ``SUMMARY.md`` (one per device) from :func:`measure_models` output for model ``name``.
 

@@ -315,3 +315,36 @@ def test_wallclock_rows_measured_again_replace_their_old_rows() -> None:
     new = [m("pvt_v2_b1 rho 0.7", 64, 0.9, rho=0.7), m("dge_vit calibrated", 64, 1.7, point={"coarsening": 0.1})]
     merged = merge(old, new)
     assert [r["throughput_ratio"] for r in merged] == [1.6, 0.6, 0.9, 1.7]
+
+
+def test_path_mix_latency_is_the_weighted_mean_of_the_paths() -> None:
+    """A cascade's batch-1 latency at an exit distribution, from its paths timed alone (bench_cfvit, bench_dvt)."""
+    results = {"timm": {"median": 10.0}, "exit": {"median": 4.0}, "fine": {"median": 12.0}}
+    measured = {"cpu_latency": {"config": {"reference": "timm"}, "results": results}}
+    timing.add_path_mix_latency(measured, "mix", {"exit": 0.75, "fine": 0.25}, "test")
+    mix = measured["cpu_latency"]["results"]["mix"]
+    assert mix == {"median": 6.0, "ratio": pytest.approx(10 / 6), "unit": "ms", "derived": "test"}
+
+
+def test_timed_blocks_times_each_block_and_reports_choices_then_unhooks() -> None:
+    from benchmarks.dge_hooks import timed_blocks
+
+    arch, kwargs = TINY_MODELS["deit"]
+    torch.manual_seed(0)
+    model = vitconvert.apply(arch, "dge", model_kwargs=kwargs, pretrained=False, overrides=["model.execution=auto"])
+    model.eval().knob = 1.0  # every region coarsest: auto splits the batch by level
+    choices: list[tuple[int, str]] = []
+    x = torch.randn(2, 3, *model.anatomy.img_size)
+    with torch.no_grad():
+        ref = model(x)
+        with timed_blocks(model, lambda blk, args, path: choices.append((blk.index, path))) as timer:
+            for label in ("a", "b", "b"):
+                timer.label = label
+                assert torch.equal(model(x), ref)  # instrumented, not changed
+    indices = [b.index for b in timer.blocks]
+    assert indices == sorted(model.dynamic_blocks) and choices == [(i, "split") for i in indices] * 3
+    assert {k: len(v) for k, v in timer.seconds.items()} == {**{(i, "a"): 1 for i in indices},
+                                                             **{(i, "b"): 2 for i in indices}}
+    assert all(t > 0 for t in timer.median("b").values())
+    assert all("_choose_path" not in b.__dict__ and not b._forward_hooks and not b._forward_pre_hooks
+               for b in timer.blocks)

@@ -1,0 +1,70 @@
+"""Per-block instrumentation of a DGE model for the benchmarks that look inside it (``fit_execution``,
+``profile_dge``, ``dge_blocks``): wall time of every dynamic block's forward, and the path ``auto`` chose with the
+arguments it chose from.
+
+Example:
+    >>> with timed_blocks(model) as timer:  # doctest: +SKIP
+    ...     timer.label = "sparse"
+    ...     model(x)
+    >>> timer.median("sparse")  # doctest: +SKIP
+    {0: 0.0123, 1: ...}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from vitconvert.methods.dge import DGE, DGEBlock
+
+__all__ = ["BlockTimer", "timed_blocks"]
+
+# Called after a block chose its path: (block, the arguments of DGEBlock._choose_path, the path).
+ChoiceHook = Callable[[DGEBlock, tuple[Any, ...], str], None]
+
+
+@dataclass
+class BlockTimer:
+    """Wall seconds of every call of each dynamic block, kept under the ``label`` current at the call."""
+
+    blocks: list[DGEBlock]
+    label: str = ""
+    seconds: dict[tuple[int, str], list[float]] = field(default_factory=dict)
+
+    def median(self, label: str) -> dict[int, float]:
+        """Median seconds per block index of the calls made under ``label``."""
+        return {b.index: statistics.median(self.seconds[(b.index, label)]) for b in self.blocks}
+
+
+@contextlib.contextmanager
+def timed_blocks(model: DGE, on_choice: ChoiceHook | None = None) -> Iterator[BlockTimer]:
+    """Time every dynamic block through forward hooks (each block sees the input the model gives it) and report each
+    path choice to ``on_choice``; everything is removed on exit."""
+    blocks = [m for m in model.base.modules() if isinstance(m, DGEBlock)]
+    timer = BlockTimer(blocks)
+    start: dict[int, float] = {}
+    hooks = []
+    for blk in blocks:
+        hooks.append(blk.register_forward_pre_hook(lambda m, a: start.__setitem__(m.index, time.perf_counter())))
+        hooks.append(blk.register_forward_hook(lambda m, a, o: timer.seconds.setdefault(
+            (m.index, timer.label), []).append(time.perf_counter() - start[m.index])))
+        if on_choice is not None:
+            choose = blk._choose_path
+
+            def spy(*args: Any, blk: DGEBlock = blk, choose: Any = choose) -> str:
+                path = choose(*args)
+                on_choice(blk, args, path)
+                return path
+            # An instance attribute shadows the method for this block only (DGEBlock calls self._choose_path).
+            object.__setattr__(blk, "_choose_path", spy)
+    try:
+        yield timer
+    finally:
+        for h in hooks:
+            h.remove()
+        for blk in blocks:
+            blk.__dict__.pop("_choose_path", None)
