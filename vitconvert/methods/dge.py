@@ -1020,7 +1020,7 @@ def plot_granularity(model: DGE, images: torch.Tensor, path: str | Path, block: 
     was_training = model.training
     model.eval()
     try:
-        out = model.forward_dynamic(images)
+        out = model.forward_at_point(images)  # what the point decides, whatever the small-batch rule
     finally:
         model.train(was_training)
     if f"granularity.{block}" not in out.extras:

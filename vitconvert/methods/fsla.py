@@ -412,7 +412,7 @@ class _FSLABase(ConvertedModel):
         was_training = self.training
         self.eval()
         try:
-            self.forward_dynamic(images)
+            self.forward_at_point(images)  # what the point decides, whatever the small-batch rule
         finally:
             handle.remove()
             self.train(was_training)
