@@ -556,8 +556,8 @@ def test_small_batches_run_at_full_compute_under_the_rule(tmp_path) -> None:
     loaded = vitconvert.load(vitconvert.save(model, tmp_path / "m"))
     assert loaded.small_batch == model.small_batch
     card = " ".join((tmp_path / "m" / "README.md").read_text().split())
-    assert "ran 0.60× at batch 1, 0.80× at batch 2, 1.10× at batch 4 the base model's speed" in card
-    assert "batches of fewer than 4 images run at the full-compute point" in card
+    assert "(1 thread), the chosen point ran at 0.60× at batch 1, 0.80× at batch 2 and 1.10× at batch 4 its" in card
+    assert "so batches of fewer than 4 images on cpu run at the full-compute point" in card
     with pytest.raises(UserError, match=r"state\.small_batch\.below"):
         model.load_state({"coarsening": 0.5, "small_batch": {"below": 0}})
     cascade = vitconvert.apply(*TINY_MODELS["vit"][:1], "cfvit", model_kwargs=TINY_MODELS["vit"][1], pretrained=False)

@@ -300,17 +300,18 @@ def _curve_table(state: dict[str, Any], knob_name: str, evaluation: dict[str, An
 def _small_batch_lines(state: dict[str, Any]) -> list[str]:
     """What calibration measured at small batches, and the rule it stored (``state.small_batch``)."""
     record = (state.get("calibration") or {}).get("small_batch")
-    if not isinstance(record, dict) or not isinstance(record.get("ratios"), dict):
+    if not isinstance(record, dict) or not isinstance(record.get("ratios"), dict) or not record["ratios"]:
         return []
-    measured = ", ".join(f"{_fmt(v, '.2f', '×')} at batch {k}" for k, v in record["ratios"].items())
+    parts = [f"{_fmt(v, '.2f', '×')} at batch {k}" for k, v in record["ratios"].items()]
+    measured = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    threads = record.get("threads")
+    where = f"{threads} thread{'s' if threads != 1 else ''}"
     rule = state.get("small_batch")
+    said = f"Timed against the base model at small batches ({where}), the chosen point ran at {measured} its speed"
     if isinstance(rule, dict) and _num(rule.get("below")) is not None:
-        return [f"At small batches the chosen point ran {measured} the base model's speed "
-                    f"({rule.get('device_type', 'cpu')}, {record.get('threads')} threads), so batches of fewer than "
-                    f"{rule['below']} images run at the full-compute point (the base model's computation with these "
-                    "weights), counted at its GMACs.", ""]
-    return [f"At small batches the chosen point ran {measured} the base model's speed "
-            f"({record.get('threads')} threads).", ""]
+        return [f"{said}, so batches of fewer than {rule['below']} images on {rule.get('device_type', 'cpu')} run at "
+                "the full-compute point (the base model's computation with these weights), counted at its GMACs.", ""]
+    return [f"{said}.", ""]
 
 
 def _eval_table(evaluation: dict[str, Any], knob_name: str, plot: bool = False) -> list[str]:
