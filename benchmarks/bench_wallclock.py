@@ -224,6 +224,8 @@ def dge_point_rows(name: str, model: DGE, base: torch.nn.Module, x64: torch.Tens
                    cfg: dict[str, Any], fields: dict[str, Any]) -> list[dict[str, Any]]:
     """A DGE point at batch 64 and at batch 1, the batch-1 row with the small-batch rule calibration would store."""
     out = [row(name, model, dge_fns(model, base), x64, cfg, 64, **fields)]
+    if out[0]["gmacs_share"] >= 1.0 - 1e-6:  # the full-compute point runs the base computation: no rule to find
+        return [*out, row(name, model, dge_fns(model, base), x1, cfg, 1, **fields)]
     rule = small_batch_rule(model, base, x64)
     out.append(row(name, model, dge_fns(model, base, rule[0]), x1, cfg, 1, rule=rule, **fields))
     return out
