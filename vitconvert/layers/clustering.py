@@ -255,12 +255,14 @@ def _cluster(q: Tensor, plan: ClusterPlan, iters: int, temperature: float, sorte
         inv_g = inv.view(rg, 1, size)
         c = _normalized(x.view(rg, 2, half, d).sum(2))  # means of the two halves (the scale does not matter)
         for _ in range(iters):
-            s = torch.bmm(c, xt).mul_(inv_g)  # (rg, 2, size) cosine similarities
-            # softmax over two centroids = sigmoid of the difference (one elementwise pass, not a softmax kernel
-            # over a dimension of 2); the same soft assignment, written straight into the weights' buffer.
-            a = torch.empty_like(s)
-            a0 = torch.sigmoid(torch.sub(s[:, 0], s[:, 1]).mul_(temperature), out=a[:, 0])
-            torch.sub(_ONE, a0, out=a[:, 1])
+            # softmax(temperature x cosines) over two centroids = sigmoid(temperature x (s0 - s1)), and
+            # s0 - s1 = (c0 - c1) . x / |x|: one product with the (tiny) scaled centroid difference instead of
+            # two similarities (a matrix-vector product reads x as fast as a 2-row one runs), written straight
+            # into the assignment weights' buffer.
+            dc = torch.sub(c[:, :1], c[:, 1:]).mul_(temperature)  # (rg, 1, d)
+            a = x.new_empty(rg, 2, size)
+            a0 = torch.sigmoid(torch.bmm(dc, xt).mul_(inv_g), out=a[:, :1])
+            torch.sub(_ONE, a0, out=a[:, 1:])
             c = _normalized(torch.bmm(a, x))
         s = torch.bmm(c, xt).mul_(inv_g)
         # r >= +0 (a cosine a rounding error below -1 counts as -1), so its float32 bits, read as int32, sort in
@@ -352,11 +354,12 @@ def _clustered_macs(plan: ClusterPlan, num_global: int, width: int, iters: int) 
 def clustering_macs(plan: ClusterPlan, width: int, iters: int = DEFAULT_ITERS) -> float:
     """MACs of :func:`balanced_clusters` for one image, ``width`` = heads x head dim.
 
-    Per level and token: ``iters + 1`` similarity products against 2 centroids and ``iters`` centroid
-    updates (2 x d each), i.e. ``(4 iters + 2) x padded x width``. Means, norms, softmax and sort are not
-    MACs (fvcore does not count them either).
+    Per level and token: ``iters`` products with the centroid difference (d each: the soft assignment only
+    needs ``s0 - s1``), ``iters`` centroid updates (2 x d) and the final similarities to both centroids (2 x d),
+    i.e. ``(3 iters + 2) x padded x width``. Means, norms, softmax and sort are not MACs (fvcore does not count
+    them either).
     """
-    return float(plan.levels * (4 * iters + 2) * plan.padded * width)
+    return float(plan.levels * (3 * iters + 2) * plan.padded * width)
 
 
 def clustered_attention_macs(tokens: int, width: int, cluster_size: int, overlap: int = 0, num_global: int = 0,
