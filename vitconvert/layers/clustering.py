@@ -375,6 +375,31 @@ def clustered_attention_macs(tokens: int, width: int, cluster_size: int, overlap
     return _clustered_macs(plan, num_global, width, iters)
 
 
+def _window_attention(qc: Tensor, k: Tensor, v: Tensor, src: Tensor, plan: ClusterPlan, scale: float | None,
+                      dropout_p: float) -> Tensor:
+    """In-cluster attention without global tokens or padding (inference): (B * h * C/2, 2, leaf, dv) outputs in
+    cluster order from the queries ``qc`` (B * h * padded, d) in cluster order and the tokens ``src`` (B, h, padded)
+    of each position.
+
+    With keys in cluster order, each cluster's keys are one window of ``leaf + overlap`` consecutive rows: cluster
+    2i's own rows followed by the first ``overlap`` rows of 2i + 1, and for 2i + 1 the last ``overlap`` rows of 2i
+    followed by its own. So k and v are gathered once per token (not once per key slot: 1 + overlap / leaf times
+    fewer rows) and the windows are strided views, sibling pairs as the batch and the two clusters of a pair as
+    the heads of one SDPA call. Keys come in another order than on the general path (sibling rows first for odd
+    clusters), which changes only the float rounding of the softmax sums.
+    """
+    d, dv = k.shape[-1], v.shape[-1]
+    m, o, pairs = plan.leaf, plan.overlap, src.numel() // (2 * plan.leaf)
+    ks, kb, kstep = _row_source(k)
+    vs, vb, vstep = _row_source(v)
+    kk = torch.index_select(ks, 0, _row_index(kb, kstep, src).view(-1), out=workspace("keys", (src.numel(), d), k))
+    vv = torch.index_select(vs, 0, _row_index(vb, vstep, src).view(-1),
+                            out=workspace("values", (src.numel(), dv), v))
+    kw = kk.as_strided((pairs, 2, m + o, d), (2 * m * d, (m - o) * d, d, 1))
+    vw = vv.as_strided((pairs, 2, m + o, dv), (2 * m * dv, (m - o) * dv, dv, 1))
+    return F.scaled_dot_product_attention(qc.view(pairs, 2, m, d), kw, vw, dropout_p=dropout_p, scale=scale)
+
+
 def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, overlap: int = 0, num_global: int = 0,
                         iters: int = DEFAULT_ITERS, temperature: float = DEFAULT_TEMPERATURE,
                         scale: float | None = None, dropout_p: float = 0.0, overhead: float = 0.0,
@@ -419,46 +444,50 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
     extra = plan.padded - plan.tokens
     # Rows of the full q, k, v: cluster order shifted past the global tokens; padding slots read token g (any
     # real row: padding keys are masked and padding queries' outputs dropped), so nothing is padded or copied.
-    src = torch.where(perm < plan.tokens, perm + g, g) if extra else perm + g
+    src = torch.where(perm < plan.tokens, perm + g, g) if extra else (perm + g if g else perm)
 
     c, m = plan.clusters, plan.leaf
-    cluster_rows = src.view(b, h, c, m)
-    # Each cluster's key rows: the global tokens, its own tokens, its sibling's boundary tokens. Built on the
-    # indices, so keys and values are gathered once into place (no float copies to concatenate afterwards).
-    key_rows = [cluster_rows, _sibling(cluster_rows.unsqueeze(-1), plan).squeeze(-1)]
-    if g:
-        key_rows.insert(0, torch.arange(g, device=q.device).expand(b, h, c, g))
-    key_rows_t = torch.cat(key_rows, dim=3)  # (B, h, C, g + leaf + overlap)
-    width = key_rows_t.shape[-1]
-    # Keys and values gathered straight from their storage (usually the fused qkv projection, see _row_source):
-    # no contiguous copy of k and v first.
-    keys_t = key_rows_t.flatten(2)  # (B, h, C * keys)
-    ks, kb, kstep = _row_source(k)
-    vs, vb, vstep = _row_source(v)
-    k_rows = _row_index(kb, kstep, keys_t).reshape(-1)
-    v_rows = _row_index(vb, vstep, keys_t).reshape(-1)
-    if grad or (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
-        kk, vv = ks.index_select(0, k_rows), vs.index_select(0, v_rows)
-    else:  # temporaries only SDPA reads: reused buffers (see workspace)
-        kk = torch.index_select(ks, 0, k_rows, out=workspace("keys", (k_rows.numel(), d), k))
-        vv = torch.index_select(vs, 0, v_rows, out=workspace("values", (v_rows.numel(), v.shape[-1]), v))
-    kk, vv = kk.view(b, h * c, width, d), vv.view(b, h * c, width, -1)
-    if q_sorted is not None:
-        qc = q_sorted  # (B * h * Np, d); padding rows are zero queries whose outputs are dropped
+    if not g and not extra and q_sorted is not None and not (
+            torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
+        attn = _window_attention(q_sorted, k, v, src, plan, scale, dropout_p)
     else:
-        qs, qb, qstep = _row_source(q)
-        qc = qs.index_select(0, _row_index(qb, qstep, src).reshape(-1))
-    mask = None
-    if extra:
-        real = (perm < plan.tokens).view(b, h, c, m, 1)
-        valid = torch.cat([real, _sibling(real, plan)], dim=3).squeeze(-1)
+        cluster_rows = src.view(b, h, c, m)
+        # Each cluster's key rows: the global tokens, its own tokens, its sibling's boundary tokens. Built on the
+        # indices, so keys and values are gathered once into place (no float copies to concatenate afterwards).
+        key_rows = [cluster_rows, _sibling(cluster_rows.unsqueeze(-1), plan).squeeze(-1)]
         if g:
-            valid = torch.cat([valid.new_ones(b, h, c, g), valid], dim=3)
-        # Finite, not -inf: a cluster made only of padding must give finite (discarded) outputs and gradients.
-        mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(
-            ~valid, torch.finfo(q.dtype).min / 2).flatten(1, 2).unsqueeze(2)
-    attn = F.scaled_dot_product_attention(qc.view(b, h * c, m, d), kk, vv, attn_mask=mask,
-                                          dropout_p=dropout_p, scale=scale)  # (B, h*C, leaf, dv)
+            key_rows.insert(0, torch.arange(g, device=q.device).expand(b, h, c, g))
+        key_rows_t = torch.cat(key_rows, dim=3)  # (B, h, C, g + leaf + overlap)
+        width = key_rows_t.shape[-1]
+        # Keys and values gathered straight from their storage (usually the fused qkv projection, see _row_source):
+        # no contiguous copy of k and v first.
+        keys_t = key_rows_t.flatten(2)  # (B, h, C * keys)
+        ks, kb, kstep = _row_source(k)
+        vs, vb, vstep = _row_source(v)
+        k_rows = _row_index(kb, kstep, keys_t).reshape(-1)
+        v_rows = _row_index(vb, vstep, keys_t).reshape(-1)
+        if grad or (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
+            kk, vv = ks.index_select(0, k_rows), vs.index_select(0, v_rows)
+        else:  # temporaries only SDPA reads: reused buffers (see workspace)
+            kk = torch.index_select(ks, 0, k_rows, out=workspace("keys", (k_rows.numel(), d), k))
+            vv = torch.index_select(vs, 0, v_rows, out=workspace("values", (v_rows.numel(), v.shape[-1]), v))
+        kk, vv = kk.view(b, h * c, width, d), vv.view(b, h * c, width, -1)
+        if q_sorted is not None:
+            qc = q_sorted  # (B * h * Np, d); padding rows are zero queries whose outputs are dropped
+        else:
+            qs, qb, qstep = _row_source(q)
+            qc = qs.index_select(0, _row_index(qb, qstep, src).reshape(-1))
+        mask = None
+        if extra:
+            real = (perm < plan.tokens).view(b, h, c, m, 1)
+            valid = torch.cat([real, _sibling(real, plan)], dim=3).squeeze(-1)
+            if g:
+                valid = torch.cat([valid.new_ones(b, h, c, g), valid], dim=3)
+            # Finite, not -inf: a cluster made only of padding must give finite (discarded) outputs and gradients.
+            mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~valid, torch.finfo(q.dtype).min / 2).flatten(1, 2).unsqueeze(2)
+        attn = F.scaled_dot_product_attention(qc.view(b, h * c, m, d), kk, vv, attn_mask=mask,
+                                              dropout_p=dropout_p, scale=scale)  # (B, h*C, leaf, dv)
     # Back to the input order with one gather that also lays the heads out as (B, N, h, dv): callers merge heads
     # with ``out.transpose(1, 2).reshape(B, N, h * dv)``, which is then a view instead of another copy.
     dv = attn.shape[-1]
