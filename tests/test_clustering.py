@@ -20,8 +20,8 @@ from vitconvert.layers.costs import attention_macs, count_macs
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (tokens incl. global, cluster size, overlap, global tokens): exact powers of two, padding, a class token,
-# overlap larger than a leaf, and one cluster (dense).
-CASES = [(256, 32, 8, 0), (197, 16, 4, 1), (100, 7, 20, 2), (65, 64, 20, 1), (50, 12, 5, 0)]
+# overlap larger than a leaf, one cluster (dense), and a class token without padding.
+CASES = [(256, 32, 8, 0), (197, 16, 4, 1), (100, 7, 20, 2), (65, 64, 20, 1), (50, 12, 5, 0), (129, 16, 4, 1)]
 
 
 def _qkv(b: int, n: int, h: int = 2, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:

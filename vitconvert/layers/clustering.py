@@ -176,16 +176,22 @@ def _row_source(t: Tensor) -> tuple[Tensor, Tensor, int]:
             and all(v % e == 0 for v in (s0, s1, s2, off)) and s2 > 0):
         total = t.untyped_storage().nbytes() // t.element_size()
         src = t.as_strided((total // e, e), (e, 1), 0)
-        base = (off // e + torch.arange(b, device=t.device).unsqueeze(1) * (s0 // e)
-                + torch.arange(h, device=t.device) * (s1 // e))
-        return src, base, s2 // e
-    return t.reshape(b * h * n, e), torch.arange(b * h, device=t.device).view(b, h) * n, 1
+        return src, _grid(b, h, s0 // e, s1 // e, off // e, t.device), s2 // e
+    return t.reshape(b * h * n, e), _grid(b, h, h * n, n, 0, t.device), 1
+
+
+@functools.lru_cache(maxsize=64)
+def _grid(b: int, h: int, step_b: int, step_h: int, start: int, device: torch.device) -> Tensor:
+    """``start + i * step_b + j * step_h`` as a (b, h) long tensor, built once per geometry (read-only, a normal
+    tensor even when first asked for in inference mode): the row offsets of every (image, head)."""
+    with torch.inference_mode(False):
+        return start + torch.arange(b, device=device).unsqueeze(1) * step_b + torch.arange(h, device=device) * step_h
 
 
 def _row_index(base: Tensor, step: int, tokens: Tensor) -> Tensor:
     """Rows of ``src`` (see :func:`_row_source`) holding ``tokens`` (B, h, ...) of each (image, head)."""
     shape = base.shape + (1,) * (tokens.dim() - base.dim())
-    return base.view(shape) + (tokens * step if step != 1 else tokens)
+    return torch.add(base.view(shape), tokens, alpha=step)
 
 
 def inverse_permutation(perm: Tensor) -> Tensor:
@@ -491,8 +497,13 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
     # Back to the input order with one gather that also lays the heads out as (B, N, h, dv): callers merge heads
     # with ``out.transpose(1, 2).reshape(B, N, h * dv)``, which is then a view instead of another copy.
     dv = attn.shape[-1]
-    inv = inverse_permutation(perm)[..., :plan.tokens]  # (B, h, N'): each token's position in cluster order
-    rows = (torch.arange(b * h, device=q.device).view(b, h, 1) * plan.padded + inv).transpose(1, 2)
+    if extra:
+        inv = inverse_permutation(perm)[..., :plan.tokens]  # (B, h, N'): each token's position in cluster order
+        rows = (torch.arange(b * h, device=q.device).view(b, h, 1) * plan.padded + inv).transpose(1, 2)
+    else:  # the same rows, scattered straight into the (B, N', h) layout: output row of each position's token
+        dest = torch.add(_grid(b, h, plan.tokens * h, 1, 0, q.device).unsqueeze(-1), perm, alpha=h)
+        slots = _arange(dest.numel(), q.device)
+        rows = torch.empty_like(slots).scatter_(0, dest.view(-1), slots)
     flat = attn.reshape(-1, dv)
     if g:
         out_g = F.scaled_dot_product_attention(q[:, :, :g], k, v, dropout_p=dropout_p, scale=scale)
