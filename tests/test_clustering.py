@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from vitconvert.layers.clustering import (
+    _sort_packed,
+    _sort_stable,
     balanced_clusters,
     clustered_attention,
     clustered_attention_macs,
@@ -235,3 +237,21 @@ def test_out_buffer_and_workspace(n: int, size: int, overlap: int, g: int) -> No
     fresh = workspace("test_out", (2, n, 2, 8), q)
     fresh.fill_(1.0)  # a normal tensor: writable outside inference mode
     assert torch.equal(ref, clustered_attention(q, k, v, size, overlap, g))  # nothing cached in the results
+
+
+@pytest.mark.parametrize(("groups", "size"), [(3, 3136), (96, 98), (5, 7)])
+def test_packed_sort_is_the_stable_argsort(groups: int, size: int) -> None:
+    # The clustering's exact cut sorts r >= 0 inside each group. The CPU path sorts packed (bits, slot) int64 keys
+    # with numpy, the other devices' path argsorts the bits: both must be torch's stable argsort of the values,
+    # ties (many here, and +inf for padding) in slot order, returned as flat slots.
+    g = torch.Generator().manual_seed(size)
+    r = torch.randint(0, 6, (groups, size), generator=g).float() / 4
+    r[:, ::5] = float("inf")
+    r[0, :3] = 0.0
+    slots = torch.arange(groups * size)
+    want = (r.argsort(dim=-1, stable=True) + torch.arange(groups).unsqueeze(1) * size).view(-1)
+    assert torch.equal(_sort_packed(r, slots), want)
+    assert torch.equal(_sort_stable(r, slots), want)
+    r = torch.rand(groups, size, generator=g)
+    want = (r.argsort(dim=-1, stable=True) + torch.arange(groups).unsqueeze(1) * size).view(-1)
+    assert torch.equal(_sort_packed(r, slots), want)

@@ -249,6 +249,9 @@ def _cluster(q: Tensor, plan: ClusterPlan, iters: int, temperature: float, sorte
     # 1 / |q| per token (padding: 1e12, always times a zero product).
     inv = torch.linalg.vector_norm(cur, dim=-1).clamp_min_(1e-12).reciprocal_()  # (rows * np_,)
     slots = _arange(rows * np_, q.device)
+    # Python numbers in tensor-tensor arithmetic are first made into tensors (an extra op each call): these
+    # constants are 0-dim tensors instead (the same float32 values, so the same results).
+    temp = _constant(temperature)
     order = slots  # the flat slot each position's token started in (read-only: only ever indexed)
     pad = (slots.view(rows, np_)[0] >= n).expand(rows, np_).reshape(-1) if np_ > n else None
     for level in range(plan.levels):
@@ -265,7 +268,7 @@ def _cluster(q: Tensor, plan: ClusterPlan, iters: int, temperature: float, sorte
             # s0 - s1 = (c0 - c1) . x / |x|: one product with the (tiny) scaled centroid difference instead of
             # two similarities (a matrix-vector product reads x as fast as a 2-row one runs), written straight
             # into the assignment weights' buffer.
-            dc = torch.sub(c[:, :1], c[:, 1:]).mul_(temperature)  # (rg, 1, d)
+            dc = torch.sub(c[:, :1], c[:, 1:]).mul_(temp)  # (rg, 1, d)
             a = x.new_empty(rg, 2, size)
             a0 = torch.sigmoid(torch.bmm(dc, xt).mul_(inv_g), out=a[:, :1])
             torch.sub(_ONE, a0, out=a[:, 1:])
@@ -273,15 +276,17 @@ def _cluster(q: Tensor, plan: ClusterPlan, iters: int, temperature: float, sorte
         s = torch.bmm(c, xt).mul_(inv_g)
         # r >= +0 (a cosine a rounding error below -1 counts as -1), so its float32 bits, read as int32, sort in
         # the same order as its values (see _sort_groups).
-        r = (s[:, 0] + 1).clamp_min_(0.0).div_((s[:, 1] + 1).clamp_min_(1e-6))
+        r = torch.add(s[:, 0], _ONE).clamp_min_(0.0).div_(torch.add(s[:, 1], _ONE).clamp_min_(1e-6))
         if pad is not None:  # padding sorts last: away from the boundaries, into the last leaves
             r.masked_fill_(pad.view(rg, size), float("inf"))
         flat = _sort_groups(r, slots)  # (rows * np_,) slots in the new order, each group sorted by r
-        order = order.index_select(0, flat)
-        if level < plan.levels - 1 or sorted_queries:
+        order = order.index_select(0, flat) if level else flat
+        last = level == plan.levels - 1
+        if not last:  # the norms and the padding flags only serve the next level's similarities and scores
             if pad is not None:
                 pad = pad.index_select(0, flat)
             inv = inv.index_select(0, flat)
+        if not last or sorted_queries:
             torch.index_select(cur, 0, flat, out=nxt)
             cur, nxt = nxt, cur
     # Flat slots -> token index inside each (image, head) row.
@@ -294,6 +299,13 @@ _LO, _HI = (0, 1) if sys.byteorder == "little" else (1, 0)
 _ONE = torch.tensor(1.0)
 
 
+@functools.lru_cache(maxsize=16)
+def _constant(value: float) -> Tensor:
+    """A 0-dim float32 CPU tensor holding ``value`` (usable with tensors on any device), built once."""
+    with torch.inference_mode(False):
+        return torch.tensor(value)
+
+
 def _sort_groups(r: Tensor, slots: Tensor) -> Tensor:
     """The stable ascending order of every row of ``r`` (G, size) (float32, ``r >= +0``), as the flat slots
     ``slots`` (``arange(G * size)``) in that order: ``out[g * size + j] = g * size + argsort(r[g])[j]``.
@@ -304,14 +316,25 @@ def _sort_groups(r: Tensor, slots: Tensor) -> Tensor:
     ``torch.argsort(stable=True)`` on Swin-T's 3136-token rows, which sorts (key, index) pairs one comparison at a
     time), and the slot is the key's low half. Other devices use their own stable argsort.
     """
-    g, size = r.shape
     if r.device.type == "cpu" and slots.numel() < 2 ** 31:
-        keys = torch.empty((g, size), dtype=torch.int64)
-        words = keys.view(torch.int32).view(g, size, 2)
-        words[..., _HI].copy_(r.view(torch.int32))
-        words[..., _LO].copy_(slots.view(g, size))
-        keys.numpy().sort(axis=-1)  # in place; distinct keys, so any sort algorithm gives the one stable order
-        return keys.view(-1).bitwise_and_(0xFFFFFFFF)
+        return _sort_packed(r, slots)
+    return _sort_stable(r, slots)
+
+
+def _sort_packed(r: Tensor, slots: Tensor) -> Tensor:
+    """:func:`_sort_groups` on CPU: numpy's sort of packed ``(bits << 32) | slot`` int64 keys."""
+    g, size = r.shape
+    keys = torch.empty((g, size), dtype=torch.int64)
+    words = keys.view(torch.int32).view(g, size, 2)
+    words[..., _HI].copy_(r.view(torch.int32))
+    words[..., _LO].copy_(slots.view(g, size))
+    keys.numpy().sort(axis=-1)  # in place; distinct keys, so any sort algorithm gives the one stable order
+    return keys.view(-1).bitwise_and_(0xFFFFFFFF)
+
+
+def _sort_stable(r: Tensor, slots: Tensor) -> Tensor:
+    """:func:`_sort_groups` anywhere: torch's stable argsort of the int32 bits."""
+    g, size = r.shape
     idx = r.view(torch.int32).argsort(dim=-1, stable=True)
     return idx.add_(slots.view(g, size)[:, :1]).view(-1)
 
