@@ -189,7 +189,7 @@ def _plain_clusters(q: torch.Tensor, plan, iters: int = 2, temperature: float = 
     return order.view(*lead, np_)
 
 
-@pytest.mark.parametrize(("n", "size"), [(256, 32), (196, 16), (50, 7), (392, 49)])
+@pytest.mark.parametrize(("n", "size"), [(256, 32), (196, 16), (50, 7), (392, 49), (3136, 49)])
 def test_clustering_equals_the_plain_algorithm(n: int, size: int) -> None:
     # The same permutation, token for token (so the same clusters and the same sibling boundary tokens), from
     # queries given as a strided view of a fused qkv projection.
