@@ -256,6 +256,7 @@ def _cluster(q: Tensor, plan: ClusterPlan, iters: int, temperature: float, sorte
     # Python numbers in tensor-tensor arithmetic are first made into tensors (an extra op each call): these
     # constants are 0-dim tensors instead (the same float32 values, so the same results).
     temp = _constant(temperature)
+    floors = _floors(q.device, q.dtype)
     order = slots  # the flat slot each position's token started in (read-only: only ever indexed)
     pad = (slots.view(rows, np_)[0] >= n).expand(rows, np_).reshape(-1) if np_ > n else None
     for level in range(plan.levels):
@@ -267,20 +268,21 @@ def _cluster(q: Tensor, plan: ClusterPlan, iters: int, temperature: float, sorte
         xt = x.transpose(1, 2)  # similarities as (2, size) = c @ x^T: faster on CPU than x @ c^T (size, 2)
         inv_g = inv.view(rg, 1, size)
         c = _normalized(x.view(rg, 2, half, d).sum(2))  # means of the two halves (the scale does not matter)
+        a = x.new_empty(rg, 2, size)  # soft assignments, rewritten by every step
         for _ in range(iters):
             # softmax(temperature x cosines) over two centroids = sigmoid(temperature x (s0 - s1)), and
             # s0 - s1 = (c0 - c1) . x / |x|: one product with the (tiny) scaled centroid difference instead of
             # two similarities (a matrix-vector product reads x as fast as a 2-row one runs), written straight
             # into the assignment weights' buffer.
             dc = torch.sub(c[:, :1], c[:, 1:]).mul_(temp)  # (rg, 1, d)
-            a = x.new_empty(rg, 2, size)
             a0 = torch.sigmoid(torch.bmm(dc, xt).mul_(inv_g), out=a[:, :1])
             torch.sub(_ONE, a0, out=a[:, 1:])
             c = _normalized(torch.bmm(a, x))
-        s = torch.bmm(c, xt).mul_(inv_g)
-        # r >= +0 (a cosine a rounding error below -1 counts as -1), so its float32 bits, read as int32, sort in
-        # the same order as its values (see _sort_groups).
-        r = torch.add(s[:, 0], _ONE).clamp_min_(0.0).div_(torch.add(s[:, 1], _ONE).clamp_min_(1e-6))
+        # r = (s0 + 1) / (s1 + 1) with s0 + 1 >= +0 (a cosine a rounding error below -1 counts as -1) and s1 + 1
+        # >= 1e-6, each step on both rows at once. r >= +0, so its float32 bits, read as int32, sort in the same
+        # order as its values (see _sort_groups).
+        s = torch.bmm(c, xt).mul_(inv_g).add_(_ONE).clamp_min_(floors)
+        r = torch.div(s[:, 0], s[:, 1])
         if pad is not None:  # padding sorts last: away from the boundaries, into the last leaves
             r.masked_fill_(pad.view(rg, size), float("inf"))
         flat = _sort_groups(r, slots)  # (rows * np_,) slots in the new order, each group sorted by r
@@ -301,6 +303,13 @@ def _cluster(q: Tensor, plan: ClusterPlan, iters: int, temperature: float, sorte
 # Low and high 32-bit halves of an int64 in memory (the packed sort keys of _sort_groups).
 _LO, _HI = (0, 1) if sys.byteorder == "little" else (1, 0)
 _ONE = torch.tensor(1.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _floors(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(1, 2, 1) lower bounds of ``s0 + 1`` and ``s1 + 1`` in the cut's ratio (0 and 1e-6)."""
+    with torch.inference_mode(False):
+        return torch.tensor([0.0, 1e-6], dtype=dtype, device=device).view(1, 2, 1)
 
 
 @functools.lru_cache(maxsize=16)
