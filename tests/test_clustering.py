@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from vitconvert.layers.clustering import (
+    _sort_packed,
+    _sort_stable,
     balanced_clusters,
     clustered_attention,
     clustered_attention_macs,
@@ -20,8 +22,8 @@ from vitconvert.layers.costs import attention_macs, count_macs
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (tokens incl. global, cluster size, overlap, global tokens): exact powers of two, padding, a class token,
-# overlap larger than a leaf, and one cluster (dense).
-CASES = [(256, 32, 8, 0), (197, 16, 4, 1), (100, 7, 20, 2), (65, 64, 20, 1), (50, 12, 5, 0)]
+# overlap larger than a leaf, one cluster (dense), and a class token without padding.
+CASES = [(256, 32, 8, 0), (197, 16, 4, 1), (100, 7, 20, 2), (65, 64, 20, 1), (50, 12, 5, 0), (129, 16, 4, 1)]
 
 
 def _qkv(b: int, n: int, h: int = 2, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -144,8 +146,9 @@ def test_macs_match_counted(n: int, size: int, overlap: int, g: int) -> None:
 def test_macs_scale_with_cluster_size_and_fall_back_to_dense() -> None:
     dense = attention_macs(3136, 3136, 96, 96)
     clustered = clustered_attention_macs(3136, 96, 49, 20)
-    # BOAT's count for one Swin-T stage-1 block: 2 x 69 x N x C for QK^T and AV, plus the clustering.
-    assert clustered == 3136 * 69 * 2 * 96 + 6 * 10 * 3136 * 96
+    # BOAT's count for one Swin-T stage-1 block: 2 x 69 x N x C for QK^T and AV, plus the clustering (6 levels of
+    # 2 soft k-means steps, 3 x C per token each, and the final 2 x C similarities).
+    assert clustered == 3136 * 69 * 2 * 96 + 6 * 8 * 3136 * 96
     assert clustered < dense / 10
     assert clustered_attention_macs(3136, 96, 98, 20) > clustered
     assert clustered_attention_macs(64, 96, 32, 20) < attention_macs(64, 64, 96, 96)
@@ -186,7 +189,7 @@ def _plain_clusters(q: torch.Tensor, plan, iters: int = 2, temperature: float = 
     return order.view(*lead, np_)
 
 
-@pytest.mark.parametrize(("n", "size"), [(256, 32), (196, 16), (50, 7), (392, 49)])
+@pytest.mark.parametrize(("n", "size"), [(256, 32), (196, 16), (50, 7), (392, 49), (3136, 49)])
 def test_clustering_equals_the_plain_algorithm(n: int, size: int) -> None:
     # The same permutation, token for token (so the same clusters and the same sibling boundary tokens), from
     # queries given as a strided view of a fused qkv projection.
@@ -234,3 +237,21 @@ def test_out_buffer_and_workspace(n: int, size: int, overlap: int, g: int) -> No
     fresh = workspace("test_out", (2, n, 2, 8), q)
     fresh.fill_(1.0)  # a normal tensor: writable outside inference mode
     assert torch.equal(ref, clustered_attention(q, k, v, size, overlap, g))  # nothing cached in the results
+
+
+@pytest.mark.parametrize(("groups", "size"), [(3, 3136), (96, 98), (5, 7)])
+def test_packed_sort_is_the_stable_argsort(groups: int, size: int) -> None:
+    # The clustering's exact cut sorts r >= 0 inside each group. The CPU path sorts packed (bits, slot) int64 keys
+    # with numpy, the other devices' path argsorts the bits: both must be torch's stable argsort of the values,
+    # ties (many here, and +inf for padding) in slot order, returned as flat slots.
+    g = torch.Generator().manual_seed(size)
+    r = torch.randint(0, 6, (groups, size), generator=g).float() / 4
+    r[:, ::5] = float("inf")
+    r[0, :3] = 0.0
+    slots = torch.arange(groups * size)
+    want = (r.argsort(dim=-1, stable=True) + torch.arange(groups).unsqueeze(1) * size).view(-1)
+    assert torch.equal(_sort_packed(r, slots), want)
+    assert torch.equal(_sort_stable(r, slots), want)
+    r = torch.rand(groups, size, generator=g)
+    want = (r.argsort(dim=-1, stable=True) + torch.arange(groups).unsqueeze(1) * size).view(-1)
+    assert torch.equal(_sort_packed(r, slots), want)

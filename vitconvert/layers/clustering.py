@@ -42,10 +42,14 @@ token, channel and level, against 10 real MACs), so a caller that must never be 
 the fused qkv projection they are usually views of (no contiguous copies) when no gradient is needed; each
 level of the clustering reads the queries six times (initial centroids, two products per soft k-means step,
 final scores) and permutes them inside the previous level's groups (a local gather), and the last permutation
-leaves them in cluster order for the attention; the exact cut sorts ``r``'s float32 bits as int32 (the same
-stable order for ``r >= 0``, faster); the output is un-permuted straight into a (B, N, heads, d) layout, so
-merging the heads afterwards is a view. The permutation equals the plain statement of the algorithm token for
-token (tested).
+leaves them in cluster order for the attention. A soft k-means step needs only ``s0 - s1`` (softmax over two
+centroids is a sigmoid of the difference), so it takes one product with the centroid difference instead of
+two similarities. The exact cut sorts packed int64 keys ``(bits of r << 32) | slot`` with numpy's SIMD sort
+(the stable order of ``r >= 0``, about 5x faster than torch's stable argsort on 3136-token rows). Without global
+tokens or padding (Swin) each cluster's keys are one window of consecutive rows of the cluster-ordered keys, so
+k and v are gathered once per token and the windows are strided views. The output is un-permuted straight into
+a (B, N, heads, d) layout, so merging the heads afterwards is a view. The permutation equals the plain
+statement of the algorithm token for token (tested).
 
 **Cost**: :func:`clustered_attention_macs` counts, per image, exactly the matrix products these functions run
 (the clustering's similarity and centroid products, the in-cluster QK^T and AV including padding and the
@@ -60,6 +64,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import sys
 import threading
 from dataclasses import dataclass
 from math import prod
@@ -174,16 +180,22 @@ def _row_source(t: Tensor) -> tuple[Tensor, Tensor, int]:
             and all(v % e == 0 for v in (s0, s1, s2, off)) and s2 > 0):
         total = t.untyped_storage().nbytes() // t.element_size()
         src = t.as_strided((total // e, e), (e, 1), 0)
-        base = (off // e + torch.arange(b, device=t.device).unsqueeze(1) * (s0 // e)
-                + torch.arange(h, device=t.device) * (s1 // e))
-        return src, base, s2 // e
-    return t.reshape(b * h * n, e), torch.arange(b * h, device=t.device).view(b, h) * n, 1
+        return src, _grid(b, h, s0 // e, s1 // e, off // e, t.device), s2 // e
+    return t.reshape(b * h * n, e), _grid(b, h, h * n, n, 0, t.device), 1
+
+
+@functools.lru_cache(maxsize=64)
+def _grid(b: int, h: int, step_b: int, step_h: int, start: int, device: torch.device) -> Tensor:
+    """``start + i * step_b + j * step_h`` as a (b, h) long tensor, built once per geometry (read-only, a normal
+    tensor even when first asked for in inference mode): the row offsets of every (image, head)."""
+    with torch.inference_mode(False):
+        return start + torch.arange(b, device=device).unsqueeze(1) * step_b + torch.arange(h, device=device) * step_h
 
 
 def _row_index(base: Tensor, step: int, tokens: Tensor) -> Tensor:
     """Rows of ``src`` (see :func:`_row_source`) holding ``tokens`` (B, h, ...) of each (image, head)."""
     shape = base.shape + (1,) * (tokens.dim() - base.dim())
-    return base.view(shape) + (tokens * step if step != 1 else tokens)
+    return torch.add(base.view(shape), tokens, alpha=step)
 
 
 def inverse_permutation(perm: Tensor) -> Tensor:
@@ -226,7 +238,9 @@ def _cluster(q: Tensor, plan: ClusterPlan, iters: int, temperature: float, sorte
     them into the new order. That gather permutes rows inside each group of the previous level's order (local:
     a group of 98 rows is 12 KB), not across the whole image, and the last one leaves the queries in cluster order
     for the attention. Cosine similarities divide the raw products by each token's norm (computed once) instead of
-    normalising a copy of the queries; two buffers alternate, with no new allocation per level.
+    normalising a copy of the queries; two buffers alternate, with no new allocation per level. Every permutation
+    is kept as flat slot indices into the (B * h * padded) rows (what :func:`_sort_groups` returns), so the
+    sort's result indexes the queries, their norms and the running order directly (no per-group offsets to add).
     """
     b, h, n, d = q.shape
     rows, np_ = b * h, plan.padded
@@ -237,9 +251,14 @@ def _cluster(q: Tensor, plan: ClusterPlan, iters: int, temperature: float, sorte
         x0[:, :, n:].zero_()
     nxt = workspace("cluster_b", (rows * np_, d), q) if plan.levels > 1 or sorted_queries else cur
     # 1 / |q| per token (padding: 1e12, always times a zero product).
-    inv = torch.linalg.vector_norm(cur, dim=-1).clamp_min_(1e-12).reciprocal_().view(rows, np_)
-    order = torch.arange(np_, device=q.device).expand(rows, np_)
-    pad = (order >= n) if np_ > n else None
+    inv = torch.linalg.vector_norm(cur, dim=-1).clamp_min_(1e-12).reciprocal_()  # (rows * np_,)
+    slots = _arange(rows * np_, q.device)
+    # Python numbers in tensor-tensor arithmetic are first made into tensors (an extra op each call): these
+    # constants are 0-dim tensors instead (the same float32 values, so the same results).
+    temp = _constant(temperature)
+    floors = _floors(q.device, q.dtype)
+    order = slots  # the flat slot each position's token started in (read-only: only ever indexed)
+    pad = (slots.view(rows, np_)[0] >= n).expand(rows, np_).reshape(-1) if np_ > n else None
     for level in range(plan.levels):
         groups = 2 ** level
         size = np_ // groups
@@ -249,29 +268,96 @@ def _cluster(q: Tensor, plan: ClusterPlan, iters: int, temperature: float, sorte
         xt = x.transpose(1, 2)  # similarities as (2, size) = c @ x^T: faster on CPU than x @ c^T (size, 2)
         inv_g = inv.view(rg, 1, size)
         c = _normalized(x.view(rg, 2, half, d).sum(2))  # means of the two halves (the scale does not matter)
+        a = x.new_empty(rg, 2, size)  # soft assignments, rewritten by every step
         for _ in range(iters):
-            s = torch.bmm(c, xt).mul_(inv_g)  # (rg, 2, size) cosine similarities
-            # softmax over two centroids = sigmoid of the difference (one elementwise pass, not a softmax kernel
-            # over a dimension of 2); the same soft assignment.
-            a0 = torch.sigmoid((s[:, 0] - s[:, 1]).mul_(temperature))
-            c = _normalized(torch.bmm(torch.stack([a0, 1 - a0], dim=1), x))
-        s = torch.bmm(c, xt).mul_(inv_g)
-        # r >= +0 (a cosine a rounding error below -1 counts as -1), so its float32 bits, read as int32, sort in
-        # the same order as its values: the same stable order, from an integer sort about 1.5x faster on CPU.
-        r = (s[:, 0] + 1).clamp_min_(0.0).div_((s[:, 1] + 1).clamp_min_(1e-6))
+            # softmax(temperature x cosines) over two centroids = sigmoid(temperature x (s0 - s1)), and
+            # s0 - s1 = (c0 - c1) . x / |x|: one product with the (tiny) scaled centroid difference instead of
+            # two similarities (a matrix-vector product reads x as fast as a 2-row one runs), written straight
+            # into the assignment weights' buffer.
+            dc = torch.sub(c[:, :1], c[:, 1:]).mul_(temp)  # (rg, 1, d)
+            a0 = torch.sigmoid(torch.bmm(dc, xt).mul_(inv_g), out=a[:, :1])
+            torch.sub(_ONE, a0, out=a[:, 1:])
+            c = _normalized(torch.bmm(a, x))
+        # r = (s0 + 1) / (s1 + 1) with s0 + 1 >= +0 (a cosine a rounding error below -1 counts as -1) and s1 + 1
+        # >= 1e-6, each step on both rows at once. r >= +0, so its float32 bits, read as int32, sort in the same
+        # order as its values (see _sort_groups).
+        s = torch.bmm(c, xt).mul_(inv_g).add_(_ONE).clamp_min_(floors)
+        r = torch.div(s[:, 0], s[:, 1])
         if pad is not None:  # padding sorts last: away from the boundaries, into the last leaves
             r.masked_fill_(pad.view(rg, size), float("inf"))
+        flat = _sort_groups(r, slots)  # (rows * np_,) slots in the new order, each group sorted by r
+        order = order.index_select(0, flat) if level else flat
         last = level == plan.levels - 1
-        idx = r.view(torch.int32).argsort(dim=-1, stable=True)  # (rg, size), inside each group
-        order = order.reshape(rg, size).gather(1, idx).view(rows, np_)
-        if not last or sorted_queries:
+        if not last:  # the norms and the padding flags only serve the next level's similarities and scores
             if pad is not None:
-                pad = pad.view(rg, size).gather(1, idx).view(rows, np_)
-            inv = inv.view(rg, size).gather(1, idx).view(rows, np_)
-            start = torch.arange(0, rows * np_, size, device=q.device).view(rg, 1)
-            torch.index_select(cur, 0, (idx + start).view(-1), out=nxt)
+                pad = pad.index_select(0, flat)
+            inv = inv.index_select(0, flat)
+        if not last or sorted_queries:
+            torch.index_select(cur, 0, flat, out=nxt)
             cur, nxt = nxt, cur
+    # Flat slots -> token index inside each (image, head) row.
+    order = order.view(rows, np_) - slots.view(rows, np_)[:, :1] if rows > 1 else order.view(rows, np_)
     return order, (cur if sorted_queries else None)
+
+
+# Low and high 32-bit halves of an int64 in memory (the packed sort keys of _sort_groups).
+_LO, _HI = (0, 1) if sys.byteorder == "little" else (1, 0)
+_ONE = torch.tensor(1.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _floors(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(1, 2, 1) lower bounds of ``s0 + 1`` and ``s1 + 1`` in the cut's ratio (0 and 1e-6)."""
+    with torch.inference_mode(False):
+        return torch.tensor([0.0, 1e-6], dtype=dtype, device=device).view(1, 2, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _constant(value: float) -> Tensor:
+    """A 0-dim float32 CPU tensor holding ``value`` (usable with tensors on any device), built once."""
+    with torch.inference_mode(False):
+        return torch.tensor(value)
+
+
+def _sort_groups(r: Tensor, slots: Tensor) -> Tensor:
+    """The stable ascending order of every row of ``r`` (G, size) (float32, ``r >= +0``), as the flat slots
+    ``slots`` (``arange(G * size)``) in that order: ``out[g * size + j] = g * size + argsort(r[g])[j]``.
+
+    ``r >= +0``, so its float32 bits read as int32 order like its values (``+inf`` last). On CPU each key is one
+    int64 ``(bits << 32) | slot``: the keys are distinct and order by ``r`` first, then by slot, which is exactly
+    the stable order; numpy sorts int64 values with SIMD sorting networks (numpy >= 2: about 5x faster than
+    ``torch.argsort(stable=True)`` on Swin-T's 3136-token rows, which sorts (key, index) pairs one comparison at a
+    time), and the slot is the key's low half. Other devices use their own stable argsort.
+    """
+    if r.device.type == "cpu" and slots.numel() < 2 ** 31:
+        return _sort_packed(r, slots)
+    return _sort_stable(r, slots)
+
+
+def _sort_packed(r: Tensor, slots: Tensor) -> Tensor:
+    """:func:`_sort_groups` on CPU: numpy's sort of packed ``(bits << 32) | slot`` int64 keys."""
+    g, size = r.shape
+    keys = torch.empty((g, size), dtype=torch.int64)
+    words = keys.view(torch.int32).view(g, size, 2)
+    words[..., _HI].copy_(r.view(torch.int32))
+    words[..., _LO].copy_(slots.view(g, size))
+    keys.numpy().sort(axis=-1)  # in place; distinct keys, so any sort algorithm gives the one stable order
+    return keys.view(-1).bitwise_and_(0xFFFFFFFF)
+
+
+def _sort_stable(r: Tensor, slots: Tensor) -> Tensor:
+    """:func:`_sort_groups` anywhere: torch's stable argsort of the int32 bits."""
+    g, size = r.shape
+    idx = r.view(torch.int32).argsort(dim=-1, stable=True)
+    return idx.add_(slots.view(g, size)[:, :1]).view(-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _arange(n: int, device: torch.device) -> Tensor:
+    """``torch.arange(n)`` built once per size and device (read-only: only ever indexed or sliced), a normal
+    tensor even when first asked for in inference mode, so autograd may save it as an index."""
+    with torch.inference_mode(False):
+        return torch.arange(n, device=device)
 
 
 def _normalized(c: Tensor) -> Tensor:
@@ -310,11 +396,12 @@ def _clustered_macs(plan: ClusterPlan, num_global: int, width: int, iters: int) 
 def clustering_macs(plan: ClusterPlan, width: int, iters: int = DEFAULT_ITERS) -> float:
     """MACs of :func:`balanced_clusters` for one image, ``width`` = heads x head dim.
 
-    Per level and token: ``iters + 1`` similarity products against 2 centroids and ``iters`` centroid
-    updates (2 x d each), i.e. ``(4 iters + 2) x padded x width``. Means, norms, softmax and sort are not
-    MACs (fvcore does not count them either).
+    Per level and token: ``iters`` products with the centroid difference (d each: the soft assignment only
+    needs ``s0 - s1``), ``iters`` centroid updates (2 x d) and the final similarities to both centroids (2 x d),
+    i.e. ``(3 iters + 2) x padded x width``. Means, norms, softmax and sort are not MACs (fvcore does not count
+    them either).
     """
-    return float(plan.levels * (4 * iters + 2) * plan.padded * width)
+    return float(plan.levels * (3 * iters + 2) * plan.padded * width)
 
 
 def clustered_attention_macs(tokens: int, width: int, cluster_size: int, overlap: int = 0, num_global: int = 0,
@@ -328,6 +415,31 @@ def clustered_attention_macs(tokens: int, width: int, cluster_size: int, overlap
     if not _pays(plan, num_global, width, iters, overhead):
         return attention_macs(tokens, tokens, width, width)
     return _clustered_macs(plan, num_global, width, iters)
+
+
+def _window_attention(qc: Tensor, k: Tensor, v: Tensor, src: Tensor, plan: ClusterPlan, scale: float | None,
+                      dropout_p: float) -> Tensor:
+    """In-cluster attention without global tokens or padding (inference): (B * h * C/2, 2, leaf, dv) outputs in
+    cluster order from the queries ``qc`` (B * h * padded, d) in cluster order and the tokens ``src`` (B, h, padded)
+    of each position.
+
+    With keys in cluster order, each cluster's keys are one window of ``leaf + overlap`` consecutive rows: cluster
+    2i's own rows followed by the first ``overlap`` rows of 2i + 1, and for 2i + 1 the last ``overlap`` rows of 2i
+    followed by its own. So k and v are gathered once per token (not once per key slot: 1 + overlap / leaf times
+    fewer rows) and the windows are strided views, sibling pairs as the batch and the two clusters of a pair as
+    the heads of one SDPA call. Keys come in another order than on the general path (sibling rows first for odd
+    clusters), which changes only the float rounding of the softmax sums.
+    """
+    d, dv = k.shape[-1], v.shape[-1]
+    m, o, pairs = plan.leaf, plan.overlap, src.numel() // (2 * plan.leaf)
+    ks, kb, kstep = _row_source(k)
+    vs, vb, vstep = _row_source(v)
+    kk = torch.index_select(ks, 0, _row_index(kb, kstep, src).view(-1), out=workspace("keys", (src.numel(), d), k))
+    vv = torch.index_select(vs, 0, _row_index(vb, vstep, src).view(-1),
+                            out=workspace("values", (src.numel(), dv), v))
+    kw = kk.as_strided((pairs, 2, m + o, d), (2 * m * d, (m - o) * d, d, 1))
+    vw = vv.as_strided((pairs, 2, m + o, dv), (2 * m * dv, (m - o) * dv, dv, 1))
+    return F.scaled_dot_product_attention(qc.view(pairs, 2, m, d), kw, vw, dropout_p=dropout_p, scale=scale)
 
 
 def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, overlap: int = 0, num_global: int = 0,
@@ -374,51 +486,60 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
     extra = plan.padded - plan.tokens
     # Rows of the full q, k, v: cluster order shifted past the global tokens; padding slots read token g (any
     # real row: padding keys are masked and padding queries' outputs dropped), so nothing is padded or copied.
-    src = torch.where(perm < plan.tokens, perm + g, g) if extra else perm + g
+    src = torch.where(perm < plan.tokens, perm + g, g) if extra else (perm + g if g else perm)
 
     c, m = plan.clusters, plan.leaf
-    cluster_rows = src.view(b, h, c, m)
-    # Each cluster's key rows: the global tokens, its own tokens, its sibling's boundary tokens. Built on the
-    # indices, so keys and values are gathered once into place (no float copies to concatenate afterwards).
-    key_rows = [cluster_rows, _sibling(cluster_rows.unsqueeze(-1), plan).squeeze(-1)]
-    if g:
-        key_rows.insert(0, torch.arange(g, device=q.device).expand(b, h, c, g))
-    key_rows_t = torch.cat(key_rows, dim=3)  # (B, h, C, g + leaf + overlap)
-    width = key_rows_t.shape[-1]
-    # Keys and values gathered straight from their storage (usually the fused qkv projection, see _row_source):
-    # no contiguous copy of k and v first.
-    keys_t = key_rows_t.flatten(2)  # (B, h, C * keys)
-    ks, kb, kstep = _row_source(k)
-    vs, vb, vstep = _row_source(v)
-    k_rows = _row_index(kb, kstep, keys_t).reshape(-1)
-    v_rows = _row_index(vb, vstep, keys_t).reshape(-1)
-    if grad or (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
-        kk, vv = ks.index_select(0, k_rows), vs.index_select(0, v_rows)
-    else:  # temporaries only SDPA reads: reused buffers (see workspace)
-        kk = torch.index_select(ks, 0, k_rows, out=workspace("keys", (k_rows.numel(), d), k))
-        vv = torch.index_select(vs, 0, v_rows, out=workspace("values", (v_rows.numel(), v.shape[-1]), v))
-    kk, vv = kk.view(b, h * c, width, d), vv.view(b, h * c, width, -1)
-    if q_sorted is not None:
-        qc = q_sorted  # (B * h * Np, d); padding rows are zero queries whose outputs are dropped
+    if not g and not extra and q_sorted is not None and not (
+            torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
+        attn = _window_attention(q_sorted, k, v, src, plan, scale, dropout_p)
     else:
-        qs, qb, qstep = _row_source(q)
-        qc = qs.index_select(0, _row_index(qb, qstep, src).reshape(-1))
-    mask = None
-    if extra:
-        real = (perm < plan.tokens).view(b, h, c, m, 1)
-        valid = torch.cat([real, _sibling(real, plan)], dim=3).squeeze(-1)
+        cluster_rows = src.view(b, h, c, m)
+        # Each cluster's key rows: the global tokens, its own tokens, its sibling's boundary tokens. Built on the
+        # indices, so keys and values are gathered once into place (no float copies to concatenate afterwards).
+        key_rows = [cluster_rows, _sibling(cluster_rows.unsqueeze(-1), plan).squeeze(-1)]
         if g:
-            valid = torch.cat([valid.new_ones(b, h, c, g), valid], dim=3)
-        # Finite, not -inf: a cluster made only of padding must give finite (discarded) outputs and gradients.
-        mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(
-            ~valid, torch.finfo(q.dtype).min / 2).flatten(1, 2).unsqueeze(2)
-    attn = F.scaled_dot_product_attention(qc.view(b, h * c, m, d), kk, vv, attn_mask=mask,
-                                          dropout_p=dropout_p, scale=scale)  # (B, h*C, leaf, dv)
+            key_rows.insert(0, torch.arange(g, device=q.device).expand(b, h, c, g))
+        key_rows_t = torch.cat(key_rows, dim=3)  # (B, h, C, g + leaf + overlap)
+        width = key_rows_t.shape[-1]
+        # Keys and values gathered straight from their storage (usually the fused qkv projection, see _row_source):
+        # no contiguous copy of k and v first.
+        keys_t = key_rows_t.flatten(2)  # (B, h, C * keys)
+        ks, kb, kstep = _row_source(k)
+        vs, vb, vstep = _row_source(v)
+        k_rows = _row_index(kb, kstep, keys_t).reshape(-1)
+        v_rows = _row_index(vb, vstep, keys_t).reshape(-1)
+        if grad or (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
+            kk, vv = ks.index_select(0, k_rows), vs.index_select(0, v_rows)
+        else:  # temporaries only SDPA reads: reused buffers (see workspace)
+            kk = torch.index_select(ks, 0, k_rows, out=workspace("keys", (k_rows.numel(), d), k))
+            vv = torch.index_select(vs, 0, v_rows, out=workspace("values", (v_rows.numel(), v.shape[-1]), v))
+        kk, vv = kk.view(b, h * c, width, d), vv.view(b, h * c, width, -1)
+        if q_sorted is not None:
+            qc = q_sorted  # (B * h * Np, d); padding rows are zero queries whose outputs are dropped
+        else:
+            qs, qb, qstep = _row_source(q)
+            qc = qs.index_select(0, _row_index(qb, qstep, src).reshape(-1))
+        mask = None
+        if extra:
+            real = (perm < plan.tokens).view(b, h, c, m, 1)
+            valid = torch.cat([real, _sibling(real, plan)], dim=3).squeeze(-1)
+            if g:
+                valid = torch.cat([valid.new_ones(b, h, c, g), valid], dim=3)
+            # Finite, not -inf: a cluster made only of padding must give finite (discarded) outputs and gradients.
+            mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~valid, torch.finfo(q.dtype).min / 2).flatten(1, 2).unsqueeze(2)
+        attn = F.scaled_dot_product_attention(qc.view(b, h * c, m, d), kk, vv, attn_mask=mask,
+                                              dropout_p=dropout_p, scale=scale)  # (B, h*C, leaf, dv)
     # Back to the input order with one gather that also lays the heads out as (B, N, h, dv): callers merge heads
     # with ``out.transpose(1, 2).reshape(B, N, h * dv)``, which is then a view instead of another copy.
     dv = attn.shape[-1]
-    inv = inverse_permutation(perm)[..., :plan.tokens]  # (B, h, N'): each token's position in cluster order
-    rows = (torch.arange(b * h, device=q.device).view(b, h, 1) * plan.padded + inv).transpose(1, 2)
+    if extra:
+        inv = inverse_permutation(perm)[..., :plan.tokens]  # (B, h, N'): each token's position in cluster order
+        rows = (torch.arange(b * h, device=q.device).view(b, h, 1) * plan.padded + inv).transpose(1, 2)
+    else:  # the same rows, scattered straight into the (B, N', h) layout: output row of each position's token
+        dest = torch.add(_grid(b, h, plan.tokens * h, 1, 0, q.device).unsqueeze(-1), perm, alpha=h)
+        slots = _arange(dest.numel(), q.device)
+        rows = torch.empty_like(slots).scatter_(0, dest.view(-1), slots)
     flat = attn.reshape(-1, dv)
     if g:
         out_g = F.scaled_dot_product_attention(q[:, :, :g], k, v, dropout_p=dropout_p, scale=scale)
