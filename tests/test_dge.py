@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -551,6 +552,15 @@ def test_small_batches_run_at_full_compute_under_the_rule(tmp_path) -> None:
         assert torch.equal(model.forward_dynamic(x[:3]).logits, full.logits)
         assert (model.forward_dynamic(x[:4]).gmacs < model.base_gmacs).all()
     model.override_gates(None)
+    # full compute runs the base model as timm built it, sharing the converted model's weights, mode and dtype
+    twin = copy.deepcopy(model).double()
+    with torch.no_grad():
+        twin.base.blocks[0].mlp.fc2.bias.add_(1.0)
+        assert torch.allclose(twin.forward_full_compute(x.double()).logits, twin.build_base().double()(x.double()))
+        assert torch.equal(model.forward_full_compute(x[:3]).logits, full.logits)
+    assert all(not c.training for c in model.__dict__["_plain_containers"])
+    assert all(c.training for c in model.train().__dict__["_plain_containers"])
+    model.eval()
     # the rule is part of the saved state and the card says it; a bad one is one line
     model.calibration = {"small_batch": {"ratios": {"1": 0.6, "2": 0.8, "4": 1.1}, "threads": 1, "below": 4}}
     loaded = vitconvert.load(vitconvert.save(model, tmp_path / "m"))

@@ -84,6 +84,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -754,6 +755,35 @@ def path_costs(costs: dict[str, Any], gates: torch.Tensor, qsel: torch.Tensor, l
 # --- the converted model ---------------------------------------------------------------------------------
 
 
+def _view_with(root: nn.Module, replacements: dict[str, nn.Module]) -> tuple[nn.Module, list[nn.Module]]:
+    """``root`` with the submodules at ``replacements``' paths swapped, sharing every parameter, buffer and other
+    module with ``root``: the containers on those paths are shallow copies with their own child tables.
+
+    Returns the view and the copied containers (their ``training`` flags must follow ``root``'s). The view is not
+    registered anywhere, so state dicts and ``.to()`` see only ``root``; parameters are moved in place and buffer
+    tables are shared, so the view follows them.
+    """
+    copies: dict[int, nn.Module] = {}
+
+    def copied(module: nn.Module) -> nn.Module:
+        if id(module) not in copies:
+            twin = copy.copy(module)
+            object.__setattr__(twin, "_modules", dict(module._modules))
+            copies[id(module)] = twin
+        return copies[id(module)]
+
+    view = copied(root)
+    for path, replacement in replacements.items():
+        *parents, leaf = path.split(".")
+        node, original = view, root
+        for name in parents:
+            original = original._modules[name]
+            node._modules[name] = copied(original)
+            node = node._modules[name]
+        node._modules[leaf] = replacement
+    return view, list(copies.values())
+
+
 @register_method
 class DGE(ConvertedModel):
     """Dynamic Grained Encoder (see the module docstring)."""
@@ -780,6 +810,7 @@ class DGE(ConvertedModel):
         self.costs: dict[int, dict[str, float]] = {}
         self.dynamic_blocks: list[int] = []
         k = len(s.granularities)
+        originals: dict[str, nn.Module] = {}
         for info in anatomy.blocks:
             if info.stage not in stages:
                 continue
@@ -801,6 +832,12 @@ class DGE(ConvertedModel):
             new = DGEBlock(block, parts, info.index, self.num_prefix, grid if kind == "vit" else None, router, ctx,
                            costs)
             base.set_submodule(info.path, new)
+            originals[info.path] = block
+        # The base model as timm built it, sharing every weight (unregistered): full compute runs it with no DGE
+        # dispatch per block, so the small-batch rule's path costs what the base model costs.
+        view, containers = _view_with(base, originals)
+        object.__setattr__(self, "_plain", view)
+        object.__setattr__(self, "_plain_containers", containers)
         self.tau = s.gumbel_tau
         self.coarsening = s.coarsening
 
@@ -932,8 +969,9 @@ class DGE(ConvertedModel):
         """Inference at the current knob; ``gmacs`` per image from the gates each block chose."""
         self._check_input(x)
         # An empty batch has no regions to route; the base blocks return the base model's empty result.
-        dense = (self.coarsening <= 0.0 and self._c.gate_override is None) or x.shape[0] == 0
-        with self._c.run("dense" if dense else "sparse") as records:
+        if (self.coarsening <= 0.0 and self._c.gate_override is None) or x.shape[0] == 0:
+            return self.forward_full_compute(x)
+        with self._c.run("sparse") as records:
             logits = self.base(x)
             recs = list(records)
         b = x.shape[0]
@@ -952,9 +990,14 @@ class DGE(ConvertedModel):
     def forward_full_compute(self, x: torch.Tensor) -> DynamicOutput:
         """The base blocks, routers not run, whatever the knob or a gate override (the small-batch rule's path)."""
         self._check_input(x)
-        with self._c.run("dense"):
-            logits = self.base(x)
+        logits = self.__dict__["_plain"](x)
         return DynamicOutput(logits=logits, gmacs=torch.full((x.shape[0],), self.base_gmacs, device=x.device))
+
+    def train(self, mode: bool = True) -> DGE:
+        super().train(mode)
+        for container in self.__dict__["_plain_containers"]:  # the rest of the view is shared with self.base
+            container.training = mode
+        return self
 
     def forward_train(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Dense training path with straight-through Gumbel gates; ``rho`` = dynamic/static GMACs of the batch."""
