@@ -17,8 +17,8 @@ from vitconvert import calibration
 from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.costs import count_macs
 from vitconvert.layers.scale_conv import conv_at
-from vitconvert.methods.base import SmallBatchRule
-from vitconvert.methods.dge import DGE, DGEBlock, path_costs, plot_granularity
+from vitconvert.methods.base import DynamicOutput, SmallBatchRule
+from vitconvert.methods.dge import DGE, DGEBlock, GateOverride, path_costs, plot_granularity
 
 # Grids the region size does not divide: DeiT with a 10x10 grid (like 14x14 at 224 px) and PVT-v2 at 56 px
 # (stage grids 14, 7, 4, 2; the last one smaller than a region).
@@ -647,26 +647,31 @@ def mixed_levels(block: int, batch: int, regions: int, device: torch.device) -> 
     return torch.randint(0, 3, (8, regions), generator=g)[:batch].to(device)  # image i: row i, whatever the batch
 
 
+def paths_agree(model: DGE, x: torch.Tensor, gates: GateOverride, execution: str) -> tuple[DynamicOutput, ...]:
+    """The sparse path's and ``execution``'s outputs on ``x`` under forced ``gates``, after checking that their logits
+    and input gradients agree (<= 1e-5)."""
+    outs, grads = [], []
+    model.override_gates(gates)
+    for path in ("sparse", execution):
+        model.execution = path
+        with torch.no_grad():
+            outs.append(model.forward_dynamic(x))
+        xg = x.clone().requires_grad_()
+        grads.append(torch.autograd.grad(model.forward_dynamic(xg).logits[:, 0].sum(), xg)[0])
+    assert (outs[1].logits - outs[0].logits).abs().max().item() <= 1e-5
+    assert (grads[1] - grads[0]).abs().max().item() <= 1e-5
+    return tuple(outs)
+
+
 @pytest.mark.parametrize("key", ["deit_distilled", "deit_10x10", "pvt_v2_56", "pvt_v2_li"])
 def test_dense_execution_equals_sparse(key: str) -> None:
     """Every token a query row (coarse queries repeated over their sub-patch; PVT-v2's convolution at each
     level's scale from the token map) gives the sparse path's logits and GMACs, with and without autograd."""
     model = convert(key).eval()
     x = images(model, 3)
-    outs = {}
-    for execution in ("sparse", "dense"):
-        model.execution = execution
-        model.override_gates(mixed_levels)
-        with torch.no_grad():
-            outs[execution] = model.forward_dynamic(x)
-        xg = x.clone().requires_grad_()
-        (grad,) = torch.autograd.grad(model.forward_dynamic(xg).logits[:, 0].sum(), xg)
-        outs[execution + "_grad"] = grad
-    sparse, dense = outs["sparse"], outs["dense"]
+    sparse, dense = paths_agree(model, x, mixed_levels, "dense")
     levels = torch.cat([g.flatten() for k, g in sparse.extras.items() if k.startswith("granularity.")])
     assert set(levels.tolist()) == {0, 1, 2}
-    assert (dense.logits - sparse.logits).abs().max().item() <= 1e-5
-    assert (outs["dense_grad"] - outs["sparse_grad"]).abs().max().item() <= 1e-5
     assert torch.equal(dense.gmacs, sparse.gmacs) and torch.equal(dense.extras["queries"], sparse.extras["queries"])
     blocks = len(model.dynamic_blocks)
     assert dense.extras["dense_blocks"].tolist() == [float(blocks)] * 3
@@ -728,17 +733,7 @@ def test_auto_splits_batches_whose_images_take_one_level_each(key: str) -> None:
     logits, gradients and GMACs, recorded as not sparse."""
     model = convert(key).eval()
     x = images(model, 5)
-    outs = {}
-    for execution in ("sparse", "auto"):
-        model.execution = execution
-        model.override_gates(one_level_per_image)
-        with torch.no_grad():
-            outs[execution] = model.forward_dynamic(x)
-        xg = x.clone().requires_grad_()
-        (outs[execution + "_grad"],) = torch.autograd.grad(model.forward_dynamic(xg).logits[:, 0].sum(), xg)
-    sparse, auto = outs["sparse"], outs["auto"]
-    assert (auto.logits - sparse.logits).abs().max().item() <= 1e-5
-    assert (outs["auto_grad"] - outs["sparse_grad"]).abs().max().item() <= 1e-5
+    sparse, auto = paths_agree(model, x, one_level_per_image, "auto")
     assert (sparse.logits - model.build_base()(x)).abs().max().item() > 1e-3  # coarse levels changed the output
     assert torch.equal(auto.gmacs, sparse.gmacs)
     assert auto.extras["dense_blocks"].tolist() == [float(len(model.dynamic_blocks))] * 5
