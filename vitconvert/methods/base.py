@@ -80,7 +80,8 @@ class SmallBatchRule:
 
     Found by calibration (:func:`vitconvert.calibration.find_small_batch_rule`): the smallest batch size, among
     powers of two up to the calibration batch, at which the chosen point was timed at least as fast as the base
-    model; ``threads`` and ``ratios`` (batch size -> measured speed-up) record the measurement.
+    model; ``threads`` and ``ratios`` (batch size -> measured speed-up) record the measurement. It was measured
+    for the calibrated point: ``set_budget`` keeps it, and calibrating again measures it for the new point.
     """
 
     below: int
