@@ -51,7 +51,7 @@ def paired_medians(models: dict[str, Any], x: torch.Tensor, rounds: int, warmup:
 
 def measure(name: str, model: ConvertedModel, rounds: int) -> dict[str, Any]:
     base = model.build_base().eval()
-    model.eval().small_batch = SmallBatchRule(2, "cpu", torch.get_num_threads(), {})
+    model.eval().small_batch = SmallBatchRule(2, "cpu")
     x = torch.randn(1, 3, *model.anatomy.img_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         same = torch.equal(model(x), model.forward_full_compute(x).logits)

@@ -540,7 +540,7 @@ def test_small_batches_run_at_full_compute_under_the_rule(tmp_path) -> None:
         full = model.forward_dynamic(x[:3])
         base = model.build_base()(x[:3])
         model.knob = 0.7
-        model.small_batch = SmallBatchRule(4, "cpu", 1, {1: 0.6, 2: 0.8, 4: 1.1})
+        model.small_batch = SmallBatchRule(4, "cpu")
         small, large = model.forward_dynamic(x[:3]), model.forward_dynamic(x[:4])
     assert model.knob == 0.7  # the point is restored after a small batch
     assert torch.equal(small.logits, full.logits) and (small.logits - base).abs().max() <= 1e-4
@@ -570,6 +570,8 @@ def test_small_batches_run_at_full_compute_under_the_rule(tmp_path) -> None:
     assert "so batches of fewer than 4 images on cpu run at the full-compute point" in card
     with pytest.raises(UserError, match=r"state\.small_batch\.below"):
         model.load_state({"coarsening": 0.5, "small_batch": {"below": 0}})
+    with pytest.raises(UserError, match="unexpected keys"):
+        model.load_state({"coarsening": 0.5, "small_batch": {"below": 4, "ratios": {}}})
     cascade = vitconvert.apply(*TINY_MODELS["vit"][:1], "cfvit", model_kwargs=TINY_MODELS["vit"][1], pretrained=False)
     with pytest.raises(UserError, match="only valid for methods"):
         cascade.load_state({**cascade.get_state(), "small_batch": {"below": 4}})
@@ -588,8 +590,7 @@ def test_small_batch_rule_is_the_smallest_batch_not_slower(monkeypatch: pytest.M
     base = model.build_base()
     x = images(model, 32)
     rule, record = calibration.find_small_batch_rule(model, base, x, progress=False)
-    assert timed == [1, 2, 4, 8] and rule == SmallBatchRule(8, "cpu", torch.get_num_threads(),
-                                                             {1: 0.5, 2: 0.5, 4: 0.5, 8: 1.2})
+    assert timed == [1, 2, 4, 8] and rule == SmallBatchRule(8, "cpu")
     assert record == {"ratios": {"1": 0.5, "2": 0.5, "4": 0.5, "8": 1.2}, "threads": torch.get_num_threads(),
                       "below": 8}
     timed.clear()  # slower at every size below the calibration batch: the rule covers them all

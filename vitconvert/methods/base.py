@@ -80,21 +80,18 @@ class SmallBatchRule:
 
     Found by calibration (:func:`vitconvert.calibration.find_small_batch_rule`): the smallest batch size, among
     powers of two up to the calibration batch, at which the chosen point was timed at least as fast as the base
-    model; ``threads`` and ``ratios`` (batch size -> measured speed-up) record the measurement. It was measured
+    model. The timings themselves are in the calibration record (``calibration.small_batch``). It was measured
     for the calibrated point: ``set_budget`` keeps it, and calibrating again measures it for the new point.
     """
 
     below: int
     device_type: str = "cpu"
-    threads: int | None = None
-    ratios: dict[int, float] = field(default_factory=dict)
 
     def applies(self, x: torch.Tensor) -> bool:
         return x.shape[0] < self.below and x.device.type == self.device_type
 
     def to_dict(self) -> dict[str, Any]:
-        return {"below": self.below, "device_type": self.device_type, "threads": self.threads,
-                "ratios": {str(k): v for k, v in self.ratios.items()}}
+        return {"below": self.below, "device_type": self.device_type}
 
     @classmethod
     def from_dict(cls, data: Any) -> SmallBatchRule:
@@ -102,19 +99,15 @@ class SmallBatchRule:
         where = "config: state.small_batch"
         if not isinstance(data, dict):
             raise UserError(f"{where} must be a mapping, got {data!r}")
-        below, device_type, threads = data.get("below"), data.get("device_type", "cpu"), data.get("threads")
+        unknown = sorted(set(data) - {"below", "device_type"})
+        if unknown:
+            raise UserError(f"{where} has unexpected keys {unknown}; it holds below and device_type")
+        below, device_type = data.get("below"), data.get("device_type", "cpu")
         if isinstance(below, bool) or not isinstance(below, int) or below < 1:
             raise UserError(f"{where}.below must be a whole number >= 1, got {below!r}")
         if not isinstance(device_type, str) or not device_type:
             raise UserError(f"{where}.device_type must be a device type such as 'cpu', got {device_type!r}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
-            raise UserError(f"{where}.threads must be a whole number, got {threads!r}")
-        ratios = data.get("ratios") or {}
-        try:
-            parsed = {int(k): float(v) for k, v in ratios.items()}
-        except (AttributeError, TypeError, ValueError):
-            raise UserError(f"{where}.ratios must map batch sizes to speed-ups, got {ratios!r}") from None
-        return cls(below, device_type, threads, parsed)
+        return cls(below, device_type)
 
 
 class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
