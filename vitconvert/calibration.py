@@ -168,20 +168,19 @@ def measure_base(base: torch.nn.Module, split: Split, device: torch.device, batc
     return tally.top1, tally.top5
 
 
-def time_points(model: ConvertedModel, base: torch.nn.Module, points: list[CurvePoint], split: Split,
-                device: torch.device, batch_size: int, progress: bool = True) -> dict[str, Any]:
+def time_points(model: ConvertedModel, base: torch.nn.Module, points: list[CurvePoint], x: torch.Tensor,
+                progress: bool = True) -> dict[str, Any]:
     """Measure the speed-up over ``base`` at (up to :data:`MAX_TIMED_POINTS` of) ``points``, in place.
 
     The points are spread over their GMACs (the cheapest and the most expensive always among them); each
     gets ``extra["throughput"]`` (images/s) and ``extra["throughput_ratio"]`` (against ``base``, timed in the
-    same interleaved rounds on one batch of held-out images spread over the split). Returns how it was timed.
+    same interleaved rounds on ``x``, one batch of held-out images spread over the split, on the device both
+    models are on). Returns how it was timed.
     """
     timed = points
     if len(points) > MAX_TIMED_POINTS:
         idx = sorted({round(i * (len(points) - 1) / (MAX_TIMED_POINTS - 1)) for i in range(MAX_TIMED_POINTS)})
         timed = [points[i] for i in idx]
-    x = spread_batch(split.files, model, batch_size).to(device)
-    base = base.to(device).eval()
     saved = model.operating_point
     try:
         with ProgressBar(f"calibrate: timing {len(timed)} points", len(timed), progress) as bar:
@@ -193,17 +192,18 @@ def time_points(model: ConvertedModel, base: torch.nn.Module, points: list[Curve
                 bar.update()
     finally:
         model.set_operating_point(saved)
-    return {"device": device_name(device), "batch_size": batch_size, "threads": torch.get_num_threads(),
+    return {"device": device_name(x.device), "batch_size": x.shape[0], "threads": torch.get_num_threads(),
             "points_timed": len(timed),
             "protocol": "points on the accuracy/GMACs frontier; one batch of held-out images; the model and its "
                         "original timed in interleaved rounds after warm-up; median time per batch"}
 
 
 def confirm_not_slower(model: ConvertedModel, base: torch.nn.Module, curve: list[CurvePoint],
-                       pick: Callable[[list[CurvePoint]], CurvePoint], split: Split, device: torch.device,
-                       batch_size: int, progress: bool = True) -> tuple[CurvePoint, dict[str, Any]]:
-    """The point ``pick`` chooses from ``curve``, timed against ``base`` here: while it runs slower than the base
-    model, it is set aside and ``pick`` chooses again (at most :data:`MAX_TIMED_POINTS` timings).
+                       pick: Callable[[list[CurvePoint]], CurvePoint], x: torch.Tensor, progress: bool = True
+                       ) -> tuple[CurvePoint, dict[str, Any]]:
+    """The point ``pick`` chooses from ``curve``, timed against ``base`` on the batch ``x`` (on the device both
+    models are on): while it runs slower than the base model, it is set aside and ``pick`` chooses again (at most
+    :data:`MAX_TIMED_POINTS` timings).
 
     GMACs do not say how fast a point runs on this device (a DVT cascade where a quarter of the images reach the
     last member costs 75% of the MACs and ran 0.86x on a 1-thread CPU), so a GMACs or drop budget would
@@ -212,8 +212,6 @@ def confirm_not_slower(model: ConvertedModel, base: torch.nn.Module, curve: list
     one is kept and the record says the check failed. Timed points keep ``throughput`` and
     ``throughput_ratio`` in their ``extra``, as a speed budget's do.
     """
-    x = spread_batch(split.files, model, batch_size).to(device)
-    base = base.to(device).eval()
     saved = model.operating_point
     slow: list[CurvePoint] = []
     timed: list[CurvePoint] = []
@@ -238,7 +236,7 @@ def confirm_not_slower(model: ConvertedModel, base: torch.nn.Module, curve: list
     met = not any(chosen is s for s in slow)
     if not met:  # nothing timed ran at the base's speed: the fastest of them
         chosen = max(timed, key=lambda p: (p.extra["throughput_ratio"], p.top1))
-    return chosen, {"device": device_name(device), "batch_size": batch_size, "threads": torch.get_num_threads(),
+    return chosen, {"device": device_name(x.device), "batch_size": x.shape[0], "threads": torch.get_num_threads(),
                     "points_timed": len(timed), "points_slower": len(slow), "not_slower": met,
                     "protocol": "the chosen point and its original timed in interleaved rounds on one batch of "
                                 "held-out images; a point slower than the original is set aside and the budget "
@@ -277,7 +275,7 @@ def find_small_batch_rule(model: ConvertedModel, base: torch.nn.Module, x: torch
         return None, record
     below = below if below is not None else batch_size
     record["below"] = below
-    return SmallBatchRule(below, x.device.type, torch.get_num_threads(), ratios), record
+    return SmallBatchRule(below, x.device.type), record
 
 
 def plot_curve(curve: list[CurvePoint], base_gmacs: float, base_top1: float | None, *, chosen: CurvePoint | None = None,
@@ -401,11 +399,16 @@ def calibrate(
             base, base_desc = None, f"not measured: {e}"
         if base is not None:
             base_top1, _ = measure_base(base.to(dev), split, dev, batch_size, cm, progress)
+        speed_budget = budget is not None and parse_budget(budget)[0] == "speed"
+        if speed_budget and base is None:
+            raise UserError(f"a speed budget times the model against its original, which is {base_desc}")
+        checked = (settings.check_speed if check_speed is None else check_speed) and base is not None
+        # One batch of held-out images for every timing below (decoded once).
+        x_time = spread_batch(split.files, cm, batch_size).to(dev) if speed_budget or checked else None
         speed: dict[str, Any] | None = None
-        if budget is not None and parse_budget(budget)[0] == "speed":
-            if base is None:
-                raise UserError(f"a speed budget times the model against its original, which is {base_desc}")
-            speed = time_points(cm, base, frontier(curve), split, dev, batch_size, progress)
+        if speed_budget:
+            assert base is not None and x_time is not None
+            speed = time_points(cm, base.eval(), frontier(curve), x_time, progress)
         cm.curve = curve
 
         def pick(points: list[CurvePoint]) -> CurvePoint:
@@ -415,14 +418,15 @@ def calibrate(
 
         chosen = pick(curve)
         speed_check: dict[str, Any] | None = None
-        if (settings.check_speed if check_speed is None else check_speed) and speed is None and base is not None:
-            chosen, speed_check = confirm_not_slower(cm, base, curve, pick, split, dev, batch_size, progress)
+        if checked and speed is None:
+            assert base is not None and x_time is not None
+            chosen, speed_check = confirm_not_slower(cm, base.eval(), curve, pick, x_time, progress)
         cm.set_operating_point(chosen.point)
         small_batch: dict[str, Any] | None = None
-        if (speed is not None or speed_check is not None) and batch_size > 1 and base is not None \
+        if (speed is not None or speed_check is not None) and batch_size > 1 \
                 and chosen.gmacs < cm.base_gmacs * (1 - 1e-9):
-            cm.small_batch, small_batch = find_small_batch_rule(
-                cm, base.to(dev).eval(), spread_batch(split.files, cm, batch_size).to(dev), progress)
+            assert base is not None and x_time is not None
+            cm.small_batch, small_batch = find_small_batch_rule(cm, base.eval(), x_time, progress)
     finally:
         cm.to("cpu")
         if base is not None:
