@@ -198,7 +198,25 @@ def test_clustering_equals_the_plain_algorithm(n: int, size: int) -> None:
     q = qkv.permute(2, 0, 3, 1, 4)[0]  # a strided view, as a fused qkv projection gives
     plan = plan_clusters(n, size, 4)
     fast, plain = balanced_clusters(q, plan), _plain_clusters(q, plan)
-    assert torch.equal(fast, plain)
+    # Token for token, but for two tokens whose scores tie to float32 rounding: the fast path forms the soft
+    # assignment as sigmoid(s0 - s1) instead of a two-way softmax, which rounds differently, and a near-tie may then
+    # sort the other way (seen once in 18,816 positions, on torch 2.14: two neighbours of one leaf swapped).
+    assert _adjacent_swaps(fast, plain) <= 1
+
+
+def _adjacent_swaps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many neighbour transpositions turn ``b`` into ``a`` (each row); fails if they differ otherwise."""
+    swaps = 0
+    for row_a, row_b in zip(a.reshape(-1, a.shape[-1]).tolist(), b.reshape(-1, b.shape[-1]).tolist(), strict=True):
+        i = 0
+        while i < len(row_a):
+            if row_a[i] != row_b[i]:
+                assert i + 1 < len(row_a) and row_a[i] == row_b[i + 1] and row_a[i + 1] == row_b[i], i
+                swaps += 1
+                i += 2
+            else:
+                i += 1
+    return swaps
 
 
 def test_strided_fused_qkv_and_gradient_paths_agree() -> None:

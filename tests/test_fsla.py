@@ -228,6 +228,37 @@ def test_swin_tiny_at_224_is_exact_and_adds_boat_cost() -> None:
         assert (m(x) - base(x)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
+def test_swin_tiny_runs_in_half_precision_and_under_autocast_with_clustering_active(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16, bf16 and CPU bf16 autocast at the window-area cluster size, where all five sub-layers cluster (Swin-T's
+    3136-token first stage once failed here: the clustering's sort read half-precision bits as float32's)."""
+    from vitconvert.layers import clustering
+
+    torch.manual_seed(0)
+    m = vitconvert.apply("swin_tiny_patch4_window7_224", "fsla", pretrained=False)
+    _perturb_projections(m)
+    assert m.cluster_size == 49
+    dtypes: list[torch.dtype] = []
+    real = clustering._cluster
+    monkeypatch.setattr(clustering, "_cluster", lambda q, *a, **k: dtypes.append(q.dtype) or real(q, *a, **k))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref = m(x)
+        runs = {dt: m.to(dt)(x.to(dt)).float() for dt in (torch.float16, torch.bfloat16)}
+        m.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            runs["autocast"] = m(x).float()
+    assert dtypes == [torch.float32] * 5 + [torch.float16] * 5 + [torch.bfloat16] * 10
+    for name, out in runs.items():
+        assert (out - ref).abs().max() < 0.05 * ref.abs().max(), name
+    m.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the fine-tune's step on a GPU
+        loss = m.forward_train(x)["logits"].float().square().mean()
+    loss.backward()
+    assert len(dtypes) == 25 and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
 def test_augment_finetunes_and_calibrates(tmp_path: Path) -> None:
     data = tmp_path / "data"
     rng = np.random.default_rng(0)

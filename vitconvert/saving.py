@@ -34,7 +34,7 @@ from vitconvert.errors import UserError, one_line
 from vitconvert.hub import download_model
 from vitconvert.methods.base import ConvertedModel, convert
 from vitconvert.recipes import Recipe, validate_recipe
-from vitconvert.registry import METHODS
+from vitconvert.registry import METHODS, on_register
 from vitconvert.sources import BUILD_ERRORS, BaseSpec, load_state_dict_checked, shape_differences
 
 WEIGHTS_NAME = "model.safetensors"
@@ -478,6 +478,16 @@ def timm_entrypoint(method: str, pretrained: bool = False, **kwargs: Any) -> Con
     return model
 
 
+_ENTRYPOINTS: set[str] = set()
+
+
+def _register_entrypoint(method: str, cls: Any) -> None:
+    """Give timm a ``vitconvert_<method>`` entrypoint (once per name: a method registered again keeps it)."""
+    if method not in _ENTRYPOINTS:
+        _ENTRYPOINTS.add(method)
+        register_model(_entrypoint_for(method))
+
+
 def _entrypoint_for(method: str) -> Any:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> ConvertedModel:
         return timm_entrypoint(method, pretrained, **kwargs)
@@ -492,5 +502,4 @@ def _entrypoint_for(method: str) -> Any:
 
 __all__ = ["build_from_config", "check_config", "check_folder", "check_output_dir", "check_writable_dir", "load",
            "load_weights", "model_config", "save", "timm_entrypoint"]
-for _method in sorted(METHODS):
-    register_model(_entrypoint_for(_method))
+on_register(_register_entrypoint)

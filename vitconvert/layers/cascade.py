@@ -190,9 +190,9 @@ def thresholds_for_exit_shares(stage_logits: Sequence[torch.Tensor], shares: Seq
             each in [0, 1], summing to at most 1.
 
     Returns:
-        One threshold per stage but the last. Stage k's threshold is the confidence quantile that lets the
-        wanted share of the images still undecided at k leave (ties can make the realised share differ
-        slightly); a share of 0 gives 1.0 (never exit).
+        One threshold per stage but the last. Stage k's threshold lies halfway between the confidences on either
+        side of the quantile that lets the wanted share of the images still undecided at k leave (ties can make the
+        realised share differ slightly); a share of 0 gives 1.0 (never exit).
     """
     if len(shares) != len(stage_logits) - 1:
         raise ValueError(f"{len(stage_logits)} stages take {len(stage_logits) - 1} shares, got {len(shares)}")
@@ -210,9 +210,11 @@ def thresholds_for_exit_shares(stage_logits: Sequence[torch.Tensor], shares: Seq
         if want >= conf.numel():
             t = float(conf.min()) - 1e-7
         else:
-            # The (want)-th largest confidence must be strictly above the threshold: take the next one down.
-            ordered = conf.sort(descending=True).values
-            t = float(ordered[want])
+            # Halfway between the (want)-th largest confidence and the next one down: those images exit, and an
+            # image whose confidence is computed with different rounding (alone instead of in a batch, another
+            # device) is not decided by the last bit, as it would be by a threshold equal to a confidence.
+            ordered = conf.double().sort(descending=True).values
+            t = float((ordered[want - 1] + ordered[want]) / 2)
         thresholds.append(max(0.0, min(t, 1.0)))
         undecided &= ~exits_at(confidence(stage_logits[k]), thresholds[-1])
     return thresholds

@@ -89,10 +89,10 @@ WORKSPACE_MAX_BYTES = 256 * 2**20
 _WORKSPACE = threading.local()
 
 
-def workspace(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """An uninitialised CPU tensor of ``shape`` (``like``'s dtype) that is reused by every call with this ``name``
-    on this thread: for temporaries that die before the call returns, in inference only (autograd must never
-    save one).
+def workspace(name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An uninitialised CPU tensor of ``shape`` (``dtype``, default ``like``'s) that is reused by every call with
+    this ``name`` on this thread: for temporaries that die before the call returns, in inference only (autograd
+    must never save one).
 
     Why: glibc hands the freed top of its heap back to the kernel once it exceeds a threshold, so a layer whose
     temporaries total a few MB gets fresh pages on every call, and on a virtual machine a page fault costs more
@@ -101,14 +101,15 @@ def workspace(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
     requests over :data:`WORKSPACE_MAX_BYTES` get a fresh tensor. :func:`release_workspace` frees them all.
     """
     numel = prod(shape)
-    if like.device.type != "cpu" or numel * like.element_size() > WORKSPACE_MAX_BYTES:
-        return like.new_empty(shape)
+    dtype = dtype or like.dtype
+    if like.device.type != "cpu" or numel * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return like.new_empty(shape, dtype=dtype)
     store: dict[tuple[str, torch.dtype], Tensor] = _WORKSPACE.__dict__.setdefault("buffers", {})
-    buf = store.get((name, like.dtype))
+    buf = store.get((name, dtype))
     if buf is None or buf.numel() < numel:
         with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
-            buf = torch.empty(numel, dtype=like.dtype)
-        store[(name, like.dtype)] = buf
+            buf = torch.empty(numel, dtype=dtype)
+        store[(name, dtype)] = buf
     return buf[:numel].view(shape)
 
 
@@ -227,11 +228,18 @@ def balanced_clusters(q: Tensor, plan: ClusterPlan, iters: int = DEFAULT_ITERS,
     return order.view(*lead, plan.padded)
 
 
-@torch.no_grad()
 def _cluster(q: Tensor, plan: ClusterPlan, iters: int, temperature: float, sorted_queries: bool
              ) -> tuple[Tensor, Tensor | None]:
     """:func:`balanced_clusters` of q (B, h, N, d) as (B * h, padded) and, if ``sorted_queries``, the queries in
-    that order as a (B * h * padded, d) tensor (padding rows zero).
+    that order as a (B * h * padded, d) float32 tensor (padding rows zero). Float32 whatever the queries' dtype,
+    autocast included (see :func:`_cluster_fp32`)."""
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+        return _cluster_fp32(q, plan, iters, temperature, sorted_queries)
+
+
+def _cluster_fp32(q: Tensor, plan: ClusterPlan, iters: int, temperature: float, sorted_queries: bool
+                  ) -> tuple[Tensor, Tensor | None]:
+    """:func:`_cluster` in float32, autocast off.
 
     The time goes into moving memory, so each level touches the queries as few times as the algorithm allows:
     once for the initial centroids, twice per soft k-means step, once for the final scores, and once to gather
@@ -244,19 +252,22 @@ def _cluster(q: Tensor, plan: ClusterPlan, iters: int, temperature: float, sorte
     """
     b, h, n, d = q.shape
     rows, np_ = b * h, plan.padded
-    cur = workspace("cluster_a", (rows * np_, d), q)  # no gradient ever flows through these
+    # The clustering runs in float32 whatever the queries' dtype (fp16, bf16, autocast, float64): the sort reads
+    # r's float32 bits, and in half precision the k-means steps' small differences would round away.
+    f32 = torch.float32
+    cur = workspace("cluster_a", (rows * np_, d), q, f32)  # no gradient ever flows through these
     x0 = cur.view(b, h, np_, d)
     x0[:, :, :n].copy_(q)
     if np_ > n:  # padding tokens are zero vectors: they add nothing to any centroid
         x0[:, :, n:].zero_()
-    nxt = workspace("cluster_b", (rows * np_, d), q) if plan.levels > 1 or sorted_queries else cur
+    nxt = workspace("cluster_b", (rows * np_, d), q, f32) if plan.levels > 1 or sorted_queries else cur
     # 1 / |q| per token (padding: 1e12, always times a zero product).
     inv = torch.linalg.vector_norm(cur, dim=-1).clamp_min_(1e-12).reciprocal_()  # (rows * np_,)
     slots = _arange(rows * np_, q.device)
     # Python numbers in tensor-tensor arithmetic are first made into tensors (an extra op each call): these
     # constants are 0-dim tensors instead (the same float32 values, so the same results).
     temp = _constant(temperature)
-    floors = _floors(q.device, q.dtype)
+    floors = _floors(q.device, f32)
     order = slots  # the flat slot each position's token started in (read-only: only ever indexed)
     pad = (slots.view(rows, np_)[0] >= n).expand(rows, np_).reshape(-1) if np_ > n else None
     for level in range(plan.levels):
@@ -479,9 +490,11 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
     if not _pays(plan, g, h * d, iters, overhead):
         dense = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
         return dense if out is None else out.copy_(dense.transpose(1, 2)).transpose(1, 2)
-    # The clustering leaves the queries in cluster order; with a gradient to carry they are gathered again below.
+    # The clustering leaves the queries in cluster order (in float32); with a gradient to carry, or in another
+    # dtype, they are gathered again below.
     grad = torch.is_grad_enabled() and q.requires_grad
-    perm, q_sorted = _cluster(q[:, :, g:], plan, iters, temperature, sorted_queries=not grad)
+    perm, q_sorted = _cluster(q[:, :, g:], plan, iters, temperature,
+                              sorted_queries=not grad and q.dtype == torch.float32)
     perm = perm.view(b, h, plan.padded)  # no gradient through it
     extra = plan.padded - plan.tokens
     # Rows of the full q, k, v: cluster order shifted past the global tokens; padding slots read token g (any

@@ -34,9 +34,10 @@ teacher for fine-tuning and the exactness tests rebuild it from those keys.
 from __future__ import annotations
 
 import abc
+import contextlib
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -126,6 +127,10 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
     # True for a method whose full-compute point is the base model's computation at the base's cost (see the module
     # docstring): the small-batch rule may fall back to it.
     full_compute_runs_base: ClassVar[bool] = False
+    # True for a method whose images may take different paths at one operating point (exits, granularities): its
+    # DynamicOutput tells them apart by ``stage`` or ``gmacs``. False where every image runs the same shapes (FSLA:
+    # every image is clustered, at one cost).
+    per_image_paths: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         super().__init__()
@@ -215,6 +220,16 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
 
     def set_train_progress(self, fraction: float) -> None:
         """Called by the pipeline before each training step with the share of fine-tuning done (0..1)."""
+
+    @contextlib.contextmanager
+    def counted_execution(self) -> Iterator[None]:
+        """Run, inside this context, the computation that ``DynamicOutput.gmacs`` counts.
+
+        By default that is what always runs. A method that may run a faster path with more MACs (DGE's dense
+        execution of a sparse block) switches to its counted path here, so that ``count_macs`` of a forward pass
+        equals the reported GMACs.
+        """
+        yield
 
     def plot_decisions(self, images: torch.Tensor, path: str | Path) -> Path | None:
         """Draw what the model decided on ``images`` (regions, exits...) into a PNG; None: nothing to draw."""
@@ -324,9 +339,20 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
     def forward_dynamic(self, x: torch.Tensor) -> DynamicOutput:
         """Inference at the current operating point (or, under the small-batch rule, at full compute), with the
         per-image GMACs of the path taken."""
+        if x.shape[0] == 0:
+            return self._empty_output(x)
         if self.small_batch is not None and self.small_batch.applies(x):
             return self.forward_full_compute(x)
         return self.forward_at_point(x)
+
+    def _empty_output(self, x: torch.Tensor) -> DynamicOutput:
+        """The result for an empty batch: every field the method returns, with no rows. Shapes, dtypes and extras
+        come from one blank image (timm's own blocks do not all take an empty batch: PVT-v2's attention cannot
+        reshape one)."""
+        out = self.forward_at_point(x.new_zeros(1, *x.shape[1:]))
+        return DynamicOutput(logits=out.logits[:0], gmacs=out.gmacs[:0],
+                             stage=out.stage[:0] if out.stage is not None else None,
+                             extras={k: v[:0] for k, v in out.extras.items()})
 
     def forward_full_compute(self, x: torch.Tensor) -> DynamicOutput:
         """Inference at the full-compute point, whatever the current point (the small-batch rule's path)."""

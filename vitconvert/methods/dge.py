@@ -870,6 +870,16 @@ class DGE(ConvertedModel):
         ctx.level = len(ctx.sizes) - 1 if value >= 1.0 else None
         ctx.shift = math.log(value / (1.0 - value)) if 0.0 < value < 1.0 else 0.0
 
+    @contextlib.contextmanager
+    def counted_execution(self) -> Iterator[None]:
+        """Sparse execution: the DGE computation ``gmacs`` counts (a dense block runs more MACs to finish sooner)."""
+        saved = self._c.execution
+        self._c.execution = "sparse"
+        try:
+            yield
+        finally:
+            self._c.execution = saved
+
     @property
     def execution(self) -> str:
         """``auto`` (each block and batch takes the path :func:`path_costs` estimates cheaper), ``sparse`` or

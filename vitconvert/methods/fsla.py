@@ -220,7 +220,9 @@ class FSLABranch(nn.Module):
         # faults for fresh memory (on the benchmark VM a fresh 77 MB tensor, Swin-T's first stage at batch 64,
         # costs more in page faults than the pass that fills it). With gradients the whole batch runs at once
         # in fresh tensors (autograd keeps them).
-        if torch.is_grad_enabled() and (x.requires_grad or self.proj.weight.requires_grad):
+        # Under autocast too: out= writes are not cast by autocast, so that run takes the plain layers.
+        if (torch.is_grad_enabled() and (x.requires_grad or self.proj.weight.requires_grad)) \
+                or torch.is_autocast_enabled(x.device.type):
             return self._update(x)
         step = max(1, SLICE_BYTES // (3 * x[0].numel() * x.element_size()))
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -302,6 +304,7 @@ class _FSLABase(ConvertedModel):
     Losses = FSLALosses
     mode: ClassVar[str]
     full_compute_runs_base = True  # cluster size 0: the base blocks, no clustering and no added sub-layers
+    per_image_paths = False  # every image is clustered, into clusters of the same sizes: one cost for all
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         s = recipe.settings
