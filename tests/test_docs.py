@@ -1,5 +1,6 @@
 """The README and the documentation site stay short and linked: every relative link points to a file that
-exists, and every `#anchor` to a heading (or an API object) of its page.
+exists, every `#anchor` to a heading (or an API object) of its page, and every repository path or
+`python -m` module named in code still exists.
 
 `mkdocs build --strict` (CI) checks the site's own links too, but needs the docs extra and does not read
 README.md; these checks need neither.
@@ -27,6 +28,14 @@ HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 EXPLICIT_ID = re.compile(r"\{[^}]*#([\w.-]+)[^}]*\}\s*$")
 API_BLOCK = re.compile(r"^:::\s+([\w.]+)", re.MULTILINE)
 SNIPPET = re.compile(r"^\s*--8<--\s+\"([^\"]+)\"", re.MULTILINE)
+CODE_SPAN = re.compile(r"`([^`\n]+)`")
+# A repository path written as code (`benchmarks/results/SUMMARY.md`); placeholders and globs (<name>, *, {a,b}) are
+# not checked.
+REPO_PATH = re.compile(r"^(?:\./)?((?:benchmarks|vitconvert|tests|docs|recipes|examples|\.ci)/[\w./-]*)$")
+RUN_MODULE = re.compile(r"python -m ((?:benchmarks|vitconvert)(?:\.\w+)*)")
+# Named by the documentation before they land: the conformance suite is being written in the same issue (24).
+# Remove an entry once its file exists.
+PENDING_PATHS = {"tests/test_conformance.py"}
 
 
 def doc_pages() -> list[Path]:
@@ -139,6 +148,27 @@ def test_snippets_exist(page: Path) -> None:
     assert not missing, f"{page.relative_to(ROOT)} includes missing files: {missing}"
 
 
+def stale_code_references(page: Path) -> list[str]:
+    """Repository paths and ``python -m`` modules a page names in code spans that do not exist."""
+    stale = []
+    for span in CODE_SPAN.findall(page.read_text(encoding="utf-8")):
+        m = REPO_PATH.match(span.strip())
+        if m and m.group(1).rstrip("/") not in PENDING_PATHS and not (ROOT / m.group(1)).exists():
+            stale.append(m.group(1))
+        for module in RUN_MODULE.findall(span):
+            base = ROOT.joinpath(*module.split("."))
+            if not (base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()):
+                stale.append(f"python -m {module}")
+    return stale
+
+
+@pytest.mark.parametrize("page", [README, *doc_pages()], ids=lambda p: str(p.relative_to(ROOT)))
+def test_named_files_and_modules_exist(page: Path) -> None:
+    """A file or ``python -m`` module the text names (moved benchmarks, renamed modules) still exists."""
+    stale = stale_code_references(page)
+    assert not stale, f"{page.relative_to(ROOT)} names what does not exist: {stale}"
+
+
 def _nav_files(node: object) -> list[str]:
     if isinstance(node, str):
         return [node]
@@ -163,3 +193,6 @@ def test_the_link_checker_finds_broken_links(tmp_path: Path) -> None:
                     "`[code](not-a-link.md)`\n\n```\n[fenced](not-a-link.md)\n```\n", encoding="utf-8")
     problems = [p for target in links(page) if (p := check_link(page, target))]
     assert len(problems) == 2, problems
+    page.write_text("`benchmarks/results/SUMMARY.md` `benchmarks/gone.py` `python -m benchmarks.gone`\n"
+                    "`vitconvert/methods/<name>.py` `python -m benchmarks`\n", encoding="utf-8")
+    assert stale_code_references(page) == ["benchmarks/gone.py", "python -m benchmarks.gone"]
