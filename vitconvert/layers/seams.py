@@ -592,8 +592,10 @@ def rewrite_block(block: nn.Module, *, bias: bool = False, logits: bool = False,
 
     Args:
         block: A pre-norm residual block (see :func:`read_residual_block`).
-        bias, logits: As in :func:`rewrite_attention`.
-        branch, name: As in :func:`insert_residual_branch` (None: no branch).
+        bias: As in :func:`rewrite_attention`.
+        logits: As in :func:`rewrite_attention`.
+        branch: As in :func:`insert_residual_branch` (None: no branch).
+        name: As in :func:`insert_residual_branch`.
 
     Raises:
         AnatomyError: the block is not a pre-norm residual block.
