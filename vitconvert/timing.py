@@ -43,7 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["Spread", "Timing", "compare", "device_name", "inference_context", "load_average", "machine_info",
+__all__ = ["Spread", "Timed", "Timing", "compare", "device_name", "inference_context", "load_average", "machine_info",
            "num_threads", "sync"]
 
 #: Anything :func:`compare` can time: a module or a callable taking the input batch.
@@ -212,7 +212,7 @@ def inference_context(device: torch.device | str, bf16: bool = False) -> Iterato
 
 
 def compare(models: Mapping[str, Timed], x: torch.Tensor, *, reference: str | None = None, warmup: int = 2,
-            min_rounds: int = 5, max_rounds: int = 30, min_seconds: float = 0.0, bf16: bool = False,
+            min_rounds: int = 5, max_rounds: int | None = None, min_seconds: float = 0.0, bf16: bool = False,
             threads: int | None = None) -> dict[str, Timing]:
     """Time several models on the same input in paired, interleaved rounds (see the module docstring).
 
@@ -223,7 +223,8 @@ def compare(models: Mapping[str, Timed], x: torch.Tensor, *, reference: str | No
         reference: Name of the model every ``ratio`` is against (default: the first).
         warmup: Untimed rounds first.
         min_rounds: Timed rounds at least.
-        max_rounds: Timed rounds at most (it takes ``min_seconds`` to go past ``min_rounds``).
+        max_rounds: Timed rounds at most (it takes ``min_seconds`` to go past ``min_rounds``); default
+            ``max(min_rounds, 30)``.
         min_seconds: After ``min_rounds``, keep timing rounds until this much wall time has been spent on them.
             The default 0 times exactly ``min_rounds``.
         bf16: Run under bf16 autocast on ``x``'s device type.
@@ -248,6 +249,7 @@ def compare(models: Mapping[str, Timed], x: torch.Tensor, *, reference: str | No
     reference = names[0] if reference is None else reference
     if reference not in models:
         raise ValueError(f"reference {reference!r} is not among {names}")
+    max_rounds = max(min_rounds, 30) if max_rounds is None else max_rounds
     if warmup < 0 or min_rounds < 1 or max_rounds < min_rounds:
         raise ValueError(f"need warmup >= 0 and 1 <= min_rounds <= max_rounds, got warmup={warmup}, "
                          f"min_rounds={min_rounds}, max_rounds={max_rounds}")
@@ -310,7 +312,7 @@ def _version(distribution: str) -> str | None:
 
 
 def device_name(device: torch.device | str) -> str:
-    """The device as reports name it: ``cuda:0 (NVIDIA H200)`` or ``cpu (x86_64, 2 cores)``.
+    """The device as reports name it: ``cuda:0 (NVIDIA H200)`` or ``cpu (AMD EPYC 7B13, 2 cores)``.
 
     Example:
         >>> device_name("cpu").startswith("cpu (")
@@ -319,7 +321,7 @@ def device_name(device: torch.device | str) -> str:
     dev = torch.device(device)
     if dev.type == "cuda":
         return f"{dev} ({torch.cuda.get_device_name(dev)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return f"cpu ({_cpu_name()}, {os.cpu_count()} cores)"
 
 
 def load_average() -> list[float] | None:
