@@ -9,6 +9,11 @@ benchmarks first, accuracy last. The full suite takes about 52 minutes on the 2-
 repetitions) a few minutes, and it writes to ``benchmarks/results/quick/`` so it never overwrites
 committed numbers.
 
+Every timing goes through :func:`vitconvert.timing.compare` (the protocol calibration uses too), with the suite's
+settings and records in ``benchmarks/protocol.py`` and what the suite shares with the studies in
+``benchmarks/common.py``. One model with any recipe: ``python -m benchmarks.run`` (the model-agnostic runner).
+One-off investigations live in ``benchmarks/studies/`` and are not run here.
+
 Usage::
 
     python -m benchmarks                       # everything, full protocol

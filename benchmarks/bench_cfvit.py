@@ -27,11 +27,13 @@ import torch
 from torch import nn
 
 import vitconvert
-from benchmarks import timing
+from benchmarks import protocol
+from benchmarks.common import machine_block
 from benchmarks.tome import ToMe
 from benchmarks.tome import gmacs as tome_gmacs
 from vitconvert.layers.costs import to_gmacs
 from vitconvert.methods.cfvit import CFViT
+from vitconvert.timing import inference_context
 
 ARCH = "deit_small_patch16_224"
 FRACTIONS = (0.25, 0.5)
@@ -107,7 +109,7 @@ def pin_fraction(wrapper: AtEta, x: torch.Tensor, bf16: bool) -> dict[str, Any]:
     """Choose eta so exactly ``round(fraction * batch)`` images of ``x`` take the fine stage; verify it."""
     model, fraction = wrapper.model, wrapper.fraction
     assert fraction is not None
-    with timing.inference_context(x.device, bf16):
+    with inference_context(x.device, bf16):
         model.eta = 1.0
         conf = model.forward_dynamic(x).extras["confidence"].float().sort().values
     k = round(fraction * x.shape[0])
@@ -121,7 +123,7 @@ def pin_fraction(wrapper: AtEta, x: torch.Tensor, bf16: bool) -> dict[str, Any]:
             raise RuntimeError(f"cannot pin fraction {fraction}: tied coarse confidences at rank {k}")
         eta = (lo + hi) / 2
     wrapper.eta = eta
-    with timing.inference_context(x.device, bf16):
+    with inference_context(x.device, bf16):
         model.eta = eta
         out = model.forward_dynamic(x)
     achieved = out.stage.float().mean().item()
@@ -175,21 +177,21 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
     latency_models: dict[str, nn.Module] = {
         "timm": base, "cfvit_exit": AtEta(model, eta=0.0), "cfvit_fine": AtEta(model, eta=1.0), **tome_models,
     }
-    measured = timing.measure_models(models, img, quick=quick, latency_models=latency_models, setup=_setup)
+    measured = protocol.measure_models(models, img, quick=quick, latency_models=latency_models, setup=_setup)
 
     # Latency at fraction f is the mean over images of the two paths.
     for f in FRACTIONS:
-        timing.add_path_mix_latency(measured, f"cfvit_f{f}", {"cfvit_exit": 1 - f, "cfvit_fine": f},
+        protocol.add_path_mix_latency(measured, f"cfvit_f{f}", {"cfvit_exit": 1 - f, "cfvit_fine": f},
                                     f"(1-{f}) * cfvit_exit + {f} * cfvit_fine medians")
 
     rows: list[dict[str, Any]] = []
     for f in FRACTIONS:
-        rows += timing.result_row(measured, f"cfvit_f{f}", method="cfvit", backbone=ARCH,
+        rows += protocol.result_row(measured, f"cfvit_f{f}", method="cfvit", backbone=ARCH,
                                   setting=f"fine fraction {f}", gmacs=gmacs[f"cfvit_f{f}"],
                                   base_gmacs=gmacs["timm"],
                                   notes="random weights; exit fraction pinned on the timed batch")
     for r in TOME_R:
-        rows += timing.result_row(measured, f"tome_r{r}", method="tome", backbone=ARCH, setting=f"r={r}",
+        rows += protocol.result_row(measured, f"tome_r{r}", method="tome", backbone=ARCH, setting=f"r={r}",
                                   gmacs=gmacs[f"tome_r{r}"], base_gmacs=gmacs["timm"],
                                   notes="training-free baseline (ToMe, Bolya et al. 2023)")
     cpu_ratio = measured["cpu_throughput"]["results"]["cfvit_f0.25"]["ratio"]
@@ -204,7 +206,7 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         "speed": measured,
         "target": {"cpu_throughput_ratio_at_0.25": 2.0, "achieved": cpu_ratio, "met": cpu_ratio >= 2.0},
         "rows": rows,
-        "machine": timing.machine_block(),
+        "machine": machine_block(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "cfvit_speed.json").write_text(json.dumps(results, indent=1) + "\n")

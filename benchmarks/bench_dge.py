@@ -1,7 +1,7 @@
 """DGE speed benchmark on DeiT-S and PVT-v2-b1 (random weights): GMACs of the real sparse path against
 ``vitconvert.count_macs``, and wall-clock throughput (batch 64) / batch-1 latency against timm, side by side.
 
-* **Gates** are forced (:func:`benchmarks.dge_forcing.force_ratio`, ``random`` mode: each region of each
+* **Gates** are forced (:func:`benchmarks.common.force_ratio`, ``random`` mode: each region of each
   image independently takes one of two neighbouring granularities) so the expected dynamic/static GMACs
   ratio is 0.5, 0.7 or 1.0 (1.0: every region at the finest granularity, i.e. the DGE machinery at no
   saving). Random weights are fine for speed: the cost of a path depends only on the gates. The routers
@@ -9,8 +9,9 @@
 * **GMACs**: the per-image GMACs the model reports (analytic, from the gates each image got) against
   ``count_macs`` of a forward on that image alone, and ``count_macs`` of the whole batch per image (the
   packed layout pads the attention core to the batch's largest query count, so it is a little higher).
-* **Throughput / latency**: :func:`benchmarks.timing.compare`: interleaved rounds, warm-up excluded,
-  median and spread, ratios as per-round paired medians. Layouts: ``packed`` (default) and ``padded``.
+* **Throughput / latency**: :func:`benchmarks.protocol.measure` (:func:`vitconvert.timing.compare`): interleaved
+  rounds, warm-up excluded, median and spread, ratios as per-round paired medians. Layouts: ``packed`` (default)
+  and ``padded``.
 * **Threads and the shared CPU**: one thread by default (as the rest of the suite: on this shared 2-core
   machine two threads stall each other); ``--threads2`` adds ``torch.set_num_threads(2)`` in a subprocess
   with ``OMP_WAIT_POLICY=PASSIVE`` (timm gets the same) and ``--omp-default`` two threads with GNU
@@ -37,8 +38,8 @@ from typing import Any
 import torch
 
 import vitconvert
-from benchmarks import timing
-from benchmarks.dge_forcing import force_ratio, forced_rho
+from benchmarks import protocol
+from benchmarks.common import REPO, force_ratio, forced_rho, machine_block
 from vitconvert.layers.costs import count_macs, to_gmacs
 from vitconvert.methods.dge import DGE
 
@@ -48,7 +49,6 @@ SETTINGS = {
     "full": {"batch": 64, "warmup": 1, "reps": 6, "latency_warmup": 3, "latency_reps": 20, "count_images": 4},
     "quick": {"batch": 8, "warmup": 1, "reps": 2, "latency_warmup": 1, "latency_reps": 3, "count_images": 1},
 }
-REPO = Path(__file__).resolve().parent.parent
 
 
 def build(arch: str, rho: float, layout: str = "packed", seed: int = 0, **model_kwargs: Any) -> DGE:
@@ -114,8 +114,7 @@ def measure_arch(arch: str, cfg: dict[str, Any], threads: int, with_gmacs: bool 
     dge["dge_rho0.5_padded"] = build(arch, 0.5, layout="padded")
     models.update(dge)
     img = tuple(ref.anatomy.img_size)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(cfg["batch"], 3, *img, generator=gen)
+    x = protocol.random_batch(img, cfg["batch"])
     info: dict[str, Any] = {"base_gmacs": ref.base_gmacs, "level_ratios": ref.level_ratios(), "gmacs": {}}
     for name, m in dge.items():
         if with_gmacs:
@@ -127,19 +126,8 @@ def measure_arch(arch: str, cfg: dict[str, Any], threads: int, with_gmacs: bool 
     for what, batch in (("throughput", x), ("latency", x[:1])):
         warmup = cfg["warmup"] if what == "throughput" else cfg["latency_warmup"]
         reps = cfg["reps"] if what == "throughput" else cfg["latency_reps"]
-        fns = {name: timing.inference_fn(m) for name, m in models.items()}
-        load_start = os.getloadavg()
-        t0 = time.perf_counter()
-        results = timing.compare(fns, batch, warmup=warmup, reps=reps, threads=threads, mode=what)
-        out[f"cpu_{what}"] = {
-            "config": {"batch": int(batch.shape[0]), "warmup": warmup, "reps": reps, "device": "cpu",
-                       "device_name": timing.machine_info()["device_name"], "precision": "fp32",
-                       "threads": threads, "interleaved": True, "reference": "timm",
-                       "load_average_start": [round(v, 2) for v in load_start],
-                       "load_average_end": [round(v, 2) for v in os.getloadavg()],
-                       "wall_seconds": round(time.perf_counter() - t0, 1)},
-            "results": results,
-        }
+        out[f"cpu_{what}"] = protocol.measure(models, batch, warmup=warmup, reps=reps, threads=threads, mode=what,
+                                              reference="timm")
     return {"arch": arch, "img_size": list(img), **info, "speed": out}
 
 
@@ -149,7 +137,7 @@ def measure(quick: bool, threads: int, archs: tuple[str, ...] = ARCHS, with_gmac
         "threads": threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (unset)"),
         "settings": cfg,
-        "machine": timing.machine_block(),
+        "machine": machine_block(),
         "archs": {arch: measure_arch(arch, cfg, threads, with_gmacs) for arch in archs},
     }
 
@@ -249,7 +237,7 @@ def _write(runs: dict[str, Any], quick: bool, out_dir: Path) -> dict[str, Any]:
         for arch, a in res["archs"].items():
             for name in ("dge_rho0.5", "dge_rho0.7", "dge_rho0.5_padded"):
                 g = a["gmacs"][name]
-                rows += timing.result_row(
+                rows += protocol.result_row(
                     a["speed"], name, method="dge", backbone=arch,
                     setting=f"rho={g['expected_ratio']:.2g}{' padded' if 'padded' in name else ''}, "
                             f"{res['threads']} thread(s), OMP_WAIT_POLICY={res['omp_wait_policy']}",
@@ -261,7 +249,7 @@ def _write(runs: dict[str, Any], quick: bool, out_dir: Path) -> dict[str, Any]:
         "name": "dge",
         "quick": quick,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": timing.machine_block(),
+        "machine": machine_block(),
         "note": ("CPU shared with other engineers' jobs while measuring (see load averages); run under "
                  "nice -n 5; models timed side by side in interleaved rounds; an architecture entry with its "
                  "own 'machine' block was re-measured later with `--update ARCH`"),

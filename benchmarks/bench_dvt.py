@@ -28,9 +28,11 @@ import torch
 from torch import nn
 
 import vitconvert
-from benchmarks import timing
+from benchmarks import protocol
+from benchmarks.common import machine_block
 from vitconvert.layers.cascade import cumulative
 from vitconvert.methods.dvt import DVT
+from vitconvert.timing import inference_context
 
 ARCHS = ("deit_small_patch16_224", "swin_tiny_patch4_window7_224", "pvt_v2_b1")
 BUDGETS = (0.5, 0.75)  # expected GMACs / the base model's
@@ -119,7 +121,7 @@ def force(wrapper: AtThresholds, x: torch.Tensor, bf16: bool) -> dict[str, Any]:
     model, shares = wrapper.model, wrapper.shares
     assert shares is not None
     counts = counts_for(shares, x.shape[0])
-    with timing.inference_context(x.device, bf16):
+    with inference_context(x.device, bf16):
         logits = model.cascade.run_all(x)
     undecided = torch.ones(x.shape[0], dtype=torch.bool)
     thresholds = []
@@ -138,7 +140,7 @@ def force(wrapper: AtThresholds, x: torch.Tensor, bf16: bool) -> dict[str, Any]:
         thresholds.append(t)
         undecided &= ~(conf > t)
     wrapper.thresholds = thresholds
-    with timing.inference_context(x.device, bf16):
+    with inference_context(x.device, bf16):
         model.thresholds = list(thresholds)
         out = model.forward_dynamic(x)
     got = out.stage.cpu().bincount(minlength=len(counts)).tolist()
@@ -181,17 +183,17 @@ def run_arch(arch: str, quick: bool) -> dict[str, Any]:
     models: dict[str, nn.Module] = {"timm": base}
     models.update({f"dvt_{b}": AtThresholds(model, shares=shares[b]) for b in BUDGETS})
     paths = {f"dvt_exit{k}": AtThresholds(model, exit_at=k) for k in range(len(costs))}
-    measured = timing.measure_models(models, img, quick=quick, latency_models={"timm": base, **paths},
+    measured = protocol.measure_models(models, img, quick=quick, latency_models={"timm": base, **paths},
                                      setup=_setup, threads=1)
     batch = measured["cpu_throughput"]["config"]["batch"]
     for b in BUDGETS:
-        timing.add_path_mix_latency(measured, f"dvt_{b}", {f"dvt_exit{k}": s for k, s in enumerate(shares[b])},
+        protocol.add_path_mix_latency(measured, f"dvt_{b}", {f"dvt_exit{k}": s for k, s in enumerate(shares[b])},
                                     "share-weighted mean of the per-exit path medians")
     rows = []
     for b in BUDGETS:
         counts = counts_for(shares[b], batch)
         gm = sum(c * g for c, g in zip(counts, cumulative(costs), strict=True)) / batch
-        rows += timing.result_row(measured, f"dvt_{b}", method="dvt", backbone=arch,
+        rows += protocol.result_row(measured, f"dvt_{b}", method="dvt", backbone=arch,
                                   setting=f"exits {'/'.join(str(c) for c in counts)} of {batch}",
                                   gmacs=gm, base_gmacs=model.base_gmacs,
                                   notes="random weights; thresholds forced on the timed batch")
@@ -224,7 +226,7 @@ def _write(path: Path, quick: bool, entries: dict[str, Any]) -> dict[str, Any]:
     results = {
         "name": "dvt", "quick": quick, "recipe": "dvt (3 independent members, feature + relation reuse)",
         "backbones": ordered, "target": targets,
-        "rows": [row for e in ordered for row in e["rows"]], "machine": timing.machine_block(),
+        "rows": [row for e in ordered for row in e["rows"]], "machine": machine_block(),
     }
     path.write_text(json.dumps(results, indent=1) + "\n")
     return results

@@ -13,8 +13,9 @@ global attention in DeiT-S and PVT-v2-b1 at high resolution, each against the ti
 
 Random weights (``pretrained=False``): the cost of every path is the same whatever the weights (the
 clusters' shapes are fixed by the token count). Models are timed side by side, interleaved
-(``benchmarks.timing.compare``); high-resolution models at small batches (a 768-px DeiT-S forward is about
-100 GMACs per image), recorded with each result. Threads: whatever the caller set (the suite: 1).
+(``vitconvert.timing.compare`` through ``benchmarks.protocol``); high-resolution models at small batches (a
+768-px DeiT-S forward is about 100 GMACs per image), recorded with each result. Threads: whatever the caller
+set (the suite: 1).
 
 Run: ``python -m benchmarks --only fsla`` or ``python benchmarks/bench_fsla.py [--quick] [--threads N]
 [--only swin|replace]`` (writes ``benchmarks/results/fsla_speed.json``; ``--only`` measures one part and keeps
@@ -36,8 +37,10 @@ if __package__ in (None, ""):  # allow `python benchmarks/bench_fsla.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vitconvert
-from benchmarks import timing
+from benchmarks import protocol
+from benchmarks.common import machine_block
 from vitconvert.layers.costs import count_macs, to_gmacs
+from vitconvert.timing import machine_info
 
 SWIN = "swin_tiny_patch4_window7_224"
 DEIT = "deit_small_patch16_224"
@@ -83,7 +86,7 @@ def swin_augment(quick: bool) -> dict[str, Any]:
     if abs(counted - model.gmacs_at()) > 1e-6:
         raise RuntimeError(f"FSLA GMACs {model.gmacs_at()} differ from the counted {counted}")
     t0 = time.perf_counter()
-    measured = timing.measure_models({"timm": base, "fsla": model}, tuple(model.anatomy.img_size), quick=quick)
+    measured = protocol.measure_models({"timm": base, "fsla": model}, tuple(model.anatomy.img_size), quick=quick)
     thr = measured["cpu_throughput"]["results"]["fsla"]
     lat = measured["cpu_latency"]["results"]["fsla"]
     # Overhead = time of fsla / time of timm = 1 / (paired speed ratio).
@@ -96,7 +99,7 @@ def swin_augment(quick: bool) -> dict[str, Any]:
         "gmacs": gmacs, "speed": measured, "overhead": overhead,
         "target": {"max_overhead": SWIN_TARGET, "met": all(v <= SWIN_TARGET for v in overhead.values())},
         "seconds": round(time.perf_counter() - t0, 1),
-        "rows": timing.result_row(measured, "fsla", method="fsla", backbone=SWIN, setting="augment, cluster 49",
+        "rows": protocol.result_row(measured, "fsla", method="fsla", backbone=SWIN, setting="augment, cluster 49",
                                   gmacs=gmacs["fsla"], base_gmacs=gmacs["timm"],
                                   notes="random weights; BOAT sub-layers in the 5 shifted blocks"),
     }
@@ -123,19 +126,17 @@ def high_res(arch: str, size: int, batch: int, warmup: int, reps: int, cluster_s
         raise RuntimeError(f"{arch} at {size}: GMACs {model.gmacs_at()} differ from the counted {counted}")
     models: dict[str, nn.Module] = {"dense": dense}
     models.update({f"cluster_{cs}": _At(model, cs) for cs in cluster_sizes})
-    fns = {name: timing.inference_fn(m.eval()) for name, m in models.items()}
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    t0 = time.perf_counter()
-    results = timing.compare(fns, x, warmup=warmup, reps=reps, mode="throughput")
-    wall = time.perf_counter() - t0
+    x = protocol.random_batch((size, size), batch)
+    measured = protocol.measure({name: m.eval() for name, m in models.items()}, x, warmup=warmup, reps=reps,
+                                reference="dense")
+    results = measured["results"]
     tokens = model.anatomy.blocks[model.fsla_blocks[0]].tokens
     return {
         "model": arch, "img_size": size, "replaced_blocks": model.fsla_blocks, "tokens_per_replaced_block": tokens,
         "gmacs": gmacs, "counted_check": counted,
         "recipe_default": {"clustering_overhead": recipe_overhead, "gmacs": recipe_gmacs,
                            "clusters": {k: v < gmacs["dense"] for k, v in recipe_gmacs.items()}},
-        "config": {"batch": batch, "warmup": warmup, "reps": reps, "threads": torch.get_num_threads(),
-                   "precision": "fp32", "interleaved": True, "reference": "dense", "wall_seconds": round(wall, 1)},
+        "config": measured["config"],
         "results": results,
         "speedup": {name: r["ratio"] for name, r in results.items() if name != "dense"},
         "gmacs_ratio": {name: gmacs["dense"] / g for name, g in gmacs.items() if name != "dense"},
@@ -154,7 +155,7 @@ def run(quick: bool, out_dir: Path, only: str | None = None) -> dict[str, Any]:
         if not path.is_file():
             raise FileNotFoundError(f"--only {only} keeps the other part from {path}, which does not exist")
         previous = json.loads(path.read_text())
-    now = timing.machine_info()["date"]
+    now = machine_info()["date"]
     swin = {**swin_augment(quick), "measured": now} if only in (None, "swin") else previous["swin_augment"]
     replace = []
     if only in (None, "replace"):
@@ -187,7 +188,7 @@ def run(quick: bool, out_dir: Path, only: str | None = None) -> dict[str, Any]:
                    swin["target"]["met"], "deit768_min_speedup": DEIT_TARGET, "deit768_speedup": best,
                    "deit768_met": best >= DEIT_TARGET},
         "rows": rows,
-        "machine": timing.machine_block(),
+        "machine": machine_block(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "fsla_speed.json").write_text(json.dumps(results, indent=1) + "\n")

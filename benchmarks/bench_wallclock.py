@@ -13,13 +13,13 @@ Rows, in this order (what a user meets first comes first):
    all-refine point (eta = 1), and DGE at every timed frontier point of the calibration curve (what a GMACs
    or speed budget can choose), batch 64 and 1.
 2. **224-px architecture rows** (random weights, gates forced at random per image and region by
-   :func:`benchmarks.dge_forcing.force_ratio`): DGE on DeiT-S at rho 0.5 and 1.0 and on PVT-v2-b1 at 0.7,
+   :func:`benchmarks.common.force_ratio`): DGE on DeiT-S at rho 0.5 and 1.0 and on PVT-v2-b1 at 0.7,
    batch 64, and DeiT-S at rho 0.5 at batch 1.
 
 Every DGE row times the base model, DGE as it ships (``execution=auto``: each block and batch takes the path
 the cost model estimates cheaper) and DGE forced sparse (``execution=sparse``: never dense, split or the base
 block, as before issue 18, but with today's sparse kernels), in
-the same interleaved rounds (:func:`benchmarks.timing.compare`); ratios are per-round paired medians. "Share of
+the same interleaved rounds (:func:`vitconvert.timing.compare`); ratios are per-round paired medians. "Share of
 the GMACs ideal" = throughput ratio x GMACs share (1.0: time falls exactly with the MACs).
 
 Writes ``benchmarks/results/wallclock.json`` (machine, threads, OpenMP policy, load average before and after each
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -43,30 +42,29 @@ from typing import Any
 import torch
 
 import vitconvert
-from benchmarks import cifar10, timing
-from benchmarks.dge_forcing import force_ratio
+from benchmarks import cifar10, protocol
+from benchmarks.common import (
+    CHECKPOINTS,
+    CIFAR_BASES,
+    REPO,
+    TRAINED,
+    TRAINED_MODELS,
+    committed_share,
+    force_ratio,
+    machine_block,
+    threading_info,
+)
 from vitconvert.calibration import find_small_batch_rule
 from vitconvert.methods.base import ConvertedModel, SmallBatchRule
 from vitconvert.methods.dge import DGE
 from vitconvert.throughput import spread_batch
 from vitconvert.train import original_model
 
-REPO = Path(__file__).resolve().parent.parent
-TRAINED = REPO / "benchmarks" / "work" / "trained"
-# (folder name, recipe, base checkpoint): the trained rows.
-TRAINED_MODELS = (("cfvit_vit", "cfvit", "cifar10-vit"), ("dge_vit", "dge", "cifar10-vit"),
-                  ("dge_pvt64", "dge", "cifar10-pvt64"))
-CIFAR_BASES = {name: base for name, _, base in TRAINED_MODELS}  # trained model -> its base's folder name
 # (architecture, rho, batch): the 224-px rows.
 ARCH_ROWS = (("deit_small_patch16_224", 0.5, 64), ("pvt_v2_b1", 0.7, 64), ("deit_small_patch16_224", 1.0, 64),
              ("deit_small_patch16_224", 0.5, 1))
 SETTINGS = {"full": {"warmup": 2, "reps": 8, "reps_b1": 20, "batch": 64, "curve_points": 5},
             "quick": {"warmup": 1, "reps": 2, "reps_b1": 3, "batch": 8, "curve_points": 2}}
-
-
-def threading_info() -> dict[str, Any]:
-    return {"threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
 def ensure_trained(folder: Path, quick: bool, build: bool = True) -> dict[str, Path]:
@@ -80,7 +78,7 @@ def ensure_trained(folder: Path, quick: bool, build: bool = True) -> dict[str, P
             if quick or not build:
                 continue  # a smoke run does not train
             print(f"[wallclock] training {name} with the short recipe (~15 min)", flush=True)
-            run_recipe(recipe, REPO / "benchmarks" / "checkpoints" / base, 1000, folder / name / "results",
+            run_recipe(recipe, CHECKPOINTS / base, 1000, folder / name / "results",
                        work=folder / name, progress=False, val_curve=False)
         out[name] = model_dir
     return out
@@ -97,30 +95,30 @@ def one_by_one(fn: Any) -> Any:
 def compare_row(fns: dict[str, Any], x: torch.Tensor, cfg: dict[str, Any], batch: int) -> dict[str, Any]:
     """Side-by-side timing (base first: the reference), with the load average around it; ``batch`` 1 runs the
     images of ``x`` one by one."""
-    load_before = os.getloadavg()
     reps = cfg["reps_b1"] if batch == 1 else cfg["reps"]
     if batch == 1:
         fns = {name: one_by_one(fn) for name, fn in fns.items()}
-    res = timing.compare(fns, x, warmup=cfg["warmup"], reps=reps, reference="base")
+    measured = protocol.measure(fns, x, warmup=cfg["warmup"], reps=reps, reference="base")
     out = {name: {"img_s": round(r["median"], 2), "ratio": round(r["ratio"], 3),
                   "ratio_p10_p90": [round(r["ratio_p10"], 3), round(r["ratio_p90"], 3)],
                   "ratio_halves": [round(v, 3) for v in r["ratio_halves"]] if r["ratio_halves"] else None,
                   "cpu_time_ratio": round(r.get("cpu_time_ratio", float("nan")), 3)}
-           for name, r in res.items()}
-    return {"timings": out, "reps": reps, "load_average": [[round(v, 2) for v in load_before],
-                                                           [round(v, 2) for v in os.getloadavg()]]}
+           for name, r in measured["results"].items()}
+    cfg_done = measured["config"]
+    return {"timings": out, "reps": reps,
+            "load_average": [cfg_done["load_average_start"], cfg_done["load_average_end"]]}
 
 
 def dge_fns(model: DGE, base: torch.nn.Module, rule: SmallBatchRule | None = None) -> dict[str, Any]:
     """Base, DGE as shipped (auto, with the small-batch rule when one is given: ``dge_rule``), DGE auto without the
-    rule and DGE forced sparse, each under inference mode."""
+    rule and DGE forced sparse (timed under inference mode by :func:`vitconvert.timing.compare`)."""
     def run(execution: str, small_batch: SmallBatchRule | None = None) -> Any:
         def fn(x: torch.Tensor) -> Any:
             model.execution = execution
             model.small_batch = small_batch
             return model(x)
-        return timing.inference_fn(fn)
-    fns = {"base": timing.inference_fn(base), "dge_auto": run("auto"), "dge_sparse": run("sparse")}
+        return fn
+    fns = {"base": base, "dge_auto": run("auto"), "dge_sparse": run("sparse")}
     if rule is not None:
         fns["dge_rule"] = run("auto", rule)
     return fns
@@ -137,9 +135,7 @@ def small_batch_rule(model: DGE, base: torch.nn.Module, x64: torch.Tensor) -> tu
 def gmacs_share(model: ConvertedModel, x: torch.Tensor, batch: int) -> tuple[float, dict[str, Any]]:
     """Mean GMACs / base GMACs on ``x`` (and what the blocks ran), at the model's current point and small-batch
     rule, ``x``'s images one by one when ``batch`` is 1 (as they are timed)."""
-    with torch.inference_mode():
-        outs = [model.forward_dynamic(x[i:i + 1]) for i in range(x.shape[0])] if batch == 1 \
-            else [model.forward_dynamic(x)]
+    outs = protocol.dynamic_outputs(model, x, one_by_one=batch == 1)
     gmacs = torch.cat([o.gmacs for o in outs])
     info: dict[str, Any] = {"gmacs": round(float(gmacs.mean()), 5), "base_gmacs": round(model.base_gmacs, 5)}
     if "dense_blocks" in outs[0].extras:
@@ -209,7 +205,7 @@ def trained_rows(folders: dict[str, Path], cfg: dict[str, Any]) -> list[dict[str
             model.set_operating_point(point)
             model.execution = "auto"
         else:
-            fns = {"base": timing.inference_fn(base), "converted": timing.inference_fn(model)}
+            fns = {"base": base, "converted": model}
             for x in (x64, x1):
                 rows.append(row(f"{name} calibrated", model, fns, x, cfg, 64 if x is x64 else 1, **fields))
             model.set_operating_point({**point, "eta": 1.0})  # every image refines: the cascade's worst case
@@ -231,13 +227,6 @@ def dge_point_rows(name: str, model: DGE, base: torch.nn.Module, x64: torch.Tens
     return out
 
 
-def committed_share(name: str) -> float:
-    """GMACs share of the committed short-recipe run's calibrated point (``results/cifar10_<...>.json``)."""
-    stem = {"cfvit_vit": "cifar10_cfvit", "dge_vit": "cifar10_dge", "dge_pvt64": "cifar10_dge_pvt64"}[name]
-    return float(json.loads((REPO / "benchmarks" / "results" / f"{stem}.json").read_text())["evaluation"]
-                 ["gmacs_fraction"])
-
-
 def stand_in_rows(missing: list[str], cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """CIFAR-10 rows for trained models that are not here: the same architecture converted from the committed
     base checkpoint, run at the committed trained run's calibrated GMACs share. DGE: gates forced at random
@@ -248,7 +237,7 @@ def stand_in_rows(missing: list[str], cfg: dict[str, Any]) -> list[dict[str, Any
     for name in missing:
         recipe, base_dir = next((r, b) for n, r, b in TRAINED_MODELS if n == name)
         torch.manual_seed(0)
-        model = vitconvert.apply(f"local-dir:{REPO / 'benchmarks' / 'checkpoints' / base_dir}", recipe).eval()
+        model = vitconvert.apply(f"local-dir:{CHECKPOINTS / base_dir}", recipe).eval()
         base = model.build_base().eval()
         x64 = spread_batch(val, model, cfg["batch"])
         x1 = x64[::8]
@@ -263,7 +252,7 @@ def stand_in_rows(missing: list[str], cfg: dict[str, Any]) -> list[dict[str, Any
         # CF-ViT: exit share s from the GMACs share (coarse-only and coarse + fine costs per image)
         coarse, fine = model.cascade.costs
         s = min(max((coarse + fine - share * model.base_gmacs) / fine, 0.0), 1.0)
-        fns = {"base": timing.inference_fn(base), "converted": timing.inference_fn(model)}
+        fns = {"base": base, "converted": model}
         for x in (x64, x1):
             with torch.inference_mode():
                 conf = model.forward_coarse(x)["logits"].float().softmax(-1).amax(-1)
@@ -375,7 +364,7 @@ def run(quick: bool, out_dir: Path, trained: Path = TRAINED, only: str = "all", 
     """Measure the rows (``select``: only the trained models named and the architecture rows given as
     ``arch:rho:batch``, merged into the results already in ``out_dir``) and write the results."""
     cfg = SETTINGS["quick" if quick else "full"]
-    start = timing.machine_block()
+    start = machine_block()
     rows: list[dict[str, Any]] = []
     if only in ("all", "trained"):
         found = ensure_trained(trained, quick, build=train_missing)
@@ -398,7 +387,7 @@ def run(quick: bool, out_dir: Path, trained: Path = TRAINED, only: str = "all", 
         "quick": quick,
         "date": start["date"],
         "machine": start,
-        "machine_end": timing.machine_block(),
+        "machine_end": machine_block(),
         "threading": threading_info(),
         "settings": cfg,
         "note": ("CPU shared with other jobs (load averages per row); base and converted timed in interleaved "

@@ -103,7 +103,7 @@ def run_recipe(recipe: str, base: Path, images_per_class: int, out_dir: Path, ov
     ``labels=False`` fine-tunes by distillation from the base model alone (results named ``..._nolabels``).
     """
     import vitconvert
-    from benchmarks.timing import machine_block
+    from benchmarks.common import machine_block
     from vitconvert.calibration import calibrate, measure_curve
     from vitconvert.data import open_image_folder
     from vitconvert.evaluation import evaluate

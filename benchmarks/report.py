@@ -3,7 +3,7 @@
 Reads every ``*.json`` in the results folder:
 
 * files with ``rows`` (what the benchmark ``run()`` functions return; keys listed in
-  :func:`benchmarks.timing.result_row`) feed the speed tables (rows with ``throughput_ratio``) and the
+  :func:`benchmarks.protocol.result_row`) feed the speed tables (rows with ``throughput_ratio``) and the
   accuracy table (rows with ``top1``);
 * ``base_models.json`` (``benchmarks/train_base.py``) feeds the CIFAR-10 base-model table;
 * ``suite.json`` (``python -m benchmarks``) gives each benchmark's wall time.

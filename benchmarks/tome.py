@@ -300,7 +300,8 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
     """
     import timm
 
-    from benchmarks import timing
+    from benchmarks import protocol
+    from benchmarks.common import machine_block
 
     results: dict[str, Any] = {"name": "tome", "quick": quick, "rows": [], "models": {}}
     for arch in BACKBONES:
@@ -314,16 +315,16 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
             m = ToMe(base, r)
             models[f"tome_r{r}"] = m
             info[f"tome_r{r}"] = {"gmacs": gmacs(m, img), "published_gmacs": PUBLISHED_GMACS.get(r), "r": r}
-        measured = timing.measure_models(models, img, quick=quick)
+        measured = protocol.measure_models(models, img, quick=quick)
         results["models"][arch] = {"gmacs": info, "speed": measured}
         for name, meta in info.items():
             if name == "timm":
                 continue
-            results["rows"].extend(timing.result_row(
+            results["rows"].extend(protocol.result_row(
                 measured, name, method="tome", backbone=arch, setting=f"r={meta['r']}",
                 gmacs=meta["gmacs"], base_gmacs=base_g,
                 notes="training-free baseline (ToMe, Bolya et al. 2023)"))
-    results["machine"] = timing.machine_block()
+    results["machine"] = machine_block()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tome_speed.json").write_text(json.dumps(results, indent=1) + "\n")
     return results

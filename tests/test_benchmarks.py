@@ -1,8 +1,10 @@
-"""The benchmark machinery on tiny models: timing helpers, pinned exit fractions, the analytic CF-ViT
-count, result rows, suite discovery and the summary report. No timing assertions."""
+"""The benchmark machinery on tiny models: the suite's measurements on vitconvert.timing, pinned exit fractions,
+the analytic CF-ViT count, result rows, the model-agnostic runner, suite discovery, the summary report and the
+suite/studies layering. No timing assertions (tests/test_timing.py tests the protocol itself)."""
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -10,68 +12,112 @@ import pytest
 import torch
 
 import vitconvert
-from benchmarks import report, timing
+from benchmarks import common, protocol, report
+from benchmarks import run as runner
 from benchmarks.__main__ import discover, load_runner
 from benchmarks.__main__ import main as suite_main
 from benchmarks.bench_cfvit import AtEta, analytic_costs, pin_fraction
 from benchmarks.tome import ToMe
-from tests.utils import TINY_MODELS, tiny_model
+from tests.utils import TINY_MODELS, model_kwargs_args, tiny_model
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_summarize_quantiles() -> None:
-    s = timing.summarize([4.0, 1.0, 3.0, 2.0, 5.0])
-    assert (s["median"], s["min"], s["max"], s["reps"]) == (3.0, 1.0, 5.0, 5)
-    assert s["p10"] == pytest.approx(1.4) and s["p90"] == pytest.approx(4.6)
-    assert s["all"] == [4.0, 1.0, 3.0, 2.0, 5.0]
-
-
-def test_compare_interleaves_and_pairs() -> None:
-    calls: list[str] = []
-
-    def make(name: str):
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            calls.append(name)
-            return x
-
-        return fn
-
-    x = torch.zeros(4, 2)
-    res = timing.compare({"a": make("a"), "b": make("b"), "c": make("c")}, x, warmup=1, reps=3)
-    # Warm-up round in order, then rotated rounds: abc, bca, cab.
-    assert calls == list("abc" + "abc" + "bca" + "cab")
-    assert res["a"]["ratio"] == 1.0 and res["b"]["reps"] == 3 and res["c"]["batch"] == 4
-    assert res["a"]["unit"] == "img/s"
-    with pytest.raises(ValueError, match="reference"):
-        timing.compare({"a": make("a")}, x, reps=1, reference="z")
-
-
-def test_throughput_latency_threads_and_machine_info() -> None:
+def test_measure_records_config_and_every_repetition() -> None:
     model, _, _ = tiny_model("deit")
     x = torch.randn(2, 3, 32, 32)
     before = torch.get_num_threads()
-    thr = timing.throughput(timing.inference_fn(model), x, warmup=1, reps=2, threads=1)
-    assert thr["reps"] == 2 and thr["batch"] == 2 and thr["median"] > 0
+    rec = protocol.measure({"timm": model, "again": model}, x, warmup=1, reps=2, threads=1)
     assert torch.get_num_threads() == before
-    lat = timing.latency(timing.inference_fn(model, bf16=True), x[:1], warmup=1, reps=2)
-    assert lat["unit"] == "ms" and len(lat["all"]) == 2
-    info = timing.machine_info()
+    cfg = rec["config"]
+    assert (cfg["batch"], cfg["reps"], cfg["rounds"], cfg["threads"], cfg["reference"]) == (2, 2, 2, 1, "timm")
+    assert cfg["precision"] == "fp32" and cfg["device"] == "cpu" and cfg["interleaved"] and cfg["wall_seconds"] >= 0
+    thr = rec["results"]["again"]
+    assert thr["reps"] == 2 and thr["batch"] == 2 and thr["median"] > 0 and thr["unit"] == "img/s"
+    assert len(thr["ratio_all"]) == 2 and "cpu_time_ratio" in thr and rec["results"]["timm"]["ratio"] == 1.0
+    lat = protocol.measure({"m": model}, x[:1], warmup=1, reps=2, mode="latency", bf16=True)
+    assert lat["results"]["m"]["unit"] == "ms" and len(lat["results"]["m"]["all"]) == 2
+    assert lat["config"]["precision"] == "bf16 autocast"
+    info = common.machine_block()
     assert info["device"] == "cpu" and info["cpu_count"] >= 1 and info["timm"] and info["vitconvert"]
+    assert "paired" in info["shared_machine"]
 
 
 def test_measure_models_and_rows_with_tome() -> None:
     model, _, _ = tiny_model("deit")
     models = {"timm": model, "tome_r4": ToMe(model, 4)}
-    measured = timing.measure_models(models, (32, 32), quick=True, devices=("cpu",), threads=1)
+    measured = protocol.measure_models(models, (32, 32), quick=True, devices=("cpu",), threads=1)
     cfg = measured["cpu_throughput"]["config"]
-    assert cfg["batch"] == timing.PROTOCOL["quick"]["cpu_throughput"]["batch"] and cfg["threads"] == 1
-    assert measured["cpu_latency"]["results"]["tome_r4"]["reps"] == timing.PROTOCOL["quick"]["cpu_latency"]["reps"]
-    rows = timing.result_row(measured, "tome_r4", method="tome", backbone="tiny", gmacs=0.01)
+    assert cfg["batch"] == protocol.PROTOCOL["quick"]["cpu_throughput"]["batch"] and cfg["threads"] == 1
+    assert measured["cpu_latency"]["results"]["tome_r4"]["reps"] == protocol.PROTOCOL["quick"]["cpu_latency"]["reps"]
+    rows = protocol.result_row(measured, "tome_r4", method="tome", backbone="tiny", gmacs=0.01)
     assert len(rows) == 1
     row = rows[0]
     assert row["method"] == "tome" and row["device"] == "cpu" and row["gmacs"] == 0.01
     res = measured["cpu_throughput"]["results"]
     assert row["throughput"] == res["tome_r4"]["median"] and row["base_throughput"] == res["timm"]["median"]
     assert row["latency_ratio"] == measured["cpu_latency"]["results"]["tome_r4"]["ratio"]
+
+
+def test_runner_converts_times_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m benchmarks.run``: any model and recipe, GMACs on the timed batch, converted vs base."""
+    arch, kwargs = TINY_MODELS["deit"]
+    out = tmp_path / "r.json"
+    threads = torch.get_num_threads()
+    try:
+        assert runner.main(["--model", arch, "--recipe", "dge", "--model-kwargs", *model_kwargs_args(kwargs),
+                            "--set", "model.execution=sparse", "--point", "coarsening=1", "--batch-size", "4",
+                            "--device", "cpu", "--rounds", "2", "--max-rounds", "2", "--min-seconds", "0",
+                            "--warmup", "1", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(out.read_text())
+    assert result["method"] == "dge" and result["weights"] == "random" and result["point"] == {"coarsening": 1.0}
+    g = result["gmacs"]
+    assert 0 < g["converted"] < g["base"] and g["share"] == pytest.approx(g["converted"] / g["base"])
+    speed = result["speed"]
+    assert speed["config"]["reference"] == "base" and speed["config"]["batch"] == 4 and speed["config"]["threads"] == 1
+    assert set(speed["results"]) == {"converted", "base"} and speed["results"]["converted"]["reps"] == 2
+    assert result["summary"]["ratio"] == speed["results"]["converted"]["ratio"]
+    assert result["machine"]["shared_machine"] and result["command"][:3] == ["python", "-m", "benchmarks.run"]
+    text = capsys.readouterr().out
+    assert "speed-up over the base" in text and "GMACs per image" in text
+    # a converted folder is loaded (no recipe); a bad point is one line on stderr, exit 2
+    folder = tmp_path / "converted"
+    vitconvert.save(vitconvert.apply(arch, "cfvit", model_kwargs=kwargs, pretrained=False), folder)
+    model, weights = runner.build(str(folder))
+    assert model.method == "cfvit" and weights == "converted model folder" and not model.training
+    assert runner.main(["--model", str(folder), "--point", "eta"]) == 2
+    assert "KNOB=VALUE" in capsys.readouterr().err
+    assert runner.parse_point("eta=0.4,alpha=0.5") == {"eta": 0.4, "alpha": 0.5}
+
+
+def _benchmark_imports(path: Path) -> set[str]:
+    """The ``benchmarks.*`` modules a file imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("benchmarks"):
+            names = [f"{node.module}.{a.name}" for a in node.names] if node.module == "benchmarks" else [node.module]
+            found |= set(names)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("benchmarks")}
+    return found
+
+
+def test_suite_and_studies_do_not_cross_import() -> None:
+    """The suite never imports a study; studies import only the suite's shared modules (common, the CIFAR-10 data)
+    and each other; the package imports no benchmark."""
+    studies = sorted((BENCHMARKS / "studies").glob("*.py"))
+    assert {p.stem for p in studies} >= {"dge_blocks", "fit_execution", "profile_dge", "small_batch_overhead"}
+    for path in BENCHMARKS.glob("*.py"):
+        bad = {m for m in _benchmark_imports(path) if m.startswith("benchmarks.studies")}
+        assert not bad, (path.name, bad)
+    shared = {"benchmarks.common", "benchmarks.cifar10"}
+    for path in studies:
+        bad = {m for m in _benchmark_imports(path) if m not in shared and not m.startswith("benchmarks.studies")}
+        assert not bad, (path.name, bad)
+    package = Path(vitconvert.__file__).parent
+    assert not [p.name for p in package.rglob("*.py") if _benchmark_imports(p)]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +169,7 @@ def _row(method: str, setting: str, ratio: float, **extra: object) -> dict[str, 
 
 
 def test_report_from_json(tmp_path: Path) -> None:
-    machine = timing.machine_block()
+    machine = common.machine_block()
     (tmp_path / "cfvit_speed.json").write_text(json.dumps(
         {"name": "cfvit", "quick": False, "machine": machine,
          "rows": [_row("cfvit", "fine fraction 0.25", 2.5, cpu_time_ratio=2.45), _row("tome", "r=13", 1.6)]}))
@@ -152,7 +198,7 @@ def test_suite_records_failures_and_keeps_going(tmp_path: Path, monkeypatch: pyt
 
     def good(quick: bool, out_dir: Path) -> dict[str, object]:
         row = _row("tome", "r=8", 1.2)
-        data = {"name": "good", "quick": quick, "machine": timing.machine_block(), "rows": [row]}
+        data = {"name": "good", "quick": quick, "machine": common.machine_block(), "rows": [row]}
         (out_dir / "good_speed.json").write_text(json.dumps(data))
         return data
 
@@ -281,7 +327,7 @@ def test_execution_fit_recovers_known_weights() -> None:
     """The cost-model fit finds the weights that generated the time differences, and scores path choices."""
     import numpy as np
 
-    from benchmarks.fit_execution import TERMS, choice_quality, nnls
+    from benchmarks.studies.fit_execution import TERMS, choice_quality, nnls
 
     rng = np.random.default_rng(0)
     truth = np.array([1e-10, 1.2e-10, 2e-9, 0.0, 3e-5])  # s per matrix MAC, sparse row MAC, element moved, conv MAC, op
@@ -321,13 +367,13 @@ def test_path_mix_latency_is_the_weighted_mean_of_the_paths() -> None:
     """A cascade's batch-1 latency at an exit distribution, from its paths timed alone (bench_cfvit, bench_dvt)."""
     results = {"timm": {"median": 10.0}, "exit": {"median": 4.0}, "fine": {"median": 12.0}}
     measured = {"cpu_latency": {"config": {"reference": "timm"}, "results": results}}
-    timing.add_path_mix_latency(measured, "mix", {"exit": 0.75, "fine": 0.25}, "test")
+    protocol.add_path_mix_latency(measured, "mix", {"exit": 0.75, "fine": 0.25}, "test")
     mix = measured["cpu_latency"]["results"]["mix"]
     assert mix == {"median": 6.0, "ratio": pytest.approx(10 / 6), "unit": "ms", "derived": "test"}
 
 
 def test_timed_blocks_times_each_block_and_reports_choices_then_unhooks() -> None:
-    from benchmarks.dge_hooks import timed_blocks
+    from benchmarks.studies.dge_hooks import timed_blocks
 
     arch, kwargs = TINY_MODELS["deit"]
     torch.manual_seed(0)

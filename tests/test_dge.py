@@ -12,7 +12,7 @@ import torch
 from utils import TINY_MODELS, tiny_model
 
 import vitconvert
-from benchmarks.dge_forcing import force_ratio, forced_rho
+from benchmarks.common import force_ratio, forced_rho
 from vitconvert import calibration
 from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.costs import count_macs

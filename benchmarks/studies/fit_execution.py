@@ -8,9 +8,9 @@ least squares on the term differences (what both paths do alike cancels), and th
 relative to one matrix-product MAC: the ``move``, ``conv`` and ``op`` constants (``op`` per thread). It also
 reports how often the fitted and the shipped constants pick the faster path, and the time lost when not.
 
-Writes ``benchmarks/results/execution_fit.json``. Usage::
+Writes ``benchmarks/results/execution_fit_t<threads>.json``. Usage::
 
-    flock /work/heavy.lock python -m benchmarks.fit_execution [--threads 1]
+    flock /work/heavy.lock python -m benchmarks.studies.fit_execution [--threads 1]
 """
 
 from __future__ import annotations
@@ -26,12 +26,10 @@ import numpy as np
 import torch
 
 import vitconvert
-from benchmarks import timing
-from benchmarks.dge_forcing import force_ratio
-from benchmarks.dge_hooks import timed_blocks
+from benchmarks.common import RESULTS, force_ratio, machine_block
+from benchmarks.studies.dge_hooks import timed_blocks
 from vitconvert.methods.dge import DGE, EXECUTION_COSTS, DGEBlock, path_terms
 
-REPO = Path(__file__).resolve().parent.parent
 TERMS = ("mm", "rows", "move", "conv", "ops")
 # (model source, batch sizes, forced ratios); CIFAR bases are local folders.
 CONFIGS = (
@@ -120,7 +118,7 @@ def run(out_dir: Path, threads: int, reps: int, quick: bool = False) -> dict[str
     shipped = {fam: {"mm": 1.0, "rows": c.sparse_rows, "move": c.move, "conv": c.conv, "ops": c.op}
                for fam, c in EXECUTION_COSTS["cpu"].items()}
     result = {
-        "name": "execution_fit", "machine": timing.machine_block(), "threads": threads, "reps": reps,
+        "name": "execution_fit", "machine": machine_block(), "threads": threads, "reps": reps,
         "seconds_per_mm_mac": float(coef[0]), "fitted": fitted,
         "shipped": shipped,
         "choices_fitted": choice_quality(samples, w_fit, threads),
@@ -139,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     run(args.out, args.threads, args.reps, args.quick)
     return 0

@@ -7,7 +7,7 @@ The 32-px CIFAR ViT (``benchmarks/checkpoints/cifar10-vit``, 8x8 patch tokens) i
 ``--per-class`` validation images of each class (the validation split of :mod:`benchmarks.cifar10`). Rows:
 the dense model at that size (cluster size 0), each cluster size, and the base model at its own 32 px.
 
-Usage: ``python -m benchmarks.fsla_zero_shot [--size 64] [--per-class 50]`` (about a minute on one thread;
+Usage: ``python -m benchmarks.studies.fsla_zero_shot [--size 64] [--per-class 50]`` (about a minute on one thread;
 writes ``benchmarks/results/fsla_cifar10_zero_shot.json``).
 """
 
@@ -22,11 +22,12 @@ import timm
 import torch
 
 import vitconvert
-from benchmarks import cifar10, timing
+from benchmarks import cifar10
+from benchmarks.common import CHECKPOINTS, RESULTS, machine_block
 from vitconvert.data import ImageDataset, eval_transform
 from vitconvert.layers.costs import model_gmacs
 
-BASE = cifar10.REPO_ROOT / "benchmarks" / "checkpoints" / "cifar10-vit"
+BASE = CHECKPOINTS / "cifar10-vit"
 SIZES = (0, 128, 64, 32, 16)
 
 
@@ -59,7 +60,7 @@ def run(size: int, per_class: int, out: Path) -> dict:
     rows.append({"cluster_size": None, "img_size": 32, "top1": _top1(base, files), "gmacs": model_gmacs(base, (32, 32)),
                  "note": "the base model at its own 32 px"})
     result = {"benchmark": "fsla_zero_shot", "base": "benchmarks/checkpoints/cifar10-vit", "images": len(files),
-              "fine_tuned": False, "rows": rows, "threads": torch.get_num_threads(), "machine": timing.machine_block()}
+              "fine_tuned": False, "rows": rows, "threads": torch.get_num_threads(), "machine": machine_block()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "fsla_cifar10_zero_shot.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -70,7 +71,7 @@ if __name__ == "__main__":
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=cifar10.REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for row in run(args.size, args.per_class, args.out)["rows"]:

@@ -1,6 +1,6 @@
 """Validation top-1 of a fine-tuned model at chosen operating points (CIFAR-10), e.g. its full-compute path.
 
-The short-recipe run (`benchmarks/cifar10_short_recipe.py --work DIR`) keeps its fine-tuned model in
+The short-recipe run (``python -m benchmarks.cifar10_short_recipe --work DIR``) keeps its fine-tuned model in
 ``DIR/finetuned``; this script measures that model on the same validation split (the last 500 files of each
 class) at the points given, for the comparison the guide asks for when a fine-tune with labels lifts a weak
 base: the converted model against the same fine-tune's dense path (FSLA replace: ``cluster_size=0``; DGE:
@@ -8,7 +8,7 @@ base: the converted model against the same fine-tune's dense path (FSLA replace:
 
 Usage (from the repo root)::
 
-    python -m benchmarks.cifar10_points DIR/finetuned --point cluster_size=0 --point cluster_size=32 \\
+    python -m benchmarks.studies.cifar10_points DIR/finetuned --point cluster_size=0 --point cluster_size=32 \\
         -o benchmarks/results/cifar10_fsla_replace_points.json
 """
 
@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-if __package__ in (None, ""):  # allow `python benchmarks/cifar10_points.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # allow `python benchmarks/studies/cifar10_points.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import vitconvert
 from benchmarks import cifar10
-from benchmarks.timing import machine_block
+from benchmarks.common import machine_block
 from vitconvert.calibration import Tally
 from vitconvert.data import ImageDataset, eval_transform
 

@@ -4,49 +4,37 @@ interleaved rounds at batch 1, for the trained CIFAR-10 DGE ViT (when its folder
 ``cifar10-pvt64``.
 
 Batch-1 forwards of these models take 4-10 ms, so ``bench_wallclock``'s batch-1 rows (20 rounds of 8 images at two
-threads) scatter by +-10%; this is the finer measurement of the same path: one thread, 1,500 paired rounds,
-medians.
+threads) scatter by +-10%; this is the finer measurement of the same path: one thread, 1,500 paired rounds
+(:func:`vitconvert.timing.compare`), medians. (The committed ``small_batch_overhead.json`` was measured with a
+fixed order in every round and ``speed_vs_base`` a ratio of medians; now the order rotates and it is the median of
+per-round paired ratios.)
 
 Writes ``benchmarks/results/small_batch_overhead.json``. Usage::
 
-    OMP_NUM_THREADS=1 taskset -c 0 python -m benchmarks.small_batch_overhead [--trained DIR] [--rounds N]
+    OMP_NUM_THREADS=1 taskset -c 0 python -m benchmarks.studies.small_batch_overhead [--trained DIR] [--rounds N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import vitconvert
-from benchmarks import timing
-from benchmarks.bench_wallclock import TRAINED
+from benchmarks.common import CHECKPOINTS, RESULTS, TRAINED, machine_block
 from vitconvert.methods.base import ConvertedModel, SmallBatchRule
-
-REPO = Path(__file__).resolve().parent.parent
+from vitconvert.timing import compare
 
 
 def paired_medians(models: dict[str, Any], x: torch.Tensor, rounds: int, warmup: int = 50) -> dict[str, Any]:
-    """Median ms of each model and its speed relative to ``base`` (models interleaved in every round)."""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for fn in models.values():
-                fn(x)
-        for _ in range(rounds):
-            for name, fn in models.items():
-                t0 = time.perf_counter()
-                fn(x)
-                times[name].append(time.perf_counter() - t0)
-    ref = statistics.median(times["base"])
-    return {name: {"median_ms": round(1000 * statistics.median(ts), 4),
-                   "speed_vs_base": round(ref / statistics.median(ts), 4)} for name, ts in times.items()}
+    """Median ms of each model and its speed relative to ``base`` (median of the per-round paired ratios)."""
+    res = compare(models, x, reference="base", warmup=warmup, min_rounds=rounds)
+    return {name: {"median_ms": round(t.latency_ms.median, 4), "speed_vs_base": round(t.ratio, 4)}
+            for name, t in res.items()}
 
 
 def measure(name: str, model: ConvertedModel, rounds: int) -> dict[str, Any]:
@@ -65,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trained", type=Path, default=TRAINED, help="folder of the trained model folders")
     parser.add_argument("--rounds", type=int, default=1500)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     models: list[tuple[str, ConvertedModel]] = []
@@ -73,14 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     if (trained / "config.json").is_file():
         models.append(("dge_vit (trained, calibrated)", vitconvert.load(trained)))
     models.append(("cifar10-pvt64 + dge (converted)",
-                   vitconvert.apply(f"local-dir:{REPO / 'benchmarks' / 'checkpoints' / 'cifar10-pvt64'}", "dge")))
-    start = timing.machine_block()
+                   vitconvert.apply(f"local-dir:{CHECKPOINTS / 'cifar10-pvt64'}", "dge")))
+    start = machine_block()
     rows = [measure(name, model, args.rounds) for name, model in models]
-    result = {"name": "small_batch_overhead", "machine": start, "machine_end": timing.machine_block(),
+    result = {"name": "small_batch_overhead", "machine": start, "machine_end": machine_block(),
               "threads": torch.get_num_threads(), "rounds": args.rounds, "batch": 1,
               "note": "base, DGE under the small-batch rule (full compute: the base model as timm built it, sharing "
                       "the weights), that view of the base called directly, and the base again (the noise floor), "
-                      "interleaved; medians of per-model times",
+                      "interleaved with the order rotated every round; medians of per-model times and of per-round "
+                      "paired ratios",
               "measurements": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "small_batch_overhead.json").write_text(json.dumps(result, indent=1) + "\n")

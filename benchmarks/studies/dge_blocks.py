@@ -6,7 +6,7 @@ development setting: per-block times are steadier than at two threads on a share
 
 Writes ``benchmarks/results/dge_blocks_t<threads>.json``. Usage::
 
-    OMP_NUM_THREADS=1 taskset -c 1 python -m benchmarks.dge_blocks [--threads 1]
+    OMP_NUM_THREADS=1 taskset -c 1 python -m benchmarks.studies.dge_blocks [--threads 1]
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ from typing import Any
 import torch
 
 import vitconvert
-from benchmarks import timing
-from benchmarks.bench_wallclock import committed_share
-from benchmarks.dge_forcing import force_ratio
-from benchmarks.profile_dge import block_times
+from benchmarks.common import CHECKPOINTS, RESULTS, committed_share, force_ratio, machine_block
+from benchmarks.studies.dge_hooks import block_times
 from vitconvert.layers.scale_conv import HALO_MAX_SHARE
 from vitconvert.methods.dge import DGE
+from vitconvert.timing import compare
 
-REPO = Path(__file__).resolve().parent.parent
-ROWS = (("dge_pvt64", f"local-dir:{REPO / 'benchmarks' / 'checkpoints' / 'cifar10-pvt64'}", None, 64),
+ROWS = (("dge_pvt64", f"local-dir:{CHECKPOINTS / 'cifar10-pvt64'}", None, 64),
         ("pvt_v2_b1", "pvt_v2_b1", 0.7, 16))
 
 
@@ -50,15 +48,15 @@ def measure(name: str, src: str, rho: float | None, batch: int, reps: int) -> di
         def fn(x: torch.Tensor) -> Any:
             model.execution = execution
             return model(x)
-        return timing.inference_fn(fn)
+        return fn
 
-    res = timing.compare({"base": timing.inference_fn(base), "auto": run("auto"), "sparse": run("sparse"),
-                          "dense": run("dense")}, x, warmup=1, reps=reps, reference="base")
+    res = compare({"base": base, "auto": run("auto"), "sparse": run("sparse"), "dense": run("dense")}, x, warmup=1,
+                  min_rounds=reps, reference="base")
     model.execution = "auto"
     sums = {k: round(sum(b[f"{k}_ms"] for b in blocks), 2) for k in ("base", "sparse", "dense", "auto")}
     row = {"row": name, "rho": rho, "batch": batch, "gmacs_share": round(share, 4), "blocks": blocks,
-           "block_sums_ms": sums, "model_ratio": {k: round(v["ratio"], 3) for k, v in res.items()},
-           "model_img_s": {k: round(v["median"], 2) for k, v in res.items()}}
+           "block_sums_ms": sums, "model_ratio": {k: round(v.ratio, 3) for k, v in res.items()},
+           "model_img_s": {k: round(v.images_per_s, 2) for k, v in res.items()}}
     print(f"[dge_blocks] {name}: GMACs {share:.3f}, blocks {sums}, model x{row['model_ratio']}", flush=True)
     return row
 
@@ -67,15 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    start = timing.machine_block()
+    start = machine_block()
     rows = [measure(name, src, rho, batch, args.reps) for name, src, rho, batch in ROWS]
-    result = {"name": "dge_blocks", "machine": start, "machine_end": timing.machine_block(), "threads": args.threads,
+    result = {"name": "dge_blocks", "machine": start, "machine_end": machine_block(), "threads": args.threads,
               "reps": args.reps, "halo_max_share": HALO_MAX_SHARE,
-              "note": "per-block median wall ms through forward hooks (benchmarks.profile_dge.block_times); whole "
-                      "model timed against its base in interleaved rounds (per-round paired median ratios)",
+              "note": "per-block median wall ms through forward hooks (benchmarks.studies.dge_hooks.block_times); "
+                      "whole model timed against its base in interleaved rounds (per-round paired median ratios)",
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"dge_blocks_t{args.threads}.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -1,20 +1,20 @@
 """Where DGE's time goes: torch.profiler op tables of the base model and of DGE (as shipped, and forced sparse).
 
-Models: the trained CIFAR-10 DGE models of :mod:`benchmarks.bench_wallclock` (at their calibrated points, on
-real validation images) and DeiT-S at 224 px at rho 0.5 (random weights, gates forced at random). Batch 64,
-torch's default threading. Ops are grouped by what they are for (matrix products, attention core, the
-depthwise convolution, gathers/scatters, elementwise and norms, everything else) and counted per forward.
+Models: the trained CIFAR-10 DGE models of the wall-clock benchmark (kept in :data:`benchmarks.common.TRAINED`),
+at their calibrated points, on real validation images, and DeiT-S at 224 px at rho 0.5 (random weights, gates
+forced at random). Batch 64, torch's default threading. Ops are grouped by what they are for (matrix products,
+attention core, the depthwise convolution, gathers/scatters, elementwise and norms, everything else) and counted per
+forward.
 
 Writes ``benchmarks/results/dge_profile.json`` and ``dge_profile.md`` (the top ops per model). Usage::
 
-    flock /work/heavy.lock python -m benchmarks.profile_dge [--trained DIR]
+    flock /work/heavy.lock python -m benchmarks.studies.profile_dge [--trained DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,15 +23,23 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import vitconvert
-from benchmarks import cifar10, timing
-from benchmarks.bench_wallclock import CIFAR_BASES, TRAINED, committed_share, threading_info
-from benchmarks.dge_forcing import force_ratio
-from benchmarks.dge_hooks import BlockTimer, timed_blocks
-from vitconvert.methods.dge import DGE, DGEBlock
+from benchmarks import cifar10
+from benchmarks.common import (
+    CHECKPOINTS,
+    CIFAR_BASES,
+    RESULTS,
+    TRAINED,
+    committed_share,
+    force_ratio,
+    machine_block,
+    threading_info,
+)
+from benchmarks.studies.dge_hooks import block_times
+from vitconvert.methods.dge import DGE
 from vitconvert.throughput import spread_batch
+from vitconvert.timing import load_average
 from vitconvert.train import original_model
 
-REPO = Path(__file__).resolve().parent.parent
 GROUPS = {
     "matrix products": ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul"),
     "attention core": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"),
@@ -67,38 +75,6 @@ def profile_fn(fn: Any, x: torch.Tensor, iters: int) -> dict[str, Any]:
                     for o in ops[:15]]}
 
 
-def block_times(model: DGE, x: torch.Tensor, iters: int) -> list[dict[str, Any]]:
-    """Per dynamic block: median wall ms of the base block, the sparse and the dense path on ``x``'s batch, and
-    the path ``auto`` takes (timed through forward hooks; each block sees the input the model gives it)."""
-    chosen: dict[int, str] = {}
-    saved = model.execution
-    override = model.gate_override
-    timer: BlockTimer
-
-    def record_choice(blk: DGEBlock, args: tuple[Any, ...], path: str) -> None:
-        if timer.label == "auto":
-            chosen[blk.index] = path
-
-    try:
-        with timed_blocks(model, record_choice) as timer, torch.inference_mode():
-            for _ in range(iters):
-                for execution in ("base", "sparse", "dense", "auto"):
-                    timer.label = execution
-                    if execution == "base":  # the base blocks themselves, at the same inputs' shapes
-                        model.override_gates(lambda i, b, r, dev: torch.zeros(b, r, dtype=torch.long, device=dev))
-                        model.execution = "dense"
-                    else:
-                        model.override_gates(override)
-                        model.execution = execution
-                    model(x)
-    finally:
-        model.execution = saved
-        model.override_gates(override)
-    med = {e: timer.median(e) for e in ("base", "sparse", "dense", "auto")}
-    return [{"block": blk.index, "auto": chosen.get(blk.index),
-             **{f"{e}_ms": round(1000 * med[e][blk.index], 3) for e in med}} for blk in timer.blocks]
-
-
 def profile_model(name: str, model: DGE, base: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[str, Any]:
     out: dict[str, Any] = {"model": name, "batch": int(x.shape[0])}
     with torch.inference_mode():
@@ -124,7 +100,7 @@ def markdown(result: dict[str, Any]) -> str:
              "cost to every op, which inflates the DGE paths' totals (thousands of small ops per forward) far "
              "more than the base model's (hundreds): read the op tables for where time goes inside a path, and "
              "compare paths by the per-block wall times (forward hooks, no profiler) and by `wallclock.json`. "
-             "Written by `benchmarks/profile_dge.py`.", ""]
+             "Written by `python -m benchmarks.studies.profile_dge`.", ""]
     for m in result["models"]:
         lines += [f"## {m['model']} (batch {m['batch']}, GMACs share {m['gmacs_share']:.2f}, blocks run densely by "
                   f"auto: {m['dense_blocks']})", "",
@@ -157,7 +133,7 @@ def run(out_dir: Path, trained: Path = TRAINED, iters: int = 5) -> dict[str, Any
         else:  # as the wall-clock benchmark stands in for it: the committed run's GMACs share, gates forced
             share = committed_share(name)
             torch.manual_seed(0)
-            model = vitconvert.apply(f"local-dir:{REPO / 'benchmarks' / 'checkpoints' / CIFAR_BASES[name]}", "dge")
+            model = vitconvert.apply(f"local-dir:{CHECKPOINTS / CIFAR_BASES[name]}", "dge")
             base = model.build_base()
             assert isinstance(model, DGE)
             force_ratio(model, share, "random", seed=0)
@@ -171,8 +147,8 @@ def run(out_dir: Path, trained: Path = TRAINED, iters: int = 5) -> dict[str, Any
     x = torch.randn(64, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     models.append(profile_model("deit_small rho 0.5 (forced random gates)", deit, deit.build_base().eval(), x,
                                 max(1, iters // 2)))
-    result = {"name": "dge_profile", "machine": timing.machine_block(), "threading": threading_info(),
-              "load_average_end": [round(v, 2) for v in os.getloadavg()], "models": models}
+    result = {"name": "dge_profile", "machine": machine_block(), "threading": threading_info(),
+              "load_average_end": load_average(), "models": models}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "dge_profile.json").write_text(json.dumps(result, indent=1) + "\n")
     (out_dir / "dge_profile.md").write_text(markdown(result))
@@ -181,7 +157,7 @@ def run(out_dir: Path, trained: Path = TRAINED, iters: int = 5) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--trained", type=Path, default=TRAINED)
     parser.add_argument("--iters", type=int, default=5)
     args = parser.parse_args(argv)

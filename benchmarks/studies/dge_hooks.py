@@ -1,6 +1,9 @@
-"""Per-block instrumentation of a DGE model for the benchmarks that look inside it (``fit_execution``,
+"""Per-block instrumentation of a DGE model for the studies that look inside it (``fit_execution``,
 ``profile_dge``, ``dge_blocks``): wall time of every dynamic block's forward, and the path ``auto`` chose with the
 arguments it chose from.
+
+Blocks are timed through forward hooks, inside the model's own forward (each block sees the input the model gives
+it), which :func:`vitconvert.timing.compare` cannot do: it times whole calls. CPU only (no CUDA synchronisation).
 
 Example:
     >>> with timed_blocks(model) as timer:  # doctest: +SKIP
@@ -19,9 +22,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from vitconvert.methods.dge import DGE, DGEBlock
 
-__all__ = ["BlockTimer", "timed_blocks"]
+__all__ = ["BlockTimer", "block_times", "timed_blocks"]
 
 # Called after a block chose its path: (block, the arguments of DGEBlock._choose_path, the path).
 ChoiceHook = Callable[[DGEBlock, tuple[Any, ...], str], None]
@@ -68,3 +73,35 @@ def timed_blocks(model: DGE, on_choice: ChoiceHook | None = None) -> Iterator[Bl
             h.remove()
         for blk in blocks:
             blk.__dict__.pop("_choose_path", None)
+
+
+def block_times(model: DGE, x: torch.Tensor, iters: int) -> list[dict[str, Any]]:
+    """Per dynamic block: median wall ms of the base block, the sparse and the dense path on ``x``'s batch, and
+    the path ``auto`` takes (timed through forward hooks; each block sees the input the model gives it)."""
+    chosen: dict[int, str] = {}
+    saved = model.execution
+    override = model.gate_override
+    timer: BlockTimer
+
+    def record_choice(blk: DGEBlock, args: tuple[Any, ...], path: str) -> None:
+        if timer.label == "auto":
+            chosen[blk.index] = path
+
+    try:
+        with timed_blocks(model, record_choice) as timer, torch.inference_mode():
+            for _ in range(iters):
+                for execution in ("base", "sparse", "dense", "auto"):
+                    timer.label = execution
+                    if execution == "base":  # the base blocks themselves, at the same inputs' shapes
+                        model.override_gates(lambda i, b, r, dev: torch.zeros(b, r, dtype=torch.long, device=dev))
+                        model.execution = "dense"
+                    else:
+                        model.override_gates(override)
+                        model.execution = execution
+                    model(x)
+    finally:
+        model.execution = saved
+        model.override_gates(override)
+    med = {e: timer.median(e) for e in ("base", "sparse", "dense", "auto")}
+    return [{"block": blk.index, "auto": chosen.get(blk.index),
+             **{f"{e}_ms": round(1000 * med[e][blk.index], 3) for e in med}} for blk in timer.blocks]

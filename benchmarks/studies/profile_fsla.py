@@ -3,10 +3,11 @@
 For ``swin_tiny_patch4_window7_224`` with BOAT's sub-layers in its 5 shifted blocks (random weights: every
 path's cost is fixed by the token counts, not the weights), at each batch size:
 
-* **model**: the timm model and the converted one, interleaved, median seconds per forward and their ratio
-  (the overhead ``bench_fsla.py`` measures with more repetitions);
+* **model**: the timm model and the converted one, interleaved (:func:`vitconvert.timing.compare`), median
+  seconds per forward and the median of their per-round ratio (the overhead ``bench_fsla`` measures with more
+  repetitions);
 * **parts** of every FSLA sub-layer, each timed alone on the sub-layer's real input (captured with a hook,
-  median of ``reps`` calls): the whole sub-layer; LayerNorm + qkv; the clustering
+  median of ``reps`` calls after one untimed): the whole sub-layer; LayerNorm + qkv; the clustering
   (:func:`~vitconvert.layers.clustering.balanced_clusters`); the whole clustered attention (clustering, the
   gathers of q, k and v, the in-cluster SDPA, the un-permute); the in-cluster SDPA alone on tensors of the
   same shapes (the floor of the attention itself); the depthwise convolution of V; the output projection.
@@ -17,7 +18,7 @@ path's cost is fixed by the token counts, not the weights), at each batch size:
 
 Writes ``benchmarks/results/fsla_profile.json`` and ``fsla_profile.md``. Run on one quiet core::
 
-    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/profile_fsla.py [--batch 64 1] [--label after]
+    OMP_NUM_THREADS=1 taskset -c 1 python -m benchmarks.studies.profile_fsla [--batch 64 1] [--label after]
 
 With ``PYTHONPATH`` pointing at another checkout, the same script profiles that checkout's ``vitconvert``
 (the recorded ``vitconvert_path`` and ``git_commit`` say which); ``--label`` names the run and ``--merge``
@@ -31,7 +32,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,13 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-if __package__ in (None, ""):  # allow `python benchmarks/profile_fsla.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # allow `python benchmarks/studies/profile_fsla.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import vitconvert
 import vitconvert.methods.fsla as fsla_module
-from benchmarks import timing
+from benchmarks.common import RESULTS, machine_block
 from vitconvert.layers.clustering import balanced_clusters, clustered_attention, plan_clusters
+from vitconvert.timing import compare, load_average, machine_info
 
 SWIN = "swin_tiny_patch4_window7_224"
 GROUPS = {
@@ -63,13 +64,8 @@ GROUPS = {
 
 
 def _median_ms(fn: Callable[[], Any], reps: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(ts)
+    """Median ms of ``reps`` calls of ``fn`` after one untimed call."""
+    return compare({"part": lambda _: fn()}, torch.empty(1), warmup=1, min_rounds=reps)["part"].latency_ms.median
 
 
 def _parts(branch: torch.nn.Module, x: torch.Tensor, reps: int) -> dict[str, float]:
@@ -143,15 +139,10 @@ def profile_batch(batch: int, reps: int, model_reps: int) -> dict[str, Any]:
         model(x)
         for hk in hooks:
             hk.remove()
-        base(x)
-        times: dict[str, list[float]] = {"timm": [], "fsla": []}
-        for r in range(model_reps):
-            for name in (("timm", "fsla") if r % 2 == 0 else ("fsla", "timm")):
-                t0 = time.perf_counter()
-                (base if name == "timm" else model)(x)
-                times[name].append(time.perf_counter() - t0)
+        timed = compare({"timm": base, "fsla": model}, x, warmup=1, min_rounds=model_reps)
+        times = {k: list(t.seconds) for k, t in timed.items()}
         med = {k: statistics.median(v) for k, v in times.items()}
-        paired = statistics.median(f / t for f, t in zip(times["fsla"], times["timm"], strict=True))
+        paired = statistics.median(1 / r for r in timed["fsla"].paired)  # fsla seconds / timm seconds, per round
         per_block = []
         for i, br in branches.items():
             xi = captured[i]
@@ -177,7 +168,7 @@ def _commit(path: Path) -> str | None:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# Where FSLA's added time goes (Swin-T, 5 sub-layers, cluster size 49)", "",
-             "Written by `benchmarks/profile_fsla.py` (random weights; CPU, fp32, "
+             "Written by `python -m benchmarks.studies.profile_fsla` (random weights; CPU, fp32, "
              f"{result['runs'][0]['threads']} thread). Parts are timed alone on each sub-layer's captured input, "
              "on the batch slices the sub-layer runs in (median ms summed over slices, no profiler); `gathers + "
              "un-permute` = clustered attention - clustering - SDPA alone. "
@@ -212,21 +203,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--label", default="current")
     parser.add_argument("--merge", action="store_true", help="add this run to the existing JSON (other labels kept)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_reps = args.model_reps or [3 if b >= 16 else 15 for b in args.batch]
     src = Path(vitconvert.__file__).resolve().parent
     run = {"label": args.label, "vitconvert_path": str(src), "git_commit": _commit(src),
-           "threads": torch.get_num_threads(), "date": timing.machine_info()["date"],
+           "threads": torch.get_num_threads(), "date": machine_info()["date"],
            "batches": [profile_batch(b, args.reps if b >= 16 else max(args.reps, 10), r)
                        for b, r in zip(args.batch, model_reps, strict=True)]}
-    run["load_average"] = timing.machine_info()["load_average"]
+    run["load_average"] = load_average()
     path = args.out / "fsla_profile.json"
     runs = []
     if args.merge and path.is_file():
         runs = [r for r in json.loads(path.read_text())["runs"] if r["label"] != args.label]
-    result = {"name": "fsla_profile", "model": SWIN, "machine": timing.machine_block(), "runs": [*runs, run]}
+    result = {"name": "fsla_profile", "model": SWIN, "machine": machine_block(), "runs": [*runs, run]}
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "fsla_profile.md").write_text(markdown(result))

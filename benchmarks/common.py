@@ -1,0 +1,135 @@
+"""What the benchmark suite shares with the studies (``benchmarks/studies``): paths, the machine block every result
+file records, forced DGE gates, and the trained CIFAR-10 models of the wall-clock benchmark.
+
+The suite owns this module; studies import it, ``benchmarks.cifar10`` (the data) and the package, never a suite
+benchmark, and no suite module imports a study (``tests/test_benchmarks.py`` checks it).
+
+**Forced DGE gates**: an expected dynamic/static GMACs ratio instead of the routers' choice. Plugs into
+:meth:`vitconvert.methods.dge.DGE.override_gates` (the routers still run, so their cost is timed and counted).
+Each region takes one of two neighbouring granularities: at random per image and region (``"random"``, so images
+differ as they do with a trained router) or by a fixed pattern shared by all images (``"pattern"``).
+
+Example:
+    >>> from benchmarks.common import force_ratio, machine_block
+    >>> force_ratio(model, 0.5)  # doctest: +SKIP
+    >>> machine_block()["shared_machine"][:3]
+    'CPU'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from vitconvert.errors import UserError
+from vitconvert.methods.dge import DGE
+from vitconvert.timing import machine_info
+
+__all__ = ["CHECKPOINTS", "CIFAR_BASES", "REPO", "RESULTS", "TRAINED", "TRAINED_MODELS", "ForcedGates",
+           "committed_share", "force_ratio", "forced_rho", "machine_block", "threading_info"]
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"  # committed results (studies write theirs here too)
+CHECKPOINTS = REPO / "benchmarks" / "checkpoints"  # the CIFAR-10 base models, timm local-dir: folders
+
+# The trained CIFAR-10 models of bench_wallclock (fine-tuned and calibrated by cifar10_short_recipe), kept in
+# TRAINED/<name>/finetuned: (folder name, recipe, base checkpoint).
+TRAINED = REPO / "benchmarks" / "work" / "trained"
+TRAINED_MODELS = (("cfvit_vit", "cfvit", "cifar10-vit"), ("dge_vit", "dge", "cifar10-vit"),
+                  ("dge_pvt64", "dge", "cifar10-pvt64"))
+CIFAR_BASES = {name: base for name, _, base in TRAINED_MODELS}  # trained model -> its base's folder name
+# trained model -> the committed short-recipe result (results/<stem>.json) of the same run
+_COMMITTED = {"cfvit_vit": "cifar10_cfvit", "dge_vit": "cifar10_dge", "dge_pvt64": "cifar10_dge_pvt64"}
+
+
+def machine_block() -> dict[str, Any]:
+    """:func:`vitconvert.timing.machine_info` plus a note on how shared the machine was: every result file's
+    ``machine`` (``report.py`` lists it under "Where and how measured")."""
+    info = machine_info()
+    info["shared_machine"] = ("CPU shared with other users while measuring; models compared side by side, "
+                              "interleaved, medians of repeated runs; ratios are per-round paired medians")
+    return info
+
+
+def threading_info() -> dict[str, Any]:
+    """Torch threads and the OpenMP settings that change how they behave on a shared CPU."""
+    return {"threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def committed_share(name: str) -> float:
+    """GMACs share of the committed short-recipe run's calibrated point for a trained model of
+    :data:`TRAINED_MODELS` (``results/cifar10_<...>.json``): where stand-ins for a missing trained model run."""
+    path = RESULTS / f"{_COMMITTED[name]}.json"
+    return float(json.loads(path.read_text())["evaluation"]["gmacs_fraction"])
+
+
+# --- forced DGE gates ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ForcedGates:
+    """Gates at level ``low`` or ``low + 1``, the latter with probability ``frac`` per region; a
+    :data:`vitconvert.methods.dge.GateOverride`."""
+
+    rho: float
+    low: int
+    frac: float
+    mode: str
+    seed: int
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+    def __call__(self, block: int, batch: int, regions: int, device: torch.device) -> torch.Tensor:
+        if self.mode == "pattern":
+            # The same spread of coarser regions in every image: a fixed permutation, the first round(frac * R).
+            g = torch.Generator().manual_seed(self.seed + regions)
+            order = torch.randperm(regions, generator=g)
+            up = torch.zeros(regions, dtype=torch.long)
+            up[order[: round(self.frac * regions)]] = 1
+            return (self.low + up).to(device).expand(batch, regions)
+        up = (torch.rand(batch, regions, generator=self.generator) < self.frac).long()
+        return (self.low + up).to(device)
+
+
+def force_ratio(model: DGE, rho: float | None, mode: Literal["random", "pattern"] = "random", seed: int = 0
+                ) -> float:
+    """Force the gates of ``model`` so the expected dynamic/static GMACs ratio is ``rho``.
+
+    Args:
+        model: A DGE model.
+        rho: Target ratio; ``None`` removes the forcing (the routers decide again).
+        mode: ``"random"`` or ``"pattern"``.
+        seed: Seed of the random draws / the pattern.
+
+    Returns:
+        The expected ratio of the forced gates (rho clipped to what the granularities can reach); NaN when
+        the forcing is removed.
+    """
+    if rho is None:
+        model.override_gates(None)
+        return float("nan")
+    if mode not in ("random", "pattern"):
+        raise UserError(f"force_ratio: mode must be 'random' or 'pattern', got {mode!r}")
+    levels = model.level_ratios()
+    if rho < levels[-1] - 1e-9:
+        raise UserError(f"force_ratio: rho={rho} is below the cheapest setting ({levels[-1]:.3f}: every "
+                        "region at the coarsest granularity)")
+    if rho >= levels[0]:
+        low, frac = 0, 0.0
+    else:
+        low = next(j for j in range(len(levels) - 1) if levels[j] >= rho >= levels[j + 1])
+        frac = (levels[low] - rho) / (levels[low] - levels[low + 1])
+    model.override_gates(ForcedGates(rho=rho, low=low, frac=frac, mode=mode, seed=seed,
+                                     generator=torch.Generator().manual_seed(seed)))
+    return levels[low] + frac * (levels[low + 1] - levels[low]) if frac else levels[low]
+
+
+def forced_rho(model: DGE) -> float | None:
+    """The ratio last passed to :func:`force_ratio`, or None when the gates are not forced by it."""
+    override = model.gate_override
+    return override.rho if isinstance(override, ForcedGates) else None
