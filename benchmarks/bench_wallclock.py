@@ -55,10 +55,10 @@ from benchmarks.common import (
     threading_info,
 )
 from vitconvert.calibration import find_small_batch_rule
+from vitconvert.data import spread_batch
 from vitconvert.methods.base import ConvertedModel, SmallBatchRule
 from vitconvert.methods.dge import DGE
-from vitconvert.throughput import spread_batch
-from vitconvert.train import original_model
+from vitconvert.session import original_model
 
 # (architecture, rho, batch): the 224-px rows.
 ARCH_ROWS = (("deit_small_patch16_224", 0.5, 64), ("pvt_v2_b1", 0.7, 64), ("deit_small_patch16_224", 1.0, 64),

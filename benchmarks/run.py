@@ -40,12 +40,11 @@ from torch import nn
 import vitconvert
 from benchmarks.common import machine_block
 from benchmarks.protocol import dynamic_outputs, measure, random_batch
-from vitconvert.data import open_image_folder
+from vitconvert.data import open_image_folder, spread_batch
 from vitconvert.errors import UserError
 from vitconvert.methods.base import ConvertedModel
 from vitconvert.operating import format_point
 from vitconvert.sources import parse_model_kwargs
-from vitconvert.throughput import spread_batch
 from vitconvert.timing import device_name
 
 __all__ = ["benchmark", "build", "main", "parse_point", "timing_batch"]

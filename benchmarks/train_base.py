@@ -57,7 +57,7 @@ if __package__ in (None, ""):  # allow `python benchmarks/train_base.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import cifar10
-from vitconvert.train import ProgressBar
+from vitconvert.session import ProgressBar
 
 REPO_ROOT = cifar10.REPO_ROOT
 DEFAULT_CKPT_DIR = REPO_ROOT / "benchmarks" / "checkpoints"

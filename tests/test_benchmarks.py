@@ -348,6 +348,22 @@ def test_execution_fit_recovers_known_weights() -> None:
     assert wrong["right"] < 40 and wrong["seconds_lost"] > 0
 
 
+def test_dge_execution_constants_are_the_committed_fit(tmp_path: Path) -> None:
+    """The package's cost-model constants come from the committed fit through --install, not by hand."""
+    from benchmarks.studies.fit_execution import PACKAGE_COSTS, install
+    from vitconvert.methods.dge.execution import EXECUTION_COSTS, load_execution_costs
+
+    fit = json.loads((common.RESULTS / "execution_fit_t2.json").read_text())["fitted"]
+    shipped = EXECUTION_COSTS["cpu"]["conv_mlp"]
+    assert (shipped.move, shipped.conv, shipped.op) == (fit["move"], fit["conv"], fit["op"])
+    target = tmp_path / "costs.json"
+    target.write_text(PACKAGE_COSTS.read_text().replace(str(fit["op"]), "1.0"))
+    assert load_execution_costs(target.read_text())["cpu"]["conv_mlp"].op == 1.0
+    install(common.RESULTS / "execution_fit_t2.json", target)
+    assert load_execution_costs(target.read_text()) == EXECUTION_COSTS
+    assert json.loads(target.read_text())["cpu"]["plain"] == json.loads(PACKAGE_COSTS.read_text())["cpu"]["plain"]
+
+
 def test_wallclock_rows_measured_again_replace_their_old_rows() -> None:
     """``bench_wallclock --rows``: a row measured again replaces the old one in place (same model, point or rho and
     batch); the others stay, new rows follow."""

@@ -47,6 +47,7 @@ from vitconvert import fx as vfx
 from vitconvert.anatomy import Anatomy
 from vitconvert.layers.cascade import Carry, Cascade, Stage, thresholds_for_exit_shares
 from vitconvert.layers.costs import count_macs
+from vitconvert.layers.sharing import attach
 from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints
 from vitconvert.operating import Knob, OperatingPoint, OperatingSpace, unique_points
 from vitconvert.recipes import Recipe, Strict
@@ -479,8 +480,8 @@ class HalfDepthExit(ConvertedModel, SimulatesPoints):
         blocks = [base.get_submodule(p) for p in anatomy.block_paths]
         half = len(blocks) // 2
         # Graphs sharing the base model's modules stay out of the module tree: every weight is saved once.
-        object.__setattr__(self, "_parts", (embed, blocks[:half], blocks[half:], head))
-        object.__setattr__(self, "cascade", Cascade([Stage("half", self._first, 0.0), Stage("all", self._rest, 0.0)]))
+        attach(self, _parts=(embed, blocks[:half], blocks[half:], head),
+               cascade=Cascade([Stage("half", self._first, 0.0), Stage("all", self._rest, 0.0)]))
         self.threshold = self.settings.threshold
         self._count_cascade_costs(self.cascade)
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import timm
 import torch
-from utils import TINY_MODELS, tiny_model
+from utils import TINY_MODELS, fake_timings, tiny_model
 
 import vitconvert
 from benchmarks.common import force_ratio, forced_rho
@@ -19,6 +19,7 @@ from vitconvert.layers.costs import count_macs
 from vitconvert.layers.scale_conv import conv_at
 from vitconvert.methods.base import DynamicOutput, SmallBatchRule
 from vitconvert.methods.dge import DGE, DGEBlock, GateOverride, path_costs, plot_granularity
+from vitconvert.timing import Timing
 
 # Grids the region size does not divide: DeiT with a 10x10 grid (like 14x14 at 224 px) and PVT-v2 at 56 px
 # (stage grids 14, 7, 4, 2; the last one smaller than a region).
@@ -581,11 +582,11 @@ def test_small_batch_rule_is_the_smallest_batch_not_slower(monkeypatch: pytest.M
     """Faked timings: the point 'runs' at 0.5x its base below 8 images and 1.2x from 8 on."""
     timed: list[int] = []
 
-    def fake_throughput(models: dict, x: torch.Tensor, **kwargs: object) -> dict[str, float]:
+    def fake_compare(models: dict, x: torch.Tensor, **kwargs: object) -> dict[str, Timing]:
         timed.append(x.shape[0])
-        return {"converted": 60.0 if x.shape[0] >= 8 else 25.0, "base": 50.0}
+        return fake_timings(x, {"converted": 60.0 if x.shape[0] >= 8 else 25.0, "base": 50.0})
 
-    monkeypatch.setattr(calibration, "measure_throughput", fake_throughput)
+    monkeypatch.setattr(calibration, "compare", fake_compare)
     model = convert("deit", execution="auto")
     base = model.build_base()
     x = images(model, 32)

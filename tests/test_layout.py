@@ -118,4 +118,5 @@ def test_wheel_carries_recipes_and_layers(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for recipe in list_recipe_files():
         assert f"vitconvert/builtin_recipes/{recipe.name}" in names
-    assert {"vitconvert/layers/cascade.py", "vitconvert/layers/costs.py", "vitconvert/py.typed"} <= names
+    assert {"vitconvert/layers/cascade.py", "vitconvert/layers/costs.py", "vitconvert/py.typed",
+            "vitconvert/methods/dge/execution_costs.json"} <= names

@@ -71,6 +71,6 @@ def test_finetuned_module_model_needs_its_teacher() -> None:
     model = vitconvert.apply(module, "cfvit", overrides=["model.gca_start_block=1"])
     model.finetuned = True
     with pytest.raises(UserError, match=r"in-memory module.*pass that module"):
-        vitconvert.train.original_model(model)
-    teacher, _ = vitconvert.train.original_model(model, module)
+        vitconvert.session.original_model(model)
+    teacher, _ = vitconvert.session.original_model(model, module)
     assert teacher is not module and torch.equal(teacher.pos_embed, module.pos_embed)

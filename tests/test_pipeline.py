@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from timm.data import create_transform, resolve_data_config
-from utils import TINY_MODELS, tiny_model
+from utils import TINY_MODELS, fake_timings, tiny_model
 
 import vitconvert
 import vitconvert.calibration as calibration
@@ -27,7 +27,9 @@ from vitconvert.data import ImageDataset, open_image_folder, train_transform
 from vitconvert.errors import UserError
 from vitconvert.evaluation import evaluate
 from vitconvert.operating import choose_point, eligible_points, frontier, not_slower
-from vitconvert.train import finetune, loss_terms, original_model
+from vitconvert.session import original_model
+from vitconvert.timing import Timing
+from vitconvert.train import finetune, loss_terms
 
 CLASSES = 10
 PER_CLASS = 8  # 6 train + 2 held out at holdout 0.25
@@ -384,13 +386,13 @@ def test_gmacs_budget_sets_aside_points_slower_than_the_base(finetuned_dir: Path
     timed, set aside while slower, and the most accurate point within budget that is not slower is kept."""
     timed_etas: list[float] = []
 
-    def fake_throughput(models: dict, x: torch.Tensor, **kwargs: object) -> dict[str, float]:
+    def fake_compare(models: dict, x: torch.Tensor, **kwargs: object) -> dict[str, Timing]:
         eta = models["converted"].operating_point["eta"]
         if x.shape[0] == 8:  # the calibration batch (calibration also times batch 1 and records it)
             timed_etas.append(eta)
-        return {"converted": 50.0 if eta > 0.1 else 200.0, "base": 100.0}
+        return fake_timings(x, {"converted": 50.0 if eta > 0.1 else 200.0, "base": 100.0})
 
-    monkeypatch.setattr(calibration, "measure_throughput", fake_throughput)
+    monkeypatch.setattr(calibration, "compare", fake_compare)
     out = tmp_path / "checked"
     calibrate(finetuned_dir, data_dir, "60%", out, device="cpu", progress=False, batch_size=8)
     model = vitconvert.load(out)
@@ -411,7 +413,7 @@ def test_gmacs_budget_sets_aside_points_slower_than_the_base(finetuned_dir: Path
     # a loaded model's GMACs budgets keep away from the points measured slower
     assert model.set_budget("60%").point == best.point
     # without the check the budget takes the most accurate point within 60%, slow or not
-    monkeypatch.setattr(calibration, "measure_throughput", lambda *a, **k: pytest.fail("timed without a check"))
+    monkeypatch.setattr(calibration, "compare", lambda *a, **k: pytest.fail("timed without a check"))
     calibrate(finetuned_dir, data_dir, "60%", tmp_path / "unchecked", device="cpu", progress=False, batch_size=8,
               check_speed=False)
     unchecked = vitconvert.load(tmp_path / "unchecked")

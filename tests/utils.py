@@ -7,6 +7,8 @@ from typing import Any
 import timm
 import torch
 
+from vitconvert.timing import Timing
+
 # name -> (timm architecture, model kwargs): small enough that a forward pass takes milliseconds.
 TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3,
@@ -38,3 +40,9 @@ def model_kwargs_args(kwargs: dict[str, Any]) -> list[str]:
     for k, v in kwargs.items():
         out.append(f"{k}={list(v) if isinstance(v, tuple) else v}".replace(" ", ""))
     return out
+
+
+def fake_timings(x: torch.Tensor, images_per_s: dict[str, float], reference: str = "base") -> dict[str, Timing]:
+    """What vitconvert.timing.compare returns for models running at these speeds (one round), for faked timing."""
+    seconds = {name: x.shape[0] / ips for name, ips in images_per_s.items()}
+    return {name: Timing(name, x.shape[0], reference, (s,), (seconds[reference] / s,)) for name, s in seconds.items()}

@@ -20,31 +20,23 @@ Images come from the held-out fraction of the *training* folder (``calibrate.hol
 from __future__ import annotations
 
 import datetime
-import io
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vitconvert.data import DataArg, ImageFolderData, SourceData, Split, batches, open_data
+from vitconvert.data import DataArg, Split, batches, open_data, spread_batch
 from vitconvert.errors import UserError
-from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints, SmallBatchRule, can_simulate
-from vitconvert.operating import (
-    CurvePoint,
-    OperatingPoint,
-    choose_point,
-    eligible_points,
-    format_point,
-    frontier,
-    parse_budget,
-    unique_points,
-)
-from vitconvert.saving import check_output_dir, save
-from vitconvert.throughput import device_name, measure_throughput, spread_batch
-from vitconvert.train import ProgressBar, carried_files, original_model, resolve_device, resolve_model
+from vitconvert.methods.base import ConvertedModel, SimulatesPoints, SmallBatchRule, can_simulate
+from vitconvert.operating import Budget, CurvePoint, choose_point, eligible_points, frontier, unique_points
+from vitconvert.plots import plot_curve
+from vitconvert.saving import check_output_dir
+from vitconvert.session import ProgressBar, Session, Tally
+from vitconvert.timing import compare, device_name
 
 # Speed budgets time at most this many operating points (spread over the frontier), each for this long.
 MAX_TIMED_POINTS = 8
@@ -52,54 +44,6 @@ SPEED_SECONDS = 3.0
 SPEED_CHECK_SECONDS = 1.0  # per timed point when checking a GMACs/drop choice (a few points, not the frontier)
 SMALL_BATCH_MAX_ROUNDS = 300  # timed batches per model at the small batch sizes (a batch-1 forward can take 3 ms)
 STALE_AFTER_CALIBRATION = ("curve.png", "eval.json", "eval.png")
-
-
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
-    """How many rows of ``logits`` have the label among their ``k`` highest scores."""
-    k = min(k, logits.shape[-1])
-    return int((logits.topk(k, dim=-1).indices == labels[:, None]).any(dim=-1).sum())
-
-
-class Tally:
-    """Top-1/top-5 hits, GMACs and exits of one operating point (or of a plain model's logits), accumulated over
-    batches; calibration and evaluation count the same way."""
-
-    def __init__(self) -> None:
-        self.correct1 = self.correct5 = self.images = 0
-        self.gmacs = 0.0
-        self.exits: dict[int, int] = {}
-
-    def add_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        logits = logits.float().cpu()
-        self.correct1 += topk_correct(logits, labels, 1)
-        self.correct5 += topk_correct(logits, labels, 5)
-        self.images += int(labels.shape[0])
-
-    def add(self, out: DynamicOutput, labels: torch.Tensor) -> None:
-        self.add_logits(out.logits, labels)
-        self.gmacs += float(out.gmacs.double().sum())
-        if out.stage is not None:
-            for s, c in zip(*out.stage.cpu().unique(return_counts=True), strict=True):
-                self.exits[int(s)] = self.exits.get(int(s), 0) + int(c)
-
-    @property
-    def top1(self) -> float:
-        return 100.0 * self.correct1 / max(self.images, 1)
-
-    @property
-    def top5(self) -> float:
-        return 100.0 * self.correct5 / max(self.images, 1)
-
-    @property
-    def mean_gmacs(self) -> float:
-        return self.gmacs / max(self.images, 1)
-
-    def exit_shares(self) -> dict[int, float]:
-        return {s: c / max(self.images, 1) for s, c in sorted(self.exits.items())}
-
-    def point(self, point: OperatingPoint, n: int) -> CurvePoint:
-        extra = {"top5": 100.0 * self.correct5 / n, **{f"exit_{s}": c / n for s, c in sorted(self.exits.items())}}
-        return CurvePoint(point=dict(point), gmacs=self.gmacs / n, top1=100.0 * self.correct1 / n, extra=extra)
 
 
 @torch.inference_mode()
@@ -186,16 +130,17 @@ def time_points(model: ConvertedModel, base: torch.nn.Module, points: list[Curve
         with ProgressBar(f"calibrate: timing {len(timed)} points", len(timed), progress) as bar:
             for p in timed:
                 model.set_operating_point(p.point)
-                ips = measure_throughput({"converted": model, "base": base}, x, min_seconds=SPEED_SECONDS)
-                p.extra["throughput"] = round(ips["converted"], 1)
-                p.extra["throughput_ratio"] = round(ips["converted"] / ips["base"], 3)
+                res = compare({"converted": model, "base": base}, x, reference="base", min_seconds=SPEED_SECONDS)
+                p.extra["throughput"] = round(res["converted"].images_per_s, 1)
+                p.extra["throughput_ratio"] = round(res["converted"].ratio, 3)
                 bar.update()
     finally:
         model.set_operating_point(saved)
     return {"device": device_name(x.device), "batch_size": x.shape[0], "threads": torch.get_num_threads(),
             "points_timed": len(timed),
             "protocol": "points on the accuracy/GMACs frontier; one batch of held-out images; the model and its "
-                        "original timed in interleaved rounds after warm-up; median time per batch"}
+                        "original timed in paired interleaved rounds after warm-up (vitconvert.timing); median "
+                        "images/s, speed-up the median of per-round paired ratios"}
 
 
 def confirm_not_slower(model: ConvertedModel, base: torch.nn.Module, curve: list[CurvePoint],
@@ -224,9 +169,10 @@ def confirm_not_slower(model: ConvertedModel, base: torch.nn.Module, curve: list
                 if done:
                     break
                 model.set_operating_point(chosen.point)
-                ips = measure_throughput({"converted": model, "base": base}, x, min_seconds=SPEED_CHECK_SECONDS)
-                chosen.extra["throughput"] = round(ips["converted"], 1)
-                chosen.extra["throughput_ratio"] = round(ips["converted"] / ips["base"], 3)
+                res = compare({"converted": model, "base": base}, x, reference="base",
+                              min_seconds=SPEED_CHECK_SECONDS)
+                chosen.extra["throughput"] = round(res["converted"].images_per_s, 1)
+                chosen.extra["throughput_ratio"] = round(res["converted"].ratio, 3)
                 timed.append(chosen)
                 if chosen.extra["throughput_ratio"] < 1.0:
                     slow.append(chosen)
@@ -262,9 +208,9 @@ def find_small_batch_rule(model: ConvertedModel, base: torch.nn.Module, x: torch
     below: int | None = None
     with ProgressBar("calibrate: checking small batches", len(sizes), progress) as bar:
         for b in sizes:
-            ips = measure_throughput({"converted": model, "base": base}, x[:b], min_seconds=SPEED_CHECK_SECONDS,
-                                     max_rounds=SMALL_BATCH_MAX_ROUNDS)
-            ratios[b] = round(ips["converted"] / ips["base"], 3)
+            res = compare({"converted": model, "base": base}, x[:b], reference="base",
+                          min_seconds=SPEED_CHECK_SECONDS, max_rounds=SMALL_BATCH_MAX_ROUNDS)
+            ratios[b] = round(res["converted"].ratio, 3)
             bar.update()
             if ratios[b] >= 1.0:
                 below = b
@@ -278,53 +224,10 @@ def find_small_batch_rule(model: ConvertedModel, base: torch.nn.Module, x: torch
     return SmallBatchRule(below, x.device.type), record
 
 
-def plot_curve(curve: list[CurvePoint], base_gmacs: float, base_top1: float | None, *, chosen: CurvePoint | None = None,
-               measured: list[CurvePoint] | None = None, measured_base: float | None = None,
-               title: str = "", curve_label: str = "calibration curve", measured_label: str = "measured") -> bytes:
-    """PNG of top-1 against expected GMACs: the curve, the chosen/measured point and the base model.
-
-    Drawn on a bare Agg canvas, so the caller's matplotlib backend is left alone.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4.2), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if curve:
-        pts = sorted(curve, key=lambda p: p.gmacs)
-        ax.plot([p.gmacs for p in pts], [p.top1 for p in pts], "-o", ms=2.5, lw=1.2, color="tab:blue",
-                label=curve_label)
-    if chosen is not None:
-        ax.plot([chosen.gmacs], [chosen.top1], "o", ms=8, mfc="none", mew=1.8, color="tab:orange",
-                label=f"chosen point ({format_point(chosen.point)})")
-    for i, p in enumerate(measured or []):
-        ax.plot([p.gmacs], [p.top1], "*", ms=13, color="tab:red", label=measured_label if i == 0 else None)
-    calib_label = "base model (calibration images)" if measured_base is not None else "base model"
-    for top1, label, color in ((base_top1, calib_label, "black"), (measured_base, "base model (measured)", "tab:gray")):
-        if top1 is not None:
-            ax.plot([base_gmacs], [top1], "s", ms=8, color=color, label=f"{label}: {top1:.2f}%")
-    ax.axvline(base_gmacs, color="black", lw=0.6, ls=":")
-    ax.set_xlabel("expected GMACs per image")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def _short(split: Split, data: ImageFolderData | SourceData) -> str:
-    """The split description with paths relative to the data folder's parent (no local paths on cards)."""
-    return data.short(split.description)
-
-
 def calibrate(
     model: str | os.PathLike[str] | ConvertedModel,
     data: DataArg,
-    budget: str | float | None = None,
+    budget: Budget | str | float | None = None,
     out: str | os.PathLike[str] | None = None,
     *,
     overwrite: bool = False,
@@ -366,98 +269,107 @@ def calibrate(
         {'point': {'eta': 0.53, 'alpha': 0.5}, 'gmacs': 2.29, 'top1': 79.6, 'extra': {'top5': 94.8}}
     """
     start = time.perf_counter()
-    cm, folder = resolve_model(model)
-    dev = resolve_device(device)
-    settings = cm.recipe.calibrate
-    if out is not None:
-        out_path: Path | None = check_output_dir(out, overwrite, allow_existing=folder)
-    elif folder is not None:
-        out_path = check_output_dir(folder, overwrite=True, what="model folder")  # rewritten in place
-    elif isinstance(model, ConvertedModel):
-        out_path = None  # an in-memory model is calibrated in place and not written
-    else:
-        raise UserError("calibrate needs an output folder (-o) for a Hub model")
+    session = Session.open(model, device, progress)
+    cm, settings = session.model, session.model.recipe.calibrate
+    # Everything the user gave is checked before the measurement pass: output, batch size, budget, data.
+    out_path = _output_path(session, model, out, overwrite)
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
-    budget = budget if budget is not None else settings.budget
-    if budget is not None:
-        parse_budget(budget)  # a bad budget is refused before the measurement pass
-    folder_data = open_data(data, holdout=settings.holdout, name=dataset)
-    folder_data.check_classes(cm.num_classes)
-    split = folder_data.heldout_split(max_images if max_images is not None else settings.max_images)
+    raw = budget if budget is not None else settings.budget
+    parsed = Budget.parse(raw) if raw is not None else None
+    source = open_data(data, holdout=settings.holdout, name=dataset)
+    source.check_classes(cm.num_classes)
+    split = source.heldout_split(max_images if max_images is not None else settings.max_images)
 
-    base: torch.nn.Module | None = None
     cm.small_batch = None  # measured again below, for the point chosen now
-    cm.to(dev).eval()
-    try:
-        curve = measure_curve(cm, split, dev, batch_size, progress)
-        base_top1: float | None = None
-        base_desc: str | None
-        try:
-            base, base_desc = original_model(cm)
-        except UserError as e:
-            base, base_desc = None, f"not measured: {e}"
-        if base is not None:
-            base_top1, _ = measure_base(base.to(dev), split, dev, batch_size, cm, progress)
-        speed_budget = budget is not None and parse_budget(budget)[0] == "speed"
-        if speed_budget and base is None:
-            raise UserError(f"a speed budget times the model against its original, which is {base_desc}")
-        checked = (settings.check_speed if check_speed is None else check_speed) and base is not None
-        # One batch of held-out images for every timing below (decoded once).
-        x_time = spread_batch(split.files, cm, batch_size).to(dev) if speed_budget or checked else None
-        speed: dict[str, Any] | None = None
-        if speed_budget:
-            assert base is not None and x_time is not None
-            speed = time_points(cm, base.eval(), frontier(curve), x_time, progress)
+    base, base_desc = session.original_if_any()
+    if parsed is not None and parsed.kind == "speed" and base is None:
+        raise UserError(f"a speed budget times the model against its original, which is {base_desc}")
+    with session.on_device(base), torch.inference_mode():
+        curve = measure_curve(cm, split, session.device, batch_size, progress)
+        base_top1 = measure_base(base, split, session.device, batch_size, cm, progress)[0] if base is not None \
+            else None
         cm.curve = curve
-
-        def pick(points: list[CurvePoint]) -> CurvePoint:
-            if budget is None:
-                return max(eligible_points(points, cm.base_gmacs, cm.adds_compute), key=lambda p: (p.top1, -p.gmacs))
-            return choose_point(points, budget, cm.base_gmacs, base_top1, cm.adds_compute)
-
-        chosen = pick(curve)
-        speed_check: dict[str, Any] | None = None
-        if checked and speed is None:
-            assert base is not None and x_time is not None
-            chosen, speed_check = confirm_not_slower(cm, base.eval(), curve, pick, x_time, progress)
-        cm.set_operating_point(chosen.point)
-        small_batch: dict[str, Any] | None = None
-        if (speed is not None or speed_check is not None) and batch_size > 1 \
-                and chosen.gmacs < cm.base_gmacs * (1 - 1e-9):
-            assert base is not None and x_time is not None
-            cm.small_batch, small_batch = find_small_batch_rule(cm, base.eval(), x_time, progress)
-    finally:
-        cm.to("cpu")
-        if base is not None:
-            base.to("cpu")
+        choice = _choose(session, base, base_top1, parsed, split, batch_size,
+                         settings.check_speed if check_speed is None else check_speed)
     cm.calibration = {
-        "budget": str(budget) if budget is not None else "best top-1",
-        "chosen": chosen.to_dict(),
+        "budget": str(parsed) if parsed is not None else "best top-1",
+        "chosen": choice.point.to_dict(),
         "base_top1": base_top1,
         "base_model": base_desc,
         "base_gmacs": cm.base_gmacs,
         "images": len(split),
-        "split": _short(split, folder_data),
-        "dataset": folder_data.name,
+        "split": source.short(split.description),
+        "dataset": source.name,
         **({"dataset_id": dataset} if dataset and "/" in dataset else {}),
         "holdout": settings.holdout,
         "simulated": can_simulate(cm),
-        **({"throughput": speed} if speed is not None else {}),
-        **({"speed_check": speed_check} if speed_check is not None else {}),
-        **({"small_batch": small_batch} if small_batch is not None else {}),
+        **choice.records(),
         "finetuned": cm.finetuned,
-        "device": str(dev),
+        "device": str(session.device),
         "seconds": round(time.perf_counter() - start, 2),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    png = plot_curve(curve, cm.base_gmacs, base_top1, chosen=chosen,
-                     title=f"{cm.base_spec.architecture} + {cm.method}: {len(split)} held-out training images",
-                     curve_label="held-out training images")
     if out_path is not None:
-        extra = carried_files(folder, skip=STALE_AFTER_CALIBRATION)
-        extra["curve.png"] = png
-        save(cm, out_path, overwrite=True, extra_files=extra)
+        png = plot_curve(curve, cm.base_gmacs, base_top1, chosen=choice.point,
+                         title=f"{cm.base_spec.architecture} + {cm.method}: {len(split)} held-out training images",
+                         curve_label="held-out training images")
+        session.write(out_path, skip=STALE_AFTER_CALIBRATION, extra={"curve.png": png})
+    chosen = choice.point
     return {**chosen.point, "top1": chosen.top1, "gmacs": chosen.gmacs,
             "gmacs_fraction": chosen.gmacs / cm.base_gmacs if cm.base_gmacs else None, **cm.calibration,
             "curve": [p.to_dict() for p in curve], "out": str(out_path) if out_path is not None else None}
+
+
+def _output_path(session: Session, model: Any, out: Any, overwrite: bool) -> Path | None:
+    """Where the calibrated model goes (checked now, written at the end); None: an in-memory model, kept in place."""
+    if out is not None:
+        return check_output_dir(out, overwrite, allow_existing=session.folder)
+    if session.folder is not None:
+        return check_output_dir(session.folder, overwrite=True, what="model folder")  # rewritten in place
+    if isinstance(model, ConvertedModel):
+        return None
+    raise UserError("calibrate needs an output folder (-o) for a Hub model")
+
+
+@dataclass
+class _Choice:
+    """The chosen point and the speed measurements that chose it (each stored in the calibration record)."""
+
+    point: CurvePoint
+    throughput: dict[str, Any] | None = None  # a speed budget's timings of the frontier
+    speed_check: dict[str, Any] | None = None  # a GMACs/drop budget's check against the base model
+    small_batch: dict[str, Any] | None = None  # the small-batch rule's timings
+
+    def records(self) -> dict[str, Any]:
+        named = {"throughput": self.throughput, "speed_check": self.speed_check, "small_batch": self.small_batch}
+        return {k: v for k, v in named.items() if v is not None}
+
+
+def _choose(session: Session, base: torch.nn.Module | None, base_top1: float | None, budget: Budget | None,
+            split: Split, batch_size: int, check_speed: bool) -> _Choice:
+    """The point for ``budget`` on the model's curve, timed against the base model on this device where that
+    decides (a speed budget; a GMACs or drop choice that must not run slower), and the small-batch rule for it."""
+    cm = session.model
+    speed_budget = budget is not None and budget.kind == "speed"
+    checked = check_speed and base is not None
+    # One batch of held-out images for every timing below (decoded once).
+    x = spread_batch(split.files, cm, batch_size).to(session.device) if speed_budget or checked else None
+
+    def pick(points: list[CurvePoint]) -> CurvePoint:
+        if budget is None:
+            return max(eligible_points(points, cm.base_gmacs, cm.adds_compute), key=lambda p: (p.top1, -p.gmacs))
+        return choose_point(points, budget, cm.base_gmacs, base_top1, cm.adds_compute)
+
+    throughput = speed_check = None
+    if speed_budget and base is not None and x is not None:  # the budget reads the timings: they come first
+        throughput = time_points(cm, base, frontier(cm.curve), x, session.progress)
+    if checked and not speed_budget and base is not None and x is not None:
+        point, speed_check = confirm_not_slower(cm, base, cm.curve, pick, x, session.progress)
+    else:
+        point = pick(cm.curve)
+    choice = _Choice(point, throughput, speed_check)
+    cm.set_operating_point(point.point)
+    if base is not None and x is not None and batch_size > 1 and choice.point.gmacs < cm.base_gmacs * (1 - 1e-9):
+        cm.small_batch, choice.small_batch = find_small_batch_rule(cm, base, x, session.progress)
+    return choice

@@ -23,7 +23,7 @@ from vitconvert.calibration import calibrate as run_calibrate
 from vitconvert.demo import run_demo
 from vitconvert.errors import Interrupted, UserError, one_line
 from vitconvert.evaluation import evaluate as run_evaluate
-from vitconvert.operating import format_point
+from vitconvert.operating import Budget, format_point
 from vitconvert.publish import push as run_push
 from vitconvert.recipes import list_recipes, load_recipe
 from vitconvert.registry import get_method
@@ -154,7 +154,8 @@ def calibrate(
                                                "again while it is slower (default: the recipe's, on)")] = None,
 ) -> None:
     """Choose the operating point for a budget on held-out training images; store the curve."""
-    summary = run_calibrate(model_dir, data, budget, output, overwrite=overwrite, max_images=max_images,
+    summary = run_calibrate(model_dir, data, Budget.parse(budget) if budget is not None else None, output,
+                            overwrite=overwrite, max_images=max_images,
                             device=device, batch_size=batch_size, check_speed=speed_check)
     _print_dict("calibration", summary)
 
@@ -170,7 +171,8 @@ def evaluate(
     max_images: Annotated[int | None, typer.Option("--max-images")] = None,
 ) -> None:
     """Top-1/top-5, expected GMACs, exit shares and throughput against the base model."""
-    summary = run_evaluate(model_dir, data, output, budget=budget, batch_size=batch_size, device=device,
+    summary = run_evaluate(model_dir, data, output, budget=Budget.parse(budget) if budget is not None else None,
+                           batch_size=batch_size, device=device,
                   max_images=max_images)
     _print_dict("evaluation", summary)
 

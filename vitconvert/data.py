@@ -745,3 +745,14 @@ def open_data(data: DataArg, holdout: float = 0.1, name: str | None = None) -> I
         source = TarSource(path.resolve())
         return SourceData(source, None, holdout, name or path.stem)
     return open_image_folder(data, holdout, name)
+
+
+def spread_batch(files: Sequence[tuple[Any, int]], model: nn.Module, batch_size: int) -> torch.Tensor:
+    """A batch of ``batch_size`` images spread evenly over a split's files (sorted by class, so every class is in
+    it), decoded with ``model``'s evaluation transform: the real images speed checks time on (early exits depend on
+    the images)."""
+    n = len(files)
+    idx = [round(i * (n - 1) / max(1, batch_size - 1)) for i in range(batch_size)] if n > 1 else [0] * batch_size
+    ds = ImageDataset([files[i] for i in idx], eval_transform(model), in_memory=False)
+    return torch.stack([ds[i][0] for i in range(len(ds))])
+

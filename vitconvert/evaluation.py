@@ -19,15 +19,15 @@ from typing import Any
 import timm
 import torch
 
-from vitconvert.calibration import Tally, plot_curve
 from vitconvert.card import model_card
-from vitconvert.data import DataArg, batches, open_data
+from vitconvert.data import DataArg, Split, batches, open_data, spread_batch
 from vitconvert.errors import UserError
 from vitconvert.methods.base import ConvertedModel
-from vitconvert.operating import CurvePoint
+from vitconvert.operating import Budget, CurvePoint
+from vitconvert.plots import plot_curve
 from vitconvert.saving import CARD_NAME, check_writable_dir, read_config
-from vitconvert.throughput import device_name, measure_throughput, spread_batch
-from vitconvert.train import ProgressBar, original_model, resolve_device, resolve_model
+from vitconvert.session import Session, Tally
+from vitconvert.timing import compare, device_name
 
 # Throughput timing keeps going (up to max_rounds) until this many seconds have been spent.
 THROUGHPUT_SECONDS = 10.0
@@ -53,7 +53,7 @@ def evaluate(
     data: DataArg,
     out: str | os.PathLike[str] | None = None,
     *,
-    budget: str | float | None = None,
+    budget: Budget | str | float | None = None,
     batch_size: int = 64,
     device: str | torch.device | None = None,
     max_images: int | None = None,
@@ -84,13 +84,13 @@ def evaluate(
         >>> r["top1"], r["gmacs"], r["base"]["top1"]                      # doctest: +SKIP
     """
     start = time.perf_counter()
-    cm, folder = resolve_model(model)
+    session = Session.open(model, device, progress)
+    cm = session.model
     if budget is not None:
-        cm.set_budget(budget)
-    dev = resolve_device(device)
+        cm.set_budget(Budget.parse(budget))
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
-    out_path = Path(out).expanduser().resolve() if out is not None else folder
+    out_path = Path(out).expanduser().resolve() if out is not None else session.folder
     if out_path is not None:  # eval.json and eval.png go into it: checked before the images are run
         if out_path.exists() and not out_path.is_dir():
             raise UserError(f"eval output {str(out_path)!r} is a file; -o takes a folder for eval.json and eval.png")
@@ -99,46 +99,11 @@ def evaluate(
     folder_data.check_classes(cm.num_classes)
     split = folder_data.eval_split(max_images)
     n = len(split)
-    try:
-        base, base_desc = original_model(cm)
-    except UserError as e:
-        base, base_desc = None, f"not measured: {e}"
-
-    cm.to(dev).eval()
-    if base is not None:
-        base.to(dev).eval()
-    tally, base_tally = Tally(), Tally()
-    extras: dict[str, list[torch.Tensor]] = {}
-    try:
-        with torch.inference_mode(), ProgressBar("evaluate", -(-n // batch_size), progress) as bar:
-            for x, y in batches(split, cm, batch_size):
-                x = x.to(dev)
-                result = cm.forward_dynamic(x)
-                tally.add(result, y)
-                for name, value in result.extras.items():
-                    # Only one number per image can be summarised (e.g. confidence, a gate's choice).
-                    if value.dim() == 1 and value.shape[0] == x.shape[0]:
-                        extras.setdefault(name, []).append(value.cpu())
-                if base is not None:
-                    base_tally.add_logits(base(x), y)
-                bar.update()
-        mean_gmacs = tally.mean_gmacs
-        speed: dict[str, Any] | None = None
-        if throughput:
-            xb = spread_batch(split.files, cm, batch_size).to(dev)
-            models = {"converted": cm} if base is None else {"converted": cm, "base": base}
-            ips = measure_throughput(models, xb, min_seconds=THROUGHPUT_SECONDS)
-            speed = {"batch_size": batch_size, "device": device_name(dev), "threads": torch.get_num_threads(),
-                     "dtype": "float32", "converted_images_per_s": round(ips["converted"], 1),
-                     "base_images_per_s": round(ips["base"], 1) if "base" in ips else None,
-                     "speedup": round(ips["converted"] / ips["base"], 3) if "base" in ips else None,
-                     "protocol": "one batch of real images spread over the split; 2 warm-up batches per model, then "
-                                 "timed batches alternating between the models; median time per batch"}
-    finally:
-        cm.to("cpu")
-        if base is not None:
-            base.to("cpu")
-
+    base, base_desc = session.original_if_any()
+    with session.on_device(base), torch.inference_mode():
+        tally, base_tally, extras = _score(session, base, split, batch_size)
+        speed = _time(session, base, split, batch_size) if throughput else None
+    mean_gmacs = tally.mean_gmacs
     exit_fractions = {str(s): share for s, share in tally.exit_shares().items()} or None
     top1 = tally.top1
     base_top1 = base_tally.top1 if base is not None else None
@@ -167,7 +132,7 @@ def evaluate(
         "split_description": folder_data.short(split.description),
         "images": n,
         "classes": len(folder_data.classes),
-        "device": device_name(dev),
+        "device": device_name(session.device),
         "batch_size": batch_size,
         "base": {"model": base_desc, "gmacs": cm.base_gmacs, "top1": base_top1,
                  "top5": base_tally.top5 if base is not None else None,
@@ -217,3 +182,43 @@ def _write_atomic(path: Path, content: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(content)
     tmp.replace(path)
+
+
+def _score(session: Session, base: torch.nn.Module | None, split: Split, batch_size: int
+           ) -> tuple[Tally, Tally, dict[str, list[torch.Tensor]]]:
+    """One pass over ``split``: the converted model's and the base model's tallies, and the per-image extras."""
+    cm = session.model
+    tally, base_tally = Tally(), Tally()
+    extras: dict[str, list[torch.Tensor]] = {}
+    with session.bar("evaluate", -(-len(split) // batch_size)) as bar:
+        for x, y in batches(split, cm, batch_size):
+            x = x.to(session.device)
+            result = cm.forward_dynamic(x)
+            tally.add(result, y)
+            for name, value in result.extras.items():
+                # Only one number per image can be summarised (e.g. confidence, a gate's choice).
+                if value.dim() == 1 and value.shape[0] == x.shape[0]:
+                    extras.setdefault(name, []).append(value.cpu())
+            if base is not None:
+                base_tally.add_logits(base(x), y)
+            bar.update()
+    return tally, base_tally, extras
+
+
+def _time(session: Session, base: torch.nn.Module | None, split: Split, batch_size: int) -> dict[str, Any]:
+    """Both models timed side by side on one batch of the split's images (vitconvert.timing)."""
+    cm, dev = session.model, session.device
+    xb = spread_batch(split.files, cm, batch_size).to(dev)
+    models = {"converted": cm} if base is None else {"converted": cm, "base": base}
+    res = compare(models, xb, reference="base" if base is not None else None, min_seconds=THROUGHPUT_SECONDS)
+    conv = res["converted"]
+    return {"batch_size": batch_size, "device": device_name(dev), "threads": torch.get_num_threads(),
+            "dtype": "float32", "converted_images_per_s": round(conv.images_per_s, 1),
+            "base_images_per_s": round(res["base"].images_per_s, 1) if "base" in res else None,
+            "speedup": round(conv.ratio, 3) if "base" in res else None,
+            "speedup_p10_p90": [round(conv.ratio_spread.p10, 3), round(conv.ratio_spread.p90, 3)]
+            if "base" in res else None,
+            "protocol": "one batch of real images spread over the split; 2 warm-up rounds, then paired rounds "
+                        "timing every model once, order rotated each round (vitconvert.timing); median "
+                        "images/s, speed-up the median of per-round paired ratios"}
+

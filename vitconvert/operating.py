@@ -19,7 +19,7 @@ import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from vitconvert.errors import UserError
 
@@ -153,38 +153,67 @@ class CurvePoint:
         return cls(point, numbers["gmacs"], numbers["top1"], dict(extra))
 
 
-def parse_budget(budget: str | float) -> tuple[str, float]:
-    """``2.1`` -> ('gmacs', 2.1); ``'50%'`` or ``'0.5x'`` -> ('fraction', 0.5); ``'drop=0.5'`` -> ('drop', 0.5);
-    ``'speed=2x'`` (or ``'speed=2'``) -> ('speed', 2.0)."""
-    if isinstance(budget, int | float) and not isinstance(budget, bool):
-        kind, value = "gmacs", float(budget)
-    else:
-        text = str(budget).strip().lower()
-        try:
-            if text.startswith("drop="):
-                kind, value = "drop", float(text[5:])
-            elif text.startswith("speed="):
-                kind, value = "speed", float(text[6:].removesuffix("x"))
-            elif text.endswith("%"):
-                kind, value = "fraction", float(text[:-1]) / 100
-            elif text.endswith("x"):
-                kind, value = "fraction", float(text[:-1])
-            else:
-                kind, value = "gmacs", float(text)
-        except ValueError:
-            raise UserError(
-                f"budget {budget!r} is not understood; use GMACs (2.1), a fraction of the base model ('50%' or "
-                "'0.5x'), a maximum top-1 drop in points ('drop=0.5') or a speed-up over the base ('speed=2x')"
-            ) from None
-    bad = (kind == "fraction" and value > 1.0) or (kind == "speed" and value <= 0)
-    if not math.isfinite(value) or value < 0 or bad:
-        raise UserError(f"budget {budget!r} is out of range (fractions lie in 0..100%, GMACs and drops >= 0, "
-                        "speed-ups > 0)")
-    return kind, value
+BudgetKind = Literal["gmacs", "fraction", "drop", "speed"]
 
 
-def choose_point(curve: Sequence[CurvePoint], budget: str | float, base_gmacs: float, base_top1: float | None,
-                 adds_compute: bool = False) -> CurvePoint:
+@dataclass(frozen=True)
+class Budget:
+    """A budget, parsed once where it enters (CLI option, API argument, recipe) and passed on as this.
+
+    Attributes:
+        kind: ``gmacs`` (per image), ``fraction`` (of the base model's GMACs), ``drop`` (top-1 points below the
+            base model) or ``speed`` (measured speed-up over the base model).
+        value: The number, in the kind's unit (a fraction as 0.5, not 50).
+        text: How it was written, for records and cards.
+    """
+
+    kind: BudgetKind
+    value: float
+    text: str
+
+    @classmethod
+    def parse(cls, budget: str | float | Budget) -> Budget:
+        """``2.1`` -> gmacs 2.1; ``'50%'`` or ``'0.5x'`` -> fraction 0.5; ``'drop=0.5'`` -> drop 0.5; ``'speed=2x'``
+        (or ``'speed=2'``) -> speed 2.0. A Budget is returned as it is.
+
+        Raises:
+            UserError: for anything else, or a value out of range (one line saying what is understood).
+        """
+        if isinstance(budget, Budget):
+            return budget
+        kind: BudgetKind
+        if isinstance(budget, int | float) and not isinstance(budget, bool):
+            kind, value = "gmacs", float(budget)
+        else:
+            text = str(budget).strip().lower()
+            try:
+                if text.startswith("drop="):
+                    kind, value = "drop", float(text[5:])
+                elif text.startswith("speed="):
+                    kind, value = "speed", float(text[6:].removesuffix("x"))
+                elif text.endswith("%"):
+                    kind, value = "fraction", float(text[:-1]) / 100
+                elif text.endswith("x"):
+                    kind, value = "fraction", float(text[:-1])
+                else:
+                    kind, value = "gmacs", float(text)
+            except ValueError:
+                raise UserError(
+                    f"budget {budget!r} is not understood; use GMACs (2.1), a fraction of the base model ('50%' or "
+                    "'0.5x'), a maximum top-1 drop in points ('drop=0.5') or a speed-up over the base ('speed=2x')"
+                ) from None
+        bad = (kind == "fraction" and value > 1.0) or (kind == "speed" and value <= 0)
+        if not math.isfinite(value) or value < 0 or bad:
+            raise UserError(f"budget {budget!r} is out of range (fractions lie in 0..100%, GMACs and drops >= 0, "
+                            "speed-ups > 0)")
+        return cls(kind, value, str(budget))
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def choose_point(curve: Sequence[CurvePoint], budget: Budget | str | float, base_gmacs: float,
+                 base_top1: float | None, adds_compute: bool = False) -> CurvePoint:
     """The most accurate point within a GMACs or speed budget, or the cheapest within an accuracy drop.
 
     When nothing meets the budget: the cheapest point (GMACs budgets), the fastest timed one (speed) or the
@@ -195,7 +224,8 @@ def choose_point(curve: Sequence[CurvePoint], budget: str | float, base_gmacs: f
     """
     if not curve:
         raise UserError("the model has no calibration curve; run `vitconvert calibrate` first")
-    kind, value = parse_budget(budget)
+    parsed = Budget.parse(budget)
+    kind, value = parsed.kind, parsed.value
     curve = eligible_points(curve, base_gmacs, adds_compute)
     if kind != "speed":
         curve = not_slower(curve, base_gmacs)

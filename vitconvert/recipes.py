@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from vitconvert.errors import UserError
 from vitconvert.registry import METHODS, get_method
@@ -33,7 +33,11 @@ RECIPES_DIR = Path(str(resources.files("vitconvert") / "builtin_recipes"))
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """A recipe section (and a method's ``Settings`` / ``Losses``): unknown keys are refused, and once validated it is
+    read-only, so what a model was built with cannot drift from its saved recipe (a change is a new recipe, see
+    :func:`load_recipe`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class FinetuneSettings(Strict):
@@ -69,7 +73,9 @@ class CalibrateSettings(Strict):
 
 
 class Recipe(Strict):
-    """A validated recipe. ``model`` and ``finetune.losses`` hold the method's validated settings."""
+    """A validated recipe (read-only). ``model`` and ``finetune.losses`` hold the method's settings, filled in with
+    their defaults; :attr:`settings` and :attr:`losses` are the same values as the method's typed models, built once
+    when the recipe is validated (:func:`validate_recipe`), not on every access (training reads them every step)."""
 
     version: Literal[1] = 1
     name: str
@@ -78,15 +84,27 @@ class Recipe(Strict):
     model: dict[str, Any] = Field(default_factory=dict)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     calibrate: CalibrateSettings = Field(default_factory=CalibrateSettings)
+    _settings: Any = PrivateAttr(default=None)
+    _losses: Any = PrivateAttr(default=None)
 
     @property
     def settings(self) -> Any:
-        """The method's structural settings as its pydantic model."""
-        return get_method(self.method).Settings(**self.model)
+        """The method's structural settings as its pydantic model (``Settings``)."""
+        if self._settings is None:  # a Recipe built directly, not through validate_recipe
+            self._settings = get_method(self.method).Settings(**self.model)
+        return self._settings
 
     @property
     def losses(self) -> Any:
-        return get_method(self.method).Losses(**self.finetune.losses)
+        """The method's loss weights as its pydantic model (``Losses``)."""
+        if self._losses is None:
+            self._losses = get_method(self.method).Losses(**self.finetune.losses)
+        return self._losses
+
+    @property
+    def validated(self) -> bool:
+        """Whether :func:`validate_recipe` made this recipe (so its method sections are checked and complete)."""
+        return self._settings is not None and self._losses is not None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -166,21 +184,22 @@ def validate_recipe(data: Any, source: str = "<dict>", overrides: list[tuple[str
     if method not in METHODS:
         raise UserError(f"recipe {source}: method {method!r} is not known; available: {', '.join(sorted(METHODS))}")
     try:
-        recipe = Recipe(**data)
+        raw = Recipe(**data)
     except ValidationError as e:
         raise UserError(_format_error(e, source, schema=Recipe)) from None
     cls = METHODS[method]
     try:
-        settings = cls.Settings(**recipe.model)
+        settings = cls.Settings(**raw.model)
     except ValidationError as e:
         raise UserError(_format_error(e, source, "model", cls.Settings)) from None
     try:
-        losses = cls.Losses(**recipe.finetune.losses)
+        losses = cls.Losses(**raw.finetune.losses)
     except ValidationError as e:
         raise UserError(_format_error(e, source, "finetune.losses", cls.Losses)) from None
-    # Store the filled-in settings so saved configs are complete and independent of default changes.
-    recipe.model = settings.model_dump(mode="json")
-    recipe.finetune.losses = losses.model_dump(mode="json")
+    # The filled-in settings are stored, so saved configs are complete and independent of default changes.
+    finetune = {**raw.finetune.model_dump(), "losses": losses.model_dump(mode="json")}
+    recipe = Recipe(**{**raw.model_dump(), "model": settings.model_dump(mode="json"), "finetune": finetune})
+    recipe._settings, recipe._losses = settings, losses
     return recipe
 
 
@@ -216,6 +235,8 @@ def load_recipe(name_or_path: str | Path | Recipe | dict[str, Any], overrides: l
     """
     parsed = parse_overrides(overrides)
     if isinstance(name_or_path, Recipe):
+        if name_or_path.validated and not parsed:
+            return name_or_path  # already checked: read-only, so it cannot have changed since
         return validate_recipe(name_or_path.to_dict(), name_or_path.name, parsed)
     if isinstance(name_or_path, dict):
         return validate_recipe(name_or_path, str(name_or_path.get("name", "<dict>")), parsed)

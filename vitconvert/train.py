@@ -21,7 +21,6 @@ images of every global batch, so W processes compute the same steps as one.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import random
@@ -43,161 +42,18 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from vitconvert.data import DataArg, ImageDataset, open_data, train_transform
+from vitconvert.data import DataArg, ImageDataset, Split, open_data, train_transform
 from vitconvert.errors import Interrupted, UserError
 from vitconvert.methods.base import ConvertedModel
 from vitconvert.recipes import FinetuneSettings, load_recipe, parse_overrides
-from vitconvert.saving import check_output_dir, load, save
-from vitconvert.sources import load_base, load_checkpoint_file, load_state_dict_checked
+from vitconvert.saving import check_output_dir
+from vitconvert.session import Session, resolve_device
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.json"
 # Besides every finetune.checkpoint_every steps and every epoch, a checkpoint at least this often: a run of
 # long epochs can resume too. A constant, not a recipe field, so older versions still read saved recipes.
 CHECKPOINT_MINUTES = 10.0
-# Files of a model folder that describe the model itself; anything else (logs, plots) is carried over.
-MODEL_FILES = ("model.safetensors", "config.json", "README.md")
-
-
-# --- shared helpers (also used by calibrate and evaluate) ------------------------------------------------
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` as a torch.device; default: the first CUDA device if there is one, else the CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"device {device!r} is not understood (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available here")
-    return dev
-
-
-def resolve_model(model: str | os.PathLike[str] | ConvertedModel) -> tuple[ConvertedModel, Path | None]:
-    """A converted model and the local folder it was loaded from (None for Hub ids and in-memory models)."""
-    if isinstance(model, ConvertedModel):
-        return model, None
-    if not isinstance(model, str | os.PathLike):
-        raise UserError(f"expected a converted model, a model folder or hf-hub:OWNER/NAME, got {type(model).__name__}")
-    text = str(model)
-    loaded = load(text)
-    if text.startswith("hf-hub:"):
-        return loaded, None
-    folder = Path(text[len("local-dir:"):] if text.startswith("local-dir:") else text).expanduser().resolve()
-    return loaded, folder
-
-
-def original_model(model: ConvertedModel, teacher: str | os.PathLike[str] | nn.Module | None = None
-                   ) -> tuple[nn.Module, str]:
-    """The original base model (the teacher, and the reference accuracy), with a description of where it came from.
-
-    Before fine-tuning the converted model still holds the original weights; afterwards they are rebuilt
-    from ``model.base_spec`` (its source and checkpoint), or taken from ``teacher`` (a weights file for
-    the base architecture, a timm name, ``hf-hub:`` or ``local-dir:``, or the module itself). A model
-    converted from an in-memory module (empty ``source``) cannot be rebuilt once fine-tuned.
-    """
-    spec = model.base_spec
-    if isinstance(teacher, nn.Module):
-        # A copy: the pipeline moves the teacher between devices and freezes it; the caller's module stays as it is.
-        base, desc = copy.deepcopy(teacher), f"{spec.architecture} module given as teacher"
-    elif teacher is not None:
-        path = Path(teacher).expanduser()
-        if path.is_file():
-            base = spec.build()
-            load_state_dict_checked(base, load_checkpoint_file(path), f"teacher {str(path)!r}")
-            desc = f"{spec.architecture} with weights {path}"
-        else:
-            name = f"local-dir:{path}" if path.is_dir() else str(teacher)
-            base, _ = load_base(name, pretrained=True)
-            desc = name
-    elif not model.finetuned:
-        return model.build_base(), f"{spec.source or spec.architecture} (the base weights the model holds)"
-    else:
-        if not spec.source and spec.checkpoint is None:
-            raise UserError(
-                "the model is fine-tuned and was converted from an in-memory module, so the original cannot be "
-                "rebuilt; pass that module (or its weights file) as teacher"
-            )
-        if not spec.pretrained:
-            raise UserError(
-                "the model is fine-tuned and its base model had random weights, so the original cannot be rebuilt; "
-                "pass a teacher (weights file or model name)"
-            )
-        source = spec.source or spec.architecture
-        base, _ = load_base(source, spec.checkpoint, spec.model_args, pretrained=True)
-        desc = source + (f" + checkpoint {spec.checkpoint}" if spec.checkpoint else "")
-    num_classes = getattr(base, "num_classes", None)
-    if num_classes != model.num_classes:
-        raise UserError(f"the original model {desc} has {num_classes} classes, the converted model "
-                        f"{model.num_classes}")
-    return base.eval(), desc
-
-
-def carried_files(folder: Path | None, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
-    """Files of a model folder other than the model itself (logs, plots), to keep when it is rewritten."""
-    if folder is None or not folder.is_dir():
-        return {}
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
-            if p.is_file() and p.name not in MODEL_FILES and p.name not in skip}
-
-
-class ProgressBar:
-    """A rich progress bar; without a terminal, a plain line every ~5% so logs of background runs show it."""
-
-    def __init__(self, description: str, total: int, enabled: bool = True, fields: tuple[str, ...] = ()) -> None:
-        from rich.console import Console
-
-        self.enabled = enabled
-        self.total = total
-        self.description = description
-        self.console = Console(stderr=True)
-        self.done = 0
-        self.start = time.perf_counter()
-        self.next_line = 0
-        self.progress = None
-        if enabled and self.console.is_terminal:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
-            columns += [TextColumn(f"{f} {{task.fields[{f}]}}") for f in fields]
-            columns += [TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-            self.progress = Progress(*columns, console=self.console, transient=False)
-            self.task = self.progress.add_task(description, total=total, **{f: "-" for f in fields})
-
-    def __enter__(self) -> ProgressBar:
-        if self.progress is not None:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def update(self, advance: int = 1, **fields: str) -> None:
-        self.done += advance
-        if not self.enabled:
-            return
-        if self.progress is not None:
-            self.progress.update(self.task, advance=advance, **fields)
-            return
-        if self.done >= self.next_line or self.done >= self.total:
-            elapsed = time.perf_counter() - self.start
-            eta = elapsed / max(self.done, 1) * (self.total - self.done)
-            extra = "".join(f" {k} {v}" for k, v in fields.items())
-            print(f"{self.description} {self.done}/{self.total}{extra} elapsed {elapsed:.0f}s ETA {eta:.0f}s",
-                  file=sys.stderr, flush=True)
-            self.next_line = self.done + max(1, self.total // 20)
-
-
 # --- distributed -----------------------------------------------------------------------------------------
 
 
@@ -306,10 +162,6 @@ def loss_terms(model: ConvertedModel, outputs: dict[str, torch.Tensor], teacher_
 def loss_weight(weights: dict[str, float], term: str) -> float:
     """The recipe's weight of a loss term; an exit's term (``distill@coarse``) is weighted like its kind."""
     return weights.get(term.split("@", 1)[0], 1.0)
-
-
-def _weights(settings: FinetuneSettings) -> dict[str, float]:
-    return {k: float(v) for k, v in settings.losses.items()}
 
 
 def _param_groups(model: ConvertedModel, weight_decay: float) -> list[dict[str, Any]]:
@@ -461,157 +313,215 @@ def finetune(
     """
     ddp, dev = _init_distributed(device)
     try:
-        return _finetune(model, data, out, labels, overrides, resume, overwrite, dev, workers, teacher,
-                         progress and ddp.main, max_images, ddp)
+        session = Session.open(model, dev, progress and ddp.main)
+        plan = _plan(session, model, data, out, labels, overrides, overwrite, max_images, ddp)
+        state = _partial_run(plan, resume, overwrite, ddp)
+        teacher, teacher_desc = _teacher(plan, teacher)
+        run = _Run.start(plan, ddp)
+        log = _new_log(plan, teacher_desc, ddp)
+        if state is not None:
+            log = run.restore(state, ddp)
+        _train(plan, run, teacher, log, workers, ddp)
+        _finish(plan, run, teacher, log, ddp)
+        return plan.out
     finally:
         if ddp.started_here:
             dist.destroy_process_group()
 
 
-def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list[str] | None, resume: bool,
-              overwrite: bool, dev: torch.device, workers: int, teacher_arg: Any, progress: bool,
-              max_images: int | None, ddp: _Dist) -> Path:
-    model, folder = resolve_model(model_arg)
+@dataclass
+class _Plan:
+    """What a fine-tuning run is, fixed before any work starts: what it writes, what it trains on, how long."""
+
+    session: Session
+    settings: FinetuneSettings
+    out: Path
+    split: Split
+    per_rank: int  # images per process and step
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    weights: dict[str, float]  # loss term -> weight
+    use_labels: bool
+    fingerprint: dict[str, Any]  # what must match for a checkpoint to continue this run
+
+    @property
+    def partial(self) -> Path:
+        """Checkpoints of the run, beside its output until it completes."""
+        return self.out.with_name(self.out.name + ".partial")
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.partial / CHECKPOINT_NAME
+
+
+def _plan(session: Session, model_arg: Any, data: Any, out: Any, labels: bool, overrides: list[str] | None,
+          overwrite: bool, max_images: int | None, ddp: _Dist) -> _Plan:
+    """Settings, output folder, training split and schedule; every user mistake is found here, before any work."""
+    model = session.model
     _settings_with_overrides(model, overrides)
     settings = model.recipe.finetune
     if out is not None:
         out_path = Path(out).expanduser().resolve()
-    elif folder is not None:
-        out_path = folder.with_name(folder.name + "-ft")
+    elif session.folder is not None:
+        out_path = session.folder.with_name(session.folder.name + "-ft")
     elif isinstance(model_arg, str | os.PathLike):
         out_path = Path.cwd() / (str(model_arg).rstrip("/").rsplit("/", 1)[-1] + "-ft")
     else:
         raise UserError("finetune needs an output folder (out) for an in-memory model")
-    # Before any work: a run that cannot write its result (or its checkpoints, beside it) must not start.
-    check_output_dir(out_path, overwrite, allow_existing=folder)
-    partial = out_path.with_name(out_path.name + ".partial")
-    ckpt_file = partial / CHECKPOINT_NAME
+    # A run that cannot write its result (or its checkpoints, beside it) must not start.
+    check_output_dir(out_path, overwrite, allow_existing=session.folder)
 
-    folder_data = open_data(data, holdout=model.recipe.calibrate.holdout)
-    folder_data.check_classes(model.num_classes)
-    split = folder_data.train_split(max_images if max_images is not None else settings.max_images)
+    source = open_data(data, holdout=model.recipe.calibrate.holdout)
+    source.check_classes(model.num_classes)
+    split = source.train_split(max_images if max_images is not None else settings.max_images)
     if settings.batch_size % ddp.world:
         raise UserError(f"finetune.batch_size {settings.batch_size} must be divisible by the number of "
                         f"processes ({ddp.world})")
-    per_rank = settings.batch_size // ddp.world
     steps_per_epoch = len(split) // settings.batch_size
     if steps_per_epoch < 1:
         raise UserError(f"{len(split)} training images are fewer than one batch (finetune.batch_size="
                         f"{settings.batch_size}); add images or lower the batch size")
     total_steps = max(1, round(settings.epochs * steps_per_epoch))
-    warmup_steps = min(total_steps - 1, round(settings.warmup_epochs * steps_per_epoch))
-    weights = _weights(settings)
-    # What must match for a checkpoint to continue this run (JSON-normalised, as it is stored).
+    weights = {k: float(v) for k, v in settings.losses.items()}
+    # JSON-normalised, as it is stored in a checkpoint.
     fingerprint = json.loads(json.dumps({"finetune": settings.model_dump(mode="json"), "data": split.fingerprint(),
                                          "world": ddp.world, "labels": labels, "model": model.get_state()}))
+    return _Plan(session, settings, out_path, split, settings.batch_size // ddp.world, steps_per_epoch, total_steps,
+                 min(total_steps - 1, round(settings.warmup_epochs * steps_per_epoch)), weights,
+                 labels and weights.get("ce", 1.0) > 0, fingerprint)
 
+
+def _partial_run(plan: _Plan, resume: bool, overwrite: bool, ddp: _Dist) -> dict[str, Any] | None:
+    """The checkpoint to continue from (``resume``), or None; an interrupted run is never silently replaced."""
     state: dict[str, Any] | None = None
-    if ckpt_file.is_file():
+    if plan.checkpoint.is_file():
         if resume:
-            state = torch.load(ckpt_file, map_location="cpu", weights_only=True)
-            if state["fingerprint"] != fingerprint:
-                raise UserError(f"the partial run in {str(partial)!r} used other settings, data or process count; "
-                                "resume it with the same ones, or pass --overwrite to start over")
+            state = torch.load(plan.checkpoint, map_location="cpu", weights_only=True)
+            if state["fingerprint"] != plan.fingerprint:
+                raise UserError(f"the partial run in {str(plan.partial)!r} used other settings, data or process "
+                                "count; resume it with the same ones, or pass --overwrite to start over")
         elif overwrite:
             if ddp.main:
-                shutil.rmtree(partial, ignore_errors=True)
+                shutil.rmtree(plan.partial, ignore_errors=True)
         else:
-            raise UserError(f"an interrupted run is in {str(partial)!r}; pass --resume to continue it or "
+            raise UserError(f"an interrupted run is in {str(plan.partial)!r}; pass --resume to continue it or "
                             "--overwrite to start over")
     elif resume and ddp.main:
-        print(f"--resume: no checkpoint in {partial} (none was written before the run stopped); starting from the "
-              "beginning", file=sys.stderr)
+        print(f"--resume: no checkpoint in {plan.partial} (none was written before the run stopped); starting from "
+              "the beginning", file=sys.stderr)
     ddp.barrier()
+    return state
 
-    # Teacher: the original model, unless distillation is switched off.
-    teacher: nn.Module | None = None
-    teacher_desc = None
-    if weights.get("distill", 1.0) > 0:
-        teacher, teacher_desc = original_model(model, teacher_arg)
-        teacher = teacher.to(dev).eval().requires_grad_(False)
-    use_labels = labels and weights.get("ce", 1.0) > 0
 
-    torch.manual_seed(settings.seed + ddp.rank)
-    model.to(dev).train()
-    params = _param_groups(model, settings.weight_decay)
-    optimizer = create_optimizer_v2(params, opt="adamw", lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=settings.min_lr,
-                                  warmup_t=warmup_steps, warmup_lr_init=settings.min_lr, warmup_prefix=True,
-                                  t_in_epochs=False)
-    ema = ModelEmaV3(model, decay=settings.ema_decay) if settings.ema_decay else None
-    step_fn: nn.Module = _TrainStep(model)
-    if ddp.world > 1:
-        step_fn = nn.parallel.DistributedDataParallel(
-            step_fn, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
+def _teacher(plan: _Plan, teacher_arg: Any) -> tuple[nn.Module | None, str | None]:
+    """The original model on the device, frozen, unless distillation is switched off."""
+    if plan.weights.get("distill", 1.0) <= 0:
+        return None, None
+    teacher, desc = plan.session.original(teacher_arg)
+    return teacher.to(plan.session.device).eval().requires_grad_(False), desc
 
-    log: dict[str, Any] = {
-        "settings": settings.model_dump(mode="json"), "recipe": model.recipe.name, "method": model.method,
-        "data": split.description, "images": len(split), "labels": use_labels, "teacher": teacher_desc,
-        "device": str(dev), "world_size": ddp.world, "global_batch": settings.batch_size,
-        "per_process_batch": per_rank, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-        "warmup_steps": warmup_steps, "autocast": "bf16" if dev.type == "cuda" else None,
-        "torch": str(torch.__version__), "threads": torch.get_num_threads(),
-        "resumed_at": [], "steps": [], "epochs": [],
-    }
-    step, elapsed_before = 0, 0.0
+
+@dataclass
+class _Run:
+    """The training state: the model on its device, optimiser, schedule, EMA, the step function and the step."""
+
+    model: ConvertedModel
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    ema: ModelEmaV3 | None
+    step_fn: nn.Module
+    step: int = 0
+    elapsed_before: float = 0.0  # seconds spent before a resume
     saved_step: int | None = None  # step of the checkpoint on disk, for the message when interrupted
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
+
+    @classmethod
+    def start(cls, plan: _Plan, ddp: _Dist) -> _Run:
+        settings, model, dev = plan.settings, plan.session.model, plan.session.device
+        torch.manual_seed(settings.seed + ddp.rank)
+        model.to(dev).train()
+        optimizer = create_optimizer_v2(_param_groups(model, settings.weight_decay), opt="adamw", lr=settings.lr,
+                                        weight_decay=settings.weight_decay)
+        scheduler = CosineLRScheduler(optimizer, t_initial=max(1, plan.total_steps - plan.warmup_steps),
+                                      lr_min=settings.min_lr, warmup_t=plan.warmup_steps,
+                                      warmup_lr_init=settings.min_lr, warmup_prefix=True, t_in_epochs=False)
+        ema = ModelEmaV3(model, decay=settings.ema_decay) if settings.ema_decay else None
+        step_fn: nn.Module = _TrainStep(model)
+        if ddp.world > 1:
+            step_fn = nn.parallel.DistributedDataParallel(
+                step_fn, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
+        return cls(model, optimizer, scheduler, ema, step_fn)
+
+    def restore(self, state: dict[str, Any], ddp: _Dist) -> dict[str, Any]:
+        """Continue from a checkpoint; returns its log, with the resume recorded."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         _set_rng_state(state["rng"][ddp.rank] if isinstance(state["rng"], list) else state["rng"])
-        step, elapsed_before = int(state["step"]), float(state["seconds"])
-        saved_step = step
+        self.step, self.elapsed_before = int(state["step"]), float(state["seconds"])
+        self.saved_step = self.step
         log = state["log"]
-        log["resumed_at"].append(step)
+        log["resumed_at"].append(self.step)
+        return log
 
-    dataset = ImageDataset(split.files, train_transform(model, **settings.augment), seed=settings.seed,
+    def checkpoint(self, plan: _Plan, seconds: float, log: dict[str, Any], ddp: _Dist) -> None:
+        """Everything a resumed run needs, written atomically by the main process."""
+        rng = _gather_rng(ddp)
+        if ddp.main:
+            plan.partial.mkdir(parents=True, exist_ok=True)
+            _save_atomic({
+                "step": self.step, "seconds": seconds, "fingerprint": plan.fingerprint,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "rng": rng, "log": log,
+            }, plan.checkpoint)
+        ddp.barrier()
+        self.saved_step = self.step
+
+
+def _new_log(plan: _Plan, teacher_desc: str | None, ddp: _Dist) -> dict[str, Any]:
+    dev = plan.session.device
+    return {
+        "settings": plan.settings.model_dump(mode="json"), "recipe": plan.session.model.recipe.name,
+        "method": plan.session.model.method, "data": plan.split.description, "images": len(plan.split),
+        "labels": plan.use_labels, "teacher": teacher_desc, "device": str(dev), "world_size": ddp.world,
+        "global_batch": plan.settings.batch_size, "per_process_batch": plan.per_rank,
+        "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
+        "autocast": "bf16" if dev.type == "cuda" else None, "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(), "resumed_at": [], "steps": [], "epochs": [],
+    }
+
+
+def _train(plan: _Plan, run: _Run, teacher: nn.Module | None, log: dict[str, Any], workers: int, ddp: _Dist) -> None:
+    """The step loop, from ``run.step`` to the end, with checkpoints; Ctrl-C says what was kept."""
+    settings, model, dev = plan.settings, run.model, plan.session.device
+    dataset = ImageDataset(plan.split.files, train_transform(model, **settings.augment), seed=settings.seed,
                            seed_numpy=bool(settings.augment.get("auto_augment")))
-    sampler = _GlobalBatchSampler(dataset, ddp.world, ddp.rank, settings.seed, per_rank)
-    assert sampler.batches_per_epoch() == steps_per_epoch
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext())
-
-    start = time.perf_counter()
-    last_saved = start
-    bar = ProgressBar(f"finetune {model.method}", total_steps, progress, fields=("loss", "img/s"))
+    sampler = _GlobalBatchSampler(dataset, ddp.world, ddp.rank, settings.seed, plan.per_rank)
+    assert sampler.batches_per_epoch() == plan.steps_per_epoch
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    start = last_saved = time.perf_counter()
+    bar = plan.session.bar(f"finetune {model.method}", plan.total_steps, fields=("loss", "img/s"))
     try:
         with bar, _drop_path(model, settings.drop_path_rate):
-            bar.update(step)
-            while step < total_steps:
-                epoch, skip = divmod(step, steps_per_epoch)
+            bar.update(run.step)
+            while run.step < plan.total_steps:
+                epoch, skip = divmod(run.step, plan.steps_per_epoch)
                 sampler.set_epoch(epoch)
                 dataset.set_epoch(epoch)
                 sampler.skip_batches = skip
                 # Its own generator: a DataLoader draws worker seeds when iterated, which must not move the global
                 # random state (stochastic depth) differently in a resumed run.
                 loader = torch.utils.data.DataLoader(
-                    dataset, batch_size=per_rank, sampler=sampler, num_workers=workers, pin_memory=dev.type == "cuda",
-                    drop_last=True, generator=torch.Generator().manual_seed(settings.seed * 1000 + epoch))
+                    dataset, batch_size=plan.per_rank, sampler=sampler, num_workers=workers,
+                    pin_memory=dev.type == "cuda", drop_last=True,
+                    generator=torch.Generator().manual_seed(settings.seed * 1000 + epoch))
                 t_last = time.perf_counter()
                 for x, y in loader:
-                    x = x.to(dev, non_blocking=True)
-                    y = y.to(dev, non_blocking=True)
-                    scheduler.step_update(step)
-                    model.set_train_progress(step / total_steps)  # schedules inside the method (DGE's temperature)
-                    with autocast:
-                        outputs = step_fn(x)
-                        teacher_logits = None
-                        if teacher is not None:
-                            with torch.no_grad():
-                                teacher_logits = teacher(x)
-                    terms = loss_terms(model, outputs, teacher_logits, y if use_labels else None, settings)
-                    loss = sum(loss_weight(weights, k) * v for k, v in terms.items())
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if settings.clip_grad:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
-                    optimizer.step()
-                    if ema is not None:
-                        ema.update(model, step=step)
-                    step += 1
-
+                    loss, terms = _step(plan, run, teacher, x.to(dev, non_blocking=True),
+                                        y.to(dev, non_blocking=True), autocast)
                     now = time.perf_counter()
                     # The clock decides on every process alike: its vote travels with the loss values.
                     late = float(now - last_saved >= CHECKPOINT_MINUTES * 60)
@@ -623,37 +533,59 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
                     late_anywhere, values = bool(values[-1] > 0), values[:-1]
                     ips = settings.batch_size / max(now - t_last, 1e-9)
                     t_last = now
-                    entry = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                    entry = {"step": run.step, "epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"],
                              "loss": values[0].item(), **{k: v.item() for k, v in zip(terms, values[1:], strict=True)},
-                             "images_per_s": round(ips, 1), "seconds": round(elapsed_before + now - start, 2)}
+                             "images_per_s": round(ips, 1), "seconds": round(run.elapsed_before + now - start, 2)}
                     log["steps"].append(entry)
                     bar.update(1, loss=f"{entry['loss']:.4f}", **{"img/s": f"{ips:.0f}"})
-                    epoch_done = step % steps_per_epoch == 0
-                    if epoch_done or step == total_steps:
+                    epoch_done = run.step % plan.steps_per_epoch == 0
+                    if epoch_done or run.step == plan.total_steps:
                         log["epochs"].append(_epoch_summary(log["steps"], epoch, list(terms)))
                     # Every checkpoint_every steps, every epoch and every CHECKPOINT_MINUTES: a short run resumes too.
-                    if step < total_steps and (step % settings.checkpoint_every == 0 or epoch_done or late_anywhere):
-                        rng = _gather_rng(ddp)
-                        if ddp.main:
-                            partial.mkdir(parents=True, exist_ok=True)
-                            _save_atomic({
-                                "step": step, "seconds": elapsed_before + now - start, "fingerprint": fingerprint,
-                                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-                                "rng": rng, "log": log,
-                            }, ckpt_file)
-                        ddp.barrier()
-                        saved_step, last_saved = step, time.perf_counter()
-                    _after_step(step)
-                    if step >= total_steps:
+                    if run.step < plan.total_steps and (run.step % settings.checkpoint_every == 0 or epoch_done
+                                                        or late_anywhere):
+                        run.checkpoint(plan, run.elapsed_before + now - start, log, ddp)
+                        last_saved = time.perf_counter()
+                    _after_step(run.step)
+                    if run.step >= plan.total_steps:
                         break
     except KeyboardInterrupt as e:
         if isinstance(e, Interrupted):
             raise
-        raise Interrupted(_interrupted_message(step, total_steps, saved_step, partial)) from None
+        raise Interrupted(_interrupted_message(run.step, plan.total_steps, run.saved_step, plan.partial)) from None
+    log["seconds"] = round(run.elapsed_before + time.perf_counter() - start, 2)
 
-    if ema is not None:
-        model.load_state_dict(ema.module.state_dict())
+
+def _step(plan: _Plan, run: _Run, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
+          autocast: contextlib.AbstractContextManager[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimiser step; returns the loss and its unweighted terms."""
+    model = run.model
+    run.scheduler.step_update(run.step)
+    model.set_train_progress(run.step / plan.total_steps)  # schedules inside the method (DGE's temperature)
+    with autocast:
+        outputs = run.step_fn(x)
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+    terms = loss_terms(model, outputs, teacher_logits, y if plan.use_labels else None, plan.settings)
+    loss = sum(loss_weight(plan.weights, k) * v for k, v in terms.items())
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if plan.settings.clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), plan.settings.clip_grad)
+    run.optimizer.step()
+    if run.ema is not None:
+        run.ema.update(model, step=run.step)
+    run.step += 1
+    return loss, terms  # type: ignore[return-value]
+
+
+def _finish(plan: _Plan, run: _Run, teacher: nn.Module | None, log: dict[str, Any], ddp: _Dist) -> None:
+    """The trained (or EMA) weights back on the CPU, written with the log; the checkpoints go."""
+    model = run.model
+    if run.ema is not None:
+        model.load_state_dict(run.ema.module.state_dict())
     model.eval().to("cpu")
     if teacher is not None:
         teacher.to("cpu")
@@ -661,15 +593,12 @@ def _finetune(model_arg: Any, data: Any, out: Any, labels: bool, overrides: list
     # Operating points measured before fine-tuning no longer describe this model.
     model.curve = []
     model.calibration = {}
-    log["seconds"] = round(elapsed_before + time.perf_counter() - start, 2)
-    log["ema"] = bool(ema)
+    log["ema"] = bool(run.ema)
     if ddp.main:
-        extra = carried_files(folder, skip=(LOG_NAME, "curve.png", "eval.json", "eval.png"))
-        extra[LOG_NAME] = json.dumps(log, indent=1) + "\n"
-        save(model, out_path, overwrite=True, extra_files=extra)
-        shutil.rmtree(partial, ignore_errors=True)
+        plan.session.write(plan.out, skip=(LOG_NAME, "curve.png", "eval.json", "eval.png"),
+                           extra={LOG_NAME: json.dumps(log, indent=1) + "\n"})
+        shutil.rmtree(plan.partial, ignore_errors=True)
     ddp.barrier()
-    return out_path
 
 
 def _interrupted_message(step: int, total: int, saved_step: int | None, partial: Path) -> str:
@@ -701,4 +630,4 @@ def _epoch_summary(steps: list[dict[str, Any]], epoch: int, names: list[str]) ->
     return summary
 
 
-__all__ = ["finetune", "loss_terms", "original_model", "resolve_device", "resolve_model"]
+__all__ = ["finetune", "loss_terms", "loss_weight"]

@@ -29,8 +29,8 @@ if __package__ in (None, ""):  # allow `python benchmarks/studies/cifar10_points
 import vitconvert
 from benchmarks import cifar10
 from benchmarks.common import machine_block
-from vitconvert.calibration import Tally
 from vitconvert.data import ImageDataset, eval_transform
+from vitconvert.session import Tally
 
 
 def parse_point(text: str) -> dict[str, float]:

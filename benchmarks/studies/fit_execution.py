@@ -1,4 +1,4 @@
-"""Fit DGE's execution cost model (:data:`vitconvert.methods.dge.EXECUTION_COSTS`) on this machine.
+"""Fit DGE's execution cost model (:data:`vitconvert.methods.dge.execution.EXECUTION_COSTS`) on this machine.
 
 For DGE blocks of several shapes (the CIFAR-10 ViT and PVT-v2 bases, DeiT-S and PVT-v2-b1 at 224 px), batch
 sizes and gate mixes, every dynamic block is timed on its sparse and on its dense path (forward hooks, median
@@ -8,9 +8,12 @@ least squares on the term differences (what both paths do alike cancels), and th
 relative to one matrix-product MAC: the ``move``, ``conv`` and ``op`` constants (``op`` per thread). It also
 reports how often the fitted and the shipped constants pick the faster path, and the time lost when not.
 
-Writes ``benchmarks/results/execution_fit_t<threads>.json``. Usage::
+Writes ``benchmarks/results/execution_fit_t<threads>.json``. ``--install RESULT`` copies a fit's constants into the
+package (``vitconvert/methods/dge/execution_costs.json``, the ``conv_mlp`` kind; the ``plain`` kind's hand-set entry
+is kept, with its reason), which is the only way they change. Usage::
 
     flock /work/heavy.lock python -m benchmarks.studies.fit_execution [--threads 1]
+    python -m benchmarks.studies.fit_execution --install benchmarks/results/execution_fit_t2.json
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 import vitconvert
 from benchmarks.common import RESULTS, force_ratio, machine_block
 from benchmarks.studies.dge_hooks import timed_blocks
-from vitconvert.methods.dge import DGE, EXECUTION_COSTS, DGEBlock, path_terms
+from vitconvert.methods.dge import DGE, EXECUTION_COSTS, DGEBlock, execution, path_terms
 
 TERMS = ("mm", "rows", "move", "conv", "ops")
 # (model source, batch sizes, forced ratios); CIFAR bases are local folders.
@@ -115,15 +118,15 @@ def run(out_dir: Path, threads: int, reps: int, quick: bool = False) -> dict[str
               "op": float(coef[4] / mm / threads)}
     w_fit = {"mm": 1.0, "rows": fitted["sparse_rows"], "move": fitted["move"], "conv": fitted["conv"],
              "ops": fitted["op"]}
-    shipped = {fam: {"mm": 1.0, "rows": c.sparse_rows, "move": c.move, "conv": c.conv, "ops": c.op}
-               for fam, c in EXECUTION_COSTS["cpu"].items()}
+    shipped = {kind: {"mm": 1.0, "rows": c.sparse_rows, "move": c.move, "conv": c.conv, "ops": c.op}
+               for kind, c in EXECUTION_COSTS["cpu"].items()}
     result = {
         "name": "execution_fit", "machine": machine_block(), "threads": threads, "reps": reps,
         "seconds_per_mm_mac": float(coef[0]), "fitted": fitted,
         "shipped": shipped,
         "choices_fitted": choice_quality(samples, w_fit, threads),
-        "choices_shipped": {fam: choice_quality([s for s in samples if ("pvt" in s["model"]) == (fam == "pvt")], w,
-                                                threads) for fam, w in shipped.items()},
+        "choices_shipped": {kind: choice_quality([s for s in samples if ("pvt" in s["model"]) == (kind == "conv_mlp")],
+                                                 w, threads) for kind, w in shipped.items()},
         "samples": samples,
     }
     print(json.dumps({k: v for k, v in result.items() if k not in ("samples", "machine")}, indent=1), flush=True)
@@ -132,13 +135,37 @@ def run(out_dir: Path, threads: int, reps: int, quick: bool = False) -> dict[str
     return result
 
 
+PACKAGE_COSTS = Path(execution.__file__).with_name("execution_costs.json")
+
+
+def install(result: Path, target: Path = PACKAGE_COSTS) -> dict[str, Any]:
+    """Copy the fitted constants of ``result`` (this script's JSON) into the package's ``conv_mlp`` entry."""
+    fit = json.loads(result.read_text())
+    data = json.loads(target.read_text())
+    fitted, machine, chosen = fit["fitted"], fit["machine"], fit["choices_fitted"]
+    data["cpu"]["conv_mlp"] = {
+        "move": fitted["move"], "conv": fitted["conv"], "op": fitted["op"],
+        "sparse_rows": fitted.get("sparse_rows", 1.0),
+        "source": f"fitted: benchmarks/results/{result.name} ({machine['date']}, {machine['cpu']}, {fit['threads']} "
+                  f"threads; picks the faster path in {chosen['right']} of {chosen['of']} block timings, "
+                  f"{chosen['seconds_lost']} s lost of {chosen['seconds_best']} s)",
+    }
+    target.write_text(json.dumps(data, indent=1) + "\n")
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--install", type=Path, metavar="RESULT", help="copy this fit's constants into the package")
     args = parser.parse_args(argv)
+    if args.install is not None:
+        install(args.install)
+        print(f"constants of {args.install} -> {PACKAGE_COSTS}")
+        return 0
     run(args.out, args.threads, args.reps, args.quick)
     return 0
 

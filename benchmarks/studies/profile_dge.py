@@ -35,10 +35,10 @@ from benchmarks.common import (
     threading_info,
 )
 from benchmarks.studies.dge_hooks import block_times
+from vitconvert.data import spread_batch
 from vitconvert.methods.dge import DGE
-from vitconvert.throughput import spread_batch
+from vitconvert.session import original_model
 from vitconvert.timing import load_average
-from vitconvert.train import original_model
 
 GROUPS = {
     "matrix products": ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul"),

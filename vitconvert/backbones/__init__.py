@@ -1,27 +1,33 @@
-"""Backbone families: each module says, from an :class:`~vitconvert.anatomy.Anatomy` draft and the module
-tree, whether a model belongs to its family and what family-specific facts the methods need.
+"""Backbone families: what each family of models is, said once (:class:`~vitconvert.backbones.family.Family`).
 
-:func:`read_anatomy` is the entry point: :func:`vitconvert.anatomy.read_parts` finds the parts, then each
-family's ``read`` accepts or rejects them. Adding a family means adding a module with ``FAMILY``,
-``DESCRIPTION`` and ``read(model, draft)`` that returns a list of what is missing (empty when it matches)
-and fills ``draft.extras``.
+:func:`read_anatomy` is the entry point: :func:`vitconvert.anatomy.read_parts` finds the parts of a traced model,
+then each family's reader accepts or rejects them. Methods then ask the model's family (:func:`family_of`) what
+they need to know (token layout, attention as queries/keys/values and its MACs, the MLP's convolution, how to run
+at another input size) instead of branching on family names. Adding a family means a module here with a
+:class:`~vitconvert.backbones.family.Family` subclass, listed in :data:`FAMILIES`.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
-
 from torch import nn
 
 from vitconvert.anatomy import Anatomy, read_parts
-from vitconvert.backbones import pvt_v2, swin, vit
+from vitconvert.backbones.family import ConvMlp, Family, QueryAttention
+from vitconvert.backbones.pvt_v2 import PVTv2
+from vitconvert.backbones.swin import Swin
+from vitconvert.backbones.vit import ViT
 from vitconvert.errors import AnatomyError
 
-FAMILIES: dict[str, ModuleType] = {m.FAMILY: m for m in (vit, pvt_v2, swin)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (ViT(), PVTv2(), Swin())}
 
 
 def describe_family(name: str) -> str:
-    return FAMILIES[name].DESCRIPTION if name in FAMILIES else name
+    return FAMILIES[name].description if name in FAMILIES else name
+
+
+def family_of(anatomy: Anatomy) -> Family:
+    """The family adapter of a model read by :func:`read_anatomy`."""
+    return FAMILIES[anatomy.family]
 
 
 def classify(model: nn.Module, draft: Anatomy) -> Anatomy:
@@ -33,7 +39,7 @@ def classify(model: nn.Module, draft: Anatomy) -> Anatomy:
             draft.family = name
             return draft
         gaps[name] = missing
-    detail = "; ".join(f"{FAMILIES[k].DESCRIPTION}: {', '.join(v)}" for k, v in gaps.items())
+    detail = "; ".join(f"{FAMILIES[k].description}: {', '.join(v)}" for k, v in gaps.items())
     raise AnatomyError(
         f"{type(model).__name__} is not a supported vision transformer (ViT/DeiT, PVT-v2 or Swin). Not found: {detail}"
     )
@@ -57,3 +63,7 @@ def read_anatomy(model: nn.Module, img_size: tuple[int, int] | None = None) -> A
         ('vit', 12, (14, 14))
     """
     return classify(model, read_parts(model, img_size))
+
+
+__all__ = ["FAMILIES", "ConvMlp", "Family", "QueryAttention", "classify", "describe_family", "family_of",
+           "read_anatomy"]

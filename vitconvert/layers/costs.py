@@ -64,6 +64,14 @@ def conv_macs(out_pixels: float, conv: nn.Conv2d) -> float:
     return float(out_pixels) * per_pixel
 
 
+def token_macs(module: nn.Module) -> float:
+    """MACs per token of a module's linear layers and norms: what a per-token MLP runs for one row (its convolutions,
+    if any, are not per token and not counted here)."""
+    return sum(linear_macs(1, m.in_features, m.out_features) if isinstance(m, nn.Linear) else norm_macs(
+        1, int(prod(m.normalized_shape)) if isinstance(m, nn.LayerNorm) else m.num_channels, m)
+        for m in module.modules() if isinstance(m, nn.Linear | nn.LayerNorm | nn.GroupNorm))
+
+
 # --- measured counting ------------------------------------------------------------------------------------
 
 

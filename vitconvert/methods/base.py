@@ -52,7 +52,7 @@ from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.cascade import Cascade
 from vitconvert.layers.costs import model_gmacs
 from vitconvert.layers.seams import drop_path_modules
-from vitconvert.operating import CurvePoint, OperatingPoint, OperatingSpace, choose_point
+from vitconvert.operating import Budget, CurvePoint, OperatingPoint, OperatingSpace, choose_point
 from vitconvert.recipes import Recipe
 from vitconvert.registry import get_method
 from vitconvert.sources import BaseSpec
@@ -272,11 +272,12 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
     def knob(self, value: float) -> None:
         self.set_operating_point({self.knob_name: value})
 
-    def set_budget(self, budget: str | float) -> CurvePoint:
+    def set_budget(self, budget: Budget | str | float) -> CurvePoint:
         """Pick the operating point for a budget from the stored calibration curve and switch to it.
 
         Args:
-            budget: GMACs (``2.1``), a fraction of the base model (``"50%"``) or a top-1 drop (``"drop=0.5"``).
+            budget: GMACs (``2.1``), a fraction of the base model (``"50%"``), a top-1 drop (``"drop=0.5"``) or a
+                measured speed-up (``"speed=2x"``), or a :class:`~vitconvert.operating.Budget`.
         """
         point = choose_point(self.curve, budget, self.base_gmacs, self.calibration.get("base_top1"),
                              self.adds_compute)

@@ -41,6 +41,7 @@ from vitconvert import fx as vfx
 from vitconvert.anatomy import Anatomy
 from vitconvert.errors import UserError
 from vitconvert.layers.cascade import Carry, Cascade, Stage
+from vitconvert.layers.sharing import attach
 from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints
 from vitconvert.operating import Knob, OperatingSpace
 from vitconvert.recipes import Recipe, Strict
@@ -128,10 +129,9 @@ class CFViT(ConvertedModel, SimulatesPoints):
                        for i, p in enumerate(anatomy.block_paths)],
             "final_norm": base.get_submodule(anatomy.final_norm) if anatomy.final_norm else nn.Identity(),
         }
-        object.__setattr__(self, "_graphs", graphs)
         # Not modules: the stages call the graphs above, whose parameters are registered once under base.
-        object.__setattr__(self, "cascade", Cascade([Stage("coarse", self._coarse_stage, 0.0),
-                                                     Stage("fine", self._fine_stage, 0.0)]))
+        attach(self, _graphs=graphs, cascade=Cascade([Stage("coarse", self._coarse_stage, 0.0),
+                                                      Stage("fine", self._fine_stage, 0.0)]))
         self.eta = s.eta
         self._alpha = s.alpha
         self._count_costs()
@@ -181,7 +181,7 @@ class CFViT(ConvertedModel, SimulatesPoints):
 
     @property
     def _g(self) -> dict[str, Any]:
-        return self.__dict__["_graphs"]
+        return self._graphs
 
     def _check_input(self, x: torch.Tensor) -> None:
         if tuple(x.shape[-2:]) != tuple(self.anatomy.img_size):

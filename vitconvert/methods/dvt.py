@@ -24,7 +24,8 @@ the 8x8 CIFAR ViT 4x4, 6x6, 8x8) are per-side fractions of the native grid (ViT)
 (PVT-v2, Swin); ``grids`` / ``img_sizes`` give them explicitly. PVT-v2 and Swin sizes are rounded to a
 multiple of half the total stride (16 px for four stages with patch 4). Swin-T at 224 px gets 112 / 160 /
 224 px: 112 px keeps 7x7 windows on the 28/14/7 maps (the 4x4 last map gets a 4x4 window, timm shrinks
-it), 160 px runs 5x5 windows on its 40/20/10/5 maps (:func:`_set_input_size`: windows that do not divide a
+it), 160 px runs 5x5 windows on its 40/20/10/5 maps (:meth:`vitconvert.backbones.swin.Swin.set_input_size`:
+windows that do not divide a
 map are padded, and padding 128 px's 8x8 stage-3 map to 14x14 would cost 2.05 GMACs against 1.18 at
 112 px); a changed window resamples the pretrained relative-position table (the fine-tune adapts it).
 PVT-v2-b1 at 224 px gets 112 / 160 / 224 px (last-stage maps 4x4, 5x5, 7x7; its overlapping strided
@@ -74,7 +75,6 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -85,10 +85,12 @@ from torch import nn
 
 from vitconvert import fx as vfx
 from vitconvert.anatomy import Anatomy
+from vitconvert.backbones import family_of
 from vitconvert.errors import UserError
 from vitconvert.layers.cascade import Carry, Cascade, Stage, StageFn, thresholds_for_exit_shares
 from vitconvert.layers.reuse import FeatureReuse, RelationMixer, resize_relations
 from vitconvert.layers.seams import rewrite_attention
+from vitconvert.layers.sharing import attach, detach, tie_parameters
 from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints
 from vitconvert.operating import Knob, OperatingPoint, OperatingSpace
 from vitconvert.recipes import Recipe, Strict
@@ -137,18 +139,12 @@ def _capture_output(module: nn.Module, args: tuple, output: Any) -> Any:
     ``module._dvt_capture`` is set. It reads only its module's attributes (no closure), so copies of the
     model (EMA, deepcopy) carry working hooks of their own.
     """
-    add = module.__dict__.get("_dvt_add")
+    add = getattr(module, "_dvt_add", None)
     if add is not None:
         output = output + add.to(output.dtype)
-    if module.__dict__.get("_dvt_capture"):
-        grid = tuple(output.shape[1:3]) if output.dim() == 4 else tuple(int(v) for v in args[1])
-        module.__dict__["_dvt_out"] = (output, grid)
+    if getattr(module, "_dvt_capture", False):
+        attach(module, _dvt_out=(output, module._dvt_family.block_grid(args[0], args[1:], {}, None)))
     return output
-
-
-def _stride(anatomy: Anatomy) -> int:
-    """Total stride of a hierarchical model: its input side / its last stage's map side."""
-    return max(1, anatomy.img_size[0] // anatomy.stages[-1].grid[0])
 
 
 @register_method
@@ -164,43 +160,43 @@ class DVT(ConvertedModel, SimulatesPoints):
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         super().__init__(base, spec, recipe, anatomy)
         s: DVTSettings = self.settings
-        self.is_vit = anatomy.family == "vit"
+        family = family_of(anatomy)
+        # One token sequence through a chain of blocks (ViT): members run as fx graphs around the blocks, sized by
+        # their token grids. Otherwise (hierarchical) each member is the timm model at its input size, with hooks.
+        self.split = family.splits_at_blocks
         self.img_sizes, self.grids = self._member_sizes(s, anatomy)
         k_members = len(self.img_sizes)
-        self.names = [f"{g[0]}x{g[1]}" if self.is_vit else f"{i[0]}px" if i[0] == i[1] else f"{i[0]}x{i[1]}px"
+        self.names = [f"{g[0]}x{g[1]}" if self.split else f"{i[0]}px" if i[0] == i[1] else f"{i[0]}x{i[1]}px"
                       for g, i in zip(self.grids, self.img_sizes, strict=True)]
         if len(set(self.names)) != k_members:
             raise UserError(f"dvt members must differ in size; got {', '.join(self.names)}")
-        self.relation = bool(s.relation_reuse and self.is_vit)
-        self.num_prefix = anatomy.num_prefix_tokens if self.is_vit else 0
+        # Relation maps of one resolution describe the token pairs of another only under global attention.
+        self.relation = bool(s.relation_reuse and self.split and family.global_attention)
+        self.num_prefix = anatomy.num_prefix_tokens
 
         # Members 0..K-2: copies of the base resized with timm's set_input_size; the last member is the base.
         copies = []
         base_params = dict(base.named_parameters())
         for size in self.img_sizes[:-1]:
             member = copy.deepcopy(base)
-            if hasattr(member, "set_input_size"):  # PVT-v2 has none: it takes any input size as it is
-                try:
-                    _set_input_size(member, size, anatomy)
-                except Exception as e:  # timm refuses sizes its layout cannot take
-                    raise UserError(f"dvt: {spec.architecture} cannot run at {size[0]}x{size[1]} px "
-                                    f"({type(e).__name__}: {e}); choose other member sizes") from None
+            try:  # Swin: windows fitted to each member's maps (padded windows cost more than smaller ones)
+                family.set_input_size(member, size, anatomy, keep_windows=False)
+            except Exception as e:  # timm refuses sizes its layout cannot take
+                raise UserError(f"dvt: {spec.architecture} cannot run at {size[0]}x{size[1]} px "
+                                f"({type(e).__name__}: {e}); choose other member sizes") from None
             if s.share_weights:
-                _tie(member, base_params)
+                tie_parameters(member, base_params)
             copies.append(member)
         self.members = nn.ModuleList(copies)
 
         self.num_blocks = len(anatomy.blocks)
-        if self.is_vit:
-            dim = anatomy.embed_dim
-            reuse_blocks = list(range(self.num_blocks))
-            heads = anatomy.blocks[0].num_heads
-            if any(b.num_heads != heads for b in anatomy.blocks):
-                self.relation = False  # relation maps are stacked over layers: every layer needs the same heads
-        else:
-            dim = anatomy.stages[-1].dim
-            reuse_blocks = list(anatomy.stages[-1].blocks)
-            heads = 0
+        # Features are reused by the blocks of the last stage (a ViT's only one): the previous member's last-stage
+        # map is their resolution's counterpart.
+        dim = anatomy.stages[-1].dim
+        reuse_blocks = list(anatomy.stages[-1].blocks)
+        heads = anatomy.blocks[0].num_heads
+        if any(b.num_heads != heads for b in anatomy.blocks):
+            self.relation = False  # relation maps are stacked over layers: every layer needs the same heads
         self.reuse_blocks = reuse_blocks
         self.reuse = nn.ModuleDict()
         if s.feature_reuse:
@@ -215,30 +211,31 @@ class DVT(ConvertedModel, SimulatesPoints):
         graphs: list[dict[str, Any]] = []
         for k in range(k_members):
             model = self._member(k)
-            if self.is_vit:
-                graphs.append(self._vit_graphs(model, k))
+            if self.split:
+                graphs.append(self._split_graphs(model, k))
             else:
                 for i in reuse_blocks:
-                    model.get_submodule(anatomy.blocks[i].path).register_forward_hook(_capture_output)
+                    block = model.get_submodule(anatomy.blocks[i].path)
+                    attach(block, _dvt_family=family)
+                    block.register_forward_hook(_capture_output)
                 graphs.append({})
-        object.__setattr__(self, "_graphs", graphs)
         stages = [Stage(name, self._stage_fn(k), 0.0) for k, name in enumerate(self.names)]
-        object.__setattr__(self, "cascade", Cascade(stages))
+        # Not modules: the graphs call the members' own modules, registered once under base / members.
+        attach(self, _graphs=graphs, _family=family, cascade=Cascade(stages))
         thresholds = s.thresholds if s.thresholds is not None else [1.0] * (k_members - 1)
         if len(thresholds) != k_members - 1 or any(not 0.0 <= t <= 1.0 for t in thresholds):
             raise UserError(f"recipe: model.thresholds must be {k_members - 1} values in [0, 1], got {thresholds}")
         self.thresholds = [float(t) for t in thresholds]
-        if not self.is_vit:
+        if not self.split:
             self.grids = self._last_stage_grids()
         self._count_costs()
 
     # --- structure ------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _member_sizes(s: DVTSettings, anatomy: Anatomy) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """Each member's input size and its grid (ViT: token grid; others: last-stage map)."""
+    def _member_sizes(self, s: DVTSettings, anatomy: Anatomy) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Each member's input size and its grid (split models: the token grid; others: the last-stage map)."""
         h, w = anatomy.img_size
-        if anatomy.family == "vit":
+        if self.split:
             gh, gw = anatomy.grid
             ph, pw = h // gh, w // gw
             if s.grids is not None:
@@ -255,13 +252,14 @@ class DVT(ConvertedModel, SimulatesPoints):
         else:
             if s.grids is not None:
                 raise UserError("dvt: model.grids is for ViT models; give PVT-v2 / Swin members as img_sizes")
+            step_whole_maps = family_of(anatomy).size_step(anatomy)
             if s.img_sizes is not None:
                 imgs = [(i, i) for i in s.img_sizes]
             else:
-                # Multiples of half the total stride (16 px for four stages with patch 4: whole maps up to the
-                # third stage, the last one rounded up by padding) when that keeps the members apart, else
-                # whole patches (timm pads odd maps when merging patches).
-                for step in (max(anatomy.patch_size[0], _stride(anatomy) // 2), anatomy.patch_size[0]):
+                # Multiples of the family's step (16 px for four stages with patch 4: whole maps up to the third
+                # stage, the last one rounded up by padding) when that keeps the members apart, else whole patches
+                # (timm pads odd maps when merging patches).
+                for step in (step_whole_maps, anatomy.patch_size[0]):
                     imgs = [(max(step, round(h * f / step) * step), max(step, round(w * f / step) * step))
                             for f in s.scales[:-1]] + [(h, w)]
                     if all(a[0] < b[0] for a, b in itertools.pairwise(imgs)):
@@ -282,22 +280,23 @@ class DVT(ConvertedModel, SimulatesPoints):
             model = self._member(k)
             block = model.get_submodule(self.anatomy.blocks[self.reuse_blocks[-1]].path)
             was_training = model.training
-            block.__dict__["_dvt_capture"] = True
+            attach(block, _dvt_capture=True)
             try:
                 model.eval()
                 model(torch.zeros(1, 3, *size, device=p.device, dtype=p.dtype))
-                grids.append(block.__dict__.pop("_dvt_out")[1])
+                grids.append(detach(block, "_dvt_out")[1])
             finally:
                 model.train(was_training)
-                block.__dict__.pop("_dvt_capture", None)
-                block.__dict__.pop("_dvt_out", None)
+                detach(block, "_dvt_capture")
+                detach(block, "_dvt_out")
         return grids
 
     def _member(self, k: int) -> nn.Module:
         return self.base if k == len(self.img_sizes) - 1 else self.members[k]
 
-    def _vit_graphs(self, model: nn.Module, k: int) -> dict[str, Any]:
-        """fx graphs of one ViT member (kept out of the module tree: they hold the member's own modules)."""
+    def _split_graphs(self, model: nn.Module, k: int) -> dict[str, Any]:
+        """fx graphs of one member split at its blocks (kept out of the module tree: they hold the member's own
+        modules)."""
         last = k == len(self.img_sizes) - 1
         logits, bias = self.relation and not last, self.relation and k > 0
         embed, head = vfx.split_at_blocks(model, self.anatomy.block_paths)
@@ -382,10 +381,10 @@ class DVT(ConvertedModel, SimulatesPoints):
         return functools.partial(self._run_member, k)
 
     def _run_member(self, k: int, x: torch.Tensor, carry: Carry) -> tuple[torch.Tensor, Carry]:
-        return self._run_vit(x, carry, k) if self.is_vit else self._run_hooked(x, carry, k)
+        return self._run_split(x, carry, k) if self.split else self._run_hooked(x, carry, k)
 
-    def _run_vit(self, x: torch.Tensor, carry: Carry, k: int) -> tuple[torch.Tensor, Carry]:
-        g = self.__dict__["_graphs"][k]
+    def _run_split(self, x: torch.Tensor, carry: Carry, k: int) -> tuple[torch.Tensor, Carry]:
+        g = self._graphs[k]
         p = self.num_prefix
         tokens = g["embed"](self._resized(x, k))
         mixed = None
@@ -426,21 +425,20 @@ class DVT(ConvertedModel, SimulatesPoints):
                 dst = self.grids[k]
                 for block, branch in zip(blocks, reuse, strict=True):
                     add = branch(up, 0, up_grid, dst)
-                    if self.anatomy.family == "swin":
+                    if self._family.block_layout == "map":
                         add = add.reshape(add.shape[0], *dst, add.shape[-1])
-                    block.__dict__["_dvt_add"] = add
-            blocks[-1].__dict__["_dvt_capture"] = not last
+                    attach(block, _dvt_add=add)
+            attach(blocks[-1], _dvt_capture=not last)
             logits = model(self._resized(x, k))
             new: Carry = {}
             if not last:
-                out, grid = blocks[-1].__dict__.pop("_dvt_out")
+                out, grid = detach(blocks[-1], "_dvt_out")
                 new["features"] = out.reshape(out.shape[0], grid[0] * grid[1], out.shape[-1])
             return logits, new
         finally:
             for block in blocks:
-                block.__dict__.pop("_dvt_add", None)
-                block.__dict__.pop("_dvt_capture", None)
-                block.__dict__.pop("_dvt_out", None)
+                for name in ("_dvt_add", "_dvt_capture", "_dvt_out"):
+                    detach(block, name)
 
     # --- inference ------------------------------------------------------------------------------------
 
@@ -485,45 +483,6 @@ class DVT(ConvertedModel, SimulatesPoints):
     def _count_costs(self) -> None:
         """Each member's GMACs on one image given the earlier members' carry."""
         self._count_cascade_costs(self.cascade)
-
-
-def _set_input_size(member: nn.Module, size: tuple[int, int], anatomy: Anatomy) -> None:
-    """timm's ``set_input_size`` for a member.
-
-    Swin: timm would derive windows from the size; we keep each stage's window where it divides the stage's
-    map and otherwise take the largest divisor of the map between half the window and the window (a 160 px
-    Swin-T runs 5x5 windows on its 40/20/10/5 maps), because a window that does not divide the map is padded:
-    128 px with 7x7 windows pads stage 3's 8x8 map to 14x14 and costs 2.05 GMACs, 160 px 2.69, against 1.18
-    at 112 px. Where no such divisor exists the window stays (and is padded); where the map is smaller than
-    the window timm shrinks the window to the map. A changed window resamples the relative-position table.
-    """
-    if anatomy.family != "swin":
-        member.set_input_size(img_size=size)
-        return
-    windows = []
-    side = (math.ceil(size[0] / anatomy.patch_size[0]), math.ceil(size[1] / anatomy.patch_size[1]))
-    for i, stage in enumerate(anatomy.stages):
-        block = member.get_submodule(anatomy.blocks[stage.blocks[0]].path)
-        target = tuple(getattr(block, "target_window_size", block.window_size))
-        if i > 0:  # every later Swin stage starts by merging 2x2 patches (odd maps padded)
-            side = (math.ceil(side[0] / 2), math.ceil(side[1] / 2))
-        windows.append(tuple(_window_for(m, w) for m, w in zip(side, target, strict=True)))
-    member.set_input_size(img_size=size, window_size=windows)
-
-
-def _window_for(side: int, window: int) -> int:
-    if side <= window or side % window == 0:
-        return window
-    return next((d for d in range(window, math.ceil(window / 2) - 1, -1) if side % d == 0), window)
-
-
-def _tie(member: nn.Module, base_params: dict[str, nn.Parameter]) -> None:
-    """Make every parameter of ``member`` whose name and shape match the base's the base's own tensor."""
-    for name, param in list(member.named_parameters()):
-        shared = base_params.get(name)
-        if shared is not None and shared.shape == param.shape:
-            owner, _, attr = name.rpartition(".")
-            setattr(member.get_submodule(owner) if owner else member, attr, shared)
 
 
 __all__ = ["DVT", "DVTLosses", "DVTSettings"]

@@ -72,7 +72,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from vitconvert.anatomy import Anatomy
-from vitconvert.backbones import read_anatomy
+from vitconvert.backbones import family_of, read_anatomy
 from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.clustering import (
     DEFAULT_ITERS,
@@ -86,6 +86,7 @@ from vitconvert.layers.clustering import (
 )
 from vitconvert.layers.costs import GIGA, attention_macs, conv_macs, linear_macs, norm_macs
 from vitconvert.layers.seams import insert_residual_branch, read_residual_block, replace_attention_core
+from vitconvert.layers.sharing import attach
 from vitconvert.methods.base import ConvertedModel, DynamicOutput
 from vitconvert.operating import Knob, OperatingSpace
 from vitconvert.recipes import Recipe, Strict
@@ -170,7 +171,7 @@ class ClusteredCore(nn.Module):
 
     def __init__(self, ctx: _Context, num_global: int) -> None:
         super().__init__()
-        object.__setattr__(self, "_ctx", ctx)
+        attach(self, _ctx=ctx)
         self.num_global = num_global
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -178,7 +179,7 @@ class ClusteredCore(nn.Module):
                 dropout: nn.Module | None = None) -> torch.Tensor:
         if dropout is not None:  # timm: attn_drop.p in training, 0 in eval, decided at run time
             dropout_p = dropout.p if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
-        c: _Context = self.__dict__["_ctx"]
+        c = self._ctx
         if c.cluster_size == 0 or attn_mask is not None or is_causal or k.shape[-2] != q.shape[-2]:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                   is_causal=is_causal, scale=scale)
@@ -199,7 +200,7 @@ class FSLABranch(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise AnatomyError(f"fsla: width {dim} is not divisible by {num_heads} heads")
-        object.__setattr__(self, "_ctx", ctx)
+        attach(self, _ctx=ctx)
         self.num_heads = num_heads
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -211,7 +212,7 @@ class FSLABranch(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c: _Context = self.__dict__["_ctx"]
+        c = self._ctx
         if c.cluster_size == 0:  # the base model's computation: no update at all
             return torch.zeros_like(x)
         # Inference runs the sub-layer on slices of the batch (every image is clustered and attended on its own,
@@ -233,7 +234,7 @@ class FSLABranch(nn.Module):
     def _update(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The residual update of ``x`` (B, H, W, C); with ``out`` (contiguous; inference only) written there,
         with the temporaries in reused buffers."""
-        c: _Context = self.__dict__["_ctx"]
+        c = self._ctx
         b, hh, ww, dim = x.shape
         n, h = hh * ww, self.num_heads
         t = self.norm(x).reshape(b * n, dim)
@@ -264,7 +265,7 @@ class FSLABranch(nn.Module):
         """MACs of one image through this branch at ``cluster_size`` (what :meth:`forward` runs)."""
         if cluster_size == 0:
             return 0.0
-        c: _Context = self.__dict__["_ctx"]
+        c = self._ctx
         n, dim = grid[0] * grid[1], self.proj.in_features
         return (norm_macs(n, dim) + linear_macs(n, dim, 3 * dim) + conv_macs(n, self.pos) + linear_macs(n, dim, dim)
                 + clustered_attention_macs(n, dim, cluster_size, c.overlap, 0, c.iters, c.overhead))
@@ -276,25 +277,18 @@ def _pair(v: int | list[int]) -> tuple[int, int]:
 
 def _resize(base: nn.Module, spec: BaseSpec, anatomy: Anatomy, size: tuple[int, int]
             ) -> tuple[BaseSpec, Anatomy]:
-    """Run ``base`` at ``size``: rebuild what depends on it, record it in a copy of ``spec``, re-read the anatomy."""
+    """Run ``base`` at ``size``: rebuild what depends on it (its family says what: a ViT's position embeddings are
+    resampled, Swin keeps its windows and so its relative-position tables), record it in a copy of ``spec``, re-read
+    the anatomy."""
     if tuple(anatomy.img_size) == size:
         return spec, anatomy
-    args = copy.deepcopy(spec.model_args)
-    if anatomy.family in ("vit", "swin"):
-        if not hasattr(base, "set_input_size"):
-            raise UserError(f"fsla: {spec.architecture} cannot change its input size (no set_input_size in timm)")
-        kwargs: dict[str, Any] = {}
-        if anatomy.family == "swin":
-            # Keep the windows (and so the relative-position tables): timm would otherwise derive new ones.
-            block = base.get_submodule(anatomy.blocks[0].path)
-            kwargs["window_size"] = tuple(block.window_size) if not isinstance(block.window_size, int) \
-                else block.window_size
-        try:
-            base.set_input_size(img_size=size, **kwargs)  # ViT: resamples the position embeddings
-        except Exception as e:
-            raise UserError(f"fsla: {spec.architecture} cannot run at {size[0]}x{size[1]}: {e}") from None
-        args["img_size"] = list(size)
-    spec = dataclasses.replace(spec, model_args=args, img_size=list(size))
+    try:
+        changed = family_of(anatomy).set_input_size(base, size, anatomy, keep_windows=True)
+    except UserError as e:
+        raise UserError(f"fsla: {spec.architecture}: {e}") from None
+    except Exception as e:  # timm refuses sizes its layout cannot take
+        raise UserError(f"fsla: {spec.architecture} cannot run at {size[0]}x{size[1]}: {e}") from None
+    spec = dataclasses.replace(spec, model_args={**copy.deepcopy(spec.model_args), **changed}, img_size=list(size))
     return spec, read_anatomy(base, img_size=size)
 
 
@@ -311,7 +305,7 @@ class _FSLABase(ConvertedModel):
         if s.img_size is not None and anatomy.family in self.families:
             spec, anatomy = _resize(base, spec, anatomy, _pair(s.img_size))
         super().__init__(base, spec, recipe, anatomy)
-        object.__setattr__(self, "_ctx", _Context(s))
+        attach(self, _ctx=_Context(s))
         self.fsla_blocks: list[int] = []
         self._build()
         if not self.fsla_blocks:
@@ -345,7 +339,7 @@ class _FSLABase(ConvertedModel):
 
     @property
     def _c(self) -> _Context:
-        return self.__dict__["_ctx"]
+        return self._ctx
 
     @property
     def cluster_size(self) -> int:
@@ -492,7 +486,7 @@ class FSLA(_FSLABase):
             raise UserError(f"recipe: model.stages must list stages in 0..{len(a.stages) - 1}, got {s.stages}")
         # The branches live inside the base blocks (keys base.<block>.fsla.*); a plain dict, not a second
         # registration, so no tensor is saved twice.
-        object.__setattr__(self, "_branches", {})
+        attach(self, _branches={})
         self.branch_paths: list[str] = []
         self.grids: dict[int, tuple[int, int]] = {}
         self.window_areas: list[int] = []
@@ -511,7 +505,7 @@ class FSLA(_FSLABase):
                 if s.init_from_window:
                     _copy_init(branch, block, parts.norm1, parts.attn, info.path)
                 self.base.set_submodule(info.path, insert_residual_branch(block, branch, name="fsla"))
-                self.__dict__["_branches"][index] = branch
+                self._branches[index] = branch
                 self.branch_paths.append(f"base.{info.path}.fsla")
                 self.grids[index] = tuple(stage.grid)
                 self.window_areas.append(window[0] * window[1])
@@ -542,7 +536,7 @@ class FSLA(_FSLABase):
 
     def _probe(self) -> tuple[int, nn.Module, tuple[int, int], int]:
         index = self.fsla_blocks[0]
-        return index, self.__dict__["_branches"][index], self.grids[index], 0
+        return index, self._branches[index], self.grids[index], 0
 
     def _probe_queries(self, module: nn.Module, args: tuple[Any, ...]) -> torch.Tensor:
         x = args[0]
@@ -552,7 +546,7 @@ class FSLA(_FSLABase):
         return qkv.reshape(b, hh * ww, 3, h, dim // h)[:, :, 0].transpose(1, 2)
 
     def _extra_macs(self, cluster_size: int) -> float:
-        branches = self.__dict__["_branches"]
+        branches = self._branches
         return sum(branches[i].macs(self.grids[i], cluster_size) for i in self.fsla_blocks)
 
 
@@ -587,16 +581,17 @@ class FSLAReplace(_FSLABase):
         a = self.anatomy
         if s.blocks is not None and any(not 0 <= i < len(a.blocks) for i in s.blocks):
             raise UserError(f"recipe: model.blocks must list blocks in 0..{len(a.blocks) - 1}, got {s.blocks}")
-        num_global = a.num_prefix_tokens if a.family == "vit" else 0
+        num_global = a.num_prefix_tokens  # class/distillation tokens stay global
+        family = family_of(a)
         self.block_costs: dict[int, tuple[int, int, int]] = {}  # index -> (tokens, width, global tokens)
         for info in a.blocks:
             if s.blocks is not None and info.index not in s.blocks:
                 continue
             block = self.base.get_submodule(info.path)
-            attn = block.get_submodule(read_residual_block(block, f"fsla_replace: block {info.path}").attn)
-            if a.family == "pvt_v2" and (getattr(attn, "sr", None) is not None or getattr(attn, "pool", None)
-                                         is not None):
-                continue  # spatial-reduction attention: keys are pooled tokens, not the queries' (see docstring)
+            where = f"fsla_replace: block {info.path}"
+            attn = block.get_submodule(read_residual_block(block, where).attn)
+            if not family.query_attention(attn, where).keys_are_queries:
+                continue  # keys are pooled tokens (PVT-v2's spatial reduction), not the queries (see the docstring)
             if hasattr(attn, "fused_attn"):
                 attn.fused_attn = True  # the swap needs the SDPA call; the same attention up to float rounding
             width = _attn_width(attn, info.dim)

@@ -1,0 +1,161 @@
+"""What a backbone family is, said once: the adapter every method asks instead of branching on family names.
+
+A :class:`Family` reads whether a traced model belongs to it (:meth:`Family.read`) and then answers what the
+methods need to know about its models:
+
+* **token layout**: blocks over a token sequence with prefix tokens, ``(B, N, C)``, or over a map, ``(B, H, W, C)``
+  (:attr:`Family.block_layout`), and the grid one block call runs on (:meth:`Family.block_grid`);
+* **structure**: whether the model is an embedding, one chain of blocks over one token sequence and a head
+  (:attr:`Family.splits_at_blocks`: the fx split applies), and whether every block attends over the whole grid, so
+  attention logits of one resolution describe token pairs of another (:attr:`Family.global_attention`);
+* **attention as a seam**: :meth:`Family.query_attention` reads a block's attention module as queries from some
+  rows and keys and values from all tokens (a fused qkv projection; PVT-v2's spatial-reduction keys and values),
+  with the MACs of each part (:class:`QueryAttention`);
+* **the MLP**: its depthwise convolution, if it has one (:meth:`Family.mlp_conv`, PVT-v2);
+* **resolution**: running a model at another input size (:meth:`Family.set_input_size`: position embeddings
+  resampled, Swin's windows kept or fitted to the new maps) and the input sizes that keep whole maps
+  (:meth:`Family.size_step`).
+
+Adding a family means subclassing :class:`Family` in a module of this package and listing it in
+:data:`vitconvert.backbones.FAMILIES`; methods then work on it as far as its answers allow.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from vitconvert.anatomy import Anatomy
+from vitconvert.errors import AnatomyError
+from vitconvert.layers.costs import norm_macs
+
+
+class QueryAttention(abc.ABC):
+    """A block's attention module read as three steps a method can run on different rows: project queries (some
+    rows), keys and values (every token; they may be pooled first), then the output after the attention core.
+
+    ``output(core(queries(norm1(q_rows)), *keys_values(norm1(x), grid)))`` is the module's own forward when the
+    query rows are all tokens. Not a module: it holds references to the module's layers (``.to()`` and deepcopy
+    follow the module it belongs to).
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        self.attn = attn
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.attn.num_heads)
+
+    @property
+    @abc.abstractmethod
+    def width(self) -> int:
+        """Channels of the tokens (the block's width)."""
+
+    @property
+    @abc.abstractmethod
+    def dim(self) -> int:
+        """Heads x head dim of queries, keys and values."""
+
+    @property
+    def keys_are_queries(self) -> bool:
+        """Whether the keys and values are the same tokens as the queries (no pooling), in the same order."""
+        return True
+
+    @abc.abstractmethod
+    def queries(self, qn: torch.Tensor) -> torch.Tensor:
+        """(B, Nq, width) normalised query rows -> (B, Nq, dim) projected queries (query norms applied)."""
+
+    @abc.abstractmethod
+    def keys_values(self, xn: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, width) normalised tokens on ``grid`` -> keys and values, each (B, heads, Nk, dim / heads)."""
+
+    @abc.abstractmethod
+    def output(self, o: torch.Tensor, qn: torch.Tensor) -> torch.Tensor:
+        """(B, Nq, dim) attention result (heads merged) -> (B, Nq, width): what follows the core (output norm, gate,
+        projection, dropout); ``qn`` are the normalised query rows (a gate reads them)."""
+
+    def dropout(self) -> float:
+        """The attention-dropout probability to apply now (0 in eval mode)."""
+        drop = getattr(self.attn, "attn_drop", None)
+        return float(drop.p) if isinstance(drop, nn.Dropout) and self.attn.training else 0.0
+
+    @abc.abstractmethod
+    def key_tokens(self, tokens: int, grid: tuple[int, int]) -> int:
+        """How many keys ``tokens`` tokens on ``grid`` give."""
+
+    @abc.abstractmethod
+    def query_macs(self, keys: int) -> float:
+        """MACs per query row: its projection and norms, QK^T and AV against ``keys`` keys, and the output steps."""
+
+    @abc.abstractmethod
+    def kv_macs(self, tokens: int, grid: tuple[int, int]) -> float:
+        """MACs of the keys and values of ``tokens`` tokens on ``grid`` (pooling and its norm included)."""
+
+
+@dataclass(frozen=True)
+class ConvMlp:
+    """An MLP with a depthwise convolution over the token map between its two linear layers (PVT-v2):
+    ``fc2(drop(act(dwconv(relu(fc1(x))))))``, then ``drop``; ``relu`` is timm's ``linear`` variant (else Identity)."""
+
+    fc1: nn.Linear
+    relu: nn.Module
+    dwconv: nn.Conv2d
+    act: nn.Module
+    drop: nn.Module
+    fc2: nn.Linear
+
+
+class Family(abc.ABC):
+    """One backbone family (see the module docstring); subclasses set the class attributes and the readers."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    block_layout: ClassVar[Literal["tokens", "map"]]
+    splits_at_blocks: ClassVar[bool] = False
+    global_attention: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def read(self, model: nn.Module, draft: Anatomy) -> list[str]:
+        """What the model lacks to belong to this family (empty: it belongs; ``draft`` then gets the family's facts:
+        ``attn_kind`` per block, ``extras``)."""
+
+    def block_grid(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   default: tuple[int, int] | None) -> tuple[int, int]:
+        """The token grid a block call ``block(x, *args, **kwargs)`` runs on (``default``: the stage's grid)."""
+        if default is None:
+            raise AnatomyError(f"{self.description}: the grid of a block call is not known")
+        return default
+
+    def query_attention(self, attn: nn.Module, where: str) -> QueryAttention:
+        """``attn`` read as a :class:`QueryAttention`; an AnatomyError when this family's attention has no such seam."""
+        raise AnatomyError(f"{where}: {self.description} attention cannot run queries apart from keys "
+                           f"(found {type(attn).__name__})")
+
+    def mlp_conv(self, mlp: nn.Module, where: str) -> ConvMlp | None:
+        """The MLP's parts when it holds a depthwise convolution over the token map; None for a per-token MLP."""
+        return None
+
+    def set_input_size(self, model: nn.Module, size: tuple[int, int], anatomy: Anatomy,
+                       keep_windows: bool = True) -> dict[str, Any]:
+        """Make ``model`` run at ``size`` (what depends on it rebuilt); returns the constructor arguments that now
+        differ (to record in the base spec). ``keep_windows``: Swin keeps its windows (and so its relative-position
+        tables) instead of fitting them to the new maps."""
+        raise AnatomyError(f"{self.description} models cannot change their input size")
+
+    def size_step(self, anatomy: Anatomy) -> int:
+        """Input sides that are multiples of this keep whole token maps (ViT: the patch)."""
+        return anatomy.patch_size[0]
+
+
+def norm_cost(norm: nn.Module | None, width: int) -> float:
+    """MACs per token of a norm layer by the cost layer's rule (0 for Identity or none)."""
+    return norm_macs(1, width, norm) if norm is not None else 0.0
+
+
+def total_stride(anatomy: Anatomy) -> int:
+    """A hierarchical model's input side / its last stage's map side."""
+    return max(1, anatomy.img_size[0] // anatomy.stages[-1].grid[0])

@@ -1,0 +1,429 @@
+"""DGE's blocks: the router, the per-forward state a model shares with its blocks, and :class:`DGEBlock`, a block of the
+base model running its queries at the granularity each region chose.
+
+:class:`DGEBlock` replaces a block in place and adopts its children under their own names (state-dict keys do not
+change). Per batch it runs one of four paths (see :mod:`vitconvert.methods.dge`): the base block itself, *sparse*
+(the selected queries gathered, :mod:`vitconvert.layers.ragged`), *dense* (every token a query row holding its
+query's state) or *split* (a dense batch per level); training runs the paper's dense path with straight-through
+Gumbel gates. What depends on the family (the grid of a call, queries apart from keys and values, a convolution in
+the MLP) comes from the block's :class:`~vitconvert.backbones.family.Family`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitconvert.backbones.family import ConvMlp, Family, QueryAttention
+from vitconvert.errors import AnatomyError
+from vitconvert.layers.ragged import (
+    AllQueries,
+    PackedQueries,
+    PaddedQueries,
+    QuerySelection,
+    TokenQueries,
+    UniformQueries,
+)
+from vitconvert.layers.regions import RegionLayout, make_layout, pool_subpatches
+from vitconvert.layers.scale_conv import conv_at, dwconv_all, dwconv_macs, dwconv_selected, dwconv_tokens
+from vitconvert.layers.seams import read_residual_block
+from vitconvert.layers.sharing import attach
+from vitconvert.methods.dge.execution import path_costs
+
+# --- what a forward records, and the state the blocks share ------------------------------------------------
+
+
+@dataclass
+class Record:
+    """What one block did in one forward: queries per image (differentiable in training), its gates."""
+
+    block: int
+    nq: torch.Tensor  # (B,)
+    gates: torch.Tensor | None  # (B, Rh, Rw) granularity index (inference)
+    router_ran: bool
+    conv_macs: torch.Tensor | None = None  # (B,) PVT-v2: MACs of the depthwise convolution on this path
+    path: str = "sparse"  # how it ran (inference): sparse, dense (every token a row), split (by level) or base
+
+
+# (block index, batch, regions, device) -> (batch, regions) granularity index of each region (long, 0 = finest).
+GateOverride = Callable[[int, int, int, torch.device], torch.Tensor]
+
+
+class Context:
+    """State shared by the converted model and its DGE blocks for one forward pass (never registered)."""
+
+    def __init__(self, region: int, granularities: list[int], layout: str, execution: str, tau: float) -> None:
+        self.region = region
+        self.sizes = [region // g for g in granularities]
+        self.layout_mode = layout
+        self.execution = execution
+        self.mode = "dense"  # dense: the base blocks; sparse: DGE inference; train: DGE dense training path
+        self.tau = tau
+        self.shift = 0.0  # logit shift per coarseness rank (the knob)
+        self.level: int | None = None  # all regions at this granularity, no router (knob at 1)
+        # Gates from outside instead of the routers' choice (speed benchmarks, tests); None: the routers decide.
+        self.gate_override: GateOverride | None = None
+        self.records: list[Record] = []
+        self._layouts: dict[tuple[int, int, str], RegionLayout] = {}
+        self._first: dict[tuple[int, int, str, int], torch.Tensor] = {}
+        self._uniform: dict[tuple[int, int, str, int, int], torch.Tensor] = {}
+
+    def layout(self, hw: tuple[int, int], device: torch.device) -> RegionLayout:
+        key = (int(hw[0]), int(hw[1]), str(device))
+        if key not in self._layouts:
+            self._layouts[key] = make_layout(key[:2], self.region, self.sizes, device)
+        return self._layouts[key]
+
+    def cand_first(self, hw: tuple[int, int], device: torch.device, prefix: int) -> torch.Tensor:
+        """(prefix + T,) the first token (prefix included) each candidate covers: the row a dense block runs
+        for a query whose row repeats over its sub-patch."""
+        key = (int(hw[0]), int(hw[1]), str(device), prefix)
+        if key not in self._first:
+            lay = self.layout(hw, device)
+            k, n = lay.tok_cand.shape
+            first = torch.full((sum(lay.counts),), n, dtype=torch.long, device=device)
+            tokens = torch.arange(n, device=device).repeat(k)
+            first.scatter_reduce_(0, lay.tok_cand.flatten(), tokens, "amin")
+            self._first[key] = torch.cat([torch.arange(prefix, device=device), prefix + first])
+        return self._first[key]
+
+    def uniform_index(self, hw: tuple[int, int], device: torch.device, prefix: int, level: int) -> torch.Tensor:
+        """(prefix + HW,) the row of each token in a query table of the prefix tokens and level ``level``'s whole
+        cell map (:class:`~vitconvert.layers.ragged.UniformQueries`)."""
+        key = (int(hw[0]), int(hw[1]), str(device), prefix, level)
+        if key not in self._uniform:
+            lay = self.layout(hw, device)
+            first = sum(lay.counts[:level])
+            self._uniform[key] = torch.cat([torch.arange(prefix, device=device), prefix + lay.tok_cand[level] - first])
+        return self._uniform[key]
+
+    @contextlib.contextmanager
+    def run(self, mode: str) -> Iterator[list[Record]]:
+        old = self.mode
+        self.mode, self.records = mode, []
+        try:
+            yield self.records
+        finally:
+            self.mode = old
+            self.records = []
+
+
+
+
+class Router(nn.Module):
+    """Region features -> one logit per granularity (finest first)."""
+
+    def __init__(self, dim: int, num_granularities: int, finest_prob: float = 0.95, std: float = 0.0,
+                 norm: bool = True) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False) if norm else nn.Identity()
+        self.fc = nn.Linear(dim, num_granularities)
+        k = num_granularities
+        b = 0.5 * math.log(finest_prob * (k - 1) / (1.0 - finest_prob))
+        with torch.no_grad():
+            if std > 0:
+                nn.init.trunc_normal_(self.fc.weight, std=std)
+            else:
+                nn.init.zeros_(self.fc.weight)
+            self.fc.bias.fill_(-b)
+            self.fc.bias[0] = b
+
+    def forward(self, regions: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(regions))
+
+
+@dataclass
+class BlockParts:
+    """What the fx reading of one block found (names relative to the block), and its family's reading of them."""
+
+    norm1: str
+    norm2: str
+    attn: str
+    mlp: str
+    post_attn: list[str]  # modules between the attention output and the residual add (ls1, drop_path1)
+    post_mlp: list[str]
+    attention: QueryAttention  # queries apart from keys and values (fused qkv; PVT-v2's spatial reduction)
+    conv: ConvMlp | None  # the MLP's depthwise convolution over the map (PVT-v2), else None
+
+
+def read_block(block: nn.Module, where: str, family: Family) -> BlockParts:
+    """Read one block with the shared pre-norm residual block reader, and its attention and MLP with its family's
+    adapter; an AnatomyError names what DGE cannot run."""
+    res = read_residual_block(block, where)
+    if res.layout != "tokens":
+        raise AnatomyError(f"{where}: dge needs blocks over a token sequence (found a {res.layout} block)")
+    attention = family.query_attention(block.get_submodule(res.attn), where)
+    conv = family.mlp_conv(block.get_submodule(res.mlp), where)
+    if any(True for _ in block.named_parameters(recurse=False)) or any(True for _ in block.named_buffers(
+            recurse=False)):
+        raise AnatomyError(f"{where}: parameters held directly by the block are not supported")
+    return BlockParts(norm1=res.norm1, norm2=res.norm2, attn=res.attn, mlp=res.mlp, post_attn=list(res.post_attn),
+                      post_mlp=list(res.post_mlp), attention=attention, conv=conv)
+
+
+class DGEBlock(nn.Module):
+    """A ViT/DeiT or PVT-v2 block with dynamic-granularity queries (see the module docstring).
+
+    It holds the original block's children under their own names, so parameter names do not change.
+    """
+
+    def __init__(self, block: nn.Module, parts: BlockParts, index: int, num_prefix: int, grid: tuple[int, int],
+                 router: Router, ctx: Context, costs: dict[str, Any], family: Family) -> None:
+        super().__init__()
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        self.parts = parts
+        self.index = index
+        self.num_prefix = num_prefix
+        self.grid = grid  # the stage's grid at the model's size (a family may give another per call)
+        # Unregistered: the router is registered once, under routers.<index>; the original block shares this
+        # module's children and runs the exact dense path; the block's MAC counts (DGE.costs[index]) choose its path.
+        attach(self, _router=router, _orig=block, _ctx=ctx, _costs=costs, _family=family)
+
+    _router: Router
+    _orig: nn.Module
+    _ctx: Context
+    _costs: dict[str, Any]
+    _family: Family
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, conv_mlp={self.parts.conv is not None}, prefix={self.num_prefix}"
+
+    # --- forward --------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        ctx = self._ctx
+        if ctx.mode == "dense":
+            return self._orig(x, *args, **kwargs)
+        hw = self._family.block_grid(x, args, kwargs, self.grid)
+        if ctx.mode == "train":
+            return self._forward_train(x, hw)
+        return self._forward_sparse(x, hw, args, kwargs)
+
+    def _apply_chain(self, names: list[str], t: torch.Tensor) -> torch.Tensor:
+        for n in names:
+            t = self.get_submodule(n)(t)
+        return t
+
+    def _sparse_gates(self, regions: torch.Tensor, lay: RegionLayout) -> tuple[torch.Tensor, bool]:
+        ctx = self._ctx
+        b = regions.shape[0]
+        if ctx.gate_override is None and ctx.level is not None:
+            return torch.full((b, lay.num_regions), ctx.level, dtype=torch.long, device=regions.device), False
+        logits = self._router(regions)
+        if ctx.gate_override is not None:  # the router still runs, so benchmarks time and count it
+            return ctx.gate_override(self.index, b, lay.num_regions, regions.device), True
+        if ctx.shift:
+            rank = torch.arange(logits.shape[-1], device=logits.device, dtype=logits.dtype)
+            logits = logits + ctx.shift * rank
+        return logits.argmax(dim=-1), True
+
+    def _forward_sparse(self, x: torch.Tensor, hw: tuple[int, int], args: tuple[Any, ...],
+                        kwargs: dict[str, Any]) -> torch.Tensor:
+        ctx = self._ctx
+        lay = ctx.layout(hw, x.device)
+        p = self.num_prefix
+        b, n, c = x.shape
+        pooled = pool_subpatches(x[:, p:].reshape(b, hw[0], hw[1], c), lay, [*lay.sizes[1:], lay.region])
+        gates, ran = self._sparse_gates(pooled[lay.region], lay)
+        sel = gates[:, lay.cand_region] == lay.cand_gran
+        qsel = torch.cat([sel.new_ones(b, p), sel], dim=1)
+        conv_macs = self._conv_macs(gates, lay)
+        path = self._choose_path(gates, qsel, lay, conv_macs)
+        if path == "base":  # every region at the finest granularity: the base block computes the same thing
+            out = self._orig(x, *args, **kwargs)
+            nq = qsel.sum(1)
+        elif path == "split":
+            out = self._forward_split(x, hw, lay, gates, pooled, args, kwargs)
+            nq = qsel.sum(1)
+        else:
+            g_tok = gates[:, lay.tok_region]
+            tok_src = p + lay.tok_cand_t.unsqueeze(0).expand(b, -1, -1).gather(2, g_tok.unsqueeze(-1)).squeeze(2)
+            tok_src = torch.cat([torch.arange(p, device=x.device).expand(b, p), tok_src], dim=1)
+            q: QuerySelection
+            if path == "dense":
+                # The MLP (PVT-v2: after the convolution) runs on the queries' own rows, not on their repeats;
+                # in training the rows stay per image, as drop path needs.
+                first = None if self.training else ctx.cand_first(hw, x.device, p)
+                q = TokenQueries(qsel, tok_src, n, lay.sizes, gates, first, lay.bounds(n) if first is not None
+                                 and self.parts.conv is not None else None)
+            # Dropping a path per row of a packed batch would drop tokens, not images: pad while training.
+            elif ctx.layout_mode == "packed" and not self.training:
+                q = PackedQueries(qsel, tok_src, lay.bounds(n), lay.sizes, gates)
+            else:
+                q = PaddedQueries(qsel, tok_src, lay.bounds(n), lay.sizes, gates)
+            delta = self._updates(q.gather(x, pooled), x, hw, lay, q, None)
+            out = q.to_tokens(delta)
+            out = out.add_(x) if not torch.is_grad_enabled() else out + x
+            nq = q.nq
+        ctx.records.append(Record(self.index, nq.to(torch.float64), gates.reshape(b, *lay.regions), ran,
+                                   conv_macs, path))
+        return out
+
+    def _forward_split(self, x: torch.Tensor, hw: tuple[int, int], lay: RegionLayout, gates: torch.Tensor,
+                       pooled: dict[int, torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        """Every image's regions at one level: the batch split by level, the finest images through the base
+        block, the others with their level's whole cell map as queries (:class:`UniformQueries`), each group
+        a dense batch: the sparse path's results without its gathers, padding and per-row index tables."""
+        ctx = self._ctx
+        level = gates[:, 0]
+        present = torch.unique(level).tolist()
+        outs, order = [], []
+        for k in present:
+            idx = (level == k).nonzero().squeeze(1)
+            whole = len(present) == 1
+            xk = x if whole else x.index_select(0, idx)
+            if k == 0:
+                res = self._orig(xk, *args, **kwargs)
+            else:
+                size = lay.sizes[k]
+                cells = pooled[size] if whole else pooled[size].index_select(0, idx)
+                q = UniformQueries(self.num_prefix, size, ctx.uniform_index(hw, x.device, self.num_prefix, k),
+                                   gates if whole else gates.index_select(0, idx))
+                res = q.to_tokens(self._updates(q.gather(xk, {size: cells}), xk, hw, lay, q, None))
+                res = res.add_(xk) if not torch.is_grad_enabled() else res + xk
+            outs.append(res)
+            order.append(idx)
+        if len(outs) == 1:
+            return outs[0]
+        if torch.is_grad_enabled():
+            inverse = torch.argsort(torch.cat(order))
+            return torch.cat(outs).index_select(0, inverse)
+        out = x.new_empty(x.shape)
+        for idx, res in zip(order, outs, strict=True):
+            out.index_copy_(0, idx, res)
+        return out
+
+    def _choose_path(self, gates: torch.Tensor, qsel: torch.Tensor, lay: RegionLayout,
+                     conv_macs: torch.Tensor | None) -> str:
+        """How this batch runs the block: ``base`` when every region is at the finest granularity (the base
+        block computes exactly the sparse path's result there), else ``sparse`` or ``dense`` by the setting;
+        under ``auto``, ``split`` when each image's regions share one level (always so on grids of one region:
+        the batch runs as a dense batch per level, :meth:`_forward_split`), else the path :func:`path_costs`
+        estimates cheaper."""
+        ctx = self._ctx
+        if ctx.execution == "sparse":
+            return "sparse"
+        if not bool(gates.any()):
+            return "base"
+        if ctx.execution == "dense":
+            return "dense"
+        if lay.num_regions == 1 or bool((gates == gates[:, :1]).all()):
+            return "split"
+        costs = path_costs(self._costs, gates, qsel, lay, conv_macs, torch.get_num_threads(),
+                           gates.device.type)
+        return "sparse" if costs["sparse"] < costs["dense"] else "dense"
+
+    def _forward_train(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        ctx = self._ctx
+        lay = ctx.layout(hw, x.device)
+        p = self.num_prefix
+        b, _, c = x.shape
+        pooled = pool_subpatches(x[:, p:].reshape(b, hw[0], hw[1], c), lay, [*lay.sizes[1:], lay.region])
+        logits = self._router(pooled[lay.region])
+        if ctx.gate_override is not None:  # the knob is for inference; overrides also serve the training path's tests
+            idx = ctx.gate_override(self.index, b, lay.num_regions, x.device)
+            gates = F.one_hot(idx, logits.shape[-1]).to(x.dtype)
+        else:
+            gates = F.gumbel_softmax(logits.float(), tau=ctx.tau, hard=True, dim=-1).to(x.dtype)
+        gate_tok = gates[:, lay.tok_region]  # (B, HW, K)
+        q = AllQueries(lay.sizes)
+        delta = self._updates(q.gather(x, pooled), x, hw, lay, q, gate_tok)
+        upd = sum(gate_tok[..., k:k + 1] * delta.index_select(1, p + lay.tok_cand[k])
+                  for k in range(len(lay.sizes)))
+        out_grid = x[:, p:] + upd
+        out = torch.cat([x[:, :p] + delta[:, :p], out_grid], dim=1) if p else out_grid
+        nq = p + (gates * lay.nq.to(gates.dtype)).sum(dim=(1, 2))
+        ctx.records.append(Record(self.index, nq, None, True, self._conv_macs(gates.detach().argmax(-1), lay)))
+        return out
+
+    def _conv_macs(self, gates: torch.Tensor, lay: RegionLayout) -> torch.Tensor | None:
+        if self.parts.conv is None:
+            return None
+        return dwconv_macs(self.parts.conv.dwconv, gates, lay)
+
+    # --- the block's computation on queries -------------------------------------------------------------
+
+    def _updates(self, q_in: torch.Tensor, x: torch.Tensor, hw: tuple[int, int], lay: RegionLayout,
+                 q: QuerySelection, gate_tok: torch.Tensor | None) -> torch.Tensor:
+        """Attention + MLP updates of the queries (q_out - q_in), keys and values from all of ``x``."""
+        norm1 = self.get_submodule(self.parts.norm1)
+        norm2 = self.get_submodule(self.parts.norm2)
+        a = self._attention(norm1(q_in), norm1(x), hw, q)
+        a = self._apply_chain(self.parts.post_attn, a)
+        m = self._mlp(norm2(q_in + a), hw, lay, q, gate_tok)
+        m = self._apply_chain(self.parts.post_mlp, m)
+        return a.add_(m) if not torch.is_grad_enabled() else a + m
+
+    def _attention(self, qn: torch.Tensor, xn: torch.Tensor, hw: tuple[int, int], q: QuerySelection) -> torch.Tensor:
+        attention = self.parts.attention
+        k, v = attention.keys_values(xn, hw)
+        o = q.attend(attention.queries(qn), k, v, attention.dropout())
+        return attention.output(o, qn)
+
+    def _mlp(self, t: torch.Tensor, hw: tuple[int, int], lay: RegionLayout, q: QuerySelection,
+             gate_tok: torch.Tensor | None) -> torch.Tensor:
+        tail = isinstance(q, TokenQueries) and q.unique_rows is not None
+        mlp = self.parts.conv
+        if mlp is None:  # a per-token MLP
+            plain = self.get_submodule(self.parts.mlp)
+            if tail:
+                assert isinstance(q, TokenQueries)
+                return q.from_unique(plain(q.to_unique(t)))
+            return plain(t)
+        # A convolution in the MLP: fc1 on the queries, the depthwise convolution at each granularity's scale, act,
+        # fc2.
+        if isinstance(q, AllQueries):
+            assert gate_tok is not None
+            h = dwconv_all(mlp.dwconv, mlp.relu(mlp.fc1(t)), hw, lay, gate_tok)
+        elif isinstance(q, UniformQueries):  # the level's whole cell map: the convolution at its scale
+            h = mlp.relu(mlp.fc1(t))
+            p = q.size
+            cells = h.view(h.shape[0], -(-hw[0] // p), -(-hw[1] // p), h.shape[-1])
+            h = conv_at(mlp.dwconv, cells, p, hw).reshape(h.shape)
+        elif isinstance(q, TokenQueries):
+            if tail and q.level_offsets is not None:
+                # the convolution's outputs of the queries themselves, then activation and fc2 on those rows
+                assert q.level_cells is not None
+                h = dwconv_tokens(mlp.dwconv, mlp.relu(mlp.fc1(t)), hw, lay, q.gates,
+                                  (q.level_offsets, q.level_cells))
+                return q.from_unique(mlp.drop(mlp.fc2(mlp.drop(_act(mlp.act, h)))))
+            h = dwconv_tokens(mlp.dwconv, mlp.relu(mlp.fc1(t)), hw, lay, q.gates)
+            if tail:  # activation and fc2 on the queries' own rows
+                return q.from_unique(mlp.drop(mlp.fc2(mlp.drop(mlp.act(q.to_unique(h))))))
+        else:
+            # The rows plus one zero row (read for tokens off the grid), written by fc1 in place when
+            # autograd is off: copying a hidden-width table costs as much as a small convolution.
+            rows = t.reshape(-1, t.shape[-1])
+            d = mlp.fc1.out_features
+            # out= writes are neither recorded by autograd nor cast by autocast: those take the plain layer.
+            if torch.is_grad_enabled() or torch.is_autocast_enabled(rows.device.type):
+                h1 = mlp.fc1(rows)
+                table = torch.cat([h1, h1.new_zeros(1, d)])
+            else:
+                table = rows.new_empty(rows.shape[0] + 1, d)
+                if mlp.fc1.bias is not None:  # one fused call: the bias is the product's starting value
+                    torch.addmm(mlp.fc1.bias, rows, mlp.fc1.weight.t(), out=table[:-1])
+                else:
+                    torch.matmul(rows, mlp.fc1.weight.t(), out=table[:-1])
+                table[-1].zero_()
+            h = dwconv_selected(mlp.dwconv, mlp.relu(table), hw, lay, q).view(*t.shape[:-1], d)
+        h = mlp.drop(_act(mlp.act, h))
+        return mlp.drop(mlp.fc2(h))
+
+
+def _act(act: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation; timm's GELU in place when autograd is off (``h`` is a fresh buffer of the block's
+    own: no new hidden-width tensor is allocated and faulted in) and no hook watches the module."""
+    hooked = act._forward_hooks or act._forward_pre_hooks or nn.modules.module._global_forward_hooks or \
+        nn.modules.module._global_forward_pre_hooks
+    if type(act) is nn.GELU and not torch.is_grad_enabled() and not hooked:
+        return torch.ops.aten.gelu_(h, approximate=act.approximate)
+    return act(h)
