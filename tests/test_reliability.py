@@ -336,6 +336,30 @@ def test_model_kwargs_timm_cannot_build(kwarg: str, tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+def test_image_size_that_is_no_whole_number_of_patches_is_one_line(tmp_path: Path) -> None:
+    # timm builds deit_tiny at 33 px (its grid drops the last pixel); CF-ViT feeds the patch embedding resized images,
+    # which timm accepts only in whole patches.
+    err = assert_one_line(cli(["apply", "--recipe", "cfvit", "--no-pretrained", "deit_tiny_patch16_224",
+                               "--model-kwargs", "img_size=33", "-o", str(tmp_path / "o")]), 2,
+                          "whole number of patches")
+    assert "img_size=32" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["recipes"]])
+def test_output_piped_into_a_reader_that_stops_early_exits_quietly(args: list[str]) -> None:
+    """`vitconvert --help | head -1`: the reader closes the pipe after one line; that is no failure."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    for _ in range(3):  # the reader may close before or after the whole output fits in the pipe
+        proc = subprocess.Popen([sys.executable, "-m", "vitconvert", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, cwd=ROOT)
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline()
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 0 and err == "", err
+
+
 def test_pickled_checkpoint_is_one_line(tmp_path: Path) -> None:
     base, arch, kwargs = tiny_model("deit")
     torch.save({"model": base.state_dict(), "extra": Path("/x")}, tmp_path / "evil.pth")

@@ -6,6 +6,7 @@ stderr and exits with status 2, never a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -322,7 +323,24 @@ def main(argv: list[str] | None = None) -> None:
     except _CLICK_ERRORS as e:
         _fail(e.format_message() if hasattr(e, "format_message") else str(e), 2)
     except BrokenPipeError:
-        sys.exit(1)  # the reader went away (`vitconvert recipes | head`): nothing left to say
+        # The reader went away (`vitconvert recipes | head -1`): what it wanted was read, so this is not a failure.
+        # Whatever is still buffered for the closed pipe goes nowhere, so the interpreter's exit does not report
+        # the broken pipe again (Python's documented recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    except SystemExit as e:
+        # rich (our tables, typer's help) meets a closed pipe by pointing stdout at /dev/null and exiting 1; no
+        # command of ours exits 1, so that is the same quiet end as above.
+        if e.code == 1 and _stdout_is_devnull():
+            sys.exit(0)
+        raise
+
+
+def _stdout_is_devnull() -> bool:
+    try:
+        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(os.devnull))
+    except (OSError, ValueError):
+        return False
 
 
 if __name__ == "__main__":

@@ -91,6 +91,13 @@ class CFViT(ConvertedModel, SimulatesPoints):
             raise UserError(f"recipe: model.gca_start_block must be < the depth ({len(anatomy.blocks)}), "
                             f"got {s.gca_start_block}")
         gh, gw = anatomy.grid
+        ph, pw = anatomy.patch_size
+        if anatomy.img_size != (gh * ph, gw * pw):
+            # Both stages feed the one patch embedding images it must accept at any size, which timm allows only
+            # for whole patches.
+            raise UserError(f"cfvit needs an image size that is a whole number of patches; {spec.architecture} runs "
+                            f"at {anatomy.img_size[0]}x{anatomy.img_size[1]} px with {ph}x{pw}-px patches: rebuild "
+                            f"it with img_size={gh * ph} (or {(gh + 1) * ph})")
         ch, cw = round(gh * s.coarse_grid_ratio), round(gw * s.coarse_grid_ratio)
         if (2 * ch, 2 * cw) != (gh, gw):
             raise UserError(
