@@ -48,12 +48,12 @@ from vitconvert.anatomy import Anatomy
 from vitconvert.layers.cascade import Carry, Cascade, Stage, thresholds_for_exit_shares
 from vitconvert.layers.costs import count_macs
 from vitconvert.layers.sharing import attach
+from vitconvert.losses import loss_terms
 from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints
 from vitconvert.operating import Knob, OperatingPoint, OperatingSpace, unique_points
 from vitconvert.recipes import Recipe, Strict
 from vitconvert.registry import METHODS, register_method
 from vitconvert.sources import BaseSpec
-from vitconvert.train import loss_terms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,8 +20,8 @@ from benchmarks.bench_dvt import AtThresholds, counts_for, force, shares_for
 from vitconvert.errors import UserError
 from vitconvert.layers.cascade import cumulative
 from vitconvert.layers.reuse import FeatureReuse, RelationMixer, resize_grid, resize_relations, resize_tokens
+from vitconvert.losses import loss_weight
 from vitconvert.methods.dvt import DVT
-from vitconvert.train import loss_weight
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

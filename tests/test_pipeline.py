@@ -26,10 +26,11 @@ from vitconvert.calibration import calibrate, measure_curve
 from vitconvert.data import ImageDataset, open_image_folder, train_transform
 from vitconvert.errors import UserError
 from vitconvert.evaluation import evaluate
+from vitconvert.losses import loss_terms
 from vitconvert.operating import choose_point, eligible_points, frontier, not_slower
 from vitconvert.session import original_model
 from vitconvert.timing import Timing
-from vitconvert.train import finetune, loss_terms
+from vitconvert.train import finetune
 
 CLASSES = 10
 PER_CLASS = 8  # 6 train + 2 held out at holdout 0.25

@@ -1,14 +1,10 @@
 """The short fine-tune every method shares: distillation from the original model + labels + the method's terms.
 
-The loss is ``sum(weight[name] * term)`` over
-
-* ``distill``: KL divergence from the original (teacher) model's softened outputs to the converted
-  model's, times ``T**2`` (``finetune.distill_temperature``);
-* ``ce``: cross-entropy with the labels (``finetune.label_smoothing``), unless ``labels=False``;
-* the method's own terms from ``model.method_losses`` (e.g. CF-ViT's coarse-to-fine KL);
-
-with weights from ``finetune.losses`` (1.0 when a term has none). AdamW with timm's parameter groups,
-a cosine schedule with warm-up (per step), gradient clipping, optional EMA and bf16 autocast on CUDA.
+The loss is ``sum(weight[name] * term)`` over the terms of :mod:`vitconvert.losses` (distillation, cross-entropy
+unless ``labels=False``, the method's own). AdamW with timm's parameter groups (and the method's learning-rate
+scales for its new parts), a cosine schedule with warm-up (per step), gradient clipping, optional EMA and bf16
+autocast on CUDA. :func:`finetune` reads as its phases: plan (every user mistake found before any work), the partial
+run to resume, the teacher, the training state, the step loop, the finish.
 
 Runs are repeatable: the data order of epoch ``e`` and the augmentation of each image depend only on
 ``(seed, e, index)``, and a checkpoint every ``finetune.checkpoint_every`` steps holds everything else
@@ -35,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
@@ -44,6 +39,7 @@ from torch import nn
 
 from vitconvert.data import DataArg, ImageDataset, Split, open_data, train_transform
 from vitconvert.errors import Interrupted, UserError
+from vitconvert.losses import loss_terms, loss_weight
 from vitconvert.methods.base import ConvertedModel
 from vitconvert.recipes import FinetuneSettings, load_recipe, parse_overrides
 from vitconvert.saving import check_output_dir
@@ -123,45 +119,6 @@ class _TrainStep(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model.forward_train(x)
-
-
-# --- the loss ----------------------------------------------------------------------------------------------
-
-
-EXIT_PREFIX = "exit."
-
-
-def loss_terms(model: ConvertedModel, outputs: dict[str, torch.Tensor], teacher_logits: torch.Tensor | None,
-               labels: torch.Tensor | None, settings: FinetuneSettings) -> dict[str, torch.Tensor]:
-    """The unweighted loss terms: distill (when a teacher runs), ce (with labels) and the method's own.
-
-    ``distill`` and ``ce`` apply to the final ``logits`` and to every earlier exit the method exposes
-    (``exit.<name>`` outputs, e.g. each member of a cascade): ``distill@<name>`` and ``ce@<name>``, weighted
-    like ``distill`` and ``ce``.
-    """
-    exits = {"": outputs["logits"]}
-    exits.update({k[len(EXIT_PREFIX):]: v for k, v in outputs.items() if k.startswith(EXIT_PREFIX)})
-    terms: dict[str, torch.Tensor] = {}
-    t = settings.distill_temperature
-    target = F.log_softmax(teacher_logits.float() / t, dim=-1) if teacher_logits is not None else None
-    for name, exit_logits in exits.items():
-        suffix = f"@{name}" if name else ""
-        logits = exit_logits.float()
-        if target is not None:
-            student = F.log_softmax(logits / t, dim=-1)
-            terms["distill" + suffix] = F.kl_div(student, target, reduction="batchmean", log_target=True) * (t * t)
-        if labels is not None:
-            terms["ce" + suffix] = F.cross_entropy(logits, labels, label_smoothing=settings.label_smoothing)
-    for name, value in model.method_losses(outputs, labels, teacher_logits).items():
-        if name in terms:
-            raise RuntimeError(f"{model.method}.method_losses returned {name!r}, which the shared loss already has")
-        terms[name] = value
-    return terms
-
-
-def loss_weight(weights: dict[str, float], term: str) -> float:
-    """The recipe's weight of a loss term; an exit's term (``distill@coarse``) is weighted like its kind."""
-    return weights.get(term.split("@", 1)[0], 1.0)
 
 
 def _param_groups(model: ConvertedModel, weight_decay: float) -> list[dict[str, Any]]:
@@ -630,4 +587,4 @@ def _epoch_summary(steps: list[dict[str, Any]], epoch: int, names: list[str]) ->
     return summary
 
 
-__all__ = ["finetune", "loss_terms", "loss_weight"]
+__all__ = ["finetune"]

@@ -51,6 +51,9 @@ at that size.
 that block runs at the current cluster size (:func:`vitconvert.layers.clustering.clustered_attention_macs`
 and the rules of :mod:`vitconvert.layers.costs`); tests check it against ``count_macs`` of a real forward.
 
+Why one module of this size (about 640 lines): it holds both modes, their sub-layers and the cluster picture, which
+change together (the knob, the costs, the resolution logic and the picture are the base class both modes share).
+
 Example:
     >>> import vitconvert
     >>> m = vitconvert.apply("swin_tiny_patch4_window7_224", "fsla", pretrained=False)   # doctest: +SKIP
