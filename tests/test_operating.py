@@ -12,6 +12,7 @@ from utils import TINY_MODELS
 import vitconvert
 from vitconvert.errors import UserError
 from vitconvert.operating import (
+    Budget,
     CurvePoint,
     Knob,
     OperatingSpace,
@@ -162,3 +163,21 @@ def test_budgets_skip_points_costing_more_than_the_base_unless_the_method_adds_c
     assert choose_point(curve, 5.0, 1.0, 80.0).point == {"t": 0.9}
     assert choose_point(curve, "drop=0", 1.0, 80.0, adds_compute=True).point == {"t": 1.0}
     assert eligible_points(curve[2:], 1.0) == curve[2:]  # nothing is that cheap: everything stays eligible
+
+
+@pytest.mark.parametrize(("text", "kind", "value"), [
+    (2.1, "gmacs", 2.1), ("2.1", "gmacs", 2.1), ("50%", "fraction", 0.5), ("0.5x", "fraction", 0.5),
+    ("drop=0.5", "drop", 0.5), ("speed=2x", "speed", 2.0), (" Speed=1.5 ", "speed", 1.5)])
+def test_budget_is_parsed_once_into_a_value(text: str | float, kind: str, value: float) -> None:
+    budget = Budget.parse(text)
+    assert (budget.kind, budget.value, str(budget)) == (kind, value, str(text))
+    assert Budget.parse(budget) is budget  # what entered as a Budget is passed on as it is
+    curve = [CurvePoint({"c": 0.2}, 0.4, 70.0, {"throughput_ratio": 2.5}), CurvePoint({"c": 0.6}, 0.8, 79.5),
+             CurvePoint({"c": 1.0}, 1.0, 80.0)]
+    assert choose_point(curve, budget, 1.0, 80.0) == choose_point(curve, text, 1.0, 80.0)
+
+
+@pytest.mark.parametrize("bad", ["lots", "150%", "speed=0", "drop=-1", "nan", True])
+def test_bad_budgets_are_one_line(bad: object) -> None:
+    with pytest.raises(UserError, match="budget"):
+        Budget.parse(bad)  # type: ignore[arg-type]

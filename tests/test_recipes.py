@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from vitconvert.errors import UserError
-from vitconvert.recipes import list_recipe_files, load_recipe
+from vitconvert.recipes import Recipe, list_recipe_files, load_recipe
 
 
 @pytest.mark.parametrize("path", list_recipe_files(), ids=lambda p: p.stem)
@@ -52,3 +53,18 @@ def test_user_recipe_file(tmp_path) -> None:
         load_recipe(str(tmp_path / "missing.yaml"))
     with pytest.raises(UserError, match=r"unknown recipe 'nope'; available: .*cfvit"):
         load_recipe("nope")
+
+
+def test_a_recipe_is_validated_once_and_read_only() -> None:
+    r = load_recipe("dge", ["model.region_size=2", "model.granularities=[2,1]"])
+    assert r.validated and r.settings is r.settings and r.losses is r.losses  # typed once, not per access
+    assert r.settings.region_size == 2 and r.losses.budget == r.finetune.losses["budget"]
+    assert load_recipe(r) is r  # nothing to check again
+    again = load_recipe(r, ["finetune.epochs=2"])
+    assert again is not r and again.finetune.epochs == 2 and again.settings.region_size == 2
+    for change in (lambda: setattr(r, "name", "x"), lambda: setattr(r.finetune, "epochs", 9),
+                   lambda: setattr(r.settings, "region_size", 4)):
+        with pytest.raises(ValidationError, match="frozen"):
+            change()
+    built = Recipe(name="by-hand", method="cfvit")  # not validated: its settings are read when first asked for
+    assert not built.validated and built.settings.alpha == 0.5 and load_recipe(built).validated
