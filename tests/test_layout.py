@@ -120,3 +120,20 @@ def test_wheel_carries_recipes_and_layers(tmp_path: Path) -> None:
         assert f"vitconvert/builtin_recipes/{recipe.name}" in names
     assert {"vitconvert/layers/cascade.py", "vitconvert/layers/costs.py", "vitconvert/py.typed",
             "vitconvert/methods/dge/execution_costs.json"} <= names
+
+
+def test_methods_hold_no_family_name_branches() -> None:
+    """Family knowledge lives in backbones/: no comparison in a method module names a family (``family == "vit"``,
+    ``kind == "pvt_v2"``...); a method asks the family adapter instead. Declaring ``families = (...)`` is fine."""
+    from vitconvert.backbones import FAMILIES
+
+    names = set(FAMILIES) | {"pvt"}
+    found = []
+    for path in (PACKAGE / "methods").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                parts = [node.left, *node.comparators]
+                values = [e.value for p in parts for e in ast.walk(p) if isinstance(e, ast.Constant)]
+                if any(v in names for v in values if isinstance(v, str)):
+                    found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert found == []

@@ -348,16 +348,15 @@ def test_image_size_that_is_no_whole_number_of_patches_is_one_line(tmp_path: Pat
 
 @pytest.mark.parametrize("args", [["--help"], ["recipes"]])
 def test_output_piped_into_a_reader_that_stops_early_exits_quietly(args: list[str]) -> None:
-    """`vitconvert --help | head -1`: the reader closes the pipe after one line; that is no failure."""
+    """`vitconvert --help | head -1`: the reader goes away; what it wanted was read, so that is no failure. Here it
+    goes away before the first line is written (the import takes seconds), so the write always meets a closed pipe."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    for _ in range(3):  # the reader may close before or after the whole output fits in the pipe
-        proc = subprocess.Popen([sys.executable, "-m", "vitconvert", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=env, cwd=ROOT)
-        assert proc.stdout is not None and proc.stderr is not None
-        assert proc.stdout.readline()
-        proc.stdout.close()
-        err = proc.stderr.read().decode()
-        assert proc.wait(timeout=120) == 0 and err == "", err
+    proc = subprocess.Popen([sys.executable, "-m", "vitconvert", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == "", err
 
 
 def test_pickled_checkpoint_is_one_line(tmp_path: Path) -> None:
