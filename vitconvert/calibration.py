@@ -285,10 +285,11 @@ def calibrate(
     base, base_desc = session.original_if_any()
     if parsed is not None and parsed.kind == "speed" and base is None:
         raise UserError(f"a speed budget times the model against its original, which is {base_desc}")
+    base_top1: float | None = None
     with session.on_device(base), torch.inference_mode():
         curve = measure_curve(cm, split, session.device, batch_size, progress)
-        base_top1 = measure_base(base, split, session.device, batch_size, cm, progress)[0] if base is not None \
-            else None
+        if base is not None:
+            base_top1 = measure_base(base, split, session.device, batch_size, cm, progress)[0]
         cm.curve = curve
         choice = _choose(session, base, base_top1, parsed, split, batch_size,
                          settings.check_speed if check_speed is None else check_speed)

@@ -131,7 +131,7 @@ class Session:
     folder: Path | None
     device: torch.device
     progress: bool = True
-    _original: tuple[nn.Module | None, str] | None = field(default=None, repr=False)
+    _original: tuple[nn.Module | None, str] | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def open(cls, model: str | os.PathLike[str] | ConvertedModel, device: str | torch.device | None = None,

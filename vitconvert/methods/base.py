@@ -364,6 +364,14 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
         finally:
             self._write_point(saved)
 
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` itself, if its images are the model's input size (every method's paths are built for that size);
+        else a ValueError saying which size it takes."""
+        if tuple(x.shape[-2:]) != tuple(self.anatomy.img_size):
+            raise ValueError(f"expected {self.anatomy.img_size[0]}x{self.anatomy.img_size[1]} images (the "
+                             f"converted model's input size), got {x.shape[-2]}x{x.shape[-1]}")
+        return x
+
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         """The base model's weights as held by this model (timm key names)."""
         return {k[len("base."):]: v for k, v in self.state_dict().items() if k.startswith("base.")}

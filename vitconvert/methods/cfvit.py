@@ -190,11 +190,6 @@ class CFViT(ConvertedModel, SimulatesPoints):
     def _g(self) -> dict[str, Any]:
         return self._graphs
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if tuple(x.shape[-2:]) != tuple(self.anatomy.img_size):
-            raise ValueError(f"expected {self.anatomy.img_size[0]}x{self.anatomy.img_size[1]} images "
-                             f"(the base model's size), got {x.shape[-2]}x{x.shape[-1]}")
-
     def forward_coarse(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Coarse stage on the whole batch: logits, final tokens, GCA scores, input embeddings."""
         g = self._g
@@ -264,14 +259,14 @@ class CFViT(ConvertedModel, SimulatesPoints):
 
     def forward_at_point(self, x: torch.Tensor) -> DynamicOutput:
         """Batched early exit: the fine stage runs only on images whose coarse confidence is <= eta."""
-        self._check_input(x)
+        self.check_input(x)
         out = self.cascade.run(x, [self.eta])
         return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit,
                              extras={"confidence": out.confidence[0]})
 
     def collect(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Both stages on every image, for simulating any eta afterwards (calibration)."""
-        self._check_input(x)
+        self.check_input(x)
         coarse, fine = self.cascade.run_all(x)
         return {"coarse": coarse.float(), "fine": fine.float()}
 
@@ -284,7 +279,7 @@ class CFViT(ConvertedModel, SimulatesPoints):
     # --- training -------------------------------------------------------------------------------------
 
     def forward_train(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        self._check_input(x)
+        self.check_input(x)
         coarse = self.forward_coarse(x)
         coarse["gca"] = coarse["gca"].detach()
         return {"logits": self.forward_fine(x, coarse), "coarse_logits": coarse["logits"]}

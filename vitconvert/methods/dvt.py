@@ -337,7 +337,7 @@ class DVT(ConvertedModel, SimulatesPoints):
     def set_exit_shares(self, images: torch.Tensor, shares: list[float]) -> OperatingPoint:
         """Set the thresholds under which ``shares`` of ``images`` exit at each member but the last."""
         with torch.no_grad():
-            logits = self.cascade.run_all(self._checked(images))
+            logits = self.cascade.run_all(self.check_input(images))
         return self.set_operating_point({f"threshold_{k}": t for k, t in
                                          enumerate(thresholds_for_exit_shares(logits, shares))})
 
@@ -359,12 +359,6 @@ class DVT(ConvertedModel, SimulatesPoints):
         return {"reuse": self.settings.new_lr_scale, "mixers": self.settings.new_lr_scale}
 
     # --- members --------------------------------------------------------------------------------------
-
-    def _checked(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != tuple(self.anatomy.img_size):
-            raise ValueError(f"expected {self.anatomy.img_size[0]}x{self.anatomy.img_size[1]} images "
-                             f"(the base model's size), got {x.shape[-2]}x{x.shape[-1]}")
-        return x
 
     def _resized(self, x: torch.Tensor, k: int) -> torch.Tensor:
         size = self.img_sizes[k]
@@ -444,13 +438,13 @@ class DVT(ConvertedModel, SimulatesPoints):
 
     def forward_at_point(self, x: torch.Tensor) -> DynamicOutput:
         """Real early exit: member k+1 runs only on the images member k did not answer."""
-        out = self.cascade.run(self._checked(x), self.thresholds)
+        out = self.cascade.run(self.check_input(x), self.thresholds)
         return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit,
                              extras={f"confidence_{k}": c for k, c in enumerate(out.confidence)})
 
     def collect(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every member on every image (calibration simulates any thresholds from these logits)."""
-        return {name: lg.float() for name, lg in zip(self.names, self.cascade.run_all(self._checked(x)),
+        return {name: lg.float() for name, lg in zip(self.names, self.cascade.run_all(self.check_input(x)),
                                                       strict=True)}
 
     def simulate(self, collected: dict[str, torch.Tensor], point: Mapping[str, float]) -> DynamicOutput:
@@ -462,7 +456,7 @@ class DVT(ConvertedModel, SimulatesPoints):
     # --- training -------------------------------------------------------------------------------------
 
     def forward_train(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.cascade.run_all(self._checked(x))
+        logits = self.cascade.run_all(self.check_input(x))
         out = {"logits": logits[-1]}
         out.update({f"exit.{name}": lg for name, lg in zip(self.names[:-1], logits[:-1], strict=True)})
         return out

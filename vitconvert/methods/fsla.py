@@ -376,21 +376,16 @@ class _FSLABase(ConvertedModel):
 
     # --- forward --------------------------------------------------------------------------------------
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if tuple(x.shape[-2:]) != tuple(self.anatomy.img_size):
-            raise ValueError(f"expected {self.anatomy.img_size[0]}x{self.anatomy.img_size[1]} images "
-                             f"(the converted model's size), got {x.shape[-2]}x{x.shape[-1]}")
-
     def forward_at_point(self, x: torch.Tensor) -> DynamicOutput:
         """Inference at the current cluster size; every image costs the same (the clusters' shapes are fixed)."""
-        self._check_input(x)
+        self.check_input(x)
         logits = self.base(x)
         gm = torch.full((x.shape[0],), self.gmacs_at(), dtype=torch.float32, device=x.device)
         return DynamicOutput(logits=logits, gmacs=gm)
 
     def forward_train(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The same computation with gradients (none through the clustering, which is an index)."""
-        self._check_input(x)
+        self.check_input(x)
         return {"logits": self.base(x)}
 
     def method_losses(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor | None,

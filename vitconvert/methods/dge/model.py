@@ -250,11 +250,6 @@ class DGE(ConvertedModel):
 
     # --- forward --------------------------------------------------------------------------------------
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if tuple(x.shape[-2:]) != tuple(self.anatomy.img_size):
-            raise ValueError(f"expected {self.anatomy.img_size[0]}x{self.anatomy.img_size[1]} images "
-                             f"(the base model's size), got {x.shape[-2]}x{x.shape[-1]}")
-
     def _gmacs(self, records: list[Record], batch: int, device: torch.device) -> torch.Tensor:
         """Per-image MACs (float64) of the path taken, from the blocks' records."""
         total = torch.full((batch,), self.base_gmacs * GIGA, dtype=torch.float64, device=device)
@@ -268,7 +263,7 @@ class DGE(ConvertedModel):
 
     def forward_at_point(self, x: torch.Tensor) -> DynamicOutput:
         """Inference at the current knob; ``gmacs`` per image from the gates each block chose."""
-        self._check_input(x)
+        self.check_input(x)
         # An empty batch has no regions to route; the base blocks return the base model's empty result.
         if (self.coarsening <= 0.0 and self._c.gate_override is None) or x.shape[0] == 0:
             return self.forward_full_compute(x)
@@ -290,7 +285,7 @@ class DGE(ConvertedModel):
 
     def forward_full_compute(self, x: torch.Tensor) -> DynamicOutput:
         """The base blocks, routers not run, whatever the knob or a gate override (the small-batch rule's path)."""
-        self._check_input(x)
+        self.check_input(x)
         logits = self._plain(x)
         return DynamicOutput(logits=logits, gmacs=torch.full((x.shape[0],), self.base_gmacs, device=x.device))
 
@@ -302,7 +297,7 @@ class DGE(ConvertedModel):
 
     def forward_train(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Dense training path with straight-through Gumbel gates; ``rho`` = dynamic/static GMACs of the batch."""
-        self._check_input(x)
+        self.check_input(x)
         with self._c.run("train") as records:
             logits = self.base(x)
             recs = list(records)
