@@ -371,10 +371,20 @@ def sdpa_with_bias(q: Tensor, k: Tensor, v: Tensor, attn_bias: Tensor | None = N
         True
     """
     sdpa_kwargs["dropout_p"] = _dropout_p(dropout, sdpa_kwargs.get("dropout_p", 0.0))
-    if attn_bias is not None:
-        mask = _additive_mask(sdpa_kwargs.pop("attn_mask", None), sdpa_kwargs.pop("is_causal", False), q, k)
-        sdpa_kwargs["attn_mask"] = maybe_add_mask(attn_bias.to(q.dtype), mask)
-    return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
+    if attn_bias is None:
+        return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
+    mask = _additive_mask(sdpa_kwargs.pop("attn_mask", None), sdpa_kwargs.pop("is_causal", False), q, k)
+    sdpa_kwargs["attn_mask"] = maybe_add_mask(attn_bias.to(q.dtype), mask)
+    out = F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
+    return _heads_last(out) if torch.compiler.is_exporting() else out
+
+
+def _heads_last(out: Tensor) -> Tensor:
+    """``out`` (B, heads, N, d) copied into a (B, N, heads, d) layout, so the caller's ``transpose(1, 2).reshape(B, N,
+    C)`` is a view. Exported graphs need it where the sub-batch size is only known at run time: the exporter records
+    that reshape as a view of the layout the fused kernel gives, then decomposes the kernel into one that gives the
+    other layout, and the view no longer holds. (A clone, not ``contiguous()``: that is a no-op while tracing.)"""
+    return out.transpose(1, 2).clone(memory_format=torch.contiguous_format).transpose(1, 2)
 
 
 @torch.fx.wrap
@@ -402,7 +412,8 @@ def attention_with_logits(q: Tensor, k: Tensor, v: Tensor, attn_bias: Tensor | N
     p = _dropout_p(dropout, dropout_p)
     if p > 0:
         probs = F.dropout(probs, p)
-    return probs @ v, logits
+    # (B, heads, N, d) from the product: the caller's reshape copies it anyway, so the copy happens here instead.
+    return _heads_last(probs @ v), logits
 
 
 def rewrite_attention(block: nn.Module, *, bias: bool = False, logits: bool = False) -> fx.GraphModule:
