@@ -1,10 +1,10 @@
 """vitconvert: convert pretrained timm vision transformers into dynamic-token models.
 
 The pipeline is one call per step, each taking a converted model or a model folder: :func:`apply`,
-:func:`finetune`, :func:`calibrate`, :func:`evaluate`, :func:`save` / :func:`load` and :func:`push`
-(the CLI is a thin layer over them). The modules behind them are ``vitconvert.train``,
-``vitconvert.calibration``, ``vitconvert.evaluation`` and ``vitconvert.publish``, named so that these
-functions and the modules do not shadow each other as attributes of the package.
+:func:`finetune`, :func:`calibrate`, :func:`evaluate`, :func:`save` / :func:`load`, :func:`push` and
+:func:`export` (the CLI is a thin layer over them). The modules behind them are ``vitconvert.train``,
+``vitconvert.calibration``, ``vitconvert.evaluation``, ``vitconvert.publish`` and ``vitconvert.deploy``, named so
+that these functions and the modules do not shadow each other as attributes of the package.
 
 Importing the package registers the ``vitconvert_<method>`` architectures with timm, so
 ``timm.create_model('hf-hub:OWNER/NAME', pretrained=True)`` rebuilds converted models.
@@ -23,6 +23,7 @@ from vitconvert.anatomy import Anatomy
 from vitconvert.api import apply, inspect_model
 from vitconvert.backbones import read_anatomy
 from vitconvert.calibration import calibrate
+from vitconvert.deploy import export
 from vitconvert.errors import UserError
 from vitconvert.evaluation import evaluate
 from vitconvert.layers.costs import count_macs, model_gmacs
@@ -49,6 +50,7 @@ __all__ = [
     "calibrate",
     "count_macs",
     "evaluate",
+    "export",
     "finetune",
     "inspect_model",
     "list_recipes",

@@ -22,6 +22,7 @@ from vitconvert.api import inspect_model, output_dir_for
 from vitconvert.backbones import describe_family
 from vitconvert.calibration import calibrate as run_calibrate
 from vitconvert.demo import run_demo
+from vitconvert.deploy import export as run_export
 from vitconvert.errors import Interrupted, UserError, one_line
 from vitconvert.evaluation import evaluate as run_evaluate
 from vitconvert.operating import Budget, format_point
@@ -176,6 +177,24 @@ def evaluate(
                            batch_size=batch_size, device=device,
                   max_images=max_images)
     _print_dict("evaluation", summary)
+
+
+@app.command("export")
+def export_model(
+    model_dir: Annotated[str, typer.Argument(help="converted-model folder or hf-hub:OWNER/NAME")],
+    format_: Annotated[str, typer.Option("--format", help="onnx (onnxruntime, OpenVINO...) or torch-export (.pt2)")
+                       ] = "onnx",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="file to write (default DIR/model.onnx or "
+                                                                       "DIR/model.pt2)")] = None,
+    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (default: the exporter's)")] = None,
+    budget: Annotated[str | None, typer.Option("--budget", help="export at this point of the calibration curve")
+                      ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+) -> None:
+    """Export one graph with the dynamic path inside (per-image exits), checked against the eager model."""
+    path = run_export(model_dir, output, format=format_, opset=opset,  # type: ignore[arg-type]
+                      budget=Budget.parse(budget) if budget is not None else None, overwrite=overwrite)
+    out.print(f"exported to {path}")
 
 
 @app.command()

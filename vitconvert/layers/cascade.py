@@ -143,6 +143,45 @@ class Cascade:
         costs = torch.tensor(cost_at, dtype=torch.float32, device=x.device)
         return CascadeOutput(logits=logits_out, exit=exit_stage, gmacs=costs[exit_stage], confidence=confs)
 
+    def run_traceable(self, x: torch.Tensor, thresholds: torch.Tensor, carry: Carry | None = None) -> CascadeOutput:
+        """:meth:`run` as one traceable graph (``torch.export``, ONNX): the same exits, logits and costs, with no
+        Python decision on the data, so the exported graph keeps the per-image exits.
+
+        ``thresholds`` is a (K-1,) tensor, so an exported graph takes them as an input a runtime can change. Every
+        stage after the first runs on the images still undecided (``nonzero``, ``index_select``; their logits go
+        back with ``index_copy``): a sub-batch whose size is known only at run time. A stage never gets an empty
+        batch (timm's PVT-v2 attention cannot reshape one): when every image has left, one stand-in row runs
+        and is dropped. Confidences are not reported (``confidence`` stays empty).
+        """
+        b = x.shape[0]
+        last = len(self.stages) - 1
+        cost_at = torch.tensor(cumulative(self.costs), dtype=torch.float32, device=x.device)
+        active = torch.arange(b, device=x.device)
+        exit_stage = torch.full((b,), last, dtype=torch.long, device=x.device)
+        xs, state = x, dict(carry or {})
+        logits_out: torch.Tensor | None = None
+        for k, stage in enumerate(self.stages):
+            logits, state = stage.run(xs, state)
+            logits = logits[: active.shape[0]]  # the stand-in row, if any, is not an image
+            logits_out = logits if logits_out is None else logits_out.index_copy(0, active, logits.to(
+                logits_out.dtype))
+            if k == last:
+                break
+            # exits_at as tensor operations: strictly more confident than a threshold below 1
+            leave = (confidence(logits) > thresholds[k]) & (thresholds[k] < 1.0)
+            exit_stage = exit_stage.index_fill(0, active[leave], k)
+            stay = (~leave).nonzero().squeeze(1)
+            rows = torch.clamp((~leave).sum(), min=1).item()  # the sub-batch, one stand-in row when it is empty
+            torch._check(rows >= 1)
+            torch._check(stay.shape[0] <= rows)
+            torch._check(rows <= stay.shape[0] + 1)
+            padded = torch.cat([stay, stay.new_zeros(1)])[:rows]
+            active = active.index_select(0, stay)
+            xs = xs.index_select(0, padded)
+            state = {name: t.index_select(0, padded) for name, t in state.items()}
+        assert logits_out is not None
+        return CascadeOutput(logits=logits_out, exit=exit_stage, gmacs=cost_at[exit_stage])
+
     def run_all(self, x: torch.Tensor, carry: Carry | None = None) -> list[torch.Tensor]:
         """Every stage on every image (for calibration): the logits of each stage."""
         out = []

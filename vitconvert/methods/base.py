@@ -131,6 +131,9 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
     # DynamicOutput tells them apart by ``stage`` or ``gmacs``. False where every image runs the same shapes (FSLA:
     # every image is clustered, at one cost).
     per_image_paths: ClassVar[bool] = True
+    # Why the method's dynamic path has no traceable form yet (export refuses with it); a method that implements
+    # forward_traceable exports instead.
+    export_refusal: ClassVar[str] = "its dynamic path has no traceable form yet"
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         super().__init__()
@@ -220,6 +223,17 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
 
     def set_train_progress(self, fraction: float) -> None:
         """Called by the pipeline before each training step with the share of fine-tuning done (0..1)."""
+
+    def forward_traceable(self, x: torch.Tensor, point: Mapping[str, torch.Tensor]) -> DynamicOutput:
+        """:meth:`forward_at_point` as one traceable graph (``torch.export``, ONNX; :mod:`vitconvert.deploy`).
+
+        ``point`` holds the simulated knobs (exit thresholds: values that decide, not shape, the computation) as
+        0-dim tensors, so the exported graph takes them as inputs a runtime can change; the other knobs are baked
+        in at their current values. No Python decision may depend on the data: images still take their own paths
+        through data-dependent indexing (sub-batches whose size is known only at run time). The default refuses
+        with :attr:`export_refusal`.
+        """
+        raise UserError(f"{self.method} models cannot be exported yet: {self.export_refusal}")
 
     @contextlib.contextmanager
     def counted_execution(self) -> Iterator[None]:

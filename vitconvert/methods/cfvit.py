@@ -264,6 +264,11 @@ class CFViT(ConvertedModel, SimulatesPoints):
         return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit,
                              extras={"confidence": out.confidence[0]})
 
+    def forward_traceable(self, x: torch.Tensor, point: Mapping[str, torch.Tensor]) -> DynamicOutput:
+        """The batched early exit with ``eta`` as a tensor (an exported graph's input); alpha is baked in."""
+        out = self.cascade.run_traceable(self.check_input(x), point["eta"].reshape(1))
+        return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit)
+
     def collect(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Both stages on every image, for simulating any eta afterwards (calibration)."""
         self.check_input(x)

@@ -442,6 +442,12 @@ class DVT(ConvertedModel, SimulatesPoints):
         return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit,
                              extras={f"confidence_{k}": c for k, c in enumerate(out.confidence)})
 
+    def forward_traceable(self, x: torch.Tensor, point: Mapping[str, torch.Tensor]) -> DynamicOutput:
+        """Real early exit with the thresholds as tensors (an exported graph's inputs)."""
+        thresholds = torch.stack([point[f"threshold_{k}"].reshape(()) for k in range(len(self.thresholds))])
+        out = self.cascade.run_traceable(self.check_input(x), thresholds)
+        return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit)
+
     def collect(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every member on every image (calibration simulates any thresholds from these logits)."""
         return {name: lg.float() for name, lg in zip(self.names, self.cascade.run_all(self.check_input(x)),

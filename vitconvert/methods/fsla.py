@@ -302,6 +302,8 @@ class _FSLABase(ConvertedModel):
     mode: ClassVar[str]
     full_compute_runs_base = True  # cluster size 0: the base blocks, no clustering and no added sub-layers
     per_image_paths = False  # every image is clustered, into clusters of the same sizes: one cost for all
+    export_refusal = ("its clustering sorts with numpy and writes into reused buffers, neither of which torch.export "
+                      "can trace; a traceable clustering is not written yet")
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         s = recipe.settings

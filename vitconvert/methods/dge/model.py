@@ -81,6 +81,8 @@ class DGE(ConvertedModel):
     Settings = DGESettings
     Losses = DGELosses
     full_compute_runs_base = True  # coarsening 0: the base blocks, routers not run
+    export_refusal = ("its sparse per-region path sizes its query tables from the routers' choices and picks each "
+                      "block's path per batch in Python, which torch.export cannot trace yet")
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         super().__init__(base, spec, recipe, anatomy)
