@@ -69,12 +69,29 @@ def resize_taps(src: int, dst: int) -> tuple[torch.Tensor, torch.Tensor]:
     return index, weight
 
 
+def traced_taps(src: int, dst: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`resize_taps` computed with tensor operations from ``arange`` (the same values, bit for bit)."""
+    f = max(1, math.ceil(dst / src))
+    length = src * f
+    taps = max(((-(-((i + 1) * length) // dst)) - 1) // f - ((i * length) // dst) // f + 1 for i in range(dst))
+    i = torch.arange(dst, device=device)
+    start, stop = (i * length) // dst, -((-(i + 1) * length) // dst)
+    cell = (start // f).unsqueeze(0) + torch.arange(taps, device=device).unsqueeze(1)  # (T, dst)
+    overlap = torch.minimum(stop.unsqueeze(0), (cell + 1) * f) - torch.maximum(start.unsqueeze(0), cell * f)
+    count = overlap.clamp(min=0)
+    used = count > 0
+    weight = (count.double() / (stop - start).double().unsqueeze(0)).float()  # as Python's division, then float32
+    return torch.where(used, cell, torch.zeros_like(cell)), torch.where(used, weight, torch.zeros_like(weight))
+
+
 def resize_axis(x: torch.Tensor, dim: int, dst: int) -> torch.Tensor:
     """Resize dimension ``dim`` of ``x`` to ``dst`` cells with :func:`resize_taps` (any other dims stay)."""
     src = x.shape[dim]
     if src == dst:
         return x
-    index, weight = resize_taps(src, dst)
+    # Traced (torch.compile, export): the taps as tensor arithmetic, not a cached constant, which neither a
+    # graph inside torch.cond nor dynamo's guards can take.
+    index, weight = traced_taps(src, dst, x.device) if torch.compiler.is_compiling() else resize_taps(src, dst)
     shape = [1] * x.dim()
     shape[dim] = dst
     index, weight = index.to(x.device), weight.to(device=x.device, dtype=x.dtype)

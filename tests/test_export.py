@@ -1,0 +1,129 @@
+"""Export: the .pt2 round trip, the knobs as defaulted graph inputs, the metadata, the CLI, and every refusal.
+
+Parity of every method on every family in onnxruntime (batch 1, an odd batch and the whole batch, at a point where
+images take different exits) is the conformance suite's ``check_onnx_export``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from utils import TINY_MODELS, tiny_model
+
+import vitconvert
+from vitconvert.deploy import output_names
+from vitconvert.errors import UserError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cascade(tmp_path_factory: pytest.TempPathFactory) -> tuple[vitconvert.ConvertedModel, Path, torch.Tensor]:
+    """A CF-ViT model saved as a folder, at a point where some of the images exit early."""
+    base, _, _ = tiny_model("deit")
+    model = vitconvert.apply(base, "cfvit")
+    x = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        conf = model.forward_coarse(x)["logits"].softmax(-1).amax(-1).sort().values
+    model.set_operating_point(eta=float((conf[3] + conf[4]) / 2))
+    folder = vitconvert.save(model, tmp_path_factory.mktemp("export") / "cfvit")
+    return model, folder, x
+
+
+def test_pt2_reloads_with_torch_export_load_and_matches_eager(cascade, tmp_path: Path) -> None:
+    model, _, x = cascade
+    path = vitconvert.export(model, tmp_path / "m.pt2", format="torch-export")
+    module = torch.export.load(str(path)).module()
+    with torch.no_grad():
+        eager = model.forward_dynamic(x)
+        logits, gmacs, exits = module(x, torch.tensor(model.eta))
+    torch.testing.assert_close(logits, eager.logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(exits, eager.stage) and torch.equal(gmacs, eager.gmacs)
+    assert 0 < int(exits.sum()) < 7  # a real mix of exits went through the graph
+
+
+def test_onnx_defaults_to_the_stored_point_and_carries_the_preprocessing(cascade) -> None:
+    model, folder, x = cascade
+    path = vitconvert.export(folder)
+    assert path == folder / "model.onnx"
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["method"] == "cfvit" and json.loads(meta["operating_point"])["eta"] == pytest.approx(model.eta)
+    assert json.loads(meta["mean"]) == list(model.pretrained_cfg["mean"])
+    assert [i.name for i in proto.graph.input] == ["pixel_values", "eta"]
+    assert output_names(model) == [o.name for o in proto.graph.output] == ["logits", "gmacs", "exit"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        eager = model.forward_dynamic(x)
+    logits, _, exits = session.run(None, {"pixel_values": x.numpy()})  # eta left out: the stored one
+    assert np.abs(logits - eager.logits.numpy()).max() <= 1e-4 and (exits == eager.stage.numpy()).all()
+    none_exit = session.run(["exit"], {"pixel_values": x.numpy(), "eta": np.array(1.0, np.float32)})[0]
+    assert (none_exit == 1).all()  # eta 1: every image refined, without exporting again
+
+
+def test_a_budget_picks_the_exported_point(cascade, tmp_path: Path) -> None:
+    model = copy.deepcopy(cascade[0])
+    chosen = vitconvert.CurvePoint({"eta": 0.25, "alpha": 0.5}, gmacs=0.5 * model.base_gmacs, top1=50.0)
+    model.curve = [chosen, vitconvert.CurvePoint({"eta": 1.0, "alpha": 1.0}, model.base_gmacs * 1.2, 60.0)]
+    path = vitconvert.export(model, tmp_path / "m.onnx", budget="60%")
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(meta["operating_point"]) == chosen.point
+
+
+def test_refusals_are_one_line_and_write_nothing(cascade, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = cascade[0]
+    arch, kwargs = TINY_MODELS["deit"]
+    dge = vitconvert.apply(arch, "dge", model_kwargs=kwargs, pretrained=False)
+    with pytest.raises(UserError, match="dge models cannot be exported yet: its sparse per-region path"):
+        vitconvert.export(dge, tmp_path / "dge.onnx")
+    with pytest.raises(UserError, match="format 'tflite' is not known"):
+        vitconvert.export(model, tmp_path / "m.tflite", format="tflite")  # type: ignore[arg-type]
+    with pytest.raises(UserError, match=r"written as a \.pt2 file"):
+        vitconvert.export(model, tmp_path / "m.onnx", format="torch-export")
+    with pytest.raises(UserError, match="needs an output file"):
+        vitconvert.export(model)
+    (tmp_path / "taken.onnx").write_text("keep")
+    with pytest.raises(UserError, match="--overwrite"):
+        vitconvert.export(model, tmp_path / "taken.onnx")
+    assert (tmp_path / "taken.onnx").read_text() == "keep"
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # what `import onnxscript` meets without the extra
+    with pytest.raises(UserError, match=r"needs onnxscript: pip install \"vitconvert\[export\]\""):
+        vitconvert.export(model, tmp_path / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.onnx"]
+
+
+def test_a_graph_that_does_not_reproduce_the_model_is_not_written(cascade, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _, _ = cascade
+    import vitconvert.deploy as deploy
+
+    real = deploy._reference
+    monkeypatch.setattr(deploy, "_reference", lambda m, x: (real(m, x)[0] + 1.0, *real(m, x)[1:]))
+    with pytest.raises(UserError, match=r"does not reproduce the model at batch 1 .* nothing was written"):
+        vitconvert.export(model, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export(cascade, tmp_path: Path) -> None:
+    _, folder, _ = cascade
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "vitconvert", "export", str(folder), "--format", "torch-export",
+                          "-o", str(tmp_path / "m.pt2")], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "m.pt2").is_file() and "exported to" in run.stdout
+    again = subprocess.run([sys.executable, "-m", "vitconvert", "export", str(folder), "--format", "torch-export",
+                            "-o", str(tmp_path / "m.pt2")], capture_output=True, text=True, cwd=ROOT, env=env,
+                           timeout=600)
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1 and "--overwrite" in again.stderr
