@@ -18,7 +18,15 @@ import vitconvert
 from benchmarks.bench_dvt import AtThresholds, counts_for, force, shares_for
 from vitconvert.errors import UserError
 from vitconvert.layers.cascade import cumulative
-from vitconvert.layers.reuse import FeatureReuse, RelationMixer, resize_grid, resize_relations, resize_tokens
+from vitconvert.layers.reuse import (
+    FeatureReuse,
+    RelationMixer,
+    resize_grid,
+    resize_relations,
+    resize_taps,
+    resize_tokens,
+    traced_taps,
+)
 from vitconvert.losses import loss_weight
 from vitconvert.methods.dvt import DVT
 
@@ -58,6 +66,13 @@ def test_resize_grid_is_nearest_upsample_then_average_pool() -> None:
     # a constant map stays constant; shrinking averages
     assert torch.allclose(resize_grid(torch.full((1, 1, 10, 10), 2.0), (14, 14)), torch.full((1, 1, 14, 14), 2.0))
     assert resize_grid(x, (1, 1)).item() == 1.5
+
+
+def test_traced_taps_are_the_cached_taps_bit_for_bit() -> None:
+    for src in range(1, 30):
+        for dst in range(1, 45):
+            (index, weight), (t_index, t_weight) = resize_taps(src, dst), traced_taps(src, dst)
+            assert torch.equal(index, t_index) and torch.equal(weight, t_weight), (src, dst)
 
 
 @pytest.mark.parametrize(("src", "dst"), [((7, 7), (10, 10)), ((10, 10), (14, 14)), ((4, 4), (6, 6)),
