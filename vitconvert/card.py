@@ -12,6 +12,10 @@ What the card reads, all optional except the config's ``model_args``:
   tables are keyed by the main knob (the first of the point; ``config["vitconvert"]["point"]`` names them);
 * ``<folder>/curve.png`` (calibration) and ``<folder>/eval.png`` (evaluation): plots, shown when present.
 
+A push with ONNX (``vitconvert push --with-onnx``) adds a "Run with ONNX Runtime" section
+(:func:`onnx_section`, :func:`set_onnx_section`) written from the exported file's inputs and outputs and the
+config's data settings.
+
 Only an explicit ``dataset_id`` becomes the front matter's ``datasets`` (a local folder's name could be
 another Hub dataset's id).
 """
@@ -33,6 +37,8 @@ from vitconvert.recipes import load_recipe
 from vitconvert.registry import METHODS
 
 EVAL_NAME = "eval.json"
+ONNX_NAME = "model.onnx"
+ONNX_HEADING = "## Run with ONNX Runtime"
 PLOT_NAME = "curve.png"
 EVAL_PLOT_NAME = "eval.png"
 MAX_ROWS = 12
@@ -507,3 +513,132 @@ def reproduce_section(config: dict[str, Any], evaluation: dict[str, Any], title:
                   + (f" ({', '.join(dict.fromkeys(datasets))})" if datasets else "")
                   + "; the held-out and evaluation images follow the rules in vitconvert's `data` module.", ""]
     return lines
+
+
+# What each output of an exported graph holds (vitconvert.deploy); an output not named here is listed bare.
+_OUTPUT_DOCS = {"logits": "(N, classes) class scores",
+                "gmacs": "(N,) the GMACs of the path each image took",
+                "exit": "(N,) int64, the stage that answered each image (0 = the first)"}
+_OUTPUT_VARS = {"exit": "exits"}  # the snippet's variable names: not the builtin's
+_PIL_FILTERS = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC", "lanczos": "LANCZOS",
+                "box": "BOX", "hamming": "HAMMING"}
+
+
+def _preprocess_lines(data: dict[str, Any]) -> list[str]:
+    """numpy/Pillow code for timm's evaluation transform with this data config, ending in ``pixel_values``.
+
+    The resize and crop are torchvision's own arithmetic (what ``timm.data.create_transform`` runs), written out
+    for a square input in the ``center`` (default) and ``squash`` crop modes; other layouts get a plain resize
+    that says it is an approximation and names timm's transform.
+    """
+    _, height, width = (int(v) for v in data.get("input_size") or (3, 224, 224))
+    crop_pct = _num(data.get("crop_pct")) or 0.875  # timm's default
+    mode = data.get("crop_mode") or "center"
+    interpolation = str(data.get("interpolation") or "bilinear")
+    mean = ", ".join(repr(float(v)) for v in data.get("mean") or (0.485, 0.456, 0.406))
+    std = ", ".join(repr(float(v)) for v in data.get("std") or (0.229, 0.224, 0.225))
+    scale = math.floor(height / crop_pct)
+    pil_filter = f"Image.Resampling.{_PIL_FILTERS.get(interpolation, 'BILINEAR')}"
+    lines = ['image = Image.open("image.jpg").convert("RGB")']
+    if height != width or mode not in ("center", "squash"):
+        lines += [f"# approximately: timm.data.create_transform resizes and crops this model's data config "
+                  f"(crop_mode {mode!r}, crop_pct {crop_pct:g}, {interpolation}) keeping the aspect ratio",
+                  f"image = image.resize(({width}, {height}), {pil_filter})"]
+    elif mode == "squash":
+        lines += [f"# timm's evaluation transform: squash to {scale}x{scale} ({interpolation}), centre crop "
+                  f"{height}x{width}, scale to [0, 1], normalise",
+                  f"image = image.resize(({scale}, {scale}), {pil_filter})"]
+    else:
+        lines += [f"# timm's evaluation transform: shorter side to {scale} ({interpolation}), centre crop "
+                  f"{height}x{width}, scale to [0, 1], normalise",
+                  "w, h = image.size",
+                  f"image = image.resize(({scale}, int({scale} * h / w)) if w <= h else (int({scale} * w / h), "
+                  f"{scale}), {pil_filter})"]
+    lines += [f"left, top = round((image.width - {width}) / 2), round((image.height - {height}) / 2)",
+              f"image = image.crop((left, top, left + {width}, top + {height}))",
+              f"mean, std = np.array([{mean}], np.float32), np.array([{std}], np.float32)",
+              "pixel_values = ((np.asarray(image, np.float32) / 255 - mean) / std).transpose(2, 0, 1)[None]",
+              f"# (1, 3, {height}, {width}) float32; stack several images along axis 0"]
+    return lines
+
+
+def onnx_section(config: dict[str, Any], knobs: dict[str, float | None], outputs: list[str],
+                 name: str | None = None) -> list[str]:
+    """The "Run with ONNX Runtime" section of a card whose repository holds ``model.onnx``.
+
+    Args:
+        config: The model's config.json content (its data config gives the preprocessing).
+        knobs: The graph's knob inputs with their stored defaults (:func:`vitconvert.deploy.onnx_interface`).
+        outputs: The graph's output names, in order.
+        name: ``OWNER/NAME`` of the repository; a bare name is written ``OWNER/<name>`` (default ``OWNER/NAME``).
+
+    Example:
+        >>> onnx_section(config, {"eta": 0.48}, ["logits", "gmacs", "exit"], "me/deit_small-cfvit")  # doctest: +SKIP
+    """
+    data = config.get("pretrained_cfg") or {}
+    repo = _repo_ref(name or "NAME")
+    point = (config.get("model_args", {}).get("state") or {}).get("point") or {}
+    fixed = {k: v for k, v in point.items() if k not in knobs and _num(v) is not None}
+    targets = ", ".join(_OUTPUT_VARS.get(o, o) if o.isidentifier() else f"out{i}" for i, o in enumerate(outputs))
+    if len(outputs) == 1:
+        targets += ","
+    stored = ", ".join(f"{k} = {v:g}" for k, v in knobs.items() if v is not None)
+    lines = [
+        ONNX_HEADING,
+        "",
+        f"`{ONNX_NAME}` is this model as one ONNX graph with its dynamic path inside, exported by `vitconvert "
+        "export` and checked against the PyTorch model before the upload (logits within 1e-4). It needs "
+        "onnxruntime, numpy and Pillow, not torch; `vitconvert.load` and timm never download it.",
+        "",
+        "```python",
+        "import numpy as np",
+        "import onnxruntime as ort",
+        "from huggingface_hub import hf_hub_download",
+        "from PIL import Image",
+        "",
+        f'session = ort.InferenceSession(hf_hub_download("{repo}", "{ONNX_NAME}"), '
+        'providers=["CPUExecutionProvider"])',
+        "",
+        *_preprocess_lines(data),
+        "",
+        f'{targets} = session.run(None, {{"pixel_values": pixel_values}})'
+        + (f"  # the stored point: {stored}" if stored else ""),
+    ]
+    if knobs:
+        values = ", ".join(f'"{k}": np.array({v if v is not None else 0.5:g}, np.float32)' for k, v in knobs.items())
+        other = "another " + next(iter(knobs)) if len(knobs) == 1 else "other values"
+        lines.append(f'{targets} = session.run(None, {{"pixel_values": pixel_values, {values}}})  # or {other}')
+    lines += ["```", ""]
+    described = [f"`{o}` {_OUTPUT_DOCS[o]}" if o in _OUTPUT_DOCS else f"`{o}`" for o in outputs]
+    _, height, width = (int(v) for v in data.get("input_size") or (3, 224, 224))
+    lines.append(f"Input `pixel_values`: (N, 3, {height}, {width}) float32, any N. Outputs: " + "; ".join(described)
+                 + ".")
+    if knobs:
+        lines[-1] += (" Each knob input (" + ", ".join(f"`{k}`" for k in knobs) + ") is a 0-dim float32 that "
+                      "defaults to the stored value: leave it out, or pass another value to move the accuracy/GMACs "
+                      "trade-off without exporting again.")
+    if fixed:
+        lines[-1] += " Fixed in the graph: " + ", ".join(f"`{k} = {v:g}`" for k, v in fixed.items()) + "."
+    return [*lines, ""]
+
+
+def set_onnx_section(card: str, section: list[str] | None) -> str:
+    """The card with its "Run with ONNX Runtime" section replaced by ``section`` (removed when None).
+
+    A card without one gets it before its Recipe section (the end when there is none), so a card written before
+    the export (``save``, or by hand) describes the file a push uploads, and never one it does not.
+    """
+    lines = card.split("\n")
+    start = next((i for i, line in enumerate(lines) if line.strip() == ONNX_HEADING), None)
+    if start is not None:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        del lines[start:end]
+    if section is None:
+        return "\n".join(lines)
+    where = start if start is not None else next((i for i, line in enumerate(lines) if line.strip() == "## Recipe"),
+                                                 None)
+    if where is None:
+        while lines and not lines[-1].strip():
+            lines.pop()
+        return "\n".join([*lines, "", *section])
+    return "\n".join([*lines[:where], *section, *lines[where:]])

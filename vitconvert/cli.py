@@ -206,9 +206,13 @@ def push(
     commit_message: Annotated[str | None, typer.Option("--commit-message")] = None,
     token: Annotated[str | None, typer.Option(
         "--token", help="Hub token (default: HF_TOKEN or the saved login)")] = None,
+    with_onnx: Annotated[bool, typer.Option(
+        "--with-onnx", help="also export the model to ONNX (checked against it first) and upload model.onnx, with "
+                            "a card section on running it in onnxruntime; needs the export extra")] = False,
 ) -> None:
-    """Upload a converted model (safetensors, config, card) to the Hugging Face Hub."""
-    url = run_push(model_dir, repo_id, private=private, revision=revision, commit_message=commit_message, token=token)
+    """Upload a converted model (safetensors, config, card; ONNX with --with-onnx) to the Hugging Face Hub."""
+    url = run_push(model_dir, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
+                   with_onnx=with_onnx)
     out.print(f"pushed to {url}")
 
 

@@ -88,6 +88,33 @@ def output_names(model: ConvertedModel) -> list[str]:
     return ["logits", "gmacs"] + (["exit"] if out.stage is not None else [])
 
 
+def onnx_interface(path: str | os.PathLike[str]) -> tuple[dict[str, float | None], list[str]]:
+    """What an exported ONNX file takes and gives, read from the file itself.
+
+    Returns:
+        The knob inputs (every input but ``pixel_values``) with the default each file stores for it (None for an
+        input without one), and the output names, both in the graph's order.
+
+    Example:
+        >>> onnx_interface("deit_small-cfvit/model.onnx")  # doctest: +SKIP
+        ({'eta': 0.48}, ['logits', 'gmacs', 'exit'])
+    """
+    _require_onnx()
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:  # a truncated or foreign file: protobuf raises its own types
+        raise UserError(f"{str(path)!r} is not a readable ONNX file ({type(e).__name__}: "
+                        f"{one_line(e)[:200]})") from None
+    knobs: dict[str, float | None] = {i.name: None for i in graph.input if i.name != "pixel_values"}
+    for init in graph.initializer:  # an initializer named like an input is its default
+        if init.name in knobs and not init.dims:
+            knobs[init.name] = float(numpy_helper.to_array(init))
+    return knobs, [o.name for o in graph.output]
+
+
 def export(
     model: str | os.PathLike[str] | ConvertedModel,
     path: str | os.PathLike[str] | None = None,
@@ -255,4 +282,4 @@ def _check_program(path: Path, model: ConvertedModel, knobs: Mapping[str, float]
         _compare(got, _reference(model, x), f"at batch {batch}")
 
 
-__all__ = ["SUFFIXES", "Traceable", "export", "graph_knobs", "output_names"]
+__all__ = ["SUFFIXES", "Traceable", "export", "graph_knobs", "onnx_interface", "output_names"]
