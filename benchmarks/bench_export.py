@@ -6,15 +6,21 @@ onnxruntime's CPU provider with the same threads. The two ONNX graphs and the tw
 interleaved rounds (:func:`vitconvert.timing.compare`), so the ONNX speed-up and the eager one come from one run:
 the target is an ONNX speed-up of at least 90% of the eager one at batch 64.
 
-Rows (random weights: the exit thresholds are set on the timed batch of 64 images so that the stated shares exit,
-"forced"; the batch-1 rows time its first image):
-CF-ViT on DeiT-S (alpha 0.5, half the images refined) and DVT on DeiT-S, PVT-v2-b1 and Swin-T (exit shares 50% /
-25% / 25%), at batch 64 and 1. DGE and FSLA are not exportable yet (``vitconvert export`` says why).
+Rows, trained first:
+
+* the project's CIFAR-10 ViT (``benchmarks/checkpoints/cifar10-vit``) converted with CF-ViT and DVT and calibrated
+  for 50% of its GMACs on held-out training images (not fine-tuned), timed on validation images at batch 64 and one
+  image at a time (its first image);
+* random weights, the exit thresholds set on the timed batch of 64 images so that the stated shares exit ("forced"):
+  CF-ViT on DeiT-S (alpha 0.5, half the images refined) and DVT on DeiT-S, PVT-v2-b1 and Swin-T (exit shares 50% /
+  25% / 25%), at batch 64 and 1.
+
+DGE and FSLA are not exportable yet (``vitconvert export`` says why).
 
 Writes ``benchmarks/results/export_speed.json`` and ``export_speed.md``. Usage (from the repo root; about 20
 minutes on the 2-core CPU)::
 
-    python -m benchmarks.bench_export [--threads 2] [--quick] [--out DIR]
+    python -m benchmarks.bench_export [--threads 2] [--quick] [--no-cifar] [--out DIR]
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import statistics
 import sys
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,7 @@ import torch
 import vitconvert
 from benchmarks.common import RESULTS, machine_block
 from benchmarks.protocol import random_batch
+from vitconvert.deploy import graph_knobs
 from vitconvert.layers.cascade import thresholds_for_exit_shares
 from vitconvert.timing import compare
 
@@ -80,14 +88,47 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
 
 def measure_row(arch: str, recipe: str, shares: list[float], batches: list[int], threads: int, rounds: dict[int, int],
                 folder: Path) -> list[dict[str, Any]]:
+    """One benchmark row: ``arch`` converted with ``recipe`` (random weights), exit shares forced on the images."""
     torch.manual_seed(0)
     model = vitconvert.apply(arch, recipe, pretrained=False)
-    base = model.build_base()
-    size = model.anatomy.img_size
-    images = random_batch(size, max(batches), seed=2)
+    images = random_batch(model.anatomy.img_size, max(batches), seed=2)
     point = force_exit_shares(model, images, shares)
-    converted_path = vitconvert.export(model, folder / f"{arch}-{recipe}.onnx", overwrite=True)
-    base_path = folder / f"{arch}.onnx"
+    fields = {"model": f"{arch} (random weights)", "point": point, "forced_exit_shares": shares, "gates": "forced"}
+    return measure(model, images, batches, threads, rounds, folder, arch, fields)
+
+
+def cifar_rows(batches: list[int], threads: int, rounds: dict[int, int], folder: Path, max_images: int,
+               only: list[str] | None = None) -> list[dict[str, Any]]:
+    """The CIFAR-10 ViT converted with CF-ViT and DVT, calibrated for 50% of its GMACs on held-out training images
+    (the recipes' holdout; no fine-tune), then exported at that point and timed on the benchmark's validation images
+    (``benchmarks.cifar10``: the last 100 training files of each class)."""
+    from benchmarks import cifar10
+    from benchmarks.common import CHECKPOINTS
+    from vitconvert.data import spread_batch
+
+    _, val = cifar10.split_files()
+    rows = []
+    for recipe in [r for r in ("cfvit", "dvt") if only is None or r in only]:
+        model = vitconvert.apply(f"local-dir:{CHECKPOINTS / 'cifar10-vit'}", recipe)
+        record = vitconvert.calibrate(model, str(cifar10.resolve_root()), budget="50%", max_images=max_images,
+                                      progress=False, check_speed=False)
+        images = spread_batch(val, model, max(batches))
+        fields = {"model": "cifar10-vit (calibrated at 50% GMACs, not fine-tuned)", "point": model.operating_point,
+                  "gates": "calibrated", "calibration_images": record.get("images")}
+        rows += measure(model, images, batches, threads, rounds, folder, "cifar10-vit", fields)
+    return rows
+
+
+def measure(model: vitconvert.ConvertedModel, images: torch.Tensor, batches: list[int], threads: int,
+            rounds: dict[int, int], folder: Path, tag: str, fields: dict[str, Any]) -> list[dict[str, Any]]:
+    """Export ``model`` and its base, time both graphs and both eager models at each batch size (the first
+    ``batch`` of ``images``)."""
+    base = model.build_base().eval()
+    model.eval()
+    size = model.anatomy.img_size
+    recipe, arch = model.method, model.base_spec.architecture
+    converted_path = vitconvert.export(model, folder / f"{tag}-{recipe}.onnx", overwrite=True)
+    base_path = folder / f"{tag}.onnx"
     if not base_path.exists():
         onnx_base(base, size, base_path)
     conv_s, base_s = session(converted_path, threads), session(base_path, threads)
@@ -107,9 +148,10 @@ def measure_row(arch: str, recipe: str, shares: list[float], batches: list[int],
         onnx_speedup = timed["onnx_converted"].ratio
         eager_speedup = paired_ratio(list(timed["eager_converted"].throughput.values),
                                      list(timed["eager_base"].throughput.values))
-        row = {"method": recipe, "backbone": arch, "batch": batch, "threads": threads,
-               "point": point, "forced_exit_shares": shares,
-               "exit_shares": {str(k): float((eager.stage == k).float().mean()) for k in range(len(shares) + 1)},
+        stages = len(graph_knobs(model)) + 1  # a cascade: one threshold per stage but the last
+        row = {"method": recipe, "backbone": arch, "batch": batch, "threads": threads, **fields,
+               "measured": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+               "exit_shares": {str(k): float((eager.stage == k).float().mean()) for k in range(stages)},
                "gmacs": float(eager.gmacs.mean()), "base_gmacs": model.base_gmacs,
                "onnx_speedup": round(onnx_speedup, 3),
                "onnx_speedup_p10_p90": [round(timed["onnx_converted"].ratio_spread.p10, 3),
@@ -120,7 +162,7 @@ def measure_row(arch: str, recipe: str, shares: list[float], batches: list[int],
                "onnx_base_vs_eager_base": round(paired_ratio(list(timed["onnx_base"].throughput.values),
                                                              list(timed["eager_base"].throughput.values)), 3),
                "rounds": timed["onnx_base"].rounds, "agree": agree}
-        print(f"[export] {recipe} {arch} b{batch}: GMACs {row['gmacs'] / row['base_gmacs']:.0%}, ONNX x"
+        print(f"[export] {recipe} {fields['model']} b{batch}: GMACs {row['gmacs'] / row['base_gmacs']:.0%}, ONNX x"
               f"{onnx_speedup:.2f} (eager x{eager_speedup:.2f}), logits {agree['max_abs_logit_difference']:.1g}",
               flush=True)
         rows.append(row)
@@ -128,37 +170,51 @@ def measure_row(arch: str, recipe: str, shares: list[float], batches: list[int],
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| method | backbone | batch | GMACs share | exits | ONNX speed-up vs ONNX base | eager speed-up | "
+    lines = ["| method | model | batch | GMACs share | exits | ONNX speed-up vs ONNX base | eager speed-up | "
              "ONNX / eager |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         exits = " / ".join(f"{v:.0%}" for v in r["exit_shares"].values())
-        lines.append(f"| {r['method']} | {r['backbone']} | {r['batch']} | {r['gmacs'] / r['base_gmacs']:.0%} | "
+        model = r["backbone"] if r.get("gates") == "forced" else r["model"]
+        lines.append(f"| {r['method']} | {model} | {r['batch']} | {r['gmacs'] / r['base_gmacs']:.0%} | "
                      f"{exits} | {r['onnx_speedup']:.2f}x ({r['onnx_speedup_p10_p90'][0]:.2f}-"
                      f"{r['onnx_speedup_p10_p90'][1]:.2f}) | {r['eager_speedup']:.2f}x | "
                      f"{r['onnx_share_of_eager_speedup']:.0%} |")
     return "\n".join(lines) + "\n"
 
 
-def run(quick: bool, out_dir: Path, threads: int | None = None) -> dict[str, Any]:
-    """The suite's entry point; ``threads``: torch's and onnxruntime's (default: torch's current setting)."""
+def run(quick: bool, out_dir: Path, threads: int | None = None, cifar: bool = True, cifar_images: int = 2000,
+        only: list[str] | None = None) -> dict[str, Any]:
+    """The suite's entry point; ``threads``: torch's and onnxruntime's (default: torch's current setting);
+    ``cifar``: also the CIFAR-10 rows (needs the CIFAR-10 training folder, see ``benchmarks.cifar10``); ``only``:
+    measure these methods' rows and keep the other rows of the existing result file (rows of one run are
+    comparable with each other; the file records each row's own date)."""
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     batches = [16, 1] if quick else [64, 1]
     rounds = {16: 3, 64: 6, 1: 10 if quick else 30}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as folder:
+        if cifar and not quick:  # trained-base rows first
+            rows += cifar_rows(batches, threads, rounds, Path(folder), max_images=cifar_images, only=only)
         for arch, recipe, shares in ROWS[:1] if quick else ROWS:
-            rows += measure_row(arch, recipe, shares, batches, threads, rounds, Path(folder))
+            if only is None or recipe in only:
+                rows += measure_row(arch, recipe, shares, batches, threads, rounds, Path(folder))
+    out_json = out_dir / "export_speed.json"
+    if only is not None and out_json.exists():  # keep the rows of the methods not re-measured, in their order
+        kept = [r for r in json.loads(out_json.read_text())["rows"] if r["method"] not in only]
+        rows = kept + rows
     import onnxruntime
 
     result = {"name": "export_speed", "quick": quick, "machine": machine_block(), "threads": threads,
               "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
               "protocol": "ONNX graphs in onnxruntime's CPU provider (intra-op threads = torch threads) and the eager "
                           "models, all four timed in the same interleaved rounds after warm-up; speed-ups are medians "
-                          "of per-round paired ratios; random weights, exit thresholds forced on the timed images",
+                          "of per-round paired ratios. CIFAR-10 rows: the project's CIFAR-10 ViT, calibrated at 50% "
+                          "GMACs on held-out training images (not fine-tuned), timed on validation images; other "
+                          "rows: random weights, exit thresholds forced on the timed images",
               "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "export_speed.json").write_text(json.dumps(result, indent=1) + "\n")
+    out_json.write_text(json.dumps(result, indent=1) + "\n")
     (out_dir / "export_speed.md").write_text(markdown(rows))
     print(markdown(rows), flush=True)
     return result
@@ -169,8 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-cifar", action="store_true", help="skip the CIFAR-10 rows (no data needed)")
+    parser.add_argument("--cifar-images", type=int, default=2000, help="held-out images calibration uses")
+    parser.add_argument("--only", nargs="+", default=None, help="re-measure these methods' rows only")
     args = parser.parse_args(argv)
-    run(args.quick, args.out or (RESULTS / "quick" if args.quick else RESULTS), args.threads)
+    run(args.quick, args.out or (RESULTS / "quick" if args.quick else RESULTS), args.threads, cifar=not args.no_cifar,
+        cifar_images=args.cifar_images, only=args.only)
     return 0
 
 

@@ -96,7 +96,10 @@ def resize_axis(x: torch.Tensor, dim: int, dst: int) -> torch.Tensor:
     shape[dim] = dst
     index, weight = index.to(x.device), weight.to(device=x.device, dtype=x.dtype)
     if index.shape[0] == 2:  # the usual case (growing grids): one fused pass, w0 x0 + w1 x1 with w0 + w1 = 1
-        return torch.lerp(x.index_select(dim, index[0]), x.index_select(dim, index[1]), weight[1].view(shape))
+        x0, x1, w1 = x.index_select(dim, index[0]), x.index_select(dim, index[1]), weight[1].view(shape)
+        if torch.compiler.is_exporting():  # exporters spell lerp as two formulas and a Where: 6 passes, not 3
+            return x0 + w1 * (x1 - x0)
+        return torch.lerp(x0, x1, w1)
     out = x.index_select(dim, index[0]) * weight[0].view(shape)
     for t in range(1, index.shape[0]):
         out = out + x.index_select(dim, index[t]) * weight[t].view(shape)
