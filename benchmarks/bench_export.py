@@ -13,9 +13,13 @@ Rows, trained first:
   image at a time (its first image);
 * random weights, the exit thresholds set on the timed batch of 64 images so that the stated shares exit ("forced"):
   CF-ViT on DeiT-S (alpha 0.5, half the images refined) and DVT on DeiT-S, PVT-v2-b1 and Swin-T (exit shares 50% /
-  25% / 25%), at batch 64 and 1.
+  25% / 25%), at batch 64 and 1;
+* random weights, no exits: FSLA augment on Swin-T at cluster size 49 (the window area: ``bench_fsla``'s point; every
+  image runs the same clustered path, and the sub-layers add compute, so both speed-ups are below 1 and the target
+  is their ratio), at batch 64 and 1. Its output projections start at zero, which would make its logits Swin's
+  whatever the clusters; they get random weights here, so the parity check sees the clustering.
 
-DGE and FSLA are not exportable yet (``vitconvert export`` says why).
+DGE is not exportable yet (``vitconvert export`` says why). ``--only fsla`` measures the FSLA rows alone.
 
 Writes ``benchmarks/results/export_speed.json`` and ``export_speed.md``. Usage (from the repo root; about 20
 minutes on the 2-core CPU)::
@@ -49,6 +53,7 @@ ROWS = (
     ("deit_small_patch16_224", "dvt", [0.5, 0.25]),
     ("pvt_v2_b1", "dvt", [0.5, 0.25]),
     ("swin_tiny_patch4_window7_224", "dvt", [0.5, 0.25]),
+    ("swin_tiny_patch4_window7_224", "fsla", []),  # no exits; the recipe's cluster size (the window area, 49)
 )
 
 
@@ -59,6 +64,16 @@ def force_exit_shares(model: vitconvert.ConvertedModel, x: torch.Tensor, shares:
     thresholds = thresholds_for_exit_shares(logits, shares)
     names = [k.name for k in model.operating_space().knobs if k.simulated]
     return model.set_operating_point(dict(zip(names, thresholds, strict=True)))
+
+
+def randomize_zero_init(model: vitconvert.ConvertedModel, seed: int = 0) -> None:
+    """Random weights for the sub-layers that start at zero (FSLA's output projections): with a zero projection an
+    FSLA model's logits are the base model's whatever the clusters, and the parity check would not see them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".fsla.proj." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
 def onnx_base(model: torch.nn.Module, img_size: tuple[int, int], path: Path) -> None:
@@ -88,11 +103,13 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
 
 def measure_row(arch: str, recipe: str, shares: list[float], batches: list[int], threads: int, rounds: dict[int, int],
                 folder: Path) -> list[dict[str, Any]]:
-    """One benchmark row: ``arch`` converted with ``recipe`` (random weights), exit shares forced on the images."""
+    """One benchmark row: ``arch`` converted with ``recipe`` (random weights), exit shares forced on the images
+    (none: a method without exits, e.g. FSLA, at the recipe's point)."""
     torch.manual_seed(0)
     model = vitconvert.apply(arch, recipe, pretrained=False)
+    randomize_zero_init(model)
     images = random_batch(model.anatomy.img_size, max(batches), seed=2)
-    point = force_exit_shares(model, images, shares)
+    point = force_exit_shares(model, images, shares) if shares else model.operating_point
     fields = {"model": f"{arch} (random weights)", "point": point, "forced_exit_shares": shares, "gates": "forced"}
     return measure(model, images, batches, threads, rounds, folder, arch, fields)
 
@@ -140,7 +157,7 @@ def measure(model: vitconvert.ConvertedModel, images: torch.Tensor, batches: lis
             eager = model.forward_dynamic(x)
         got = dict(zip(outputs, conv_s.run(outputs, {"pixel_values": x.numpy()}), strict=True))
         agree = {"max_abs_logit_difference": float(np.abs(got["logits"] - eager.logits.numpy()).max()),
-                 "same_exits": bool((got["exit"] == eager.stage.numpy()).all())}
+                 "same_exits": None if eager.stage is None else bool((got["exit"] == eager.stage.numpy()).all())}
         timed = compare({"onnx_converted": lambda t: conv_s.run(["logits"], {"pixel_values": t.numpy()}),
                          "onnx_base": lambda t: base_s.run(["logits"], {"pixel_values": t.numpy()}),
                          "eager_converted": model, "eager_base": base}, x, reference="onnx_base",
@@ -151,7 +168,8 @@ def measure(model: vitconvert.ConvertedModel, images: torch.Tensor, batches: lis
         stages = len(graph_knobs(model)) + 1  # a cascade: one threshold per stage but the last
         row = {"method": recipe, "backbone": arch, "batch": batch, "threads": threads, **fields,
                "measured": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-               "exit_shares": {str(k): float((eager.stage == k).float().mean()) for k in range(stages)},
+               "exit_shares": {} if eager.stage is None else {str(k): float((eager.stage == k).float().mean())
+                                                              for k in range(stages)},
                "gmacs": float(eager.gmacs.mean()), "base_gmacs": model.base_gmacs,
                "onnx_speedup": round(onnx_speedup, 3),
                "onnx_speedup_p10_p90": [round(timed["onnx_converted"].ratio_spread.p10, 3),
@@ -173,7 +191,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| method | model | batch | GMACs share | exits | ONNX speed-up vs ONNX base | eager speed-up | "
              "ONNX / eager |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        exits = " / ".join(f"{v:.0%}" for v in r["exit_shares"].values())
+        exits = " / ".join(f"{v:.0%}" for v in r["exit_shares"].values()) or "-"  # no exits (FSLA)
         model = r["backbone"] if r.get("gates") == "forced" else r["model"]
         lines.append(f"| {r['method']} | {model} | {r['batch']} | {r['gmacs'] / r['base_gmacs']:.0%} | "
                      f"{exits} | {r['onnx_speedup']:.2f}x ({r['onnx_speedup_p10_p90'][0]:.2f}-"

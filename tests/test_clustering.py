@@ -15,6 +15,9 @@ from vitconvert.layers.clustering import (
     inverse_permutation,
     plan_clusters,
     release_workspace,
+    traceable_clustered_attention,
+    traceable_clusters,
+    traceable_path,
     workspace,
 )
 from vitconvert.layers.costs import attention_macs, count_macs
@@ -273,3 +276,63 @@ def test_packed_sort_is_the_stable_argsort(groups: int, size: int) -> None:
     r = torch.rand(groups, size, generator=g)
     want = (r.argsort(dim=-1, stable=True) + torch.arange(groups).unsqueeze(1) * size).view(-1)
     assert torch.equal(_sort_packed(r, slots), want)
+
+
+def _with_ties(q: torch.Tensor, g: int) -> torch.Tensor:
+    """``q`` with some clustered tokens repeated (same queries, so equal scores: ties at every cut)."""
+    q = q.clone()
+    q[:, :, g + 1:g + 9] = q[:, :, g:g + 1]
+    return q
+
+
+@pytest.mark.parametrize(("n", "size", "overlap", "g"), CASES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_traceable_twin_equals_the_eager_path(n: int, size: int, overlap: int, g: int, batch: int) -> None:
+    # What an exported graph runs (functional ops, torch's stable argsort on the float scores) gives the eager
+    # path's permutation, ties included, and its outputs.
+    q, k, v = _qkv(batch, n, seed=4)
+    q = _with_ties(q, g)
+    plan = plan_clusters(n - g, size, overlap)
+    assert torch.equal(traceable_clusters(q[:, :, g:], plan).view(batch, 2, -1), balanced_clusters(q[:, :, g:], plan))
+    eager = clustered_attention(q, k, v, size, overlap, g)
+    with traceable_path():
+        twin = clustered_attention(q, k, v, size, overlap, g)
+    torch.testing.assert_close(twin, eager, atol=1e-6, rtol=1e-6)
+    if plan.levels:
+        torch.testing.assert_close(traceable_clustered_attention(q, k, v, plan, g), eager, atol=1e-6, rtol=1e-6)
+
+
+class _Clusters(torch.nn.Module):
+    def __init__(self, n: int, size: int, overlap: int, g: int) -> None:
+        super().__init__()
+        self.size, self.overlap, self.g = size, overlap, g
+        self.plan = plan_clusters(n - g, size, overlap)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        perm = traceable_clusters(q[:, :, self.g:], self.plan)
+        return perm, clustered_attention(q, k, v, self.size, self.overlap, self.g)
+
+
+@pytest.mark.parametrize(("n", "size", "overlap", "g"), [(197, 16, 4, 1)])
+def test_traceable_twin_exports_to_onnx_with_the_same_permutation(n: int, size: int, overlap: int, g: int,
+                                                                   tmp_path) -> None:
+    # The ONNX graph (stable sort as TopK, whose ties break by lower index) clusters exactly as the eager path, at a
+    # batch size other than the example's, ties and padding included.
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from vitconvert.deploy import _onnx_translations
+
+    module = _Clusters(n, size, overlap, g)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(module, _qkv(2, n), dynamic_shapes=({0: batch}, {0: batch}, {0: batch}),
+                                  strict=False)
+    onnx_program = torch.onnx.export(program, _qkv(2, n), dynamo=True, verbose=False,
+                                     custom_translation_table=_onnx_translations())
+    path = tmp_path / "clusters.onnx"
+    onnx_program.save(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    q, k, v = _qkv(3, n, seed=5)
+    q = _with_ties(q, g)
+    perm, out = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (q, k, v), strict=True)})
+    assert (perm.reshape(3, 2, -1) == balanced_clusters(q[:, :, g:], module.plan).numpy()).all()
+    assert float(abs(out - clustered_attention(q, k, v, size, overlap, g).numpy()).max()) <= 1e-5

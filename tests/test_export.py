@@ -127,3 +127,23 @@ def test_cli_export(cascade, tmp_path: Path) -> None:
                             "-o", str(tmp_path / "m.pt2")], capture_output=True, text=True, cwd=ROOT, env=env,
                            timeout=600)
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1 and "--overwrite" in again.stderr
+
+
+def test_fsla_exports_its_clustering_with_the_cluster_size_baked_in(tmp_path: Path) -> None:
+    # Clustered attention in the graph (the eager permutation, batch size dynamic); the cluster size shapes the graph,
+    # so the only input is the images. The tiny DeiT at 64 px with 32-token clusters really clusters.
+    arch, kwargs = TINY_MODELS["deit"]
+    torch.manual_seed(0)
+    model = vitconvert.apply(arch, "fsla_replace", model_kwargs=kwargs, pretrained=False,
+                             overrides=["model.img_size=64", "model.clustering_overhead=0", "model.cluster_size=32"])
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = model.build_base()(x)
+        eager = model.forward_dynamic(x)
+    assert float((eager.logits - dense).abs().max()) > 1e-5  # the clustering changes the output: it is exercised
+    path = vitconvert.export(model, tmp_path / "m.pt2", format="torch-export")
+    module = torch.export.load(str(path)).module()
+    with torch.no_grad():
+        logits, gmacs = module(x)
+    torch.testing.assert_close(logits, eager.logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(gmacs, eager.gmacs) and output_names(model) == ["logits", "gmacs"]

@@ -3,14 +3,15 @@
 :func:`export` traces the model's :meth:`~vitconvert.methods.base.ConvertedModel.forward_traceable` at its
 operating point into a single graph that keeps what makes it cheaper: a cascade's images leave the batch at their
 exit (the later stages run on a sub-batch gathered with ``NonZero``/``Gather`` and scattered back, not a masked full
-computation). Its interface:
+computation), and FSLA's tokens are clustered per image and head inside the graph (the eager path's permutation: its
+stable sort becomes ``TopK``, see :func:`_onnx_translations`). Its interface:
 
 * input ``pixel_values``: (N, 3, H, W) float32, normalised as the model's data config says (``mean``/``std``, in the
   ONNX file's metadata); N is dynamic;
 * one input per *simulated* knob of the operating point (a cascade's exit thresholds: ``eta``, ``threshold_0``...),
   a 0-dim float32 holding the stored point's value by default (an ONNX initializer of the same name, so a runtime
   may leave it out or override it without re-exporting); knobs that change the computation's shapes (CF-ViT's
-  ``alpha``) are baked in;
+  ``alpha``, FSLA's ``cluster_size``) are baked in, so an FSLA graph takes ``pixel_values`` only;
 * outputs ``logits`` (N, classes), ``gmacs`` (N,): the GMACs of the path each image took, and, for cascades,
   ``exit`` (N,) int64: the stage that answered.
 
@@ -24,7 +25,7 @@ With onnxruntime::
 Every export is checked before it is written: ``onnx.checker``, then the exported graph (onnxruntime's CPU provider,
 or the reloaded ``.pt2``) against the eager model on a few images at batch sizes 1 and 3, logits within 1e-4 and the
 same decisions; the file is written to a temporary name and moved into place only then. A method without a
-traceable path (DGE, FSLA today) is refused in one line that says why.
+traceable path (DGE today) is refused in one line that says why.
 
 ``onnx``, ``onnxruntime`` and ``onnxscript`` come with the ``export`` extra (``pip install "vitconvert[export]"``).
 """
@@ -34,7 +35,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -208,8 +209,10 @@ def _trace(traceable: Traceable, args: tuple[torch.Tensor, ...], knobs: int) -> 
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     try:
         with torch.no_grad():
-            # The knobs arrive as forward's *args: one (tuple) entry of the dynamic shapes.
-            return torch.export.export(traceable, args, dynamic_shapes=({0: batch}, (None,) * knobs), strict=False)
+            # The knobs arrive as forward's *args: one (tuple) entry of the dynamic shapes; without knobs (every knob
+            # shapes the graph, like FSLA's cluster size) torch.export wants no entry at all, not an empty one.
+            shapes = ({0: batch}, (None,) * knobs) if knobs else ({0: batch},)
+            return torch.export.export(traceable, args, dynamic_shapes=shapes, strict=False)
     except UserError:
         raise
     except Exception as e:  # torch's own errors on a graph it cannot trace: ours to report in one line
@@ -225,7 +228,8 @@ def _write_onnx(program: torch.export.ExportedProgram, args: tuple[torch.Tensor,
     kwargs: dict[str, Any] = {"opset_version": opset} if opset is not None else {}
     try:
         program_onnx = torch.onnx.export(program, args, dynamo=True, input_names=["pixel_values", *knobs],
-                                         output_names=names, verbose=False, **kwargs)
+                                         output_names=names, verbose=False,
+                                         custom_translation_table=_onnx_translations(), **kwargs)
     except Exception as e:
         raise UserError(f"the ONNX exporter could not convert {model.method} ({type(e).__name__}: "
                         f"{one_line(str(e).splitlines()[0] if str(e) else '')}); try --format torch-export") from None
@@ -243,6 +247,24 @@ def _write_onnx(program: torch.export.ExportedProgram, args: tuple[torch.Tensor,
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
+
+
+def _onnx_translations() -> dict[Callable[..., Any], Callable[..., Any]]:
+    """ONNX functions for the ops our traceable paths use that the dynamo exporter cannot convert by itself.
+
+    ``aten::sort.stable`` (FSLA's clustering cuts every group at the stable order of its scores, ties by position, as
+    its eager path does): the exporter knows only the unstable overload. ONNX ``TopK`` over the whole axis
+    (``k`` = its length, ``sorted=1``) is a sort, and the standard breaks its ties by the lower index, which is
+    exactly the stable order; onnxruntime's CPU kernel does so.
+    """
+    from onnxscript import opset18 as op  # TopK is unchanged since opset 11: valid in any opset the exporter targets
+
+    def sort_stable(self: Any, stable: bool | None = None, dim: int = -1, descending: bool = False) -> tuple[Any, Any]:
+        size = op.Reshape(op.Gather(op.Shape(self), dim, axis=0), op.Constant(value_ints=[1]))
+        values, indices = op.TopK(self, size, axis=dim, largest=descending, sorted=True)
+        return values, indices
+
+    return {torch.ops.aten.sort.stable: sort_stable}
 
 
 def _reference(model: ConvertedModel, x: torch.Tensor) -> tuple[np.ndarray, ...]:

@@ -122,7 +122,7 @@ def push(
 
     With ``with_onnx`` the model is exported at its stored operating point (:func:`vitconvert.deploy.export`:
     the graph is checked against the model) before anything is sent, and uploaded as ``model.onnx`` in the same
-    commit; the card gets a "Run with ONNX Runtime" section. A model that cannot be exported (DGE, FSLA, or
+    commit; the card gets a "Run with ONNX Runtime" section. A model that cannot be exported (DGE, or
     without the ``export`` extra) stops the push there, in one line. Without it, a ``model.onnx`` an earlier push
     left at the revision is deleted in the commit: it was exported from other weights or another point.
 

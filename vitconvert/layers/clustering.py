@@ -51,6 +51,12 @@ k and v are gathered once per token and the windows are strided views. The outpu
 a (B, N, heads, d) layout, so merging the heads afterwards is a view. The permutation equals the plain
 statement of the algorithm token for token (tested).
 
+**Export**: none of that speed machinery (numpy, reused buffers, ``out=`` writes, rows read through ``as_strided``,
+cached index tensors) can be traced, so while ``torch.export`` traces (or inside :func:`traceable_path`)
+:func:`clustered_attention` runs a functional twin (:func:`traceable_clusters`, :func:`traceable_clustered_attention`):
+the same float32 arithmetic op for op and the same permutation (the stable argsort of ``r``, ties by position), with
+the batch size symbolic.
+
 **Cost**: :func:`clustered_attention_macs` counts, per image, exactly the matrix products these functions run
 (the clustering's similarity and centroid products, the in-cluster QK^T and AV including padding and the
 overlap keys, the global tokens' rows), with the rules of :mod:`vitconvert.layers.costs`, so it agrees with
@@ -64,9 +70,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from math import prod
 
@@ -77,7 +85,8 @@ from torch import Tensor
 from vitconvert.layers.costs import attention_macs
 
 __all__ = ["ClusterPlan", "balanced_clusters", "clustered_attention", "clustered_attention_macs",
-           "clustering_macs", "inverse_permutation", "plan_clusters", "release_workspace", "workspace"]
+           "clustering_macs", "inverse_permutation", "plan_clusters", "release_workspace",
+           "traceable_clustered_attention", "traceable_clusters", "traceable_path", "tracing", "workspace"]
 
 # Soft k-means: BOAT's two refinement steps at temperature 100 on cosine similarity.
 DEFAULT_ITERS = 2
@@ -490,6 +499,9 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
     if not _pays(plan, g, h * d, iters, overhead):
         dense = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
         return dense if out is None else out.copy_(dense.transpose(1, 2)).transpose(1, 2)
+    if tracing():  # torch.export / ONNX (or forward_traceable in eager): the functional twin, see the end of this file
+        res = traceable_clustered_attention(q, k, v, plan, g, iters, temperature, scale, dropout_p)
+        return res if out is None else out.copy_(res.transpose(1, 2)).transpose(1, 2)
     # The clustering leaves the queries in cluster order (in float32); with a gradient to carry, or in another
     # dtype, they are gathered again below.
     grad = torch.is_grad_enabled() and q.requires_grad
@@ -563,3 +575,136 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
         return flat.index_select(0, rows.reshape(-1)).view(b, n, h, dv).transpose(1, 2)
     torch.index_select(flat, 0, rows.reshape(-1), out=out.view(b * n * h, dv))
     return out.transpose(1, 2)
+
+
+# --- the traceable twin (torch.export, ONNX) ---------------------------------------------------------------------
+#
+# The eager path above is built for CPU speed: numpy sorts packed keys, temporaries live in reused workspace buffers,
+# outputs are written with out=, rows are read straight from the qkv projection's storage (as_strided) and index
+# constants are lru-cached tensors. None of that is traceable: torch.export cannot see into numpy, and cached tensors
+# or buffers created at trace time would be baked into the graph at the example's batch size. The functions below
+# compute the same permutation and attention with functional torch ops only (batch size symbolic, every constant
+# built by a torch op inside the graph), in float32 as the eager clustering. clustered_attention takes them while
+# torch.compiler.is_exporting() or inside traceable_path(), so the eager fast path is untouched.
+
+
+_TRACEABLE = threading.local()
+
+
+@contextlib.contextmanager
+def traceable_path() -> Iterator[None]:
+    """Inside this context :func:`clustered_attention` runs its functional twin in eager mode too, so a model's
+    ``forward_traceable`` computes in eager exactly what its exported graph runs (the conformance suite compares the
+    two). This thread only; nests."""
+    before = getattr(_TRACEABLE, "on", False)
+    _TRACEABLE.on = True
+    try:
+        yield
+    finally:
+        _TRACEABLE.on = before
+
+
+def tracing() -> bool:
+    """Whether clustering code must take its traceable twin: while ``torch.export`` traces (ONNX export included) or
+    inside :func:`traceable_path`."""
+    return torch.compiler.is_exporting() or getattr(_TRACEABLE, "on", False)
+
+
+def traceable_clusters(q: Tensor, plan: ClusterPlan, iters: int = DEFAULT_ITERS,
+                       temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
+    """:func:`balanced_clusters` of q (B, h, N, d) as (B * h, padded) token indices, with functional ops only.
+
+    The same arithmetic as :func:`_cluster_fp32`, op for op (so on CPU in eager mode the same float32 values of
+    ``r``), and the same order: the eager sort is the stable ascending order of ``r`` by slot (packed keys), which is
+    ``torch.argsort(r, stable=True)`` on the float values (``r >= +0``, padding ``+inf``); the ONNX exporter turns it
+    into ``TopK(k = size, largest = 0)``, whose ties break by lower index, i.e. stably as well.
+    """
+    n, d = q.shape[-2:]
+    np_ = plan.padded
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+        x = q.detach().to(torch.float32).reshape(-1, n, d)  # (rows, n, d); rows = B * h, symbolic in an export
+        if np_ > n:  # padding tokens are zero vectors: they add nothing to any centroid
+            x = F.pad(x, (0, 0, 0, np_ - n))
+        inv = torch.linalg.vector_norm(x, dim=-1).clamp_min(1e-12).reciprocal()  # (rows, np_)
+        tokens = torch.arange(np_, device=q.device).expand(x.shape[0], np_)  # token at each position
+        pad = tokens >= n
+        for level in range(plan.levels):
+            size = np_ >> level
+            half = size // 2
+            xg = x.reshape(-1, size, d)  # (rows x groups, size, d)
+            xt = xg.transpose(1, 2)
+            inv_g = inv.reshape(-1, 1, size)
+            c = _normalized_f(xg.reshape(-1, 2, half, d).sum(2))
+            for _ in range(iters):
+                dc = (c[:, :1] - c[:, 1:]) * temperature
+                a0 = torch.sigmoid(torch.bmm(dc, xt) * inv_g)
+                c = _normalized_f(torch.bmm(torch.cat([a0, 1.0 - a0], dim=1), xg))
+            s = torch.bmm(c, xt) * inv_g + 1.0
+            # The eager floors (0 and 1e-6 as one (1, 2, 1) tensor), as two clamps with the same float32 bounds.
+            r = s[:, 0].clamp_min(0.0) / s[:, 1].clamp_min(1e-6)  # (rows x groups, size)
+            r = torch.where(pad.reshape(-1, size), torch.full_like(r, float("inf")), r)
+            idx = torch.argsort(r, dim=-1, stable=True)  # positions inside each group, in the new order
+            x = torch.gather(xg, 1, idx.unsqueeze(-1).expand(-1, -1, d)).reshape(-1, np_, d)
+            inv = torch.gather(inv.reshape(-1, size), 1, idx).reshape(-1, np_)
+            pad = torch.gather(pad.reshape(-1, size), 1, idx).reshape(-1, np_)
+            tokens = torch.gather(tokens.reshape(-1, size), 1, idx).reshape(-1, np_)
+    return tokens
+
+
+def _normalized_f(c: Tensor) -> Tensor:
+    """:func:`_normalized` out of place (the same values)."""
+    return c / torch.linalg.vector_norm(c, dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def traceable_clustered_attention(q: Tensor, k: Tensor, v: Tensor, plan: ClusterPlan, num_global: int = 0,
+                                  iters: int = DEFAULT_ITERS, temperature: float = DEFAULT_TEMPERATURE,
+                                  scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+    """The clustered branch of :func:`clustered_attention` (``plan`` for the ``N - num_global`` clustered tokens)
+    with functional ops only: (B, heads, N, dv) in the input order.
+
+    Keys and values are gathered per cluster in the order the eager path uses (its window path's when there are no
+    global tokens and no padding: sibling rows first for odd clusters), so in eager mode the two agree to float
+    rounding of the softmax at most.
+    """
+    b, h, _, d = q.shape
+    g, c, m, o = num_global, plan.clusters, plan.leaf, plan.overlap
+    dv = v.shape[-1]
+    perm = traceable_clusters(q[:, :, g:], plan, iters, temperature).reshape(b, h, plan.padded)
+    extra = plan.padded > plan.tokens
+    # Rows of q, k, v at each position: padding positions read token g (masked as keys, their outputs dropped).
+    src = torch.where(perm < plan.tokens, perm + g, torch.full_like(perm, g)) if extra else perm + g
+    # Positions (in cluster order) of each cluster's keys: its own, then its sibling's boundary tokens; built by
+    # torch ops in the graph, not baked from the example.
+    own = torch.arange(plan.padded, device=q.device).reshape(c, m)
+    sib = _sibling(own.unsqueeze(-1), plan).squeeze(-1)  # (C, overlap)
+    if not g and not extra and o:  # the eager window path's order: for odd clusters the sibling's rows come first
+        odd = (torch.arange(c, device=q.device) % 2 == 1).unsqueeze(-1)
+        key_pos = torch.where(odd, torch.cat([sib, own], dim=1), torch.cat([own, sib], dim=1))
+    else:
+        key_pos = torch.cat([own, sib], dim=1)  # (C, leaf + overlap)
+    keys = src[..., key_pos.reshape(-1)].reshape(b, h, c, m + o)
+    if g:
+        keys = torch.cat([torch.arange(g, device=q.device).expand(b, h, c, g), keys], dim=3)
+    width = keys.shape[-1]
+    flat_keys = keys.reshape(b, h, c * width, 1)
+    kk = torch.gather(k, 2, flat_keys.expand(-1, -1, -1, d)).reshape(b, h * c, width, d)
+    vv = torch.gather(v, 2, flat_keys.expand(-1, -1, -1, dv)).reshape(b, h * c, width, dv)
+    qc = torch.gather(q, 2, src.unsqueeze(-1).expand(-1, -1, -1, d)).reshape(b, h * c, m, d)
+    mask = None
+    if extra:
+        valid = (perm < plan.tokens)[..., key_pos.reshape(-1)].reshape(b, h, c, m + o)
+        if g:
+            valid = torch.cat([torch.ones_like(valid[..., :1]).expand(b, h, c, g), valid], dim=3)
+        # Finite, not -inf, as the eager path: a cluster made only of padding gives finite (discarded) outputs.
+        mask = torch.zeros_like(valid, dtype=q.dtype).masked_fill(~valid, torch.finfo(q.dtype).min / 2)
+        mask = mask.reshape(b, h * c, 1, width)
+    attn = F.scaled_dot_product_attention(qc, kk, vv, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    attn = attn.reshape(b, h, plan.padded, dv)
+    # Back to the input order: each token's position in cluster order is the inverse permutation.
+    positions = torch.arange(plan.padded, device=q.device).expand(b, h, plan.padded)
+    inv = torch.zeros_like(perm).scatter(-1, perm, positions)[..., :plan.tokens]
+    res = torch.gather(attn, 2, inv.unsqueeze(-1).expand(-1, -1, -1, dv))
+    if g:
+        out_g = F.scaled_dot_product_attention(q[:, :, :g], k, v, dropout_p=dropout_p, scale=scale)
+        res = torch.cat([out_g, res], dim=2)
+    return res

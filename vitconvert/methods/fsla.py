@@ -47,6 +47,10 @@ ViT's position embeddings are resampled (timm's ``set_input_size``), Swin gets t
 model, its teacher and ``pretrained_cfg['input_size']`` all follow it, and ``base_gmacs`` is the dense model
 at that size.
 
+**Export** (:func:`vitconvert.export`): :meth:`_FSLABase.forward_traceable` runs the clustering's functional twin
+(:mod:`vitconvert.layers.clustering`), the same permutation as the eager path; the cluster size shapes the graph, so it
+is baked in and the graph takes only the images.
+
 **Cost**: ``DynamicOutput.gmacs`` is the base model's GMACs plus, per FSLA block, the analytic count of what
 that block runs at the current cluster size (:func:`vitconvert.layers.clustering.clustered_attention_macs`
 and the rules of :mod:`vitconvert.layers.costs`); tests check it against ``count_macs`` of a real forward.
@@ -66,6 +70,7 @@ from __future__ import annotations
 import abc
 import copy
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -85,6 +90,8 @@ from vitconvert.layers.clustering import (
     clustered_attention_macs,
     inverse_permutation,
     plan_clusters,
+    traceable_path,
+    tracing,
     workspace,
 )
 from vitconvert.layers.costs import GIGA, attention_macs, conv_macs, linear_macs, norm_macs
@@ -224,9 +231,11 @@ class FSLABranch(nn.Module):
         # faults for fresh memory (on the benchmark VM a fresh 77 MB tensor, Swin-T's first stage at batch 64,
         # costs more in page faults than the pass that fills it). With gradients the whole batch runs at once
         # in fresh tensors (autograd keeps them).
-        # Under autocast too: out= writes are not cast by autocast, so that run takes the plain layers.
+        # Under autocast too: out= writes are not cast by autocast, so that run takes the plain layers. And while
+        # exporting (or in forward_traceable): slices, reused buffers and out= writes have no place in a traced graph
+        # (the batch size is symbolic there), and clustered_attention then takes its functional twin.
         if (torch.is_grad_enabled() and (x.requires_grad or self.proj.weight.requires_grad)) \
-                or torch.is_autocast_enabled(x.device.type):
+                or torch.is_autocast_enabled(x.device.type) or tracing():
             return self._update(x)
         step = max(1, SLICE_BYTES // (3 * x[0].numel() * x.element_size()))
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -302,8 +311,6 @@ class _FSLABase(ConvertedModel):
     mode: ClassVar[str]
     full_compute_runs_base = True  # cluster size 0: the base blocks, no clustering and no added sub-layers
     per_image_paths = False  # every image is clustered, into clusters of the same sizes: one cost for all
-    export_refusal = ("its clustering sorts with numpy and writes into reused buffers, neither of which torch.export "
-                      "can trace; a traceable clustering is not written yet")
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         s = recipe.settings
@@ -384,6 +391,16 @@ class _FSLABase(ConvertedModel):
         logits = self.base(x)
         gm = torch.full((x.shape[0],), self.gmacs_at(), dtype=torch.float32, device=x.device)
         return DynamicOutput(logits=logits, gmacs=gm)
+
+    def forward_traceable(self, x: torch.Tensor, point: Mapping[str, torch.Tensor]) -> DynamicOutput:
+        """:meth:`forward_at_point` as an exported graph runs it: the cluster size shapes the computation (the
+        clusters' sizes, the number of splits), so it is baked in and ``point`` is empty. While exporting, the
+        clustering and clustered attention take their functional twin
+        (:func:`vitconvert.layers.clustering.traceable_clustered_attention`: no numpy sort, no reused buffers),
+        which gives the same permutation as the eager path. In eager mode too, so that what the graph runs can be
+        compared with :meth:`forward_at_point`."""
+        with traceable_path():
+            return self.forward_at_point(x)
 
     def forward_train(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The same computation with gradients (none through the clustering, which is an index)."""
