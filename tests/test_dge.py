@@ -15,7 +15,7 @@ import vitconvert
 from benchmarks.common import force_ratio, forced_rho
 from vitconvert import calibration
 from vitconvert.errors import AnatomyError, UserError
-from vitconvert.layers.costs import count_macs
+from vitconvert.layers.costs import GIGA, count_macs
 from vitconvert.layers.scale_conv import conv_at
 from vitconvert.methods.base import DynamicOutput, SmallBatchRule
 from vitconvert.methods.dge import DGE, DGEBlock, GateOverride, path_costs, plot_granularity
@@ -743,3 +743,71 @@ def test_auto_splits_batches_whose_images_take_one_level_each(key: str) -> None:
     with torch.no_grad():
         alone = model.forward_dynamic(x[:1])
     assert (alone.logits - auto.logits[:1]).abs().max().item() <= 1e-5
+
+
+# --- the traceable path (export) ---------------------------------------------------------------------------
+
+
+def traced(model: DGE, x: torch.Tensor) -> DynamicOutput:
+    """What an exported graph runs (:meth:`DGE.forward_traceable`), also under forced gates (which it refuses)."""
+    with torch.no_grad(), model._c.run("traced") as records:
+        logits = model.base(x)
+        recs = list(records)
+    return DynamicOutput(logits=logits, gmacs=(model._gmacs(recs, x.shape[0], x.device) / GIGA).float())
+
+
+def all_finest(block: int, batch: int, regions: int, device: torch.device) -> torch.Tensor:
+    return torch.zeros(batch, regions, dtype=torch.long, device=device)
+
+
+def no_middle_level(block: int, batch: int, regions: int, device: torch.device) -> torch.Tensor:
+    """The finest and the coarsest level mixed, the middle one in no region: a level with no queries at all."""
+    return mixed_levels(block, batch, regions, device).clamp(max=1) * 2
+
+
+@pytest.mark.parametrize("key", ["deit_distilled", "deit_10x10", "pvt_v2_56", "pvt_v2_li"])
+def test_traceable_path_equals_every_eager_path(key: str) -> None:
+    """The exported graph's one structure (every image's queries padded to the batch's largest count) gives what
+    each eager path gives, for any mix of levels: mixed, one level per image (eager: split), all finest (eager: the
+    base block), a level no region takes; logits within 1e-5, GMACs equal."""
+    model = convert(key, execution="auto").eval()
+    x = images(model, 3)
+    for gates in (mixed_levels, one_level_per_image, all_finest, no_middle_level):
+        model.override_gates(gates)
+        for execution in ("auto", "sparse", "dense"):
+            model.execution = execution
+            with torch.no_grad():
+                eager = model.forward_dynamic(x)
+            got = traced(model, x)
+            assert (got.logits - eager.logits).abs().max().item() <= 1e-5, (gates.__name__, execution)
+            assert torch.equal(got.gmacs, eager.gmacs)
+    model.override_gates(None)
+    with pytest.raises(UserError, match="override_gates"):
+        model.override_gates(all_finest)
+        model.forward_traceable(x, {})
+
+
+@pytest.mark.parametrize("key", ["deit_distilled", "pvt_v2"])
+def test_torch_export_keeps_the_routers_choice_and_leaves_no_tracer_tensors_behind(key: str) -> None:
+    """torch.export traces the routed sparse path with a dynamic batch (the query count is data-dependent) on a
+    fresh model: the program reproduces the eager model at batch sizes it did not see while tracing, and the layouts
+    built while tracing are not cached for the eager forwards."""
+    from vitconvert.deploy import Traceable
+
+    model = convert(key, execution="auto").eval()
+    randomize_routers(model)
+    model.coarsening = 0.6
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.no_grad():
+        program = torch.export.export(Traceable(model, []).eval(), (images(model, 2),),
+                                      dynamic_shapes=({0: batch},), strict=False)
+    assert model._c._layouts == {}  # nothing of the tracer's was kept
+    module = program.module()
+    for n in (1, 5):
+        x = images(model, n, seed=n)
+        with torch.no_grad():
+            eager = model.forward_dynamic(x)
+            logits, gmacs = module(x)
+        assert (logits - eager.logits).abs().max().item() <= 1e-5
+        assert torch.equal(gmacs, eager.gmacs)
+    assert len(set(eager.gmacs.tolist())) > 1  # the images took different paths through the graph

@@ -3,15 +3,18 @@
 :func:`export` traces the model's :meth:`~vitconvert.methods.base.ConvertedModel.forward_traceable` at its
 operating point into a single graph that keeps what makes it cheaper: a cascade's images leave the batch at their
 exit (the later stages run on a sub-batch gathered with ``NonZero``/``Gather`` and scattered back, not a masked full
-computation), and FSLA's tokens are clustered per image and head inside the graph (the eager path's permutation: its
-stable sort becomes ``TopK``, see :func:`_onnx_translations`). Its interface:
+computation), FSLA's tokens are clustered per image and head inside the graph (the eager path's permutation: its
+stable sort becomes ``TopK``, see :func:`_onnx_translations`), and DGE's routers choose each region's granularity
+inside the graph, each block running only the selected queries of each image (padded to the batch's largest count,
+a size known at run time). Its interface:
 
 * input ``pixel_values``: (N, 3, H, W) float32, normalised as the model's data config says (``mean``/``std``, in the
   ONNX file's metadata); N is dynamic;
 * one input per *simulated* knob of the operating point (a cascade's exit thresholds: ``eta``, ``threshold_0``...),
   a 0-dim float32 holding the stored point's value by default (an ONNX initializer of the same name, so a runtime
   may leave it out or override it without re-exporting); knobs that change the computation's shapes (CF-ViT's
-  ``alpha``, FSLA's ``cluster_size``) are baked in, so an FSLA graph takes ``pixel_values`` only;
+  ``alpha``, FSLA's ``cluster_size``) are baked in, and so is DGE's ``coarsening`` (a shift of the routers' logits
+  before an argmax), so FSLA and DGE graphs take ``pixel_values`` only;
 * outputs ``logits`` (N, classes), ``gmacs`` (N,): the GMACs of the path each image took, and, for cascades,
   ``exit`` (N,) int64: the stage that answered.
 
@@ -25,7 +28,7 @@ With onnxruntime::
 Every export is checked before it is written: ``onnx.checker``, then the exported graph (onnxruntime's CPU provider,
 or the reloaded ``.pt2``) against the eager model on a few images at batch sizes 1 and 3, logits within 1e-4 and the
 same decisions; the file is written to a temporary name and moved into place only then. A method without a
-traceable path (DGE today) is refused in one line that says why.
+traceable path (none of the registered ones today) is refused in one line that says why.
 
 ``onnx``, ``onnxruntime`` and ``onnxscript`` come with the ``export`` extra (``pip install "vitconvert[export]"``).
 """

@@ -122,9 +122,10 @@ def push(
 
     With ``with_onnx`` the model is exported at its stored operating point (:func:`vitconvert.deploy.export`:
     the graph is checked against the model) before anything is sent, and uploaded as ``model.onnx`` in the same
-    commit; the card gets a "Run with ONNX Runtime" section. A model that cannot be exported (DGE, or
-    without the ``export`` extra) stops the push there, in one line. Without it, a ``model.onnx`` an earlier push
-    left at the revision is deleted in the commit: it was exported from other weights or another point.
+    commit; the card gets a "Run with ONNX Runtime" section. A model that cannot be exported (a refusal, a
+    graph that does not reproduce it, or no ``export`` extra) stops the push there, in one line. Without it, a
+    ``model.onnx`` an earlier push left at the revision is deleted in the commit: it was exported from other
+    weights or another point.
 
     Args:
         folder: A folder written by :func:`vitconvert.save`.

@@ -26,8 +26,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AllQueries", "PackedQueries", "PaddedQueries", "QuerySelection", "TokenQueries", "UniformQueries",
-           "attend_batched"]
+__all__ = ["AllQueries", "PackedQueries", "PaddedQueries", "QuerySelection", "TokenQueries", "TracedQueries",
+           "UniformQueries", "attend_batched"]
 
 
 class PackedQueries:
@@ -164,6 +164,46 @@ class PaddedQueries:
         return t.gather(1, self.tok_rows.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
 
 
+class TracedQueries:
+    """:class:`PaddedQueries` as a traceable graph builds it (``torch.export``, ONNX): each image's selected queries
+    padded to the batch's largest count, a length known only at run time.
+
+    The length is read with ``.item()`` and bounded with ``torch._check`` (at least one query per image: every
+    region holds at least one candidate at its level; at most every candidate), so the exporter accepts the
+    data-dependent size and no empty tensor ever reaches the block's layers, whatever mix of levels the routers
+    chose. No ``out=`` writes, no in-place updates and no Python decision on the data.
+    """
+
+    def __init__(self, qsel: torch.Tensor, tok_src: torch.Tensor) -> None:
+        """
+        Args:
+            qsel: (B, T) which candidates of each image are queries.
+            tok_src: (B, N) the candidate covering each token (prefix included).
+        """
+        b, t = qsel.shape
+        pos = qsel.long().cumsum(1) - 1
+        self.nq = pos[:, -1] + 1
+        length = self.nq.max().item()
+        torch._check(length >= 1)
+        torch._check(length <= t)
+        target = torch.where(qsel, pos, length)
+        idx = torch.zeros(b, length + 1, dtype=torch.long, device=qsel.device)
+        idx = idx.scatter(1, target, torch.arange(t, device=qsel.device).expand(b, t))
+        self.idx = idx[:, :length]  # padding slots point at candidate 0 (a real token; its output is unused)
+        self.tok_rows = pos.gather(1, tok_src)  # (B, N) slot of the query covering each token
+
+    def gather(self, table: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) every candidate's row (the full-resolution map, then each level's pooled table) -> (B, L, C)."""
+        return table.gather(1, self.idx.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+        return attend_batched(q, k, v, dropout)
+
+    def to_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) per-query rows -> (B, N, D): every token takes the row of the query covering it."""
+        return t.gather(1, self.tok_rows.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
 class AllQueries:
     """Every candidate as a query (dense training paths): (B, T, C), combined by gates afterwards."""
 
@@ -297,4 +337,4 @@ def attend_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: f
     return F.scaled_dot_product_attention(qh, k, v, dropout_p=dropout).transpose(1, 2).reshape(b, length, d)
 
 
-QuerySelection = PackedQueries | PaddedQueries | AllQueries | TokenQueries | UniformQueries
+QuerySelection = PackedQueries | PaddedQueries | AllQueries | TokenQueries | UniformQueries | TracedQueries

@@ -69,7 +69,8 @@ def sum_pool(m: torch.Tensor, f: int) -> torch.Tensor:
     """
     b, h, w, c = m.shape
     nchw = m.permute(0, 3, 1, 2)
-    if nchw.is_contiguous(memory_format=torch.channels_last):
+    # The ONNX exporter drops divisor_override (AveragePool has none): an exported graph would average, not sum.
+    if nchw.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_exporting():
         # A whole channels-last map (PVT-v2, or ViT without prefix tokens): the native pooling kernel reads
         # it once, several times faster than the adds below. ceil_mode + divisor 1: sums over real tokens.
         out = F.avg_pool2d(nchw, f, ceil_mode=True, divisor_override=1)

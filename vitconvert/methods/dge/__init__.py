@@ -43,6 +43,12 @@ keeps its keys and values dense but computes its queries at a granularity chosen
   thrown off by a shared machine's load. ``gmacs`` always counts the DGE computation (what the model
   computes; a dense block runs more MACs to finish sooner); ``extras["dense_blocks"]`` says how many blocks
   ran densely.
+* **Export** (:func:`vitconvert.export`): :meth:`DGE.forward_traceable` runs every dynamic block's traceable twin
+  (:meth:`DGEBlock._forward_traced`): the same routers and gates, then each image's selected queries padded to the
+  batch's largest count (:class:`~vitconvert.layers.ragged.TracedQueries`, a size read at run time and bounded with
+  ``torch._check``) whatever the mix of levels, so the graph has one structure where the eager path picks base,
+  split, dense or sparse per batch (same results); PVT-v2's convolution runs at every level's scale from the
+  queries' token map. ``coarsening`` is baked in (the graph takes only the images); a gate override is refused.
 * **Gates from outside**: :meth:`DGE.override_gates` replaces the routers' choice in both paths (speed
   benchmarks force GMACs ratios with it, ``benchmarks/common.py``); the routers still run.
 

@@ -29,6 +29,7 @@ from vitconvert.layers.ragged import (
     PaddedQueries,
     QuerySelection,
     TokenQueries,
+    TracedQueries,
     UniformQueries,
 )
 from vitconvert.layers.regions import RegionLayout, make_layout, pool_subpatches
@@ -64,7 +65,8 @@ class Context:
         self.sizes = [region // g for g in granularities]
         self.layout_mode = layout
         self.execution = execution
-        self.mode = "dense"  # dense: the base blocks; sparse: DGE inference; train: DGE dense training path
+        # dense: the base blocks; sparse: DGE inference; traced: its traceable twin (export); train: DGE dense training
+        self.mode = "dense"
         self.tau = tau
         self.shift = 0.0  # logit shift per coarseness rank (the knob)
         self.level: int | None = None  # all regions at this granularity, no router (knob at 1)
@@ -78,7 +80,12 @@ class Context:
     def layout(self, hw: tuple[int, int], device: torch.device) -> RegionLayout:
         key = (int(hw[0]), int(hw[1]), str(device))
         if key not in self._layouts:
-            self._layouts[key] = make_layout(key[:2], self.region, self.sizes, device)
+            lay = make_layout(key[:2], self.region, self.sizes, device)
+            if torch.compiler.is_exporting():
+                # Tensors made while torch.export traces are the tracer's, not real ones: built into the graph
+                # (from arange, as constants it folds), never cached for the eager forwards that follow.
+                return lay
+            self._layouts[key] = lay
         return self._layouts[key]
 
     def cand_first(self, hw: tuple[int, int], device: torch.device, prefix: int) -> torch.Tensor:
@@ -205,6 +212,8 @@ class DGEBlock(nn.Module):
         hw = self._family.block_grid(x, args, kwargs, self.grid)
         if ctx.mode == "train":
             return self._forward_train(x, hw)
+        if ctx.mode == "traced":
+            return self._forward_traced(x, hw)
         return self._forward_sparse(x, hw, args, kwargs)
 
     def _apply_chain(self, names: list[str], t: torch.Tensor) -> torch.Tensor:
@@ -266,6 +275,55 @@ class DGEBlock(nn.Module):
         ctx.records.append(Record(self.index, nq.to(torch.float64), gates.reshape(b, *lay.regions), ran,
                                    conv_macs, path))
         return out
+
+    def _forward_traced(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """The sparse path as one traceable graph (:meth:`DGE.forward_traceable`): the same gates, queries and
+        results as :meth:`_forward_sparse`, with no Python decision on the data. Every batch runs the selected
+        queries of each image padded to the batch's largest count (:class:`TracedQueries`), whatever mix of
+        levels the routers chose: the eager path's choice of base, split, dense or sparse per batch gives the
+        same results, so the graph keeps one fixed structure. The cost record is the sparse path's."""
+        ctx = self._ctx
+        lay = ctx.layout(hw, x.device)
+        p = self.num_prefix
+        b, _, c = x.shape
+        pooled = pool_subpatches(x[:, p:].reshape(b, hw[0], hw[1], c), lay, [*lay.sizes[1:], lay.region])
+        gates, ran = self._sparse_gates(pooled[lay.region], lay)
+        sel = gates[:, lay.cand_region] == lay.cand_gran
+        qsel = torch.cat([sel.new_ones(b, p), sel], dim=1)
+        g_tok = gates[:, lay.tok_region]
+        tok_src = p + lay.tok_cand_t.unsqueeze(0).expand(b, -1, -1).gather(2, g_tok.unsqueeze(-1)).squeeze(2)
+        tok_src = torch.cat([torch.arange(p, device=x.device).expand(b, p), tok_src], dim=1)
+        q = TracedQueries(qsel, tok_src)
+        q_in = q.gather(torch.cat([x, *(pooled[s] for s in lay.sizes[1:])], dim=1))
+        norm1 = self.get_submodule(self.parts.norm1)
+        norm2 = self.get_submodule(self.parts.norm2)
+        a = self._apply_chain(self.parts.post_attn, self._attention(norm1(q_in), norm1(x), hw, q))
+        m = self._apply_chain(self.parts.post_mlp, self._traced_mlp(norm2(q_in + a), hw, lay, q))
+        out = x + q.to_tokens(a + m)
+        ctx.records.append(Record(self.index, q.nq.to(torch.float64), gates.reshape(b, *lay.regions), ran,
+                                   self._conv_macs(gates, lay), "sparse"))
+        return out
+
+    def _traced_mlp(self, t: torch.Tensor, hw: tuple[int, int], lay: RegionLayout, q: TracedQueries) -> torch.Tensor:
+        """The MLP of the (B, L, C) query rows, traceable. PVT-v2's convolution at each query's scale: the
+        piecewise-constant token map (every token the state of its query), convolved at full resolution for the
+        finest queries and, pooled per level, at each coarser level's scale (what :func:`dwconv_tokens` computes,
+        for every level whether or not a query uses it: no decision on the data); each query reads its own."""
+        mlp = self.parts.conv
+        if mlp is None:
+            return self.get_submodule(self.parts.mlp)(t)
+        p = self.num_prefix
+        h = mlp.relu(mlp.fc1(t))
+        b, d = h.shape[0], h.shape[-1]
+        fmap = q.to_tokens(h)[:, p:].reshape(b, hw[0], hw[1], d)
+        pooled = pool_subpatches(fmap, lay, lay.sizes[1:])
+        # Candidate columns: the prefix rows (off the map: no family with a convolution in its MLP has any), the
+        # finest tokens, then each coarser level's cells, as the query table's columns.
+        maps = [h.new_zeros(b, p, d), conv_at(mlp.dwconv, fmap, 1, hw).reshape(b, -1, d)]
+        maps += [conv_at(mlp.dwconv, pooled[s].view(b, -(-hw[0] // s), -(-hw[1] // s), d), s, hw).reshape(b, -1, d)
+                 for s in lay.sizes[1:]]
+        h = q.gather(torch.cat(maps, dim=1))
+        return mlp.drop(mlp.fc2(mlp.drop(mlp.act(h))))
 
     def _forward_split(self, x: torch.Tensor, hw: tuple[int, int], lay: RegionLayout, gates: torch.Tensor,
                        pooled: dict[int, torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:

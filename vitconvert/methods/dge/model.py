@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,8 +81,6 @@ class DGE(ConvertedModel):
     Settings = DGESettings
     Losses = DGELosses
     full_compute_runs_base = True  # coarsening 0: the base blocks, routers not run
-    export_refusal = ("its sparse per-region path sizes its query tables from the routers' choices and picks each "
-                      "block's path per batch in Python, which torch.export cannot trace yet")
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         super().__init__(base, spec, recipe, anatomy)
@@ -284,6 +282,22 @@ class DGE(ConvertedModel):
                 if r.gates is not None:
                     extras[f"granularity.{r.block}"] = r.gates
         return DynamicOutput(logits=logits, gmacs=(gm / GIGA).float(), extras=extras)
+
+    def forward_traceable(self, x: torch.Tensor, point: Mapping[str, torch.Tensor]) -> DynamicOutput:
+        """:meth:`forward_at_point` as an exported graph runs it: the routers' gates and each block's sparse path on
+        the selected queries, with no Python decision on the data (:meth:`DGEBlock._forward_traced`). The
+        coarsening knob shifts logits before an argmax: a constant of the graph, baked in (``point`` is empty).
+        ``gmacs`` is the sparse path's per-image count, as :meth:`forward_at_point` reports it."""
+        self.check_input(x)
+        if self._c.gate_override is not None:
+            raise UserError("a DGE model whose gates come from override_gates cannot be exported; call "
+                            "override_gates(None) first")
+        if self.coarsening <= 0.0:  # the knob is baked in: at 0 the graph is the base model's
+            return self.forward_full_compute(x)
+        with self._c.run("traced") as records:
+            logits = self.base(x)
+            recs = list(records)
+        return DynamicOutput(logits=logits, gmacs=(self._gmacs(recs, x.shape[0], x.device) / GIGA).float())
 
     def forward_full_compute(self, x: torch.Tensor) -> DynamicOutput:
         """The base blocks, routers not run, whatever the knob or a gate override (the small-batch rule's path)."""
