@@ -19,7 +19,10 @@ Rows, trained first:
   is their ratio), at batch 64 and 1. Its output projections start at zero, which would make its logits Swin's
   whatever the clusters; they get random weights here, so the parity check sees the clustering.
 
-DGE is not exportable yet (``vitconvert export`` says why). ``--only fsla`` measures the FSLA rows alone.
+* random weights: DGE on DeiT-S and PVT-v2-b1 with random routers (fresh ones send every region to the finest
+  grain), ``coarsening`` set by bisection so that the timed images' mean GMACs come near 50% / 60% of the base's.
+
+``--only fsla dge`` re-measures those methods' rows alone and keeps the others of the result file.
 
 Writes ``benchmarks/results/export_speed.json`` and ``export_speed.md``. Usage (from the repo root; about 20
 minutes on the 2-core CPU)::
@@ -54,6 +57,8 @@ ROWS = (
     ("pvt_v2_b1", "dvt", [0.5, 0.25]),
     ("swin_tiny_patch4_window7_224", "dvt", [0.5, 0.25]),
     ("swin_tiny_patch4_window7_224", "fsla", []),  # no exits; the recipe's cluster size (the window area, 49)
+    ("deit_small_patch16_224", "dge", 0.5),  # random routers, coarsening set for ~50% of the base's GMACs
+    ("pvt_v2_b1", "dge", 0.6),
 )
 
 
@@ -67,13 +72,16 @@ def force_exit_shares(model: vitconvert.ConvertedModel, x: torch.Tensor, shares:
 
 
 def randomize_zero_init(model: vitconvert.ConvertedModel, seed: int = 0) -> None:
-    """Random weights for the sub-layers that start at zero (FSLA's output projections): with a zero projection an
-    FSLA model's logits are the base model's whatever the clusters, and the parity check would not see them."""
+    """Random weights for the sub-layers that start at zero (FSLA's output projections: with a zero projection an
+    FSLA model's logits are the base model's whatever the clusters, and the parity check would not see them) and for
+    DGE's routers (fresh ones send every region to the finest grain)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".fsla.proj." in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            elif name.startswith("routers."):  # DGE: fresh routers all pick the finest grain; random ones mix
+                p.copy_(torch.randn(p.shape, generator=g))
 
 
 def onnx_base(model: torch.nn.Module, img_size: tuple[int, int], path: Path) -> None:
@@ -101,16 +109,37 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
-def measure_row(arch: str, recipe: str, shares: list[float], batches: list[int], threads: int, rounds: dict[int, int],
-                folder: Path) -> list[dict[str, Any]]:
+def point_for_gmacs(model: vitconvert.ConvertedModel, x: torch.Tensor, share: float, steps: int = 10
+                    ) -> dict[str, float]:
+    """The operating point whose first knob puts the mean GMACs of ``x`` nearest ``share`` of the base's (bisection;
+    the knob's GMACs fall as it rises from its full-compute end)."""
+    knob = model.operating_space().knobs[0]
+    lo, hi = (knob.low, knob.high) if knob.full == knob.low else (knob.high, knob.low)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        model.set_operating_point({knob.name: mid})
+        with torch.no_grad():
+            got = float(model.forward_dynamic(x).gmacs.mean()) / model.base_gmacs
+        lo, hi = (mid, hi) if got > share else (lo, mid)
+    return model.set_operating_point({knob.name: (lo + hi) / 2})
+
+
+def measure_row(arch: str, recipe: str, shares: list[float] | float, batches: list[int], threads: int,
+                rounds: dict[int, int], folder: Path) -> list[dict[str, Any]]:
     """One benchmark row: ``arch`` converted with ``recipe`` (random weights), exit shares forced on the images
     (none: a method without exits, e.g. FSLA, at the recipe's point)."""
     torch.manual_seed(0)
     model = vitconvert.apply(arch, recipe, pretrained=False)
     randomize_zero_init(model)
     images = random_batch(model.anatomy.img_size, max(batches), seed=2)
-    point = force_exit_shares(model, images, shares) if shares else model.operating_point
-    fields = {"model": f"{arch} (random weights)", "point": point, "forced_exit_shares": shares, "gates": "forced"}
+    if isinstance(shares, float):  # a GMACs share to reach with the method's knob
+        point = point_for_gmacs(model, images[:16], shares)
+        fields = {"model": f"{arch} (random weights)", "point": point, "target_gmacs_share": shares,
+                  "gates": "random routers"}
+    else:
+        point = force_exit_shares(model, images, shares) if shares else model.operating_point
+        fields = {"model": f"{arch} (random weights)", "point": point, "forced_exit_shares": shares,
+                  "gates": "forced" if shares else "recipe point"}
     return measure(model, images, batches, threads, rounds, folder, arch, fields)
 
 
@@ -192,7 +221,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
              "ONNX / eager |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         exits = " / ".join(f"{v:.0%}" for v in r["exit_shares"].values()) or "-"  # no exits (FSLA)
-        model = r["backbone"] if r.get("gates") == "forced" else r["model"]
+        model = r["model"].replace(" (random weights)", "")
         lines.append(f"| {r['method']} | {model} | {r['batch']} | {r['gmacs'] / r['base_gmacs']:.0%} | "
                      f"{exits} | {r['onnx_speedup']:.2f}x ({r['onnx_speedup_p10_p90'][0]:.2f}-"
                      f"{r['onnx_speedup_p10_p90'][1]:.2f}) | {r['eager_speedup']:.2f}x | "
