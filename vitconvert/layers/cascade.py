@@ -161,7 +161,8 @@ class Cascade:
         the caller's backend), it calls no Python function but the stages, and before each stage the rows it is
         given are marked as a run-time size (:func:`~vitconvert.layers.compiled.mark_rows_dynamic`): each stage
         compiles once, for every sub-batch size. The decisions, logits and costs are :meth:`run`'s, as its eager
-        loop, with the thresholds as plain floats (changing them does not recompile).
+        loop, with the thresholds as plain floats (changing them does not recompile). The one setting it changes,
+        inductor's ``layout_optimization``, is off only while its stages run (see below).
         """
         b = x.shape[0]
         last = len(self.stages) - 1
@@ -174,9 +175,15 @@ class Cascade:
         logits_out: torch.Tensor | None = None
         confs: list[torch.Tensor] = []
         xs, state = x, dict(carry or {})
+        # Inductor's layout optimisation (convolutions in channels-last) mispredicts the strides of a convolution's
+        # output when the batch size is a run-time size (a stride assertion fails on the first call, torch 2.14):
+        # it is off while a stage compiles and runs, for this call only.
+        from torch._inductor import config as inductor_config
+
         for k, stage in enumerate(self.stages):
             # What a stage receives is marked every time: its carry comes out of the previous compiled graph unmarked
-            logits, state = stage.run(mark_rows_dynamic(xs, *state.values()), state)
+            with inductor_config.patch(layout_optimization=False):
+                logits, state = stage.run(mark_rows_dynamic(xs, *state.values()), state)
             if logits_out is None:
                 logits_out = logits if active.numel() == b else logits.new_zeros(b, logits.shape[-1])
             elif active.numel() == b:
