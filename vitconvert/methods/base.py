@@ -50,6 +50,7 @@ from vitconvert.anatomy import Anatomy
 from vitconvert.backbones import describe_family, read_anatomy
 from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.cascade import Cascade
+from vitconvert.layers.compiled import mark_rows_dynamic
 from vitconvert.layers.costs import model_gmacs
 from vitconvert.layers.seams import drop_path_modules
 from vitconvert.operating import Budget, CurvePoint, OperatingPoint, OperatingSpace, choose_point
@@ -353,11 +354,41 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
 
     def forward_dynamic(self, x: torch.Tensor) -> DynamicOutput:
         """Inference at the current operating point (or, under the small-batch rule, at full compute), with the
-        per-image GMACs of the path taken."""
+        per-image GMACs of the path taken.
+
+        Under ``torch.compile`` (``torch.compile(model)``, which reaches here through :meth:`forward`) it runs
+        :meth:`_forward_compiled` instead: see there why.
+        """
+        if torch.compiler.is_compiling():
+            return self._forward_compiled(x)
         if x.shape[0] == 0:
             return self._empty_output(x)
         if self.small_batch is not None and self.small_batch.applies(x):
             return self.forward_full_compute(x)
+        return self.forward_at_point(x)
+
+    @torch.compiler.disable(recursive=False)
+    def _forward_compiled(self, x: torch.Tensor) -> DynamicOutput:
+        """:meth:`forward_dynamic` as ``torch.compile`` runs it: its decisions in Python, its computation compiled.
+
+        Why: a dynamic model's Python-side decisions (an empty batch, the small-batch rule, a cascade's sub-batches)
+        depend on the batch. Traced by dynamo, each is a guard on the batch size, so new sizes compiled the model
+        again. This frame is not traced (``torch.compiler.disable(recursive=False)``), but what it calls still is,
+        with the caller's backend and options: :meth:`forward_at_point` compiles with its batch dimension marked
+        dynamic (:func:`~vitconvert.layers.compiled.mark_rows_dynamic`), and a cascade's stages compile once for
+        every sub-batch size (:meth:`~vitconvert.layers.cascade.Cascade.run`). Decisions and outputs are those of
+        the eager :meth:`forward_dynamic`.
+        """
+        if x.shape[0] == 0:
+            return self._empty_output(x)
+        x = mark_rows_dynamic(x, unbacked=False)
+        if self.small_batch is not None and self.small_batch.applies(x):
+            saved = self.operating_point
+            self._write_point(self.operating_space().full())
+            try:
+                return self.forward_at_point(x)
+            finally:
+                self._write_point(saved)
         return self.forward_at_point(x)
 
     def _empty_output(self, x: torch.Tensor) -> DynamicOutput:

@@ -203,6 +203,9 @@ class DVT(ConvertedModel, SimulatesPoints):
             for k in range(1, k_members):
                 self.reuse[str(k)] = nn.ModuleList(
                     FeatureReuse(dim, dim, s.reuse_hidden, s.reuse_dim) for _ in reuse_blocks)
+        # Keys of reuse / mixers by member index, looked up rather than formatted: under torch.compile a stage's
+        # index may be a symbolic int (its frame runs for every member), which str() cannot print.
+        self.member_keys = [str(k) for k in range(k_members)]
         self.mixers = nn.ModuleDict()
         if self.relation:
             for k in range(1, k_members):
@@ -380,14 +383,15 @@ class DVT(ConvertedModel, SimulatesPoints):
     def _run_split(self, x: torch.Tensor, carry: Carry, k: int) -> tuple[torch.Tensor, Carry]:
         g = self._graphs[k]
         p = self.num_prefix
+        key = self.member_keys[k]
         tokens = g["embed"](self._resized(x, k))
         mixed = None
         if g["bias"]:
             # Mixed at the upstream grid, resized one layer at a time just before its block: the resized
             # maps of all layers at once (L*h maps of (P+N)^2) would leave the cache before attention reads them.
-            mixed = self.mixers[str(k)](carry["relations"])
+            mixed = self.mixers[key](carry["relations"])
             mixed = mixed.view(mixed.shape[0], self.num_blocks, -1, *mixed.shape[-2:])
-        reuse = self.reuse[str(k)] if k > 0 and str(k) in self.reuse else None
+        reuse = self.reuse[key] if k > 0 and key in self.reuse else None
         relations = []
         for i, block in enumerate(g["blocks"]):
             if mixed is not None:
@@ -412,7 +416,8 @@ class DVT(ConvertedModel, SimulatesPoints):
         model = self._member(k)
         blocks = [model.get_submodule(self.anatomy.blocks[i].path) for i in self.reuse_blocks]
         last = k == len(self.img_sizes) - 1
-        reuse = self.reuse[str(k)] if k > 0 and str(k) in self.reuse else None
+        key = self.member_keys[k]
+        reuse = self.reuse[key] if k > 0 and key in self.reuse else None
         try:
             if reuse is not None:
                 up, up_grid = carry["features"], self.grids[k - 1]

@@ -1,0 +1,48 @@
+"""Helpers for running dynamic models under ``torch.compile`` without a compile per batch size.
+
+A dynamic model's batch is split at run time (a cascade's sub-batches, whose sizes depend on the images), so the
+frames that run its computation see a different batch size at nearly every call. Left to dynamo's defaults, each
+frame compiles once for the first size, again when the size changes (``automatic_dynamic_shapes``) and once more
+for a size of 1 (sizes 0 and 1 are always specialised). Marking the batch dimension of a frame's inputs before the
+frame is entered makes its first compile cover the other sizes:
+
+* *unbacked* (:func:`torch._dynamo.decorators.mark_unbacked`): a size known only at run time, never specialised and
+  never guarded on, so one compile serves every size, 1 included. Code that branches on the size in Python cannot
+  be traced this way (it fails to compile), so only frames known to take it get it (a cascade's stages);
+* *backed* (:func:`torch._dynamo.maybe_mark_dynamic`): a symbolic size from the first call on; a batch of 1 still
+  gets a compile of its own, and Python decisions on the size become guards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BATCH = "vitconvert_batch"
+
+
+@torch.compiler.disable
+def mark_rows_dynamic(first: torch.Tensor, *others: torch.Tensor, unbacked: bool = True,
+                      shape_id: str = BATCH) -> torch.Tensor:
+    """An alias of ``first`` with dimension 0 marked as a dynamic size, and ``others`` marked in place.
+
+    Args:
+        first: The tensor whose alias (``detach``, or a ``view`` when it requires grad) carries the mark, so a tensor
+            the user passed in is not changed.
+        others: The model's own intermediates with the same rows (marked in place).
+        unbacked: Mark as a run-time size (one compile for every size; see the module docstring), else as a backed
+            symbolic size.
+        shape_id: Unbacked marks with the same id share one size symbol: they are rows of the same images.
+
+    Marks only matter to a frame dynamo compiles next; in eager code they do nothing. Not traced itself
+    (``torch.compiler.disable``): it is called between compiled frames.
+    """
+    from torch._dynamo.decorators import mark_unbacked, maybe_mark_dynamic
+
+    # detach(): an alias that is not a view (a view's base would be guarded on, unmarked); under autograd a view.
+    alias = first.view(first.shape) if first.requires_grad else first.detach()
+    for t in (alias, *others):
+        if unbacked:
+            mark_unbacked(t, 0, shape_id=shape_id, min=1)
+        else:
+            maybe_mark_dynamic(t, 0)
+    return alias
