@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from utils import TINY_MODELS, tiny_model
+from utils import TINY_MODELS, exiting_cfvit
 
 import vitconvert
 from vitconvert.deploy import output_names
@@ -33,14 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def cascade(tmp_path_factory: pytest.TempPathFactory) -> tuple[vitconvert.ConvertedModel, Path, torch.Tensor]:
     """A CF-ViT model saved as a folder, at a point where some of the images exit early."""
-    base, _, _ = tiny_model("deit")
-    model = vitconvert.apply(base, "cfvit")
-    x = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        conf = model.forward_coarse(x)["logits"].softmax(-1).amax(-1).sort().values
-    model.set_operating_point(eta=float((conf[3] + conf[4]) / 2))
-    folder = vitconvert.save(model, tmp_path_factory.mktemp("export") / "cfvit")
-    return model, folder, x
+    return exiting_cfvit(tmp_path_factory.mktemp("export"))
 
 
 def test_pt2_reloads_with_torch_export_load_and_matches_eager(cascade, tmp_path: Path) -> None:

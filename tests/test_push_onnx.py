@@ -16,7 +16,7 @@ import timm
 import torch
 from conftest import HUB_ENDPOINT, HUB_TOKEN
 from PIL import Image
-from utils import TINY_MODELS, tiny_model
+from utils import TINY_MODELS, exiting_cfvit
 
 import vitconvert
 from vitconvert.card import ONNX_HEADING, onnx_section, set_onnx_section
@@ -37,14 +37,7 @@ REFUSED = "; nothing was pushed (without --with-onnx the model is pushed alone)"
 @pytest.fixture(scope="module")
 def cascade(tmp_path_factory: pytest.TempPathFactory) -> tuple[vitconvert.ConvertedModel, Path, torch.Tensor]:
     """A tiny CF-ViT saved as a folder, at a point where some of the images exit early."""
-    base, _, _ = tiny_model("deit")
-    model = vitconvert.apply(base, "cfvit")
-    x = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        conf = model.forward_coarse(x)["logits"].softmax(-1).amax(-1).sort().values
-    model.set_operating_point(eta=float((conf[3] + conf[4]) / 2))
-    folder = vitconvert.save(model, tmp_path_factory.mktemp("push-onnx") / "cfvit")
-    return model.eval(), folder, x
+    return exiting_cfvit(tmp_path_factory.mktemp("push-onnx"))
 
 
 @pytest.fixture(scope="module")

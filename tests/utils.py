@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 
+import vitconvert
 from vitconvert.timing import Timing
 
 # name -> (timm architecture, model kwargs): small enough that a forward pass takes milliseconds.
@@ -46,3 +48,17 @@ def fake_timings(x: torch.Tensor, images_per_s: dict[str, float], reference: str
     """What vitconvert.timing.compare returns for models running at these speeds (one round), for faked timing."""
     seconds = {name: x.shape[0] / ips for name, ips in images_per_s.items()}
     return {name: Timing(name, x.shape[0], reference, (s,), (seconds[reference] / s,)) for name, s in seconds.items()}
+
+
+def exiting_cfvit(folder: Path) -> tuple[vitconvert.ConvertedModel, Path, torch.Tensor]:
+    """A tiny CF-ViT saved under ``folder``, at a point where 3 of its 7 images exit early (eta between the 4th and
+    5th coarse confidences): ``(model in eval mode, saved folder, images)``."""
+    import vitconvert
+
+    base, _, _ = tiny_model("deit")
+    model = vitconvert.apply(base, "cfvit")
+    x = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        conf = model.forward_coarse(x)["logits"].softmax(-1).amax(-1).sort().values
+    model.set_operating_point(eta=float((conf[3] + conf[4]) / 2))
+    return model.eval(), vitconvert.save(model, folder / "cfvit"), x

@@ -111,58 +111,27 @@ class Cascade:
     def run(self, x: torch.Tensor, thresholds: Sequence[float], carry: Carry | None = None) -> CascadeOutput:
         """Early-exit inference: stage k+1 runs only on the images stage k did not answer confidently.
 
-        Under ``torch.compile`` the same loop runs as :meth:`_run_between_graphs`: see there why.
+        Eager and under ``torch.compile`` alike, the loop is :meth:`_run_between_graphs`: see there why.
         """
         self._check(thresholds)
-        if torch.compiler.is_compiling():
-            return self._run_between_graphs(x, thresholds, carry)
-        b = x.shape[0]
-        cost_at = cumulative(self.costs)
-        active = torch.arange(b, device=x.device)
-        exit_stage = torch.full((b,), len(self.stages) - 1, dtype=torch.long, device=x.device)
-        logits_out: torch.Tensor | None = None
-        confs: list[torch.Tensor] = []
-        xs, state = x, dict(carry or {})
-        for k, stage in enumerate(self.stages):
-            logits, state = stage.run(xs, state)
-            if logits_out is None:
-                logits_out = logits if active.numel() == b else logits.new_zeros(b, logits.shape[-1])
-            elif active.numel() == b:  # nobody exited so far: the whole batch, no scatter needed
-                logits_out = logits
-            else:
-                logits_out = logits_out.index_copy(0, active, logits.to(logits_out.dtype))
-            conf = confidence(logits)
-            full_conf = torch.full((b,), float("nan"), device=x.device)
-            confs.append(full_conf.index_copy(0, active, conf))
-            if k == len(self.stages) - 1:
-                break
-            leave = exits_at(conf, thresholds[k])
-            if bool(leave.any()):
-                exit_stage = exit_stage.index_fill(0, active[leave], k)
-                stay = (~leave).nonzero().squeeze(1)
-                if stay.numel() == 0:
-                    break
-                active = active.index_select(0, stay)
-                xs = xs.index_select(0, stay)
-                state = {name: t.index_select(0, stay) for name, t in state.items()}
-        assert logits_out is not None
-        costs = torch.tensor(cost_at, dtype=torch.float32, device=x.device)
-        return CascadeOutput(logits=logits_out, exit=exit_stage, gmacs=costs[exit_stage], confidence=confs)
+        return self._run_between_graphs(x, thresholds, carry, compiled=torch.compiler.is_compiling())
 
     @torch.compiler.disable(recursive=False)
-    def _run_between_graphs(self, x: torch.Tensor, thresholds: Sequence[float], carry: Carry | None = None
-                            ) -> CascadeOutput:
-        """:meth:`run` under ``torch.compile``: the exit decisions in Python, each stage a compiled graph.
+    def _run_between_graphs(self, x: torch.Tensor, thresholds: Sequence[float], carry: Carry | None,
+                            compiled: bool) -> CascadeOutput:
+        """:meth:`run`'s loop: the exit decisions in Python and, under ``torch.compile`` (``compiled``), each stage
+        a compiled graph.
 
         Why: a cascade's sub-batch sizes are known only at run time. Traced by dynamo, the loop breaks its graph at
         every decision (``leave.any()``, the sub-batch's size) and each stage's frame sees a new batch size at nearly
         every call, so it compiled again and again (DVT on deit_tiny did not finish its first call in 9 minutes).
-        Here the loop itself is not traced (``torch.compiler.disable(recursive=False)``: what it calls still is, with
-        the caller's backend), it calls no Python function but the stages, and before each stage the rows it is
-        given are marked as a run-time size (:func:`~vitconvert.layers.compiled.mark_rows_dynamic`): each stage
-        compiles once, for every sub-batch size. The decisions, logits and costs are :meth:`run`'s, as its eager
-        loop, with the thresholds as plain floats (changing them does not recompile). The one setting it changes,
-        inductor's ``layout_optimization``, is off only while its stages run (see below).
+        So the loop itself is never traced (``torch.compiler.disable(recursive=False)``: what it calls still is, with
+        the caller's backend), it calls no Python function but the stages (:func:`confidence`, :func:`exits_at` and
+        :func:`cumulative` are inlined: each call would be a frame of its own for dynamo), and when ``compiled``,
+        before each stage the rows it is given are marked as a run-time size
+        (:func:`~vitconvert.layers.compiled.mark_rows_dynamic`): each stage compiles once, for every sub-batch size.
+        The thresholds are plain floats (changing them does not recompile). The one setting it changes, inductor's
+        ``layout_optimization``, is off only while compiled stages run (see below).
         """
         b = x.shape[0]
         last = len(self.stages) - 1
@@ -175,26 +144,29 @@ class Cascade:
         logits_out: torch.Tensor | None = None
         confs: list[torch.Tensor] = []
         xs, state = x, dict(carry or {})
-        # Inductor's layout optimisation (convolutions in channels-last) mispredicts the strides of a convolution's
-        # output when the batch size is a run-time size (a stride assertion fails on the first call, torch 2.14):
-        # it is off while a stage compiles and runs, for this call only.
-        from torch._inductor import config as inductor_config
-
         for k, stage in enumerate(self.stages):
-            # What a stage receives is marked every time: its carry comes out of the previous compiled graph unmarked
-            with inductor_config.patch(layout_optimization=False):
-                logits, state = stage.run(mark_rows_dynamic(xs, *state.values()), state)
+            if compiled:
+                # Inductor's layout optimisation (convolutions in channels-last) mispredicts the strides of a
+                # convolution's output when the batch size is a run-time size (a stride assertion fails on the first
+                # call, torch 2.14): it is off while a stage compiles and runs, for this call only. What a stage
+                # receives is marked every time: its carry comes out of the previous compiled graph unmarked.
+                from torch._inductor import config as inductor_config
+
+                with inductor_config.patch(layout_optimization=False):
+                    logits, state = stage.run(mark_rows_dynamic(xs, *state.values()), state)
+            else:
+                logits, state = stage.run(xs, state)
             if logits_out is None:
                 logits_out = logits if active.numel() == b else logits.new_zeros(b, logits.shape[-1])
-            elif active.numel() == b:
+            elif active.numel() == b:  # nobody exited so far: the whole batch, no scatter needed
                 logits_out = logits
             else:
                 logits_out = logits_out.index_copy(0, active, logits.to(logits_out.dtype))
-            conf = logits.float().softmax(dim=-1).amax(dim=-1)  # confidence(), inlined: a call would be traced
+            conf = logits.float().softmax(dim=-1).amax(dim=-1)  # confidence(), inlined
             confs.append(torch.full((b,), float("nan"), device=x.device).index_copy(0, active, conf))
             if k == last:
                 break
-            if thresholds[k] >= 1.0:  # exits_at(), inlined
+            if thresholds[k] >= 1.0:  # exits_at(), inlined: nobody leaves
                 continue
             leave = conf > thresholds[k]
             if bool(leave.any()):
@@ -203,8 +175,8 @@ class Cascade:
                 if stay.numel() == 0:
                     break
                 active = active.index_select(0, stay)
-                state = {name: t.index_select(0, stay) for name, t in state.items()}
                 xs = xs.index_select(0, stay)
+                state = {name: t.index_select(0, stay) for name, t in state.items()}
         assert logits_out is not None
         costs = torch.tensor(cost_at, dtype=torch.float32, device=x.device)
         return CascadeOutput(logits=logits_out, exit=exit_stage, gmacs=costs[exit_stage], confidence=confs)

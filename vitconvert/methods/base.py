@@ -383,6 +383,8 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
             return self._empty_output(x)
         x = mark_rows_dynamic(x, unbacked=False)
         if self.small_batch is not None and self.small_batch.applies(x):
+            # forward_full_compute, inlined: called from this untraced frame, it would be a frame dynamo traces,
+            # with the point's Python state in it
             saved = self.operating_point
             self._write_point(self.operating_space().full())
             try:
