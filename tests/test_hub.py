@@ -351,6 +351,10 @@ def test_card_front_matter_and_tables(converted, tmp_path) -> None:
     assert "| 0.6 | 55.00 | 0.0044 | 1900.0 | 1.90× |" in card  # evaluation table
     assert "| base model | 60.50 | 0.0091 | 1000.0 | 1.00× |" in card
     assert "Calibrated on 500 images, cifar10, held-out" in card
+    assert "chosen by the budget" not in card  # this calibration record names no budget
+    config["model_args"]["state"]["calibration"]["budget"] = "drop=0.5"
+    assert ("The default point was chosen by the budget `drop=0.5`: the cheapest point within 0.5 top-1 points of "
+            "the base model.") in model_card(config, tmp_path, "deit-cfvit")
     assert "![top-1 against expected GMACs](curve.png)" in card and "(eval.png)" in card
     assert "vitconvert.load('hf-hub:OWNER/deit-cfvit', budget='50%')" in card
     assert fill_repo_id(card, "me/deit-cfvit").count("hf-hub:me/deit-cfvit") == 3

@@ -165,9 +165,22 @@ def test_budgets_skip_points_costing_more_than_the_base_unless_the_method_adds_c
     assert eligible_points(curve[2:], 1.0) == curve[2:]  # nothing is that cheap: everything stays eligible
 
 
+def test_a_method_that_adds_compute_is_never_chosen_switched_off_by_best_or_drop_budgets() -> None:
+    # FSLA-augment-like: cluster size 0 is the base model (its GMACs); FSLA on costs more and here ties with it.
+    curve = [CurvePoint({"c": 0}, 1.0, 80.0), CurvePoint({"c": 8}, 1.1, 80.0), CurvePoint({"c": 49}, 1.3, 79.0)]
+    assert choose_point(curve, "best", 1.0, 80.0).point == {"c": 0}  # a method that does not add compute
+    assert choose_point(curve, "best", 1.0, 80.0, adds_compute=True).point == {"c": 8}
+    assert choose_point(curve, "drop=0", 1.0, 80.0, adds_compute=True).point == {"c": 8}
+    assert choose_point(curve, "drop=1", 1.0, 80.0, adds_compute=True).point == {"c": 8}  # cheapest of those on
+    assert choose_point(curve, "100%", 1.0, 80.0, adds_compute=True).point == {"c": 0}  # a GMACs limit still holds
+    assert choose_point(curve[:1], "best", 1.0, 80.0, adds_compute=True).point == {"c": 0}  # nothing else to pick
+    assert "with the method on" in Budget.parse("best").describe(adds_compute=True)
+    assert Budget.parse("drop=0.5").describe() == "the cheapest point within 0.5 top-1 points of the base model"
+
+
 @pytest.mark.parametrize(("text", "kind", "value"), [
-    (2.1, "gmacs", 2.1), ("2.1", "gmacs", 2.1), ("50%", "fraction", 0.5), ("0.5x", "fraction", 0.5),
-    ("drop=0.5", "drop", 0.5), ("speed=2x", "speed", 2.0), (" Speed=1.5 ", "speed", 1.5)])
+    ("best", "best", 0.0), (2.1, "gmacs", 2.1), ("2.1", "gmacs", 2.1), ("50%", "fraction", 0.5),
+    ("0.5x", "fraction", 0.5), ("drop=0.5", "drop", 0.5), ("speed=2x", "speed", 2.0), (" Speed=1.5 ", "speed", 1.5)])
 def test_budget_is_parsed_once_into_a_value(text: str | float, kind: str, value: float) -> None:
     budget = Budget.parse(text)
     assert (budget.kind, budget.value, str(budget)) == (kind, value, str(text))

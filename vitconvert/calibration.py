@@ -32,7 +32,7 @@ import torch
 from vitconvert.data import DataArg, Split, batches, open_data, spread_batch
 from vitconvert.errors import UserError
 from vitconvert.methods.base import ConvertedModel, SimulatesPoints, SmallBatchRule, can_simulate
-from vitconvert.operating import Budget, CurvePoint, choose_point, eligible_points, frontier, unique_points
+from vitconvert.operating import Budget, CurvePoint, choose_point, frontier, unique_points
 from vitconvert.plots import plot_curve
 from vitconvert.saving import check_output_dir
 from vitconvert.session import ProgressBar, Session, Tally
@@ -294,7 +294,7 @@ def calibrate(
         choice = _choose(session, base, base_top1, parsed, split, batch_size,
                          settings.check_speed if check_speed is None else check_speed)
     cm.calibration = {
-        "budget": str(parsed) if parsed is not None else "best top-1",
+        "budget": str(parsed) if parsed is not None else "best",
         "chosen": choice.point.to_dict(),
         "base_top1": base_top1,
         "base_model": base_desc,
@@ -358,9 +358,7 @@ def _choose(session: Session, base: torch.nn.Module | None, base_top1: float | N
     x = spread_batch(split.files, cm, batch_size).to(session.device) if speed_budget or checked else None
 
     def pick(points: list[CurvePoint]) -> CurvePoint:
-        if budget is None:
-            return max(eligible_points(points, cm.base_gmacs, cm.adds_compute), key=lambda p: (p.top1, -p.gmacs))
-        return choose_point(points, budget, cm.base_gmacs, base_top1, cm.adds_compute)
+        return choose_point(points, budget or Budget.parse("best"), cm.base_gmacs, base_top1, cm.adds_compute)
 
     throughput = speed_check = None
     if speed_budget and base is not None and x is not None:  # the budget reads the timings: they come first

@@ -32,7 +32,7 @@ import yaml
 
 from vitconvert.backbones import describe_family
 from vitconvert.errors import UserError
-from vitconvert.operating import format_point
+from vitconvert.operating import Budget, format_point
 from vitconvert.recipes import load_recipe
 from vitconvert.registry import METHODS
 
@@ -258,7 +258,20 @@ def _ratio_for(knob: float | None, point: dict[str, Any], calibration: dict[str,
     return None
 
 
-def _curve_table(state: dict[str, Any], knob_name: str, evaluation: dict[str, Any]) -> list[str]:
+def _budget_said(cal: dict[str, Any], adds_compute: bool) -> list[str]:
+    """The sentence naming the budget that chose the default point (none for models calibrated before it was kept)."""
+    text = cal.get("budget")
+    if not text:
+        return []
+    try:
+        budget = Budget.parse("best" if text == "best top-1" else text)
+    except UserError:
+        return []
+    return [f"The default point was chosen by the budget `{budget}`: {budget.describe(adds_compute)}."]
+
+
+def _curve_table(state: dict[str, Any], knob_name: str, evaluation: dict[str, Any], adds_compute: bool = False
+                 ) -> list[str]:
     curve = sorted((p for p in state.get("curve") or [] if isinstance(p, dict)),
                    key=lambda p: (_num(p.get("gmacs")) or 0.0, _knob_of(p, knob_name) or 0.0))
     if not curve:
@@ -278,6 +291,7 @@ def _curve_table(state: dict[str, Any], knob_name: str, evaluation: dict[str, An
         f"Calibrated on {images}{where}; pick one with `vitconvert.load(..., budget=...)` (GMACs, `'50%'` of the "
         "base model's GMACs, `'drop=0.5'` top-1 points"
         + (", or `'speed=2x'` among the points whose throughput was measured)." if with_ratio else ")."),
+        *_budget_said(cal, adds_compute),
         "",
         f"| {'operating point' if others else knob_name} | top-1 (%) | expected GMACs | of base GMACs |"
         + (" throughput vs base |" if with_ratio else ""),
@@ -412,7 +426,7 @@ def model_card(config: dict[str, Any], folder: Path | None = None, name: str | N
                             if state.get("finetuned") else "no (converted weights only)"),
         "",
     ]
-    lines += _curve_table(state, knob_name, evaluation)
+    lines += _curve_table(state, knob_name, evaluation, method in METHODS and METHODS[method].adds_compute)
     lines += _small_batch_lines(state)
     if folder is not None and (folder / PLOT_NAME).is_file():
         lines += [f"![top-1 against expected GMACs]({PLOT_NAME})", ""]
@@ -496,7 +510,7 @@ def reproduce_section(config: dict[str, Any], evaluation: dict[str, Any], title:
     if calibration:
         budget = calibration.get("budget")
         commands.append(f"vitconvert calibrate {title} --data DATA"
-                        + (f" --budget {budget}" if budget and budget != "best top-1" else ""))
+                        + (f" --budget {budget}" if budget and budget not in ("best", "best top-1") else ""))
     if evaluation.get("points"):
         commands.append(f"vitconvert eval {title} --data DATA")
     datasets = [str(x) for x in (calibration.get("dataset_id") or calibration.get("dataset"),

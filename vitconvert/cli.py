@@ -143,8 +143,8 @@ def calibrate(
     model_dir: Annotated[str, typer.Argument(help="converted-model folder")],
     data: Annotated[str, typer.Option("--data", help=DATA_HELP + "; a held-out share is used")],
     budget: Annotated[str | None, typer.Option(
-        "--budget", help="GMACs (2.1), a share of the base ('50%'), 'drop=0.5', or a speed-up measured here "
-                         "('speed=2x')")] = None,
+        "--budget", help="GMACs (2.1), a share of the base ('50%'), 'drop=0.5', a speed-up measured here "
+                         "('speed=2x') or 'best' (the most accurate point)")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="write here instead of updating DIR")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
     max_images: Annotated[int | None, typer.Option("--max-images")] = None,

@@ -153,7 +153,7 @@ class CurvePoint:
         return cls(point, numbers["gmacs"], numbers["top1"], dict(extra))
 
 
-BudgetKind = Literal["gmacs", "fraction", "drop", "speed"]
+BudgetKind = Literal["gmacs", "fraction", "drop", "speed", "best"]
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class Budget:
 
     Attributes:
         kind: ``gmacs`` (per image), ``fraction`` (of the base model's GMACs), ``drop`` (top-1 points below the
-            base model) or ``speed`` (measured speed-up over the base model).
+            base model), ``speed`` (measured speed-up over the base model) or ``best`` (the most accurate point).
         value: The number, in the kind's unit (a fraction as 0.5, not 50).
         text: How it was written, for records and cards.
     """
@@ -174,7 +174,7 @@ class Budget:
     @classmethod
     def parse(cls, budget: str | float | Budget) -> Budget:
         """``2.1`` -> gmacs 2.1; ``'50%'`` or ``'0.5x'`` -> fraction 0.5; ``'drop=0.5'`` -> drop 0.5; ``'speed=2x'``
-        (or ``'speed=2'``) -> speed 2.0. A Budget is returned as it is.
+        (or ``'speed=2'``) -> speed 2.0; ``'best'`` -> the most accurate point. A Budget is returned as it is.
 
         Raises:
             UserError: for anything else, or a value out of range (one line saying what is understood).
@@ -187,7 +187,9 @@ class Budget:
         else:
             text = str(budget).strip().lower()
             try:
-                if text.startswith("drop="):
+                if text == "best":
+                    kind, value = "best", 0.0
+                elif text.startswith("drop="):
                     kind, value = "drop", float(text[5:])
                 elif text.startswith("speed="):
                     kind, value = "speed", float(text[6:].removesuffix("x"))
@@ -200,7 +202,8 @@ class Budget:
             except ValueError:
                 raise UserError(
                     f"budget {budget!r} is not understood; use GMACs (2.1), a fraction of the base model ('50%' or "
-                    "'0.5x'), a maximum top-1 drop in points ('drop=0.5') or a speed-up over the base ('speed=2x')"
+                    "'0.5x'), a maximum top-1 drop in points ('drop=0.5'), a speed-up over the base ('speed=2x') "
+                    "or the most accurate point ('best')"
                 ) from None
         bad = (kind == "fraction" and value > 1.0) or (kind == "speed" and value <= 0)
         if not math.isfinite(value) or value < 0 or bad:
@@ -211,22 +214,40 @@ class Budget:
     def __str__(self) -> str:
         return self.text
 
+    def describe(self, adds_compute: bool = False) -> str:
+        """What the budget chooses, in words (model cards)."""
+        if self.kind == "best":
+            return ("the most accurate point with the method on" if adds_compute
+                    else "the most accurate point")
+        if self.kind == "drop":
+            return f"the cheapest point within {self.value:g} top-1 points of the base model"
+        if self.kind == "speed":
+            return f"the most accurate point measured at least {self.value:g}x as fast as the base model"
+        limit = f"{self.value:g} GMACs" if self.kind == "gmacs" else f"{self.value:.0%} of the base model's GMACs"
+        return f"the most accurate point within {limit}"
+
 
 def choose_point(curve: Sequence[CurvePoint], budget: Budget | str | float, base_gmacs: float,
                  base_top1: float | None, adds_compute: bool = False) -> CurvePoint:
-    """The most accurate point within a GMACs or speed budget, or the cheapest within an accuracy drop.
+    """The most accurate point within a GMACs or speed budget, or the cheapest within an accuracy drop, or the most
+    accurate of all (``best``; ties go to fewer GMACs).
 
     When nothing meets the budget: the cheapest point (GMACs budgets), the fastest timed one (speed) or the
     most accurate (drops). A speed budget considers only points whose speed was measured. Where speeds were
     measured, GMACs and drop budgets never pick a point slower than the base model (:func:`not_slower`).
     Points costing more GMACs than the base model are left out (:func:`eligible_points`) unless the method
-    ``adds_compute`` on purpose.
+    ``adds_compute`` on purpose; such a method's ``best`` and drop budgets also leave out the points where it is
+    switched off (:func:`method_on`), since a user who chose it chose the added compute.
     """
     if not curve:
         raise UserError("the model has no calibration curve; run `vitconvert calibrate` first")
     parsed = Budget.parse(budget)
     kind, value = parsed.kind, parsed.value
     curve = eligible_points(curve, base_gmacs, adds_compute)
+    if kind in ("best", "drop"):
+        curve = method_on(curve, base_gmacs, adds_compute)
+    if kind == "best":
+        return max(curve, key=lambda p: (p.top1, -p.gmacs))
     if kind != "speed":
         curve = not_slower(curve, base_gmacs)
     if kind == "speed":
@@ -259,6 +280,16 @@ def eligible_points(curve: Sequence[CurvePoint], base_gmacs: float, adds_compute
     if adds_compute:
         return list(curve)
     return [p for p in curve if p.gmacs <= base_gmacs * (1 + 1e-6)] or list(curve)
+
+
+def method_on(curve: Sequence[CurvePoint], base_gmacs: float, adds_compute: bool) -> list[CurvePoint]:
+    """For a method that adds compute (FSLA's augment mode), the points where it runs: those above the base
+    model's GMACs. A point at the base's GMACs is the method switched off (FSLA with cluster size 0 is Swin): a
+    budget that only asks for accuracy would otherwise ship the base model whenever a point ties with it (the
+    CIFAR-10 Swin's ``drop=0.0`` chose cluster size 0). Other methods, or a curve with no such point: ``curve``."""
+    if not adds_compute:
+        return list(curve)
+    return [p for p in curve if p.gmacs > base_gmacs * (1 + 1e-6)] or list(curve)
 
 
 def not_slower(curve: Sequence[CurvePoint], base_gmacs: float) -> list[CurvePoint]:

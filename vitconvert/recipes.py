@@ -67,7 +67,8 @@ class CalibrateSettings(Strict):
 
     holdout: float = Field(0.1, gt=0, lt=1, description="fraction of the training folder held out")
     max_images: int | None = Field(2000, ge=1)
-    budget: str | float | None = Field(None, description="default budget: GMACs, 'N%' of the base model, or 'drop=P'")
+    budget: str | float | None = Field(None, description="default budget: GMACs, 'N%' of the base model, 'drop=P' or "
+                                       "'best'")
     check_speed: bool = Field(True, description="time the chosen point against the base model on this device and "
                               "choose again, without it, while it runs slower (GMACs, drop and no budget)")
 
