@@ -146,10 +146,11 @@ def test_member_layout_and_costs(key: str) -> None:
         assert model.img_sizes[-1] == model.anatomy.img_size
 
 
-@pytest.mark.parametrize("key", ["deit", "swin"])
+@pytest.mark.parametrize(("key", "reuse_at"), [("deit", "output"), ("swin", "output"), ("deit", "mlp"),
+                                               ("pvt_v2", "mlp")])
 @pytest.mark.parametrize("batch", [1, 7])
-def test_real_early_exit_equals_simulation(key: str, batch: int) -> None:
-    model = convert(key)
+def test_real_early_exit_equals_simulation(key: str, reuse_at: str, batch: int) -> None:
+    model = convert(key, overrides=[f"model.feature_reuse_at={reuse_at}"])
     perturb(model)
     x = torch.randn(batch, 3, *model.anatomy.img_size) * 2
     with torch.no_grad():
@@ -175,6 +176,41 @@ def test_real_early_exit_equals_simulation(key: str, batch: int) -> None:
         model.set_operating_point(points[0])
         with torch.no_grad():
             assert len(model.forward_dynamic(x).stage.unique()) >= 2
+
+
+@pytest.mark.parametrize("key", ["deit", "swin", "pvt_v2"])
+def test_reuse_concatenated_to_the_mlp_input_is_exact_fresh_and_enters_through_fc1(key: str) -> None:
+    """DVT's wiring (``feature_reuse_at=mlp``): the branch projects to fc1's width and adds to fc1's output."""
+    model = convert(key, overrides=["model.feature_reuse_at=mlp"])
+    beside = convert(key)  # the same weights, reuse added to the block output
+    x = torch.randn(3, 3, *model.anatomy.img_size) * 2
+    with torch.no_grad():
+        base = model.build_base()(x)
+        torch.testing.assert_close(model.collect(x)[model.names[-1]], base, atol=1e-5, rtol=0)  # exact fresh
+    block = model.base.get_submodule(model.anatomy.blocks[model.reuse_blocks[0]].path)
+    assert model.reuse_into[0] == [model.anatomy.blocks[model.reuse_blocks[0]].path + ".mlp.fc1"]
+    assert model.reuse["1"][0].proj.weight.shape == (block.mlp.fc1.out_features, 48)
+    # The projection's extra MACs, one per row of the member's MLP input and hidden channel beyond the block width.
+    rows = model.grids[1][0] * model.grids[1][1] + model.num_prefix
+    extra = len(model.reuse_blocks) * rows * 48 * (block.mlp.fc1.out_features - model.anatomy.stages[-1].dim)
+    assert math.isclose((model.costs[model.names[1]] - beside.costs[beside.names[1]]) * 1e9, extra, rel_tol=1e-6)
+    # Trained-like projection: member 1's fc1 receives exactly the branch output (captured by a hook).
+    perturb(model)
+    seen: dict[str, torch.Tensor] = {}
+    member = model.members[1] if len(model.members) > 1 else model.base
+    fc1 = member.get_submodule(model.reuse_into[0][0])
+    hook = fc1.register_forward_pre_hook(lambda m, a: seen.setdefault("in", a[0]))
+    out_hook = fc1.register_forward_hook(lambda m, a, o: seen.setdefault("out", o))
+    with torch.no_grad():
+        logits = model.cascade.run_all(x)
+        hook.remove(), out_hook.remove()
+        upstream = model.cascade.run_all(x)  # same result without the probes
+        feats = model._run_member(0, x, {})[1]["features"]
+        add = model.reuse["1"][0](feats, model.num_prefix, model.grids[0], model.grids[1])
+        torch.testing.assert_close(seen["out"], (F.linear(seen["in"], fc1.weight, fc1.bias)
+                                                 + add.reshape(seen["out"].shape)), atol=1e-5, rtol=0)
+    assert add.abs().max() > 1e-3  # the check above is not comparing zeros
+    torch.testing.assert_close(logits[-1], upstream[-1])
 
 
 def test_later_members_depend_on_earlier_ones() -> None:

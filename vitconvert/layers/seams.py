@@ -6,6 +6,8 @@ This module owns the block-level surgery that methods share, none of it tied to 
   same shape) from its fx graph: its norms, attention, MLP, the per-token modules on each residual branch
   (layer scale, drop path), its layout and extra inputs;
 * :func:`drop_path_modules` finds the block's stochastic-depth slots from that reading, not by name;
+* :func:`mlp_input_layers` finds the linear layers that read the MLP's input (where channels concatenated to
+  that input would enter);
 * :func:`rewrite_attention` returns a drop-in replacement of a block whose attention takes an additive
   ``attn_bias`` and/or also returns the pre-softmax logits;
 * :func:`insert_residual_branch` returns a drop-in replacement of a block with one more residual branch
@@ -42,6 +44,7 @@ __all__ = [
     "attention_with_logits",
     "drop_path_modules",
     "insert_residual_branch",
+    "mlp_input_layers",
     "read_residual_block",
     "rewrite_attention",
     "rewrite_block",
@@ -170,6 +173,50 @@ def _read(block: nn.Module, where: str = "") -> tuple[ResidualBlock, _Traced]:
         window_ops=window_ops,
     )
     return parts, _Traced(gm=gm, x=x, attn_add=attn_add, mlp_add=mlp_add, core=core, extra=extra)
+
+
+def mlp_input_layers(block: nn.Module, where: str = "") -> list[str]:
+    """The linear layers of the block's MLP that read the MLP's input, in call order (names relative to the block).
+
+    Channels ``r`` concatenated to the MLP's input reach the MLP only through these layers, as ``W_r r`` added to
+    each one's output: timm's ``Mlp`` and PVT-v2's MLP have one (``fc1``), SwiGLU two (``fc1_g``, ``fc1_x``).
+    Zero-initialised ``W_r`` leaves the block unchanged. DVT's feature reuse enters its blocks this way.
+
+    Raises:
+        AnatomyError: when something other than a linear layer reads the MLP's input (one line).
+
+    Example:
+        >>> import timm
+        >>> mlp_input_layers(timm.create_model("vit_tiny_patch16_224").blocks[0])
+        ['mlp.fc1']
+    """
+    where = where or type(block).__name__
+    parts, t = _read(block, where)
+    inside = parts.mlp + "."
+    # The token stream: what the block input flows into (not the extra inputs, e.g. PVT-v2's feat_size).
+    stream: set[fx.Node] = {t.x}
+    for n in t.gm.graph.nodes:
+        if any(a in stream for a in n.all_input_nodes):
+            stream.add(n)
+
+    def in_mlp(n: fx.Node) -> bool:
+        return any(s == parts.mlp or s.startswith(inside) for s in vfx.scopes(n))
+
+    layers: list[str] = []
+    for n in t.gm.graph.nodes:
+        if not in_mlp(n):
+            continue
+        reads_input = any(a in stream and not in_mlp(a) for a in n.all_input_nodes)
+        if not reads_input or _is_shape_read(n):
+            continue
+        target = str(n.target) if n.op == "call_module" else ""
+        if not target or not isinstance(block.get_submodule(target), nn.Linear):
+            raise AnatomyError(f"{where}: the MLP's input is read by {n.name} ({n.op} {n.target}), not by a "
+                               "linear layer")
+        layers.append(target)
+    if not layers:
+        raise AnatomyError(f"{where}: no linear layer reads the input of the MLP {parts.mlp}")
+    return layers
 
 
 def _top(n: fx.Node) -> str:

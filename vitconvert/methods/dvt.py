@@ -34,10 +34,15 @@ convolutions take any size).
 **Feature reuse** (all families). The previous member's last-block output (before the final norm: ViT
 tokens, or the last stage's map for PVT-v2/Swin) goes, for every downstream block that receives it, through
 a :class:`~vitconvert.layers.reuse.FeatureReuse` branch (own LayerNorm, C -> 128 -> 48, resized to the
-block's grid by nearest upsample + adaptive average pool, prefix tokens zero, zero-initialised 48 -> C
-projection) added to the block's output, i.e. to its MLP residual. ViT: every block of members 2..K;
-PVT-v2 and Swin: every block of the last stage (the only stage whose map is "the previous member's
-last-stage map" resolution-wise). A fresh branch adds exact zeros.
+block's grid by nearest upsample + adaptive average pool, prefix tokens zero, zero-initialised projection).
+``feature_reuse_at`` says where the 48 channels enter: ``mlp`` (DVT's wiring) concatenates them to the input of
+the block's MLP, as zero-initialised extra columns of the layers that read it (timm's ``fc1``, found by
+:func:`~vitconvert.layers.seams.mlp_input_layers`: the projection is 48 -> the MLP's hidden width, added to
+``fc1``'s output by a forward hook); ``output`` projects them 48 -> C and adds them to the block's output (its
+MLP residual). ViT: every block of members 2..K; PVT-v2 and Swin: every block of the last stage (the only
+stage whose map is "the previous member's last-stage map" resolution-wise). A fresh branch adds exact zeros.
+DVT's code normalises the concatenation with one LayerNorm over C + 48; here the pretrained ``norm2`` keeps
+normalising the C channels (its statistics unchanged) and the branch has its own norm before its MLP.
 
 **Relation reuse** (ViT only). Each member but the last reports the pre-softmax logits of every layer
 (the logits actually used, including the bias it received, so relations cascade); the next member mixes
@@ -89,7 +94,7 @@ from vitconvert.backbones import family_of
 from vitconvert.errors import UserError
 from vitconvert.layers.cascade import Carry, Cascade, Stage, StageFn, thresholds_for_exit_shares
 from vitconvert.layers.reuse import FeatureReuse, RelationMixer, resize_relations
-from vitconvert.layers.seams import rewrite_attention
+from vitconvert.layers.seams import mlp_input_layers, rewrite_attention
 from vitconvert.layers.sharing import attach, detach, tie_parameters
 from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints
 from vitconvert.operating import Knob, OperatingPoint, OperatingSpace
@@ -112,6 +117,10 @@ class DVTSettings(Strict):
     share_weights: bool = Field(False, description="one set of weights for every member (false: independent "
                                 "copies, as in the paper)")
     feature_reuse: bool = True
+    # "output" for configs saved before the choice existed (their projections are 48 -> C); recipes set it.
+    feature_reuse_at: Literal["output", "mlp"] = Field(
+        "output", description="where reused features enter each block: 'mlp' = concatenated to the MLP's input "
+        "(DVT's wiring), 'output' = a projection added to the block's output")
     relation_reuse: bool = Field(True, description="ViT only: upstream attention logits biased into each layer")
     reuse_hidden: int = Field(128, ge=1, le=4096, description="hidden width of the feature-reuse transform")
     reuse_dim: int = Field(48, ge=1, le=4096, description="width of the reused features before the projection")
@@ -133,15 +142,17 @@ class DVTLosses(Strict):
 
 
 def _capture_output(module: nn.Module, args: tuple, output: Any) -> Any:
-    """Forward hook of the blocks that take feature reuse (PVT-v2 / Swin last stage).
+    """Forward hook of the modules that take feature reuse: the blocks (PVT-v2 / Swin last stage, reuse at the
+    block output) or the MLP input layers (reuse concatenated to the MLP input, every family).
 
-    It adds what the model set as ``module._dvt_add`` and keeps the output in ``module._dvt_out`` when
-    ``module._dvt_capture`` is set. It reads only its module's attributes (no closure), so copies of the
-    model (EMA, deepcopy) carry working hooks of their own.
+    It adds what the model set as ``module._dvt_add`` (reshaped to the output: (B, N, C) rows onto a Swin
+    block's (B, H, W, C) map) and keeps the output in ``module._dvt_out`` when ``module._dvt_capture`` is set.
+    It reads only its module's attributes (no closure), so copies of the model (EMA, deepcopy) carry working
+    hooks of their own.
     """
     add = getattr(module, "_dvt_add", None)
     if add is not None:
-        output = output + add.to(output.dtype)
+        output = output + add.to(output.dtype).reshape(output.shape)
     if getattr(module, "_dvt_capture", False):
         attach(module, _dvt_out=(output, module._dvt_family.block_grid(args[0], args[1:], {}, None)))
     return output
@@ -199,10 +210,24 @@ class DVT(ConvertedModel, SimulatesPoints):
             self.relation = False  # relation maps are stacked over layers: every layer needs the same heads
         self.reuse_blocks = reuse_blocks
         self.reuse = nn.ModuleDict()
+        # Where each reuse block takes the branch: its output, or the layers reading its MLP's input (the branch
+        # then projects to their outputs' widths, split between them).
+        self.reuse_into: list[list[str]] = []
+        self.reuse_widths: list[list[int]] = []
+        for i in reuse_blocks:
+            path = anatomy.blocks[i].path
+            if s.feature_reuse_at == "mlp":
+                block = base.get_submodule(path)
+                layers = mlp_input_layers(block, path)
+                self.reuse_into.append([f"{path}.{name}" for name in layers])
+                self.reuse_widths.append([int(block.get_submodule(name).out_features) for name in layers])
+            else:
+                self.reuse_into.append([path])
+                self.reuse_widths.append([dim])
         if s.feature_reuse:
             for k in range(1, k_members):
                 self.reuse[str(k)] = nn.ModuleList(
-                    FeatureReuse(dim, dim, s.reuse_hidden, s.reuse_dim) for _ in reuse_blocks)
+                    FeatureReuse(dim, sum(w), s.reuse_hidden, s.reuse_dim) for w in self.reuse_widths)
         # Keys of reuse / mixers by member index, looked up rather than formatted: under torch.compile a stage's
         # index may be a symbolic int (its frame runs for every member), which str() cannot print.
         self.member_keys = [str(k) for k in range(k_members)]
@@ -214,14 +239,19 @@ class DVT(ConvertedModel, SimulatesPoints):
         graphs: list[dict[str, Any]] = []
         for k in range(k_members):
             model = self._member(k)
-            if self.split:
-                graphs.append(self._split_graphs(model, k))
-            else:
+            hooked = set()
+            if not self.split:
                 for i in reuse_blocks:
                     block = model.get_submodule(anatomy.blocks[i].path)
                     attach(block, _dvt_family=family)
                     block.register_forward_hook(_capture_output)
-                graphs.append({})
+                    hooked.add(anatomy.blocks[i].path)
+            if s.feature_reuse_at == "mlp" or not self.split:
+                for into in self.reuse_into:
+                    for path in into:
+                        if path not in hooked:
+                            model.get_submodule(path).register_forward_hook(_capture_output)
+            graphs.append(self._split_graphs(model, k) if self.split else {})
         stages = [Stage(name, self._stage_fn(k), 0.0) for k, name in enumerate(self.names)]
         # Not modules: the graphs call the members' own modules, registered once under base / members.
         attach(self, _graphs=graphs, _family=family, cascade=Cascade(stages))
@@ -380,8 +410,20 @@ class DVT(ConvertedModel, SimulatesPoints):
     def _run_member(self, k: int, x: torch.Tensor, carry: Carry) -> tuple[torch.Tensor, Carry]:
         return self._run_split(x, carry, k) if self.split else self._run_hooked(x, carry, k)
 
+    def _reuse_before(self, model: nn.Module, j: int, add: torch.Tensor) -> None:
+        """Hand reuse block ``j``'s branch output to the modules that add it (split between MLP input layers)."""
+        into = self.reuse_into[j]
+        parts = add.split(self.reuse_widths[j], dim=-1) if len(into) > 1 else (add,)
+        for path, part in zip(into, parts, strict=True):
+            attach(model.get_submodule(path), _dvt_add=part)
+
+    def _reuse_after(self, model: nn.Module, j: int) -> None:
+        for path in self.reuse_into[j]:
+            detach(model.get_submodule(path), "_dvt_add")
+
     def _run_split(self, x: torch.Tensor, carry: Carry, k: int) -> tuple[torch.Tensor, Carry]:
         g = self._graphs[k]
+        model = self._member(k)
         p = self.num_prefix
         key = self.member_keys[k]
         tokens = g["embed"](self._resized(x, k))
@@ -393,17 +435,22 @@ class DVT(ConvertedModel, SimulatesPoints):
             mixed = mixed.view(mixed.shape[0], self.num_blocks, -1, *mixed.shape[-2:])
         reuse = self.reuse[key] if k > 0 and key in self.reuse else None
         relations = []
+        into_mlp = reuse is not None and self.settings.feature_reuse_at == "mlp"
         for i, block in enumerate(g["blocks"]):
+            if into_mlp:
+                self._reuse_before(model, i, reuse[i](carry["features"], p, self.grids[k - 1], self.grids[k]))
             if mixed is not None:
                 bias = resize_relations(mixed[:, i], p, self.grids[k - 1], self.grids[k])
                 out = block(tokens, attn_bias=bias)
             else:
                 out = block(tokens)
+            if into_mlp:
+                self._reuse_after(model, i)
             if g["logits"]:
                 out, lg = out
                 relations.append(lg)
             tokens = out
-            if reuse is not None:
+            if reuse is not None and self.settings.feature_reuse_at == "output":
                 tokens = tokens + reuse[i](carry["features"], p, self.grids[k - 1], self.grids[k])
         new: Carry = {}
         if k < len(self.img_sizes) - 1:
@@ -421,12 +468,8 @@ class DVT(ConvertedModel, SimulatesPoints):
         try:
             if reuse is not None:
                 up, up_grid = carry["features"], self.grids[k - 1]
-                dst = self.grids[k]
-                for block, branch in zip(blocks, reuse, strict=True):
-                    add = branch(up, 0, up_grid, dst)
-                    if self._family.block_layout == "map":
-                        add = add.reshape(add.shape[0], *dst, add.shape[-1])
-                    attach(block, _dvt_add=add)
+                for j, branch in enumerate(reuse):
+                    self._reuse_before(model, j, branch(up, 0, up_grid, self.grids[k]))
             attach(blocks[-1], _dvt_capture=not last)
             logits = model(self._resized(x, k))
             new: Carry = {}
@@ -435,7 +478,8 @@ class DVT(ConvertedModel, SimulatesPoints):
                 new["features"] = out.reshape(out.shape[0], grid[0] * grid[1], out.shape[-1])
             return logits, new
         finally:
-            for block in blocks:
+            for j, block in enumerate(blocks):
+                self._reuse_after(model, j)
                 for name in ("_dvt_add", "_dvt_capture", "_dvt_out"):
                     detach(block, name)
 
