@@ -1,7 +1,8 @@
 """Run the vitconvert benchmark suite and regenerate ``benchmarks/results/SUMMARY.md``.
 
 Every module ``benchmarks/bench_<name>.py`` that exposes ``run(quick: bool, out_dir: Path) -> dict`` is a
-benchmark called ``<name>``; so are ``benchmarks/tome.py`` (``tome``, the training-free ToMe baseline)
+benchmark called ``<name>``; so are ``benchmarks/tome.py`` (``tome``, the training-free ToMe baseline),
+``benchmarks/cifar10_no_finetune.py`` (``no_finetune``, each method calibrated without fine-tuning, beside ToMe)
 and ``benchmarks/cifar10_short_recipe.py`` (``cifar10``, accuracy after the short fine-tuning recipe)
 when present. Each writes its JSON into the results folder and returns it; the run order is the speed
 benchmarks first, accuracy last. The full suite takes about 52 minutes on the 2-core CPU (speed
@@ -40,7 +41,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 # Benchmarks that are not named bench_*: name -> module (run last: accuracy takes longest).
-EXTRA = {"tome": "tome", "cifar10": "cifar10_short_recipe"}
+EXTRA = {"tome": "tome", "no_finetune": "cifar10_no_finetune", "cifar10": "cifar10_short_recipe"}
 
 
 def discover() -> dict[str, str]:

@@ -410,3 +410,36 @@ def test_timed_blocks_times_each_block_and_reports_choices_then_unhooks() -> Non
     assert all(t > 0 for t in timer.median("b").values())
     assert all("_choose_path" not in b.__dict__ and not b._forward_hooks and not b._forward_pre_hooks
                for b in timer.blocks)
+
+
+def test_no_finetune_rows_name_tome_at_the_nearest_gmacs_and_tome_sweeps_r_on_a_tiny_vit(tmp_path) -> None:
+    from benchmarks.cifar10_no_finetune import nearest_tome, table, tome_curve
+    from vitconvert.data import open_image_folder
+
+    curve = [{"r": 0, "gmacs": 1.0, "top1": 80.0}, {"r": 2, "gmacs": 0.7, "top1": 79.0},
+             {"r": 4, "gmacs": 0.55, "top1": 75.0}]
+    assert nearest_tome(curve, 0.72)["r"] == 2 and not nearest_tome(curve, 0.72)["above"]
+    assert nearest_tome(curve, 0.4) == {"r": 4, "gmacs": 0.55, "top1": 75.0, "above": True}  # ToMe's lowest
+    assert nearest_tome([], 0.5) is None
+    result = {"settings": {"budget": "50%", "base": "b"}, "date": "2026-12-05T00:00",
+              "rows": [{"method": "cfvit", "point": {"eta": 0.4}, "gmacs": 0.45, "base_gmacs": 1.0, "top1": 70.0,
+                        "base_top1": 80.0, "tome_at_same_gmacs": nearest_tome(curve, 0.45)}]}
+    assert "| cfvit | eta=0.4 | 0.4500 (45%) | 70.00 | 80.00 | -10.00 | 4 | 0.5500 (55%, its lowest) | 75.00 |" \
+        in table(result)
+
+    # ToMe's sweep on a tiny ViT (64 patch tokens, 4 blocks): r = 0 .. 15, GMACs falling, r = 0 the base model.
+    model, _, _ = tiny_model("deit")
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32), "crop_pct": 1.0}  # its eval transform
+    root = tmp_path / "data"
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            from PIL import Image
+            Image.new("RGB", (32, 32), (40 * i, 90 * c, 20)).save(root / f"c{c}" / f"{i}.png")
+    split = open_image_folder(root, holdout=0.5).eval_split(None)
+    points = tome_curve(model, split, (32, 32), progress=False)
+    assert [p["r"] for p in points] == list(range(16))
+    gm = [p["gmacs"] for p in points]
+    assert gm == sorted(gm, reverse=True) and gm[0] > gm[-1]
+    from benchmarks.tome import gmacs
+    assert gm[0] == pytest.approx(gmacs(model, (32, 32)))
