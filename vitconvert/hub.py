@@ -166,24 +166,26 @@ TRANSFORMERS_WEIGHTS = (["model.safetensors", "model.safetensors.index.json", "m
                         ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"])
 
 
-def download_transformers_folder(repo: str, revision: str | None = None, cache_dir: Any = None) -> Path:
+def download_transformers_folder(repo: str, revision: str | None = None, cache_dir: Any = None,
+                                 weights: bool = True) -> Path:
     """Download a transformers image classifier's config, preprocessor config and weights; return the folder.
 
-    The .bin weights are fetched only when the repository has no safetensors ones.
+    The .bin weights are fetched only when the repository has no safetensors ones; ``weights=False`` fetches
+    the two configs only.
     """
     from huggingface_hub import snapshot_download
 
     repo_id, rev = _split(repo)
     folder = None
-    for weights in TRANSFORMERS_WEIGHTS:
+    for weights_files in TRANSFORMERS_WEIGHTS if weights else ([],):
         try:
             folder = Path(snapshot_download(repo_id, revision=revision or rev, allow_patterns=TRANSFORMERS_FILES
-                                            + weights, cache_dir=cache_dir))
+                                            + weights_files, cache_dir=cache_dir))
         except Exception as e:
             if not is_hub_failure(e):
                 raise
             raise hub_error(repo_id, e) from None
-        if any((folder / name).is_file() for name in weights[:2]):
+        if not weights or any((folder / name).is_file() for name in weights_files[:2]):
             return folder
     raise UserError(f"hf-hub:{repo_id} has no weights (model.safetensors or pytorch_model.bin); pass "
                     "--no-pretrained for random weights")

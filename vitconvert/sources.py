@@ -287,7 +287,7 @@ def load_base(
         with offline_unless_reachable():
             hub_cfg = download_config(repo)
         if is_transformers_config(hub_cfg):
-            folder = download_transformers_folder(repo) if use_pretrained else None
+            folder = download_transformers_folder(repo, weights=use_pretrained)
             return _transformers_base(folder, hub_cfg, model, repo, checkpoint, kwargs, use_pretrained)
         if not use_pretrained:
             arch, base_args = _arch_from_config(hub_cfg, model)
@@ -320,10 +320,11 @@ def load_base(
     return base.eval(), spec
 
 
-def _transformers_base(folder: Path | None, cfg: dict[str, Any], source: str, repo: str | None,
+def _transformers_base(folder: Path, cfg: dict[str, Any], source: str, repo: str | None,
                        checkpoint: str | os.PathLike[str] | None, kwargs: dict[str, Any], pretrained: bool
                        ) -> tuple[nn.Module, BaseSpec]:
-    """A transformers checkpoint (local folder or downloaded Hub snapshot) as the equivalent timm model.
+    """A transformers checkpoint (local folder or downloaded Hub snapshot; without weights when ``pretrained`` is
+    false) as the equivalent timm model.
 
     The architecture is the config's, so ``model_kwargs`` may only repeat it (as a saved spec does when the
     original is rebuilt as a teacher). With weights, the timm model must reproduce the transformers model's logits;
@@ -336,9 +337,8 @@ def _transformers_base(folder: Path | None, cfg: dict[str, Any], source: str, re
         raise UserError(f"{source} is a transformers {eq.hf_class} checkpoint, whose architecture comes from its "
                         f"config.json; --model-kwargs cannot change {', '.join(differing)}")
     use_weights = pretrained and checkpoint is None
-    preprocessor = preprocessor_config(folder, source) if folder is not None else None
+    preprocessor = preprocessor_config(folder, source)
     if use_weights:
-        assert folder is not None
         hf_model = load_transformers_model(folder, eq, source)
         base = timm_from_transformers(hf_model, eq, source, lambda a, k: build_timm(a, k, "config.json", source),
                                       load_state_dict_checked)

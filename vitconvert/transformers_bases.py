@@ -13,7 +13,8 @@ checked against, and its loader knows the checkpoint layouts of older releases.
 Supported: ``ViTForImageClassification``, ``DeiTForImageClassification`` (the distillation token becomes a timm
 register token: it is attended to but has no head), ``DeiTForImageClassificationWithTeacher`` (timm's distilled
 ViT: the two heads averaged), ``SwinForImageClassification`` and ``PvtV2ForImageClassification``.
-``Swinv2ForImageClassification`` is refused in one line: vitconvert has no SwinV2 family yet.
+``Swinv2ForImageClassification`` is mapped onto timm's SwinTransformerV2 and checked the same way; converting it
+waits for a SwinV2 family (until then the conversion step refuses it in one line, as any unsupported timm model).
 
 Layer-norm eps: transformers' ViT uses 1e-12 where timm uses 1e-6, and its PVT-v2 1e-6 where timm uses 1e-5 in
 some norms. timm's constructors take a norm *layer*, not an eps, and a saved base must stay plain JSON, so the
@@ -235,6 +236,40 @@ def _swin(cfg: dict[str, Any], hf_class: str, source: str) -> TimmEquivalent:
                           img, args["in_chans"], labels, rules)
 
 
+def _swinv2(cfg: dict[str, Any], hf_class: str, source: str) -> TimmEquivalent:
+    eq = _swin(cfg, hf_class, source)  # the same configuration keys, plus the pretrained window sizes
+    depths = eq.model_args["depths"]
+    windows = cfg.get("pretrained_window_sizes", [0] * len(depths))
+    if not (isinstance(windows, list) and len(windows) == len(depths) and all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in windows)):
+        raise UserError(f"{source}: config.json pretrained_window_sizes must be a list of {len(depths)} window "
+                        f"sizes, got {windows!r}")
+    eq.model_args["pretrained_window_sizes"] = list(windows)
+    eq.architecture = "swinv2_tiny_window8_256"
+    s = r"swinv2\.encoder\.layers\.(\d+)\.blocks\.(\d+)"
+    a = rf"{s}\.attention\.self"
+    t = r"layers.\1.blocks.\2"
+    # SwinV2 has q and v biases but no k bias: timm keeps them as attn.q_bias / attn.v_bias beside a bias-free qkv.
+    eq.rules = [
+        (r"swinv2\.embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+        (r"swinv2\.embeddings\.norm\.(weight|bias)", r"patch_embed.norm.\1"),
+        (rf"{a}\.logit_scale", rf"{t}.attn.logit_scale"),
+        (rf"{a}\.continuous_position_bias_mlp\.(\d+)\.(weight|bias)", rf"{t}.attn.cpb_mlp.\3.\4"),
+        (rf"{a}\.(query|key|value)\.weight", lambda m: f"layers.{m[1]}.blocks.{m[2]}.attn.qkv.weight|{m[3][0]}"),
+        (rf"{a}\.query\.bias", rf"{t}.attn.q_bias"),
+        (rf"{a}\.value\.bias", rf"{t}.attn.v_bias"),
+        (rf"{s}\.attention\.output\.dense\.(weight|bias)", rf"{t}.attn.proj.\3"),
+        (rf"{s}\.layernorm_before\.(weight|bias)", rf"{t}.norm1.\3"),
+        (rf"{s}\.layernorm_after\.(weight|bias)", rf"{t}.norm2.\3"),
+        (rf"{s}\.intermediate\.dense\.(weight|bias)", rf"{t}.mlp.fc1.\3"),
+        (rf"{s}\.output\.dense\.(weight|bias)", rf"{t}.mlp.fc2.\3"),
+        (r"swinv2\.encoder\.layers\.(\d+)\.downsample\.(reduction|norm)\.(weight|bias)", _swin_downsample),
+        (r"swinv2\.layernorm\.(weight|bias)", r"norm.\1"),
+        (r"classifier\.(weight|bias)", r"head.fc.\1"),
+    ]
+    return eq
+
+
 def _pvt_patch_embed(m: re.Match[str]) -> str:
     # timm calls stage 0's overlapping patch embedding patch_embed, later ones stages.i.downsample.
     i, part, kind = int(m.group(1)), m.group(2), m.group(3)
@@ -295,13 +330,10 @@ _CLASSES: dict[str, Callable[[dict[str, Any], str, str], TimmEquivalent]] = {
     "DeiTForImageClassification": _vit_like,
     "DeiTForImageClassificationWithTeacher": _vit_like,
     "SwinForImageClassification": _swin,
+    "Swinv2ForImageClassification": _swinv2,
     "PvtV2ForImageClassification": _pvt_v2,
 }
 SUPPORTED_CLASSES = tuple(_CLASSES)
-_REFUSED = {
-    "Swinv2ForImageClassification": "vitconvert has no SwinV2 family yet (its methods read timm's Swin v1 "
-                                    "anatomy); use a Swin v1 checkpoint",
-}
 
 
 def hf_class_of(cfg: dict[str, Any], source: str) -> str:
@@ -309,8 +341,6 @@ def hf_class_of(cfg: dict[str, Any], source: str) -> str:
     names = cfg.get("architectures")
     name = names[0] if isinstance(names, list) and len(names) == 1 and isinstance(names[0], str) else None
     supported = ", ".join(SUPPORTED_CLASSES)
-    if name in _REFUSED:
-        raise UserError(f"{source}: transformers {name} checkpoints are not supported: {_REFUSED[name]}")
     if name not in _CLASSES:
         what = f"transformers class {name}" if name else f"transformers model type {cfg.get('model_type')!r} " \
                                                          f"(architectures {names!r})"
@@ -328,8 +358,6 @@ def timm_equivalent(cfg: dict[str, Any], source: str, hf_class: str | None = Non
         hf_class: The transformers class; default: the config's ``architectures``.
     """
     name = hf_class or hf_class_of(cfg, source)
-    if name in _REFUSED:
-        raise UserError(f"{source}: transformers {name} models are not supported: {_REFUSED[name]}")
     if name not in _CLASSES:
         raise UserError(f"{source}: transformers class {name} cannot be converted; vitconvert maps image "
                         f"classifiers of these classes onto timm: {', '.join(SUPPORTED_CLASSES)}")
