@@ -137,6 +137,22 @@ def test_local_dir_round_trip(hf_folders, key: str, tmp_path: Path) -> None:
         _close(_logits(via_timm.full_compute(), x), expected)
 
 
+# Every method on every family it supports (the round trips above cover one recipe per class).
+METHOD_CASES = [(key, recipe) for key, recipes in {
+    "vit": ["dvt", "dge", "fsla_replace"], "deit": ["dvt", "dge", "fsla_replace"],
+    "deit_teacher": ["cfvit", "dge", "fsla_replace"], "swin": ["fsla"], "pvt_v2": ["dge", "fsla_replace"],
+}.items() for recipe in recipes]
+
+
+@pytest.mark.parametrize("key, recipe", METHOD_CASES)
+def test_every_method_is_exact_on_transformers_bases(key: str, recipe: str) -> None:
+    hf_model = _hf_model(key)
+    x = _images(key)
+    model = vitconvert.apply(hf_model, recipe)
+    assert model.exact_at_full_compute
+    _close(_logits(model.full_compute(), x), _hf_logits(hf_model, x))
+
+
 def test_without_the_eps_the_logits_check_refuses(hf_folders, monkeypatch) -> None:
     """The check at load time is real: the same mapping with timm's own eps (1e-6, not 1e-12) on a ViT whose
     activations are tiny enough for eps to matter is refused in one line."""
