@@ -1,9 +1,11 @@
 """Hugging Face Hub downloads and the translation of Hub errors (uploads are :mod:`vitconvert.publish`).
 
-Only ``config.json``, ``model.safetensors`` and ``README.md`` are ever fetched; nothing from a repository is
-executed. Errors from huggingface_hub (offline, unreachable Hub, missing repo or revision, bad token) become
-one-line UserErrors that say how to fix them. huggingface_hub is imported where it is used, so commands that
-never touch the Hub do not pay for importing it.
+Only ``config.json``, ``model.safetensors`` and ``README.md`` are ever fetched for a converted or timm model, and
+for a transformers checkpoint its config, ``preprocessor_config.json`` and weights (safetensors when it has them;
+transformers reads a .bin only with ``weights_only=True``); nothing from a repository is executed. Errors from
+huggingface_hub (offline, unreachable Hub, missing repo or revision, bad token) become one-line UserErrors that
+say how to fix them. huggingface_hub is imported where it is used, so commands that never touch the Hub do not
+pay for importing it.
 """
 
 from __future__ import annotations
@@ -156,3 +158,34 @@ def download_model(repo: str, revision: str | None = None, cache_dir: Any = None
         raise UserError(f"hf-hub:{repo_id} has no model.safetensors; vitconvert loads only safetensors weights "
                         "(never .bin/.pth pickles): re-save the model with vitconvert.save and push it again")
     return folder
+
+
+# A transformers checkpoint: what vitconvert reads of it (safetensors preferred; .bin only when there are none).
+TRANSFORMERS_FILES = ["config.json", "preprocessor_config.json"]
+TRANSFORMERS_WEIGHTS = (["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"],
+                        ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"])
+
+
+def download_transformers_folder(repo: str, revision: str | None = None, cache_dir: Any = None,
+                                 weights: bool = True) -> Path:
+    """Download a transformers image classifier's config, preprocessor config and weights; return the folder.
+
+    The .bin weights are fetched only when the repository has no safetensors ones; ``weights=False`` fetches
+    the two configs only.
+    """
+    from huggingface_hub import snapshot_download
+
+    repo_id, rev = _split(repo)
+    folder = None
+    for weights_files in TRANSFORMERS_WEIGHTS if weights else ([],):
+        try:
+            folder = Path(snapshot_download(repo_id, revision=revision or rev, allow_patterns=TRANSFORMERS_FILES
+                                            + weights_files, cache_dir=cache_dir))
+        except Exception as e:
+            if not is_hub_failure(e):
+                raise
+            raise hub_error(repo_id, e) from None
+        if not weights or any((folder / name).is_file() for name in weights_files[:2]):
+            return folder
+    raise UserError(f"hf-hub:{repo_id} has no weights (model.safetensors or pytorch_model.bin); pass "
+                    "--no-pretrained for random weights")

@@ -34,8 +34,19 @@ from torch import nn
 
 from vitconvert.anatomy import model_img_size
 from vitconvert.errors import UserError, one_line
-from vitconvert.hub import download_config, hub_error, is_hub_failure
+from vitconvert.hub import download_config, download_transformers_folder, hub_error, is_hub_failure
 from vitconvert.recipes import parse_key_values
+from vitconvert.transformers_bases import (
+    data_settings,
+    is_transformers_config,
+    is_transformers_module,
+    load_transformers_model,
+    preprocessor_config,
+    set_data_settings,
+    set_layer_norm_eps,
+    timm_equivalent,
+    timm_from_transformers,
+)
 
 # Keys timm's factory accepts for every model but that do not describe the architecture.
 _PLAIN_SUFFIX = re.compile(r"((patch|window)\d+|\d+)(_((patch|window)\d+|\d+))*")
@@ -56,6 +67,9 @@ class BaseSpec:
         pretrained: Whether pretrained weights were loaded at all.
         img_size: Input size the model runs at (models such as PVT-v2 take any size; this is the one its
             data config names).
+        layer_norm_eps: The eps of every LayerNorm when it is not the timm architecture's own (a transformers
+            checkpoint's ``layer_norm_eps``: timm's constructors take norm layers, not an eps, and the spec must
+            stay JSON), applied by :meth:`build`; None keeps timm's.
     """
 
     architecture: str
@@ -66,6 +80,7 @@ class BaseSpec:
     checkpoint: str | None = None
     pretrained: bool = False
     img_size: list[int] | None = None
+    layer_norm_eps: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,6 +104,9 @@ class BaseSpec:
                                      ("img_size", (list, type(None)), "[height, width]")):
             if key in data and not isinstance(data[key], types):
                 raise UserError(f"config: model_args.base.{key} must be {expected}, got {data[key]!r}")
+        eps = data.get("layer_norm_eps")
+        if eps is not None and not (isinstance(eps, int | float) and not isinstance(eps, bool) and 0 < eps < 1):
+            raise UserError(f"config: model_args.base.layer_norm_eps must be a small positive number, got {eps!r}")
         return cls(**data)
 
     def build(self) -> nn.Module:
@@ -97,7 +115,10 @@ class BaseSpec:
         Raises:
             UserError: timm cannot build it with these arguments (e.g. a hand-edited config).
         """
-        return build_timm(self.architecture, self.model_args, "config.json model_args.base.model_args")
+        model = build_timm(self.architecture, self.model_args, "config.json model_args.base.model_args")
+        if self.layer_norm_eps is not None:
+            set_layer_norm_eps(model, float(self.layer_norm_eps))
+        return model
 
 
 def resolve_model_name(name: str) -> tuple[str, str | None]:
@@ -244,6 +265,8 @@ def load_base(
         if not (path / "config.json").is_file():
             raise UserError(f"local-dir: {str(path)!r} has no config.json; point it at a saved timm model folder")
         cfg = _read_json_config(path / "config.json", model)
+        if is_transformers_config(cfg):
+            return _transformers_base(path, cfg, model, None, checkpoint, kwargs, use_pretrained)
         arch, base_args = _arch_from_config(cfg, model)  # checked before timm reads the folder
         pickled = [n for n in ("pytorch_model.bin", "model.pth", "model.pt") if (path / n).is_file()]
         if not use_pretrained:
@@ -261,8 +284,13 @@ def load_base(
     elif model.startswith("hf-hub:"):
         repo = model[len("hf-hub:"):]
         hub_id = repo
+        with offline_unless_reachable():
+            hub_cfg = download_config(repo)
+        if is_transformers_config(hub_cfg):
+            folder = download_transformers_folder(repo, weights=use_pretrained)
+            return _transformers_base(folder, hub_cfg, model, repo, checkpoint, kwargs, use_pretrained)
         if not use_pretrained:
-            arch, base_args = _arch_from_config(download_config(repo), model)
+            arch, base_args = _arch_from_config(hub_cfg, model)
             base = build_timm(arch, {**base_args, **kwargs}, "--model-kwargs and the repository's model_args", model)
         else:
             base = _create(model, True, kwargs, model)
@@ -290,6 +318,67 @@ def load_base(
         pretrained=use_pretrained or checkpoint is not None,
     )
     return base.eval(), spec
+
+
+def _transformers_base(folder: Path, cfg: dict[str, Any], source: str, repo: str | None,
+                       checkpoint: str | os.PathLike[str] | None, kwargs: dict[str, Any], pretrained: bool
+                       ) -> tuple[nn.Module, BaseSpec]:
+    """A transformers checkpoint (local folder or downloaded Hub snapshot; without weights when ``pretrained`` is
+    false) as the equivalent timm model.
+
+    The architecture is the config's, so ``model_kwargs`` may only repeat it (as a saved spec does when the
+    original is rebuilt as a teacher). With weights, the timm model must reproduce the transformers model's logits;
+    without (``pretrained=False``), only config.json is read and transformers is not needed.
+    """
+    eq = timm_equivalent(cfg, source)
+    args = _jsonable(eq.model_args)
+    differing = sorted(k for k, v in _jsonable(kwargs).items() if args.get(k) != v)
+    if differing:
+        raise UserError(f"{source} is a transformers {eq.hf_class} checkpoint, whose architecture comes from its "
+                        f"config.json; --model-kwargs cannot change {', '.join(differing)}")
+    use_weights = pretrained and checkpoint is None
+    preprocessor = preprocessor_config(folder, source)
+    if use_weights:
+        hf_model = load_transformers_model(folder, eq, source)
+        base = timm_from_transformers(hf_model, eq, source, lambda a, k: build_timm(a, k, "config.json", source),
+                                      load_state_dict_checked)
+    else:
+        base = build_timm(eq.architecture, eq.model_args, "config.json", source)
+        set_layer_norm_eps(base, eq.layer_norm_eps)
+    set_data_settings(base, data_settings(eq, preprocessor, source))
+    if checkpoint is not None:
+        load_state_dict_checked(base, load_checkpoint_file(checkpoint), f"checkpoint {str(checkpoint)!r}")
+    spec = BaseSpec(img_size=list(eq.img_size), architecture=eq.architecture, model_args=args, source=source,
+                    pretrained_tag=None, hub_id=repo if use_weights else None,
+                    checkpoint=str(checkpoint) if checkpoint is not None else None,
+                    pretrained=pretrained or checkpoint is not None, layer_norm_eps=eq.layer_norm_eps)
+    return base.eval(), spec
+
+
+def _transformers_module_base(model: nn.Module, base_name: str | None, model_kwargs: dict[str, Any] | None
+                              ) -> tuple[nn.Module, BaseSpec]:
+    """A transformers model object as the equivalent timm model (its own weights, checked against its logits).
+
+    Data settings come from ``preprocessor_config.json`` beside the folder it was loaded from, when that is a
+    local folder; otherwise the timm architecture's defaults stand.
+    """
+    hf_class = type(model).__name__
+    source = f"the transformers {hf_class} module"
+    if base_name is not None or model_kwargs:
+        raise UserError(f"{source} says its architecture in its config; base_name= and model_kwargs= are for timm "
+                        "modules")
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
+    eq = timm_equivalent(config, source, hf_class)
+    reference = copy.deepcopy(model).float().eval()  # the caller's module keeps its dtype and train/eval mode
+    base = timm_from_transformers(reference, eq, source, lambda a, k: build_timm(a, k, "config", source),
+                                  load_state_dict_checked)
+    name = getattr(model, "name_or_path", "") or ""
+    folder = Path(name).expanduser() if name and Path(name).expanduser().is_dir() else None
+    set_data_settings(base, data_settings(eq, preprocessor_config(folder, source) if folder else None, source))
+    spec = BaseSpec(img_size=list(eq.img_size), architecture=eq.architecture, model_args=_jsonable(eq.model_args),
+                    source="", pretrained_tag=None, hub_id=None, checkpoint=None, pretrained=True,
+                    layer_norm_eps=eq.layer_norm_eps)
+    return base, spec
 
 
 def _recorded_args(base: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -337,6 +426,8 @@ def base_from_module(
     """
     if not isinstance(model, nn.Module):
         raise UserError(f"expected a torch nn.Module, got {type(model).__name__}")
+    if is_transformers_module(model):
+        return _transformers_module_base(model, base_name, model_kwargs)
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     # No pretrained tag from the module's cfg: timm sets one even for random weights, and a module may have
     # been trained since, so only a tag the caller names is claimed.
