@@ -79,6 +79,15 @@ def test_unsupported_models_name_what_is_missing() -> None:
         read_anatomy(timm.create_model("cait_xxs24_224"))
 
 
+def test_headless_backbone_says_how_to_add_a_head() -> None:
+    headless = timm.create_model("vit_small_patch14_dinov2", img_size=28, depth=1, num_classes=0)
+    with pytest.raises(AnatomyError, match=r"built headless \(num_classes=0\).*--model-kwargs num_classes=N "
+                                           r"\(Python: model_kwargs=\{'num_classes': N\}\)"):
+        read_anatomy(headless)
+    headed = read_anatomy(timm.create_model("vit_small_patch14_dinov2", img_size=28, depth=1, num_classes=10))
+    assert headed.head == ["head"] and headed.num_classes == 10
+
+
 class _DataDependent(VisionTransformer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.mean() > 0:  # control flow on values: torch.fx cannot follow it

@@ -287,7 +287,13 @@ def _read_parts(model: nn.Module, gm: fx.GraphModule, nodes: list[fx.Node], img_
         if n.op == "call_module" and isinstance(model.get_submodule(str(n.target)), nn.Linear):
             head.append(str(n.target))
     if not head:
-        raise AnatomyError(f"{name}: no classifier head (a linear layer after the last block)")
+        classes = getattr(model, "num_classes", None)
+        raise AnatomyError(
+            f"{name}: no classifier head (a linear layer after the last block)"
+            + (" - it was built headless (num_classes=0)" if classes == 0 else "")
+            + "; converting needs one: pass --model-kwargs num_classes=N (Python: model_kwargs={'num_classes': N}) "
+            "to build it with an N-class head, then fine-tune"
+        )
     pool = "avg" if any(n.op in ("call_method", "call_function") and getattr(n.target, "__name__", n.target)
                         in ("mean", "adaptive_avg_pool2d") for n in tail) or any(
         n.op == "call_module" and isinstance(model.get_submodule(str(n.target)), nn.AdaptiveAvgPool2d | nn.AvgPool2d)
