@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import VisionTransformer
 from utils import tiny_model
 
@@ -18,6 +19,7 @@ from vitconvert.errors import AnatomyError
     ("deit", "vit", (8, 8), 1, 1),
     ("deit_distilled", "vit", (8, 8), 2, 1),
     ("deit3", "vit", (8, 8), 1, 1),
+    ("siglip", "vit", (8, 8), 0, 1),
     ("pvt_v2", "pvt_v2", (16, 16), 0, 4),
     ("swin", "swin", (16, 16), 0, 4),
 ])
@@ -60,6 +62,34 @@ def test_real_architectures(name: str, family: str, depth: int, grids: list, ext
         assert a.pos_embed == "pos_embed" and a.final_norm == "norm" and a.pool == "token"
     else:
         assert all(s.downsample for s in a.stages[1:]) and a.pool == "avg"
+
+
+@pytest.mark.parametrize(("name", "prefix"), [("vit_base_patch16_siglip_224", 0),
+                                             ("vit_so150m_patch16_reg4_map_256", 4)])
+def test_attention_pooling_head_is_the_pooling_step(name: str, prefix: int) -> None:
+    """SigLIP / MAP: attention after the last block, in no block, is the pooling; its linears are not the head."""
+    model = timm.create_model(name, pretrained=False, depth=2, num_classes=7)
+    a = read_anatomy(model)
+    assert a.family == "vit" and len(a.blocks) == 2 and a.num_prefix_tokens == prefix
+    assert a.pool == "attn" and a.attn_pool == "attn_pool" and a.final_norm == "norm"
+    assert a.head == ["head"] and a.num_classes == 7 and a.num_features == model.embed_dim
+    assert ("pooling", "attention pooling attn_pool") in a.rows()
+    assert not a.extras["class_token"]
+
+
+def test_attention_outside_blocks_before_them_is_refused() -> None:
+    model = timm.create_model("vit_base_patch16_siglip_224", img_size=32, patch_size=4, embed_dim=48, depth=1,
+                              num_heads=3, num_classes=7)
+    model.norm_pre = _PoolBeforeBlocks(48, num_heads=3)
+    with pytest.raises(AnatomyError, match="found attention outside of any block"):
+        read_anatomy(model)
+
+
+class _PoolBeforeBlocks(AttentionPoolLatent):
+    """Attention pooling misplaced before the blocks (its output discarded, so shapes still fit)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return x + 0 * super().forward(x).mean()
 
 
 def test_other_image_sizes() -> None:

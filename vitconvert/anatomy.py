@@ -8,7 +8,8 @@ size, and finds, without looking at the model's name:
 * the patch embedding (first convolution on the image), the position embedding (a parameter added to the
   token stream before the first block) and prefix tokens (parameters concatenated to it);
 * per stage: downsampling layers before its first block and a norm after its last;
-* after the last block: the final norm, the pooling (token or average) and the head linear layers.
+* after the last block: the final norm, the pooling (token, average, or an attention-pooling head: attention after
+  the last block that is in no block) and the head linear layers.
 
 The family (ViT/DeiT, PVT-v2, Swin) is then decided by the readers in :mod:`vitconvert.backbones` from
 these parts (:func:`vitconvert.backbones.read_anatomy` is the entry point), and a model that fits none
@@ -91,6 +92,7 @@ class Anatomy:
     num_classes: int
     num_features: int
     extras: dict[str, Any] = field(default_factory=dict)
+    attn_pool: str | None = None  # the attention-pooling head (pool == "attn"): latent queries attend to the tokens
 
     @property
     def block_paths(self) -> list[str]:
@@ -121,7 +123,7 @@ class Anatomy:
                                     f"attention {b.attn.rsplit('.', 1)[-1]}; mlp {b.mlp.rsplit('.', 1)[-1]}; "
                                     "pre-norm residual"))
         rows.append(("final norm", self.final_norm or "none"))
-        rows.append(("pooling", self.pool))
+        rows.append(("pooling", f"attention pooling {self.attn_pool}" if self.attn_pool else self.pool))
         rows.append(("head", f"{', '.join(self.head)} ({self.num_features} -> {self.num_classes})"))
         return rows
 
@@ -171,20 +173,27 @@ def _read_parts(model: nn.Module, gm: fx.GraphModule, nodes: list[fx.Node], img_
     name = type(model).__name__
 
     # Attention cores -> attention modules -> blocks.
+    # An attention core directly in a child of the root (not in a block's attention module) is an attention-pooling
+    # head (SigLIP's and MAP's AttentionPoolLatent: latent queries attend to the tokens) when it comes after the
+    # blocks; anywhere else it is a part no family knows.
     attn_paths: list[str] = []
     block_of: dict[str, str] = {}
-    for n in nodes:
+    outside: list[tuple[int, fx.Node, list[str]]] = []
+    for i, n in enumerate(nodes):
         if not vfx.is_attention_core(n, model):
             continue
         stack = vfx.scopes(n)
         if n.op == "call_module":
             stack = stack[:-1]
         if len(stack) < 2:
-            raise AnatomyError(f"{name}: found attention outside of any block ({n.name})")
+            outside.append((i, n, stack))
+            continue
         attn, block = stack[-1], stack[-2]
         if attn not in block_of:
             attn_paths.append(attn)
             block_of[attn] = block
+    if not attn_paths and outside:
+        raise AnatomyError(f"{name}: found attention outside of any block ({outside[0][1].name})")
     if not attn_paths:
         raise AnatomyError(f"{name}: no attention found (no scaled_dot_product_attention or softmax in the graph); "
                            "not a vision transformer")
@@ -198,6 +207,11 @@ def _read_parts(model: nn.Module, gm: fx.GraphModule, nodes: list[fx.Node], img_
                 last_block_node[s] = i
     block_paths = sorted(set(block_of.values()), key=lambda b: first_block_node[b])
     attn_for = {b: a for a, b in block_of.items()}
+    attn_pool = None
+    for i, n, stack in outside:
+        if not stack or i < last_block_node[block_paths[-1]] or (attn_pool and stack[0] != attn_pool):
+            raise AnatomyError(f"{name}: found attention outside of any block ({n.name})")
+        attn_pool = stack[0]
 
     # Patch embedding: the first convolution, reported as its outermost module below the root.
     conv_idx = next((i for i, n in enumerate(nodes) if n.op == "call_module"
@@ -281,10 +295,13 @@ def _read_parts(model: nn.Module, gm: fx.GraphModule, nodes: list[fx.Node], img_
     tail = nodes[last_block_node[blocks[-1].path] + 1:]
     stage_paths_set = {s.path for s in stages if s.path}
     tail = [n for n in tail if not stage_paths_set.intersection(vfx.scopes(n))]
-    final_norm = next((vfx.scopes(n)[0] for n in tail if vfx.scopes(n) and _is_norm_node(model, n)), None)
+    pool_nodes = [n for n in tail if attn_pool is not None and attn_pool in vfx.scopes(n)]
+    before_pool = tail[: tail.index(pool_nodes[0])] if pool_nodes else tail
+    final_norm = next((vfx.scopes(n)[0] for n in before_pool if vfx.scopes(n) and _is_norm_node(model, n)), None)
     head = []
     for n in tail:
-        if n.op == "call_module" and isinstance(model.get_submodule(str(n.target)), nn.Linear):
+        if n.op == "call_module" and isinstance(model.get_submodule(str(n.target)), nn.Linear) \
+                and n not in pool_nodes:
             head.append(str(n.target))
     if not head:
         classes = getattr(model, "num_classes", None)
@@ -294,16 +311,18 @@ def _read_parts(model: nn.Module, gm: fx.GraphModule, nodes: list[fx.Node], img_
             + "; converting needs one: pass --model-kwargs num_classes=N (Python: model_kwargs={'num_classes': N}) "
             "to build it with an N-class head, then fine-tune"
         )
-    pool = "avg" if any(n.op in ("call_method", "call_function") and getattr(n.target, "__name__", n.target)
-                        in ("mean", "adaptive_avg_pool2d") for n in tail) or any(
+    averaged = any(n.op in ("call_method", "call_function") and getattr(n.target, "__name__", n.target)
+                   in ("mean", "adaptive_avg_pool2d") for n in tail) or any(
         n.op == "call_module" and isinstance(model.get_submodule(str(n.target)), nn.AdaptiveAvgPool2d | nn.AvgPool2d)
-        for n in tail) else "token"
+        for n in tail)
+    pool = "attn" if attn_pool else "avg" if averaged else "token"
     head_mod = model.get_submodule(head[0])
     return Anatomy(
         family="unknown", img_size=img_size, patch_embed=patch_embed, patch_size=(int(stride[0]), int(stride[1])),
         grid=grid, embed_dim=int(conv.out_channels), pos_embed=pos_embed, prefix_tokens=prefix,
         num_prefix_tokens=num_prefix, blocks=blocks, stages=stages, final_norm=final_norm, pool=pool,
         head=head, num_classes=int(head_mod.out_features), num_features=int(head_mod.in_features),
+        attn_pool=attn_pool,
     )
 
 

@@ -136,6 +136,12 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
     # forward_traceable exports instead.
     export_refusal: ClassVar[str] = "its dynamic path has no traceable form yet"
 
+    @property
+    def support_note(self) -> str:
+        """What this conversion does differently on this model's architecture, in a few words ("" when nothing):
+        the support matrix (docs/support-matrix.md) shows it beside "yes"."""
+        return ""
+
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         super().__init__()
         if anatomy.family not in self.families:

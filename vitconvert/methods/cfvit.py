@@ -84,7 +84,9 @@ class CFViT(ConvertedModel, SimulatesPoints):
         super().__init__(base, spec, recipe, anatomy)
         s: CFViTSettings = self.settings
         if not anatomy.extras.get("class_token"):
-            raise UserError(f"cfvit needs a class token; {spec.architecture} has none (global_pool={anatomy.pool})")
+            pooling = "an attention-pooling head" if anatomy.attn_pool else f"{anatomy.pool} pooling"
+            raise UserError(f"cfvit needs a class token (its attention scores the regions); {spec.architecture} "
+                            f"has no class token: it pools with {pooling}")
         if anatomy.pool != "token":
             raise UserError(f"cfvit needs class-token pooling; {spec.architecture} pools with {anatomy.pool!r}")
         if s.gca_start_block >= len(anatomy.blocks):

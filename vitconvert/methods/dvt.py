@@ -157,6 +157,12 @@ class DVT(ConvertedModel, SimulatesPoints):
     Settings = DVTSettings
     Losses = DVTLosses
 
+    @property
+    def support_note(self) -> str:
+        """Which reuse the members get: relation reuse only where attention is global over one token chain."""
+        reuse = [name for name, on in (("feature", self.settings.feature_reuse), ("relation", self.relation)) if on]
+        return " + ".join(reuse) + " reuse" if reuse else "no reuse"
+
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         super().__init__(base, spec, recipe, anatomy)
         s: DVTSettings = self.settings
