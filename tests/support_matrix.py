@@ -4,7 +4,7 @@ Every architecture here is a tiny model of ``tests/utils.py``; each method is ap
 A cell is "yes" when the conversion succeeds (the conformance suite then runs every check on that pair, exactness
 at full compute included), otherwise "no" with the one-line refusal the user gets. The committed result,
 ``docs/support-matrix.md``, is what the README and the methods page show; ``tests/test_support_matrix.py`` fails when
-it differs from what the code does now. Regenerate it with::
+it differs from what the code does now. Regenerate it (and the README's copy) with::
 
     python tests/support_matrix.py --write
 """
@@ -34,6 +34,7 @@ ARCHITECTURES: dict[str, tuple[str, str, str]] = {
     "vit_attn_pool": ("ViT with an attention-pooling head (SigLIP, MAP)", "vit", "siglip"),
     "pvt_v2": ("PVT-v2", "pvt_v2", "pvt_v2"),
     "swin": ("Swin", "swin", "swin"),
+    "swinv2": ("SwinV2 (cosine attention, continuous position bias, post-norm)", "swinv2", "swinv2"),
 }
 # (method, architecture) -> recipe overrides under which the tiny model exercises the method (clustered attention
 # needs more tokens than a 32-px ViT has, and tiny grids need the clustering's overhead left out).
@@ -99,8 +100,16 @@ def committed() -> dict[tuple[str, str], bool]:
     return parse(MATRIX.read_text(encoding="utf-8")) if MATRIX.is_file() else {}
 
 
+def write(text: str) -> None:
+    """The table into docs/support-matrix.md and between the README's markers."""
+    MATRIX.write_text(text, encoding="utf-8")
+    readme = ROOT / "README.md"
+    old = readme.read_text(encoding="utf-8")
+    readme.write_text(old[:old.index(START)] + text.rstrip("\n") + old[old.index(END) + len(END):], encoding="utf-8")
+
+
 if __name__ == "__main__":
     text = render(matrix())
     if "--write" in sys.argv[1:]:
-        MATRIX.write_text(text, encoding="utf-8")
+        write(text)
     print(text, end="")

@@ -22,6 +22,7 @@ from vitconvert.errors import AnatomyError
     ("siglip", "vit", (8, 8), 0, 1),
     ("pvt_v2", "pvt_v2", (16, 16), 0, 4),
     ("swin", "swin", (16, 16), 0, 4),
+    ("swinv2", "swinv2", (16, 16), 0, 4),
 ])
 def test_tiny_models(key: str, family: str, grid: tuple[int, int], prefix: int, stages: int) -> None:
     model, _, _ = tiny_model(key)
@@ -48,6 +49,8 @@ def test_tiny_models(key: str, family: str, grid: tuple[int, int], prefix: int, 
     ("pvt_v2_b2_li", "pvt_v2", 16, [(56, 56), (28, 28), (14, 14), (7, 7)], {}),
     ("swin_tiny_patch4_window7_224", "swin", 12, [(56, 56), (28, 28), (14, 14), (7, 7)], {}),
     ("swin_base_patch4_window12_384", "swin", 24, [(96, 96), (48, 48), (24, 24), (12, 12)], {}),
+    ("swinv2_tiny_window8_256", "swinv2", 12, [(64, 64), (32, 32), (16, 16), (8, 8)],
+     {"window_size": [[8, 8]] * 4}),
 ])
 def test_real_architectures(name: str, family: str, depth: int, grids: list, extra: dict) -> None:
     model = timm.create_model(name, pretrained=False)
@@ -62,6 +65,7 @@ def test_real_architectures(name: str, family: str, depth: int, grids: list, ext
         assert a.pos_embed == "pos_embed" and a.final_norm == "norm" and a.pool == "token"
     else:
         assert all(s.downsample for s in a.stages[1:]) and a.pool == "avg"
+    assert all(b.post_norm == (family == "swinv2") for b in a.blocks)
 
 
 @pytest.mark.parametrize(("name", "prefix"), [("vit_base_patch16_siglip_224", 0),

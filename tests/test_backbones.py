@@ -125,6 +125,20 @@ def test_set_input_size() -> None:
     assert fitted(torch.zeros(1, 3, 24, 24)).shape == (1, 10)
 
 
+def test_swinv2_runs_at_other_sizes_through_timm() -> None:
+    """SwinV2 windows are fitted as Swin's; its continuous position bias needs no table resampled: the same MLP
+    weights give the bias of every window size."""
+    model, _, _ = tiny_model("swinv2")  # 32 px, patch 2, windows 4: maps 16/8/4/2
+    anatomy = read_anatomy(model)
+    assert anatomy.family == "swinv2" and all(b.post_norm for b in anatomy.blocks)
+    cpb = {k: v.clone() for k, v in model.state_dict().items() if "cpb_mlp" in k or "logit_scale" in k}
+    FAMILIES["swinv2"].set_input_size(model, (24, 24), anatomy, keep_windows=False)
+    assert [tuple(s.blocks[0].window_size) for s in model.layers] == [(4, 4), (3, 3), (3, 3), (2, 2)]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in cpb.items())
+    assert model(torch.zeros(1, 3, 24, 24)).shape == (1, 10)
+    assert FAMILIES["swinv2"].size_step(anatomy) == 8
+
+
 def test_size_steps() -> None:
     assert FAMILIES["vit"].size_step(read_anatomy(tiny_model("vit")[0])) == 4  # the patch
     assert FAMILIES["swin"].size_step(read_anatomy(tiny_model("swin")[0])) == 8  # half the total stride of 16

@@ -29,6 +29,9 @@ TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
                                  num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))),
     "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=24,
                                                   depths=(1, 2, 2, 1), num_heads=(1, 2, 3, 4), num_classes=10)),
+    # Cosine attention, continuous position bias, post-norm blocks.
+    "swinv2": ("swinv2_tiny_window8_256", dict(img_size=32, patch_size=2, window_size=4, embed_dim=24,
+                                               depths=(1, 2, 2, 1), num_heads=(1, 2, 3, 4), num_classes=10)),
 }
 
 

@@ -11,7 +11,7 @@ size, and finds, without looking at the model's name:
 * after the last block: the final norm, the pooling (token, average, or an attention-pooling head: attention after
   the last block that is in no block) and the head linear layers.
 
-The family (ViT/DeiT, PVT-v2, Swin) is then decided by the readers in :mod:`vitconvert.backbones` from
+The family (ViT/DeiT, PVT-v2, Swin, SwinV2) is then decided by the readers in :mod:`vitconvert.backbones` from
 these parts (:func:`vitconvert.backbones.read_anatomy` is the entry point), and a model that fits none
 gets an :class:`~vitconvert.errors.AnatomyError` naming what was not found. This module knows no family.
 """
@@ -48,6 +48,8 @@ class BlockInfo:
     dim: int
     tokens: int
     attn_kind: str = "global"  # global | window | spatial_reduction
+    # Post-norm (SwinV2): x + norm1(attn(x)), x + norm2(mlp(x)); pre-norm: x + attn(norm1(x)), x + mlp(norm2(x)).
+    post_norm: bool = False
 
     @property
     def norm1(self) -> str:
@@ -73,7 +75,7 @@ class StageInfo:
 
 @dataclass
 class Anatomy:
-    """The parts of a ViT/DeiT, PVT-v2 or Swin model that the methods rewrite."""
+    """The parts of a ViT/DeiT, PVT-v2, Swin or SwinV2 model that the methods rewrite."""
 
     family: str
     img_size: tuple[int, int]
@@ -121,7 +123,7 @@ class Anatomy:
         b = self.blocks[0]
         rows.append(("block parts", f"norms {', '.join(n.rsplit('.', 1)[-1] for n in b.norms)}; "
                                     f"attention {b.attn.rsplit('.', 1)[-1]}; mlp {b.mlp.rsplit('.', 1)[-1]}; "
-                                    "pre-norm residual"))
+                                    f"{'post' if b.post_norm else 'pre'}-norm residual"))
         rows.append(("final norm", self.final_norm or "none"))
         rows.append(("pooling", f"attention pooling {self.attn_pool}" if self.attn_pool else self.pool))
         rows.append(("head", f"{', '.join(self.head)} ({self.num_features} -> {self.num_classes})"))
@@ -147,7 +149,7 @@ def read_parts(model: nn.Module, img_size: tuple[int, int] | None = None) -> Ana
     :func:`vitconvert.backbones.read_anatomy` calls this and lets the family readers decide.
 
     Args:
-        model: A timm ViT/DeiT, PVT-v2 or Swin model (any weights).
+        model: A timm ViT/DeiT, PVT-v2, Swin or SwinV2 model (any weights).
         img_size: Input size to propagate shapes with; defaults to the model's own.
 
     Raises:
@@ -252,7 +254,8 @@ def _read_parts(model: nn.Module, gm: fx.GraphModule, nodes: list[fx.Node], img_
         if mlp is None:
             raise AnatomyError(f"{name}: block {bpath} has no MLP (a submodule with two linear layers)")
         if len(norms) < 2:
-            raise AnatomyError(f"{name}: block {bpath} has {len(norms)} norm layers, expected 2 (pre-norm block)")
+            raise AnatomyError(f"{name}: block {bpath} has {len(norms)} norm layers, expected 2 (pre- or post-norm "
+                               "block)")
         residuals = [n for n in bnodes if vfx.is_add(n) and vfx.inner_scope(n) == bpath]
         if len(residuals) < 2:
             raise AnatomyError(f"{name}: block {bpath} has no residual connections around attention and MLP")
@@ -266,6 +269,7 @@ def _read_parts(model: nn.Module, gm: fx.GraphModule, nodes: list[fx.Node], img_
         blocks.append(BlockInfo(
             path=bpath, index=bi, stage=0, attn=attn, mlp=mlp, norms=norms[:2],
             num_heads=int(getattr(attn_mod, "num_heads", 1)), dim=dim, tokens=tokens,
+            post_norm=children.index(norms[0]) > children.index(attn),  # the first norm runs after attention
         ))
 
     # Stages: blocks grouped by the parent of their container (ViT: one stage at the root).

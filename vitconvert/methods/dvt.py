@@ -152,7 +152,7 @@ class DVT(ConvertedModel, SimulatesPoints):
     """A K-member DVT cascade with real early exit (see the module docstring)."""
 
     method = "dvt"
-    families = ("vit", "pvt_v2", "swin")
+    families = ("vit", "pvt_v2", "swin", "swinv2")
     description = "DVT cascade of increasing token grids with feature/relation reuse and early exit"
     Settings = DVTSettings
     Losses = DVTLosses
