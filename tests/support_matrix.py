@@ -32,6 +32,8 @@ START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
 ARCHITECTURES: dict[str, tuple[str, str, str]] = {
     "vit": ("ViT / DeiT / DeiT-III (class token)", "vit", "deit"),
     "vit_attn_pool": ("ViT with an attention-pooling head (SigLIP, MAP)", "vit", "siglip"),
+    "eva": ("EVA / EVA-02 / RoPE ViT (rotary embeddings passed to every block)", "eva", "eva02"),
+    "beit": ("BEiT (relative position bias in every block)", "beit", "beit"),
     "pvt_v2": ("PVT-v2", "pvt_v2", "pvt_v2"),
     "swin": ("Swin", "swin", "swin"),
     "swinv2": ("SwinV2 (cosine attention, continuous position bias, post-norm)", "swinv2", "swinv2"),
@@ -58,7 +60,7 @@ def cell(method: str, arch: str) -> str:
     cls = METHODS[method]
     family = ARCHITECTURES[arch][1]
     if family not in cls.families:
-        return f"no: {', '.join(describe_family(f) for f in cls.families)} only"
+        return f"no: {cls.not_supported.get(family) or ', '.join(describe_family(f) for f in cls.families) + ' only'}"
     try:
         model = convert(method, arch)
     except UserError as e:

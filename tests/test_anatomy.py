@@ -20,6 +20,8 @@ from vitconvert.errors import AnatomyError
     ("deit_distilled", "vit", (8, 8), 2, 1),
     ("deit3", "vit", (8, 8), 1, 1),
     ("siglip", "vit", (8, 8), 0, 1),
+    ("eva02", "eva", (8, 8), 1, 1),
+    ("beit", "beit", (8, 8), 1, 1),
     ("pvt_v2", "pvt_v2", (16, 16), 0, 4),
     ("swin", "swin", (16, 16), 0, 4),
     ("swinv2", "swinv2", (16, 16), 0, 4),
@@ -94,6 +96,23 @@ class _PoolBeforeBlocks(AttentionPoolLatent):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         return x + 0 * super().forward(x).mean()
+
+
+@pytest.mark.parametrize(("name", "family", "shared", "pool"), [
+    ("eva02_tiny_patch14_224", "eva", ["rope"], "avg"),  # absolute + rotary embeddings, SwiGLU MLP
+    ("vit_small_patch16_rope_224", "eva", ["rope"], "token"),  # rotary embeddings only
+    ("beit_base_patch16_224", "beit", [], "avg"),  # relative position bias tables, layer-scale gammas
+    ("deit_tiny_patch16_224", "vit", [], "token"),
+])
+def test_position_information_inside_the_blocks(name: str, family: str, shared: list, pool: str) -> None:
+    """Blocks called with a tensor besides the tokens (the rotary embedding) are read from the graph: such a model
+    is not a plain ViT (its blocks do not chain), and BEiT's biases make it a family of its own."""
+    model = timm.create_model(name, pretrained=False, img_size=32, patch_size=4, embed_dim=48, depth=2,
+                              num_heads=3, num_classes=7)
+    a = read_anatomy(model)
+    assert a.family == family and a.pool == pool and a.num_prefix_tokens == 1 and a.grid == (8, 8)
+    assert all(b.shared_inputs == shared and not b.post_norm for b in a.blocks)
+    assert a.head == ["head"] and a.num_classes == 7
 
 
 def test_other_image_sizes() -> None:

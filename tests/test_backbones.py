@@ -139,6 +139,18 @@ def test_swinv2_runs_at_other_sizes_through_timm() -> None:
     assert FAMILIES["swinv2"].size_step(anatomy) == 8
 
 
+@pytest.mark.parametrize("key", ["eva02", "beit"])
+def test_position_information_follows_the_input_size(key: str) -> None:
+    """EVA's rotary embedding and BEiT's relative position bias tables are rebuilt for the new grid by timm."""
+    model, _, _ = tiny_model(key)  # 32 px, patch 4: grid 8x8
+    anatomy = read_anatomy(model)
+    assert FAMILIES[anatomy.family].set_input_size(model, (48, 48), anatomy) == {"img_size": [48, 48]}
+    assert model(torch.zeros(2, 3, 48, 48)).shape == (2, 10)
+    assert FAMILIES[anatomy.family].size_step(anatomy) == 4
+    with pytest.raises(AnatomyError, match="cannot run queries apart from keys"):
+        FAMILIES[anatomy.family].query_attention(model.blocks[0].attn, "block 0")
+
+
 def test_size_steps() -> None:
     assert FAMILIES["vit"].size_step(read_anatomy(tiny_model("vit")[0])) == 4  # the patch
     assert FAMILIES["swin"].size_step(read_anatomy(tiny_model("swin")[0])) == 8  # half the total stride of 16

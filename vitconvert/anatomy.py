@@ -50,6 +50,9 @@ class BlockInfo:
     attn_kind: str = "global"  # global | window | spatial_reduction
     # Post-norm (SwinV2): x + norm1(attn(x)), x + norm2(mlp(x)); pre-norm: x + attn(norm1(x)), x + mlp(norm2(x)).
     post_norm: bool = False
+    # Tensors the block is called with besides the token stream (EVA: ``rope``, the rotary embedding computed once
+    # before the first block): keyword names, or ``arg<i>``.
+    shared_inputs: list[str] = field(default_factory=list)
 
     @property
     def norm1(self) -> str:
@@ -272,6 +275,9 @@ def _read_parts(model: nn.Module, gm: fx.GraphModule, nodes: list[fx.Node], img_
             post_norm=children.index(norms[0]) > children.index(attn),  # the first norm runs after attention
         ))
 
+    for b, extra in zip(blocks, _block_call_inputs(model, block_paths), strict=True):
+        b.shared_inputs = extra
+
     # Stages: blocks grouped by the parent of their container (ViT: one stage at the root).
     stage_paths: list[str] = []
     for b in blocks:
@@ -328,6 +334,22 @@ def _read_parts(model: nn.Module, gm: fx.GraphModule, nodes: list[fx.Node], img_
         head=head, num_classes=int(head_mod.out_features), num_features=int(head_mod.in_features),
         attn_pool=attn_pool,
     )
+
+
+def _block_call_inputs(model: nn.Module, block_paths: list[str]) -> list[list[str]]:
+    """Per block, the tensors it is called with besides the tokens (keyword names, or ``arg<i>``), read from a trace
+    with the blocks as leaves: EVA's ``rope``, computed once from the grid before the first block."""
+    gm = vfx.trace(model, leaves=block_paths)
+    calls = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) in set(block_paths)}
+    out = []
+    for path in block_paths:
+        n = calls.get(path)
+        if n is None:
+            out.append([])
+            continue
+        out.append([f"arg{i}" for i, a in enumerate(n.args[1:], 1) if isinstance(a, fx.Node)]
+                   + [k for k, v in n.kwargs.items() if isinstance(v, fx.Node)])
+    return out
 
 
 def _follow_views(node: fx.Node) -> list[fx.Node]:

@@ -17,9 +17,10 @@ from vitconvert.backbones.pvt_v2 import PVTv2
 from vitconvert.backbones.swin import Swin
 from vitconvert.backbones.swinv2 import SwinV2
 from vitconvert.backbones.vit import ViT
+from vitconvert.backbones.vit_inblock import EVA, BEiT
 from vitconvert.errors import AnatomyError
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (ViT(), PVTv2(), Swin(), SwinV2())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (ViT(), EVA(), BEiT(), PVTv2(), Swin(), SwinV2())}
 
 
 def describe_family(name: str) -> str:

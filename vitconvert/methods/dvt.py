@@ -143,7 +143,8 @@ def _capture_output(module: nn.Module, args: tuple, output: Any) -> Any:
     if add is not None:
         output = output + add.to(output.dtype)
     if getattr(module, "_dvt_capture", False):
-        attach(module, _dvt_out=(output, module._dvt_family.block_grid(args[0], args[1:], {}, None)))
+        attach(module, _dvt_out=(output, module._dvt_family.block_grid(args[0], args[1:], {},
+                                                                        getattr(module, "_dvt_grid", None))))
     return output
 
 
@@ -152,7 +153,7 @@ class DVT(ConvertedModel, SimulatesPoints):
     """A K-member DVT cascade with real early exit (see the module docstring)."""
 
     method = "dvt"
-    families = ("vit", "pvt_v2", "swin", "swinv2")
+    families = ("vit", "eva", "beit", "pvt_v2", "swin", "swinv2")
     description = "DVT cascade of increasing token grids with feature/relation reuse and early exit"
     Settings = DVTSettings
     Losses = DVTLosses
@@ -223,9 +224,13 @@ class DVT(ConvertedModel, SimulatesPoints):
             if self.split:
                 graphs.append(self._split_graphs(model, k))
             else:
+                # A token-sequence model run whole (EVA, BEiT: position information inside the blocks) tells its
+                # blocks their grid: the member's patch grid.
+                grid = None if family.block_layout == "map" else (
+                    self.img_sizes[k][0] // anatomy.patch_size[0], self.img_sizes[k][1] // anatomy.patch_size[1])
                 for i in reuse_blocks:
                     block = model.get_submodule(anatomy.blocks[i].path)
-                    attach(block, _dvt_family=family)
+                    attach(block, _dvt_family=family, _dvt_grid=grid)
                     block.register_forward_hook(_capture_output)
                 graphs.append({})
         stages = [Stage(name, self._stage_fn(k), 0.0) for k, name in enumerate(self.names)]
@@ -424,12 +429,13 @@ class DVT(ConvertedModel, SimulatesPoints):
         last = k == len(self.img_sizes) - 1
         key = self.member_keys[k]
         reuse = self.reuse[key] if k > 0 and key in self.reuse else None
+        prefix = self.num_prefix if self._family.block_layout == "tokens" else 0
         try:
             if reuse is not None:
                 up, up_grid = carry["features"], self.grids[k - 1]
                 dst = self.grids[k]
                 for block, branch in zip(blocks, reuse, strict=True):
-                    add = branch(up, 0, up_grid, dst)
+                    add = branch(up, prefix, up_grid, dst)
                     if self._family.block_layout == "map":
                         add = add.reshape(add.shape[0], *dst, add.shape[-1])
                     attach(block, _dvt_add=add)
@@ -438,7 +444,8 @@ class DVT(ConvertedModel, SimulatesPoints):
             new: Carry = {}
             if not last:
                 out, grid = detach(blocks[-1], "_dvt_out")
-                new["features"] = out.reshape(out.shape[0], grid[0] * grid[1], out.shape[-1])
+                # (B, prefix + H*W, C): a token sequence keeps its prefix tokens, as the split path's features do
+                new["features"] = out.reshape(out.shape[0], prefix + grid[0] * grid[1], out.shape[-1])
             return logits, new
         finally:
             for block in blocks:

@@ -492,6 +492,9 @@ class FSLA(_FSLABase):
 
     method = "fsla"
     families = ("swin", "swinv2")
+    not_supported: ClassVar[dict[str, str]] = {
+        f: "it adds FSLA beside window attention; global attention is fsla_replace's case"
+        for f in ("vit", "eva", "beit", "pvt_v2")}
     description = "BOAT feature-space local attention sub-layers after Swin's shifted-window attention"
     Settings = FSLASettings
     mode = "augment"
@@ -598,6 +601,12 @@ class FSLAReplace(_FSLABase):
 
     method = "fsla_replace"
     families = ("vit", "pvt_v2")
+    not_supported: ClassVar[dict[str, str]] = {
+        "eva": "not adapted to blocks that take a rotary embedding as an input yet",
+        "beit": "clustered attention has no gather of the relative position bias per cluster pair",
+        "swin": "window attention is already local: the augment mode (fsla) adds FSLA instead",
+        "swinv2": "window attention is already local: the augment mode (fsla) adds FSLA instead",
+    }
     description = "BOAT-style clustered attention replacing global attention (ViT/DeiT; PVT-v2's sr=1 blocks)"
     Settings = FSLAReplaceSettings
     mode = "replace"
