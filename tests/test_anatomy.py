@@ -112,6 +112,8 @@ def test_position_information_inside_the_blocks(name: str, family: str, shared: 
     a = read_anatomy(model)
     assert a.family == family and a.pool == pool and a.num_prefix_tokens == 1 and a.grid == (8, 8)
     assert all(b.shared_inputs == shared and not b.post_norm for b in a.blocks)
+    assert any(part == "block parts" and text.endswith("also called with rope") == bool(shared)
+               for part, text in a.rows())
     assert a.head == ["head"] and a.num_classes == 7
 
 

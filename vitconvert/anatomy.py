@@ -126,7 +126,8 @@ class Anatomy:
         b = self.blocks[0]
         rows.append(("block parts", f"norms {', '.join(n.rsplit('.', 1)[-1] for n in b.norms)}; "
                                     f"attention {b.attn.rsplit('.', 1)[-1]}; mlp {b.mlp.rsplit('.', 1)[-1]}; "
-                                    f"{'post' if b.post_norm else 'pre'}-norm residual"))
+                                    f"{'post' if b.post_norm else 'pre'}-norm residual"
+                                    + (f"; also called with {', '.join(b.shared_inputs)}" if b.shared_inputs else "")))
         rows.append(("final norm", self.final_norm or "none"))
         rows.append(("pooling", f"attention pooling {self.attn_pool}" if self.attn_pool else self.pool))
         rows.append(("head", f"{', '.join(self.head)} ({self.num_features} -> {self.num_classes})"))
