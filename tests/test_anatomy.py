@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import VisionTransformer
 from utils import tiny_model
 
@@ -18,8 +19,12 @@ from vitconvert.errors import AnatomyError
     ("deit", "vit", (8, 8), 1, 1),
     ("deit_distilled", "vit", (8, 8), 2, 1),
     ("deit3", "vit", (8, 8), 1, 1),
+    ("siglip", "vit", (8, 8), 0, 1),
+    ("eva02", "eva", (8, 8), 1, 1),
+    ("beit", "beit", (8, 8), 1, 1),
     ("pvt_v2", "pvt_v2", (16, 16), 0, 4),
     ("swin", "swin", (16, 16), 0, 4),
+    ("swinv2", "swinv2", (16, 16), 0, 4),
 ])
 def test_tiny_models(key: str, family: str, grid: tuple[int, int], prefix: int, stages: int) -> None:
     model, _, _ = tiny_model(key)
@@ -46,6 +51,8 @@ def test_tiny_models(key: str, family: str, grid: tuple[int, int], prefix: int, 
     ("pvt_v2_b2_li", "pvt_v2", 16, [(56, 56), (28, 28), (14, 14), (7, 7)], {}),
     ("swin_tiny_patch4_window7_224", "swin", 12, [(56, 56), (28, 28), (14, 14), (7, 7)], {}),
     ("swin_base_patch4_window12_384", "swin", 24, [(96, 96), (48, 48), (24, 24), (12, 12)], {}),
+    ("swinv2_tiny_window8_256", "swinv2", 12, [(64, 64), (32, 32), (16, 16), (8, 8)],
+     {"window_size": [[8, 8]] * 4}),
 ])
 def test_real_architectures(name: str, family: str, depth: int, grids: list, extra: dict) -> None:
     model = timm.create_model(name, pretrained=False)
@@ -60,6 +67,54 @@ def test_real_architectures(name: str, family: str, depth: int, grids: list, ext
         assert a.pos_embed == "pos_embed" and a.final_norm == "norm" and a.pool == "token"
     else:
         assert all(s.downsample for s in a.stages[1:]) and a.pool == "avg"
+    assert all(b.post_norm == (family == "swinv2") for b in a.blocks)
+
+
+@pytest.mark.parametrize(("name", "prefix"), [("vit_base_patch16_siglip_224", 0),
+                                             ("vit_so150m_patch16_reg4_map_256", 4)])
+def test_attention_pooling_head_is_the_pooling_step(name: str, prefix: int) -> None:
+    """SigLIP / MAP: attention after the last block, in no block, is the pooling; its linears are not the head."""
+    model = timm.create_model(name, pretrained=False, depth=2, num_classes=7)
+    a = read_anatomy(model)
+    assert a.family == "vit" and len(a.blocks) == 2 and a.num_prefix_tokens == prefix
+    assert a.pool == "attn" and a.attn_pool == "attn_pool" and a.final_norm == "norm"
+    assert a.head == ["head"] and a.num_classes == 7 and a.num_features == model.embed_dim
+    assert ("pooling", "attention pooling attn_pool") in a.rows()
+    assert not a.extras["class_token"]
+
+
+def test_attention_outside_blocks_before_them_is_refused() -> None:
+    model = timm.create_model("vit_base_patch16_siglip_224", img_size=32, patch_size=4, embed_dim=48, depth=1,
+                              num_heads=3, num_classes=7)
+    model.norm_pre = _PoolBeforeBlocks(48, num_heads=3)
+    with pytest.raises(AnatomyError, match="found attention outside of any block"):
+        read_anatomy(model)
+
+
+class _PoolBeforeBlocks(AttentionPoolLatent):
+    """Attention pooling misplaced before the blocks (its output discarded, so shapes still fit)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return x + 0 * super().forward(x).mean()
+
+
+@pytest.mark.parametrize(("name", "family", "shared", "pool"), [
+    ("eva02_tiny_patch14_224", "eva", ["rope"], "avg"),  # absolute + rotary embeddings, SwiGLU MLP
+    ("vit_small_patch16_rope_224", "eva", ["rope"], "token"),  # rotary embeddings only
+    ("beit_base_patch16_224", "beit", [], "avg"),  # relative position bias tables, layer-scale gammas
+    ("deit_tiny_patch16_224", "vit", [], "token"),
+])
+def test_position_information_inside_the_blocks(name: str, family: str, shared: list, pool: str) -> None:
+    """Blocks called with a tensor besides the tokens (the rotary embedding) are read from the graph: such a model
+    is not a plain ViT (its blocks do not chain), and BEiT's biases make it a family of its own."""
+    model = timm.create_model(name, pretrained=False, img_size=32, patch_size=4, embed_dim=48, depth=2,
+                              num_heads=3, num_classes=7)
+    a = read_anatomy(model)
+    assert a.family == family and a.pool == pool and a.num_prefix_tokens == 1 and a.grid == (8, 8)
+    assert all(b.shared_inputs == shared and not b.post_norm for b in a.blocks)
+    assert any(part == "block parts" and text.endswith("also called with rope") == bool(shared)
+               for part, text in a.rows())
+    assert a.head == ["head"] and a.num_classes == 7
 
 
 def test_other_image_sizes() -> None:
@@ -77,6 +132,15 @@ def test_unsupported_models_name_what_is_missing() -> None:
         read_anatomy(timm.create_model("resnet18"))
     with pytest.raises(AnatomyError, match=r"not a supported vision transformer.*Not found: ViT/DeiT: blocks"):
         read_anatomy(timm.create_model("cait_xxs24_224"))
+
+
+def test_headless_backbone_says_how_to_add_a_head() -> None:
+    headless = timm.create_model("vit_small_patch14_dinov2", img_size=28, depth=1, num_classes=0)
+    with pytest.raises(AnatomyError, match=r"built headless \(num_classes=0\).*--model-kwargs num_classes=N "
+                                           r"\(Python: model_kwargs=\{'num_classes': N\}\)"):
+        read_anatomy(headless)
+    headed = read_anatomy(timm.create_model("vit_small_patch14_dinov2", img_size=28, depth=1, num_classes=10))
+    assert headed.head == ["head"] and headed.num_classes == 10
 
 
 class _DataDependent(VisionTransformer):

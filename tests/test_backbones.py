@@ -125,6 +125,32 @@ def test_set_input_size() -> None:
     assert fitted(torch.zeros(1, 3, 24, 24)).shape == (1, 10)
 
 
+def test_swinv2_runs_at_other_sizes_through_timm() -> None:
+    """SwinV2 windows are fitted as Swin's; its continuous position bias needs no table resampled: the same MLP
+    weights give the bias of every window size."""
+    model, _, _ = tiny_model("swinv2")  # 32 px, patch 2, windows 4: maps 16/8/4/2
+    anatomy = read_anatomy(model)
+    assert anatomy.family == "swinv2" and all(b.post_norm for b in anatomy.blocks)
+    cpb = {k: v.clone() for k, v in model.state_dict().items() if "cpb_mlp" in k or "logit_scale" in k}
+    FAMILIES["swinv2"].set_input_size(model, (24, 24), anatomy, keep_windows=False)
+    assert [tuple(s.blocks[0].window_size) for s in model.layers] == [(4, 4), (3, 3), (3, 3), (2, 2)]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in cpb.items())
+    assert model(torch.zeros(1, 3, 24, 24)).shape == (1, 10)
+    assert FAMILIES["swinv2"].size_step(anatomy) == 8
+
+
+@pytest.mark.parametrize("key", ["eva02", "beit"])
+def test_position_information_follows_the_input_size(key: str) -> None:
+    """EVA's rotary embedding and BEiT's relative position bias tables are rebuilt for the new grid by timm."""
+    model, _, _ = tiny_model(key)  # 32 px, patch 4: grid 8x8
+    anatomy = read_anatomy(model)
+    assert FAMILIES[anatomy.family].set_input_size(model, (48, 48), anatomy) == {"img_size": [48, 48]}
+    assert model(torch.zeros(2, 3, 48, 48)).shape == (2, 10)
+    assert FAMILIES[anatomy.family].size_step(anatomy) == 4
+    with pytest.raises(AnatomyError, match="cannot run queries apart from keys"):
+        FAMILIES[anatomy.family].query_attention(model.blocks[0].attn, "block 0")
+
+
 def test_size_steps() -> None:
     assert FAMILIES["vit"].size_step(read_anatomy(tiny_model("vit")[0])) == 4  # the patch
     assert FAMILIES["swin"].size_step(read_anatomy(tiny_model("swin")[0])) == 8  # half the total stride of 16

@@ -196,7 +196,7 @@ def test_rejects_unsupported_bases() -> None:
     with pytest.raises(UserError, match="supports ViT/DeiT; swin_tiny_patch4_window7_224 is Swin"):
         vitconvert.apply(arch, "cfvit", model_kwargs=kwargs, pretrained=False)
     arch, kwargs = TINY_MODELS["vit"]
-    with pytest.raises(UserError, match="needs a class token"):
+    with pytest.raises(UserError, match="has no class token"):
         vitconvert.apply(arch, "cfvit", model_kwargs={**kwargs, "class_token": False, "global_pool": "avg"},
                          pretrained=False, overrides=["model.gca_start_block=1"])
     with pytest.raises(UserError, match="grid 8x8 must be twice the coarse grid"):

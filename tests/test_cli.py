@@ -65,6 +65,9 @@ def test_apply_inspect_and_recipes(tmp_path) -> None:
     (["apply", "--recipe", "cfvit", "--no-pretrained", "swin_tiny"], "supports ViT/DeiT"),
     (["apply", "--recipe", "cfvit", "--checkpoint", "/nonexistent.pth", "deit_tiny"], "does not exist"),
     (["inspect", "resnet18"], "no attention found"),
+    (["apply", "--recipe", "dvt", "--no-pretrained", "--model-kwargs", "img_size=28", "depth=2",
+      "vit_small_patch14_dinov2"], "built headless (num_classes=0); converting needs one: pass --model-kwargs "
+                                   "num_classes=N"),
     (["apply", "--recipe", "cfvit", "--no-pretrained", "--model-kwargs", "img_size", "deit_tiny"], "key=value"),
 ])
 def test_user_mistakes_exit_2_with_one_line(tmp_path, capsys, args: list[str], message: str) -> None:

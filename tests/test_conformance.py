@@ -4,7 +4,7 @@ A method gets all of it by being registered (:func:`vitconvert.registry.register
 the registry when this module is collected, and ``test_a_registered_toy_method_gets_the_suite`` registers a small
 method of its own and runs every check on it.
 
-Each case converts a tiny random-init timm model of the family with the method's default settings, then gives the
+Each case converts a tiny random-init timm model of the architecture with the method's default settings, then gives the
 method's new parameters trained-like values (they start at values that make the model exact, where most methods
 decide nothing) and finds an *exercised point*: an operating point that is not full compute at which the images of a
 batch take different paths (different exits, different granularities), or, for a method whose images all run the
@@ -22,8 +22,8 @@ full compute. Every check then runs at that point:
 * the traceable path (what an exported graph runs) equals the forward, and the ONNX export matches it in
   onnxruntime, or the method refuses to export in one line.
 
-``CASE_OVERRIDES`` holds recipe overrides for the few cases whose tiny model would otherwise not exercise the method
-(clustered attention needs more tokens than a 32-px ViT has).
+The architectures, their tiny models and the recipe overrides of the few cases whose tiny model would otherwise not
+exercise the method live in ``tests/support_matrix.py``, which also generates the support matrix the docs show.
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import support_matrix
 import timm
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from support_matrix import ARCHITECTURES
 from torch import nn
-from utils import TINY_MODELS
 
 import vitconvert
 from vitconvert import fx as vfx
@@ -62,15 +63,6 @@ from vitconvert.sources import BaseSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# The tiny model each family is tested on (tests/utils.py).
-FAMILY_MODELS = {"vit": "deit", "pvt_v2": "pvt_v2", "swin": "swin"}
-# (method, family) -> recipe overrides under which the tiny model exercises the method.
-CASE_OVERRIDES: dict[tuple[str, str], list[str]] = {
-    # Clustered attention runs only where clusters are smaller than the token count, and tiny grids need the
-    # clustering's overhead left out of its pays-or-not decision.
-    ("fsla_replace", "vit"): ["model.img_size=64", "model.clustering_overhead=0"],
-    ("fsla_replace", "pvt_v2"): ["model.img_size=192", "model.cluster_size=8", "model.clustering_overhead=0"],
-}
 BATCH = 6
 # Logits of a path that really differs from another, against float32 rounding (about 1e-7 on these logits): a
 # random-init model changed in one block (clustered attention in PVT-v2's last stage) moves its logits by ~1e-4.
@@ -78,9 +70,12 @@ DIFFERS = 1e-5
 
 
 def conformance_cases() -> list[tuple[str, str]]:
-    """(method, family) for every registered method and every family it declares."""
-    return [(name, family) for name, cls in sorted(METHODS.items()) for family in cls.families
-            if family in FAMILY_MODELS]
+    """(method, architecture) for every registered method and every architecture of a family it declares
+    (tests/support_matrix.py), except those the committed support matrix marks "no" (tests/test_support_matrix.py
+    checks that each of those is a one-line refusal)."""
+    refused = {pair for pair, yes in support_matrix.committed().items() if not yes}
+    return [(name, arch) for name, cls in sorted(METHODS.items()) for arch, (_, family, _) in ARCHITECTURES.items()
+            if family in cls.families and (name, arch) not in refused]
 
 
 # --- building a case ---------------------------------------------------------------------------------------
@@ -91,21 +86,17 @@ class Case:
     """A converted tiny model with trained-like new parameters, at its exercised point, and a batch of images."""
 
     method: str
-    family: str
+    arch: str
     model: ConvertedModel
     x: torch.Tensor
     point: OperatingPoint
 
     def fresh(self) -> ConvertedModel:
-        return convert(self.method, self.family)
+        return convert(self.method, self.arch)
 
 
-def convert(method: str, family: str) -> ConvertedModel:
-    arch, kwargs = TINY_MODELS[FAMILY_MODELS[family]]
-    torch.manual_seed(0)
-    recipe = {"name": f"conformance-{method}", "method": method}
-    return vitconvert.apply(arch, recipe, model_kwargs=kwargs, pretrained=False,
-                            overrides=CASE_OVERRIDES.get((method, family)))
+def convert(method: str, arch: str) -> ConvertedModel:
+    return support_matrix.convert(method, arch)
 
 
 def perturb_new_parameters(model: ConvertedModel, seed: int = 1) -> None:
@@ -173,21 +164,21 @@ def exercised_point(model: ConvertedModel, x: torch.Tensor) -> OperatingPoint:
 
 
 @functools.cache
-def _case(method: str, family: str) -> Case:
-    model = convert(method, family)
+def _case(method: str, arch: str) -> Case:
+    model = convert(method, arch)
     perturb_new_parameters(model)
     torch.manual_seed(2)
     x = torch.randn(BATCH, 3, *model.anatomy.img_size)
     point = exercised_point(model, x)
     model.set_operating_point(point)
-    return Case(method, family, model, x, point)
+    return Case(method, arch, model, x, point)
 
 
 @pytest.fixture
 def case(request: pytest.FixtureRequest) -> Iterator[Case]:
     """A deep copy of the cached case, so checks that change the model do not reach each other."""
     built = _case(*request.param)
-    yield Case(built.method, built.family, copy.deepcopy(built.model), built.x.clone(), dict(built.point))
+    yield Case(built.method, built.arch, copy.deepcopy(built.model), built.x.clone(), dict(built.point))
 
 
 def _ids(cases: list[tuple[str, str]]) -> list[str]:
@@ -617,11 +608,11 @@ def registered(cls: type[ConvertedModel]) -> Iterator[None]:
 def test_a_registered_toy_method_gets_the_suite(tmp_path: Any) -> None:
     with registered(HalfDepthExit):
         cases = [c for c in conformance_cases() if c[0] == HalfDepthExit.method]
-        assert cases == [(HalfDepthExit.method, "vit")]
+        assert cases == [(HalfDepthExit.method, a) for a, (_, family, _) in ARCHITECTURES.items() if family == "vit"]
         case = _case(*cases[0])
         for check in CHECKS:
             for args in _check_args(check, tmp_path):
-                fresh = Case(case.method, case.family, copy.deepcopy(case.model), case.x.clone(), dict(case.point))
+                fresh = Case(case.method, case.arch, copy.deepcopy(case.model), case.x.clone(), dict(case.point))
                 try:
                     check(fresh, *args)
                 except pytest.skip.Exception as e:  # the toy has every capability: no check may pass it by

@@ -21,11 +21,23 @@ TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
                                                                num_heads=3, num_classes=10)),
     "deit3": ("deit3_small_patch16_224", dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3,
                                               num_classes=10)),
+    # No class token: latent queries attend to the tokens after the last block (AttentionPoolLatent).
+    "siglip": ("vit_base_patch16_siglip_224", dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3,
+                                                   num_classes=10)),
+    # Rotary position embedding computed once and passed to every block, SwiGLU MLP, mean pooling + fc_norm.
+    "eva02": ("eva02_tiny_patch14_224", dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3,
+                                             num_classes=10)),
+    # A relative position bias table in every block, layer-scale gammas, mean pooling + fc_norm.
+    "beit": ("beit_base_patch16_224", dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3,
+                                           num_classes=10)),
     # PVT-v2 takes any input size; its data config says which one it runs at.
     "pvt_v2": ("pvt_v2_b0", dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4),
                                  num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))),
     "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=24,
                                                   depths=(1, 2, 2, 1), num_heads=(1, 2, 3, 4), num_classes=10)),
+    # Cosine attention, continuous position bias, post-norm blocks.
+    "swinv2": ("swinv2_tiny_window8_256", dict(img_size=32, patch_size=2, window_size=4, embed_dim=24,
+                                               depths=(1, 2, 2, 1), num_heads=(1, 2, 3, 4), num_classes=10)),
 }
 
 

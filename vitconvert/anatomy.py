@@ -8,9 +8,10 @@ size, and finds, without looking at the model's name:
 * the patch embedding (first convolution on the image), the position embedding (a parameter added to the
   token stream before the first block) and prefix tokens (parameters concatenated to it);
 * per stage: downsampling layers before its first block and a norm after its last;
-* after the last block: the final norm, the pooling (token or average) and the head linear layers.
+* after the last block: the final norm, the pooling (token, average, or an attention-pooling head: attention after
+  the last block that is in no block) and the head linear layers.
 
-The family (ViT/DeiT, PVT-v2, Swin) is then decided by the readers in :mod:`vitconvert.backbones` from
+The family (ViT/DeiT, PVT-v2, Swin, SwinV2) is then decided by the readers in :mod:`vitconvert.backbones` from
 these parts (:func:`vitconvert.backbones.read_anatomy` is the entry point), and a model that fits none
 gets an :class:`~vitconvert.errors.AnatomyError` naming what was not found. This module knows no family.
 """
@@ -47,6 +48,11 @@ class BlockInfo:
     dim: int
     tokens: int
     attn_kind: str = "global"  # global | window | spatial_reduction
+    # Post-norm (SwinV2): x + norm1(attn(x)), x + norm2(mlp(x)); pre-norm: x + attn(norm1(x)), x + mlp(norm2(x)).
+    post_norm: bool = False
+    # Tensors the block is called with besides the token stream (EVA: ``rope``, the rotary embedding computed once
+    # before the first block): keyword names, or ``arg<i>``.
+    shared_inputs: list[str] = field(default_factory=list)
 
     @property
     def norm1(self) -> str:
@@ -72,7 +78,7 @@ class StageInfo:
 
 @dataclass
 class Anatomy:
-    """The parts of a ViT/DeiT, PVT-v2 or Swin model that the methods rewrite."""
+    """The parts of a ViT/DeiT, PVT-v2, Swin or SwinV2 model that the methods rewrite."""
 
     family: str
     img_size: tuple[int, int]
@@ -91,6 +97,7 @@ class Anatomy:
     num_classes: int
     num_features: int
     extras: dict[str, Any] = field(default_factory=dict)
+    attn_pool: str | None = None  # the attention-pooling head (pool == "attn"): latent queries attend to the tokens
 
     @property
     def block_paths(self) -> list[str]:
@@ -119,9 +126,10 @@ class Anatomy:
         b = self.blocks[0]
         rows.append(("block parts", f"norms {', '.join(n.rsplit('.', 1)[-1] for n in b.norms)}; "
                                     f"attention {b.attn.rsplit('.', 1)[-1]}; mlp {b.mlp.rsplit('.', 1)[-1]}; "
-                                    "pre-norm residual"))
+                                    f"{'post' if b.post_norm else 'pre'}-norm residual"
+                                    + (f"; also called with {', '.join(b.shared_inputs)}" if b.shared_inputs else "")))
         rows.append(("final norm", self.final_norm or "none"))
-        rows.append(("pooling", self.pool))
+        rows.append(("pooling", f"attention pooling {self.attn_pool}" if self.attn_pool else self.pool))
         rows.append(("head", f"{', '.join(self.head)} ({self.num_features} -> {self.num_classes})"))
         return rows
 
@@ -145,7 +153,7 @@ def read_parts(model: nn.Module, img_size: tuple[int, int] | None = None) -> Ana
     :func:`vitconvert.backbones.read_anatomy` calls this and lets the family readers decide.
 
     Args:
-        model: A timm ViT/DeiT, PVT-v2 or Swin model (any weights).
+        model: A timm ViT/DeiT, PVT-v2, Swin or SwinV2 model (any weights).
         img_size: Input size to propagate shapes with; defaults to the model's own.
 
     Raises:
@@ -171,20 +179,27 @@ def _read_parts(model: nn.Module, gm: fx.GraphModule, nodes: list[fx.Node], img_
     name = type(model).__name__
 
     # Attention cores -> attention modules -> blocks.
+    # An attention core directly in a child of the root (not in a block's attention module) is an attention-pooling
+    # head (SigLIP's and MAP's AttentionPoolLatent: latent queries attend to the tokens) when it comes after the
+    # blocks; anywhere else it is a part no family knows.
     attn_paths: list[str] = []
     block_of: dict[str, str] = {}
-    for n in nodes:
+    outside: list[tuple[int, fx.Node, list[str]]] = []
+    for i, n in enumerate(nodes):
         if not vfx.is_attention_core(n, model):
             continue
         stack = vfx.scopes(n)
         if n.op == "call_module":
             stack = stack[:-1]
         if len(stack) < 2:
-            raise AnatomyError(f"{name}: found attention outside of any block ({n.name})")
+            outside.append((i, n, stack))
+            continue
         attn, block = stack[-1], stack[-2]
         if attn not in block_of:
             attn_paths.append(attn)
             block_of[attn] = block
+    if not attn_paths and outside:
+        raise AnatomyError(f"{name}: found attention outside of any block ({outside[0][1].name})")
     if not attn_paths:
         raise AnatomyError(f"{name}: no attention found (no scaled_dot_product_attention or softmax in the graph); "
                            "not a vision transformer")
@@ -198,6 +213,11 @@ def _read_parts(model: nn.Module, gm: fx.GraphModule, nodes: list[fx.Node], img_
                 last_block_node[s] = i
     block_paths = sorted(set(block_of.values()), key=lambda b: first_block_node[b])
     attn_for = {b: a for a, b in block_of.items()}
+    attn_pool = None
+    for i, n, stack in outside:
+        if not stack or i < last_block_node[block_paths[-1]] or (attn_pool and stack[0] != attn_pool):
+            raise AnatomyError(f"{name}: found attention outside of any block ({n.name})")
+        attn_pool = stack[0]
 
     # Patch embedding: the first convolution, reported as its outermost module below the root.
     conv_idx = next((i for i, n in enumerate(nodes) if n.op == "call_module"
@@ -238,7 +258,8 @@ def _read_parts(model: nn.Module, gm: fx.GraphModule, nodes: list[fx.Node], img_
         if mlp is None:
             raise AnatomyError(f"{name}: block {bpath} has no MLP (a submodule with two linear layers)")
         if len(norms) < 2:
-            raise AnatomyError(f"{name}: block {bpath} has {len(norms)} norm layers, expected 2 (pre-norm block)")
+            raise AnatomyError(f"{name}: block {bpath} has {len(norms)} norm layers, expected 2 (pre- or post-norm "
+                               "block)")
         residuals = [n for n in bnodes if vfx.is_add(n) and vfx.inner_scope(n) == bpath]
         if len(residuals) < 2:
             raise AnatomyError(f"{name}: block {bpath} has no residual connections around attention and MLP")
@@ -252,7 +273,11 @@ def _read_parts(model: nn.Module, gm: fx.GraphModule, nodes: list[fx.Node], img_
         blocks.append(BlockInfo(
             path=bpath, index=bi, stage=0, attn=attn, mlp=mlp, norms=norms[:2],
             num_heads=int(getattr(attn_mod, "num_heads", 1)), dim=dim, tokens=tokens,
+            post_norm=children.index(norms[0]) > children.index(attn),  # the first norm runs after attention
         ))
+
+    for b, extra in zip(blocks, _block_call_inputs(model, block_paths), strict=True):
+        b.shared_inputs = extra
 
     # Stages: blocks grouped by the parent of their container (ViT: one stage at the root).
     stage_paths: list[str] = []
@@ -281,24 +306,51 @@ def _read_parts(model: nn.Module, gm: fx.GraphModule, nodes: list[fx.Node], img_
     tail = nodes[last_block_node[blocks[-1].path] + 1:]
     stage_paths_set = {s.path for s in stages if s.path}
     tail = [n for n in tail if not stage_paths_set.intersection(vfx.scopes(n))]
-    final_norm = next((vfx.scopes(n)[0] for n in tail if vfx.scopes(n) and _is_norm_node(model, n)), None)
+    pool_nodes = [n for n in tail if attn_pool is not None and attn_pool in vfx.scopes(n)]
+    before_pool = tail[: tail.index(pool_nodes[0])] if pool_nodes else tail
+    final_norm = next((vfx.scopes(n)[0] for n in before_pool if vfx.scopes(n) and _is_norm_node(model, n)), None)
     head = []
     for n in tail:
-        if n.op == "call_module" and isinstance(model.get_submodule(str(n.target)), nn.Linear):
+        if n.op == "call_module" and isinstance(model.get_submodule(str(n.target)), nn.Linear) \
+                and n not in pool_nodes:
             head.append(str(n.target))
     if not head:
-        raise AnatomyError(f"{name}: no classifier head (a linear layer after the last block)")
-    pool = "avg" if any(n.op in ("call_method", "call_function") and getattr(n.target, "__name__", n.target)
-                        in ("mean", "adaptive_avg_pool2d") for n in tail) or any(
+        classes = getattr(model, "num_classes", None)
+        raise AnatomyError(
+            f"{name}: no classifier head (a linear layer after the last block)"
+            + (" - it was built headless (num_classes=0)" if classes == 0 else "")
+            + "; converting needs one: pass --model-kwargs num_classes=N (Python: model_kwargs={'num_classes': N}) "
+            "to build it with an N-class head, then fine-tune"
+        )
+    averaged = any(n.op in ("call_method", "call_function") and getattr(n.target, "__name__", n.target)
+                   in ("mean", "adaptive_avg_pool2d") for n in tail) or any(
         n.op == "call_module" and isinstance(model.get_submodule(str(n.target)), nn.AdaptiveAvgPool2d | nn.AvgPool2d)
-        for n in tail) else "token"
+        for n in tail)
+    pool = "attn" if attn_pool else "avg" if averaged else "token"
     head_mod = model.get_submodule(head[0])
     return Anatomy(
         family="unknown", img_size=img_size, patch_embed=patch_embed, patch_size=(int(stride[0]), int(stride[1])),
         grid=grid, embed_dim=int(conv.out_channels), pos_embed=pos_embed, prefix_tokens=prefix,
         num_prefix_tokens=num_prefix, blocks=blocks, stages=stages, final_norm=final_norm, pool=pool,
         head=head, num_classes=int(head_mod.out_features), num_features=int(head_mod.in_features),
+        attn_pool=attn_pool,
     )
+
+
+def _block_call_inputs(model: nn.Module, block_paths: list[str]) -> list[list[str]]:
+    """Per block, the tensors it is called with besides the tokens (keyword names, or ``arg<i>``), read from a trace
+    with the blocks as leaves: EVA's ``rope``, computed once from the grid before the first block."""
+    gm = vfx.trace(model, leaves=block_paths)
+    calls = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) in set(block_paths)}
+    out = []
+    for path in block_paths:
+        n = calls.get(path)
+        if n is None:
+            out.append([])
+            continue
+        out.append([f"arg{i}" for i, a in enumerate(n.args[1:], 1) if isinstance(a, fx.Node)]
+                   + [k for k, v in n.kwargs.items() if isinstance(v, fx.Node)])
+    return out
 
 
 def _follow_views(node: fx.Node) -> list[fx.Node]:

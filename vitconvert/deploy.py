@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from vitconvert._version import __version__
+from vitconvert.backbones import family_of
 from vitconvert.errors import UserError, one_line
 from vitconvert.methods.base import ConvertedModel
 from vitconvert.operating import Budget
@@ -160,7 +161,8 @@ def export(
     example = _images(converted, 2)
     args = (example, *(torch.tensor(v, dtype=torch.float32) for v in knobs.values()))
     names = output_names(converted)
-    program = _trace(traceable, args, len(knobs))
+    with family_of(converted.anatomy).export_context(converted):
+        program = _trace(traceable, args, len(knobs))
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")  # torch.export.save wants the .pt2 suffix
     try:
         if format == "onnx":

@@ -15,10 +15,12 @@ from vitconvert.anatomy import Anatomy, read_parts
 from vitconvert.backbones.family import ConvMlp, Family, QueryAttention
 from vitconvert.backbones.pvt_v2 import PVTv2
 from vitconvert.backbones.swin import Swin
+from vitconvert.backbones.swinv2 import SwinV2
 from vitconvert.backbones.vit import ViT
+from vitconvert.backbones.vit_inblock import EVA, BEiT
 from vitconvert.errors import AnatomyError
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (ViT(), PVTv2(), Swin())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (ViT(), EVA(), BEiT(), PVTv2(), Swin(), SwinV2())}
 
 
 def describe_family(name: str) -> str:
@@ -41,7 +43,8 @@ def classify(model: nn.Module, draft: Anatomy) -> Anatomy:
         gaps[name] = missing
     detail = "; ".join(f"{FAMILIES[k].description}: {', '.join(v)}" for k, v in gaps.items())
     raise AnatomyError(
-        f"{type(model).__name__} is not a supported vision transformer (ViT/DeiT, PVT-v2 or Swin). Not found: {detail}"
+        f"{type(model).__name__} is not a supported vision transformer "
+        f"({', '.join(f.description for f in FAMILIES.values())}). Not found: {detail}"
     )
 
 
@@ -49,7 +52,7 @@ def read_anatomy(model: nn.Module, img_size: tuple[int, int] | None = None) -> A
     """Trace ``model``, describe its parts and decide its family.
 
     Args:
-        model: A timm ViT/DeiT, PVT-v2 or Swin model (any weights).
+        model: A timm ViT/DeiT, PVT-v2, Swin or SwinV2 model (any weights).
         img_size: Input size to propagate shapes with; defaults to the model's own.
 
     Raises:

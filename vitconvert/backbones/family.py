@@ -23,6 +23,7 @@ Adding a family means subclassing :class:`Family` in a module of this package an
 from __future__ import annotations
 
 import abc
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -149,6 +150,11 @@ class Family(abc.ABC):
     def size_step(self, anatomy: Anatomy) -> int:
         """Input sides that are multiples of this keep whole token maps (ViT: the patch)."""
         return anatomy.patch_size[0]
+
+    def export_context(self, model: nn.Module) -> AbstractContextManager[None]:
+        """A context in which ``model`` (a converted model holding this family's modules) traces for torch.export
+        with a batch size known only at run time; nothing to change by default."""
+        return nullcontext()
 
 
 def norm_cost(norm: nn.Module | None, width: int) -> float:

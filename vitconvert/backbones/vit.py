@@ -93,6 +93,8 @@ class ViT(Family):
                 break
         if draft.pos_embed is None:
             missing.append("an absolute position embedding")
+        if any(b.shared_inputs for b in draft.blocks):
+            missing.append("blocks called on the tokens alone")
         if missing:
             return missing
         pos = model.get_parameter(draft.pos_embed)

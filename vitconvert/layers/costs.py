@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.module_tracker import ModuleTracker
 
 aten = torch.ops.aten
 
@@ -93,6 +94,18 @@ _CUSTOM: dict[Any, Callable[..., int]] = {
 }
 
 
+class _ForwardTracker(ModuleTracker):
+    """The flop counter's module tracker without its backward hooks: counting runs under no_grad, yet a view of a
+    parameter made there still reports ``requires_grad`` with no grad function (SigLIP's pooling latent,
+    ``latent.expand(B, -1, -1)``), on which the stock tracker's grad hook fails."""
+
+    def _fw_pre_hook(self, mod: nn.Module, input: Any) -> None:
+        self._get_append_fn(self._get_mod_name(mod), False)()
+
+    def _fw_post_hook(self, mod: nn.Module, input: Any, output: Any) -> None:
+        self._get_pop_fn(self._get_mod_name(mod), False)()
+
+
 def count_macs(fn: Callable[[], Any]) -> int:
     """Run ``fn()`` and return the multiply-accumulates it executed (whole batch).
 
@@ -103,6 +116,7 @@ def count_macs(fn: Callable[[], Any]) -> int:
         4.61
     """
     mode = FlopCounterMode(display=False, custom_mapping=_CUSTOM)
+    mode.mod_tracker = _ForwardTracker()
     with mode, torch.no_grad():
         fn()
     return int(mode.get_total_flops()) // 2

@@ -273,7 +273,10 @@ class TokenQueries:
     def gather(self, full: torch.Tensor, pooled: dict[int, torch.Tensor]) -> torch.Tensor:
         """(B, N, C) query rows: a copy of the full-resolution map with the coarse tokens' rows replaced."""
         c = full.shape[-1]
-        out = full.clone()
+        # Contiguous, whatever the input's layout: a ViT without prefix tokens feeds its first block the patch
+        # embedding's transposed (B, N, C) view plus the position embedding, which keeps that layout, and the rows
+        # are written through a flat view below.
+        out = full.clone(memory_format=torch.contiguous_format)
         if self.coarse_rows.numel():
             table = torch.cat([pooled[p] for p in self.sizes[1:]], dim=1).reshape(-1, c)
             rows = table.index_select(0, self.coarse_src)

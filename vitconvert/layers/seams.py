@@ -3,8 +3,8 @@
 This module owns the block-level surgery that methods share, none of it tied to a method:
 
 * :func:`read_residual_block` reads a pre-norm residual block (ViT/DeiT, PVT-v2, Swin or any block of the
-  same shape) from its fx graph: its norms, attention, MLP, the per-token modules on each residual branch
-  (layer scale, drop path), its layout and extra inputs;
+  same shape), or a post-norm one (SwinV2: ``x + norm1(attn(x))``), from its fx graph: its norms, attention, MLP,
+  the per-token modules on each residual branch (layer scale, drop path), its layout and extra inputs;
 * :func:`drop_path_modules` finds the block's stochastic-depth slots from that reading, not by name;
 * :func:`mlp_input_layers` finds the linear layers that read the MLP's input (where channels concatenated to
   that input would enter);
@@ -53,8 +53,10 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------------------
-# Reading a pre-norm residual block
+# Reading a pre-norm (or post-norm) residual block
 # --------------------------------------------------------------------------------------------------------
+
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 
 @dataclass
@@ -64,7 +66,8 @@ class ResidualBlock:
     The block computes ``x = x + post_attn(attention_part(norm1(x)))`` then
     ``x = x + post_mlp(mlp(norm2(x)))``, where ``attention_part`` is the ``attn`` module, plus (Swin only,
     ``window_ops``) the cyclic shift, padding, window partition and reverse the block does in its own
-    methods around it.
+    methods around it. With ``post_norm`` (SwinV2) the norms come after their parts instead:
+    ``x = x + post_attn(norm1(attention_part(x)))`` then ``x = x + post_mlp(norm2(mlp(x)))``.
     """
 
     norm1: str
@@ -78,6 +81,7 @@ class ResidualBlock:
     window_size: tuple[int, int] | None = None  # Swin: from the block's attributes
     shift_size: tuple[int, int] | None = None
     window_ops: bool = False  # the attention branch holds block-level ops (shift / partition / reverse)
+    post_norm: bool = False  # norm1 / norm2 normalise the attention / MLP outputs, not their inputs
 
 
 @dataclass
@@ -93,7 +97,7 @@ class _Traced:
 
 
 def read_residual_block(block: nn.Module, where: str = "") -> ResidualBlock:
-    """Trace ``block`` and check it is a pre-norm residual block; say where its parts are.
+    """Trace ``block`` and check it is a pre-norm (or post-norm) residual block; say where its parts are.
 
     Args:
         block: A transformer block: timm's ViT ``Block``, PVT-v2 ``Block``, ``SwinTransformerBlock`` or any
@@ -151,18 +155,31 @@ def _read(block: nn.Module, where: str = "") -> tuple[ResidualBlock, _Traced]:
     if not attn:
         raise AnatomyError(f"{where}: the attention core is not inside a submodule")
 
-    norm1, norm1_out = _norm_of(x, attn_add, where, "the block input")
-    norm2, norm2_out = _norm_of(stream, mlp_add, where, "the attention residual")
-    mlp = _single_scope([u for u in norm2_out.users if not _is_shape_read(u)], where, f"the output of {norm2}")
+    window_ops_allowed = hasattr(block, "window_size") and hasattr(block, "shift_size")
+    attn_branch = _other_arg(attn_add, x, where)
+    # Post-norm (SwinV2): the attention branch ends in a norm right after the attention part.
+    after_attn, _ = _post_chain(attn_branch, attn, window_ops_allowed, set(), where)
+    post_norm = bool(after_attn) and isinstance(block.get_submodule(after_attn[0]), _NORM_TYPES)
+    if post_norm:
+        mlp, _ = _norm_of(stream, mlp_add, where, "the attention residual")  # what the stream feeds: the MLP
+        norm1, post_attn = after_attn[0], after_attn[1:]
+        after_mlp, mlp_end = _post_chain(_other_arg(mlp_add, stream, where), mlp, False, {norm1, attn}, where)
+        if not after_mlp or not isinstance(block.get_submodule(after_mlp[0]), _NORM_TYPES):
+            raise AnatomyError(f"{where}: post-norm attention but no norm right after the MLP ({mlp})")
+        norm2, post_mlp = after_mlp[0], after_mlp[1:]
+        _, attn_end = _post_chain(attn_branch, attn, window_ops_allowed, {norm2, mlp}, where)
+        norm1_out, norm2_out = x, stream  # what the parts read: the stream itself
+    else:
+        norm1, norm1_out = _norm_of(x, attn_add, where, "the block input")
+        norm2, norm2_out = _norm_of(stream, mlp_add, where, "the attention residual")
+        mlp = _single_scope([u for u in norm2_out.users if not _is_shape_read(u)], where, f"the output of {norm2}")
     if len({norm1, attn, norm2, mlp}) != 4:
         raise AnatomyError(f"{where}: norm1 ({norm1}), attention ({attn}), norm2 ({norm2}) and MLP ({mlp}) "
                            "are not four different submodules")
-
-    window_ops_allowed = hasattr(block, "window_size") and hasattr(block, "shift_size")
-    attn_branch = _other_arg(attn_add, x, where)
-    post_attn, attn_end = _post_chain(attn_branch, attn, window_ops_allowed, {norm1, norm2, mlp}, where)
+    if not post_norm:
+        post_attn, attn_end = _post_chain(attn_branch, attn, window_ops_allowed, {norm1, norm2, mlp}, where)
+        post_mlp, mlp_end = _post_chain(_other_arg(mlp_add, stream, where), mlp, False, {norm1, norm2, attn}, where)
     window_ops = _check_part(attn_end, attn, norm1_out, x, core, window_ops_allowed, where)
-    post_mlp, mlp_end = _post_chain(_other_arg(mlp_add, stream, where), mlp, False, {norm1, norm2, attn}, where)
     _check_part(mlp_end, mlp, norm2_out, x, None, False, where)
 
     parts = ResidualBlock(
@@ -170,7 +187,7 @@ def _read(block: nn.Module, where: str = "") -> tuple[ResidualBlock, _Traced]:
         extra_inputs=[str(p.target) for p in extra],
         window_size=_pair(block.window_size) if window_ops_allowed else None,
         shift_size=_pair(block.shift_size) if window_ops_allowed else None,
-        window_ops=window_ops,
+        window_ops=window_ops, post_norm=post_norm,
     )
     return parts, _Traced(gm=gm, x=x, attn_add=attn_add, mlp_add=mlp_add, core=core, extra=extra)
 

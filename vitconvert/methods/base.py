@@ -135,6 +135,15 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
     # Why the method's dynamic path has no traceable form yet (export refuses with it); a method that implements
     # forward_traceable exports instead.
     export_refusal: ClassVar[str] = "its dynamic path has no traceable form yet"
+    # Why the method's idea does not apply to a family it does not declare (family name -> one line): the refusal
+    # and the support matrix say it.
+    not_supported: ClassVar[dict[str, str]] = {}
+
+    @property
+    def support_note(self) -> str:
+        """What this conversion does differently on this model's architecture, in a few words ("" when nothing):
+        the support matrix (docs/support-matrix.md) shows it beside "yes"."""
+        return ""
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         super().__init__()
@@ -142,6 +151,7 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
             raise UserError(
                 f"method {self.method!r} supports {', '.join(describe_family(f) for f in self.families)} models; "
                 f"{spec.architecture} is a {describe_family(anatomy.family)} model"
+                + (f" ({self.not_supported[anatomy.family]})" if anatomy.family in self.not_supported else "")
             )
         self.base = base
         self.base_spec = spec
@@ -482,6 +492,7 @@ def convert(base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy | 
             f"recipe {recipe.name!r} (method {recipe.method}) supports "
             f"{', '.join(describe_family(f) for f in cls.families)}; {spec.architecture} is "
             f"{describe_family(anatomy.family)}"
+            + (f" ({cls.not_supported[anatomy.family]})" if anatomy.family in cls.not_supported else "")
         )
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(recipe.finetune.seed)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,15 @@ class CFViT(ConvertedModel, SimulatesPoints):
 
     method = "cfvit"
     families = ("vit",)
+    not_supported: ClassVar[dict[str, str]] = {
+        "eva": "the coarse pass runs the blocks as one chain at half the grid; EVA's blocks take a rotary embedding "
+               "computed for the model's own grid",
+        "beit": "the coarse pass would index the relative position bias tables on a grid they were not built for "
+                "(resampling them is not implemented)",
+        "pvt_v2": "no class token to score regions with",
+        "swin": "no class token to score regions with",
+        "swinv2": "no class token to score regions with",
+    }
     description = "CF-ViT coarse-to-fine inference with early exit (ViT/DeiT with a class token)"
     Settings = CFViTSettings
     Losses = CFViTLosses
@@ -84,7 +93,9 @@ class CFViT(ConvertedModel, SimulatesPoints):
         super().__init__(base, spec, recipe, anatomy)
         s: CFViTSettings = self.settings
         if not anatomy.extras.get("class_token"):
-            raise UserError(f"cfvit needs a class token; {spec.architecture} has none (global_pool={anatomy.pool})")
+            pooling = "an attention-pooling head" if anatomy.attn_pool else f"{anatomy.pool} pooling"
+            raise UserError(f"cfvit needs a class token (its attention scores the regions); {spec.architecture} "
+                            f"has no class token: it pools with {pooling}")
         if anatomy.pool != "token":
             raise UserError(f"cfvit needs class-token pooling; {spec.architecture} pools with {anatomy.pool!r}")
         if s.gca_start_block >= len(anatomy.blocks):

@@ -154,7 +154,8 @@ def _capture_output(module: nn.Module, args: tuple, output: Any) -> Any:
     if add is not None:
         output = output + add.to(output.dtype).reshape(output.shape)
     if getattr(module, "_dvt_capture", False):
-        attach(module, _dvt_out=(output, module._dvt_family.block_grid(args[0], args[1:], {}, None)))
+        attach(module, _dvt_out=(output, module._dvt_family.block_grid(args[0], args[1:], {},
+                                                                        getattr(module, "_dvt_grid", None))))
     return output
 
 
@@ -163,10 +164,16 @@ class DVT(ConvertedModel, SimulatesPoints):
     """A K-member DVT cascade with real early exit (see the module docstring)."""
 
     method = "dvt"
-    families = ("vit", "pvt_v2", "swin")
+    families = ("vit", "eva", "beit", "pvt_v2", "swin", "swinv2")
     description = "DVT cascade of increasing token grids with feature/relation reuse and early exit"
     Settings = DVTSettings
     Losses = DVTLosses
+
+    @property
+    def support_note(self) -> str:
+        """Which reuse the members get: relation reuse only where attention is global over one token chain."""
+        reuse = [name for name, on in (("feature", self.settings.feature_reuse), ("relation", self.relation)) if on]
+        return " + ".join(reuse) + " reuse" if reuse else "no reuse"
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         super().__init__(base, spec, recipe, anatomy)
@@ -241,9 +248,13 @@ class DVT(ConvertedModel, SimulatesPoints):
             model = self._member(k)
             hooked = set()
             if not self.split:
+                # A token-sequence model run whole (EVA, BEiT: position information inside the blocks) tells its
+                # blocks their grid: the member's patch grid.
+                grid = None if family.block_layout == "map" else (
+                    self.img_sizes[k][0] // anatomy.patch_size[0], self.img_sizes[k][1] // anatomy.patch_size[1])
                 for i in reuse_blocks:
                     block = model.get_submodule(anatomy.blocks[i].path)
-                    attach(block, _dvt_family=family)
+                    attach(block, _dvt_family=family, _dvt_grid=grid)
                     block.register_forward_hook(_capture_output)
                     hooked.add(anatomy.blocks[i].path)
             if s.feature_reuse_at == "mlp" or not self.split:
@@ -465,17 +476,19 @@ class DVT(ConvertedModel, SimulatesPoints):
         last = k == len(self.img_sizes) - 1
         key = self.member_keys[k]
         reuse = self.reuse[key] if k > 0 and key in self.reuse else None
+        prefix = self.num_prefix if self._family.block_layout == "tokens" else 0
         try:
             if reuse is not None:
                 up, up_grid = carry["features"], self.grids[k - 1]
                 for j, branch in enumerate(reuse):
-                    self._reuse_before(model, j, branch(up, 0, up_grid, self.grids[k]))
+                    self._reuse_before(model, j, branch(up, prefix, up_grid, self.grids[k]))
             attach(blocks[-1], _dvt_capture=not last)
             logits = model(self._resized(x, k))
             new: Carry = {}
             if not last:
                 out, grid = detach(blocks[-1], "_dvt_out")
-                new["features"] = out.reshape(out.shape[0], grid[0] * grid[1], out.shape[-1])
+                # (B, prefix + H*W, C): a token sequence keeps its prefix tokens, as the split path's features do
+                new["features"] = out.reshape(out.shape[0], prefix + grid[0] * grid[1], out.shape[-1])
             return logits, new
         finally:
             for j, block in enumerate(blocks):

@@ -7,7 +7,7 @@ are two registered methods sharing this module, because the contract declares fa
 method: the exactness suite pairs every recipe with the families its method supports, and a mode's schema
 rejects keys that mean nothing in the other mode.
 
-* ``fsla`` (mode **augment**, Swin; the paper's setting): in the shifted-window blocks of every stage whose
+* ``fsla`` (mode **augment**, Swin and SwinV2; the paper's setting): in the shifted-window blocks of every stage whose
   token grid exceeds the window (Swin-T at 224 px: 1 + 1 + 3 = 5 blocks), a feature-space attention
   sub-layer is inserted after the window attention (:func:`vitconvert.layers.seams.insert_residual_branch`):
   ``x = x + FSLA(LN(x))`` with its own LayerNorm and qkv, a 3x3 depthwise convolution of V in image layout
@@ -15,7 +15,8 @@ rejects keys that mean nothing in the other mode.
   converted model equals Swin exactly, at any cluster size. The new LayerNorm and qkv start as copies of the
   block's ``norm1`` and window-attention qkv (``init_from_window``): their features are what the pretrained
   model already computes, so the clustering is meaningful from the first step and the short fine-tune only
-  has to learn the projection. No drop path on the branch (BOAT-Swin has none either).
+  has to learn the projection (SwinV2's post-norm ``norm1`` normalises the attention's output, not the stream:
+  there only the qkv is copied). No drop path on the branch (BOAT-Swin has none either).
 * ``fsla_replace`` (mode **replace**, ViT/DeiT and PVT-v2): the attention core of the chosen blocks
   (q, k, v -> output) becomes clustered attention over the block's own q, k, v
   (:func:`vitconvert.layers.seams.replace_attention_core`), so attention costs about N x cluster size instead
@@ -490,7 +491,10 @@ class FSLA(_FSLABase):
     """Mode augment: BOAT-Swin's feature-space attention sub-layers (see the module docstring)."""
 
     method = "fsla"
-    families = ("swin",)
+    families = ("swin", "swinv2")
+    not_supported: ClassVar[dict[str, str]] = {
+        f: "it adds FSLA beside window attention; global attention is fsla_replace's case"
+        for f in ("vit", "eva", "beit", "pvt_v2")}
     description = "BOAT feature-space local attention sub-layers after Swin's shifted-window attention"
     Settings = FSLASettings
     mode = "augment"
@@ -520,7 +524,9 @@ class FSLA(_FSLABase):
                     continue
                 branch = FSLABranch(info.dim, info.num_heads, self._c)
                 if s.init_from_window:
-                    _copy_init(branch, block, parts.norm1, parts.attn, info.path)
+                    # A post-norm block's norm1 (SwinV2) normalises the attention's output, not the stream the
+                    # branch reads: the branch's LayerNorm keeps its 1/0 start there.
+                    _copy_init(branch, block, None if parts.post_norm else parts.norm1, parts.attn, info.path)
                 self.base.set_submodule(info.path, insert_residual_branch(block, branch, name="fsla"))
                 self._branches[index] = branch
                 self.branch_paths.append(f"base.{info.path}.fsla")
@@ -567,10 +573,12 @@ class FSLA(_FSLABase):
         return sum(branches[i].macs(self.grids[i], cluster_size) for i in self.fsla_blocks)
 
 
-def _copy_init(branch: FSLABranch, block: nn.Module, norm1: str, attn: str, where: str) -> None:
-    """Start the branch's LayerNorm and qkv from the block's ``norm1`` and window-attention qkv."""
-    norm = block.get_submodule(norm1)
-    qkv = getattr(block.get_submodule(attn), "qkv", None)
+def _copy_init(branch: FSLABranch, block: nn.Module, norm1: str | None, attn: str, where: str) -> None:
+    """Start the branch's LayerNorm and qkv from the block's ``norm1`` (None: keep the LayerNorm's start) and
+    window-attention qkv."""
+    norm = block.get_submodule(norm1) if norm1 is not None else branch.norm
+    attn_mod = block.get_submodule(attn)
+    qkv = getattr(attn_mod, "qkv", None)
     if not isinstance(norm, nn.LayerNorm) or not isinstance(qkv, nn.Linear) or qkv.weight.shape != \
             branch.qkv.weight.shape:
         raise AnatomyError(f"fsla: block {where}: init_from_window needs a LayerNorm norm1 and a fused qkv Linear "
@@ -581,6 +589,10 @@ def _copy_init(branch: FSLABranch, block: nn.Module, norm1: str, attn: str, wher
         branch.qkv.weight.copy_(qkv.weight)
         if qkv.bias is not None:
             branch.qkv.bias.copy_(qkv.bias)
+        elif isinstance(getattr(attn_mod, "q_bias", None), torch.Tensor) and branch.qkv.bias is not None:
+            # SwinV2 keeps the query and value biases apart (no key bias)
+            q_bias, v_bias = attn_mod.q_bias, attn_mod.v_bias
+            branch.qkv.bias.copy_(torch.cat((q_bias, torch.zeros_like(q_bias), v_bias)))
 
 
 @register_method
@@ -589,6 +601,12 @@ class FSLAReplace(_FSLABase):
 
     method = "fsla_replace"
     families = ("vit", "pvt_v2")
+    not_supported: ClassVar[dict[str, str]] = {
+        "eva": "not adapted to blocks that take a rotary embedding as an input yet",
+        "beit": "clustered attention has no gather of the relative position bias per cluster pair",
+        "swin": "window attention is already local: the augment mode (fsla) adds FSLA instead",
+        "swinv2": "window attention is already local: the augment mode (fsla) adds FSLA instead",
+    }
     description = "BOAT-style clustered attention replacing global attention (ViT/DeiT; PVT-v2's sr=1 blocks)"
     Settings = FSLAReplaceSettings
     mode = "replace"

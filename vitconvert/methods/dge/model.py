@@ -7,7 +7,7 @@ import itertools
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -77,6 +77,10 @@ class DGE(ConvertedModel):
 
     method = "dge"
     families = ("vit", "pvt_v2")
+    not_supported: ClassVar[dict[str, str]] = {
+        "eva": "a pooled coarse query has no single rotary position",
+        "beit": "a pooled coarse query has no row in the relative position bias table",
+    }
     description = "DGE dynamic-granularity queries per region (ViT/DeiT, PVT-v2)"
     Settings = DGESettings
     Losses = DGELosses
