@@ -270,16 +270,17 @@ def test_cli_apply_and_refusals(hf_folders, tmp_path: Path) -> None:
     assert json.loads((out / "config.json").read_text())["model_args"]["base"]["architecture"] == \
         "swin_tiny_patch4_window7_224"
 
-    # SwinV2 weights map onto timm's SwinTransformerV2, but no method knows that family yet: the conversion step
-    # refuses it in one line, and nothing is written.
+    # SwinV2 weights map onto timm's SwinTransformerV2, a family of its own (backbones/swinv2.py): it converts too.
     v2 = tmp_path / "swinv2"
-    _hf_model("swinv2").save_pretrained(v2)
+    hf_v2 = _hf_model("swinv2")
+    hf_v2.save_pretrained(v2)
     proc = subprocess.run([sys.executable, "-m", "vitconvert.cli", "apply", "--recipe", "dvt", f"local-dir:{v2}",
                            "-o", str(tmp_path / "v2-out")], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "SwinTransformerV2 is not a supported vision transformer" in lines[0], proc.stderr
-    assert not (tmp_path / "v2-out").exists()
+    assert proc.returncode == 0, proc.stderr
+    loaded = vitconvert.load(tmp_path / "v2-out")
+    assert loaded.base_spec.architecture == "swinv2_tiny_window8_256" and loaded.anatomy.family == "swinv2"
+    x = _images("swinv2")
+    _close(_logits(loaded.full_compute(), x), _hf_logits(hf_v2, x))
 
 
 def test_swinv2_weights_map_onto_timm() -> None:

@@ -13,8 +13,8 @@ checked against, and its loader knows the checkpoint layouts of older releases.
 Supported: ``ViTForImageClassification``, ``DeiTForImageClassification`` (the distillation token becomes a timm
 register token: it is attended to but has no head), ``DeiTForImageClassificationWithTeacher`` (timm's distilled
 ViT: the two heads averaged), ``SwinForImageClassification`` and ``PvtV2ForImageClassification``.
-``Swinv2ForImageClassification`` is mapped onto timm's SwinTransformerV2 and checked the same way; converting it
-waits for a SwinV2 family (until then the conversion step refuses it in one line, as any unsupported timm model).
+``Swinv2ForImageClassification`` is mapped onto timm's SwinTransformerV2 and checked the same way (the methods
+convert it as the SwinV2 family adapter allows).
 
 Layer-norm eps: transformers' ViT uses 1e-12 where timm uses 1e-6, and its PVT-v2 1e-6 where timm uses 1e-5 in
 some norms. timm's constructors take a norm *layer*, not an eps, and a saved base must stay plain JSON, so the
