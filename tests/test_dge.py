@@ -727,6 +727,20 @@ def test_plot_granularity_writes_png(tmp_path) -> None:
         plot_granularity(model, images(model, 1), tmp_path / "x.png", block=99)
 
 
+def test_swin_granularity_map_is_in_the_map_frame_and_plots(tmp_path) -> None:
+    model = convert("swin")
+    blk = model.base.get_submodule("layers.1.blocks.1")  # 8x8 map, 4x4 windows shifted by 2
+    model.override_gates(lambda i, b, r, dev: torch.full((b, r), 2, dtype=torch.long, device=dev))
+    with torch.no_grad():
+        out = model.forward_dynamic(images(model, 2))
+    sides = blk.token_sizes(out.extras[f"granularity.{blk.index}"], (8, 8))
+    shifted = torch.full((8, 8), 2)
+    shifted[:4, :4] = 4  # in the shifted frame only the first window takes one query for all its tokens
+    assert torch.equal(sides[0], torch.roll(shifted, (2, 2), (0, 1)))
+    path = plot_granularity(model, images(model, 2), tmp_path / "g.png", block=blk.index)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_tiny_model_helper_matches() -> None:
     # guard: the test models above are the shared tiny ones
     m, arch, _ = tiny_model("deit")

@@ -273,6 +273,20 @@ class DGEBlock(nn.Module):
             self._call = None
         return view.reverse(out, hw_map)
 
+    def token_sizes(self, gates: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """(B, GH, GW) gates as a forward recorded them -> (B, H, W) sub-patch side of the query covering each
+        token of the block's ``hw`` map (with windows: back in the map's own frame, the shift undone)."""
+        view = self.parts.windows
+        if view is None:
+            lay = self._ctx.layout(hw, gates.device)
+            level = gates.flatten(1)[:, lay.tok_region]
+            return torch.tensor(lay.sizes, device=gates.device)[level].view(-1, *hw)
+        lay = self._ctx.layout(view.window(hw), gates.device)
+        (gh, gw), (rh, rw), b = view.windows(hw), lay.regions, gates.shape[0]
+        per_window = gates.reshape(b, gh, rh, gw, rw).permute(0, 1, 3, 2, 4).reshape(b * gh * gw, rh * rw)
+        sizes = torch.tensor(lay.sizes, device=gates.device)[per_window[:, lay.tok_region]]
+        return view.reverse(sizes.unsqueeze(-1), hw)[..., 0]
+
     def _run(self, x: torch.Tensor, hw: tuple[int, int], args: tuple[Any, ...], kwargs: dict[str, Any]
              ) -> torch.Tensor:
         mode = self._ctx.mode
