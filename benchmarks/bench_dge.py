@@ -20,7 +20,8 @@
 
 Run: ``nice -n 5 python -m benchmarks.bench_dge`` or ``python -m benchmarks --only dge`` (writes
 ``benchmarks/results/dge_speed.json``); ``--update pvt_v2_b1`` re-measures one architecture in every run
-the file holds and merges it in.
+the file holds and merges it in. ``--swin`` measures Swin-T at 224 px alone (:func:`run_swin`: two threads,
+batch 64 and 1, ratios 0.5 / 0.7 / 0.9 against timm in the same run; ``dge_swin_speed.json``).
 """
 
 from __future__ import annotations
@@ -231,6 +232,50 @@ def update(arch: str, out_dir: Path) -> dict[str, Any]:
     return _write(runs, False, out_dir)
 
 
+SWIN = "swin_tiny_patch4_window7_224"
+SWIN_RHOS = (0.5, 0.7, 0.9)
+SWIN_SETTINGS = {"batch": 64, "warmup": 1, "reps": 3, "latency_warmup": 2, "latency_reps": 10, "count_images": 1}
+
+
+def run_swin(out_dir: Path, threads: int = 2) -> dict[str, Any]:
+    """DGE on Swin-T at 224 px (random weights) against timm's Swin-T, side by side in one run: batch-64 throughput
+    and batch-1 latency at GMACs ratios 0.5, 0.7 and 0.9 (gates forced at random per image and region, as above;
+    ``execution: auto``), on ``threads`` threads; the GMACs check on one image; ``uptime`` before and after (the
+    machine is shared). Writes ``dge_swin_speed.json``."""
+    cfg = SWIN_SETTINGS
+    torch.set_num_threads(threads)
+    uptime = [subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
+    torch.manual_seed(0)
+    dge = {f"dge_rho{r}": build(SWIN, r) for r in SWIN_RHOS}
+    ref = next(iter(dge.values()))
+    models: dict[str, torch.nn.Module] = {"timm": ref.build_base().eval(), **dge}
+    x = protocol.random_batch(tuple(ref.anatomy.img_size), cfg["batch"])
+    gmacs = {name: gmacs_check(m, x[:8], cfg["count_images"]) for name, m in dge.items()}
+    speed = {f"cpu_{what}": protocol.measure(models, batch, warmup=cfg[f"{pre}warmup"], reps=cfg[f"{pre}reps"],
+                                             threads=threads, mode=what, reference="timm")
+             for what, batch, pre in (("throughput", x, ""), ("latency", x[:1], "latency_"))}
+    uptime.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    entry = {"arch": SWIN, "img_size": list(ref.anatomy.img_size), "base_gmacs": ref.base_gmacs,
+             "level_ratios": ref.level_ratios(), "gmacs": gmacs, "speed": speed}
+    res = {"threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (unset)"),
+           "settings": cfg, "machine": machine_block(), "archs": {SWIN: entry}}
+    rows = []
+    for name, g in gmacs.items():
+        rows += protocol.result_row(speed, name, method="dge", backbone=SWIN,
+                                    setting=f"rho={g['expected_ratio']:.2g}, {threads} thread(s)",
+                                    gmacs=g["reported_mean"], base_gmacs=ref.base_gmacs,
+                                    notes="random weights; gates forced at random per image and region; "
+                                          "measured under load (see uptime)")
+    result = {"name": "dge_swin", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_block(),
+              "uptime": uptime,
+              "note": "CPU shared with other jobs while measuring (uptime before and after): numbers under load; "
+                      "models timed side by side in interleaved rounds",
+              "summary": summary(res), "runs": {f"threads{threads}": res}, "rows": rows}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "dge_swin_speed.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def _write(runs: dict[str, Any], quick: bool, out_dir: Path) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for res in runs.values():
@@ -278,7 +323,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure two threads with OpenMP's default wait policy (10-15 more minutes)")
     parser.add_argument("--update", choices=ARCHS, default=None,
                         help="re-measure only this architecture (every run) and merge it into dge_speed.json")
+    parser.add_argument("--swin", action="store_true", help="measure Swin-T at 224 px alone (dge_swin_speed.json)")
     args = parser.parse_args(argv)
+    if args.swin:
+        out = args.out or (REPO / "benchmarks" / "results")
+        print(json.dumps(run_swin(out)["summary"], indent=1))
+        return 0
     if args.worker is not None:
         result = measure(args.quick, args.threads, archs=tuple(args.archs), with_gmacs=not args.no_gmacs)
         args.worker.write_text(json.dumps(result))

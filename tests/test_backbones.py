@@ -89,10 +89,39 @@ def test_pvt_v2_conv_mlp_is_the_module() -> None:
 
 def test_families_that_have_no_query_seam_say_so() -> None:
     model, _, _ = tiny_model("swin")
-    with pytest.raises(AnatomyError, match="Swin attention cannot run queries apart from keys"):
-        FAMILIES["swin"].query_attention(model.get_submodule("layers.0.blocks.0.attn"), "swin block")
     with pytest.raises(AnatomyError, match="fused qkv"):
         FAMILIES["vit"].query_attention(model.get_submodule("layers.0.blocks.0.attn"), "not a ViT attention")
+    with pytest.raises(AnatomyError, match="needs Swin window attention"):
+        FAMILIES["swin"].query_attention(model.get_submodule("layers.0.blocks.0.mlp"), "not a Swin attention")
+    vit, _, _ = tiny_model("vit")
+    assert FAMILIES["vit"].windows(vit.blocks[0]) is None
+
+
+def test_swin_block_as_a_batch_of_windows_is_the_block() -> None:
+    """Partition, the query seam with each position's own bias row and mask, reverse: timm's shifted block."""
+    model, _, _ = tiny_model("swin")
+    blk = model.layers[1].blocks[1]  # 8x8 map, 4x4 windows shifted by 2
+    view = FAMILIES["swin"].windows(blk)
+    seam = FAMILIES["swin"].query_attention(blk.attn, "swin block")
+    x = torch.randn(2, 8, 8, blk.norm1.normalized_shape[0])
+    w = view.partition(x)
+    assert w.shape == (8, 16, x.shape[-1]) and torch.equal(view.reverse(w, (8, 8)), x)
+    bias, whole = view.bias(torch.eye(16), (8, 8))
+    assert bias.shape == (4, blk.attn.num_heads, 16, 16) and whole.all()
+    xn = blk.norm1(w)
+    k, v = seam.keys_values(xn, (4, 4))
+    q = seam.queries(xn).view(8, 16, blk.attn.num_heads, -1).transpose(1, 2)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.repeat(2, 1, 1, 1))
+    a = view.reverse(seam.output(o.transpose(1, 2).reshape(8, 16, -1), xn), (8, 8))
+    torch.testing.assert_close(a, blk._attn(blk.norm1(x)), atol=1e-5, rtol=0)
+    # one row standing for a window's whole first row of positions: the mean of their bias rows, and it straddles
+    # the masked regions of the windows the shift cuts (all but the first)
+    members = torch.zeros(1, 16)
+    members[0, :4] = 1
+    bias, whole = view.bias(members, (8, 8))
+    rel = blk.attn._get_rel_pos_bias()[0]
+    torch.testing.assert_close(bias[0, :, 0], rel[:, :4].mean(1))
+    assert whole.flatten().tolist() == [True, False, True, False]
 
 
 def test_block_grids() -> None:

@@ -32,7 +32,7 @@ EXTRA_MODELS = {
                                        num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))),
 }
 MODELS = {**TINY_MODELS, **EXTRA_MODELS}
-DGE_KEYS = ["vit", "deit", "deit_distilled", "deit3", "pvt_v2", "deit_10x10", "pvt_v2_56", "pvt_v2_li"]
+DGE_KEYS = ["vit", "deit", "deit_distilled", "deit3", "pvt_v2", "deit_10x10", "pvt_v2_56", "pvt_v2_li", "swin"]
 
 
 def convert(key: str, overrides: list[str] | None = None, seed: int = 0, recipe: str = "dge",
@@ -157,16 +157,124 @@ def test_pvt_depthwise_conv_must_be_3x3() -> None:
         convert_module(base, spec, vitconvert.load_recipe("dge"))
 
 
-def test_swin_is_refused() -> None:
+def _level_on(block: int, level: int) -> GateOverride:
+    """Gates: ``level`` in every region of dynamic block ``block``, the finest elsewhere."""
+    return lambda i, b, r, dev: torch.full((b, r), level if i == block else 0, dtype=torch.long, device=dev)
+
+
+def _swin_block_reference(blk: torch.nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
+    """Swin's (shifted) window block with one query per ``size`` x ``size`` cell of every window, written out from
+    timm's parts: the query is the cell's mean token, its bias row the mean of the cell's rows of the relative
+    position bias plus the cell's row of the shift mask; the query's update is added to every token of its cell."""
+    b, h, w, c = x.shape
+    ws, (sh, sw) = blk.window_size[0], blk.shift_size
+    attn = blk.attn
+    xr = torch.roll(x, (-sh, -sw), (1, 2))
+    win = xr.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, c)
+    n, m = ws * ws, (ws // size) ** 2
+    cells = win.view(-1, ws // size, size, ws // size, size, c).mean((2, 4)).reshape(-1, m, c)
+    d = attn.qkv.out_features // 3
+    q = torch.nn.functional.linear(blk.norm1(cells), attn.qkv.weight[:d], attn.qkv.bias[:d])
+    kv = torch.nn.functional.linear(blk.norm1(win.reshape(-1, n, c)), attn.qkv.weight[d:], attn.qkv.bias[d:])
+    heads = attn.num_heads
+    k, v = kv.view(-1, n, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
+    q = q.view(-1, m, heads, d // heads).transpose(1, 2)
+    # cell of each window position, in the window's raster order
+    pos = torch.arange(n)
+    cell = (pos // ws // size) * (ws // size) + (pos % ws) // size
+    member = torch.nn.functional.one_hot(cell, m).t().float()  # (m, n)
+    rel = attn._get_rel_pos_bias()[0]  # (heads, n, n)
+    bias = (member / member.sum(1, keepdim=True)) @ rel  # (heads, m, n)
+    logits = (q * attn.scale) @ k.transpose(-2, -1) + bias
+    if blk.attn_mask is not None:
+        first = member.argmax(1)
+        logits = (logits.view(b, -1, heads, m, n) + blk.attn_mask[:, first].unsqueeze(1)).view(-1, heads, m, n)
+    o = (logits.softmax(-1) @ v).transpose(1, 2).reshape(-1, m, d)
+    a = attn.proj(o)
+    upd = a + blk.mlp(blk.norm2(cells + a))  # (windows, m, c)
+    upd = upd[:, cell].view(-1, ws, ws, c)
+    upd = upd.view(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+    return x + torch.roll(upd, (sh, sw), (1, 2))
+
+
+@pytest.mark.parametrize("path", ["layers.1.blocks.0", "layers.1.blocks.1"])  # plain and shifted windows
+@pytest.mark.parametrize("execution", ["sparse", "dense", "auto"])
+def test_swin_coarse_queries_are_windows_cells_with_mean_bias_rows(path: str, execution: str) -> None:
+    """Every path of a Swin block at one coarser level = the block written out from timm's parts."""
+    model = convert("swin", execution=execution)
+    blk = model.base.get_submodule(path)
+    assert isinstance(blk, DGEBlock) and blk._orig.window_size == (4, 4)
+    assert blk._orig.shift_size == ((2, 2) if path.endswith("1") else (0, 0))
+    seen = {}
+    handle = blk.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], out=out))
+    model.override_gates(_level_on(blk.index, 1))  # 2x2 cells: aligned with the shifted windows' masked regions
+    with torch.no_grad():
+        model.forward_dynamic(images(model, 3))
+        ref = _swin_block_reference(blk._orig, seen["x"], 2)
+    handle.remove()
+    assert (seen["out"] - ref).abs().max().item() <= 1e-5
+    assert (seen["out"] - blk._orig(seen["x"])).abs().max().item() > 1e-3  # really coarser
+
+
+def test_swin_levels_that_straddle_a_shift_mask_are_never_taken() -> None:
+    """4x4 windows shifted by 2: one query per window would mix masked regions in every window of the last window
+    row and column (in the shifted frame), so those stay at 2x2 cells; the plain block takes it everywhere."""
+    model = convert("swin")
+    randomize_routers(model)
+    shifted, plain = (model.base.get_submodule(f"layers.1.blocks.{i}").index for i in (1, 0))
+    model.override_gates(lambda i, b, r, dev: torch.full((b, r), 2, dtype=torch.long, device=dev))
+    x = images(model, 2)
+    with torch.no_grad():
+        out = model.forward_dynamic(x)
+    assert out.extras[f"granularity.{shifted}"][0].tolist() == [[2, 1], [1, 1]]
+    assert out.extras[f"granularity.{plain}"].unique().tolist() == [2]
+    model.override_gates(None)
+    for coarsening in (0.9, 1.0):  # the routers and the knob's all-coarsest level obey the same bound
+        model.coarsening = coarsening
+        with torch.no_grad():
+            out = model.forward_dynamic(x)
+        assert (out.extras[f"granularity.{shifted}"][:, 1].max() <= 1) and (
+            out.extras[f"granularity.{shifted}"][:, :, 1].max() <= 1)
+    model.train()
+    for _ in range(3):  # training draws only allowed levels: rho counts what inference runs
+        model.forward_train(x)["rho"].backward()
+
+
+def test_swin_maps_not_cut_into_whole_windows_are_refused() -> None:
     arch, kwargs = TINY_MODELS["swin"]
-    with pytest.raises(UserError, match="supports ViT/DeiT, PVT-v2"):
-        vitconvert.apply(arch, "dge", model_kwargs=kwargs, pretrained=False)
+    with pytest.raises(UserError, match="10x10 map is not cut into whole 4x4 windows"):
+        vitconvert.apply(arch, "dge", model_kwargs={**kwargs, "img_size": 40}, pretrained=False)
+
+
+@pytest.mark.slow
+def test_swin_tiny_at_224_is_exact_and_round_trips(tmp_path) -> None:
+    """timm's Swin-T: 7x7 windows, each cut into 4x4, 4x3, 3x4 and 3x3 regions (region_size 4) whose 2x2 and 4x4
+    sub-patches align with the shifted windows' masked regions (7 - 3 = 4)."""
+    torch.manual_seed(0)
+    model = vitconvert.apply("swin_tiny_patch4_window7_224", "dge", pretrained=False)
+    base = model.build_base()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref = base(x)
+        assert (model.forward_dynamic(x).logits - ref).abs().max() <= 1e-4  # coarsening 0.5, fresh routers: finest
+        model.override_gates(lambda i, b, r, dev: torch.zeros(b, r, dtype=torch.long, device=dev))
+        assert (model.forward_at_point(x).logits - ref).abs().max() <= 1e-4  # the DGE blocks at the finest
+        model.override_gates(None)
+        model.coarsening = 1.0
+        coarse = model.forward_dynamic(x)
+        assert (coarse.extras["granularity.1"] == 2).all()  # 7 - 3 = 4: no straddling level on Swin-T
+        assert float(coarse.gmacs[0]) < 0.5 * model.base_gmacs
+        path = vitconvert.save(model, tmp_path / "m")
+        loaded = vitconvert.load(path)
+        assert torch.equal(loaded.forward_dynamic(x).logits, coarse.logits)
+        via_timm = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+        assert torch.equal(via_timm(x), coarse.logits)
 
 
 # --- sparse inference --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["deit_distilled", "deit_10x10", "pvt_v2", "pvt_v2_56"])
+@pytest.mark.parametrize("key", ["deit_distilled", "deit_10x10", "pvt_v2", "pvt_v2_56", "swin"])
 def test_sparse_inference_equals_dense_training_path(key: str) -> None:
     """Real sparse computation (both layouts) = the paper's dense path combined with the same one-hot gates."""
     outs = {}
@@ -334,7 +442,7 @@ def test_sparse_path_changes_output_with_coarse_gates() -> None:
     assert torch.equal(out.extras["queries"], torch.full((2, 4), 5.0))
 
 
-@pytest.mark.parametrize("key", ["deit", "deit3", "deit_10x10", "pvt_v2", "pvt_v2_56", "pvt_v2_li"])
+@pytest.mark.parametrize("key", ["deit", "deit3", "deit_10x10", "pvt_v2", "pvt_v2_56", "pvt_v2_li", "swin"])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_gmacs_match_counted_macs(key: str, layout: str) -> None:
     """Reported per-image GMACs = count_macs of a forward on that image alone (trained-like routers)."""
@@ -499,7 +607,7 @@ def test_routers_learn_at_their_own_rate() -> None:
 # --- saving ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["deit_distilled", "pvt_v2"])
+@pytest.mark.parametrize("key", ["deit_distilled", "pvt_v2", "swin"])
 def test_save_load_round_trip(key: str, tmp_path) -> None:
     model = convert(key)
     randomize_routers(model)
@@ -619,6 +727,20 @@ def test_plot_granularity_writes_png(tmp_path) -> None:
         plot_granularity(model, images(model, 1), tmp_path / "x.png", block=99)
 
 
+def test_swin_granularity_map_is_in_the_map_frame_and_plots(tmp_path) -> None:
+    model = convert("swin")
+    blk = model.base.get_submodule("layers.1.blocks.1")  # 8x8 map, 4x4 windows shifted by 2
+    model.override_gates(lambda i, b, r, dev: torch.full((b, r), 2, dtype=torch.long, device=dev))
+    with torch.no_grad():
+        out = model.forward_dynamic(images(model, 2))
+    sides = blk.token_sizes(out.extras[f"granularity.{blk.index}"], (8, 8))
+    shifted = torch.full((8, 8), 2)
+    shifted[:4, :4] = 4  # in the shifted frame only the first window takes one query for all its tokens
+    assert torch.equal(sides[0], torch.roll(shifted, (2, 2), (0, 1)))
+    path = plot_granularity(model, images(model, 2), tmp_path / "g.png", block=blk.index)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_tiny_model_helper_matches() -> None:
     # guard: the test models above are the shared tiny ones
     m, arch, _ = tiny_model("deit")
@@ -665,7 +787,7 @@ def paths_agree(model: DGE, x: torch.Tensor, gates: GateOverride, execution: str
     return tuple(outs)
 
 
-@pytest.mark.parametrize("key", ["deit_distilled", "deit_10x10", "pvt_v2_56", "pvt_v2_li"])
+@pytest.mark.parametrize("key", ["deit_distilled", "deit_10x10", "pvt_v2_56", "pvt_v2_li", "swin"])
 def test_dense_execution_equals_sparse(key: str) -> None:
     """Every token a query row (coarse queries repeated over their sub-patch; PVT-v2's convolution at each
     level's scale from the token map) gives the sparse path's logits and GMACs, with and without autograd."""
@@ -728,7 +850,7 @@ def one_level_per_image(block: int, batch: int, regions: int, device: torch.devi
     return levels[:batch].view(-1, 1).expand(batch, regions).to(device)
 
 
-@pytest.mark.parametrize("key", ["deit_distilled", "pvt_v2_56"])
+@pytest.mark.parametrize("key", ["deit_distilled", "pvt_v2_56", "swin"])
 def test_auto_splits_batches_whose_images_take_one_level_each(key: str) -> None:
     """Where each image's regions share one level, auto runs the block as one dense batch per level (the finest
     images through the base block, the others with their level's whole cell map as queries): the sparse path's
@@ -765,7 +887,7 @@ def no_middle_level(block: int, batch: int, regions: int, device: torch.device) 
     return mixed_levels(block, batch, regions, device).clamp(max=1) * 2
 
 
-@pytest.mark.parametrize("key", ["deit_distilled", "deit_10x10", "pvt_v2_56", "pvt_v2_li"])
+@pytest.mark.parametrize("key", ["deit_distilled", "deit_10x10", "pvt_v2_56", "pvt_v2_li", "swin"])
 def test_traceable_path_equals_every_eager_path(key: str) -> None:
     """The exported graph's one structure (every image's queries padded to the batch's largest count) gives what
     each eager path gives, for any mix of levels: mixed, one level per image (eager: split), all finest (eager: the

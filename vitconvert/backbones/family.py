@@ -11,6 +11,8 @@ methods need to know about its models:
 * **attention as a seam**: :meth:`Family.query_attention` reads a block's attention module as queries from some
   rows and keys and values from all tokens (a fused qkv projection; PVT-v2's spatial-reduction keys and values),
   with the MACs of each part (:class:`QueryAttention`);
+* **windows**: a block whose attention runs inside windows of its map, read as a batch of windows with the keys of
+  each window and an additive bias per (query, key) pair (:meth:`Family.windows`, :class:`WindowView`: Swin);
 * **the MLP**: its depthwise convolution, if it has one (:meth:`Family.mlp_conv`, PVT-v2);
 * **resolution**: running a model at another input size (:meth:`Family.set_input_size`: position embeddings
   resampled, Swin's windows kept or fitted to the new maps) and the input sizes that keep whole maps
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 from vitconvert.anatomy import Anatomy
-from vitconvert.errors import AnatomyError
+from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.costs import norm_macs
 
 
@@ -97,6 +99,60 @@ class QueryAttention(abc.ABC):
         """MACs of the keys and values of ``tokens`` tokens on ``grid`` (pooling and its norm included)."""
 
 
+class WindowView(abc.ABC):
+    """A block whose attention runs inside windows of its ``(B, H, W, C)`` map, seen as a batch of windows: every
+    window a short token sequence whose queries attend only to that window's keys, plus an additive bias per
+    (query position, key position) (Swin's relative position bias and its shifted windows' mask).
+
+    Everything else in such a block (norms, MLP, residual adds) works per token, so the block is the same computation
+    on :meth:`partition`'s windows as on the map, and a method that selects or pools query rows can work on the
+    windows as on short images. Not a module: it holds a reference to the block.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    @abc.abstractmethod
+    def window(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """The window (rows, columns of tokens) the block uses on an ``hw`` map."""
+
+    def windows(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """Windows per image along each axis on an ``hw`` map (whole windows: see :meth:`check`)."""
+        w = self.window(hw)
+        return hw[0] // w[0], hw[1] // w[1]
+
+    def check(self, hw: tuple[int, int], where: str) -> None:
+        """Raise a UserError unless ``hw`` is cut into whole windows (a padded window's keys hold padding)."""
+        w = self.window(hw)
+        if hw[0] % w[0] or hw[1] % w[1]:
+            raise UserError(f"{where}: the {hw[0]}x{hw[1]} map is not cut into whole {w[0]}x{w[1]} windows (timm pads "
+                            "it, and padded keys are not tokens); choose an input size whose maps the windows divide")
+
+    @abc.abstractmethod
+    def partition(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) map -> (B * windows, window tokens, C), image after image, windows in raster order."""
+
+    @abc.abstractmethod
+    def reverse(self, t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """:meth:`partition` undone: (B * windows, window tokens, C) -> (B, H, W, C)."""
+
+    @abc.abstractmethod
+    def bias(self, members: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Additive attention biases of query rows that stand for groups of a window's positions.
+
+        Args:
+            members: (T, N) float, row t marking the window positions query row t stands for (one position: a
+                token's own query; several: a pooled query).
+            hw: The map.
+
+        Returns:
+            ``bias`` (windows or 1, heads, T, N): each row's bias against each key, the mean of its positions' rows
+            (exact for a single position), plus the mask of the window, and ``whole`` (windows or 1, T) bool: the
+            rows whose positions lie in one masked region of the window, the only ones a method may create (the
+            mask of a row that straddles regions is no single row of the mask).
+        """
+
+
 @dataclass(frozen=True)
 class ConvMlp:
     """An MLP with a depthwise convolution over the token map between its two linear layers (PVT-v2):
@@ -135,6 +191,11 @@ class Family(abc.ABC):
         """``attn`` read as a :class:`QueryAttention`; an AnatomyError when this family's attention has no such seam."""
         raise AnatomyError(f"{where}: {self.description} attention cannot run queries apart from keys "
                            f"(found {type(attn).__name__})")
+
+    def windows(self, block: nn.Module) -> WindowView | None:
+        """The block read as a batch of windows (:class:`WindowView`) when its attention runs inside windows of its
+        map; None for attention over the whole grid."""
+        return None
 
     def mlp_conv(self, mlp: nn.Module, where: str) -> ConvMlp | None:
         """The MLP's parts when it holds a depthwise convolution over the token map; None for a per-token MLP."""

@@ -1,9 +1,11 @@
 """Swin Transformer v1 (timm ``swin_transformer``): stages of (shifted) window attention blocks with a relative
 position bias over ``(B, H, W, C)`` maps, patch merging between stages.
 
-Said once here for every method: the windows and shifts of each stage (``extras``), and how a Swin model runs at
+Said once here for every method: the windows and shifts of each stage (``extras``), how a Swin model runs at
 another input size, keeping its windows (and so its relative-position tables) or fitting them to the new maps
-(:meth:`Swin.set_input_size`).
+(:meth:`Swin.set_input_size`), and a block read as a batch of windows (:class:`SwinWindows`): the cyclic shift and
+window partition, queries apart from keys inside each window (:class:`WindowQueryAttention`), and the relative
+position bias and shift mask of query rows that stand for several positions.
 """
 
 from __future__ import annotations
@@ -12,11 +14,103 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitconvert.anatomy import Anatomy
-from vitconvert.backbones.family import Family, total_stride
-from vitconvert.errors import UserError
+from vitconvert.backbones.family import Family, QueryAttention, WindowView, total_stride
+from vitconvert.errors import AnatomyError, UserError
+from vitconvert.layers.costs import attention_macs, linear_macs
+
+
+class WindowQueryAttention(QueryAttention):
+    """timm's ``WindowAttention`` on the tokens of windows (a batch of windows, :class:`SwinWindows`): the query rows
+    of the fused ``qkv`` weight project the queries, the rest the keys and values of every token of the window. The
+    relative position bias and the shift mask are not here: they depend on which positions a query stands for
+    (:meth:`SwinWindows.bias`)."""
+
+    @property
+    def width(self) -> int:
+        return int(self.attn.qkv.in_features)
+
+    @property
+    def dim(self) -> int:
+        return int(self.attn.qkv.out_features // 3)
+
+    def queries(self, qn: torch.Tensor) -> torch.Tensor:
+        w, b, d = self.attn.qkv.weight, self.attn.qkv.bias, self.dim
+        return F.linear(qn, w[:d], b[:d] if b is not None else None)
+
+    def keys_values(self, xn: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        attn, d = self.attn, self.dim
+        b, n, _ = xn.shape
+        w, bias = attn.qkv.weight, attn.qkv.bias
+        kv = F.linear(xn, w[d:], bias[d:] if bias is not None else None)
+        k, v = kv.view(b, n, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def output(self, o: torch.Tensor, qn: torch.Tensor) -> torch.Tensor:
+        return self.attn.proj_drop(self.attn.proj(o))
+
+    def key_tokens(self, tokens: int, grid: tuple[int, int]) -> int:
+        return tokens
+
+    def query_macs(self, keys: int) -> float:
+        c, d = self.width, self.dim
+        return linear_macs(1, c, d) + attention_macs(1, keys, d, d) + linear_macs(1, d, c)
+
+    def kv_macs(self, tokens: int, grid: tuple[int, int]) -> float:
+        return linear_macs(tokens, self.width, 2 * self.dim)
+
+
+class SwinWindows(WindowView):
+    """A ``SwinTransformerBlock`` as a batch of windows: the map rolled by the block's shift, cut into its windows
+    (timm's ``window_partition`` order), and back. The bias of a query row is the mean of its positions' rows of the
+    relative position bias (the principled choice: exact for one position), plus the shift mask's row of its
+    positions, which a row may only take when all its positions lie in one masked region (:meth:`bias` says which)."""
+
+    def window(self, hw: tuple[int, int]) -> tuple[int, int]:
+        return _pair(self.block.window_size)
+
+    def _shift(self) -> tuple[int, int]:
+        return _pair(self.block.shift_size)
+
+    def partition(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        sh, sw = self._shift()
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        wh, ww = self.window((h, w))
+        return x.view(b, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, c)
+
+    def reverse(self, t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        h, w = hw
+        wh, ww = self.window(hw)
+        c = t.shape[-1]
+        x = t.view(-1, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+        sh, sw = self._shift()
+        return torch.roll(x, shifts=(sh, sw), dims=(1, 2)) if sh or sw else x
+
+    def bias(self, members: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        # Sums by index_add, not products with ``members``: bookkeeping, not matrix products the MAC count would see.
+        block, attn = self.block, self.block.attn
+        rel = attn._get_rel_pos_bias()[0]  # (heads, N, N)
+        row, pos = members.nonzero().unbind(1)  # every (query row, position) pair
+        sums = rel.new_zeros(rel.shape[0], members.shape[0], rel.shape[2]).index_add(1, row, rel.index_select(1, pos))
+        bias = (sums / members.sum(1).to(rel.dtype).view(1, -1, 1)).unsqueeze(0)  # (1, heads, T, N): the mean
+        if getattr(block, "dynamic_mask", False):
+            mask = block.get_attn_mask(torch.empty(1, hw[0], hw[1], 1, device=rel.device, dtype=rel.dtype))
+        else:
+            mask = block.attn_mask
+        if mask is None:
+            return bias, torch.ones(1, members.shape[0], dtype=torch.bool, device=members.device)
+        mask = mask.to(device=rel.device, dtype=rel.dtype)  # (windows, N, N): 0 inside a region, -100 across
+        first = members.argmax(1)  # a position of each row (the first)
+        # A position's mask row says which region it lies in: a row stands for one region when all its positions'
+        # mask rows equal its first position's.
+        differs = (mask.index_select(1, pos) != mask.index_select(1, first[row])).any(-1)  # (windows, pairs)
+        straddles = differs.new_zeros(mask.shape[0], members.shape[0]).index_add(1, row, differs)
+        return bias + mask.index_select(1, first).unsqueeze(1), straddles == 0
 
 
 class Swin(Family):
@@ -47,6 +141,16 @@ class Swin(Family):
                    default: tuple[int, int] | None) -> tuple[int, int]:
         """The map the block runs on: its input is (B, H, W, C)."""
         return int(x.shape[1]), int(x.shape[2])
+
+    def query_attention(self, attn: nn.Module, where: str) -> QueryAttention:
+        if not (isinstance(getattr(attn, "qkv", None), nn.Linear) and isinstance(getattr(attn, "proj", None), nn.Linear)
+                and hasattr(attn, "relative_position_bias_table")):
+            raise AnatomyError(f"{where}: needs Swin window attention with qkv and proj Linear layers and a relative "
+                               f"position bias (found {type(attn).__name__})")
+        return WindowQueryAttention(attn)
+
+    def windows(self, block: nn.Module) -> WindowView | None:
+        return SwinWindows(block) if hasattr(block, "window_size") and hasattr(block, "shift_size") else None
 
     def set_input_size(self, model: nn.Module, size: tuple[int, int], anatomy: Anatomy,
                        keep_windows: bool = True) -> dict[str, Any]:

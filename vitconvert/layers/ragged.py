@@ -60,6 +60,7 @@ class PackedQueries:
         self.sizes = sizes
         self.gates = gates
         self.widths = [e - s for s, e in itertools.pairwise(bounds)]
+        self.bounds = bounds
         self.src = [g.flatten().nonzero().squeeze(1) for g in groups]
         n = [s.numel() for s in self.src]
         self.offsets = [0, *itertools.accumulate(n)]
@@ -98,16 +99,23 @@ class PackedQueries:
                 torch.index_select(table.reshape(-1, c), 0, src, out=out[s:e])
         return out
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-        """(M, D) queries against per-image (B, h, Nk, d) keys/values -> (M, D)."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """(M, D) queries against per-image (B, h, Nk, d) keys/values -> (M, D); ``bias`` per padded slot
+        (:meth:`slot_cands`)."""
         d = q.shape[-1]
         padded = q.index_select(0, self.pad_src).view(self.batch, self.length, d)
-        o = attend_batched(padded, k, v, dropout)
+        o = attend_batched(padded, k, v, dropout, bias)
         return o.reshape(-1, d).index_select(0, self.unpad)
 
     def to_tokens(self, t: torch.Tensor) -> torch.Tensor:
         """Per-query rows -> (B, N, D): every token takes the row of the query covering it."""
         return t.index_select(0, self.tok_rows.flatten()).view(self.batch, -1, t.shape[-1])
+
+    def slot_cands(self) -> torch.Tensor:
+        """(B, L) the candidate each slot of the padded attention core holds (padding: some real candidate)."""
+        rows = torch.cat([s % w + b for s, w, b in zip(self.src, self.widths, self.bounds, strict=False)])
+        return rows.index_select(0, self.pad_src).view(self.batch, self.length)
 
     def level_rows(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows of the group-``k`` queries, their image and their column inside the group."""
@@ -156,8 +164,9 @@ class PaddedQueries:
         table = torch.cat([full, *(pooled[p] for p in self.sizes[1:])], dim=1)
         return table.gather(1, self.idx.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-        return attend_batched(q, k, v, dropout)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        return attend_batched(q, k, v, dropout, bias)
 
     def to_tokens(self, t: torch.Tensor) -> torch.Tensor:
         """(B, L, D) per-query rows -> (B, N, D)."""
@@ -196,8 +205,9 @@ class TracedQueries:
         """(B, T, C) every candidate's row (the full-resolution map, then each level's pooled table) -> (B, L, C)."""
         return table.gather(1, self.idx.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-        return attend_batched(q, k, v, dropout)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        return attend_batched(q, k, v, dropout, bias)
 
     def to_tokens(self, t: torch.Tensor) -> torch.Tensor:
         """(B, L, D) per-query rows -> (B, N, D): every token takes the row of the query covering it."""
@@ -213,8 +223,9 @@ class AllQueries:
     def gather(self, full: torch.Tensor, pooled: dict[int, torch.Tensor]) -> torch.Tensor:
         return torch.cat([full, *(pooled[p] for p in self.sizes[1:])], dim=1)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-        return attend_batched(q, k, v, dropout)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        return attend_batched(q, k, v, dropout, bias)
 
 
 class TokenQueries:
@@ -241,6 +252,7 @@ class TokenQueries:
         self.nq = qsel.sum(1)
         self.gates = gates
         self.sizes = sizes
+        self.tok_src = tok_src
         self.batch, self.tokens = tok_src.shape
         self.unique_rows: torch.Tensor | None = None
         self.unique_of: torch.Tensor | None = None
@@ -286,8 +298,9 @@ class TokenQueries:
                 out.view(-1, c).index_copy_(0, self.coarse_rows, rows)
         return out
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-        return attend_batched(q, k, v, dropout)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        return attend_batched(q, k, v, dropout, bias)
 
     def to_tokens(self, t: torch.Tensor) -> torch.Tensor:
         return t
@@ -308,36 +321,52 @@ class UniformQueries:
     cell map, (B, P + n_k, C) taken as they are from the pooled table (no gathers, no padding: a dense batch at
     the level's resolution); every token takes the row of its cell."""
 
-    def __init__(self, prefix: int, size: int, tok_index: torch.Tensor, gates: torch.Tensor) -> None:
+    def __init__(self, prefix: int, size: int, tok_index: torch.Tensor, gates: torch.Tensor,
+                 cands: torch.Tensor | None = None) -> None:
         """
         Args:
             prefix: Prefix tokens (always queries at full granularity).
             size: Sub-patch side of the level.
             tok_index: (P + HW,) the query row covering each token (prefix first).
             gates: (B, R) level of each region (the same in every region of an image).
+            cands: (P + n_k,) the candidate of each query row (for per-candidate attention biases).
         """
+        self.cands = cands
         self.prefix = prefix
         self.size = size
         self.tok_index = tok_index
         self.gates = gates
 
     def gather(self, full: torch.Tensor, pooled: dict[int, torch.Tensor]) -> torch.Tensor:
+        if self.size == 1:  # the finest level: the tokens themselves
+            return full
         cells = pooled[self.size]
         return torch.cat([full[:, :self.prefix], cells], dim=1) if self.prefix else cells
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-        return attend_batched(q, k, v, dropout)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        return attend_batched(q, k, v, dropout, bias)
 
     def to_tokens(self, t: torch.Tensor) -> torch.Tensor:
         """(B, P + n_k, D) query rows -> (B, P + HW, D)."""
         return t.index_select(1, self.tok_index)
 
 
-def attend_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-    """(B, L, D) queries against (B, h, Nk, d) keys/values -> (B, L, D)."""
+def attend_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L, D) queries against (B, h, Nk, d) keys/values -> (B, L, D); ``bias`` (broadcast to (B, h, L, Nk)) is
+    added to the attention logits (Swin's relative position bias and shift mask)."""
     b, length, d = q.shape
     qh = q.view(b, length, k.shape[1], -1).transpose(1, 2)
-    return F.scaled_dot_product_attention(qh, k, v, dropout_p=dropout).transpose(1, 2).reshape(b, length, d)
+    if bias is not None and bias.dtype != qh.dtype:  # under autocast the projections' dtype, not the table's
+        bias = bias.to(qh.dtype)
+    o = F.scaled_dot_product_attention(qh, k, v, attn_mask=bias, dropout_p=dropout).transpose(1, 2)
+    if bias is not None and torch.compiler.is_exporting():
+        # A run-time query count and a mask: the exporter records the reshape below as a view of the fused kernel's
+        # layout, then decomposes the kernel into one with another layout; a copy in (B, L, heads, d) keeps it a
+        # view (as :func:`vitconvert.layers.seams.sdpa_with_bias` does).
+        o = o.clone(memory_format=torch.contiguous_format)
+    return o.reshape(b, length, d)
 
 
 QuerySelection = PackedQueries | PaddedQueries | AllQueries | TokenQueries | UniformQueries | TracedQueries

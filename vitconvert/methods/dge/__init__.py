@@ -1,6 +1,6 @@
 """DGE: Dynamic Grained Encoder (Song et al., NeurIPS 2021, arXiv 2301.03831; code StevenGrove/vtpack).
 
-Converted from a pretrained ViT/DeiT (any prefix tokens) or PVT-v2. Every block of the dynamic stages
+Converted from a pretrained ViT/DeiT (any prefix tokens), PVT-v2 or Swin. Every block of the dynamic stages
 keeps its keys and values dense but computes its queries at a granularity chosen per region:
 
 * **Router** (one per block, ``routers.<block index>``): the block input (patch tokens, before ``norm1``)
@@ -65,6 +65,16 @@ granularity this is timm's MLP (exactness); with one granularity everywhere it e
 convolution averaged over each sub-patch; next to finer regions a coarse query sees its neighbours' cell
 averages instead of their border tokens (the training path computes the same thing, so nothing is learned
 for a different model). The convolution's MACs are counted per image as that image alone would run them.
+
+**Swin** (a family whose blocks attend inside windows, :class:`~vitconvert.backbones.family.WindowView`): every
+path runs on the block's windows as a batch of short images (the map rolled by the shift and partitioned; the
+output reversed, so patch merging gets the fine-grid map with every token holding its query's update). Regions
+are cut inside each window, keys and values are the window's tokens, and a coarse query's bias is the mean of its
+positions' relative-position-bias rows (exact for one position) plus their common row of the shift mask; a level
+whose sub-patches would straddle a shifted window's masked regions is never taken there (router logits masked,
+the knob's and overrides' levels capped). Maps the windows do not cut whole are refused. Gates, queries and
+``gmacs`` are reported per image; ``gmacs`` also counts the attention core's padding slots (every window of an
+image as long as its fullest).
 
 **How it fits the fx anatomy.** :func:`vitconvert.read_anatomy` names the blocks, their stage and grid,
 ``norm1``/``norm2``, the attention and MLP modules and the prefix-token count. Each dynamic block is then

@@ -6,7 +6,13 @@ change). Per batch it runs one of four paths (see :mod:`vitconvert.methods.dge`)
 (the selected queries gathered, :mod:`vitconvert.layers.ragged`), *dense* (every token a query row holding its
 query's state) or *split* (a dense batch per level); training runs the paper's dense path with straight-through
 Gumbel gates. What depends on the family (the grid of a call, queries apart from keys and values, a convolution in
-the MLP) comes from the block's :class:`~vitconvert.backbones.family.Family`.
+the MLP, attention inside windows) comes from the block's :class:`~vitconvert.backbones.family.Family`.
+
+A block whose attention runs inside windows of its map (Swin, :class:`~vitconvert.backbones.family.WindowView`)
+runs every path on its windows as a batch of short images: regions and routers per window (or per part of one),
+keys and values of each window at full resolution, every query row with the bias of the positions it stands for
+(:class:`WindowCall`); levels whose sub-patches would straddle a shifted window's masked regions are never chosen
+in the regions where they would.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitconvert.backbones.family import ConvMlp, Family, QueryAttention
+from vitconvert.backbones.family import ConvMlp, Family, QueryAttention, WindowView
 from vitconvert.errors import AnatomyError
 from vitconvert.layers.ragged import (
     AllQueries,
@@ -49,7 +55,9 @@ class Record:
     nq: torch.Tensor  # (B,)
     gates: torch.Tensor | None  # (B, Rh, Rw) granularity index (inference)
     router_ran: bool
-    conv_macs: torch.Tensor | None = None  # (B,) PVT-v2: MACs of the depthwise convolution on this path
+    # (B,) MACs besides fixed + per_query * nq: PVT-v2's depthwise convolution on this path; with windows, the
+    # attention core's padding slots (every window of an image as long as its fullest)
+    conv_macs: torch.Tensor | None = None
     path: str = "sparse"  # how it ran (inference): sparse, dense (every token a row), split (by level) or base
 
 
@@ -124,6 +132,39 @@ class Context:
 
 
 
+@dataclass
+class WindowCall:
+    """One forward of a block whose attention runs inside windows (:class:`~vitconvert.backbones.family.WindowView`):
+    its paths run on a batch of ``images x windows`` windows, image after image."""
+
+    images: int
+    windows: tuple[int, int]  # windows per image along each axis
+    bias: torch.Tensor  # (windows or 1, heads, T, N): the attention bias of every candidate against every key
+    cap: torch.Tensor | None  # (windows, R) the coarsest level each region may take (None: any)
+    base: Callable[[], torch.Tensor]  # the base block on the map, partitioned into windows
+    rows: torch.Tensor | None = None  # window index (0..windows-1) of each row of a sub-batch; None: the whole batch
+
+
+def window_tables(view: WindowView, lay: RegionLayout, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention bias of every candidate of ``lay`` (a window's layout) against every position of its window,
+    and the coarsest level each region of each window may take: a level is allowed in a region only when none of
+    its sub-patches there straddles the window's masked regions (a shifted window's border; level 0, the tokens
+    themselves, always is). ``hw`` is the map."""
+    n = lay.hw[0] * lay.hw[1]
+    t = sum(lay.counts)
+    members = torch.zeros(t, n, device=lay.tok_cand.device)
+    members[lay.tok_cand.flatten(), torch.arange(n, device=members.device).repeat(len(lay.counts))] = 1.0
+    bias, whole = view.bias(members, hw)
+    if whole.shape[0] == 1:  # no mask: every level everywhere
+        return bias, None
+    k = len(lay.counts)
+    straddle = (~whole).to(torch.float32)  # (windows, T)
+    bad = straddle.new_zeros(straddle.shape[0], lay.num_regions * k)
+    bad = bad.index_add(1, lay.cand_region * k + lay.cand_gran, straddle).view(-1, lay.num_regions, k)
+    first_bad = torch.where(bad == 0, k, torch.arange(k, device=bad.device)).min(-1).values  # (no cumprod in ONNX)
+    return bias, first_bad - 1
+
+
 class Router(nn.Module):
     """Region features -> one logit per granularity (finest first)."""
 
@@ -158,25 +199,27 @@ class BlockParts:
     post_mlp: list[str]
     attention: QueryAttention  # queries apart from keys and values (fused qkv; PVT-v2's spatial reduction)
     conv: ConvMlp | None  # the MLP's depthwise convolution over the map (PVT-v2), else None
+    windows: WindowView | None = None  # attention inside windows of the map (Swin), else None
 
 
 def read_block(block: nn.Module, where: str, family: Family) -> BlockParts:
     """Read one block with the shared pre-norm residual block reader, and its attention and MLP with its family's
     adapter; an AnatomyError names what DGE cannot run."""
     res = read_residual_block(block, where)
-    if res.layout != "tokens":
-        raise AnatomyError(f"{where}: dge needs blocks over a token sequence (found a {res.layout} block)")
+    windows = family.windows(block)
+    if res.layout != "tokens" and windows is None:
+        raise AnatomyError(f"{where}: dge needs blocks over a token sequence or windows (found a {res.layout} block)")
     attention = family.query_attention(block.get_submodule(res.attn), where)
     conv = family.mlp_conv(block.get_submodule(res.mlp), where)
-    if any(True for _ in block.named_parameters(recurse=False)) or any(True for _ in block.named_buffers(
-            recurse=False)):
+    persistent = [n for n, _ in block.named_buffers(recurse=False) if n not in block._non_persistent_buffers_set]
+    if any(True for _ in block.named_parameters(recurse=False)) or persistent:
         raise AnatomyError(f"{where}: parameters held directly by the block are not supported")
     return BlockParts(norm1=res.norm1, norm2=res.norm2, attn=res.attn, mlp=res.mlp, post_attn=list(res.post_attn),
-                      post_mlp=list(res.post_mlp), attention=attention, conv=conv)
+                      post_mlp=list(res.post_mlp), attention=attention, conv=conv, windows=windows)
 
 
 class DGEBlock(nn.Module):
-    """A ViT/DeiT or PVT-v2 block with dynamic-granularity queries (see the module docstring).
+    """A ViT/DeiT, PVT-v2 or Swin block with dynamic-granularity queries (see the module docstring).
 
     It holds the original block's children under their own names, so parameter names do not change.
     """
@@ -186,14 +229,19 @@ class DGEBlock(nn.Module):
         super().__init__()
         for name, child in block.named_children():
             self.add_module(name, child)
+        # Buffers the block holds itself (Swin's shift mask; never saved: read_block refuses persistent ones): one
+        # table shared with the original block, so ``.to()`` moves them for both.
+        object.__setattr__(self, "_buffers", block._buffers)
+        object.__setattr__(self, "_non_persistent_buffers_set", block._non_persistent_buffers_set)
         self.parts = parts
         self.index = index
         self.num_prefix = num_prefix
         self.grid = grid  # the stage's grid at the model's size (a family may give another per call)
         # Unregistered: the router is registered once, under routers.<index>; the original block shares this
         # module's children and runs the exact dense path; the block's MAC counts (DGE.costs[index]) choose its path.
-        attach(self, _router=router, _orig=block, _ctx=ctx, _costs=costs, _family=family)
+        attach(self, _router=router, _orig=block, _ctx=ctx, _costs=costs, _family=family, _call=None)
 
+    _call: WindowCall | None  # set for one forward of a block with windows
     _router: Router
     _orig: nn.Module
     _ctx: Context
@@ -209,14 +257,101 @@ class DGEBlock(nn.Module):
         ctx = self._ctx
         if ctx.mode == "dense":
             return self._orig(x, *args, **kwargs)
-        hw = self._family.block_grid(x, args, kwargs, self.grid)
-        if ctx.mode == "train":
+        view = self.parts.windows
+        if view is None:
+            return self._run(x, self._family.block_grid(x, args, kwargs, self.grid), args, kwargs)
+        # Attention inside windows: every path runs on the batch of windows (see the module docstring).
+        hw_map = (int(x.shape[1]), int(x.shape[2]))
+        view.check(hw_map, f"dge: block {self.index}")
+        hw = view.window(hw_map)
+        bias, cap = window_tables(view, ctx.layout(hw, x.device), hw_map)
+        self._call = WindowCall(x.shape[0], view.windows(hw_map), bias.to(x.dtype), cap,
+                                lambda: view.partition(self._orig(x, *args, **kwargs)))
+        try:
+            out = self._run(view.partition(x), hw, (), {})
+        finally:
+            self._call = None
+        return view.reverse(out, hw_map)
+
+    def token_sizes(self, gates: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """(B, GH, GW) gates as a forward recorded them -> (B, H, W) sub-patch side of the query covering each
+        token of the block's ``hw`` map (with windows: back in the map's own frame, the shift undone)."""
+        view = self.parts.windows
+        if view is None:
+            lay = self._ctx.layout(hw, gates.device)
+            level = gates.flatten(1)[:, lay.tok_region]
+            return torch.tensor(lay.sizes, device=gates.device)[level].view(-1, *hw)
+        lay = self._ctx.layout(view.window(hw), gates.device)
+        (gh, gw), (rh, rw), b = view.windows(hw), lay.regions, gates.shape[0]
+        per_window = gates.reshape(b, gh, rh, gw, rw).permute(0, 1, 3, 2, 4).reshape(b * gh * gw, rh * rw)
+        sizes = torch.tensor(lay.sizes, device=gates.device)[per_window[:, lay.tok_region]]
+        return view.reverse(sizes.unsqueeze(-1), hw)[..., 0]
+
+    def _run(self, x: torch.Tensor, hw: tuple[int, int], args: tuple[Any, ...], kwargs: dict[str, Any]
+             ) -> torch.Tensor:
+        mode = self._ctx.mode
+        if mode == "train":
             return self._forward_train(x, hw)
-        if ctx.mode == "traced":
+        if mode == "traced":
             return self._forward_traced(x, hw)
         return self._forward_sparse(x, hw, args, kwargs)
 
+    def _base(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        """The base block on the whole batch ``x`` (with windows: on the map, then partitioned)."""
+        return self._call.base() if self._call is not None else self._orig(x, *args, **kwargs)
+
+    def _cap(self, b: int) -> torch.Tensor | None:
+        """(b, R) the coarsest level each region of the batch's rows may take, or None (any)."""
+        call = self._call
+        if call is None or call.cap is None:
+            return None
+        return call.cap.repeat(b // call.cap.shape[0], 1)
+
+    def _override(self, b: int, regions: int, device: torch.device) -> torch.Tensor:
+        """Gates from :meth:`DGE.override_gates`, asked per image (with windows: every region of every window of
+        the image, window after window) and capped where a level would straddle a mask."""
+        fn = self._ctx.gate_override
+        assert fn is not None
+        call = self._call
+        if call is None:
+            return fn(self.index, b, regions, device)
+        gates = fn(self.index, call.images, b // call.images * regions, device).reshape(b, regions)
+        cap = self._cap(b)
+        return gates if cap is None else torch.minimum(gates, cap)
+
+    def _record(self, nq: torch.Tensor, gates: torch.Tensor | None, lay: RegionLayout, ran: bool,
+                conv_macs: torch.Tensor | None, path: str = "sparse") -> None:
+        """Record what the block did, per image: with windows, the windows' queries summed per image and their
+        regions' gates laid out as the windows are (in the shifted frame for a shifted block). At inference the
+        attention core runs every window of an image with as many query slots as its fullest window has (padding,
+        which the image alone computes too): those slots' MACs are counted with the convolution's, in training too
+        (the budget then sees what inference will run)."""
+        call = self._call
+        if call is None:
+            b = nq.shape[0]
+            g = gates.reshape(b, *lay.regions) if gates is not None else None
+        else:
+            b = call.images
+            per_window = nq.reshape(b, -1)
+            nq = per_window.sum(1)
+            pad = (per_window.max(1).values * per_window.shape[1] - nq) * self._costs["core"]
+            conv_macs = pad if conv_macs is None else conv_macs.reshape(b, -1).sum(1) + pad
+            if gates is not None:
+                conv_macs = conv_macs.to(torch.float64)
+            (gh, gw), (rh, rw) = call.windows, lay.regions
+            g = None if gates is None else gates.reshape(b, gh, gw, rh, rw).permute(0, 1, 3, 2, 4).reshape(
+                b, gh * rh, gw * rw)
+        self._ctx.records.append(Record(self.index, nq, g, ran, conv_macs, path))
+
     def _apply_chain(self, names: list[str], t: torch.Tensor) -> torch.Tensor:
+        call = self._call
+        if call is not None and self.training and t.dim() == 3 and call.rows is None:
+            # Windows of one image as one row of the batch: drop path drops images, as the base block does.
+            shape = t.shape
+            t = t.reshape(call.images, -1, shape[-1])
+            for n in names:
+                t = self.get_submodule(n)(t)
+            return t.reshape(shape)
         for n in names:
             t = self.get_submodule(n)(t)
         return t
@@ -224,14 +359,18 @@ class DGEBlock(nn.Module):
     def _sparse_gates(self, regions: torch.Tensor, lay: RegionLayout) -> tuple[torch.Tensor, bool]:
         ctx = self._ctx
         b = regions.shape[0]
+        cap = self._cap(b)
         if ctx.gate_override is None and ctx.level is not None:
-            return torch.full((b, lay.num_regions), ctx.level, dtype=torch.long, device=regions.device), False
+            level = torch.full((b, lay.num_regions), ctx.level, dtype=torch.long, device=regions.device)
+            return (level if cap is None else torch.minimum(level, cap)), False
         logits = self._router(regions)
         if ctx.gate_override is not None:  # the router still runs, so benchmarks time and count it
-            return ctx.gate_override(self.index, b, lay.num_regions, regions.device), True
+            return self._override(b, lay.num_regions, regions.device), True
+        rank = torch.arange(logits.shape[-1], device=logits.device, dtype=logits.dtype)
         if ctx.shift:
-            rank = torch.arange(logits.shape[-1], device=logits.device, dtype=logits.dtype)
             logits = logits + ctx.shift * rank
+        if cap is not None:
+            logits = logits.masked_fill(rank > cap.unsqueeze(-1), float("-inf"))
         return logits.argmax(dim=-1), True
 
     def _forward_sparse(self, x: torch.Tensor, hw: tuple[int, int], args: tuple[Any, ...],
@@ -247,7 +386,7 @@ class DGEBlock(nn.Module):
         conv_macs = self._conv_macs(gates, lay)
         path = self._choose_path(gates, qsel, lay, conv_macs)
         if path == "base":  # every region at the finest granularity: the base block computes the same thing
-            out = self._orig(x, *args, **kwargs)
+            out = self._base(x, args, kwargs)
             nq = qsel.sum(1)
         elif path == "split":
             out = self._forward_split(x, hw, lay, gates, pooled, args, kwargs)
@@ -264,7 +403,8 @@ class DGEBlock(nn.Module):
                 q = TokenQueries(qsel, tok_src, n, lay.sizes, gates, first, lay.bounds(n) if first is not None
                                  and self.parts.conv is not None else None)
             # Dropping a path per row of a packed batch would drop tokens, not images: pad while training.
-            elif ctx.layout_mode == "packed" and not self.training:
+            # With windows always packed: padding every window to the fullest would run every per-row layer on it.
+            elif (ctx.layout_mode == "packed" or self._call is not None) and not self.training:
                 q = PackedQueries(qsel, tok_src, lay.bounds(n), lay.sizes, gates)
             else:
                 q = PaddedQueries(qsel, tok_src, lay.bounds(n), lay.sizes, gates)
@@ -272,8 +412,7 @@ class DGEBlock(nn.Module):
             out = q.to_tokens(delta)
             out = out.add_(x) if not torch.is_grad_enabled() else out + x
             nq = q.nq
-        ctx.records.append(Record(self.index, nq.to(torch.float64), gates.reshape(b, *lay.regions), ran,
-                                   conv_macs, path))
+        self._record(nq.to(torch.float64), gates, lay, ran, conv_macs, path)
         return out
 
     def _forward_traced(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -300,8 +439,7 @@ class DGEBlock(nn.Module):
         a = self._apply_chain(self.parts.post_attn, self._attention(norm1(q_in), norm1(x), hw, q))
         m = self._apply_chain(self.parts.post_mlp, self._traced_mlp(norm2(q_in + a), hw, lay, q))
         out = x + q.to_tokens(a + m)
-        ctx.records.append(Record(self.index, q.nq.to(torch.float64), gates.reshape(b, *lay.regions), ran,
-                                   self._conv_macs(gates, lay), "sparse"))
+        self._record(q.nq.to(torch.float64), gates, lay, ran, self._conv_macs(gates, lay))
         return out
 
     def _traced_mlp(self, t: torch.Tensor, hw: tuple[int, int], lay: RegionLayout, q: TracedQueries) -> torch.Tensor:
@@ -334,18 +472,28 @@ class DGEBlock(nn.Module):
         level = gates[:, 0]
         present = torch.unique(level).tolist()
         outs, order = [], []
+        call = self._call
         for k in present:
             idx = (level == k).nonzero().squeeze(1)
             whole = len(present) == 1
             xk = x if whole else x.index_select(0, idx)
-            if k == 0:
+            if k == 0 and call is None:
                 res = self._orig(xk, *args, **kwargs)
-            else:
+            else:  # with windows, the finest windows too: the base block runs on the whole map only
                 size = lay.sizes[k]
-                cells = pooled[size] if whole else pooled[size].index_select(0, idx)
+                cells = xk if size == 1 else pooled[size] if whole else pooled[size].index_select(0, idx)
+                first = self.num_prefix + sum(lay.counts[:k])
+                cands = torch.cat([torch.arange(self.num_prefix, device=x.device),
+                                   torch.arange(first, first + lay.counts[k], device=x.device)])
                 q = UniformQueries(self.num_prefix, size, ctx.uniform_index(hw, x.device, self.num_prefix, k),
-                                   gates if whole else gates.index_select(0, idx))
-                res = q.to_tokens(self._updates(q.gather(xk, {size: cells}), xk, hw, lay, q, None))
+                                   gates if whole else gates.index_select(0, idx), cands)
+                if call is not None:
+                    call.rows = None if whole else idx
+                try:
+                    res = q.to_tokens(self._updates(q.gather(xk, {size: cells}), xk, hw, lay, q, None))
+                finally:
+                    if call is not None:
+                        call.rows = None
                 res = res.add_(xk) if not torch.is_grad_enabled() else res + xk
             outs.append(res)
             order.append(idx)
@@ -387,9 +535,13 @@ class DGEBlock(nn.Module):
         pooled = pool_subpatches(x[:, p:].reshape(b, hw[0], hw[1], c), lay, [*lay.sizes[1:], lay.region])
         logits = self._router(pooled[lay.region])
         if ctx.gate_override is not None:  # the knob is for inference; overrides also serve the training path's tests
-            idx = ctx.gate_override(self.index, b, lay.num_regions, x.device)
+            idx = self._override(b, lay.num_regions, x.device)
             gates = F.one_hot(idx, logits.shape[-1]).to(x.dtype)
         else:
+            cap = self._cap(b)
+            if cap is not None:  # levels that would straddle a mask are never drawn
+                rank = torch.arange(logits.shape[-1], device=logits.device)
+                logits = logits.masked_fill(rank > cap.unsqueeze(-1), float("-inf"))
             gates = F.gumbel_softmax(logits.float(), tau=ctx.tau, hard=True, dim=-1).to(x.dtype)
         gate_tok = gates[:, lay.tok_region]  # (B, HW, K)
         q = AllQueries(lay.sizes)
@@ -399,7 +551,7 @@ class DGEBlock(nn.Module):
         out_grid = x[:, p:] + upd
         out = torch.cat([x[:, :p] + delta[:, :p], out_grid], dim=1) if p else out_grid
         nq = p + (gates * lay.nq.to(gates.dtype)).sum(dim=(1, 2))
-        ctx.records.append(Record(self.index, nq, None, True, self._conv_macs(gates.detach().argmax(-1), lay)))
+        self._record(nq, None, lay, True, self._conv_macs(gates.detach().argmax(-1), lay))
         return out
 
     def _conv_macs(self, gates: torch.Tensor, lay: RegionLayout) -> torch.Tensor | None:
@@ -423,8 +575,31 @@ class DGEBlock(nn.Module):
     def _attention(self, qn: torch.Tensor, xn: torch.Tensor, hw: tuple[int, int], q: QuerySelection) -> torch.Tensor:
         attention = self.parts.attention
         k, v = attention.keys_values(xn, hw)
-        o = q.attend(attention.queries(qn), k, v, attention.dropout())
+        o = q.attend(attention.queries(qn), k, v, attention.dropout(), self._slot_bias(q, xn.shape[0]))
         return attention.output(o, qn)
+
+    def _slot_bias(self, q: QuerySelection, b: int) -> torch.Tensor | None:
+        """With windows: the attention bias of every slot the attention core runs, from the candidate it holds and
+        its row's window; None otherwise."""
+        call = self._call
+        if call is None:
+            return None
+        table = call.bias  # (windows or 1, heads, T, N)
+        rows = call.rows if call.rows is not None else torch.arange(b, device=table.device)
+        win = rows % table.shape[0]
+        if isinstance(q, AllQueries | UniformQueries):  # every row the same candidates
+            t = table.shape[2]
+            cands = torch.arange(t, device=table.device) if isinstance(q, AllQueries) else q.cands
+            assert cands is not None
+            sub = table.index_select(2, cands)
+            return sub if table.shape[0] == 1 else sub.index_select(0, win)
+        if isinstance(q, PackedQueries):
+            slots = q.slot_cands()
+        elif isinstance(q, TokenQueries):
+            slots = q.tok_src
+        else:
+            slots = q.idx
+        return table[win.unsqueeze(1), :, slots].permute(0, 2, 1, 3)
 
     def _mlp(self, t: torch.Tensor, hw: tuple[int, int], lay: RegionLayout, q: QuerySelection,
              gate_tok: torch.Tensor | None) -> torch.Tensor:

@@ -21,7 +21,8 @@ def block_costs(norm1: nn.Module, norm2: nn.Module, attention: QueryAttention, m
 
     Returns:
         ``fixed`` and ``per_query`` (the DGE path: norm1 of every token and the keys and values, then per query row
-        its norms, attention and MLP), ``dense`` (the base block), and what the execution cost model reads:
+        its norms, attention and MLP), ``core`` (the attention core's share of ``per_query``), ``dense`` (the base
+        block), and what the execution cost model reads:
         ``tokens``, ``width``, ``hidden``, ``mlp_row`` (what the dense path runs once per query: the whole MLP, or
         only ``fc2`` after a convolution) and ``dense_conv`` (the MLP's convolution at full resolution).
     """
@@ -35,5 +36,8 @@ def block_costs(norm1: nn.Module, norm2: nn.Module, attention: QueryAttention, m
     else:
         hidden = conv.fc1.out_features
         mlp_row, dense_conv = linear_macs(1, hidden, c), conv_macs(n, conv.dwconv)
-    return {"fixed": n * ln1 + kv, "per_query": per_row, "dense": n * per_row + kv + dense_conv, "tokens": float(n),
-            "width": float(c), "hidden": float(hidden), "mlp_row": mlp_row, "dense_conv": dense_conv}
+    keys = attention.key_tokens(n, grid)
+    core = attention.query_macs(keys) - attention.query_macs(0)  # QK^T and AV of one query row
+    return {"fixed": n * ln1 + kv, "per_query": per_row, "core": core, "dense": n * per_row + kv + dense_conv,
+            "tokens": float(n), "width": float(c), "hidden": float(hidden), "mlp_row": mlp_row,
+            "dense_conv": dense_conv}

@@ -16,13 +16,13 @@ from torch import nn
 from vitconvert.anatomy import Anatomy
 from vitconvert.backbones import family_of
 from vitconvert.backbones.family import norm_cost
-from vitconvert.errors import UserError
+from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.costs import GIGA, linear_macs
 from vitconvert.layers.regions import make_layout
 from vitconvert.layers.scale_conv import dwconv_macs
 from vitconvert.layers.sharing import attach, module_view
 from vitconvert.methods.base import ConvertedModel, DynamicOutput
-from vitconvert.methods.dge.block import Context, DGEBlock, GateOverride, Record, Router, read_block
+from vitconvert.methods.dge.block import Context, DGEBlock, GateOverride, Record, Router, read_block, window_tables
 from vitconvert.methods.dge.costs import block_costs
 from vitconvert.methods.dge.plot import plot_granularity
 from vitconvert.operating import Knob, OperatingSpace
@@ -44,7 +44,9 @@ class DGESettings(Strict):
     budget_target: float = Field(0.5, gt=0, le=1, description="gamma: target dynamic/static GMACs ratio")
     router_lr_scale: float = Field(1.0, gt=0, le=1e4, description="fine-tuning learning-rate multiplier of the routers")
     coarsening: float = Field(0.5, ge=0, le=1, description="initial knob (0.5 = router argmax)")
-    inference_layout: Literal["packed", "padded"] = "packed"
+    inference_layout: Literal["packed", "padded"] = Field(
+        "packed", description="sparse inference: the batch's queries packed (padded only around the attention core) "
+                              "or padded per image; blocks with windows always pack")
     execution: Literal["auto", "sparse", "dense"] = Field(
         "auto", description="inference per block and batch: auto (the cheaper of sparse and dense by the cost "
                             "model), sparse (always gather the queries) or dense (every token a query row)")
@@ -76,12 +78,14 @@ class DGE(ConvertedModel):
     """Dynamic Grained Encoder (see the module docstring)."""
 
     method = "dge"
-    families = ("vit", "pvt_v2")
+    families = ("vit", "pvt_v2", "swin")
     not_supported: ClassVar[dict[str, str]] = {
         "eva": "a pooled coarse query has no single rotary position",
         "beit": "a pooled coarse query has no row in the relative position bias table",
+        "swinv2": "its cosine attention normalises each query: a pooled coarse query and its continuous-bias row are "
+                  "not adapted yet (Swin's window path is)",
     }
-    description = "DGE dynamic-granularity queries per region (ViT/DeiT, PVT-v2)"
+    description = "DGE dynamic-granularity queries per region (ViT/DeiT, PVT-v2, Swin)"
     Settings = DGESettings
     Losses = DGELosses
     full_compute_runs_base = True  # coarsening 0: the base blocks, routers not run
@@ -106,21 +110,38 @@ class DGE(ConvertedModel):
             if info.stage not in stages:
                 continue
             block = base.get_submodule(info.path)
-            parts = read_block(block, f"dge: block {info.path}", family)
+            where = f"dge: block {info.path}"
+            parts = read_block(block, where, family)
             grid = anatomy.stages[info.stage].grid
+            tokens, windows, cap = info.tokens, 1, None
+            if parts.windows is not None:  # the block runs on its windows: regions, layout and costs per window
+                if self.num_prefix:
+                    raise AnatomyError(f"{where}: attention inside windows with prefix tokens is not supported")
+                parts.windows.check(grid, where)
+                map_grid, grid = grid, parts.windows.window(grid)
+                windows, tokens = math.prod(parts.windows.windows(map_grid)), grid[0] * grid[1]
             router = Router(info.dim, k, s.init_finest_prob, s.router_init_std, s.router_norm)
             self.routers[str(info.index)] = router
             lay = make_layout(grid, s.region_size, ctx.sizes, torch.device("cpu"))
+            if parts.windows is not None:
+                cap = window_tables(parts.windows, lay, map_grid)[1]
             costs: dict[str, Any] = block_costs(
                 block.get_submodule(parts.norm1), block.get_submodule(parts.norm2), parts.attention,
-                block.get_submodule(parts.mlp), parts.conv, info.tokens, grid)
+                block.get_submodule(parts.mlp), parts.conv, tokens, grid)
             costs["router"] = lay.num_regions * (linear_macs(1, info.dim, k) + norm_cost(router.norm, info.dim))
             costs["level_nq"] = [float(self.num_prefix + v) for v in lay.nq.sum(0).tolist()]
+            if cap is not None:  # regions whose coarser levels would straddle a mask stay at their coarsest allowed
+                levels = torch.minimum(torch.arange(k).view(k, 1, 1), cap.unsqueeze(0))  # (k, windows, R)
+                per = lay.nq[torch.arange(lay.num_regions).view(1, 1, -1), levels].sum(-1)  # (k, windows)
+                costs["level_nq"] = per.mean(1).tolist()  # per window, on average
             costs["level_conv"] = [0.0] * k
             if parts.conv is not None:  # every region at level j: what DGEBlock._conv_macs counts
                 gates = torch.arange(k).view(k, 1).expand(k, lay.num_regions)
                 costs["level_conv"] = dwconv_macs(parts.conv.dwconv, gates, lay).tolist()
-            self.costs[info.index] = costs
+            # The block chooses its path per window (its batch is the windows); the model counts per image.
+            self.costs[info.index] = {**costs, **{key: costs[key] * windows for key in ("fixed", "dense", "router")},
+                                      "level_nq": [v * windows for v in costs["level_nq"]],
+                                      "level_conv": [v * windows for v in costs["level_conv"]]}
             self.dynamic_blocks.append(info.index)
             new = DGEBlock(block, parts, info.index, self.num_prefix, grid, router, ctx, costs, family)
             base.set_submodule(info.path, new)

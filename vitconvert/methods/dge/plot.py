@@ -20,8 +20,9 @@ def plot_granularity(model: Any, images: torch.Tensor, path: str | Path, block: 
                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Path:
     """Draw the granularity each region got on a few images and write a PNG.
 
-    Top row: the image with the query sub-patches of one block outlined (finest red ... coarsest blue).
-    Bottom row: queries per region averaged over all dynamic blocks of that block's stage.
+    Top row: the image with the query sub-patches of one block outlined (finest red ... coarsest blue; blocks with
+    windows, Swin: every token tinted by its query's sub-patch side, the shift undone). Bottom row: queries per
+    region averaged over all dynamic blocks of that block's stage (with windows: per token, as a region's share).
 
     Args:
         model: A DGE model (evaluated at its current knob).
@@ -64,6 +65,9 @@ def plot_granularity(model: Any, images: torch.Tensor, path: str | Path, block: 
     std_t = torch.tensor(std if std is not None else cfg.get("std", (1.0, 1.0, 1.0))).view(3, 1, 1)
     stage = stage_of[block]
     gh, gw = model.anatomy.stages[stage].grid
+    path_of = {b.index: b.path for b in model.anatomy.blocks}
+    blk = model.base.get_submodule(path_of[block])
+    windowed = blk.parts.windows is not None
     ih, iw = images.shape[-2:]
     sy, sx = ih / gh, iw / gw
     ctx = model._c
@@ -76,6 +80,11 @@ def plot_granularity(model: Any, images: torch.Tensor, path: str | Path, block: 
         ax = fig.add_subplot(2, n, i + 1)
         ax.imshow(img)
         gates = out.extras[f"granularity.{block}"][i].cpu()
+        if windowed:  # regions inside (shifted) windows: each token tinted by its query's sub-patch side
+            side = blk.token_sizes(gates.unsqueeze(0), (gh, gw))[0].float()
+            ax.imshow(side.numpy(), cmap="coolwarm", alpha=0.4, vmin=sizes[0], vmax=sizes[-1],
+                      extent=(-0.5, iw - 0.5, ih - 0.5, -0.5), interpolation="nearest")
+            gates = gates[:0]  # no outlines
         for ry in range(gates.shape[0]):
             for rx in range(gates.shape[1]):
                 p = sizes[int(gates[ry, rx])]
@@ -87,8 +96,12 @@ def plot_granularity(model: Any, images: torch.Tensor, path: str | Path, block: 
         ax.set_title(f"block {block}: {int(out.extras['queries'][i, blocks.index(block)])} queries", fontsize=8)
         ax.axis("off")
         ax2 = fig.add_subplot(2, n, n + i + 1)
-        per = torch.stack([torch.tensor(sizes, dtype=torch.float)[out.extras[f"granularity.{j}"][i].cpu()]
-                           for j in same_stage])
+        if windowed:  # per token: 1 / side^2 queries, times a region's tokens
+            per = torch.stack([model.base.get_submodule(path_of[j]).token_sizes(
+                out.extras[f"granularity.{j}"][i:i + 1].cpu(), (gh, gw))[0].float() for j in same_stage])
+        else:
+            per = torch.stack([torch.tensor(sizes, dtype=torch.float)[out.extras[f"granularity.{j}"][i].cpu()]
+                               for j in same_stage])
         queries = (region / per) ** 2
         im = ax2.imshow(queries.mean(0).numpy(), cmap="viridis", vmin=1, vmax=region * region / sizes[0] ** 2)
         ax2.set_title(f"queries/region, stage {stage} mean", fontsize=8)
