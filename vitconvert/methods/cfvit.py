@@ -19,6 +19,18 @@ fine stage; calibration explores the recipe's ``explore_alpha`` when given, else
 ``eta = 1`` (never exit) and ``alpha = 1`` (re-split everything) the model is exactly the base model on
 the full image: that is its full-compute point.
 
+**Hierarchical backbones (PVT-v2): the region path.** No class token and no single token grid, so: the coarse
+stage is the base model itself on the half-size image; each token of its last normalised map is scored by its
+share of the predicted logit (``w_pred . t_i``: the head is linear over their mean, so the scores average to the
+logit minus the bias; no parameter, nothing to train, and defined where no token attends to the whole image); the
+fine stage runs every block whose map 2x2 regions tile as a two-level query block (DGE's
+:class:`~vitconvert.methods.dge.DGEBlock`, levels given from outside): the ``alpha`` share of regions with the
+highest resized score keep their four tokens as queries, the others one averaged query whose update is broadcast;
+keys and values stay dense and PVT-v2's depthwise convolution runs at each query's scale
+(:mod:`vitconvert.layers.scale_conv`). The coarse pass's last tokens are added to the first block's input through
+a :class:`~vitconvert.layers.reuse.FeatureReuse` (zero-initialised projection). At ``alpha = 1`` with a fresh reuse
+layer this is the base model.
+
 Fine-tuning trains both stages at once (fine output: distillation + cross-entropy; coarse output: KL to the
 detached fine output). The added parts (coarse position embedding, reuse MLP) may learn at ``new_lr_scale``
 times the recipe's rate; in a short recipe on CIFAR-10 10x gave 0.3 points more top-1 at half the
