@@ -193,7 +193,7 @@ def test_set_budget_picks_from_curve() -> None:
 
 def test_rejects_unsupported_bases() -> None:
     arch, kwargs = TINY_MODELS["swin"]
-    with pytest.raises(UserError, match="supports ViT/DeiT; swin_tiny_patch4_window7_224 is Swin"):
+    with pytest.raises(UserError, match="supports ViT/DeiT, PVT-v2; swin_tiny_patch4_window7_224 is Swin"):
         vitconvert.apply(arch, "cfvit", model_kwargs=kwargs, pretrained=False)
     arch, kwargs = TINY_MODELS["vit"]
     with pytest.raises(UserError, match="has no class token"):
@@ -208,3 +208,112 @@ def test_wrong_image_size_is_a_clear_error() -> None:
     model = convert("deit")
     with pytest.raises(ValueError, match="expected 32x32 images"):
         model(torch.randn(1, 3, 64, 64))
+
+
+# --- PVT-v2: the region path ---------------------------------------------------------------------------------
+
+
+def convert_pvt(overrides: list[str] | None = None, arch: str | None = None, seed: int = 0) -> CFViT:
+    tiny, kwargs = TINY_MODELS["pvt_v2"]
+    torch.manual_seed(seed)
+    return vitconvert.apply(arch or tiny, "cfvit", model_kwargs={} if arch else kwargs, pretrained=False,
+                            overrides=overrides)
+
+
+def test_pvt_full_compute_reproduces_base_and_round_trips(tmp_path) -> None:
+    model = convert_pvt()
+    assert model.hierarchical and model.coarse_img_size == (32, 32)
+    base = model.build_base()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ref = base(x)
+        assert (model.full_compute()(x) - ref).abs().max() <= 1e-4
+    perturb(model)
+    model.set_operating_point({"eta": 0.3, "alpha": 0.5})
+    path = vitconvert.save(model, tmp_path / "m")
+    loaded = vitconvert.load(path)
+    with torch.no_grad():
+        a, b = model.forward_dynamic(x), loaded.forward_dynamic(x)
+    torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
+    assert torch.equal(a.gmacs, b.gmacs) and loaded.alpha == 0.5
+    via_timm = timm.create_model(f"local-dir:{path}", pretrained=True)
+    with torch.no_grad():
+        torch.testing.assert_close(via_timm.forward_dynamic(x).logits, a.logits, atol=0, rtol=0)
+
+
+def test_pvt_full_compute_on_pvt_v2_b1_at_224() -> None:
+    model = convert_pvt(arch="pvt_v2_b1")
+    assert model.coarse_final_grid == (4, 4) and model.region_grids == [(28, 28), (14, 14), (7, 7), None]
+    base = model.build_base()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (model.full_compute()(x) - base(x)).abs().max() <= 1e-4
+
+
+def test_pvt_scores_decompose_the_predicted_logit() -> None:
+    """Region scores are each coarse token's share of the predicted logit: their mean plus the head's bias is that
+    logit (average pooling and a linear head)."""
+    model = convert_pvt(arch="pvt_v2_b0")
+    model.eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        coarse = model._coarse_regions(x)
+        pred = coarse["logits"].argmax(-1)
+        bias = model.base.get_submodule(model.anatomy.head[0]).bias[pred]
+        logit = coarse["logits"].gather(1, pred[:, None]).squeeze(1)
+    assert coarse["scores"].shape == (2, 4, 4)
+    torch.testing.assert_close(coarse["scores"].flatten(1).mean(1) + bias, logit, atol=1e-4, rtol=1e-4)
+
+
+def test_pvt_region_gates_follow_the_scores() -> None:
+    model = convert_pvt(arch="pvt_v2_b0")
+    model.alpha = 0.25
+    scores = torch.zeros(1, 4, 4)
+    scores[0, 0, 3] = 5.0  # the top-right coarse cell is the informative one
+    gates = model.region_gates(scores)
+    assert [g.shape[1] for g in gates] == [28 * 28, 14 * 14, 7 * 7, 0]  # the 7x7 last map: no 2x2 regions
+    for g, grid in zip(gates[:3], model.region_grids[:3], strict=True):
+        assert grid is not None
+        rh, rw = grid
+        grid = g.view(rh, rw)
+        assert int((grid == 0).sum()) == -(-rh * rw // 4)  # ceil(alpha * regions) refined
+        assert int(grid[0, -1]) == 0 and int(grid[-1, 0]) == 1  # the top-right corner first, not the bottom-left
+
+
+def test_pvt_fine_pass_computes_only_the_chosen_regions() -> None:
+    """At alpha < 1 the fine stage's counted MACs (what the sparse path runs) fall with alpha, below the base
+    model's; the cascade charges exactly those."""
+    model = convert_pvt(arch="pvt_v2_b0")
+    costs = {}
+    for alpha in (1.0, 0.5, 0.25):
+        model.alpha = alpha
+        costs[alpha] = model.costs["fine"]
+    assert costs[0.25] < costs[0.5] < costs[1.0] and costs[0.5] < 0.8 * model.base_gmacs
+    assert model.costs["coarse"] < 0.3 * model.base_gmacs
+    model.eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad(), model.counted_execution():
+        counted = vitconvert.count_macs(lambda: model.forward_dynamic(x[:1])) / 1e9
+        out = model.forward_dynamic(x)
+    assert out.gmacs[0].item() == pytest.approx(counted, rel=1e-5)
+    assert out.gmacs[0].item() == pytest.approx(model.costs["coarse"] + model.costs["fine"], rel=1e-6)
+
+
+def test_pvt_training_step_moves_the_reuse_layer() -> None:
+    model = convert_pvt()
+    model.train()
+    x = torch.randn(2, 3, 64, 64)
+    out = model.forward_train(x)
+    assert out["logits"].shape == out["coarse_logits"].shape == (2, 10)
+    loss = out["logits"].sum() + model.method_losses(out, None)["coarse_kl"]
+    loss.backward()
+    assert model.reuse.proj.weight.grad is not None and model.reuse.proj.weight.grad.abs().sum() > 0
+
+
+def test_pvt_rejects_what_the_region_path_cannot_run() -> None:
+    with pytest.raises(UserError, match=r"coarse_grid_ratio must be 0\.5"):
+        convert_pvt(["model.coarse_grid_ratio=0.25"])
+    tiny, kwargs = TINY_MODELS["pvt_v2"]
+    with pytest.raises(UserError, match="at half the input size, which must keep whole maps"):
+        vitconvert.apply(tiny, "cfvit", model_kwargs={**kwargs, "pretrained_cfg_overlay": {"input_size": (3, 80, 80)}},
+                         pretrained=False)

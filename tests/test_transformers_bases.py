@@ -140,7 +140,7 @@ def test_local_dir_round_trip(hf_folders, key: str, tmp_path: Path) -> None:
 # Every method on every family it supports (the round trips above cover one recipe per class).
 METHOD_CASES = [(key, recipe) for key, recipes in {
     "vit": ["dvt", "dge", "fsla_replace"], "deit": ["dvt", "dge", "fsla_replace"],
-    "deit_teacher": ["cfvit", "dge", "fsla_replace"], "swin": ["fsla"], "pvt_v2": ["dge", "fsla_replace"],
+    "deit_teacher": ["cfvit", "dge", "fsla_replace"], "swin": ["fsla"], "pvt_v2": ["cfvit", "dge", "fsla_replace"],
 }.items() for recipe in recipes]
 
 

@@ -19,6 +19,18 @@ fine stage; calibration explores the recipe's ``explore_alpha`` when given, else
 ``eta = 1`` (never exit) and ``alpha = 1`` (re-split everything) the model is exactly the base model on
 the full image: that is its full-compute point.
 
+**Hierarchical backbones (PVT-v2): the region path.** No class token and no single token grid, so: the coarse
+stage is the base model itself on the half-size image; each token of its last normalised map is scored by its
+share of the predicted logit (``w_pred . t_i``: the head is linear over their mean, so the scores average to the
+logit minus the bias; no parameter, nothing to train, and defined where no token attends to the whole image); the
+fine stage runs every block whose map 2x2 regions tile as a two-level query block (DGE's
+:class:`~vitconvert.methods.dge.DGEBlock`, levels given from outside): the ``alpha`` share of regions with the
+highest resized score keep their four tokens as queries, the others one averaged query whose update is broadcast;
+keys and values stay dense and PVT-v2's depthwise convolution runs at each query's scale
+(:mod:`vitconvert.layers.scale_conv`). The coarse pass's last tokens are added to the first block's input through
+a :class:`~vitconvert.layers.reuse.FeatureReuse` (zero-initialised projection). At ``alpha = 1`` with a fresh reuse
+layer this is the base model.
+
 Fine-tuning trains both stages at once (fine output: distillation + cross-entropy; coarse output: KL to the
 detached fine output). The added parts (coarse position embedding, reuse MLP) may learn at ``new_lr_scale``
 times the recipe's rate; in a short recipe on CIFAR-10 10x gave 0.3 points more top-1 at half the
@@ -27,8 +39,9 @@ GMACs (``recipes/cfvit.yaml`` records the measured steps).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -39,10 +52,17 @@ from torch import nn
 
 from vitconvert import fx as vfx
 from vitconvert.anatomy import Anatomy
-from vitconvert.errors import UserError
+from vitconvert.backbones import family_of
+from vitconvert.backbones.family import Family
+from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.cascade import Carry, Cascade, Stage
+from vitconvert.layers.regions import make_layout
+from vitconvert.layers.reuse import FeatureReuse, resize_grid
+from vitconvert.layers.scale_conv import dwconv_macs
 from vitconvert.layers.sharing import attach
 from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints
+from vitconvert.methods.dge import Context, DGEBlock, block_costs
+from vitconvert.methods.dge.block import read_block
 from vitconvert.operating import Knob, OperatingSpace
 from vitconvert.recipes import Recipe, Strict
 from vitconvert.registry import register_method
@@ -75,23 +95,29 @@ class CFViT(ConvertedModel, SimulatesPoints):
     """Coarse-to-fine ViT with batched early exit (see the module docstring)."""
 
     method = "cfvit"
-    families = ("vit",)
+    families = ("vit", "pvt_v2")
     not_supported: ClassVar[dict[str, str]] = {
         "eva": "the coarse pass runs the blocks as one chain at half the grid; EVA's blocks take a rotary embedding "
                "computed for the model's own grid",
         "beit": "the coarse pass would index the relative position bias tables on a grid they were not built for "
                 "(resampling them is not implemented)",
-        "pvt_v2": "no class token to score regions with",
-        "swin": "no class token to score regions with",
-        "swinv2": "no class token to score regions with",
+        "swin": "its blocks run over window maps, which the region path's query blocks do not take yet",
+        "swinv2": "its blocks run over window maps, which the region path's query blocks do not take yet",
     }
-    description = "CF-ViT coarse-to-fine inference with early exit (ViT/DeiT with a class token)"
+    description = "CF-ViT coarse-to-fine inference with early exit (ViT/DeiT with a class token, PVT-v2)"
     Settings = CFViTSettings
     Losses = CFViTLosses
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         super().__init__(base, spec, recipe, anatomy)
         s: CFViTSettings = self.settings
+        family = family_of(anatomy)
+        # A model that is one chain of blocks over one token sequence runs the paper's token path (class-token
+        # attention); a hierarchical one the region path (see the module docstring).
+        self.hierarchical = not family.splits_at_blocks
+        if self.hierarchical:
+            self._init_regions(base, spec, anatomy, family)
+            return
         if not anatomy.extras.get("class_token"):
             pooling = "an attention-pooling head" if anatomy.attn_pool else f"{anatomy.pool} pooling"
             raise UserError(f"cfvit needs a class token (its attention scores the regions); {spec.architecture} "
@@ -154,6 +180,183 @@ class CFViT(ConvertedModel, SimulatesPoints):
         self._alpha = s.alpha
         self._count_costs()
 
+    # --- hierarchical backbones: regions ----------------------------------------------------------------
+
+    def _init_regions(self, base: nn.Module, spec: BaseSpec, anatomy: Anatomy, family: Family) -> None:
+        """The region path (see the module docstring): every block becomes a two-level query block (2x2 regions,
+        fine or coarse queries) whose levels come from the coarse pass; the coarse pass is the base model itself."""
+        s: CFViTSettings = self.settings
+        arch = spec.architecture
+        if s.coarse_grid_ratio != 0.5:
+            raise UserError(f"cfvit on {family.description} refines each coarse region 2x2: coarse_grid_ratio must "
+                            f"be 0.5, got {s.coarse_grid_ratio}")
+        if family.block_layout != "tokens":
+            raise UserError(f"cfvit needs a class token or blocks over a token sequence; {arch} ({family.description})"
+                            " runs its blocks over window maps")
+        if anatomy.pool != "avg" or len(anatomy.head) != 1 or not isinstance(base.get_submodule(anatomy.head[0]),
+                                                                             nn.Linear):
+            raise UserError(f"cfvit without a class token scores regions by their share of the predicted logit, which "
+                            f"needs average pooling and one linear head; {arch} pools with {anatomy.pool!r}")
+        if not anatomy.stages[-1].norm:
+            raise UserError(f"cfvit without a class token reads the last stage's normalised tokens; {arch} has no "
+                            "norm after its last stage")
+        step = family.size_step(anatomy)
+        h, w = anatomy.img_size
+        if h % (2 * step) or w % (2 * step):
+            raise UserError(f"cfvit runs the coarse pass at half the input size, which must keep whole maps: "
+                            f"{arch} at {h}x{w} px needs sides that are multiples of {2 * step}")
+        self.coarse_img_size = (h // 2, w // 2)
+        self.num_prefix = 0
+        ctx = Context(2, [2, 1], "packed", "auto", 1.0)
+        ctx.gate_override = self._override
+        stand_in = _NoRouter(2)
+        self._block_stage: dict[int, int] = {}
+        try:
+            for info in anatomy.blocks:
+                block = base.get_submodule(info.path)
+                parts = read_block(block, f"cfvit: block {info.path}", family)
+                grid = anatomy.stages[info.stage].grid
+                if grid[0] % 2 or grid[1] % 2:
+                    # 2x2 regions do not tile the map: its border regions would be short, so the fine pass's cost
+                    # would depend on which regions it refines, while a cascade charges one cost per stage. Such a
+                    # stage (PVT-v2's last at 224 px: 7x7) runs at full resolution, its base blocks unchanged.
+                    continue
+                lay = make_layout(grid, 2, ctx.sizes, torch.device("cpu"))
+                costs: dict[str, Any] = block_costs(
+                    block.get_submodule(parts.norm1), block.get_submodule(parts.norm2), parts.attention,
+                    block.get_submodule(parts.mlp), parts.conv, info.tokens, grid)
+                costs["router"] = 0.0
+                costs["level_nq"] = [float(v) for v in lay.nq.sum(0).tolist()]
+                costs["level_conv"] = [0.0, 0.0]
+                if parts.conv is not None:
+                    gates = torch.arange(2).view(2, 1).expand(2, lay.num_regions)
+                    costs["level_conv"] = dwconv_macs(parts.conv.dwconv, gates, lay).tolist()
+                base.set_submodule(info.path, DGEBlock(block, parts, info.index, 0, grid, stand_in, ctx, costs,
+                                                       family))
+                self._block_stage[info.index] = info.stage
+        except AnatomyError as e:
+            raise UserError(str(e).replace("dge", "cfvit")) from None
+        first = anatomy.blocks[0]
+        last_stage = anatomy.stages[-1]
+        self.reuse = FeatureReuse(last_stage.dim, first.dim, hidden=int(first.dim * s.reuse_mlp_ratio))
+        # Taps (not registered as modules): the last stage's normalised tokens of the coarse pass, and the reuse
+        # update added to the fine pass's first block input.
+        attach(self, _ctx=ctx, _tap=None, _pending=None, _fine_gates={})
+        base.get_submodule(last_stage.norm).register_forward_hook(self._tap_hook)
+        base.get_submodule(first.path).register_forward_pre_hook(self._reuse_hook)
+        self.stage_grids = [st.grid for st in anatomy.stages]
+        # 2x2 regions per stage; None for a stage that runs at full resolution (a map they do not tile)
+        self.region_grids: list[tuple[int, int] | None] = [
+            None if g[0] % 2 or g[1] % 2 else (g[0] // 2, g[1] // 2) for g in self.stage_grids]
+        if not self._block_stage:
+            raise UserError(f"cfvit refines 2x2 regions, but no stage map of {arch} at {h}x{w} px has even sides")
+        # The coarse pass's last map: read once from a probe (the family knows how a block call gives its grid).
+        grids: list[tuple[int, int]] = []
+        last_block = base.get_submodule(anatomy.blocks[-1].path)
+        probe = last_block.register_forward_pre_hook(
+            lambda mod, args, kwargs: grids.append(family.block_grid(args[0], args[1:], kwargs, None)),
+            with_kwargs=True)
+        was = base.training
+        base.eval()
+        try:
+            with torch.no_grad():
+                p = next(base.parameters())
+                base(torch.zeros(1, 3, *self.coarse_img_size, device=p.device, dtype=p.dtype))
+        finally:
+            probe.remove()
+            base.train(was)
+        self.coarse_final_grid = grids[-1]
+        attach(self, cascade=Cascade([Stage("coarse", self._coarse_stage, 0.0), Stage("fine", self._fine_stage, 0.0)]))
+        self.eta = s.eta
+        self._alpha = s.alpha
+        self._count_costs()
+
+    _ctx: Context
+
+    def _tap_hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        if self._tap is not None:
+            self._tap["tokens"] = output
+
+    def _reuse_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if self._pending is None:
+            return None
+        x = args[0] + self._pending.to(args[0].dtype)
+        attach(self, _pending=None)
+        return (x, *args[1:])
+
+    def _override(self, index: int, batch: int, regions: int, device: torch.device) -> torch.Tensor:
+        gates = self._fine_gates[self._block_stage[index]]
+        assert gates.shape == (batch, regions), (gates.shape, batch, regions)
+        return gates
+
+    def region_gates(self, scores: torch.Tensor) -> list[torch.Tensor]:
+        """(B, h, w) informativeness of the coarse pass's last map -> per stage, the (B, regions) level of each 2x2
+        region of the fine pass (0: refined at full resolution, 1: one coarse query): the ``alpha`` share of the
+        regions whose resized score is highest (ties: the first in row order); an empty (B, 0) tensor for a stage that
+        runs at full resolution."""
+        out = []
+        b = scores.shape[0]
+        for grid in self.region_grids:
+            if grid is None:
+                out.append(scores.new_zeros(b, 0, dtype=torch.long))
+                continue
+            rh, rw = grid
+            r = rh * rw
+            k = math.ceil(self.alpha * r)
+            if k >= r:
+                out.append(torch.zeros(b, r, dtype=torch.long, device=scores.device))
+                continue
+            sc = resize_grid(scores.unsqueeze(1).float(), (rh, rw)).reshape(b, r)
+            order = sc.argsort(dim=1, descending=True, stable=True)
+            gates = torch.ones(b, r, dtype=torch.long, device=scores.device)
+            out.append(gates.scatter(1, order[:, :k], 0))
+        return out
+
+    def _coarse_regions(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The base model on the half-size image: logits, its last normalised tokens and their scores."""
+        low = x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
+        xc = F.interpolate(x.float() if low else x, size=self.coarse_img_size, mode=self.settings.resize,
+                           align_corners=False if self.settings.resize != "area" else None,
+                           antialias=self.settings.resize != "area").to(x.dtype)
+        attach(self, _tap={})
+        try:
+            logits = self.base(xc)
+            tokens = self._tap["tokens"]
+        finally:
+            attach(self, _tap=None)
+        # Informativeness: each token's share of the predicted class's logit. The head is linear over the mean of
+        # these tokens, so the logit is exactly the mean of the per-token contributions w_pred . t_i (plus bias).
+        head = self.base.get_submodule(self.anatomy.head[0])
+        w = head.weight.index_select(0, logits.argmax(dim=-1))  # (B, C)
+        scores = (tokens.float() * w.float().unsqueeze(1)).sum(-1).reshape(x.shape[0], *self.coarse_final_grid)
+        return {"logits": logits, "tokens": tokens, "scores": scores}
+
+    def _fine_regions(self, x: torch.Tensor, coarse: Mapping[str, torch.Tensor], mode: str) -> torch.Tensor:
+        """The fine pass: each block's queries at full resolution in the chosen regions and one per 2x2 region
+        elsewhere (the coarse pass's final features added to the first block's input through the reuse layer)."""
+        gates = self.region_gates(coarse["scores"])
+        reuse = self.reuse(coarse["tokens"], 0, self.coarse_final_grid, self.stage_grids[0])
+        attach(self, _fine_gates=dict(enumerate(gates)), _pending=reuse)
+        try:
+            with self._ctx.run(mode):
+                return self.base(x)
+        finally:
+            attach(self, _fine_gates={}, _pending=None)
+
+    @contextlib.contextmanager
+    def counted_execution(self) -> Iterator[None]:
+        """The region path's blocks may run their queries densely when that is faster; ``gmacs`` counts the
+        sparse computation (as DGE's)."""
+        if not self.hierarchical:
+            yield
+            return
+        saved = self._ctx.execution
+        self._ctx.execution = "sparse"
+        try:
+            yield
+        finally:
+            self._ctx.execution = saved
+
     # --- operating point ------------------------------------------------------------------------------
 
     def operating_space(self) -> OperatingSpace:
@@ -188,6 +391,8 @@ class CFViT(ConvertedModel, SimulatesPoints):
     def lr_scales(self) -> dict[str, float]:
         """The added parts start from a resize (coarse position embedding) or from zero (the reuse MLP's
         output layer) and may learn faster than the pretrained weights they feed."""
+        if self.hierarchical:
+            return {"reuse": self.settings.new_lr_scale}
         return {"pos_embed_coarse": self.settings.new_lr_scale, "reuse": self.settings.new_lr_scale}
 
     def load_method_state(self, state: dict[str, Any]) -> None:
@@ -262,10 +467,13 @@ class CFViT(ConvertedModel, SimulatesPoints):
     # --- inference ------------------------------------------------------------------------------------
 
     def _coarse_stage(self, x: torch.Tensor, carry: Carry) -> tuple[torch.Tensor, Carry]:
-        coarse = self.forward_coarse(x)
+        coarse = self._coarse_regions(x) if self.hierarchical else self.forward_coarse(x)
         return coarse.pop("logits"), coarse
 
     def _fine_stage(self, x: torch.Tensor, carry: Carry) -> tuple[torch.Tensor, Carry]:
+        if self.hierarchical:
+            mode = "traced" if torch.compiler.is_exporting() else "sparse"
+            return self._fine_regions(x, carry, mode), {}
         return self.forward_fine(x, carry), {}
 
     def forward_at_point(self, x: torch.Tensor) -> DynamicOutput:
@@ -296,6 +504,10 @@ class CFViT(ConvertedModel, SimulatesPoints):
 
     def forward_train(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.check_input(x)
+        if self.hierarchical:
+            coarse = self._coarse_regions(x)
+            coarse["scores"] = coarse["scores"].detach()
+            return {"logits": self._fine_regions(x, coarse, "train"), "coarse_logits": coarse["logits"]}
         coarse = self.forward_coarse(x)
         coarse["gca"] = coarse["gca"].detach()
         return {"logits": self.forward_fine(x, coarse), "coarse_logits": coarse["logits"]}
@@ -315,8 +527,21 @@ class CFViT(ConvertedModel, SimulatesPoints):
 
     def _count_costs(self) -> None:
         """GMACs of the coarse stage and of the fine stage at the current alpha (batch of one image)."""
-        self._count_cascade_costs(self.cascade)
+        with self.counted_execution():
+            self._count_cascade_costs(self.cascade)
 
 
 def _gather(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+class _NoRouter(nn.Module):
+    """The router slot of the region path's query blocks: CF-ViT's levels come from the coarse pass (a gate
+    override), so the blocks' router call returns zeros at no cost and holds no parameter."""
+
+    def __init__(self, levels: int) -> None:
+        super().__init__()
+        self.levels = levels
+
+    def forward(self, regions: torch.Tensor) -> torch.Tensor:
+        return regions.new_zeros(*regions.shape[:-1], self.levels)
