@@ -295,9 +295,9 @@ class DGEBlock(nn.Module):
     def _forward_traced(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """The sparse path as one traceable graph (:meth:`DGE.forward_traceable`): the same gates, queries and
         results as :meth:`_forward_sparse`, with no Python decision on the data. Every batch runs the selected
-        queries of each image padded to the batch's largest count (:class:`TracedQueries`), whatever mix of
-        levels the routers chose: the eager path's choice of base, split, dense or sparse per batch gives the
-        same results, so the graph keeps one fixed structure. The cost record is the sparse path's."""
+        queries of the batch packed, padded per image only around the attention core (:class:`TracedQueries`),
+        whatever mix of levels the routers chose: the eager path's choice of base, split, dense or sparse per
+        batch gives the same results, so the graph keeps one fixed structure. The cost record is the sparse path's."""
         ctx = self._ctx
         b = x.shape[0]
         lay, pooled, gates, ran, qsel = self._select_queries(x, hw)
@@ -313,7 +313,7 @@ class DGEBlock(nn.Module):
         return out
 
     def _traced_mlp(self, t: torch.Tensor, hw: tuple[int, int], lay: RegionLayout, q: TracedQueries) -> torch.Tensor:
-        """The MLP of the (B, L, C) query rows, traceable. PVT-v2's convolution at each query's scale: the
+        """The MLP of the (M, C) query rows, traceable. PVT-v2's convolution at each query's scale: the
         piecewise-constant token map (every token the state of its query), convolved at full resolution for the
         finest queries and, averaged per level, at each coarser level's scale (what :func:`dwconv_tokens`
         computes, for every level whether or not a query uses it: no decision on the data); each query reads its
@@ -326,7 +326,7 @@ class DGEBlock(nn.Module):
             return self.get_submodule(self.parts.mlp)(t)
         p = self.num_prefix
         h = mlp.relu(mlp.fc1(t))
-        b, d = h.shape[0], h.shape[-1]
+        b, d = q.batch, h.shape[-1]
         fmap = q.to_tokens(h)[:, p:].reshape(b, hw[0], hw[1], d).permute(0, 3, 1, 2)
         # Candidate columns: the prefix rows (off the map: no family with a convolution in its MLP has any), the
         # finest tokens, then each coarser level's cells, as the query table's columns.
