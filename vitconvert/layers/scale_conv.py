@@ -40,7 +40,7 @@ from vitconvert.layers.costs import conv_macs
 from vitconvert.layers.ragged import PackedQueries, PaddedQueries
 from vitconvert.layers.regions import RegionLayout, pool_subpatches
 
-__all__ = ["HALO_MAX_SHARE", "conv_at", "conv_at_cells", "conv_at_nchw", "dwconv_all", "dwconv_macs", "dwconv_selected",
+__all__ = ["HALO_MAX_SHARE", "conv_at", "conv_at_cells", "dwconv_all", "dwconv_macs", "dwconv_selected",
            "dwconv_tokens", "fold_kernel", "use_halo"]
 
 
@@ -85,12 +85,7 @@ def conv_at(conv: nn.Conv2d, fmap: torch.Tensor, p: int, hw: tuple[int, int]) ->
     convolution with the full-size fold, then those cells again with kernels folded to their real size
     (thin strips; :func:`conv_at_cells` counts them).
     """
-    return conv_at_nchw(conv, fmap.permute(0, 3, 1, 2), p, hw).permute(0, 2, 3, 1)
-
-
-def conv_at_nchw(conv: nn.Conv2d, x: torch.Tensor, p: int, hw: tuple[int, int]) -> torch.Tensor:
-    """:func:`conv_at` on a (B, D, ch, cw) map, giving (B, D, ch, cw): for callers that pool the map in that layout
-    too (the traced path, where every layout change is a ``Transpose`` in the exported graph)."""
+    x = fmap.permute(0, 3, 1, 2)
     out = F.conv2d(x, fold_kernel(conv.weight, p), conv.bias, padding=1, groups=conv.groups)
     ch, cw = x.shape[-2:]
     nh, nw = hw[0] - (ch - 1) * p, hw[1] - (cw - 1) * p  # real rows / columns of the last cells
@@ -101,7 +96,7 @@ def conv_at_nchw(conv: nn.Conv2d, x: torch.Tensor, p: int, hw: tuple[int, int]) 
         out[:, :, :ch - short_h, cw - 1:] = _conv_cells(conv, x, (p, nw), 0, ch - short_h, cw - 1, cw)
     if short_h and short_w:
         out[:, :, ch - 1:, cw - 1:] = _conv_cells(conv, x, (nh, nw), ch - 1, ch, cw - 1, cw)
-    return out
+    return out.permute(0, 2, 3, 1)
 
 
 def conv_at_cells(hw: tuple[int, int], p: int) -> int:

@@ -33,7 +33,7 @@ from vitconvert.layers.ragged import (
     UniformQueries,
 )
 from vitconvert.layers.regions import RegionLayout, make_layout, pool_subpatches
-from vitconvert.layers.scale_conv import conv_at, conv_at_nchw, dwconv_all, dwconv_macs, dwconv_selected, dwconv_tokens
+from vitconvert.layers.scale_conv import conv_at, dwconv_all, dwconv_macs, dwconv_selected, dwconv_tokens
 from vitconvert.layers.seams import read_residual_block
 from vitconvert.layers.sharing import attach
 from vitconvert.methods.dge.execution import path_costs
@@ -315,25 +315,23 @@ class DGEBlock(nn.Module):
     def _traced_mlp(self, t: torch.Tensor, hw: tuple[int, int], lay: RegionLayout, q: TracedQueries) -> torch.Tensor:
         """The MLP of the (M, C) query rows, traceable. PVT-v2's convolution at each query's scale: the
         piecewise-constant token map (every token the state of its query), convolved at full resolution for the
-        finest queries and, averaged per level, at each coarser level's scale (what :func:`dwconv_tokens`
-        computes, for every level whether or not a query uses it: no decision on the data); each query reads its
-        own. The map is pooled where it is convolved, channels first: native average pooling over the real tokens
-        of each cell (``ceil_mode``: short border cells), one ``AveragePool`` in the exported graph, where the
-        eager path's strided sums of the channels-last map export as ``Split`` + ``Add`` chains at the hidden
-        width; and onnxruntime keeps a pooled map in its blocked layout from the pooling into the convolution."""
+        finest queries and, pooled per level, at each coarser level's scale (what :func:`dwconv_tokens` computes,
+        for every level whether or not a query uses it: no decision on the data); each query reads its own.
+        Pooling channels first instead (native ``AveragePool`` beside the convolution) removed the pooling's
+        ``Split`` + ``Add`` chains but quadrupled onnxruntime's ``Transpose`` time: slower on PVT-v2-b1."""
         mlp = self.parts.conv
         if mlp is None:
             return self.get_submodule(self.parts.mlp)(t)
         p = self.num_prefix
         h = mlp.relu(mlp.fc1(t))
         b, d = q.batch, h.shape[-1]
-        fmap = q.to_tokens(h)[:, p:].reshape(b, hw[0], hw[1], d).permute(0, 3, 1, 2)
+        fmap = q.to_tokens(h)[:, p:].reshape(b, hw[0], hw[1], d)
+        pooled = pool_subpatches(fmap, lay, lay.sizes[1:])
         # Candidate columns: the prefix rows (off the map: no family with a convolution in its MLP has any), the
         # finest tokens, then each coarser level's cells, as the query table's columns.
-        maps = [h.new_zeros(b, p, d), conv_at_nchw(mlp.dwconv, fmap, 1, hw).flatten(2).transpose(1, 2)]
-        for s in lay.sizes[1:]:
-            cells = F.avg_pool2d(fmap, s, ceil_mode=True, count_include_pad=False)
-            maps.append(conv_at_nchw(mlp.dwconv, cells, s, hw).flatten(2).transpose(1, 2))
+        maps = [h.new_zeros(b, p, d), conv_at(mlp.dwconv, fmap, 1, hw).reshape(b, -1, d)]
+        maps += [conv_at(mlp.dwconv, pooled[s].view(b, -(-hw[0] // s), -(-hw[1] // s), d), s, hw).reshape(b, -1, d)
+                 for s in lay.sizes[1:]]
         h = q.gather(torch.cat(maps, dim=1))
         return mlp.drop(mlp.fc2(mlp.drop(mlp.act(h))))
 
