@@ -8,6 +8,8 @@ the current one:
 * ``export --tag TAG``: writes ``<arch>-dge-TAG.onnx`` (and the base model's ``<arch>.onnx`` once) into ``--dir``;
 * ``profile --tag TAG``: onnxruntime's profiler on ``--runs`` batches of 64, kernel time summed per op type
   (shares of the whole); the session's graph optimisations are onnxruntime's default, as in deployment;
+* ``rows``: the rows a graph padded per image to the batch's largest query count runs, over the real queries
+  (the eager model's per-block query counts), and the images' ``granularity``;
 * ``time --tags old new``: every tagged graph, the base graph and the eager models in the same interleaved rounds
   (:func:`vitconvert.timing.compare`), speed-ups as medians of per-round paired ratios against the ONNX base.
 
@@ -89,7 +91,7 @@ def op_shares(path: Path, x: np.ndarray, threads: int, runs: int) -> dict[str, A
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["export", "profile", "time"])
+    parser.add_argument("action", choices=["export", "profile", "time", "rows"])
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--tag", default="new")
     parser.add_argument("--tags", nargs="+", default=["old", "new"])
@@ -113,6 +115,16 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.dir / f"{arch}.onnx").exists():
                 onnx_base(model.build_base().eval(), model.anatomy.img_size, args.dir / f"{arch}.onnx")
             row["file"] = str(path)
+        elif args.action == "rows":
+            with torch.no_grad():
+                out = model.forward_dynamic(x)
+            q = out.extras["queries"]  # (B, dynamic blocks)
+            row["padded_rows_over_real_rows"] = float(q.max(0).values.sum() * q.shape[0] / q.sum())
+            row["queries_mean_max_per_block"] = [q.mean(0).tolist(), q.max(0).values.tolist()]
+            row["granularity_mean_min_max"] = [float(f(out.extras["granularity"])) for f in (torch.mean, torch.min,
+                                                                                          torch.max)]
+            row["gmacs_share"] = float(out.gmacs.mean()) / model.base_gmacs
+            print(f"[rows] {arch}: {row['padded_rows_over_real_rows']:.2f}x", flush=True)
         elif args.action == "profile":
             for name in (f"{arch}-dge-{args.tag}", arch):
                 row[name] = op_shares(args.dir / f"{name}.onnx", x.numpy(), args.threads, args.runs)
