@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 import vitconvert
-from benchmarks.common import RESULTS, machine_block
+from benchmarks.common import RESULTS, machine_block, onnx_base, ort_session, point_for_gmacs, randomize_zero_init
 from benchmarks.protocol import random_batch
 from vitconvert.deploy import graph_knobs
 from vitconvert.layers.cascade import thresholds_for_exit_shares
@@ -71,57 +71,9 @@ def force_exit_shares(model: vitconvert.ConvertedModel, x: torch.Tensor, shares:
     return model.set_operating_point(dict(zip(names, thresholds, strict=True)))
 
 
-def randomize_zero_init(model: vitconvert.ConvertedModel, seed: int = 0) -> None:
-    """Random weights for the sub-layers that start at zero (FSLA's output projections: with a zero projection an
-    FSLA model's logits are the base model's whatever the clusters, and the parity check would not see them) and for
-    DGE's routers (fresh ones send every region to the finest grain)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".fsla.proj." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            elif name.startswith("routers."):  # DGE: fresh routers all pick the finest grain; random ones mix
-                p.copy_(torch.randn(p.shape, generator=g))
-
-
-def onnx_base(model: torch.nn.Module, img_size: tuple[int, int], path: Path) -> None:
-    """The base timm model through the same exporter, with a dynamic batch axis."""
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    with torch.no_grad():
-        program = torch.onnx.export(model, (torch.zeros(2, 3, *img_size),), dynamo=True, verbose=False,
-                                    dynamic_shapes=({0: batch},), input_names=["pixel_values"],
-                                    output_names=["logits"])
-    program.save(str(path))
-
-
-def session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def paired_ratio(a: list[float], b: list[float]) -> float:
     """Median of per-round ratios of two models' throughputs from the same rounds."""
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
-
-
-def point_for_gmacs(model: vitconvert.ConvertedModel, x: torch.Tensor, share: float, steps: int = 10
-                    ) -> dict[str, float]:
-    """The operating point whose first knob puts the mean GMACs of ``x`` nearest ``share`` of the base's (bisection;
-    the knob's GMACs fall as it rises from its full-compute end)."""
-    knob = model.operating_space().knobs[0]
-    lo, hi = (knob.low, knob.high) if knob.full == knob.low else (knob.high, knob.low)
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        model.set_operating_point({knob.name: mid})
-        with torch.no_grad():
-            got = float(model.forward_dynamic(x).gmacs.mean()) / model.base_gmacs
-        lo, hi = (mid, hi) if got > share else (lo, mid)
-    return model.set_operating_point({knob.name: (lo + hi) / 2})
 
 
 def measure_row(arch: str, recipe: str, shares: list[float] | float, batches: list[int], threads: int,
@@ -177,7 +129,7 @@ def measure(model: vitconvert.ConvertedModel, images: torch.Tensor, batches: lis
     base_path = folder / f"{tag}.onnx"
     if not base_path.exists():
         onnx_base(base, size, base_path)
-    conv_s, base_s = session(converted_path, threads), session(base_path, threads)
+    conv_s, base_s = ort_session(converted_path, threads), ort_session(base_path, threads)
     outputs = [o.name for o in conv_s.get_outputs()]
     rows = []
     for batch in batches:

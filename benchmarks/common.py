@@ -27,11 +27,13 @@ from typing import Any, Literal
 import torch
 
 from vitconvert.errors import UserError
+from vitconvert.methods.base import ConvertedModel
 from vitconvert.methods.dge import DGE
 from vitconvert.timing import machine_info
 
 __all__ = ["CHECKPOINTS", "CIFAR_BASES", "REPO", "RESULTS", "TRAINED", "TRAINED_MODELS", "ForcedGates",
-           "committed_share", "force_ratio", "forced_rho", "machine_block", "threading_info"]
+           "committed_share", "force_ratio", "forced_rho", "machine_block", "onnx_base", "ort_session",
+           "point_for_gmacs", "randomize_zero_init", "threading_info"]
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"  # committed results (studies write theirs here too)
@@ -133,3 +135,53 @@ def forced_rho(model: DGE) -> float | None:
     """The ratio last passed to :func:`force_ratio`, or None when the gates are not forced by it."""
     override = model.gate_override
     return override.rho if isinstance(override, ForcedGates) else None
+
+# --- shared by bench_export and the ONNX studies ------------------------------------------------------------
+
+
+def randomize_zero_init(model: ConvertedModel, seed: int = 0) -> None:
+    """Random weights for the sub-layers that start at zero (FSLA's output projections: with a zero projection an
+    FSLA model's logits are the base model's whatever the clusters, and the parity check would not see them) and for
+    DGE's routers (fresh ones send every region to the finest grain)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".fsla.proj." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            elif name.startswith("routers."):  # DGE: fresh routers all pick the finest grain; random ones mix
+                p.copy_(torch.randn(p.shape, generator=g))
+
+
+def onnx_base(model: torch.nn.Module, img_size: tuple[int, int], path: Path) -> None:
+    """The base timm model through the same exporter, with a dynamic batch axis."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with torch.no_grad():
+        program = torch.onnx.export(model, (torch.zeros(2, 3, *img_size),), dynamo=True, verbose=False,
+                                    dynamic_shapes=({0: batch},), input_names=["pixel_values"],
+                                    output_names=["logits"])
+    program.save(str(path))
+
+
+def ort_session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def point_for_gmacs(model: ConvertedModel, x: torch.Tensor, share: float, steps: int = 10
+                    ) -> dict[str, float]:
+    """The operating point whose first knob puts the mean GMACs of ``x`` nearest ``share`` of the base's (bisection;
+    the knob's GMACs fall as it rises from its full-compute end)."""
+    knob = model.operating_space().knobs[0]
+    lo, hi = (knob.low, knob.high) if knob.full == knob.low else (knob.high, knob.low)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        model.set_operating_point({knob.name: mid})
+        with torch.no_grad():
+            got = float(model.forward_dynamic(x).gmacs.mean()) / model.base_gmacs
+        lo, hi = (mid, hi) if got > share else (lo, mid)
+    return model.set_operating_point({knob.name: (lo + hi) / 2})

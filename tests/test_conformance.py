@@ -387,6 +387,8 @@ def check_traceable_path_equals_the_forward(case: Case) -> None:
             assert (traced.stage is None) == (eager.stage is None)
             if eager.stage is not None:
                 assert torch.equal(traced.stage, eager.stage)
+            for name in model.decision_outputs:  # per-image decisions the exported graph outputs (DGE: granularity)
+                assert traced.extras[name].shape == (batch,) and torch.equal(traced.extras[name], eager.extras[name])
 
 
 def check_onnx_export(case: Case, tmp_path: Any) -> None:
@@ -412,6 +414,8 @@ def check_onnx_export(case: Case, tmp_path: Any) -> None:
         assert (got["gmacs"] == eager.gmacs.numpy()).all()
         if eager.stage is not None:
             assert (got["exit"] == eager.stage.numpy()).all()
+        for name in model.decision_outputs:
+            assert got[name].shape == (batch,) and (got[name] == eager.extras[name].numpy()).all()
     # The knobs are inputs with the stored point as default: another point without exporting again (here every
     # threshold at its full-compute value; knobs that shape the graph, like CF-ViT's alpha, stay as exported).
     full = model.operating_space().full()

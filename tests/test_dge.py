@@ -875,7 +875,8 @@ def traced(model: DGE, x: torch.Tensor) -> DynamicOutput:
     with torch.no_grad(), model._c.run("traced") as records:
         logits = model.base(x)
         recs = list(records)
-    return DynamicOutput(logits=logits, gmacs=(model._gmacs(recs, x.shape[0], x.device) / GIGA).float())
+    return DynamicOutput(logits=logits, gmacs=(model._gmacs(recs, x.shape[0], x.device) / GIGA).float(),
+                         extras={"granularity": model._granularity(recs, x.shape[0], x.device)})
 
 
 def all_finest(block: int, batch: int, regions: int, device: torch.device) -> torch.Tensor:
@@ -903,6 +904,7 @@ def test_traceable_path_equals_every_eager_path(key: str) -> None:
             got = traced(model, x)
             assert (got.logits - eager.logits).abs().max().item() <= 1e-5, (gates.__name__, execution)
             assert torch.equal(got.gmacs, eager.gmacs)
+            assert torch.equal(got.extras["granularity"], eager.extras["granularity"])
     model.override_gates(None)
     with pytest.raises(UserError, match="override_gates"):
         model.override_gates(all_finest)
@@ -929,7 +931,36 @@ def test_torch_export_keeps_the_routers_choice_and_leaves_no_tracer_tensors_behi
         x = images(model, n, seed=n)
         with torch.no_grad():
             eager = model.forward_dynamic(x)
-            logits, gmacs = module(x)
+            logits, gmacs, granularity = module(x)
         assert (logits - eager.logits).abs().max().item() <= 1e-5
-        assert torch.equal(gmacs, eager.gmacs)
+        assert torch.equal(gmacs, eager.gmacs) and torch.equal(granularity, eager.extras["granularity"])
     assert len(set(eager.gmacs.tolist())) > 1  # the images took different paths through the graph
+    assert len(set(granularity.tolist())) > 1 and bool((granularity < 1).all())
+
+
+@pytest.mark.parametrize("key", ["deit_distilled", "deit_10x10", "pvt_v2"])
+def test_granularity_is_the_share_of_full_resolution_queries_kept(key: str) -> None:
+    """``extras["granularity"]`` (an exported graph's ``granularity`` output): 1 at full compute and with every
+    region at the finest level, the regions' count over the tokens' (prefix tokens kept) with every region at the
+    coarsest, and the queries the blocks ran over their token counts for a mix."""
+    model = convert(key).eval()
+    x = images(model, 3)
+    p = model.num_prefix
+    grids = [model.anatomy.stages[info.stage].grid for info in model.anatomy.blocks
+             if info.index in model.dynamic_blocks]
+    tokens = sum(p + h * w for h, w in grids)
+    with torch.no_grad():
+        assert torch.equal(model.forward_dynamic(x).extras["granularity"], torch.ones(3))  # fresh: all finest
+        model.coarsening = 0.0
+        assert torch.equal(model.forward_dynamic(x).extras["granularity"], torch.ones(3))  # the base blocks
+        model.coarsening = 1.0
+        coarsest = model.forward_dynamic(x).extras["granularity"]
+        regions = sum(p + -(-h // 4) * -(-w // 4) for h, w in grids)
+        assert coarsest.dtype == torch.float32
+        torch.testing.assert_close(coarsest, torch.full((3,), regions / tokens), rtol=1e-6, atol=0)
+        randomize_routers(model)
+        model.coarsening = 0.5
+        mixed = model.forward_dynamic(x)
+    kept = mixed.extras["queries"].sum(1) / tokens
+    torch.testing.assert_close(mixed.extras["granularity"], kept, rtol=1e-6, atol=0)
+    assert bool((mixed.extras["granularity"] < 1).all()) and bool((mixed.extras["granularity"] > coarsest).all())

@@ -145,3 +145,39 @@ def test_fsla_exports_its_clustering_with_the_cluster_size_baked_in(tmp_path: Pa
         logits, gmacs = module(x)
     torch.testing.assert_close(logits, eager.logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(gmacs, eager.gmacs) and output_names(model) == ["logits", "gmacs"]
+
+
+def test_dge_outputs_each_images_granularity_and_the_check_compares_it(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # DGE's per-image decision leaves the graph as `granularity` (the share of full-resolution queries kept), after
+    # logits and gmacs, in onnxruntime and in the .pt2, equal to the eager model's; a graph whose granularity differs
+    # from the eager one's is refused like one whose exits differ.
+    import vitconvert.deploy as deploy
+
+    arch, kwargs = TINY_MODELS["deit"]
+    torch.manual_seed(0)
+    model = vitconvert.apply(arch, "dge", model_kwargs=kwargs, pretrained=False)
+    with torch.no_grad():
+        for router in model.routers.values():  # routers that mix levels (fresh ones keep every region finest)
+            router.fc.weight.normal_(0, 2.0 / router.fc.in_features ** 0.5)
+            router.fc.bias.normal_(0, 0.5)
+    model.eval()
+    x = torch.randn(6, 3, *model.anatomy.img_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager = model.forward_dynamic(x).extras["granularity"]
+    assert len(set(eager.tolist())) > 1 and bool((eager < 1).all())  # images kept different shares
+    path = vitconvert.export(model, tmp_path / "m.onnx")
+    assert output_names(model) == [o.name for o in onnx.load(str(path)).graph.output] == ["logits", "gmacs",
+                                                                                            "granularity"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(["granularity"], {"pixel_values": x.numpy()})[0]
+    assert got.dtype == np.float32 and (got == eager.numpy()).all()
+    program = torch.export.load(str(vitconvert.export(model, tmp_path / "m.pt2", format="torch-export"))).module()
+    with torch.no_grad():
+        assert torch.equal(program(x)[2], eager)
+
+    real = deploy._reference
+    monkeypatch.setattr(deploy, "_reference", lambda m, x: (*real(m, x)[:2], real(m, x)[2] * 0.99))
+    with pytest.raises(UserError, match=r"does not reproduce the model at batch 1 .*decisions differ"):
+        vitconvert.export(model, tmp_path / "other.onnx")
+    assert not (tmp_path / "other.onnx").exists()

@@ -532,7 +532,9 @@ def reproduce_section(config: dict[str, Any], evaluation: dict[str, Any], title:
 # What each output of an exported graph holds (vitconvert.deploy); an output not named here is listed bare.
 _OUTPUT_DOCS = {"logits": "(N, classes) class scores",
                 "gmacs": "(N,) the GMACs of the path each image took",
-                "exit": "(N,) int64, the stage that answered each image (0 = the first)"}
+                "exit": "(N,) int64, the stage that answered each image (0 = the first)",
+                "granularity": "(N,) the share of its full-resolution queries each image kept (DGE; 1 = every region "
+                               "at the finest granularity)"}
 _OUTPUT_VARS = {"exit": "exits"}  # the snippet's variable names: not the builtin's
 _PIL_FILTERS = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC", "lanczos": "LANCZOS",
                 "box": "BOX", "hamming": "HAMMING"}

@@ -15,8 +15,10 @@ a size known at run time). Its interface:
   may leave it out or override it without re-exporting); knobs that change the computation's shapes (CF-ViT's
   ``alpha``, FSLA's ``cluster_size``) are baked in, and so is DGE's ``coarsening`` (a shift of the routers' logits
   before an argmax), so FSLA and DGE graphs take ``pixel_values`` only;
-* outputs ``logits`` (N, classes), ``gmacs`` (N,): the GMACs of the path each image took, and, for cascades,
-  ``exit`` (N,) int64: the stage that answered.
+* outputs ``logits`` (N, classes), ``gmacs`` (N,): the GMACs of the path each image took, for cascades ``exit``
+  (N,) int64: the stage that answered, then the method's other per-image decisions
+  (:attr:`~vitconvert.methods.base.ConvertedModel.decision_outputs`; DGE's ``granularity`` (N,) float32: the share
+  of its full-resolution queries the image kept).
 
 With onnxruntime::
 
@@ -27,8 +29,8 @@ With onnxruntime::
 
 Every export is checked before it is written: ``onnx.checker``, then the exported graph (onnxruntime's CPU provider,
 or the reloaded ``.pt2``) against the eager model on a few images at batch sizes 1 and 3, logits within 1e-4 and the
-same decisions; the file is written to a temporary name and moved into place only then. A method without a
-traceable path (none of the registered ones today) is refused in one line that says why.
+same decisions (exits, DGE's granularity); the file is written to a temporary name and moved into place only then.
+A method without a traceable path (none of the registered ones today) is refused in one line that says why.
 
 ``onnx``, ``onnxruntime`` and ``onnxscript`` come with the ``export`` extra (``pip install "vitconvert[export]"``).
 """
@@ -61,7 +63,8 @@ MAX_BATCH = 65536
 
 
 class Traceable(nn.Module):
-    """The converted model as the graph :func:`export` traces: ``(pixel_values, *knobs) -> (logits, gmacs[, exit])``.
+    """The converted model as the graph :func:`export` traces: ``(pixel_values, *knobs) -> (logits, gmacs[, exit],
+    *decisions)`` (``decisions``: the model's :attr:`~vitconvert.methods.base.ConvertedModel.decision_outputs`).
 
     Args:
         model: The converted model (in eval mode).
@@ -75,8 +78,8 @@ class Traceable(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, *knobs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model.forward_traceable(pixel_values, dict(zip(self.knobs, knobs, strict=True)))
-        outputs = (out.logits, out.gmacs)
-        return outputs if out.stage is None else (*outputs, out.stage)
+        outputs = (out.logits, out.gmacs) if out.stage is None else (out.logits, out.gmacs, out.stage)
+        return (*outputs, *(out.extras[name] for name in self.model.decision_outputs))
 
 
 def graph_knobs(model: ConvertedModel) -> dict[str, float]:
@@ -86,11 +89,12 @@ def graph_knobs(model: ConvertedModel) -> dict[str, float]:
 
 
 def output_names(model: ConvertedModel) -> list[str]:
-    """``logits``, ``gmacs`` and, for a model whose images exit at different stages, ``exit``."""
+    """``logits``, ``gmacs``, for a model whose images exit at different stages ``exit``, then the model's
+    :attr:`~vitconvert.methods.base.ConvertedModel.decision_outputs`."""
     with torch.no_grad():
         out = model.forward_traceable(torch.zeros(1, 3, *model.anatomy.img_size),
                                       {k: torch.tensor(v) for k, v in graph_knobs(model).items()})
-    return ["logits", "gmacs"] + (["exit"] if out.stage is not None else [])
+    return ["logits", "gmacs"] + (["exit"] if out.stage is not None else []) + list(model.decision_outputs)
 
 
 def onnx_interface(path: str | os.PathLike[str]) -> tuple[dict[str, float | None], list[str]]:
@@ -276,12 +280,22 @@ def _reference(model: ConvertedModel, x: torch.Tensor) -> tuple[np.ndarray, ...]
     with torch.no_grad():
         out = model.forward_dynamic(x)
     ref = (out.logits.float().numpy(), out.gmacs.float().numpy())
-    return ref if out.stage is None else (*ref, out.stage.numpy())
+    ref = ref if out.stage is None else (*ref, out.stage.numpy())
+    return (*ref, *(out.extras[name].numpy() for name in model.decision_outputs))
+
+
+def _same_decision(got: Any, ref: np.ndarray) -> bool:
+    """Exits (integers) equal; a float decision (DGE's granularity: a ratio of query counts, computed by the same
+    operations in the graph) equal up to rounding, far below what one region changing its level moves it."""
+    got = np.asarray(got)
+    if np.issubdtype(ref.dtype, np.floating):
+        return got.shape == ref.shape and bool(np.allclose(got, ref, rtol=1e-6, atol=0.0))
+    return np.array_equal(got, ref)
 
 
 def _compare(got: list[Any], ref: tuple[np.ndarray, ...], where: str) -> None:
     logits_diff = float(np.abs(np.asarray(got[0]) - ref[0]).max()) if ref[0].size else 0.0
-    same = all(np.array_equal(np.asarray(g), r) for g, r in zip(got[2:], ref[2:], strict=True))
+    same = all(_same_decision(g, r) for g, r in zip(got[2:], ref[2:], strict=True))
     gmacs_diff = float(np.abs(np.asarray(got[1]) - ref[1]).max()) if ref[1].size else 0.0
     if logits_diff > TOLERANCE or not same or gmacs_diff > 1e-6 * max(1.0, float(np.abs(ref[1]).max())):
         raise UserError(f"the exported graph does not reproduce the model {where} (logits differ by {logits_diff:.2g}, "

@@ -174,13 +174,21 @@ class PaddedQueries:
 
 
 class TracedQueries:
-    """:class:`PaddedQueries` as a traceable graph builds it (``torch.export``, ONNX): each image's selected queries
-    padded to the batch's largest count, a length known only at run time.
+    """:class:`PackedQueries` as a traceable graph builds it (``torch.export``, ONNX): the batch's selected queries
+    as one (M, C) matrix (image after image), padded per image to the batch's largest count only around the attention
+    core; M and that length are known only at run time.
 
     The length is read with ``.item()`` and bounded with ``torch._check`` (at least one query per image: every
     region holds at least one candidate at its level; at most every candidate), so the exporter accepts the
     data-dependent size and no empty tensor ever reaches the block's layers, whatever mix of levels the routers
     chose. No ``out=`` writes, no in-place updates and no Python decision on the data.
+
+    Why packed: per-row layers (norms, projections, the MLP) run on the M real rows. Padded to the largest count
+    they ran on 1.7x as many rows on DeiT-S with random routers at half the GMACs (1.2x on PVT-v2-b1), where the
+    eager model runs packed. Rows move as whole rows of flattened tables: ``index_select`` with 1-D flat row numbers,
+    one ONNX ``Gather`` per move; ``torch.gather`` on (B, T, C) with an index expanded over the channels exports as
+    ``Expand`` + ``GatherElements`` (an index tensor as large as the data, read per element), which took a quarter
+    of onnxruntime's time on PVT-v2-b1.
     """
 
     def __init__(self, qsel: torch.Tensor, tok_src: torch.Tensor) -> None:
@@ -190,28 +198,43 @@ class TracedQueries:
             tok_src: (B, N) the candidate covering each token (prefix included).
         """
         b, t = qsel.shape
-        pos = qsel.long().cumsum(1) - 1
+        pos = qsel.long().cumsum(1) - 1  # slot of each selected candidate in its image's queries
         self.nq = pos[:, -1] + 1
         length = self.nq.max().item()
         torch._check(length >= 1)
         torch._check(length <= t)
-        target = torch.where(qsel, pos, length)
-        idx = torch.zeros(b, length + 1, dtype=torch.long, device=qsel.device)
-        idx = idx.scatter(1, target, torch.arange(t, device=qsel.device).expand(b, t))
-        self.idx = idx[:, :length]  # padding slots point at candidate 0 (a real token; its output is unused)
-        self.tok_rows = pos.gather(1, tok_src)  # (B, N) slot of the query covering each token
+        self.batch, self.length, self.tokens, self.candidates = b, length, tok_src.shape[1], t
+        first = self.nq.cumsum(0) - self.nq  # (B,) packed row of each image's first query
+        # (M,) flat candidate row (of a (B * T, C) table) of each query, image after image, column order inside
+        self.src = qsel.flatten().nonzero().squeeze(1)
+        # (B * N,) packed row of the query covering each token
+        self.tok_rows = (pos.gather(1, tok_src) + first.unsqueeze(1)).flatten()
+        # Around the attention core: slot j of image i holds its packed row first + j; padding slots repeat the
+        # image's last query (a real row; their outputs are never read back). Back: each row's own slot.
+        j = torch.arange(length, device=qsel.device).unsqueeze(0)
+        self.pad_rows = (first.unsqueeze(1) + torch.minimum(j, self.nq.unsqueeze(1) - 1)).flatten()
+        self.unpad = (self.src // t) * length + pos.flatten().index_select(0, self.src)
 
     def gather(self, table: torch.Tensor) -> torch.Tensor:
-        """(B, T, C) every candidate's row (the full-resolution map, then each level's pooled table) -> (B, L, C)."""
-        return table.gather(1, self.idx.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
+        """(B, T, C) every candidate's row (the full-resolution map, then each level's pooled table) -> (M, C)."""
+        return table.reshape(-1, table.shape[-1]).index_select(0, self.src)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-        return attend_batched(q, k, v, dropout, bias)
+        """(M, D) queries against per-image (B, h, Nk, d) keys/values -> (M, D); ``bias`` per padded slot
+        (:meth:`slot_cands`)."""
+        d = q.shape[-1]
+        padded = q.index_select(0, self.pad_rows).view(self.batch, self.length, d)
+        return attend_batched(padded, k, v, dropout, bias).reshape(-1, d).index_select(0, self.unpad)
+
+    def slot_cands(self) -> torch.Tensor:
+        """(B, L) the candidate each padded slot of the attention core holds (for per-candidate attention biases)."""
+        return (self.src % self.candidates).index_select(0, self.pad_rows).view(self.batch, self.length)
 
     def to_tokens(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) per-query rows -> (B, N, D): every token takes the row of the query covering it."""
-        return t.gather(1, self.tok_rows.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+        """(M, D) per-query rows -> (B, N, D): every token takes the row of the query covering it."""
+        d = t.shape[-1]
+        return t.index_select(0, self.tok_rows).view(self.batch, self.tokens, d)
 
 
 class AllQueries:

@@ -132,6 +132,10 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
     # DynamicOutput tells them apart by ``stage`` or ``gmacs``. False where every image runs the same shapes (FSLA:
     # every image is clustered, at one cost).
     per_image_paths: ClassVar[bool] = True
+    # Per-image decisions beside ``stage`` that an exported graph outputs after ``logits``, ``gmacs`` (and ``exit``):
+    # names of (B,) entries of DynamicOutput.extras that forward_dynamic and forward_traceable both return (DGE's
+    # ``granularity``), checked against the eager model like the exits (vitconvert.deploy).
+    decision_outputs: ClassVar[tuple[str, ...]] = ()
     # Why the method's dynamic path has no traceable form yet (export refuses with it); a method that implements
     # forward_traceable exports instead.
     export_refusal: ClassVar[str] = "its dynamic path has no traceable form yet"

@@ -373,16 +373,34 @@ class DGEBlock(nn.Module):
             logits = logits.masked_fill(rank > cap.unsqueeze(-1), float("-inf"))
         return logits.argmax(dim=-1), True
 
-    def _forward_sparse(self, x: torch.Tensor, hw: tuple[int, int], args: tuple[Any, ...],
-                        kwargs: dict[str, Any]) -> torch.Tensor:
-        ctx = self._ctx
-        lay = ctx.layout(hw, x.device)
+    def _select_queries(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[
+            RegionLayout, dict[int, torch.Tensor], torch.Tensor, bool, torch.Tensor]:
+        """What the inference paths (eager and traced) share before they run: the grid's layout, the pooled
+        sub-patch tables (each coarser level's, and the regions' for the router), the gates (B, R) of the regions,
+        whether the router ran, and ``qsel`` (B, prefix + T): which candidates of each image are queries (the
+        prefix tokens always are)."""
+        lay = self._ctx.layout(hw, x.device)
         p = self.num_prefix
-        b, n, c = x.shape
+        b, _, c = x.shape
         pooled = pool_subpatches(x[:, p:].reshape(b, hw[0], hw[1], c), lay, [*lay.sizes[1:], lay.region])
         gates, ran = self._sparse_gates(pooled[lay.region], lay)
         sel = gates[:, lay.cand_region] == lay.cand_gran
-        qsel = torch.cat([sel.new_ones(b, p), sel], dim=1)
+        return lay, pooled, gates, ran, torch.cat([sel.new_ones(b, self.num_prefix), sel], dim=1)
+
+    def _token_sources(self, gates: torch.Tensor, lay: RegionLayout) -> torch.Tensor:
+        """(B, prefix + HW) the candidate covering each token at its region's level (the prefix tokens their own)."""
+        p = self.num_prefix
+        b = gates.shape[0]
+        g_tok = gates[:, lay.tok_region]
+        tok_src = p + lay.tok_cand_t.unsqueeze(0).expand(b, -1, -1).gather(2, g_tok.unsqueeze(-1)).squeeze(2)
+        return torch.cat([torch.arange(p, device=gates.device).expand(b, p), tok_src], dim=1)
+
+    def _forward_sparse(self, x: torch.Tensor, hw: tuple[int, int], args: tuple[Any, ...],
+                        kwargs: dict[str, Any]) -> torch.Tensor:
+        ctx = self._ctx
+        p = self.num_prefix
+        n = x.shape[1]
+        lay, pooled, gates, ran, qsel = self._select_queries(x, hw)
         conv_macs = self._conv_macs(gates, lay)
         path = self._choose_path(gates, qsel, lay, conv_macs)
         if path == "base":  # every region at the finest granularity: the base block computes the same thing
@@ -392,9 +410,7 @@ class DGEBlock(nn.Module):
             out = self._forward_split(x, hw, lay, gates, pooled, args, kwargs)
             nq = qsel.sum(1)
         else:
-            g_tok = gates[:, lay.tok_region]
-            tok_src = p + lay.tok_cand_t.unsqueeze(0).expand(b, -1, -1).gather(2, g_tok.unsqueeze(-1)).squeeze(2)
-            tok_src = torch.cat([torch.arange(p, device=x.device).expand(b, p), tok_src], dim=1)
+            tok_src = self._token_sources(gates, lay)
             q: QuerySelection
             if path == "dense":
                 # The MLP (PVT-v2: after the convolution) runs on the queries' own rows, not on their repeats;
@@ -418,21 +434,11 @@ class DGEBlock(nn.Module):
     def _forward_traced(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """The sparse path as one traceable graph (:meth:`DGE.forward_traceable`): the same gates, queries and
         results as :meth:`_forward_sparse`, with no Python decision on the data. Every batch runs the selected
-        queries of each image padded to the batch's largest count (:class:`TracedQueries`), whatever mix of
-        levels the routers chose: the eager path's choice of base, split, dense or sparse per batch gives the
-        same results, so the graph keeps one fixed structure. The cost record is the sparse path's."""
-        ctx = self._ctx
-        lay = ctx.layout(hw, x.device)
-        p = self.num_prefix
-        b, _, c = x.shape
-        pooled = pool_subpatches(x[:, p:].reshape(b, hw[0], hw[1], c), lay, [*lay.sizes[1:], lay.region])
-        gates, ran = self._sparse_gates(pooled[lay.region], lay)
-        sel = gates[:, lay.cand_region] == lay.cand_gran
-        qsel = torch.cat([sel.new_ones(b, p), sel], dim=1)
-        g_tok = gates[:, lay.tok_region]
-        tok_src = p + lay.tok_cand_t.unsqueeze(0).expand(b, -1, -1).gather(2, g_tok.unsqueeze(-1)).squeeze(2)
-        tok_src = torch.cat([torch.arange(p, device=x.device).expand(b, p), tok_src], dim=1)
-        q = TracedQueries(qsel, tok_src)
+        queries of the batch packed, padded per image only around the attention core (:class:`TracedQueries`),
+        whatever mix of levels the routers chose: the eager path's choice of base, split, dense or sparse per
+        batch gives the same results, so the graph keeps one fixed structure. The cost record is the sparse path's."""
+        lay, pooled, gates, ran, qsel = self._select_queries(x, hw)
+        q = TracedQueries(qsel, self._token_sources(gates, lay))
         q_in = q.gather(torch.cat([x, *(pooled[s] for s in lay.sizes[1:])], dim=1))
         norm1 = self.get_submodule(self.parts.norm1)
         norm2 = self.get_submodule(self.parts.norm2)
@@ -443,16 +449,18 @@ class DGEBlock(nn.Module):
         return out
 
     def _traced_mlp(self, t: torch.Tensor, hw: tuple[int, int], lay: RegionLayout, q: TracedQueries) -> torch.Tensor:
-        """The MLP of the (B, L, C) query rows, traceable. PVT-v2's convolution at each query's scale: the
+        """The MLP of the (M, C) query rows, traceable. PVT-v2's convolution at each query's scale: the
         piecewise-constant token map (every token the state of its query), convolved at full resolution for the
         finest queries and, pooled per level, at each coarser level's scale (what :func:`dwconv_tokens` computes,
-        for every level whether or not a query uses it: no decision on the data); each query reads its own."""
+        for every level whether or not a query uses it: no decision on the data); each query reads its own.
+        Pooling channels first instead (native ``AveragePool`` beside the convolution) removed the pooling's
+        ``Split`` + ``Add`` chains but quadrupled onnxruntime's ``Transpose`` time: slower on PVT-v2-b1."""
         mlp = self.parts.conv
         if mlp is None:
             return self.get_submodule(self.parts.mlp)(t)
         p = self.num_prefix
         h = mlp.relu(mlp.fc1(t))
-        b, d = h.shape[0], h.shape[-1]
+        b, d = q.batch, h.shape[-1]
         fmap = q.to_tokens(h)[:, p:].reshape(b, hw[0], hw[1], d)
         pooled = pool_subpatches(fmap, lay, lay.sizes[1:])
         # Candidate columns: the prefix rows (off the map: no family with a convolution in its MLP has any), the
@@ -593,12 +601,7 @@ class DGEBlock(nn.Module):
             assert cands is not None
             sub = table.index_select(2, cands)
             return sub if table.shape[0] == 1 else sub.index_select(0, win)
-        if isinstance(q, PackedQueries):
-            slots = q.slot_cands()
-        elif isinstance(q, TokenQueries):
-            slots = q.tok_src
-        else:
-            slots = q.idx
+        slots = q.slot_cands() if isinstance(q, PackedQueries | TracedQueries) else q.tok_src
         return table[win.unsqueeze(1), :, slots].permute(0, 2, 1, 3)
 
     def _mlp(self, t: torch.Tensor, hw: tuple[int, int], lay: RegionLayout, q: QuerySelection,

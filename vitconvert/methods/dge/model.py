@@ -89,6 +89,7 @@ class DGE(ConvertedModel):
     Settings = DGESettings
     Losses = DGELosses
     full_compute_runs_base = True  # coarsening 0: the base blocks, routers not run
+    decision_outputs = ("granularity",)
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
         super().__init__(base, spec, recipe, anatomy)
@@ -286,6 +287,17 @@ class DGE(ConvertedModel):
                 total = total + r.conv_macs
         return total
 
+    def _granularity(self, records: list[Record], batch: int, device: torch.device) -> torch.Tensor:
+        """(B,) float32: the queries each image ran in the dynamic blocks, as a share of the queries full compute
+        runs there (every region at the finest granularity: 1.0; fewer when regions turned coarse). The exported
+        graph's ``granularity`` output and ``extras["granularity"]``: one number per image that says how coarse the
+        routers made it, whatever the blocks' grids."""
+        if not records:
+            return torch.ones(batch, device=device)
+        kept = sum(r.nq.to(torch.float64) for r in records)
+        full = sum(self.costs[r.block]["level_nq"][0] for r in records)
+        return (kept / full).float()
+
     def forward_at_point(self, x: torch.Tensor) -> DynamicOutput:
         """Inference at the current knob; ``gmacs`` per image from the gates each block chose."""
         self.check_input(x)
@@ -297,7 +309,7 @@ class DGE(ConvertedModel):
             recs = list(records)
         b = x.shape[0]
         gm = self._gmacs(recs, b, x.device)
-        extras: dict[str, torch.Tensor] = {}
+        extras: dict[str, torch.Tensor] = {"granularity": self._granularity(recs, b, x.device)}
         if recs:
             extras["queries"] = torch.stack([r.nq for r in recs], dim=1).float()
             # Blocks this batch ran not sparse (every token a query row, split by level, or the base block): same
@@ -322,13 +334,16 @@ class DGE(ConvertedModel):
         with self._c.run("traced") as records:
             logits = self.base(x)
             recs = list(records)
-        return DynamicOutput(logits=logits, gmacs=(self._gmacs(recs, x.shape[0], x.device) / GIGA).float())
+        b = x.shape[0]
+        return DynamicOutput(logits=logits, gmacs=(self._gmacs(recs, b, x.device) / GIGA).float(),
+                             extras={"granularity": self._granularity(recs, b, x.device)})
 
     def forward_full_compute(self, x: torch.Tensor) -> DynamicOutput:
         """The base blocks, routers not run, whatever the knob or a gate override (the small-batch rule's path)."""
         self.check_input(x)
         logits = self._plain(x)
-        return DynamicOutput(logits=logits, gmacs=torch.full((x.shape[0],), self.base_gmacs, device=x.device))
+        return DynamicOutput(logits=logits, gmacs=torch.full((x.shape[0],), self.base_gmacs, device=x.device),
+                             extras={"granularity": self._granularity([], x.shape[0], x.device)})
 
     def train(self, mode: bool = True) -> DGE:
         super().train(mode)
