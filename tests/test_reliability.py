@@ -206,7 +206,10 @@ def test_ctrl_c_during_finetune_exits_130_and_keeps_the_checkpoint(models: dict[
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     proc = subprocess.Popen([sys.executable, "-m", "vitconvert", "finetune", str(models["deit-cfvit"]), "--data",
                              str(data_dir), "-o", str(out), "--device", "cpu", "--set", "finetune.epochs=100"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            # A run started from a background job inherits SIGINT ignored (POSIX shells do that for
+                            # `cmd &`), and then Python raises no KeyboardInterrupt: give the child the default.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     deadline = time.monotonic() + 120
     while not (partial / "checkpoint.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)  # the first epoch's checkpoint (7 steps), long before checkpoint_every's 200
