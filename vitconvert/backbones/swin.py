@@ -11,7 +11,7 @@ position bias and shift mask of query rows that stand for several positions.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -117,17 +117,23 @@ class Swin(Family):
     name = "swin"
     description = "Swin"
     block_layout = "map"
+    # What the reader requires beyond (shifted) windows; SwinV2 overrides them (its subclass reads nothing else).
+    attention_parts: ClassVar[tuple[str, ...]] = ("relative_position_bias_table",)
+    attention_needed: ClassVar[str] = "window attention with a relative position bias"
+    post_norm: ClassVar[bool] = False  # True: every block must be post-norm (False: not checked)
 
     def read(self, model: nn.Module, draft: Anatomy) -> list[str]:
         missing = []
         if len(draft.stages) < 2:
             missing.append("several stages")
         attns = [model.get_submodule(b.attn) for b in draft.blocks]
-        if not all(hasattr(a, "window_size") and hasattr(a, "relative_position_bias_table") for a in attns):
-            missing.append("window attention with a relative position bias")
+        if not all(hasattr(a, "window_size") and all(hasattr(a, n) for n in self.attention_parts) for a in attns):
+            missing.append(self.attention_needed)
         blocks = [model.get_submodule(b.path) for b in draft.blocks]
         if not all(hasattr(b, "shift_size") for b in blocks):
             missing.append("(shifted) window blocks")
+        if self.post_norm and not all(b.post_norm for b in draft.blocks):
+            missing.append("post-norm blocks")
         if missing:
             return missing
         for b in draft.blocks:

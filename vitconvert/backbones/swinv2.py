@@ -15,33 +15,12 @@ to the new maps, through timm's own ``set_input_size``), so this adapter only re
 
 from __future__ import annotations
 
-from torch import nn
-
-from vitconvert.anatomy import Anatomy
-from vitconvert.backbones.swin import Swin, _pair
+from vitconvert.backbones.swin import Swin
 
 
 class SwinV2(Swin):
     name = "swinv2"
     description = "SwinV2"
-
-    def read(self, model: nn.Module, draft: Anatomy) -> list[str]:
-        missing = []
-        if len(draft.stages) < 2:
-            missing.append("several stages")
-        attns = [model.get_submodule(b.attn) for b in draft.blocks]
-        if not all(hasattr(a, "window_size") and hasattr(a, "logit_scale") and hasattr(a, "cpb_mlp") for a in attns):
-            missing.append("cosine window attention with a continuous position bias")
-        blocks = [model.get_submodule(b.path) for b in draft.blocks]
-        if not all(hasattr(b, "shift_size") for b in blocks):
-            missing.append("(shifted) window blocks")
-        if not all(b.post_norm for b in draft.blocks):
-            missing.append("post-norm blocks")
-        if missing:
-            return missing
-        for b in draft.blocks:
-            b.attn_kind = "window"
-        draft.extras["window_size"] = [list(_pair(model.get_submodule(draft.blocks[s.blocks[0]].path).window_size))
-                                       for s in draft.stages]
-        draft.extras["shift_size"] = [list(_pair(m.shift_size)) for m in blocks]
-        return []
+    attention_parts = ("logit_scale", "cpb_mlp")
+    attention_needed = "cosine window attention with a continuous position bias"
+    post_norm = True

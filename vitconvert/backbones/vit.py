@@ -77,15 +77,8 @@ class ViT(Family):
     global_attention = True
 
     def read(self, model: nn.Module, draft: Anatomy) -> list[str]:
-        missing = []
-        if len(draft.stages) != 1:
-            missing.append(f"a single stage of blocks (found {len(draft.stages)})")
-        conv = _patch_conv(model, draft)
-        if conv is None or tuple(conv.kernel_size) != tuple(conv.stride):
-            missing.append("a non-overlapping patch embedding")
+        missing = patch_grid_stage_gaps(model, draft)
         grid_tokens = draft.grid[0] * draft.grid[1]
-        if any(b.tokens != grid_tokens + draft.num_prefix_tokens for b in draft.blocks):
-            missing.append("blocks over prefix tokens + the patch grid")
         for b in draft.blocks:
             attn = model.get_submodule(b.attn)
             if hasattr(attn, "window_size") or hasattr(attn, "sr") or hasattr(attn, "relative_position_bias_table"):
@@ -120,10 +113,31 @@ class ViT(Family):
     def set_input_size(self, model: nn.Module, size: tuple[int, int], anatomy: Anatomy,
                        keep_windows: bool = True) -> dict[str, Any]:
         """timm's ``set_input_size``: the position embeddings are resampled to the new grid."""
-        if not hasattr(model, "set_input_size"):
-            raise UserError(f"{type(model).__name__} cannot change its input size (no set_input_size in timm)")
-        model.set_input_size(img_size=size)
-        return {"img_size": list(size)}
+        return timm_set_input_size(model, size)
+
+
+def patch_grid_stage_gaps(model: nn.Module, draft: Anatomy) -> list[str]:
+    """What a ViT-like model lacks of one stage of blocks over prefix tokens + a non-overlapping patch grid (the
+    shape every token-sequence family here shares)."""
+    missing = []
+    if len(draft.stages) != 1:
+        missing.append(f"a single stage of blocks (found {len(draft.stages)})")
+    conv = _patch_conv(model, draft)
+    if conv is None or tuple(conv.kernel_size) != tuple(conv.stride):
+        missing.append("a non-overlapping patch embedding")
+    grid_tokens = draft.grid[0] * draft.grid[1]
+    if any(b.tokens != grid_tokens + draft.num_prefix_tokens for b in draft.blocks):
+        missing.append("blocks over prefix tokens + the patch grid")
+    return missing
+
+
+def timm_set_input_size(model: nn.Module, size: tuple[int, int]) -> dict[str, Any]:
+    """Run ``model`` at ``size`` through timm's own ``set_input_size`` (what depends on the grid rebuilt); returns the
+    constructor argument that now differs."""
+    if not hasattr(model, "set_input_size"):
+        raise UserError(f"{type(model).__name__} cannot change its input size (no set_input_size in timm)")
+    model.set_input_size(img_size=size)
+    return {"img_size": list(size)}
 
 
 def _patch_conv(model: nn.Module, draft: Anatomy) -> nn.Conv2d | None:

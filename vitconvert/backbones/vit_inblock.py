@@ -25,8 +25,7 @@ from torch import nn
 
 from vitconvert.anatomy import Anatomy
 from vitconvert.backbones.family import Family
-from vitconvert.backbones.vit import _patch_conv
-from vitconvert.errors import UserError
+from vitconvert.backbones.vit import patch_grid_stage_gaps, timm_set_input_size
 
 
 class _InBlockPositions(Family):
@@ -37,15 +36,7 @@ class _InBlockPositions(Family):
     global_attention = True
 
     def _common(self, model: nn.Module, draft: Anatomy) -> list[str]:
-        missing = []
-        if len(draft.stages) != 1:
-            missing.append(f"a single stage of blocks (found {len(draft.stages)})")
-        conv = _patch_conv(model, draft)
-        if conv is None or tuple(conv.kernel_size) != tuple(conv.stride):
-            missing.append("a non-overlapping patch embedding")
-        grid_tokens = draft.grid[0] * draft.grid[1]
-        if any(b.tokens != grid_tokens + draft.num_prefix_tokens for b in draft.blocks):
-            missing.append("blocks over prefix tokens + the patch grid")
+        missing = patch_grid_stage_gaps(model, draft)
         if any(hasattr(model.get_submodule(b.attn), "window_size") and not hasattr(
                 model.get_submodule(b.attn), "relative_position_bias_table") for b in draft.blocks):
             missing.append("global attention")
@@ -60,10 +51,7 @@ class _InBlockPositions(Family):
                        keep_windows: bool = True) -> dict[str, Any]:
         """timm's ``set_input_size``: position embeddings resampled, rotary embeddings and relative position
         biases recomputed for the new grid."""
-        if not hasattr(model, "set_input_size"):
-            raise UserError(f"{type(model).__name__} cannot change its input size (no set_input_size in timm)")
-        model.set_input_size(img_size=size)
-        return {"img_size": list(size)}
+        return timm_set_input_size(model, size)
 
 
 class EVA(_InBlockPositions):
