@@ -301,6 +301,33 @@ def test_loss_terms_and_teacher(model_dir: Path, finetuned_dir: Path) -> None:
     assert "base.safetensors" in desc
 
 
+def test_mix_batch_mixes_images_and_labels_by_the_same_share(model_dir: Path) -> None:
+    x = torch.arange(4 * 3 * 8 * 8, dtype=torch.float32).view(4, 3, 8, 8)
+    y = torch.tensor([0, 1, 2, 3])
+    mixed, soft = vtrain.mix_batch(x, y, 10, 0.8, 0.0, torch.Generator().manual_seed(1))
+    assert soft is not None and soft.shape == (4, 10)
+    lam = float(soft[0, 0])
+    assert 0 < lam < 1 and soft.sum(1).allclose(torch.ones(4))
+    assert soft[0, 3] == pytest.approx(1 - lam)  # image 0 mixed with image 3 (the reversed batch)
+    torch.testing.assert_close(mixed, x * lam + x.flip(0) * (1 - lam))
+    again, _ = vtrain.mix_batch(x, y, 10, 0.8, 0.0, torch.Generator().manual_seed(1))
+    assert torch.equal(mixed, again)  # seeded: a resumed run mixes alike
+    cut, soft = vtrain.mix_batch(x, None, 10, 0.0, 1.0, torch.Generator().manual_seed(3))
+    assert soft is None
+    pasted = (cut != x).any(1)  # (B, H, W) pixels taken from the reversed batch
+    where = pasted.unsqueeze(1).expand_as(cut)
+    assert pasted.any() and torch.equal(cut[where], x.flip(0)[where])
+    _, soft = vtrain.mix_batch(x, y, 10, 0.0, 1.0, torch.Generator().manual_seed(3))
+    assert soft is not None and soft[0, 3].item() == pytest.approx(pasted[0].float().mean().item())
+    # soft labels reach the shared loss and the method's own terms (CF-ViT's coarse cross-entropy)
+    model = vitconvert.load(model_dir)
+    settings = model.recipe.finetune
+    outputs = model.train().forward_train(torch.randn(4, 3, 32, 32))
+    hard = loss_terms(model, outputs, None, y, settings)
+    as_probs = loss_terms(model, outputs, None, F.one_hot(y, 10).float(), settings)
+    assert as_probs["ce"].item() == pytest.approx(hard["ce"].item(), rel=1e-5)
+
+
 DDP_SCRIPT = """
 import sys
 from vitconvert.train import finetune

@@ -54,6 +54,10 @@ class FinetuneSettings(Strict):
     drop_path_rate: float = Field(0.0, ge=0, lt=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     distill_temperature: float = Field(1.0, gt=0, le=100)
+    mixup: float = Field(0.0, ge=0, le=10, description="mixup: each batch mixed with its reverse by a Beta(a, a) "
+                         "weight, the teacher seeing the same mixed images (labels mixed too); 0: off")
+    cutmix: float = Field(0.0, ge=0, le=10, description="cutmix: a box of the reversed batch pasted in, its area "
+                          "Beta(a, a); with mixup, each batch takes one of the two at random; 0: off")
     max_images: int | None = Field(None, ge=1, description="use at most this many training images")
     checkpoint_every: int = Field(200, ge=1, description="optimizer steps between resumable checkpoints")
     seed: int = 0

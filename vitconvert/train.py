@@ -513,19 +513,56 @@ def _train(plan: _Plan, run: _Run, teacher: nn.Module | None, log: dict[str, Any
     log["seconds"] = round(run.elapsed_before + time.perf_counter() - start, 2)
 
 
+def mix_batch(x: torch.Tensor, labels: torch.Tensor | None, num_classes: int, mixup: float, cutmix: float,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mixup or cutmix of a batch with its reverse (one weight per batch, as timm's ``Mixup`` in batch mode).
+
+    The teacher is then run on the mixed images too: "consistent teaching" (Beyer et al. 2022, "Knowledge
+    distillation: a good teacher is patient and consistent"), where mixing makes unlabeled images carry more
+    of the teacher's function than the images alone. Labels, when used, become (B, classes) probabilities mixed
+    by the pixels' shares (a cutmix box clipped at the border counts what was pasted).
+    """
+    use_cutmix = cutmix > 0 and (mixup <= 0 or bool(torch.rand((), generator=gen) < 0.5))
+    alpha = cutmix if use_cutmix else mixup
+    lam = float(np.random.default_rng(int(torch.randint(2**31, (), generator=gen))).beta(alpha, alpha))
+    other = x.flip(0)
+    if use_cutmix:
+        h, w = x.shape[-2:]
+        cut = (1.0 - lam) ** 0.5
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = (int(torch.randint(n, (), generator=gen)) for n in (h, w))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        x = x * lam + other * (1.0 - lam)
+    if labels is not None:
+        if labels.dim() == 1:
+            labels = nn.functional.one_hot(labels, num_classes).float()
+        labels = labels * lam + labels.flip(0) * (1.0 - lam)
+    return x, labels
+
+
 def _step(plan: _Plan, run: _Run, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
           autocast: contextlib.AbstractContextManager[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimiser step; returns the loss and its unweighted terms."""
     model = run.model
     run.scheduler.step_update(run.step)
     model.set_train_progress(run.step / plan.total_steps)  # schedules inside the method (DGE's temperature)
+    labels: torch.Tensor | None = y if plan.use_labels else None
+    if plan.settings.mixup > 0 or plan.settings.cutmix > 0:
+        # Seeded by the step: a resumed run mixes the batches it would have mixed.
+        gen = torch.Generator().manual_seed(plan.settings.seed * 1_000_003 + run.step)
+        x, labels = mix_batch(x, labels, model.num_classes, plan.settings.mixup, plan.settings.cutmix, gen)
     with autocast:
         outputs = run.step_fn(x)
         teacher_logits = None
         if teacher is not None:
             with torch.no_grad():
                 teacher_logits = teacher(x)
-    terms = loss_terms(model, outputs, teacher_logits, y if plan.use_labels else None, plan.settings)
+    terms = loss_terms(model, outputs, teacher_logits, labels, plan.settings)
     loss = sum(loss_weight(plan.weights, k) * v for k, v in terms.items())
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -197,7 +197,8 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
 
         Args:
             outputs: What :meth:`forward_train` returned.
-            labels: (B,) class indices, or None when fine-tuning without labels.
+            labels: (B,) class indices, (B, classes) probabilities when the fine-tune mixes images
+                (``finetune.mixup``/``cutmix``), or None when fine-tuning without labels.
             teacher_logits: (B, classes) of the original model, or None when distillation is off.
         """
 

@@ -520,7 +520,9 @@ class CFViT(ConvertedModel, SimulatesPoints):
         log_coarse = outputs["coarse_logits"].float().log_softmax(dim=-1)
         terms = {"coarse_kl": F.kl_div(log_coarse, target, reduction="batchmean")}
         if labels is not None and self.recipe.losses.coarse_ce > 0:
-            terms["coarse_ce"] = F.nll_loss(log_coarse, labels)
+            # labels: class indices, or (B, classes) probabilities when the fine-tune mixes images
+            terms["coarse_ce"] = (F.nll_loss(log_coarse, labels) if labels.dim() == 1
+                                  else -(labels.float() * log_coarse).sum(-1).mean())
         return terms
 
     # --- accounting -----------------------------------------------------------------------------------
