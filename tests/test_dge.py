@@ -33,7 +33,8 @@ EXTRA_MODELS = {
                                        num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))),
 }
 MODELS = {**TINY_MODELS, **EXTRA_MODELS}
-DGE_KEYS = ["vit", "deit", "deit_distilled", "deit3", "pvt_v2", "deit_10x10", "pvt_v2_56", "pvt_v2_li", "swin"]
+DGE_KEYS = ["vit", "deit", "deit_distilled", "deit3", "pvt_v2", "deit_10x10", "pvt_v2_56", "pvt_v2_li", "swin", "eva02",
+            "beit", "swinv2"]
 
 
 def convert(key: str, overrides: list[str] | None = None, seed: int = 0, recipe: str = "dge",
@@ -81,6 +82,7 @@ def test_recipes_validate() -> None:
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_finest_reproduces_base(key: str, layout: str) -> None:
     model = convert(key, [f"model.inference_layout={layout}"])
+    wake_post_norms(model)  # SwinV2: blocks that are not the identity
     base = model.build_base()
     x = images(model, 3)
     with torch.no_grad():
