@@ -176,8 +176,8 @@ def test_position_information_follows_the_input_size(key: str) -> None:
     assert FAMILIES[anatomy.family].set_input_size(model, (48, 48), anatomy) == {"img_size": [48, 48]}
     assert model(torch.zeros(2, 3, 48, 48)).shape == (2, 10)
     assert FAMILIES[anatomy.family].size_step(anatomy) == 4
-    with pytest.raises(AnatomyError, match="cannot run queries apart from keys"):
-        FAMILIES[anatomy.family].query_attention(model.blocks[0].attn, "block 0")
+    # Queries apart from keys, with position rows of their own (DGE's pooled queries take their positions' mean).
+    assert FAMILIES[anatomy.family].query_attention(model.blocks[0].attn, "block 0").holds_positions
 
 
 def test_size_steps() -> None:

@@ -111,6 +111,18 @@ def perturb_new_parameters(model: ConvertedModel, seed: int = 1) -> None:
             p.add_(torch.randn(p.shape, generator=g) * max(scale, 0.3 / math.sqrt(max(p.shape[-1], 1))))
 
 
+def wake_zero_norms(model: ConvertedModel, seed: int = 4) -> None:
+    """Give norm weights that timm initialises to all zeros trained-like values around 1 (SwinV2's residual
+    post-norms: a random-init SwinV2 block is the identity, so no path through it differs from another). These are
+    base weights: the references (``build_base``) hold them too."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.base.modules():
+            w = getattr(m, "weight", None)
+            if isinstance(m, nn.LayerNorm) and w is not None and not w.any():
+                w.copy_(1.0 + 0.2 * torch.randn(w.shape, generator=g))
+
+
 def candidate_points(model: ConvertedModel, x: torch.Tensor) -> list[OperatingPoint]:
     """The points calibration would evaluate on ``x`` (a simulating model derives its simulated knobs from them)."""
     space = model.operating_space()
@@ -167,6 +179,7 @@ def exercised_point(model: ConvertedModel, x: torch.Tensor) -> OperatingPoint:
 def _case(method: str, arch: str) -> Case:
     model = convert(method, arch)
     perturb_new_parameters(model)
+    wake_zero_norms(model)
     torch.manual_seed(2)
     x = torch.randn(BATCH, 3, *model.anatomy.img_size)
     point = exercised_point(model, x)

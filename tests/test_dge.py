@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from collections.abc import Callable
 
 import pytest
 import timm
@@ -32,7 +33,8 @@ EXTRA_MODELS = {
                                        num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))),
 }
 MODELS = {**TINY_MODELS, **EXTRA_MODELS}
-DGE_KEYS = ["vit", "deit", "deit_distilled", "deit3", "pvt_v2", "deit_10x10", "pvt_v2_56", "pvt_v2_li", "swin"]
+DGE_KEYS = ["vit", "deit", "deit_distilled", "deit3", "pvt_v2", "deit_10x10", "pvt_v2_56", "pvt_v2_li", "swin", "eva02",
+            "beit", "swinv2"]
 
 
 def convert(key: str, overrides: list[str] | None = None, seed: int = 0, recipe: str = "dge",
@@ -80,6 +82,7 @@ def test_recipes_validate() -> None:
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_finest_reproduces_base(key: str, layout: str) -> None:
     model = convert(key, [f"model.inference_layout={layout}"])
+    wake_post_norms(model)  # SwinV2: blocks that are not the identity
     base = model.build_base()
     x = images(model, 3)
     with torch.no_grad():
@@ -214,6 +217,144 @@ def test_swin_coarse_queries_are_windows_cells_with_mean_bias_rows(path: str, ex
     handle.remove()
     assert (seen["out"] - ref).abs().max().item() <= 1e-5
     assert (seen["out"] - blk._orig(seen["x"])).abs().max().item() > 1e-3  # really coarser
+
+
+def _cells(g: int, size: int) -> torch.Tensor:
+    """(g * g,) the ``size`` x ``size`` cell of each position of a g x g grid (raster order)."""
+    pos = torch.arange(g * g)
+    return (pos // g // size) * (g // size) + (pos % g) // size
+
+
+def _mean_logits(q: torch.Tensor, k: torch.Tensor, cell: torch.Tensor, rotate: Callable) -> torch.Tensor:
+    """(B, h, m, N) logits of one query per cell, each the mean over the cell's positions p of the logits of the
+    query placed at p (``rotate(q, p)``): what a pooled query should score, computed position by position."""
+    m = int(cell.max()) + 1
+    per_pos = torch.stack([rotate(q[:, :, int(cell[p])], p) for p in range(cell.numel())], 2) @ k.transpose(-2, -1)
+    member = torch.nn.functional.one_hot(cell, m).t().float()
+    return torch.einsum("mp,bhpn->bhmn", member / member.sum(1, keepdim=True), per_pos)
+
+
+@pytest.mark.parametrize("execution", ["sparse", "dense"])
+def test_eva_coarse_queries_score_keys_as_the_mean_of_their_rotated_positions(execution: str) -> None:
+    """EVA (rotary embeddings): a 2x2-cell query's logits against every key are the mean of the logits the query
+    would have at each of the cell's positions, each rotated by its own sin/cos row (keys by theirs; the class token
+    is not rotated); its update goes to the cell's tokens."""
+    from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+
+    model = convert("eva02", execution=execution)
+    blk = model.base.blocks[1]
+    seen = {}
+    handle = blk.register_forward_hook(lambda mod, args, kw, out: seen.update(x=args[0], rope=kw["rope"], out=out),
+                                       with_kwargs=True)
+    model.override_gates(_level_on(blk.index, 1))
+    with torch.no_grad():
+        model.forward_dynamic(images(model, 2))
+        handle.remove()
+        x, rope, orig = seen["x"], seen["rope"], blk._orig
+        attn, b, c, g = orig.attn, x.shape[0], x.shape[2], 8
+        cell = _cells(g, 2)
+        grid = x[:, 1:].reshape(b, g // 2, 2, g // 2, 2, c).mean((2, 4)).reshape(b, -1, c)
+        q_in = torch.cat([x[:, :1], grid], 1)
+        w, bias, d, h = attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)), 48, 3
+        q = torch.nn.functional.linear(orig.norm1(q_in), w[:d], bias[:d]).view(b, -1, h, d // h).transpose(1, 2)
+        k, v = torch.nn.functional.linear(orig.norm1(x), w[d:], bias[d:]).view(b, -1, 2, h, d // h).permute(
+            2, 0, 3, 1, 4)
+        k = torch.cat([k[:, :, :1], apply_rot_embed_cat(k[:, :, 1:], rope)], 2)
+        cls_logits = q[:, :, :1] @ k.transpose(-2, -1)
+        cell_logits = _mean_logits(q[:, :, 1:], k, cell, lambda t, p: apply_rot_embed_cat(t, rope[p]))
+        logits = torch.cat([cls_logits, cell_logits], 2) * attn.scale
+        o = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, -1, d)
+        a = attn.proj(attn.norm(o))
+        upd = a + orig.mlp(orig.norm2(q_in + a))
+        ref = x + torch.cat([upd[:, :1], upd[:, 1 + cell]], 1)
+    assert (seen["out"] - ref).abs().max().item() <= 1e-5
+    assert (seen["out"] - orig(x, rope=rope)).abs().max().item() > 1e-3  # really coarser
+
+
+def test_beit_coarse_queries_take_the_mean_of_their_positions_bias_rows() -> None:
+    """BEiT (a relative position bias table per block, the class token's row and column extra entries, layer-scale
+    gammas): a 2x2-cell query's bias against every key (class token included) is the mean of its positions' rows;
+    the class token keeps its own row; the gammas scale both updates."""
+    model = convert("beit")
+    blk = model.base.blocks[1]
+    seen = {}
+    handle = blk.register_forward_hook(lambda mod, args, kw, out: seen.update(x=args[0], out=out), with_kwargs=True)
+    model.override_gates(_level_on(blk.index, 1))
+    with torch.no_grad():
+        model.forward_dynamic(images(model, 2))
+        handle.remove()
+        x, orig = seen["x"], blk._orig
+        attn, b, c, g = orig.attn, x.shape[0], x.shape[2], 8
+        cell = _cells(g, 2)
+        grid = x[:, 1:].reshape(b, g // 2, 2, g // 2, 2, c).mean((2, 4)).reshape(b, -1, c)
+        q_in = torch.cat([x[:, :1], grid], 1)
+        w, bias, d, h = attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)), 48, 3
+        q = torch.nn.functional.linear(orig.norm1(q_in), w[:d], bias[:d]).view(b, -1, h, d // h).transpose(1, 2)
+        k, v = torch.nn.functional.linear(orig.norm1(x), w[d:], bias[d:]).view(b, -1, 2, h, d // h).permute(
+            2, 0, 3, 1, 4)
+        rel = attn._get_rel_pos_bias()[0]  # (heads, 1 + N, 1 + N)
+        cls_logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1) + rel[:, :1]
+        member = torch.nn.functional.one_hot(cell, 16).t().float()  # (cells, positions)
+        cell_logits = (q[:, :, 1:] * attn.scale) @ k.transpose(-2, -1) + (member / 4) @ rel[:, 1:]
+        o = (torch.cat([cls_logits, cell_logits], 2).softmax(-1) @ v).transpose(1, 2).reshape(b, -1, d)
+        a = orig.gamma_1 * attn.proj(o)
+        upd = a + orig.gamma_2 * orig.mlp(orig.norm2(q_in + a))
+        ref = x + torch.cat([upd[:, :1], upd[:, 1 + cell]], 1)
+    assert (seen["out"] - ref).abs().max().item() <= 1e-5
+    assert (seen["out"] - orig(x)).abs().max().item() > 1e-3  # really coarser
+
+
+def wake_post_norms(model: DGE) -> None:
+    """SwinV2 starts its residual post-norms at zero (every block the identity): give them weights around 1."""
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for m in model.base.modules():
+            if isinstance(m, torch.nn.LayerNorm) and not m.weight.any():
+                m.weight.normal_(1.0, 0.2)
+
+
+@pytest.mark.parametrize("path", ["layers.1.blocks.0", "layers.1.blocks.1"])  # plain and shifted windows
+def test_swinv2_coarse_queries_are_normalised_pooled_tokens_with_mean_bias_rows(path: str) -> None:
+    """SwinV2 (post-norm, cosine attention, continuous position bias): a 2x2-cell query is the cell's mean token,
+    projected and L2-normalised like any query, its logits the cosine times the logit scale plus the mean of its
+    positions' rows of ``16 * sigmoid(cpb)`` and the cell's shift-mask row; norm1 and norm2 follow attention and
+    MLP."""
+    model = convert("swinv2")
+    wake_post_norms(model)
+    blk = model.base.get_submodule(path)
+    seen = {}
+    handle = blk.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], out=out))
+    model.override_gates(_level_on(blk.index, 1))
+    with torch.no_grad():
+        model.forward_dynamic(images(model, 2))
+        handle.remove()
+        x, orig = seen["x"], blk._orig
+        attn, (b, hh, ww, c), ws, (sh, sw) = orig.attn, x.shape, 4, orig.shift_size
+        win = torch.roll(x, (-sh, -sw), (1, 2)).view(b, hh // ws, ws, ww // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+        win = win.reshape(-1, ws * ws, c)
+        cell = _cells(ws, 2)
+        cells = win.view(-1, 2, 2, 2, 2, c).mean((2, 4)).reshape(-1, 4, c)
+        d, h = c, attn.num_heads
+        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        q = torch.nn.functional.linear(cells, attn.qkv.weight[:d], bias[:d]).view(-1, 4, h, d // h).transpose(1, 2)
+        k, v = torch.nn.functional.linear(win, attn.qkv.weight[d:], bias[d:]).view(-1, ws * ws, 2, h, d // h).permute(
+            2, 0, 3, 1, 4)
+        q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+        table = attn.cpb_mlp(attn.relative_coords_table).view(-1, h)
+        rel = 16 * torch.sigmoid(table[attn.relative_position_index.view(-1)].view(16, 16, h).permute(2, 0, 1))
+        member = torch.nn.functional.one_hot(cell, 4).t().float()
+        logits = q @ k.transpose(-2, -1) * torch.clamp(attn.logit_scale, max=math.log(100.0)).exp()
+        logits = logits + (member / 4) @ rel
+        if orig.attn_mask is not None:
+            first = member.argmax(1)
+            logits = (logits.view(b, -1, h, 4, 16) + orig.attn_mask[:, first].unsqueeze(1)).view(-1, h, 4, 16)
+        o = (logits.softmax(-1) @ v).transpose(1, 2).reshape(-1, 4, d)
+        a = orig.norm1(attn.proj(o))
+        upd = (a + orig.norm2(orig.mlp(cells + a)))[:, cell].view(b, hh // ws, ww // ws, ws, ws, c)
+        upd = upd.permute(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, c)
+        ref = x + torch.roll(upd, (sh, sw), (1, 2))
+    assert (seen["out"] - ref).abs().max().item() <= 1e-5
+    assert (seen["out"] - orig(x)).abs().max().item() > 1e-3  # really coarser
 
 
 def test_swin_levels_that_straddle_a_shift_mask_are_never_taken() -> None:

@@ -21,8 +21,10 @@ from vitconvert import read_anatomy
 from vitconvert.errors import AnatomyError
 from vitconvert.layers.seams import (
     ResidualBlock,
+    apply_post_chain,
     drop_path_modules,
     insert_residual_branch,
+    is_tensor_scale,
     read_residual_block,
     rewrite_attention,
     rewrite_block,
@@ -156,9 +158,9 @@ def swin_tiny() -> nn.Module:
 # --- 1. the reader -----------------------------------------------------------------------------------------
 
 
-# BEiT keeps its layer-scale gammas as parameters multiplied in the block's forward, not as modules: the reader refuses
-# its blocks in one line (test_reader_refuses_parameter_gammas); no method that supports BEiT needs it.
-@pytest.mark.parametrize("key", [k for k in TINY_MODELS if k != "beit"])
+# BEiT keeps its layer-scale gammas as parameters multiplied in the block's forward, not as modules: the chains name
+# them (test_reader_reads_parameter_gammas).
+@pytest.mark.parametrize("key", list(TINY_MODELS))
 def test_reader_on_every_tiny_family(key: str) -> None:
     model, _, _ = tiny_model(key)
     anatomy = read_anatomy(model)
@@ -173,6 +175,9 @@ def test_reader_on_every_tiny_family(key: str) -> None:
             assert (r.layout, r.post_attn, r.post_mlp, r.extra_inputs) == ("nhwc", ["drop_path1"], ["drop_path2"], [])
             assert r.window_size == tuple(block.window_size) and r.shift_size == tuple(block.shift_size)
             assert r.window_ops
+        elif key == "beit":
+            assert (r.layout, r.post_attn, r.post_mlp) == ("tokens", ["gamma_1", "drop_path1"],
+                                                           ["gamma_2", "drop_path2"])
         elif key in ("pvt_v2", "eva02"):
             assert (r.layout, r.post_attn, r.post_mlp) == ("tokens", ["drop_path1"], ["drop_path2"])
             if key == "eva02":
@@ -250,10 +255,16 @@ def test_reader_rejects_other_blocks(cls: type[nn.Module]) -> None:
     assert "\n" not in str(e.value)
 
 
-def test_reader_refuses_parameter_gammas() -> None:
+def test_reader_reads_parameter_gammas() -> None:
+    """BEiT's ``x + drop_path1(gamma_1 * attn(norm1(x)))``: the chain names the parameter, applying it multiplies, and
+    drop path's slots are still the modules."""
     model, _, _ = tiny_model("beit")
-    with pytest.raises(AnatomyError, match=r"blocks\.0: the residual branch of attn computes 'mul' outside"):
-        read_residual_block(model.blocks[0], "blocks.0")
+    blk = model.blocks[0]
+    r = read_residual_block(blk, "blocks.0")
+    t = torch.randn(2, 5, 48)
+    assert torch.equal(apply_post_chain(blk, r.post_attn, t), blk.drop_path1(blk.gamma_1 * t))
+    assert is_tensor_scale(blk, "gamma_2") and not is_tensor_scale(blk, "drop_path2")
+    assert drop_path_modules(blk) == ["drop_path1", "drop_path2"]
 
 
 # --- 2. drop path ----------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ methods need to know about its models:
   attention logits of one resolution describe token pairs of another (:attr:`Family.global_attention`);
 * **attention as a seam**: :meth:`Family.query_attention` reads a block's attention module as queries from some
   rows and keys and values from all tokens (a fused qkv projection; PVT-v2's spatial-reduction keys and values),
-  with the MACs of each part (:class:`QueryAttention`);
+  with the MACs of each part (:class:`QueryAttention`), and the position information the attention holds itself
+  for query rows that stand for groups of positions (:meth:`QueryAttention.positions`: EVA's rotary embedding);
 * **windows**: a block whose attention runs inside windows of its map, read as a batch of windows with the keys of
   each window and an additive bias per (query, key) pair (:meth:`Family.windows`, :class:`WindowView`: Swin);
 * **the MLP**: its depthwise convolution, if it has one (:meth:`Family.mlp_conv`, PVT-v2);
@@ -45,6 +46,9 @@ class QueryAttention(abc.ABC):
     query rows are all tokens. Not a module: it holds references to the module's layers (``.to()`` and deepcopy
     follow the module it belongs to).
     """
+
+    # Whether :meth:`positions` gives anything (a method skips building what it reads otherwise).
+    holds_positions: ClassVar[bool] = False
 
     def __init__(self, attn: nn.Module) -> None:
         self.attn = attn
@@ -86,6 +90,23 @@ class QueryAttention(abc.ABC):
         drop = getattr(self.attn, "attn_drop", None)
         return float(drop.p) if isinstance(drop, nn.Dropout) and self.attn.training else 0.0
 
+    def positions(self, members: torch.Tensor, prefix: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+                  ) -> QueryPositions | None:
+        """The position information the attention applies itself, for query rows that stand for groups of grid
+        positions, in one block call ``block(x, *args, **kwargs)``; None when it has none (position embeddings added
+        to the tokens before the blocks: ViT, PVT-v2).
+
+        Args:
+            members: (T, N) float, row t marking the grid positions (not prefix tokens) candidate t stands for.
+            prefix: Prefix tokens before the grid (their own single position each).
+        """
+        return None
+
+    def rotate(self, t: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """``t`` (..., head dim) rotated by the rotary table rows ``rope`` (broadcast against ``t``), as the
+        attention rotates its queries and keys (only for an attention whose :meth:`positions` gives rotary rows)."""
+        raise NotImplementedError(f"{type(self.attn).__name__} has no rotary embedding")
+
     @abc.abstractmethod
     def key_tokens(self, tokens: int, grid: tuple[int, int]) -> int:
         """How many keys ``tokens`` tokens on ``grid`` give."""
@@ -97,6 +118,20 @@ class QueryAttention(abc.ABC):
     @abc.abstractmethod
     def kv_macs(self, tokens: int, grid: tuple[int, int]) -> float:
         """MACs of the keys and values of ``tokens`` tokens on ``grid`` (pooling and its norm included)."""
+
+
+@dataclass(frozen=True)
+class QueryPositions:
+    """What an attention with positions of its own (:meth:`QueryAttention.positions`) gives the rows of one block
+    call. Candidates are the prefix tokens then the groups of ``members``; a group's row is the mean of its positions'
+    rows, because a query pooled over positions P then scores each key as the mean of what it scores at each p: a
+    rotation is linear (``mean_p R(p) q = C q + S rot(q)``, C and S the mean cos and sin rows), and a per-position
+    additive bias enters the logits linearly. Exact for a single position."""
+
+    bias: torch.Tensor | None = None  # (1, heads, P + T, P + N) additive bias of each candidate against each key
+    # (heads or 1, P + T, E) rotary row of each candidate (prefix rows: identity), per head or shared by the heads
+    query_rope: torch.Tensor | None = None
+    key_rope: torch.Tensor | None = None  # (heads or 1, P + N, E) rotary row of each key (prefix rows: identity)
 
 
 class WindowView(abc.ABC):

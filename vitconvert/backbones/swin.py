@@ -91,10 +91,14 @@ class SwinWindows(WindowView):
         sh, sw = self._shift()
         return torch.roll(x, shifts=(sh, sw), dims=(1, 2)) if sh or sw else x
 
+    def relative_bias(self) -> torch.Tensor:
+        """(heads, N, N) the relative position bias of the window's positions."""
+        return self.block.attn._get_rel_pos_bias()[0]
+
     def bias(self, members: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         # Sums by index_add, not products with ``members``: bookkeeping, not matrix products the MAC count would see.
-        block, attn = self.block, self.block.attn
-        rel = attn._get_rel_pos_bias()[0]  # (heads, N, N)
+        block = self.block
+        rel = self.relative_bias()  # (heads, N, N)
         row, pos = members.nonzero().unbind(1)  # every (query row, position) pair
         sums = rel.new_zeros(rel.shape[0], members.shape[0], rel.shape[2]).index_add(1, row, rel.index_select(1, pos))
         bias = (sums / members.sum(1).to(rel.dtype).view(1, -1, 1)).unsqueeze(0)  # (1, heads, T, N): the mean

@@ -9,13 +9,65 @@
 * **post-norm residuals**: ``x + norm1(attn(x))`` then ``x + norm2(mlp(x))`` (the anatomy reads
   :attr:`~vitconvert.anatomy.BlockInfo.post_norm`).
 
+DGE reads it as Swin (a block as a batch of windows, :class:`SwinV2Windows`) with the two differences said here:
+cosine attention normalises each query row, a pooled query included (it is pooled before the projection, like any
+query), and its learned scale is folded into the query (:class:`CosineWindowQueryAttention`); the continuous bias is,
+once the MLP has run and ``16 * sigmoid`` applied, a (heads, N, N) table like Swin's, so a pooled query's row is the
+mean of its positions' rows. Post-norm blocks are the DGE block's own concern (norms after attention and MLP).
+
 Running at another input size is Swin's (:meth:`vitconvert.backbones.swin.Swin.set_input_size`: windows kept or fitted
 to the new maps, through timm's own ``set_input_size``), so this adapter only reads the family differently.
 """
 
 from __future__ import annotations
 
-from vitconvert.backbones.swin import Swin
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitconvert.backbones.family import QueryAttention, WindowView
+from vitconvert.backbones.swin import Swin, SwinWindows, WindowQueryAttention
+from vitconvert.errors import AnatomyError
+
+
+class CosineWindowQueryAttention(WindowQueryAttention):
+    """timm's SwinV2 ``WindowAttention``: q, k and v from the ``qkv`` weight with the separate q/v biases, queries and
+    keys L2-normalised per head; the clamped, exponentiated per-head logit scale (times sqrt(head dim), which the
+    attention core divides by) is folded into the normalised queries, so the core's logits are timm's
+    ``cos(q, k) * scale``. The continuous position bias and the shift mask are :class:`SwinV2Windows`'."""
+
+    def _linear(self, t: torch.Tensor, rows: slice) -> torch.Tensor:
+        attn = self.attn
+        bias = None
+        if attn.q_bias is not None:
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))[rows]
+        return F.linear(t, attn.qkv.weight[rows], bias)
+
+    def queries(self, qn: torch.Tensor) -> torch.Tensor:
+        attn, d = self.attn, self.dim
+        q = F.normalize(self._linear(qn, slice(0, d)).unflatten(-1, (attn.num_heads, -1)), dim=-1)
+        scale = torch.clamp(attn.logit_scale, max=math.log(1.0 / 0.01)).exp().view(-1, 1)  # (heads, 1)
+        return (q * (scale * math.sqrt(d // attn.num_heads)).to(q.dtype)).flatten(-2)
+
+    def keys_values(self, xn: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        attn, d = self.attn, self.dim
+        b, n, _ = xn.shape
+        kv = self._linear(xn, slice(d, 3 * d))
+        k, v = kv.view(b, n, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.normalize(k, dim=-1), v
+
+
+class SwinV2Windows(SwinWindows):
+    """A ``SwinTransformerV2Block`` as a batch of windows: Swin's, with the continuous position bias as the table."""
+
+    def relative_bias(self) -> torch.Tensor:
+        attn = self.block.attn
+        table = attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads)
+        n = attn.relative_position_index.shape[0]
+        rel = table[attn.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        return 16 * torch.sigmoid(rel)
 
 
 class SwinV2(Swin):
@@ -24,3 +76,13 @@ class SwinV2(Swin):
     attention_parts = ("logit_scale", "cpb_mlp")
     attention_needed = "cosine window attention with a continuous position bias"
     post_norm = True
+
+    def query_attention(self, attn: nn.Module, where: str) -> QueryAttention:
+        if not (isinstance(getattr(attn, "qkv", None), nn.Linear) and isinstance(getattr(attn, "proj", None), nn.Linear)
+                and all(hasattr(attn, n) for n in ("logit_scale", "cpb_mlp", "q_bias", "relative_coords_table"))):
+            raise AnatomyError(f"{where}: needs SwinV2 cosine window attention with qkv and proj Linear layers and a "
+                               f"continuous position bias (found {type(attn).__name__})")
+        return CosineWindowQueryAttention(attn)
+
+    def windows(self, block: nn.Module) -> WindowView | None:
+        return SwinV2Windows(block) if hasattr(block, "window_size") and hasattr(block, "shift_size") else None

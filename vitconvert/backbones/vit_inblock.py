@@ -8,11 +8,14 @@ non-overlapping patch grid, like :mod:`vitconvert.backbones.vit`, but the blocks
 * **BEiT** (timm ``beit``): a relative position bias table in every block's attention, indexed by the token grid,
   layer-scale gammas as parameters, mean pooling with ``fc_norm``.
 
-Methods that need the blocks as a chain of token-to-token calls (CF-ViT's coarse pass, DGE's query subsets,
-clustered attention) do not declare these families: a rotary embedding or a relative position bias is a function of
-each token's position that a coarse token, a pooled query or a cluster has no single value of. A method that runs the
-whole model at other input sizes (DVT's members) does: timm's own ``set_input_size`` recomputes the rotary
-embedding for the new grid, and resamples BEiT's relative position bias tables to it.
+Methods that need the blocks as a chain of token-to-token calls (CF-ViT's coarse pass, clustered attention) do not
+declare these families: a rotary embedding or a relative position bias is a function of each token's position that a
+coarse token or a cluster has no single value of. A method that runs the whole model at other input sizes (DVT's
+members) does: timm's own ``set_input_size`` recomputes the rotary embedding for the new grid, and resamples BEiT's
+relative position bias tables to it. DGE's pooled queries do too (:class:`RotaryQueryAttention`): rotation is
+linear, so a query pooled over positions P scores keys as the mean of what it scores at each p, which is the query
+rotated by the mean of P's sin/cos rows; keys keep their own rows. Likewise a relative position bias enters the
+logits linearly: a pooled query's row of BEiT's bias is the mean of its positions' rows (:class:`BiasQueryAttention`).
 """
 
 from __future__ import annotations
@@ -21,11 +24,88 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 from torch import nn
 
 from vitconvert.anatomy import Anatomy
-from vitconvert.backbones.family import Family
-from vitconvert.backbones.vit import patch_grid_stage_gaps, timm_set_input_size
+from vitconvert.backbones.family import Family, QueryAttention, QueryPositions
+from vitconvert.backbones.vit import FusedQKVAttention, patch_grid_stage_gaps, timm_set_input_size
+from vitconvert.errors import AnatomyError, UserError
+from vitconvert.layers.costs import attention_macs, linear_macs
+
+
+def group_means(rows: torch.Tensor, members: torch.Tensor, dim: int) -> torch.Tensor:
+    """The mean of ``rows`` (indexed by grid position along ``dim``) over each group of ``members`` (T, N): sums by
+    ``index_add`` (bookkeeping, not a matrix product the MAC count would see)."""
+    row, pos = members.nonzero().unbind(1)
+    shape = list(rows.shape)
+    shape[dim] = members.shape[0]
+    sums = rows.new_zeros(shape).index_add(dim, row, rows.index_select(dim, pos))
+    count = members.sum(1).to(rows.dtype).view([-1 if d == dim % rows.dim() else 1 for d in range(rows.dim())])
+    return sums / count
+
+
+class RotaryQueryAttention(FusedQKVAttention):
+    """timm's ``EvaAttention`` or ``AttentionRope`` (fused ``qkv``, with separate q/v biases in EVA, or
+    ``q_proj``/``k_proj``/``v_proj``; q/k norms, scale norm, gate) with the rotary embedding the block is called
+    with. Queries are rotated after their norm, by the mean row of the positions they stand for (:meth:`positions`),
+    keys by their own; prefix tokens are not rotated (identity rows)."""
+
+    holds_positions = True
+
+    @property
+    def width(self) -> int:
+        attn = self.attn
+        return int((attn.qkv if attn.qkv is not None else attn.q_proj).in_features)
+
+    def _project(self, t: torch.Tensor, parts: slice) -> torch.Tensor:
+        """Rows ``parts`` (0: q, 1: k, 2: v, in units of ``dim``) of the q/k/v projection of ``t``."""
+        attn, d = self.attn, self.dim
+        if attn.qkv is None:
+            return torch.cat([lin(t) for lin in (attn.q_proj, attn.k_proj, attn.v_proj)[parts]], dim=-1)
+        bias = attn.qkv.bias  # timm's AttentionRope; EvaAttention keeps its q/v biases apart (no k bias)
+        if getattr(attn, "q_bias", None) is not None:
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        rows = slice(parts.start * d, parts.stop * d)
+        return F.linear(t, attn.qkv.weight[rows], bias[rows] if bias is not None else None)
+
+    def queries(self, qn: torch.Tensor) -> torch.Tensor:
+        q = self._project(qn, slice(0, 1))
+        if not isinstance(self.attn.q_norm, nn.Identity):
+            q = self.attn.q_norm(q.unflatten(-1, (self.attn.num_heads, -1))).flatten(-2)
+        return q
+
+    def keys_values(self, xn: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, _ = xn.shape
+        kv = self._project(xn, slice(1, 3))
+        k, v = kv.view(b, n, 2, self.attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.attn.k_norm(k), v
+
+    def positions(self, members: torch.Tensor, prefix: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+                  ) -> QueryPositions | None:
+        rope = kwargs.get("rope", args[0] if args else None)
+        if kwargs.get("attn_mask") is not None or kwargs.get("is_causal") or len(args) > 1:
+            raise UserError("attention masks are not supported by converted EVA blocks")
+        if rope is None:
+            return None
+        n = members.shape[1]
+        if rope.dim() not in (2, 3) or rope.shape[-2] != n:
+            raise UserError(f"dge: EVA blocks need one rotary row per grid position ({n}), got a "
+                            f"{tuple(rope.shape)} rotary embedding (patch-dropped embeddings are not supported)")
+        if int(self.attn.num_prefix_tokens) != prefix:
+            raise AnatomyError(f"dge: the attention leaves {self.attn.num_prefix_tokens} tokens unrotated, the model "
+                               f"has {prefix} prefix tokens")
+        rope = rope if rope.dim() == 3 else rope.unsqueeze(0)  # (heads or 1, N, E): mixed RoPE has a table per head
+        half = rope.shape[-1] // 2
+        ident = torch.cat([rope.new_zeros(rope.shape[0], prefix, half), rope.new_ones(rope.shape[0], prefix, half)],
+                          dim=-1)  # sin 0, cos 1
+        return QueryPositions(query_rope=torch.cat([ident, group_means(rope, members, 1)], dim=1),
+                              key_rope=torch.cat([ident, rope], dim=1))
+
+    def rotate(self, t: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        return apply_rot_embed_cat(t, rope, half=bool(getattr(self.attn, "rotate_half", False)))
 
 
 class _InBlockPositions(Family):
@@ -54,9 +134,76 @@ class _InBlockPositions(Family):
         return timm_set_input_size(model, size)
 
 
+class BiasQueryAttention(QueryAttention):
+    """timm's BEiT ``Attention``: a fused ``qkv`` weight with separate q/v biases (no k bias), the relative position
+    bias of its table, output projection. A query row's bias is the mean of its positions' rows of the table (the class
+    token's row and column are the table's extra entries); keys are every token."""
+
+    holds_positions = True
+
+    @property
+    def width(self) -> int:
+        return int(self.attn.qkv.in_features)
+
+    @property
+    def dim(self) -> int:
+        return int(self.attn.qkv.out_features // 3)
+
+    def _project(self, t: torch.Tensor, rows: slice) -> torch.Tensor:
+        attn = self.attn
+        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)) if attn.q_bias is not None else attn.qkv.bias
+        return F.linear(t, attn.qkv.weight[rows], bias[rows] if bias is not None else None)
+
+    def queries(self, qn: torch.Tensor) -> torch.Tensor:
+        return self._project(qn, slice(0, self.dim))
+
+    def keys_values(self, xn: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, _ = xn.shape
+        kv = self._project(xn, slice(self.dim, 3 * self.dim))
+        k, v = kv.view(b, n, 2, self.attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def output(self, o: torch.Tensor, qn: torch.Tensor) -> torch.Tensor:
+        return self.attn.proj_drop(self.attn.proj(o))
+
+    def key_tokens(self, tokens: int, grid: tuple[int, int]) -> int:
+        return tokens
+
+    def query_macs(self, keys: int) -> float:
+        c, d = self.width, self.dim
+        return linear_macs(1, c, d) + attention_macs(1, keys, d, d) + linear_macs(1, d, c)
+
+    def kv_macs(self, tokens: int, grid: tuple[int, int]) -> float:
+        return linear_macs(tokens, self.width, 2 * self.dim)
+
+    def positions(self, members: torch.Tensor, prefix: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+                  ) -> QueryPositions | None:
+        if args or kwargs.get("shared_rel_pos_bias") is not None:
+            raise UserError("dge: BEiT blocks with a shared relative position bias are not supported")
+        if prefix != 1:
+            raise AnatomyError(f"dge: BEiT's relative position bias has rows for one class token, the model has "
+                               f"{prefix} prefix tokens")
+        rel = self.attn._get_rel_pos_bias()[0]  # (heads, 1 + N, 1 + N)
+        if rel.shape[-1] != members.shape[1] + 1:
+            raise UserError(f"dge: the relative position bias covers {rel.shape[-1] - 1} positions, the grid has "
+                            f"{members.shape[1]}")
+        rows = torch.cat([rel[:, :1], group_means(rel[:, 1:], members, 1)], dim=1)
+        return QueryPositions(bias=rows.unsqueeze(0))
+
+
 class EVA(_InBlockPositions):
     name = "eva"
     description = "EVA/RoPE ViT"
+
+    def query_attention(self, attn: nn.Module, where: str) -> QueryAttention:
+        fused = isinstance(getattr(attn, "qkv", None), nn.Linear)
+        split = all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj"))
+        if not (fused or split) or not all(hasattr(attn, n) for n in ("num_prefix_tokens", "q_norm", "k_norm",
+                                                                        "norm", "proj", "head_dim")) \
+                or getattr(attn, "num_kv_heads", attn.num_heads) != attn.num_heads:
+            raise AnatomyError(f"{where}: needs timm's EvaAttention or AttentionRope (qkv or q/k/v projections, one "
+                               f"key per query head; found {type(attn).__name__})")
+        return RotaryQueryAttention(attn)
 
     def read(self, model: nn.Module, draft: Anatomy) -> list[str]:
         missing = self._common(model, draft)
@@ -71,6 +218,14 @@ class EVA(_InBlockPositions):
 class BEiT(_InBlockPositions):
     name = "beit"
     description = "BEiT"
+
+    def query_attention(self, attn: nn.Module, where: str) -> QueryAttention:
+        if not (isinstance(getattr(attn, "qkv", None), nn.Linear) and isinstance(getattr(attn, "proj", None), nn.Linear)
+                and isinstance(getattr(attn, "relative_position_bias_table", None), nn.Parameter)
+                and hasattr(attn, "q_bias")):
+            raise AnatomyError(f"{where}: needs BEiT attention with qkv and proj Linear layers and a relative position "
+                               f"bias table (found {type(attn).__name__})")
+        return BiasQueryAttention(attn)
 
     @contextmanager
     def export_context(self, model: nn.Module) -> Iterator[None]:

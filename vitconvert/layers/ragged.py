@@ -112,10 +112,13 @@ class PackedQueries:
         """Per-query rows -> (B, N, D): every token takes the row of the query covering it."""
         return t.index_select(0, self.tok_rows.flatten()).view(self.batch, -1, t.shape[-1])
 
+    def row_cands(self) -> torch.Tensor:
+        """(M,) the candidate each query row holds."""
+        return torch.cat([s % w + b for s, w, b in zip(self.src, self.widths, self.bounds, strict=False)])
+
     def slot_cands(self) -> torch.Tensor:
         """(B, L) the candidate each slot of the padded attention core holds (padding: some real candidate)."""
-        rows = torch.cat([s % w + b for s, w, b in zip(self.src, self.widths, self.bounds, strict=False)])
-        return rows.index_select(0, self.pad_src).view(self.batch, self.length)
+        return self.row_cands().index_select(0, self.pad_src).view(self.batch, self.length)
 
     def level_rows(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows of the group-``k`` queries, their image and their column inside the group."""
@@ -227,9 +230,13 @@ class TracedQueries:
         padded = q.index_select(0, self.pad_rows).view(self.batch, self.length, d)
         return attend_batched(padded, k, v, dropout, bias).reshape(-1, d).index_select(0, self.unpad)
 
+    def row_cands(self) -> torch.Tensor:
+        """(M,) the candidate each query row holds (for per-candidate rotary rows)."""
+        return self.src % self.candidates
+
     def slot_cands(self) -> torch.Tensor:
         """(B, L) the candidate each padded slot of the attention core holds (for per-candidate attention biases)."""
-        return (self.src % self.candidates).index_select(0, self.pad_rows).view(self.batch, self.length)
+        return self.row_cands().index_select(0, self.pad_rows).view(self.batch, self.length)
 
     def to_tokens(self, t: torch.Tensor) -> torch.Tensor:
         """(M, D) per-query rows -> (B, N, D): every token takes the row of the query covering it."""

@@ -41,9 +41,11 @@ from vitconvert.errors import AnatomyError
 
 __all__ = [
     "ResidualBlock",
+    "apply_post_chain",
     "attention_with_logits",
     "drop_path_modules",
     "insert_residual_branch",
+    "is_tensor_scale",
     "mlp_input_layers",
     "read_residual_block",
     "rewrite_attention",
@@ -72,7 +74,10 @@ class ResidualBlock:
 
     norm1: str
     attn: str
-    post_attn: list[str]  # per-token modules between the attention part and its add, in call order
+    # Per-token modules between the attention part and its add, in call order; an entry that names a tensor the
+    # block holds itself (BEiT's and RoPE ViT's ``gamma_1``: layer scale as a parameter) multiplies (see
+    # :func:`apply_post_chain`).
+    post_attn: list[str]
     norm2: str
     mlp: str
     post_mlp: list[str]
@@ -159,12 +164,14 @@ def _read(block: nn.Module, where: str = "") -> tuple[ResidualBlock, _Traced]:
     attn_branch = _other_arg(attn_add, x, where)
     # Post-norm (SwinV2): the attention branch ends in a norm right after the attention part.
     after_attn, _ = _post_chain(attn_branch, attn, window_ops_allowed, set(), where)
-    post_norm = bool(after_attn) and isinstance(block.get_submodule(after_attn[0]), _NORM_TYPES)
+    post_norm = bool(after_attn) and not is_tensor_scale(block, after_attn[0]) and isinstance(
+        block.get_submodule(after_attn[0]), _NORM_TYPES)
     if post_norm:
         mlp, _ = _norm_of(stream, mlp_add, where, "the attention residual")  # what the stream feeds: the MLP
         norm1, post_attn = after_attn[0], after_attn[1:]
         after_mlp, mlp_end = _post_chain(_other_arg(mlp_add, stream, where), mlp, False, {norm1, attn}, where)
-        if not after_mlp or not isinstance(block.get_submodule(after_mlp[0]), _NORM_TYPES):
+        if not after_mlp or is_tensor_scale(block, after_mlp[0]) or not isinstance(
+                block.get_submodule(after_mlp[0]), _NORM_TYPES):
             raise AnatomyError(f"{where}: post-norm attention but no norm right after the MLP ({mlp})")
         norm2, post_mlp = after_mlp[0], after_mlp[1:]
         _, attn_end = _post_chain(attn_branch, attn, window_ops_allowed, {norm2, mlp}, where)
@@ -307,6 +314,11 @@ def _post_chain(branch: fx.Node, core_scope: str, block_ops: bool, forbidden: se
     node = branch
     while True:
         top = _top(node)
+        scale = _tensor_scale(node)
+        if scale is not None:  # layer scale held by the block itself: ``gamma * branch``
+            chain.append(scale[0])
+            node = scale[1]
+            continue
         if top == core_scope or (block_ops and not top and node.op != "placeholder"):
             return list(reversed(chain)), node
         if not top or top in forbidden:
@@ -318,6 +330,32 @@ def _post_chain(branch: fx.Node, core_scope: str, block_ops: bool, forbidden: se
         if len(ins) != 1:
             raise AnatomyError(f"{where}: {top} on the residual branch of {core_scope} takes several inputs")
         node = ins[0]
+
+
+def _tensor_scale(node: fx.Node) -> tuple[str, fx.Node] | None:
+    """``(name, other)`` when ``node`` multiplies a tensor the block holds directly (``self.gamma_1 * t`` in the
+    block's own forward: a get_attr without a dot) by one other node; else None."""
+    if _top(node) or node.op != "call_function" or node.target not in (operator.mul, torch.mul) or len(node.args) != 2:
+        return None
+    a, b = node.args
+    for scale, other in ((a, b), (b, a)):
+        if isinstance(scale, fx.Node) and scale.op == "get_attr" and "." not in str(scale.target) \
+                and isinstance(other, fx.Node):
+            return str(scale.target), other
+    return None
+
+
+def is_tensor_scale(block: nn.Module, name: str) -> bool:
+    """Whether a post-chain entry of :class:`ResidualBlock` names a tensor the block holds (a multiplying layer scale)
+    rather than a module."""
+    return isinstance(getattr(block, name, None), Tensor)
+
+
+def apply_post_chain(block: nn.Module, names: list[str], t: Tensor) -> Tensor:
+    """Apply a :class:`ResidualBlock` post chain to ``t``: modules called, held tensors multiplied."""
+    for n in names:
+        t = t * getattr(block, n) if is_tensor_scale(block, n) else block.get_submodule(n)(t)
+    return t
 
 
 def _check_part(end: fx.Node, scope: str, norm_out: fx.Node, x: fx.Node, core: fx.Node | None,
@@ -385,6 +423,7 @@ def drop_path_modules(block: nn.Module) -> list[str]:
     parts = read_residual_block(block)
     slots: list[str] = []
     for chain in (parts.post_attn, parts.post_mlp):
+        chain = [n for n in chain if not is_tensor_scale(block, n)]
         found = [n for n in chain if isinstance(block.get_submodule(n), DropPath)]
         if not found and chain and type(block.get_submodule(chain[-1])) is nn.Identity:
             found = [chain[-1]]

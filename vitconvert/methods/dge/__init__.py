@@ -1,7 +1,8 @@
 """DGE: Dynamic Grained Encoder (Song et al., NeurIPS 2021, arXiv 2301.03831; code StevenGrove/vtpack).
 
-Converted from a pretrained ViT/DeiT (any prefix tokens), PVT-v2 or Swin. Every block of the dynamic stages
-keeps its keys and values dense but computes its queries at a granularity chosen per region:
+Converted from a pretrained ViT/DeiT (any prefix tokens), EVA / RoPE ViT, BEiT, PVT-v2, Swin or SwinV2. Every
+block of the dynamic stages keeps its keys and values dense but computes its queries at a granularity chosen per
+region:
 
 * **Router** (one per block, ``routers.<block index>``): the block input (patch tokens, before ``norm1``)
   is averaged over ``region_size`` x ``region_size`` token regions, optionally normalised (parameter-free
@@ -75,6 +76,12 @@ whose sub-patches would straddle a shifted window's masked regions is never take
 the knob's and overrides' levels capped). Maps the windows do not cut whole are refused. Gates, queries and
 ``gmacs`` are reported per image; ``gmacs`` also counts the attention core's padding slots (every window of an
 image as long as its fullest).
+
+**Position information inside the attention** (EVA's rotary embedding, BEiT's relative position bias): the family's
+:meth:`~vitconvert.backbones.family.QueryAttention.positions` gives each candidate the mean of its positions' rows
+(rotary sin/cos rows for the queries, keys keeping their own; bias rows), exact for one position because both enter
+the logits linearly. SwinV2's cosine attention normalises pooled queries like any other and its continuous bias is a
+table once computed (mean rows, as Swin); its post-norm blocks normalise the attention and MLP outputs.
 
 **How it fits the fx anatomy.** :func:`vitconvert.read_anatomy` names the blocks, their stage and grid,
 ``norm1``/``norm2``, the attention and MLP modules and the prefix-token count. Each dynamic block is then

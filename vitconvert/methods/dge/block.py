@@ -12,7 +12,9 @@ A block whose attention runs inside windows of its map (Swin, :class:`~vitconver
 runs every path on its windows as a batch of short images: regions and routers per window (or per part of one),
 keys and values of each window at full resolution, every query row with the bias of the positions it stands for
 (:class:`WindowCall`); levels whose sub-patches would straddle a shifted window's masked regions are never chosen
-in the regions where they would.
+in the regions where they would. An attention that applies positions itself (EVA's rotary embedding, BEiT's
+relative position bias) gives every candidate the mean of its positions' rows for one forward
+(:class:`~vitconvert.backbones.family.QueryPositions`): queries rotated, or biased per attention slot.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitconvert.backbones.family import ConvMlp, Family, QueryAttention, WindowView
+from vitconvert.backbones.family import ConvMlp, Family, QueryAttention, QueryPositions, WindowView
 from vitconvert.errors import AnatomyError
 from vitconvert.layers.ragged import (
     AllQueries,
@@ -40,7 +42,7 @@ from vitconvert.layers.ragged import (
 )
 from vitconvert.layers.regions import RegionLayout, make_layout, pool_subpatches
 from vitconvert.layers.scale_conv import conv_at, dwconv_all, dwconv_macs, dwconv_selected, dwconv_tokens
-from vitconvert.layers.seams import read_residual_block
+from vitconvert.layers.seams import apply_post_chain, is_tensor_scale, read_residual_block
 from vitconvert.layers.sharing import attach
 from vitconvert.methods.dge.execution import path_costs
 
@@ -145,16 +147,20 @@ class WindowCall:
     rows: torch.Tensor | None = None  # window index (0..windows-1) of each row of a sub-batch; None: the whole batch
 
 
+def candidate_members(lay: RegionLayout) -> torch.Tensor:
+    """(T, N) float: row t marks the grid positions candidate t of ``lay`` stands for (prefix tokens not included)."""
+    n = lay.hw[0] * lay.hw[1]
+    members = torch.zeros(sum(lay.counts), n, device=lay.tok_cand.device)
+    members[lay.tok_cand.flatten(), torch.arange(n, device=members.device).repeat(len(lay.counts))] = 1.0
+    return members
+
+
 def window_tables(view: WindowView, lay: RegionLayout, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The attention bias of every candidate of ``lay`` (a window's layout) against every position of its window,
     and the coarsest level each region of each window may take: a level is allowed in a region only when none of
     its sub-patches there straddles the window's masked regions (a shifted window's border; level 0, the tokens
     themselves, always is). ``hw`` is the map."""
-    n = lay.hw[0] * lay.hw[1]
-    t = sum(lay.counts)
-    members = torch.zeros(t, n, device=lay.tok_cand.device)
-    members[lay.tok_cand.flatten(), torch.arange(n, device=members.device).repeat(len(lay.counts))] = 1.0
-    bias, whole = view.bias(members, hw)
+    bias, whole = view.bias(candidate_members(lay), hw)
     if whole.shape[0] == 1:  # no mask: every level everywhere
         return bias, None
     k = len(lay.counts)
@@ -195,16 +201,19 @@ class BlockParts:
     norm2: str
     attn: str
     mlp: str
-    post_attn: list[str]  # modules between the attention output and the residual add (ls1, drop_path1)
+    # modules between the attention output and the residual add (ls1, drop_path1), or a layer-scale tensor the block
+    # holds (BEiT's gamma_1: multiplied)
+    post_attn: list[str]
     post_mlp: list[str]
     attention: QueryAttention  # queries apart from keys and values (fused qkv; PVT-v2's spatial reduction)
     conv: ConvMlp | None  # the MLP's depthwise convolution over the map (PVT-v2), else None
     windows: WindowView | None = None  # attention inside windows of the map (Swin), else None
+    post_norm: bool = False  # norm1 / norm2 after the attention / MLP (SwinV2), not before
 
 
 def read_block(block: nn.Module, where: str, family: Family) -> BlockParts:
-    """Read one block with the shared pre-norm residual block reader, and its attention and MLP with its family's
-    adapter; an AnatomyError names what DGE cannot run."""
+    """Read one block with the shared residual block reader (pre-norm, or post-norm: SwinV2), and its attention and
+    MLP with its family's adapter; an AnatomyError names what DGE cannot run."""
     res = read_residual_block(block, where)
     windows = family.windows(block)
     if res.layout != "tokens" and windows is None:
@@ -212,10 +221,13 @@ def read_block(block: nn.Module, where: str, family: Family) -> BlockParts:
     attention = family.query_attention(block.get_submodule(res.attn), where)
     conv = family.mlp_conv(block.get_submodule(res.mlp), where)
     persistent = [n for n, _ in block.named_buffers(recurse=False) if n not in block._non_persistent_buffers_set]
-    if any(True for _ in block.named_parameters(recurse=False)) or persistent:
-        raise AnatomyError(f"{where}: parameters held directly by the block are not supported")
+    scales = {n for n in [*res.post_attn, *res.post_mlp] if is_tensor_scale(block, n)}
+    if any(n not in scales for n, _ in block.named_parameters(recurse=False)) or persistent:
+        raise AnatomyError(f"{where}: parameters held directly by the block (other than layer scales on its residual "
+                           "branches) are not supported")
     return BlockParts(norm1=res.norm1, norm2=res.norm2, attn=res.attn, mlp=res.mlp, post_attn=list(res.post_attn),
-                      post_mlp=list(res.post_mlp), attention=attention, conv=conv, windows=windows)
+                      post_mlp=list(res.post_mlp), attention=attention, conv=conv, windows=windows,
+                      post_norm=res.post_norm)
 
 
 class DGEBlock(nn.Module):
@@ -229,6 +241,8 @@ class DGEBlock(nn.Module):
         super().__init__()
         for name, child in block.named_children():
             self.add_module(name, child)
+        for name, param in block.named_parameters(recurse=False):  # layer scales (BEiT's gamma_1): the same tensors
+            self.register_parameter(name, param)
         # Buffers the block holds itself (Swin's shift mask; never saved: read_block refuses persistent ones): one
         # table shared with the original block, so ``.to()`` moves them for both.
         object.__setattr__(self, "_buffers", block._buffers)
@@ -239,9 +253,10 @@ class DGEBlock(nn.Module):
         self.grid = grid  # the stage's grid at the model's size (a family may give another per call)
         # Unregistered: the router is registered once, under routers.<index>; the original block shares this
         # module's children and runs the exact dense path; the block's MAC counts (DGE.costs[index]) choose its path.
-        attach(self, _router=router, _orig=block, _ctx=ctx, _costs=costs, _family=family, _call=None)
+        attach(self, _router=router, _orig=block, _ctx=ctx, _costs=costs, _family=family, _call=None, _pos=None)
 
     _call: WindowCall | None  # set for one forward of a block with windows
+    _pos: QueryPositions | None  # set for one forward of a block whose attention holds positions (EVA's rotary rows)
     _router: Router
     _orig: nn.Module
     _ctx: Context
@@ -259,7 +274,15 @@ class DGEBlock(nn.Module):
             return self._orig(x, *args, **kwargs)
         view = self.parts.windows
         if view is None:
-            return self._run(x, self._family.block_grid(x, args, kwargs, self.grid), args, kwargs)
+            hw = self._family.block_grid(x, args, kwargs, self.grid)
+            attention = self.parts.attention
+            if attention.holds_positions:
+                self._pos = attention.positions(candidate_members(ctx.layout(hw, x.device)), self.num_prefix, args,
+                                                kwargs)
+            try:
+                return self._run(x, hw, args, kwargs)
+            finally:
+                self._pos = None
         # Attention inside windows: every path runs on the batch of windows (see the module docstring).
         hw_map = (int(x.shape[1]), int(x.shape[2]))
         view.check(hw_map, f"dge: block {self.index}")
@@ -348,13 +371,8 @@ class DGEBlock(nn.Module):
         if call is not None and self.training and t.dim() == 3 and call.rows is None:
             # Windows of one image as one row of the batch: drop path drops images, as the base block does.
             shape = t.shape
-            t = t.reshape(call.images, -1, shape[-1])
-            for n in names:
-                t = self.get_submodule(n)(t)
-            return t.reshape(shape)
-        for n in names:
-            t = self.get_submodule(n)(t)
-        return t
+            return apply_post_chain(self, names, t.reshape(call.images, -1, shape[-1])).reshape(shape)
+        return apply_post_chain(self, names, t)
 
     def _sparse_gates(self, regions: torch.Tensor, lay: RegionLayout) -> tuple[torch.Tensor, bool]:
         ctx = self._ctx
@@ -442,8 +460,12 @@ class DGEBlock(nn.Module):
         q_in = q.gather(torch.cat([x, *(pooled[s] for s in lay.sizes[1:])], dim=1))
         norm1 = self.get_submodule(self.parts.norm1)
         norm2 = self.get_submodule(self.parts.norm2)
-        a = self._apply_chain(self.parts.post_attn, self._attention(norm1(q_in), norm1(x), hw, q))
-        m = self._apply_chain(self.parts.post_mlp, self._traced_mlp(norm2(q_in + a), hw, lay, q))
+        if self.parts.post_norm:
+            a = self._apply_chain(self.parts.post_attn, norm1(self._attention(q_in, x, hw, q)))
+            m = self._apply_chain(self.parts.post_mlp, norm2(self._traced_mlp(q_in + a, hw, lay, q)))
+        else:
+            a = self._apply_chain(self.parts.post_attn, self._attention(norm1(q_in), norm1(x), hw, q))
+            m = self._apply_chain(self.parts.post_mlp, self._traced_mlp(norm2(q_in + a), hw, lay, q))
         out = x + q.to_tokens(a + m)
         self._record(q.nq.to(torch.float64), gates, lay, ran, self._conv_macs(gates, lay))
         return out
@@ -571,9 +593,15 @@ class DGEBlock(nn.Module):
 
     def _updates(self, q_in: torch.Tensor, x: torch.Tensor, hw: tuple[int, int], lay: RegionLayout,
                  q: QuerySelection, gate_tok: torch.Tensor | None) -> torch.Tensor:
-        """Attention + MLP updates of the queries (q_out - q_in), keys and values from all of ``x``."""
+        """Attention + MLP updates of the queries (q_out - q_in), keys and values from all of ``x``; post-norm
+        blocks normalise the attention and MLP outputs instead of their inputs (a pooled query is then the pooled
+        tokens themselves, projected and, with cosine attention, normalised like any query)."""
         norm1 = self.get_submodule(self.parts.norm1)
         norm2 = self.get_submodule(self.parts.norm2)
+        if self.parts.post_norm:
+            a = self._apply_chain(self.parts.post_attn, norm1(self._attention(q_in, x, hw, q)))
+            m = self._apply_chain(self.parts.post_mlp, norm2(self._mlp(q_in + a, hw, lay, q, gate_tok)))
+            return a.add_(m) if not torch.is_grad_enabled() else a + m
         a = self._attention(norm1(q_in), norm1(x), hw, q)
         a = self._apply_chain(self.parts.post_attn, a)
         m = self._mlp(norm2(q_in + a), hw, lay, q, gate_tok)
@@ -583,17 +611,30 @@ class DGEBlock(nn.Module):
     def _attention(self, qn: torch.Tensor, xn: torch.Tensor, hw: tuple[int, int], q: QuerySelection) -> torch.Tensor:
         attention = self.parts.attention
         k, v = attention.keys_values(xn, hw)
-        o = q.attend(attention.queries(qn), k, v, attention.dropout(), self._slot_bias(q, xn.shape[0]))
+        qh = attention.queries(qn)
+        pos = self._pos
+        if pos is not None and pos.key_rope is not None:
+            k = attention.rotate(k, pos.key_rope)
+        if pos is not None and pos.query_rope is not None:  # each row by the mean rotary row of its positions
+            table = pos.query_rope  # (heads or 1, T, E), in its own dtype (timm rotates in float32, then casts)
+            cands = _row_cands(q, table.shape[1], qh.device)
+            rope = table.index_select(1, cands.flatten()).movedim(0, 1).reshape(*cands.shape, table.shape[0], -1)
+            qh = attention.rotate(qh.unflatten(-1, (attention.num_heads, -1)), rope).flatten(-2)
+        o = q.attend(qh, k, v, attention.dropout(), self._slot_bias(q, xn.shape[0]))
         return attention.output(o, qn)
 
     def _slot_bias(self, q: QuerySelection, b: int) -> torch.Tensor | None:
-        """With windows: the attention bias of every slot the attention core runs, from the candidate it holds and
-        its row's window; None otherwise."""
+        """The attention bias of every slot the attention core runs, from the candidate it holds (and, with windows,
+        its row's window); None when the attention has no bias per query position."""
         call = self._call
-        if call is None:
+        if call is not None:
+            table = call.bias  # (windows or 1, heads, T, N)
+            rows = call.rows if call.rows is not None else torch.arange(b, device=table.device)
+        elif self._pos is not None and self._pos.bias is not None:
+            table = self._pos.bias  # (1, heads, P + T, P + N)
+            rows = torch.zeros(b, dtype=torch.long, device=table.device)
+        else:
             return None
-        table = call.bias  # (windows or 1, heads, T, N)
-        rows = call.rows if call.rows is not None else torch.arange(b, device=table.device)
         win = rows % table.shape[0]
         if isinstance(q, AllQueries | UniformQueries):  # every row the same candidates
             t = table.shape[2]
@@ -601,7 +642,8 @@ class DGEBlock(nn.Module):
             assert cands is not None
             sub = table.index_select(2, cands)
             return sub if table.shape[0] == 1 else sub.index_select(0, win)
-        slots = q.slot_cands() if isinstance(q, PackedQueries | TracedQueries) else q.tok_src
+        packed = isinstance(q, PackedQueries | TracedQueries)
+        slots = q.slot_cands() if packed else _row_cands(q, table.shape[2], table.device)
         return table[win.unsqueeze(1), :, slots].permute(0, 2, 1, 3)
 
     def _mlp(self, t: torch.Tensor, hw: tuple[int, int], lay: RegionLayout, q: QuerySelection,
@@ -653,6 +695,21 @@ class DGEBlock(nn.Module):
             h = dwconv_selected(mlp.dwconv, mlp.relu(table), hw, lay, q).view(*t.shape[:-1], d)
         h = mlp.drop(_act(mlp.act, h))
         return mlp.drop(mlp.fc2(h))
+
+
+def _row_cands(q: QuerySelection, candidates: int, device: torch.device) -> torch.Tensor:
+    """The candidate each query row of ``q`` holds, shaped as the rows' leading dimensions ((M,) packed, (B, L)
+    padded, (B, N) token rows, (T,) every candidate, (P + n_k,) one level)."""
+    if isinstance(q, PackedQueries | TracedQueries):
+        return q.row_cands()
+    if isinstance(q, PaddedQueries):
+        return q.idx
+    if isinstance(q, TokenQueries):
+        return q.tok_src
+    if isinstance(q, UniformQueries):
+        assert q.cands is not None
+        return q.cands
+    return torch.arange(candidates, device=device)
 
 
 def _act(act: nn.Module, h: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,9 @@ from vitconvert.layers.costs import conv_macs, linear_macs, token_macs
 
 
 def block_costs(norm1: nn.Module, norm2: nn.Module, attention: QueryAttention, mlp: nn.Module, conv: ConvMlp | None,
-                tokens: int, grid: tuple[int, int]) -> dict[str, float]:
-    """MACs of one block on ``tokens`` tokens (prefix included) over ``grid``.
+                tokens: int, grid: tuple[int, int], post_norm: bool = False) -> dict[str, float]:
+    """MACs of one block on ``tokens`` tokens (prefix included) over ``grid``; ``post_norm``: norm1 runs on the
+    attention outputs (one per query row), not on every token before the keys.
 
     Returns:
         ``fixed`` and ``per_query`` (the DGE path: norm1 of every token and the keys and values, then per query row
@@ -38,6 +39,7 @@ def block_costs(norm1: nn.Module, norm2: nn.Module, attention: QueryAttention, m
         mlp_row, dense_conv = linear_macs(1, hidden, c), conv_macs(n, conv.dwconv)
     keys = attention.key_tokens(n, grid)
     core = attention.query_macs(keys) - attention.query_macs(0)  # QK^T and AV of one query row
-    return {"fixed": n * ln1 + kv, "per_query": per_row, "core": core, "dense": n * per_row + kv + dense_conv,
+    return {"fixed": (0.0 if post_norm else n * ln1) + kv, "per_query": per_row, "core": core,
+            "dense": n * per_row + kv + dense_conv,
             "tokens": float(n), "width": float(c), "hidden": float(hidden), "mlp_row": mlp_row,
             "dense_conv": dense_conv}

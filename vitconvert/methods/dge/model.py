@@ -7,7 +7,7 @@ import itertools
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -78,14 +78,8 @@ class DGE(ConvertedModel):
     """Dynamic Grained Encoder (see the module docstring)."""
 
     method = "dge"
-    families = ("vit", "pvt_v2", "swin")
-    not_supported: ClassVar[dict[str, str]] = {
-        "eva": "a pooled coarse query has no single rotary position",
-        "beit": "a pooled coarse query has no row in the relative position bias table",
-        "swinv2": "its cosine attention normalises each query: a pooled coarse query and its continuous-bias row are "
-                  "not adapted yet (Swin's window path is)",
-    }
-    description = "DGE dynamic-granularity queries per region (ViT/DeiT, PVT-v2, Swin)"
+    families = ("vit", "eva", "beit", "pvt_v2", "swin", "swinv2")
+    description = "DGE dynamic-granularity queries per region (ViT/DeiT, EVA, BEiT, PVT-v2, Swin, SwinV2)"
     Settings = DGESettings
     Losses = DGELosses
     full_compute_runs_base = True  # coarsening 0: the base blocks, routers not run
@@ -128,7 +122,7 @@ class DGE(ConvertedModel):
                 cap = window_tables(parts.windows, lay, map_grid)[1]
             costs: dict[str, Any] = block_costs(
                 block.get_submodule(parts.norm1), block.get_submodule(parts.norm2), parts.attention,
-                block.get_submodule(parts.mlp), parts.conv, tokens, grid)
+                block.get_submodule(parts.mlp), parts.conv, tokens, grid, parts.post_norm)
             costs["router"] = lay.num_regions * (linear_macs(1, info.dim, k) + norm_cost(router.norm, info.dim))
             costs["level_nq"] = [float(self.num_prefix + v) for v in lay.nq.sum(0).tolist()]
             if cap is not None:  # regions whose coarser levels would straddle a mask stay at their coarsest allowed
