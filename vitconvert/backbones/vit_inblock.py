@@ -8,9 +8,11 @@ non-overlapping patch grid, like :mod:`vitconvert.backbones.vit`, but the blocks
 * **BEiT** (timm ``beit``): a relative position bias table in every block's attention, indexed by the token grid,
   layer-scale gammas as parameters, mean pooling with ``fc_norm``.
 
-Methods that need the blocks as a chain of token-to-token calls (CF-ViT's coarse pass, DGE's query subsets,
-clustered attention) do not declare these families: a rotary embedding or a relative position bias is a function of
-each token's position that a coarse token, a pooled query or a cluster has no single value of. A method that runs the
+Methods that need the blocks as a chain of token-to-token calls (DGE's query subsets, clustered attention) do not
+declare these families: a rotary embedding or a relative position bias is a function of each token's position that a
+pooled query or a cluster has no single value of. CF-ViT does, giving its coarse tokens the mean over their positions:
+the split passes EVA's rotary embedding to every block, and BEiT's bias becomes a block input
+(:meth:`BEiT.position_bias`, :func:`vitconvert.fx.lift_attention_bias`). A method that runs the
 whole model at other input sizes (DVT's members) does: timm's own ``set_input_size`` recomputes the rotary
 embedding for the new grid, and resamples BEiT's relative position bias tables to it.
 """
@@ -87,6 +89,10 @@ class BEiT(_InBlockPositions):
         finally:
             for m in fused:
                 m.fused_attn = True
+
+    def position_bias(self, model: nn.Module, attn: str) -> str | None:
+        """The relative position bias table each block's attention indexes by the token grid."""
+        return f"{attn}.relative_position_bias_table"
 
     def read(self, model: nn.Module, draft: Anatomy) -> list[str]:
         missing = self._common(model, draft)
