@@ -44,6 +44,19 @@ CASE_OVERRIDES: dict[tuple[str, str], list[str]] = {
     ("fsla_replace", "vit"): ["model.img_size=64", "model.clustering_overhead=0"],
     ("fsla_replace", "vit_attn_pool"): ["model.img_size=64", "model.clustering_overhead=0"],
     ("fsla_replace", "pvt_v2"): ["model.img_size=192", "model.cluster_size=8", "model.clustering_overhead=0"],
+    # The random-init pooling head attends uniformly (its weights are small: scores differ by ~1e-4 across patches),
+    # so which patches a fine pass refines would follow float rounding; the case refines all of them (exits and the
+    # reuse layer still differ per image) and tests/test_cfvit.py checks the pooling head's scores.
+    ("cfvit", "vit_attn_pool"): ["model.alpha=1.0"],
+}
+
+# (method, architecture) -> tiny-model kwargs added for the case. CF-ViT exits on thresholds of its coarse confidence
+# (steps of 0.01): timm starts EVA's and BEiT's heads 1000x smaller and SigLIP's pooled features unnormalised, so every
+# random-init image would have the same confidence to 0.001 and take the same path; larger logits make them differ.
+CASE_MODEL_KWARGS: dict[tuple[str, str], dict[str, object]] = {
+    ("cfvit", "vit_attn_pool"): {"fc_norm": True},
+    ("cfvit", "eva"): {"head_init_scale": 1.0},
+    ("cfvit", "beit"): {"head_init_scale": 1.0},
 }
 
 
@@ -51,7 +64,8 @@ def convert(method: str, arch: str) -> vitconvert.ConvertedModel:
     """The method applied to the architecture's tiny model with its default recipe (and the case's overrides)."""
     model_arch, kwargs = TINY_MODELS[ARCHITECTURES[arch][2]]
     torch.manual_seed(0)
-    return vitconvert.apply(model_arch, {"name": f"conformance-{method}", "method": method}, model_kwargs=kwargs,
+    return vitconvert.apply(model_arch, {"name": f"conformance-{method}", "method": method},
+                            model_kwargs={**kwargs, **CASE_MODEL_KWARGS.get((method, arch), {})},
                             pretrained=False, overrides=CASE_OVERRIDES.get((method, arch)))
 
 

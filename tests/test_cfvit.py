@@ -28,7 +28,7 @@ def perturb(model: CFViT) -> None:
             p.add_(torch.randn_like(p) * 0.05)
 
 
-@pytest.mark.parametrize("key", ["vit", "deit", "deit3", "deit_distilled"])
+@pytest.mark.parametrize("key", ["vit", "deit", "deit3", "deit_distilled", "siglip", "eva02"])
 def test_full_compute_reproduces_base(key: str) -> None:
     model = convert(key)
     base = model.build_base()
@@ -193,10 +193,10 @@ def test_set_budget_picks_from_curve() -> None:
 
 def test_rejects_unsupported_bases() -> None:
     arch, kwargs = TINY_MODELS["swin"]
-    with pytest.raises(UserError, match="supports ViT/DeiT, PVT-v2; swin_tiny_patch4_window7_224 is Swin"):
+    with pytest.raises(UserError, match="BEiT, PVT-v2; swin_tiny_patch4_window7_224 is Swin"):
         vitconvert.apply(arch, "cfvit", model_kwargs=kwargs, pretrained=False)
     arch, kwargs = TINY_MODELS["vit"]
-    with pytest.raises(UserError, match="has no class token"):
+    with pytest.raises(UserError, match="has neither: it pools with 'avg' and has no class token"):
         vitconvert.apply(arch, "cfvit", model_kwargs={**kwargs, "class_token": False, "global_pool": "avg"},
                          pretrained=False, overrides=["model.gca_start_block=1"])
     with pytest.raises(UserError, match="grid 8x8 must be twice the coarse grid"):
@@ -208,6 +208,135 @@ def test_wrong_image_size_is_a_clear_error() -> None:
     model = convert("deit")
     with pytest.raises(ValueError, match="expected 32x32 images"):
         model(torch.randn(1, 3, 64, 64))
+
+
+# --- SigLIP (attention-pooling head) and EVA (rotary embedding) on the token path -------------------------------
+
+
+def test_pool_scores_are_the_pooling_heads_attention() -> None:
+    """Without a class token, the coarse pass scores each patch by the attention the pooling head's latent query
+    pays it (mean over heads), computed here by hand from the head's weights."""
+    model = convert("siglip")
+    assert model.scorer == "pool" and all(t is None for t in model._graphs["tapped"])
+    base = model.base
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        coarse = model.forward_coarse(x)
+        pool = base.attn_pool
+        xn = base.norm(coarse["tokens"])
+        b, n, _ = xn.shape
+        q = pool.q(pool.latent).reshape(1, -1, pool.num_heads, pool.head_dim).transpose(1, 2)
+        k = pool.kv(xn).reshape(b, n, 2, pool.num_heads, pool.head_dim).permute(2, 0, 3, 1, 4)[0]
+        attn = ((q * pool.scale) @ k.transpose(-2, -1)).softmax(-1)  # (B, heads, latents, N)
+        assert coarse["gca"].shape == (3, 16)
+        torch.testing.assert_close(coarse["gca"], attn.mean(dim=(1, 2)), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(coarse["logits"], base.forward_head(xn), atol=1e-6, rtol=1e-5)
+
+
+def test_eva_coarse_pass_is_the_model_at_half_the_grid() -> None:
+    """The coarse pass runs EVA at the coarse grid as timm does (rotary embedding recomputed for it): the timm model
+    resized to 16 px, given the same coarse position embedding, returns the same logits."""
+    model = convert("eva02")
+    resized = model.build_base()
+    resized.set_input_size(img_size=(16, 16))
+    with torch.no_grad():
+        resized.pos_embed.copy_(model.pos_embed_coarse)
+    x = torch.randn(3, 3, 32, 32)
+    xc = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_coarse(x)["logits"], resized(xc), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(model.coarse_rope, model.base.rope.pos_embed[:16])
+
+
+def test_eva_mixed_sequence_rotary_rows() -> None:
+    """In the fine pass a fine patch keeps its own rotary row and a coarse patch gets the mean of its 2x2 positions'
+    rows, so a query scores a coarse key as the mean of its scores against that key at the four positions."""
+    from timm.layers import apply_rot_embed_cat
+
+    model = convert("eva02", ["model.alpha=0.25"])
+    table = model.base.rope.pos_embed  # (64, E) on the 8x8 grid
+    fine_idx = model.fine_indices(torch.tensor([[5], [0]]))  # (2, 4)
+    kept = torch.tensor([[0, 1, 15], [3, 5, 6]])
+    rows = model._mixed_rows(table, fine_idx, kept)
+    assert rows.shape == (2, 1, 7, table.shape[-1])
+    torch.testing.assert_close(rows[0, 0, :4], table[[18, 19, 26, 27]])
+    torch.testing.assert_close(rows[1, 0, 6], table[[20, 21, 28, 29]].mean(0))  # coarse patch 6: row 1, column 2
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, table.shape[-1] // 2), torch.randn(1, 1, 1, table.shape[-1] // 2)
+    qr = apply_rot_embed_cat(q, table[40:41])
+    coarse_score = qr @ apply_rot_embed_cat(k, rows[1, :, 6:7]).transpose(-2, -1)
+    per_position = torch.stack([qr @ apply_rot_embed_cat(k, table[i:i + 1]).transpose(-2, -1)
+                                for i in (20, 21, 28, 29)])
+    torch.testing.assert_close(coarse_score, per_position.mean(0))
+    # and the fine pass runs a mixed sequence whose images are independent of each other
+    perturb(model)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        coarse = model.forward_coarse(x)
+        both = model.forward_fine(x, coarse)
+        alone = model.forward_fine(x[1:2], {k: v[1:2] for k, v in coarse.items()})
+    torch.testing.assert_close(both[1:2], alone, atol=1e-5, rtol=1e-5)
+
+
+def convert_beit(overrides: list[str] | None = None, fused: bool = True) -> CFViT:
+    """The tiny BEiT with random relative position bias tables (timm starts them at zero, which would hide them)."""
+    base, _, _ = tiny_model("beit")
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for blk in base.blocks:
+            blk.attn.relative_position_bias_table.normal_(0, 0.5)
+            blk.attn.fused_attn = fused
+    return vitconvert.apply(base, "cfvit", overrides=["model.gca_start_block=1", *(overrides or [])])
+
+
+def averaging_matrix(positions: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(T,) sequence positions (see CFViT._pair_bias) -> the dense (T, S) matrix averaging each token's positions."""
+    gh, gw = grid
+    size = prefix + gh * gw
+    m = torch.zeros(len(positions), size)
+    for i, pos in enumerate(positions.tolist()):
+        if pos < size:
+            m[i, pos] = 1.0
+        else:
+            r, c = divmod(pos - size, gw // 2)
+            for dy in (0, 1):
+                for dx in (0, 1):
+                    m[i, prefix + (2 * r + dy) * gw + 2 * c + dx] = 0.25
+    return m
+
+
+def test_beit_position_bias_of_coarse_and_mixed_sequences() -> None:
+    """The bias of a coarse or mixed sequence is M B M^T (M averages each token's grid positions); the full
+    sequence in order gets B itself, so full compute is the base model."""
+    model = convert_beit(["model.alpha=0.25"])
+    base = model.build_base()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert (model.full_compute()(x) - base(x)).abs().max() <= 1e-4
+        bias = model._graphs["biases"][2]()  # (1, heads, 65, 65)
+        torch.testing.assert_close(bias, base.blocks[2].attn._get_rel_pos_bias())
+        full = torch.arange(65)[None]
+        torch.testing.assert_close(model._pair_bias(bias, full, 1), bias)
+        fine_idx = model.fine_indices(torch.tensor([[9], [2]]))
+        kept = torch.tensor([[0, 4, 15], [1, 3, 8]])
+        mixed = torch.cat([torch.zeros(2, 1, dtype=torch.long), 1 + fine_idx, 65 + kept], dim=1)
+        coarse = torch.cat([torch.zeros(1), 65 + torch.arange(16)]).long()[None]
+        for positions in (mixed, coarse):
+            got = model._pair_bias(bias, positions, positions.shape[0])
+            for i, pos in enumerate(positions):
+                m = averaging_matrix(pos, 1, (8, 8))
+                torch.testing.assert_close(got[i], m @ bias[0] @ m.T, atol=1e-6, rtol=1e-5)
+
+
+def test_beit_class_attention_includes_the_bias() -> None:
+    """GCA reads the class row of the attention the block computes, bias included: the same with fused attention
+    (the row recomputed from q, k and the SDPA mask) and with explicit softmax (the row sliced)."""
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        gca = convert_beit(fused=True).forward_coarse(x)["gca"]
+        reference = convert_beit(fused=False).forward_coarse(x)["gca"]
+    torch.testing.assert_close(gca, reference, atol=1e-6, rtol=1e-5)
+    assert gca.std() > 0
 
 
 # --- PVT-v2: the region path ---------------------------------------------------------------------------------

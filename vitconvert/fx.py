@@ -25,7 +25,7 @@ import io
 import itertools
 import math
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -61,31 +61,35 @@ class Tracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def _concrete_args(module: nn.Module) -> dict[str, Any]:
-    """Bake every forward argument after the first to its default (attn_mask=None, is_causal=False, ...)."""
+def _concrete_args(module: nn.Module, keep: Iterable[str] = ()) -> dict[str, Any]:
+    """Bake every forward argument after the first to its default (attn_mask=None, is_causal=False, ...), except
+    those named in ``keep`` (they stay graph inputs)."""
     params = list(inspect.signature(module.forward).parameters.values())[1:]
+    kept = set(keep)
     return {
         p.name: p.default
         for p in params
-        if p.default is not inspect.Parameter.empty
+        if p.default is not inspect.Parameter.empty and p.name not in kept
         and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     }
 
 
-def trace(module: nn.Module, leaves: Iterable[str] = (), concrete: bool = True) -> fx.GraphModule:
+def trace(module: nn.Module, leaves: Iterable[str] = (), concrete: bool = True,
+          keep: Iterable[str] = ()) -> fx.GraphModule:
     """Trace ``module`` into a GraphModule that shares its parameters.
 
     Args:
         module: A timm model or one of its submodules.
         leaves: Module paths (relative to ``module``) to keep as single ``call_module`` nodes.
         concrete: Bake optional forward arguments to their defaults.
+        keep: Optional forward arguments left as graph inputs when baking (EVA's ``rope``).
 
     Raises:
         AnatomyError: when torch.fx cannot trace the module (the message names the module and the reason).
     """
     tracer = Tracer(leaves)
     try:
-        graph = tracer.trace(module, concrete_args=_concrete_args(module) if concrete else None)
+        graph = tracer.trace(module, concrete_args=_concrete_args(module, keep) if concrete else None)
     except Exception as e:  # fx raises TraceError, TypeError, AssertionError... depending on the code
         raise AnatomyError(
             f"torch.fx cannot trace {type(module).__name__} ({type(e).__name__}: {str(e).splitlines()[0]}); "
@@ -159,13 +163,23 @@ def _copy_nodes(
         env[n] = graph.node_copy(n, lookup)
 
 
-def split_at_blocks(model: nn.Module, block_paths: list[str]) -> tuple[fx.GraphModule, fx.GraphModule]:
+def split_at_blocks(model: nn.Module, block_paths: list[str], leaves: Iterable[str] = (),
+                    shared: Sequence[str] | None = None) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Cut a single-stage model into ``embed`` (image -> tokens) and ``head`` (tokens -> logits) graphs.
 
     The blocks are traced as leaves and must run as an unbroken chain (block i's output is block i+1's only
     input), which is what ViT/DeiT do. Running ``head(blocks(embed(x)))`` is then exactly ``model(x)``.
+
+    Args:
+        model: The model.
+        block_paths: Its blocks, in call order.
+        leaves: Further module paths kept as single ``call_module`` nodes (in the head: an attention-pooling head a
+            method rewrites).
+        shared: Keyword inputs every block is called with besides the tokens, computed once before the first block
+            (EVA's ``rope``): the embed graph then returns ``(tokens, *shared)`` and ``head(blocks(tokens,
+            **shared))`` is the model. Without it a block taking an extra tensor is refused.
     """
-    gm = trace(model, leaves=block_paths)
+    gm = trace(model, leaves=[*block_paths, *leaves])
     nodes = list(gm.graph.nodes)
     block_nodes = [n for n in nodes if n.op == "call_module" and n.target in set(block_paths)]
     if [n.target for n in block_nodes] != block_paths:
@@ -174,15 +188,31 @@ def split_at_blocks(model: nn.Module, block_paths: list[str]) -> tuple[fx.GraphM
         if nxt.args[0] is not prev or len(prev.users) != 1:
             raise AnatomyError(f"cannot split the model graph: {nxt.target} does not take {prev.target}'s output")
     first, last = block_nodes[0], block_nodes[-1]
-    if any(isinstance(a, fx.Node) for a in list(first.args[1:]) + list(first.kwargs.values())):
-        raise AnatomyError("cannot split the model graph: blocks take extra tensor inputs")
+    names = list(shared or [])
+    for n in block_nodes:
+        extra = [a for a in n.args[1:] if isinstance(a, fx.Node)]
+        extra += [v for k, v in n.kwargs.items() if isinstance(v, fx.Node) and k not in names]
+        if extra:
+            raise AnatomyError("cannot split the model graph: blocks take extra tensor inputs")
+        for k in names:
+            v, v0 = n.kwargs.get(k), first.kwargs.get(k)
+            # One value for every block: the same node, or (a constant tensor each call reads again) the same
+            # buffer.
+            same = v is v0 or (isinstance(v, fx.Node) and isinstance(v0, fx.Node) and v.op == v0.op == "get_attr"
+                               and v.target == v0.target)
+            if not isinstance(v0, fx.Node) or not same:
+                raise AnatomyError(f"cannot split the model graph: the blocks do not all take one {k!r} computed "
+                                   "before the first block")
     i_first, i_last = nodes.index(first), nodes.index(last)
 
     embed = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     pre = nodes[:i_first]
     _copy_nodes(pre, embed, env, "embedding")
-    embed.output(env[first.args[0]])
+    if names:
+        embed.output((env[first.args[0]], *(env[first.kwargs[k]] for k in names)))
+    else:
+        embed.output(env[first.args[0]])
 
     head = fx.Graph()
     env = {last: head.placeholder("tokens")}
@@ -217,25 +247,43 @@ def lift_parameter(gm: fx.GraphModule, target: str, name: str | None = None) -> 
     return gm
 
 
-def class_attention_row(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Softmax attention of query 0 (the class token) over all keys: (B, H, N) from q, k of (B, H, N, D).
+def class_attention_row(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
+                        all_queries: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention of query 0 (the class token) over all keys: (B, H, N) from q, k of (B, H, N, D); with
+    ``all_queries``, the mean of every query's row (an attention-pooling head's latent queries). ``mask``: the
+    additive float mask the attention adds to its logits (a position bias), broadcastable to (B, H, Nq, N).
 
-    Costs O(N * D) per head, so blocks can keep fused SDPA and still report class attention.
+    Costs O(N * D) per head and query, so blocks can keep fused SDPA and still report class attention.
     """
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)
-    return logits.softmax(dim=-1).squeeze(2)
+    # In fp32 whatever the model's dtype: the rows rank patches, and fp16/bf16 rounding reorders near-ties.
+    logits = ((q if all_queries else q[:, :, :1]).float() * scale) @ k.float().transpose(-2, -1)
+    if mask is not None:
+        logits = logits + (mask if all_queries else mask[..., :1, :]).float()
+    return logits.softmax(dim=-1).mean(dim=2)
+
+
+def _share_modules(gm: fx.GraphModule, root: nn.Module) -> fx.GraphModule:
+    """Make ``gm``'s top-level submodules ``root``'s own (a GraphModule copies the buffers it reads into fresh
+    containers, which a later ``root.to(dtype)`` would leave behind: timm's EVA and BEiT attention read a ``k_bias``
+    buffer). Parameters are shared either way; with the containers shared, buffers are read live."""
+    for name in list(gm._modules):
+        if name in root._modules:
+            gm._modules[name] = root._modules[name]
+    return gm
 
 
 
-def tap_class_attention(block: nn.Module) -> fx.GraphModule:
+def tap_class_attention(block: nn.Module, keep: Iterable[str] = (), all_queries: bool = False) -> fx.GraphModule:
     """Rewrite ``block`` to return ``(output, class_attention)`` with class_attention of shape (B, H, N).
 
     Works on the attention core the tracer finds: for fused ``scaled_dot_product_attention`` a
     :func:`class_attention_row` node is added on its q and k; for explicit softmax attention the row is
-    sliced from the softmax output.
+    sliced from the softmax output. ``keep``: optional forward inputs that stay inputs of the rewritten graph
+    (EVA's ``rope``; the others are baked to their defaults). ``all_queries``: report the mean row of every query
+    (an attention-pooling head's latent queries) instead of query 0's.
     """
-    gm = trace(block)
+    gm = _share_modules(trace(block, keep=keep), block)
     cores = [n for n in gm.graph.nodes if is_attention_core(n, gm)]
     if len(cores) != 1:
         raise AnatomyError(f"{type(block).__name__}: expected one attention core, found {len(cores)}")
@@ -243,9 +291,12 @@ def tap_class_attention(block: nn.Module) -> fx.GraphModule:
     with gm.graph.inserting_after(core):
         if core.op == "call_function" and core.target is F.scaled_dot_product_attention:
             q, k = core.args[0], core.args[1]
-            if core.kwargs.get("attn_mask") is not None:
+            mask = core.kwargs.get("attn_mask")
+            if mask is not None and not isinstance(mask, fx.Node):
                 raise AnatomyError(f"{type(block).__name__}: attention with a mask cannot be tapped")
-            row = gm.graph.call_function(class_attention_row, (q, k, core.kwargs.get("scale")))
+            row = gm.graph.call_function(class_attention_row, (q, k, core.kwargs.get("scale"), all_queries, mask))
+        elif all_queries:
+            row = gm.graph.call_method("mean", (core, 2))
         else:
             row = gm.graph.call_function(operator.getitem, (core, (slice(None), slice(None), 0)))
     out = next(n for n in gm.graph.nodes if n.op == "output")
@@ -253,3 +304,73 @@ def tap_class_attention(block: nn.Module) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def tap_leaf(gm: fx.GraphModule, path: str, tapped: nn.Module) -> fx.GraphModule:
+    """Make ``gm`` (which calls the leaf module ``path`` once) also return what ``tapped`` adds: ``tapped`` is the
+    leaf rewritten to return ``(output, extra)`` (:func:`tap_class_attention`); the graph returns
+    ``(output, extra)``."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == path]
+    if len(calls) != 1:
+        raise AnatomyError(f"the graph calls {path!r} {len(calls)} times, expected once")
+    name = path.replace(".", "_") + "_tapped"
+    gm.add_submodule(name, tapped)
+    call = calls[0]
+    with gm.graph.inserting_after(call):
+        both = gm.graph.call_module(name, call.args, call.kwargs)
+    with gm.graph.inserting_after(both):
+        value = gm.graph.call_function(operator.getitem, (both, 0))
+        extra = gm.graph.call_function(operator.getitem, (both, 1))
+    call.replace_all_uses_with(value)
+    gm.graph.erase_node(call)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = ((out.args[0], extra),)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def lift_attention_bias(block: nn.Module, param: str, name: str = "attn_bias") -> tuple[fx.GraphModule,
+                                                                                       fx.GraphModule]:
+    """Turn the additive attention bias a block computes from parameter ``param`` (a path inside ``block``: BEiT's
+    relative position bias table) into an input, so a caller can give the block a bias for another token sequence.
+
+    The bias is the value computed from ``param`` and constants alone that the attention reads (an SDPA mask or a
+    term added to the logits). Returns ``(block_graph, bias_graph)``: ``block_graph(x, bias)`` is the block with
+    that bias given (``block_graph(x, bias_graph())`` is the block), ``bias_graph()`` computes the block's own bias
+    from the live parameter.
+    """
+    gm = _share_modules(trace(block), block)
+    nodes = list(gm.graph.nodes)
+    reads = [n for n in nodes if n.op == "get_attr" and n.target == param]
+    if len(reads) != 1:
+        raise AnatomyError(f"{type(block).__name__}: expected one read of {param!r}, found {len(reads)}")
+    derived: set[fx.Node] = set()
+    for n in nodes:
+        inputs = n.all_input_nodes
+        if n is reads[0] or (inputs and any(a in derived for a in inputs)
+                             and all(a in derived or a.op == "get_attr" for a in inputs)):
+            derived.add(n)
+    frontier = [n for n in nodes if n in derived and any(u not in derived for u in n.users)]
+    if len(frontier) != 1:
+        raise AnatomyError(f"{type(block).__name__}: the bias computed from {param!r} is not one tensor the "
+                           f"attention reads (found {len(frontier)})")
+    bias = frontier[0]
+
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in nodes:
+        if n in derived or (n.op == "get_attr" and any(u in derived for u in n.users)):
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(env[bias])
+    bias_gm = _share_modules(fx.GraphModule(gm, graph, class_name="AttentionBias"), block)
+
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    with gm.graph.inserting_after(placeholders[0]):  # before baked optional args (they have defaults)
+        given = gm.graph.placeholder(name)
+    bias.replace_all_uses_with(given)
+    for g in (gm, bias_gm):
+        g.graph.eliminate_dead_code()
+        g.graph.lint()
+        g.recompile()
+    return gm, bias_gm

@@ -247,6 +247,13 @@ class Family(abc.ABC):
         """Input sides that are multiples of this keep whole token maps (ViT: the patch)."""
         return anatomy.patch_size[0]
 
+    def position_bias(self, model: nn.Module, attn: str) -> str | None:
+        """The parameter (its path in ``model``) from which the attention module at ``attn`` computes an additive
+        bias over (query, key) position pairs of the token grid, or None when its attention has none. A method
+        that runs the block on another token sequence gives it a bias of its own (:func:`vitconvert.fx.
+        lift_attention_bias`)."""
+        return None
+
     def export_context(self, model: nn.Module) -> AbstractContextManager[None]:
         """A context in which ``model`` (a converted model holding this family's modules) traces for torch.export
         with a batch size known only at run time; nothing to change by default."""

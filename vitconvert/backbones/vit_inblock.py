@@ -8,14 +8,15 @@ non-overlapping patch grid, like :mod:`vitconvert.backbones.vit`, but the blocks
 * **BEiT** (timm ``beit``): a relative position bias table in every block's attention, indexed by the token grid,
   layer-scale gammas as parameters, mean pooling with ``fc_norm``.
 
-Methods that need the blocks as a chain of token-to-token calls (CF-ViT's coarse pass, clustered attention) do not
-declare these families: a rotary embedding or a relative position bias is a function of each token's position that a
-coarse token or a cluster has no single value of. A method that runs the whole model at other input sizes (DVT's
-members) does: timm's own ``set_input_size`` recomputes the rotary embedding for the new grid, and resamples BEiT's
-relative position bias tables to it. DGE's pooled queries do too (:class:`RotaryQueryAttention`): rotation is
-linear, so a query pooled over positions P scores keys as the mean of what it scores at each p, which is the query
-rotated by the mean of P's sin/cos rows; keys keep their own rows. Likewise a relative position bias enters the
-logits linearly: a pooled query's row of BEiT's bias is the mean of its positions' rows (:class:`BiasQueryAttention`).
+A rotary embedding and a relative position bias are functions of each token's position, and both enter the attention
+logits linearly, so a token that stands for several positions takes the mean over them. DGE's pooled queries
+(:class:`RotaryQueryAttention`: the query rotated by the mean of its positions' sin/cos rows, which scores keys as the
+mean of what it scores at each position; keys keep their own rows; :class:`BiasQueryAttention`: the mean of its
+positions' bias rows). CF-ViT's coarse tokens: the split passes EVA's rotary embedding to every block with a coarse
+token's rows the mean of its positions', and BEiT's bias becomes a block input, M B M^T for a sequence whose tokens
+average positions by M (:meth:`BEiT.position_bias`, :func:`vitconvert.fx.lift_attention_bias`). A method that runs
+the whole model at other input sizes (DVT's members) uses timm's own ``set_input_size``, which recomputes the rotary
+embedding for the new grid and resamples BEiT's relative position bias tables to it.
 """
 
 from __future__ import annotations
@@ -242,6 +243,10 @@ class BEiT(_InBlockPositions):
         finally:
             for m in fused:
                 m.fused_attn = True
+
+    def position_bias(self, model: nn.Module, attn: str) -> str | None:
+        """The relative position bias table each block's attention indexes by the token grid."""
+        return f"{attn}.relative_position_bias_table"
 
     def read(self, model: nn.Module, draft: Anatomy) -> list[str]:
         missing = self._common(model, draft)

@@ -1,7 +1,7 @@
 """CF-ViT: coarse-to-fine vision transformer (Chen et al., AAAI 2023, arXiv 2203.03821).
 
-Converted from a pretrained ViT/DeiT with a class token. One set of transformer weights serves both
-stages; only the position embeddings differ.
+Converted from a pretrained ViT/DeiT with a class token or an attention-pooling head (SigLIP, MAP), or an EVA/RoPE
+ViT or BEiT with a class token. One set of transformer weights serves both stages; only the position embeddings differ.
 
 * Coarse stage: the image is resized so the unchanged patch embedding yields a coarse grid (half the
   native grid per side by default: 7x7 for 14x14), then class token, all blocks, norm, head. Blocks from
@@ -13,6 +13,29 @@ stages; only the position embeddings differ.
 * Fine stage: the ``alpha`` fraction of coarse patches with the highest GCA is re-split 2x2 into fine
   patches; the others stay coarse (their coarse input embeddings). The coarse stage's final features pass
   through a small MLP (last layer zero-initialised) and are added to the fine tokens they cover.
+
+**Without a class token, with an attention-pooling head (SigLIP, MAP).** The pooling head's latent queries attend
+once, to the last block's normalised tokens: that attention (mean over heads and latents) is what the classifier reads
+of each token, the role the class token's attention plays, and it is the score, read in the coarse pass's head (an fx
+rewrite of the head keeping fused attention). Last layer only: no block has a query that stands for the classifier.
+
+**EVA / RoPE ViT.** Its blocks share a rotary embedding computed for the model's grid (a buffer). The coarse pass is
+the model at the coarse grid exactly as timm runs it at that size (the buffer of the model resized by timm's
+``set_input_size``, kept as ``coarse_<name>``); the fx split hands the shared input to every block. In the fine pass
+each token gets its own row, gathered per image like the tokens ((B, 1, T, E), broadcast over heads): a fine patch
+its full-grid row, a coarse patch the mean of its 2x2 positions' rows. The rotation is linear in its cos/sin entries,
+so a query scores a coarse key as the mean of its scores against that key at the four positions (and a coarse query
+likewise), the same averaging as the coarse token's embedding; the coarse grid's own row would place the token at
+one point between the four and rotate it as a unit vector, which no mixture of the four positions does.
+
+**BEiT.** Every block adds a relative position bias B (heads, S, S) over prefix tokens + the grid, computed from its
+table. Each block is rewritten to take its bias as an input (:func:`vitconvert.fx.lift_attention_bias`; the table stays
+the one parameter), and a sequence whose tokens average grid positions gets M B M^T, M the (T, S) averaging matrix
+(a coarse token: its 2x2 positions; the class token its own entry): between coarse tokens the mean over the 4x4
+position pairs. The coarse pass is the all-coarse case, the fine pass per image (B, heads, T, T); the full sequence in
+order is B itself (the base blocks run), so full compute is exact. Resampling the table to the coarse grid (timm's
+``set_input_size``) was the other candidate; it serves the coarse pass only, while the fine pass needs the mixed case
+anyway, and one rule for both keeps a coarse token's bias the same in both passes.
 
 The operating point is ``eta`` (the knob a user turns; simulated from one pass) and ``alpha`` (changes the
 fine stage; calibration explores the recipe's ``explore_alpha`` when given, else keeps ``model.alpha``). At
@@ -40,11 +63,13 @@ GMACs (``recipes/cfvit.yaml`` records the measured steps).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from pydantic import Field
 from timm.layers import resample_abs_pos_embed
@@ -95,16 +120,13 @@ class CFViT(ConvertedModel, SimulatesPoints):
     """Coarse-to-fine ViT with batched early exit (see the module docstring)."""
 
     method = "cfvit"
-    families = ("vit", "pvt_v2")
+    families = ("vit", "eva", "beit", "pvt_v2")
     not_supported: ClassVar[dict[str, str]] = {
-        "eva": "the coarse pass runs the blocks as one chain at half the grid; EVA's blocks take a rotary embedding "
-               "computed for the model's own grid",
-        "beit": "the coarse pass would index the relative position bias tables on a grid they were not built for "
-                "(resampling them is not implemented)",
         "swin": "its blocks run over window maps, which the region path's query blocks do not take yet",
         "swinv2": "its blocks run over window maps, which the region path's query blocks do not take yet",
     }
-    description = "CF-ViT coarse-to-fine inference with early exit (ViT/DeiT with a class token, PVT-v2)"
+    description = ("CF-ViT coarse-to-fine inference with early exit (ViT/DeiT with a class token or attention pooling, "
+                   "EVA/RoPE ViT, BEiT, PVT-v2)")
     Settings = CFViTSettings
     Losses = CFViTLosses
 
@@ -113,20 +135,29 @@ class CFViT(ConvertedModel, SimulatesPoints):
         s: CFViTSettings = self.settings
         family = family_of(anatomy)
         # A model that is one chain of blocks over one token sequence runs the paper's token path (class-token
-        # attention); a hierarchical one the region path (see the module docstring).
-        self.hierarchical = not family.splits_at_blocks
+        # attention); a hierarchical one the region path (see the module docstring). One stage of global attention
+        # whose blocks also take a shared input (EVA's rotary embedding) is a chain too: the split passes it along.
+        self.hierarchical = not (family.splits_at_blocks or (family.global_attention and len(anatomy.stages) == 1))
         if self.hierarchical:
             self._init_regions(base, spec, anatomy, family)
             return
-        if not anatomy.extras.get("class_token"):
-            pooling = "an attention-pooling head" if anatomy.attn_pool else f"{anatomy.pool} pooling"
-            raise UserError(f"cfvit needs a class token (its attention scores the regions); {spec.architecture} "
-                            f"has no class token: it pools with {pooling}")
-        if anatomy.pool != "token":
-            raise UserError(f"cfvit needs class-token pooling; {spec.architecture} pools with {anatomy.pool!r}")
-        if s.gca_start_block >= len(anatomy.blocks):
+        arch = spec.architecture
+        # What scores the coarse regions: the attention-pooling head's latent queries when the classifier reads the
+        # tokens through one (SigLIP, MAP), else the class token's attention rows (GCA, as in the paper).
+        self.scorer = "pool" if anatomy.attn_pool else "class" if anatomy.extras.get("class_token") else None
+        if self.scorer is None:
+            raise UserError(f"cfvit scores regions by the class token's attention or an attention-pooling head's; "
+                            f"{arch} has neither: it pools with {anatomy.pool!r} and has no class token")
+        if self.scorer == "pool" and getattr(base.get_submodule(anatomy.attn_pool), "pos_embed", None) is not None:
+            raise UserError(f"cfvit runs the pooling head on a coarse grid; {arch}'s pooling head adds a position "
+                            "embedding of the full grid")
+        if self.scorer == "class" and s.gca_start_block >= len(anatomy.blocks):
             raise UserError(f"recipe: model.gca_start_block must be < the depth ({len(anatomy.blocks)}), "
                             f"got {s.gca_start_block}")
+        shared = list(anatomy.blocks[0].shared_inputs)
+        if any(b.shared_inputs != shared for b in anatomy.blocks) or any(n.startswith("arg") for n in shared):
+            raise UserError(f"cfvit calls the blocks with the inputs they share by keyword; {arch}'s blocks take "
+                            f"{', '.join(sorted({n for b in anatomy.blocks for n in b.shared_inputs}))}")
         gh, gw = anatomy.grid
         ph, pw = anatomy.patch_size
         if anatomy.img_size != (gh * ph, gw * pw):
@@ -150,12 +181,13 @@ class CFViT(ConvertedModel, SimulatesPoints):
         if hasattr(patch_embed, "strict_img_size"):
             patch_embed.strict_img_size = False  # the coarse image goes through the same patch embedding
 
-        pos = base.get_parameter(anatomy.pos_embed)
-        pos_prefix = anatomy.extras["pos_embed_prefix"]
-        self.pos_embed_coarse = nn.Parameter(resample_abs_pos_embed(
-            pos.detach(), new_size=list(self.coarse_grid), old_size=list(anatomy.grid),
-            num_prefix_tokens=pos_prefix, interpolation="bicubic", antialias=True,
-        ))
+        self.pos_embed_coarse: nn.Parameter | None = None
+        if anatomy.pos_embed is not None:
+            pos = base.get_parameter(anatomy.pos_embed)
+            self.pos_embed_coarse = nn.Parameter(resample_abs_pos_embed(
+                pos.detach(), new_size=list(self.coarse_grid), old_size=list(anatomy.grid),
+                num_prefix_tokens=int(pos.shape[1]) - gh * gw, interpolation="bicubic", antialias=True,
+            ))
         dim = anatomy.embed_dim
         hidden = int(dim * s.reuse_mlp_ratio)
         self.reuse = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
@@ -164,13 +196,31 @@ class CFViT(ConvertedModel, SimulatesPoints):
 
         # fx graphs share the base model's modules; they are kept out of the module tree so the state dict
         # holds every weight exactly once, under its timm name.
-        embed, head = vfx.split_at_blocks(base, anatomy.block_paths)
+        pool = [anatomy.attn_pool] if self.scorer == "pool" else []
+        embed, head = vfx.split_at_blocks(base, anatomy.block_paths, leaves=pool, shared=shared or None)
+        self.shared_buffers = self._read_shared(base, embed, shared, family, arch)
+        if anatomy.pos_embed is not None:
+            embed = vfx.lift_parameter(embed, anatomy.pos_embed, "pos_embed")
+        head_tapped = None
+        if self.scorer == "pool":
+            # The pooling head's latent queries attend to the last tokens once: their attention (mean over the
+            # latents) is the whole score, read in the coarse pass's head; no block reports anything.
+            head_tapped = fx.GraphModule(head, copy.deepcopy(head.graph), class_name="HeadTapped")
+            head_tapped = vfx.tap_leaf(head_tapped, anatomy.attn_pool, vfx.tap_class_attention(
+                base.get_submodule(anatomy.attn_pool), all_queries=True))
+        blocks, biases = self._biased_blocks(base, family, arch)
         graphs = {
-            "embed": vfx.lift_parameter(embed, anatomy.pos_embed, "pos_embed"),
+            "embed": embed,
             "head": head,
-            "blocks": [base.get_submodule(p) for p in anatomy.block_paths],
-            "tapped": [vfx.tap_class_attention(base.get_submodule(p)) if i >= s.gca_start_block else None
-                       for i, p in enumerate(anatomy.block_paths)],
+            "head_tapped": head_tapped,
+            "base_blocks": [base.get_submodule(p) for p in anatomy.block_paths],
+            # Blocks whose attention takes a position bias as an input (BEiT), else the base's blocks; with the
+            # bias graphs computing each block's own bias from its table.
+            "blocks": blocks,
+            "biases": biases,
+            "tapped": [vfx.tap_class_attention(blk, keep=shared)
+                       if self.scorer == "class" and i >= s.gca_start_block else None
+                       for i, blk in enumerate(blocks)],
             "final_norm": base.get_submodule(anatomy.final_norm) if anatomy.final_norm else nn.Identity(),
         }
         # Not modules: the stages call the graphs above, whose parameters are registered once under base.
@@ -179,6 +229,126 @@ class CFViT(ConvertedModel, SimulatesPoints):
         self.eta = s.eta
         self._alpha = s.alpha
         self._count_costs()
+
+    def _read_shared(self, base: nn.Module, embed: fx.GraphModule, names: list[str], family: Family,
+                     arch: str) -> dict[str, str]:
+        """The inputs every block shares (EVA's rotary embedding): each must be a buffer of the base model, computed
+        for its grid; the coarse pass gets the same buffer of the model resized to the coarse grid (timm's own
+        ``set_input_size``: exactly the model at that size), kept here as ``coarse_<name>``. The embed graph is cut
+        back to return the tokens only (the fine pass reads the base's buffer each call, so ``.to()`` follows it).
+        Returns name -> buffer path."""
+        if not names:
+            return {}
+        out = next(n for n in embed.graph.nodes if n.op == "output")
+        tokens, *values = out.args[0]
+        buffers = dict(base.named_buffers())
+        targets: dict[str, str] = {}
+        for name, v in zip(names, values, strict=True):
+            if v.op != "get_attr" or v.target not in buffers:
+                raise UserError(f"cfvit gives the coarse pass its own {name!r}, read from the model's buffers; "
+                                f"{arch} computes {name!r} in its forward")
+            targets[name] = str(v.target)
+        out.args = (tokens,)
+        embed.graph.eliminate_dead_code()
+        embed.graph.lint()
+        embed.recompile()
+        resized = copy.deepcopy(base)
+        family.set_input_size(resized, self.coarse_img_size, self.anatomy)
+        (gh, gw), (ch, cw) = self.anatomy.grid, self.coarse_grid
+        for name, target in targets.items():
+            fine, coarse = base.get_buffer(target), resized.get_buffer(target)
+            if fine.dim() > 3 or fine.shape[-2] != gh * gw or coarse.shape[-2] != ch * cw:
+                raise UserError(f"cfvit gives each patch token its own row of {name!r}; {arch}'s has shape "
+                                f"{tuple(fine.shape)} on the {gh}x{gw} grid (expected (..., {gh * gw}, E))")
+            self.register_buffer(f"coarse_{name}", coarse.detach().clone(), persistent=False)
+        return targets
+
+    def _biased_blocks(self, base: nn.Module, family: Family, arch: str) -> tuple[list[nn.Module],
+                                                                                list[nn.Module] | None]:
+        """Blocks whose attention adds a bias over position pairs of the grid (BEiT's relative position bias) run a
+        coarse or mixed sequence with a bias of their own: each is rewritten to take its bias as an input, and a
+        second graph computes the block's own bias from its table (the table stays the one parameter). Returns the
+        blocks the passes call (the base's when there is no such bias) and the bias graphs (None then)."""
+        anatomy = self.anatomy
+        tables = [family.position_bias(base, info.attn) for info in anatomy.blocks]
+        if not any(tables):
+            return [base.get_submodule(p) for p in anatomy.block_paths], None
+        if not all(tables):
+            raise UserError(f"cfvit gives every block a position bias for its token sequence; only some of {arch}'s "
+                            "blocks have one")
+        blocks, biases = [], []
+        size = self.num_prefix + anatomy.grid[0] * anatomy.grid[1]
+        for info, table in zip(anatomy.blocks, tables, strict=True):
+            assert table is not None and table.startswith(info.path + ".")
+            # Traced as the family exports its attention (BEiT: explicit softmax; the ONNX exporter cannot
+            # decompose fused attention with a per-image bias of unknown batch), since these graphs are what both
+            # eager and exported passes run.
+            with family.export_context(base):
+                block, bias = vfx.lift_attention_bias(base.get_submodule(info.path), table[len(info.path) + 1:])
+            with torch.no_grad():
+                shape = tuple(bias().shape)
+            if len(shape) != 4 or shape[0] != 1 or shape[-2:] != (size, size):
+                raise UserError(f"cfvit averages {arch}'s position bias over coarse positions; block {info.path} "
+                                f"gives one of shape {shape}, expected (1, heads, {size}, {size})")
+            blocks.append(block)
+            biases.append(bias)
+        return blocks, biases
+
+    def _pair_bias(self, bias: torch.Tensor, positions: torch.Tensor, batch: int) -> torch.Tensor:
+        """A block's (1, heads, S, S) position bias over prefix tokens + the full grid -> the bias of a sequence
+        whose tokens sit at ``positions`` ((1 or B, T) indices: prefix tokens ``0..p-1``, fine patch ``j`` at
+        ``p + j``, coarse patch ``r`` at ``S + r``), (B, heads, T, T). With M the (T, S) matrix averaging each token's
+        grid positions (a coarse patch: its 2x2), the bias is M B M^T: between two coarse patches the mean over the
+        4x4 position pairs, the same averaging as the coarse token's embedding. The coarse pass is the all-coarse
+        case; the full sequence in order is B itself."""
+        p = self.num_prefix
+        (gh, gw), (ch, cw) = self.anatomy.grid, self.coarse_grid
+        n = gh * gw
+
+        def region_mean(t: torch.Tensor, dim: int) -> torch.Tensor:
+            grid = t.narrow(dim, p, n).unflatten(dim, (ch, 2, cw, 2))
+            return grid.mean(dim=(dim + 1, dim + 3)).flatten(dim, dim + 1)
+
+        rows = torch.cat([bias, region_mean(bias, 2)], dim=2)
+        ext = torch.cat([rows, region_mean(rows, 3)], dim=3)  # (1, heads, S + Nc, S + Nc)
+        m, t = positions.shape
+        h, e = ext.shape[1], ext.shape[-1]
+        out = ext.expand(m, -1, -1, -1).gather(2, positions[:, None, :, None].expand(m, h, t, e))
+        out = out.gather(3, positions[:, None, None, :].expand(m, h, t, t))
+        return out.expand(batch, -1, -1, -1)
+
+    def _run_blocks(self, tokens: torch.Tensor, shared: Mapping[str, torch.Tensor], positions: torch.Tensor | None,
+                    tap: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The blocks over ``tokens`` (``positions``: see :meth:`_pair_bias`; None for the full sequence in order,
+        which runs the base's own blocks). ``tap``: also accumulate the class token's attention (GCA)."""
+        g = self._g
+        gca = None
+        if tap and self.scorer == "class":
+            # Global class attention accumulates in fp32 whatever the model's dtype or autocast: in bf16 the
+            # EMA's small steps round away and ties reorder which patches are refined.
+            gca = torch.zeros(tokens.shape[0], tokens.shape[1] - self.num_prefix, device=tokens.device,
+                              dtype=torch.float32)
+        beta = self.settings.gca_beta
+        biases = g["biases"] if positions is not None else None
+        blocks = g["blocks"] if biases is not None else g["base_blocks"]
+        for i, (block, tapped) in enumerate(zip(blocks, g["tapped"], strict=True)):
+            args = (tokens,) if biases is None else (tokens, self._pair_bias(biases[i](), positions,
+                                                                             tokens.shape[0]).to(tokens.dtype))
+            if tapped is None or gca is None:
+                tokens = block(*args, **shared)
+            else:
+                tokens, attn = tapped(*args, **shared)
+                gca = beta * gca + (1 - beta) * attn[:, :, self.num_prefix:].float().mean(dim=1)
+        return tokens, gca
+
+    def _shared(self, stage: str) -> dict[str, torch.Tensor]:
+        """The blocks' shared inputs of a full-grid (``fine``) or coarse-grid (``coarse``) sequence."""
+        if stage == "coarse":
+            return {n: getattr(self, f"coarse_{n}") for n in self.shared_buffers}
+        return {n: self.base.get_buffer(t) for n, t in self.shared_buffers.items()}
+
+    def _embed(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        return self._g["embed"](x) if pos is None else self._g["embed"](x, pos)
 
     # --- hierarchical backbones: regions ----------------------------------------------------------------
 
@@ -393,7 +563,10 @@ class CFViT(ConvertedModel, SimulatesPoints):
         output layer) and may learn faster than the pretrained weights they feed."""
         if self.hierarchical:
             return {"reuse": self.settings.new_lr_scale}
-        return {"pos_embed_coarse": self.settings.new_lr_scale, "reuse": self.settings.new_lr_scale}
+        scales = {"reuse": self.settings.new_lr_scale}
+        if self.pos_embed_coarse is not None:
+            scales["pos_embed_coarse"] = self.settings.new_lr_scale
+        return scales
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         state = dict(state)
@@ -414,25 +587,25 @@ class CFViT(ConvertedModel, SimulatesPoints):
         xc = F.interpolate(x.float() if low else x, size=self.coarse_img_size, mode=self.settings.resize,
                            align_corners=False if self.settings.resize != "area" else None,
                            antialias=self.settings.resize != "area").to(x.dtype)
-        tokens = g["embed"](xc, self.pos_embed_coarse)
+        tokens = self._embed(xc, self.pos_embed_coarse)
         embedded = tokens
-        beta = self.settings.gca_beta
-        # Global class attention accumulates in fp32 whatever the model's dtype or autocast: in bf16 the
-        # EMA's small steps round away and ties reorder which patches are refined.
-        gca = torch.zeros(x.shape[0], tokens.shape[1] - self.num_prefix, device=x.device, dtype=torch.float32)
-        for block, tapped in zip(g["blocks"], g["tapped"], strict=True):
-            if tapped is None:
-                tokens = block(tokens)
-            else:
-                tokens, attn = tapped(tokens)
-                gca = beta * gca + (1 - beta) * attn[:, :, self.num_prefix:].float().mean(dim=1)
-        return {"logits": g["head"](tokens), "tokens": tokens, "gca": gca, "embedded": embedded}
+        p, nc = self.num_prefix, self.coarse_grid[0] * self.coarse_grid[1]
+        size = p + self.anatomy.grid[0] * self.anatomy.grid[1]
+        positions = torch.cat([torch.arange(p, device=x.device), size + torch.arange(nc, device=x.device)])[None]
+        tokens, gca = self._run_blocks(tokens, self._shared("coarse"), positions, tap=True)
+        if self.scorer == "pool":
+            logits, attn = g["head_tapped"](tokens)
+            gca = attn[:, :, self.num_prefix:].float().mean(dim=1)
+        else:
+            logits = g["head"](tokens)
+        return {"logits": logits, "tokens": tokens, "gca": gca, "embedded": embedded}
 
     def forward_fine(self, x: torch.Tensor, coarse: dict[str, torch.Tensor]) -> torch.Tensor:
         """Fine stage for the images in ``x`` given their coarse-stage results; returns logits."""
         g = self._g
         p = self.num_prefix
-        fine = g["embed"](x, self.base.get_parameter(self.anatomy.pos_embed))
+        pos = self.base.get_parameter(self.anatomy.pos_embed) if self.anatomy.pos_embed is not None else None
+        fine = self._embed(x, pos)
         b, _, c = fine.shape
         ch, cw = self.coarse_grid
         reuse = self.reuse(g["final_norm"](coarse["tokens"])[:, p:])  # (B, Nc, C)
@@ -441,20 +614,42 @@ class CFViT(ConvertedModel, SimulatesPoints):
         patches = fine[:, p:] + reuse
         n_coarse = ch * cw
         k = math.ceil(self.alpha * n_coarse)
+        shared = self._shared("fine")
+        positions = None
         if k >= n_coarse:
             seq = torch.cat([fine[:, :p], patches], dim=1)
         else:
             order = coarse["gca"].argsort(dim=1, descending=True)
             chosen = order[:, :k].sort(dim=1).values
             kept = order[:, k:].sort(dim=1).values
+            fine_idx = self.fine_indices(chosen)
             seq = torch.cat([
                 fine[:, :p],
-                _gather(patches, self.fine_indices(chosen)),
+                _gather(patches, fine_idx),
                 _gather(coarse["embedded"][:, p:], kept),
             ], dim=1)
-        for block in g["blocks"]:
-            seq = block(seq)
+            shared = {n: self._mixed_rows(v, fine_idx, kept) for n, v in shared.items()}
+            size = p + 4 * n_coarse
+            positions = torch.cat([torch.arange(p, device=x.device).expand(b, p), p + fine_idx, size + kept], dim=1)
+        seq, _ = self._run_blocks(seq, shared, positions, tap=False)
         return g["head"](seq)
+
+    def _mixed_rows(self, value: torch.Tensor, fine_idx: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Per image, the rows of a per-position table (EVA's rotary embedding, (..., N, E) on the full grid) for a
+        mixed sequence: a fine patch its own row, a coarse patch the mean of its 2x2 positions' rows. The rotation
+        is linear in its cos/sin entries, so a query rotated by the mean row scores a key as the mean over the four
+        positions would (and a coarse key is scored as the mean over its four positions): the same averaging as a
+        coarse token's embedding. Returns (B, heads or 1, T, E), which the attention broadcasts against its
+        (B, heads, T, D) queries and keys."""
+        gh, gw = self.anatomy.grid
+        v = value.reshape((1,) * (4 - value.dim()) + tuple(value.shape))  # (1, h, N, E)
+        means = v.unflatten(2, (gh // 2, 2, gw // 2, 2)).mean(dim=(3, 5)).flatten(2, 3)  # (1, h, Nc, E)
+        b, h, e = fine_idx.shape[0], v.shape[1], v.shape[-1]
+
+        def rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            return table.expand(b, -1, -1, -1).gather(2, idx[:, None, :, None].expand(b, h, -1, e))
+
+        return torch.cat([rows(v, fine_idx), rows(means, kept)], dim=2)
 
     def fine_indices(self, coarse_idx: torch.Tensor) -> torch.Tensor:
         """(B, k) coarse patch indices -> (B, 4k) indices of the fine patches they split into."""
