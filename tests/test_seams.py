@@ -156,9 +156,9 @@ def swin_tiny() -> nn.Module:
 # --- 1. the reader -----------------------------------------------------------------------------------------
 
 
-# BEiT keeps its layer-scale gammas as parameters multiplied in the block's forward, not as modules: the reader refuses
-# its blocks in one line (test_reader_refuses_parameter_gammas); no method that supports BEiT needs it.
-@pytest.mark.parametrize("key", [k for k in TINY_MODELS if k != "beit"])
+# BEiT keeps its layer-scale gammas as parameters multiplied in the block's forward, not as modules: the reader names
+# them in the chain by their parameter names (test_reader_names_parameter_gammas).
+@pytest.mark.parametrize("key", list(TINY_MODELS))
 def test_reader_on_every_tiny_family(key: str) -> None:
     model, _, _ = tiny_model(key)
     anatomy = read_anatomy(model)
@@ -173,6 +173,10 @@ def test_reader_on_every_tiny_family(key: str) -> None:
             assert (r.layout, r.post_attn, r.post_mlp, r.extra_inputs) == ("nhwc", ["drop_path1"], ["drop_path2"], [])
             assert r.window_size == tuple(block.window_size) and r.shift_size == tuple(block.shift_size)
             assert r.window_ops
+        elif key == "beit":
+            assert (r.layout, r.post_attn, r.post_mlp) == ("tokens", ["gamma_1", "drop_path1"],
+                                                           ["gamma_2", "drop_path2"])
+            assert r.extra_inputs == [] and not r.window_ops
         elif key in ("pvt_v2", "eva02"):
             assert (r.layout, r.post_attn, r.post_mlp) == ("tokens", ["drop_path1"], ["drop_path2"])
             if key == "eva02":
@@ -250,10 +254,14 @@ def test_reader_rejects_other_blocks(cls: type[nn.Module]) -> None:
     assert "\n" not in str(e.value)
 
 
-def test_reader_refuses_parameter_gammas() -> None:
+def test_reader_names_parameter_gammas() -> None:
+    # A 1-D parameter of the block multiplying the branch is a layer scale; any other product is refused.
     model, _, _ = tiny_model("beit")
+    block = model.blocks[0]
+    assert drop_path_modules(block) == ["drop_path1", "drop_path2"]
+    block.gamma_1 = nn.Parameter(torch.ones(65, 48))  # per token, not per channel
     with pytest.raises(AnatomyError, match=r"blocks\.0: the residual branch of attn computes 'mul' outside"):
-        read_residual_block(model.blocks[0], "blocks.0")
+        read_residual_block(block, "blocks.0")
 
 
 # --- 2. drop path ----------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ re-read the block.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -72,7 +73,9 @@ class ResidualBlock:
 
     norm1: str
     attn: str
-    post_attn: list[str]  # per-token modules between the attention part and its add, in call order
+    # Per-token modules between the attention part and its add, in call order; a name may also be a 1-D parameter of
+    # the block that multiplies the branch (a layer scale in the block's own forward: BEiT's gamma_1).
+    post_attn: list[str]
     norm2: str
     mlp: str
     post_mlp: list[str]
@@ -120,10 +123,10 @@ def read_residual_block(block: nn.Module, where: str = "") -> ResidualBlock:
     return _read(block, where)[0]
 
 
-def _read(block: nn.Module, where: str = "") -> tuple[ResidualBlock, _Traced]:
+def _read(block: nn.Module, where: str = "", inputs: tuple[str, ...] = ()) -> tuple[ResidualBlock, _Traced]:
     where = where or type(block).__name__
     try:
-        gm = vfx.trace(block)
+        gm = vfx.trace(block, live=inputs)
     except AnatomyError as e:
         raise AnatomyError(f"{where}: {e}") from None
     nodes = list(gm.graph.nodes)
@@ -158,16 +161,16 @@ def _read(block: nn.Module, where: str = "") -> tuple[ResidualBlock, _Traced]:
     window_ops_allowed = hasattr(block, "window_size") and hasattr(block, "shift_size")
     attn_branch = _other_arg(attn_add, x, where)
     # Post-norm (SwinV2): the attention branch ends in a norm right after the attention part.
-    after_attn, _ = _post_chain(attn_branch, attn, window_ops_allowed, set(), where)
-    post_norm = bool(after_attn) and isinstance(block.get_submodule(after_attn[0]), _NORM_TYPES)
+    after_attn, _ = _post_chain(attn_branch, attn, window_ops_allowed, set(), where, block)
+    post_norm = bool(after_attn) and isinstance(_chain_module(block, after_attn[0]), _NORM_TYPES)
     if post_norm:
         mlp, _ = _norm_of(stream, mlp_add, where, "the attention residual")  # what the stream feeds: the MLP
         norm1, post_attn = after_attn[0], after_attn[1:]
-        after_mlp, mlp_end = _post_chain(_other_arg(mlp_add, stream, where), mlp, False, {norm1, attn}, where)
-        if not after_mlp or not isinstance(block.get_submodule(after_mlp[0]), _NORM_TYPES):
+        after_mlp, mlp_end = _post_chain(_other_arg(mlp_add, stream, where), mlp, False, {norm1, attn}, where, block)
+        if not after_mlp or not isinstance(_chain_module(block, after_mlp[0]), _NORM_TYPES):
             raise AnatomyError(f"{where}: post-norm attention but no norm right after the MLP ({mlp})")
         norm2, post_mlp = after_mlp[0], after_mlp[1:]
-        _, attn_end = _post_chain(attn_branch, attn, window_ops_allowed, {norm2, mlp}, where)
+        _, attn_end = _post_chain(attn_branch, attn, window_ops_allowed, {norm2, mlp}, where, block)
         norm1_out, norm2_out = x, stream  # what the parts read: the stream itself
     else:
         norm1, norm1_out = _norm_of(x, attn_add, where, "the block input")
@@ -177,8 +180,9 @@ def _read(block: nn.Module, where: str = "") -> tuple[ResidualBlock, _Traced]:
         raise AnatomyError(f"{where}: norm1 ({norm1}), attention ({attn}), norm2 ({norm2}) and MLP ({mlp}) "
                            "are not four different submodules")
     if not post_norm:
-        post_attn, attn_end = _post_chain(attn_branch, attn, window_ops_allowed, {norm1, norm2, mlp}, where)
-        post_mlp, mlp_end = _post_chain(_other_arg(mlp_add, stream, where), mlp, False, {norm1, norm2, attn}, where)
+        post_attn, attn_end = _post_chain(attn_branch, attn, window_ops_allowed, {norm1, norm2, mlp}, where, block)
+        post_mlp, mlp_end = _post_chain(_other_arg(mlp_add, stream, where), mlp, False, {norm1, norm2, attn}, where,
+                                        block)
     window_ops = _check_part(attn_end, attn, norm1_out, x, core, window_ops_allowed, where)
     _check_part(mlp_end, mlp, norm2_out, x, None, False, where)
 
@@ -297,11 +301,13 @@ def _norm_of(value: fx.Node, add: fx.Node, where: str, what: str) -> tuple[str, 
 
 
 def _post_chain(branch: fx.Node, core_scope: str, block_ops: bool, forbidden: set[str],
-                where: str) -> tuple[list[str], fx.Node]:
+                where: str, block: nn.Module) -> tuple[list[str], fx.Node]:
     """Walk back from a residual add's branch through single-input modules (layer scale, drop path) to the
     part that computes it; return the modules in call order and the node where the part ends.
 
-    With ``block_ops`` (Swin) the walk also ends at an op of the block's own methods (the window reverse).
+    With ``block_ops`` (Swin) the walk also ends at an op of the block's own methods (the window reverse). A layer
+    scale kept as a parameter of the block (BEiT's and EVA's ``gamma_1``: ``gamma_1 * attn(...)`` in the block's
+    forward) is in the chain under the parameter's name: a per-channel vector that multiplies the branch.
     """
     chain: list[str] = []
     node = branch
@@ -309,6 +315,11 @@ def _post_chain(branch: fx.Node, core_scope: str, block_ops: bool, forbidden: se
         top = _top(node)
         if top == core_scope or (block_ops and not top and node.op != "placeholder"):
             return list(reversed(chain)), node
+        scale = _layer_scale_parameter(node, block)
+        if not top and scale is not None:
+            chain.append(scale)
+            node = next(a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr")
+            continue
         if not top or top in forbidden:
             raise AnatomyError(f"{where}: the residual branch of {core_scope} computes {node.name!r} outside a "
                                "per-token module (only layer scale / drop path / identity are supported)")
@@ -318,6 +329,24 @@ def _post_chain(branch: fx.Node, core_scope: str, block_ops: bool, forbidden: se
         if len(ins) != 1:
             raise AnatomyError(f"{where}: {top} on the residual branch of {core_scope} takes several inputs")
         node = ins[0]
+
+
+def _chain_module(block: nn.Module, name: str) -> nn.Module | None:
+    """The module a post-branch chain names (None for a layer-scale parameter, see :func:`_post_chain`)."""
+    return None if name in block._parameters else block.get_submodule(name)
+
+
+def _layer_scale_parameter(node: fx.Node, block: nn.Module) -> str | None:
+    """The name of the block's own parameter ``node`` multiplies a tensor by, when it is a per-channel vector (a layer
+    scale written as ``gamma * x`` in the block's forward); else None."""
+    if not (node.op == "call_function" and node.target in (operator.mul, torch.mul) and len(node.args) == 2):
+        return None
+    params = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+    others = [a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr"]
+    if len(params) != 1 or len(others) != 1 or "." in str(params[0].target):
+        return None
+    p = block._parameters.get(str(params[0].target))
+    return str(params[0].target) if isinstance(p, nn.Parameter) and p.dim() == 1 else None
 
 
 def _check_part(end: fx.Node, scope: str, norm_out: fx.Node, x: fx.Node, core: fx.Node | None,
@@ -385,8 +414,8 @@ def drop_path_modules(block: nn.Module) -> list[str]:
     parts = read_residual_block(block)
     slots: list[str] = []
     for chain in (parts.post_attn, parts.post_mlp):
-        found = [n for n in chain if isinstance(block.get_submodule(n), DropPath)]
-        if not found and chain and type(block.get_submodule(chain[-1])) is nn.Identity:
+        found = [n for n in chain if isinstance(_chain_module(block, n), DropPath)]
+        if not found and chain and type(_chain_module(block, chain[-1])) is nn.Identity:
             found = [chain[-1]]
         slots.extend(found)
     return slots
@@ -745,7 +774,8 @@ def _finish(gm: fx.GraphModule, class_name: str) -> fx.GraphModule:
 # --------------------------------------------------------------------------------------------------------
 
 
-def replace_attention_core(block: nn.Module, core: nn.Module, name: str = "attn_core") -> fx.GraphModule:
+def replace_attention_core(block: nn.Module, core: nn.Module, name: str = "attn_core",
+                           inputs: Sequence[str] = ()) -> fx.GraphModule:
     """A replacement for ``block`` whose ``scaled_dot_product_attention`` call is ``core`` instead.
 
     Everything around the core (the block's own q/k/v projections, norms, output projection, residuals) is
@@ -756,6 +786,10 @@ def replace_attention_core(block: nn.Module, core: nn.Module, name: str = "attn_
     (``None`` if it has none), so the core can follow train/eval at run time as timm does. A core without
     parameters leaves ``model.state_dict()`` unchanged.
 
+    Whatever the block computes from its other inputs before the core stays the block's: EVA's rotary embedding
+    (an optional block input, listed in ``inputs`` so the trace keeps it instead of baking it to ``None``) rotates q
+    and k before they reach the core, and BEiT's relative position bias reaches it as SDPA's float ``attn_mask``.
+
     Only a fused SDPA core is understood: a block built with ``fused_attn=False`` computes its attention as
     several ops (scale, matmul, mask, softmax, matmul) that a swap would have to match one by one; set the
     attention module's ``fused_attn = True`` first (the same attention, up to float rounding).
@@ -764,6 +798,8 @@ def replace_attention_core(block: nn.Module, core: nn.Module, name: str = "attn_
         block: A pre-norm residual block (see :func:`read_residual_block`) with an SDPA attention core.
         core: Module computing attention from ``(q, k, v)`` shaped (B, heads, N, d).
         name: Attribute name of the core in the replacement; must not clash with the block's.
+        inputs: Optional forward arguments the model passes the block (the anatomy's
+            :attr:`~vitconvert.anatomy.BlockInfo.shared_inputs`, e.g. ``rope``): inputs of the replacement too.
 
     Raises:
         AnatomyError: the block is not a pre-norm residual block, or its core is not an SDPA call.
@@ -783,7 +819,7 @@ def replace_attention_core(block: nn.Module, core: nn.Module, name: str = "attn_
     if not name.isidentifier() or hasattr(block, name):
         raise ValueError(f"replace_attention_core: {name!r} is not a free attribute name on {type(block).__name__}")
     where = type(block).__name__
-    parts, t = _read(block, where)
+    parts, t = _read(block, where, tuple(inputs))
     gm, graph, node = t.gm, t.gm.graph, t.core
     if not (node.op == "call_function" and node.target is F.scaled_dot_product_attention):
         raise AnatomyError(f"{where}: the attention core is not a scaled_dot_product_attention call (a block built "
