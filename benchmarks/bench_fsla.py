@@ -10,6 +10,9 @@ global attention in DeiT-S and PVT-v2-b1 at high resolution, each against the ti
   the dense model at the same resolution. Target: at least 1.5x at 768 px.
 * **PVT-v2-b1 replace** at 1024 px: only the last stage (sr_ratio 1, 32x32 tokens) has global attention;
   the other stages' spatial-reduction attention is left alone (see ``vitconvert.methods.fsla``).
+* **EVA-02-Ti replace** (``eva02_tiny_patch14_224``, rotary embeddings recomputed for the grid, ``--only eva``, on
+  request: not part of the suite's run, written to ``fsla_eva_speed.json``) at 448 and 672 px (32x32 and 48x48
+  patch tokens, the latter DeiT-S-at-768's count), the same measurement as DeiT-S's.
 
 Random weights (``pretrained=False``): the cost of every path is the same whatever the weights (the
 clusters' shapes are fixed by the token count). Models are timed side by side, interleaved
@@ -18,8 +21,8 @@ clusters' shapes are fixed by the token count). Models are timed side by side, i
 set (the suite: 1).
 
 Run: ``python -m benchmarks --only fsla`` or ``python benchmarks/bench_fsla.py [--quick] [--threads N]
-[--only swin|replace]`` (writes ``benchmarks/results/fsla_speed.json``; ``--only`` measures one part and keeps
-the other's committed result, each part recording when it was measured).
+[--only swin|replace|eva]`` (writes ``benchmarks/results/fsla_speed.json``; ``--only`` measures one part and keeps
+the other's committed result, each part recording when it was measured; ``--only eva`` writes its own file).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from vitconvert.timing import machine_info
 SWIN = "swin_tiny_patch4_window7_224"
 DEIT = "deit_small_patch16_224"
 PVT = "pvt_v2_b1"
+EVA = "eva02_tiny_patch14_224"
 SWIN_TARGET = 1.25  # at most this wall-clock overhead
 DEIT_TARGET = 1.5  # at least this speed-up at 768 px
 DOCS_ADDED_GMACS = 0.70
@@ -54,6 +58,10 @@ HIGH_RES = [
     (DEIT, 384, 8, 1, 5, (2, 2), (64, 128)),
     (DEIT, 768, 2, 1, 4, (1, 2), (64, 128)),
     (PVT, 1024, 1, 1, 4, (1, 2), (64,)),
+]
+HIGH_RES_EVA = [
+    (EVA, 448, 4, 1, 5, (2, 2), (64, 128)),
+    (EVA, 672, 2, 1, 4, (1, 2), (64, 128)),
 ]
 
 
@@ -105,14 +113,15 @@ def swin_augment(quick: bool) -> dict[str, Any]:
     }
 
 
-def high_res(arch: str, size: int, batch: int, warmup: int, reps: int, cluster_sizes: tuple[int, ...]
-             ) -> dict[str, Any]:
+def high_res(arch: str, size: int, batch: int, warmup: int, reps: int, cluster_sizes: tuple[int, ...],
+             model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     # Timed with clustering_overhead=0, so every listed size really clusters: these timings are what the recipe's
     # clustering_overhead (500) was set from; what the recipe itself runs at this size is recorded next to them.
-    model = vitconvert.apply(arch, "fsla_replace", pretrained=False,
+    model = vitconvert.apply(arch, "fsla_replace", pretrained=False, model_kwargs=model_kwargs,
                              overrides=[f"model.img_size={size}", "model.clustering_overhead=0"])
-    as_shipped = vitconvert.apply(arch, "fsla_replace", pretrained=False, overrides=[f"model.img_size={size}"])
+    as_shipped = vitconvert.apply(arch, "fsla_replace", pretrained=False, model_kwargs=model_kwargs,
+                                  overrides=[f"model.img_size={size}"])
     recipe_overhead = as_shipped.settings.clustering_overhead
     recipe_gmacs = {f"cluster_{cs}": as_shipped.gmacs_at(cs) for cs in cluster_sizes}
     del as_shipped
@@ -141,6 +150,22 @@ def high_res(arch: str, size: int, batch: int, warmup: int, reps: int, cluster_s
         "speedup": {name: r["ratio"] for name, r in results.items() if name != "dense"},
         "gmacs_ratio": {name: gmacs["dense"] / g for name, g in gmacs.items() if name != "dense"},
     }
+
+
+def eva(quick: bool, out_dir: Path) -> dict[str, Any]:
+    """Measure EVA-02-Ti replace at high resolution (rotary embeddings); write ``fsla_eva_speed.json``."""
+    before = machine_info()
+    replace = []
+    for arch, size, batch, warmup, reps, quick_br, sizes in HIGH_RES_EVA:
+        b, r = quick_br if quick else (batch, reps)
+        # eva02_tiny_patch14_224 is a headless MIM checkpoint in timm: built with a 10-class head.
+        replace.append({**high_res(arch, size, b, warmup, r, sizes, {"num_classes": 10}),
+                        "measured": machine_info()["date"]})
+    results = {"name": "fsla_eva", "quick": quick, "threads": torch.get_num_threads(), "replace": replace,
+               "load_average_before": before["load_average"], "machine": machine_block()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "fsla_eva_speed.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
 
 
 def run(quick: bool, out_dir: Path, only: str | None = None) -> dict[str, Any]:
@@ -202,10 +227,16 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the suite)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--only", choices=("swin", "replace"), default=None,
-                        help="measure one part; keep the other from the existing fsla_speed.json")
+    parser.add_argument("--only", choices=("swin", "replace", "eva"), default=None,
+                        help="measure one part; keep the other from the existing fsla_speed.json (eva: its own "
+                             "fsla_eva_speed.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.only == "eva":
+        res = eva(args.quick, args.out / ("quick" if args.quick else ""))
+        print(json.dumps([{k: r[k] for k in ("model", "img_size", "gmacs", "speedup", "recipe_default")}
+                          for r in res["replace"]], indent=1))
+        sys.exit(0)
     res = run(args.quick, args.out / ("quick" if args.quick else ""), only=args.only)
     print(json.dumps({"target": res["target"], "swin_gmacs": res["swin_augment"]["gmacs"],
                       "replace": [{k: r[k] for k in ("model", "img_size", "gmacs", "speedup")}

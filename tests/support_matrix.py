@@ -43,6 +43,8 @@ ARCHITECTURES: dict[str, tuple[str, str, str]] = {
 CASE_OVERRIDES: dict[tuple[str, str], list[str]] = {
     ("fsla_replace", "vit"): ["model.img_size=64", "model.clustering_overhead=0"],
     ("fsla_replace", "vit_attn_pool"): ["model.img_size=64", "model.clustering_overhead=0"],
+    ("fsla_replace", "eva"): ["model.img_size=64", "model.clustering_overhead=0", "model.blocks=[1]"],
+    ("fsla_replace", "beit"): ["model.img_size=64", "model.clustering_overhead=0", "model.blocks=[1]"],
     ("fsla_replace", "pvt_v2"): ["model.img_size=192", "model.cluster_size=8", "model.clustering_overhead=0"],
     # The random-init pooling head attends uniformly (its weights are small: scores differ by ~1e-4 across patches),
     # so which patches a fine pass refines would follow float rounding; the case refines all of them (exits and the

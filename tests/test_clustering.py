@@ -85,16 +85,20 @@ def test_clustering_groups_similar_queries() -> None:
     assert sorted(int(g[0]) for g in groups) == [0, 1, 2, 3]
 
 
-def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: int, overlap: int, g: int) -> torch.Tensor:
-    """Loops over images, heads and clusters: what clustered_attention must compute."""
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: int, overlap: int, g: int,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Loops over images, heads and clusters: what clustered_attention must compute (``bias``: the submatrix of the
+    pairs each cluster scores, the global rows in full)."""
     b, h, n, _ = q.shape
     plan = plan_clusters(n - g, size, overlap)
     perm = balanced_clusters(q[:, :, g:], plan)
     out = torch.zeros_like(q)
+    full = None if bias is None else bias.expand(b, h, n, n)
     m, o = plan.leaf, plan.overlap
     for i in range(b):
         for j in range(h):
-            out[i, j, :g] = F.scaled_dot_product_attention(q[i, j, :g], k[i, j], v[i, j])
+            out[i, j, :g] = F.scaled_dot_product_attention(q[i, j, :g], k[i, j], v[i, j],
+                                                           attn_mask=None if full is None else full[i, j, :g])
             clusters = perm[i, j].view(plan.clusters, m)
             for c in range(plan.clusters):
                 sib = clusters[c + 1, :o] if c % 2 == 0 else clusters[c - 1, m - o:]
@@ -102,7 +106,9 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: int, ove
                 keys = keys[keys < n]  # padding is never attended
                 rows = clusters[c][clusters[c] < n - g] + g
                 if len(rows):
-                    out[i, j, rows] = F.scaled_dot_product_attention(q[i, j, rows], k[i, j, keys], v[i, j, keys])
+                    mask = None if full is None else full[i, j][rows][:, keys]
+                    out[i, j, rows] = F.scaled_dot_product_attention(q[i, j, rows], k[i, j, keys], v[i, j, keys],
+                                                                     attn_mask=mask)
     return out
 
 
@@ -114,6 +120,30 @@ def test_clustered_attention_matches_a_loop_reference(n: int, size: int, overlap
     torch.testing.assert_close(out, _reference(q, k, v, size, overlap, g), atol=1e-5, rtol=1e-5)
     # Not just dense attention in disguise.
     assert (out - F.scaled_dot_product_attention(q, k, v)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(("n", "size", "overlap", "g"), [(256, 32, 8, 0), (197, 16, 4, 1), (100, 7, 20, 2)])
+@pytest.mark.parametrize("shape", ["heads", "images", "pairs"])
+def test_pair_bias_is_gathered_per_cluster(n: int, size: int, overlap: int, g: int, shape: str) -> None:
+    # A float term per (query, key) pair (BEiT's relative position bias as SDPA's attn_mask): each cluster adds the
+    # entries of the pairs it scores, on the eager paths (with and without gradients) and in the traceable twin.
+    q, k, v = _qkv(2, n)
+    sizes = {"heads": (1, 2, n, n), "images": (2, 1, n, n), "pairs": (n, n)}[shape]
+    bias = torch.randn(sizes, generator=torch.Generator().manual_seed(3))
+    ref = _reference(q, k, v, size, overlap, g, bias)
+    torch.testing.assert_close(clustered_attention(q, k, v, size, overlap, g, bias=bias), ref, atol=1e-5, rtol=1e-5)
+    with traceable_path():
+        torch.testing.assert_close(clustered_attention(q, k, v, size, overlap, g, bias=bias), ref, atol=1e-5,
+                                   rtol=1e-5)
+    # The bias changes the result (it is not dropped), and gradients reach it as through the reference.
+    assert (ref - _reference(q, k, v, size, overlap, g)).abs().max() > 1e-2
+    if shape == "heads":
+        qg, kg, vg, bg = (t.clone().requires_grad_() for t in (q, k, v, bias))
+        clustered_attention(qg, kg, vg, size, overlap, g, bias=bg).square().sum().backward()
+        br = bias.clone().requires_grad_()
+        _reference(q, k, v, size, overlap, g, br).square().sum().backward()
+        torch.testing.assert_close(bg.grad, br.grad, atol=1e-5, rtol=1e-5)
+        assert float(bg.grad.abs().sum()) > 0
 
 
 def test_one_cluster_is_exactly_dense_attention() -> None:

@@ -71,6 +71,31 @@ def test_replace_attention_core_keeps_block_and_state(key: str) -> None:
     assert state.keys() == keys.keys() and all(torch.equal(state[k], v) for k, v in keys.items())
 
 
+@pytest.mark.parametrize("key", ["eva02", "beit"])
+def test_replace_attention_core_keeps_position_terms(key: str) -> None:
+    # EVA's rotary embedding is an optional block input: kept as an input of the replacement (baked to None, the
+    # graph would refuse it), it rotates q and k before the core; BEiT's layer scale is a parameter multiplying the
+    # attention branch in the block's own forward, and its relative position bias reaches the core as attn_mask.
+    model, _, _ = tiny_model(key)
+    block = model.blocks[1]
+    x = torch.randn(3, 65, 48)
+    kwargs = {"rope": model.rope.get_embed(), "attn_mask": None, "is_causal": False} if key == "eva02" else {}
+    ref = block(x, **kwargs)
+    seen = []
+
+    class Spy(_Plain):
+        def forward(self, q, k, v, dropout=None, **sdpa):
+            seen.append(sdpa.get("attn_mask"))
+            return super().forward(q, k, v, **sdpa)
+
+    new = replace_attention_core(block, Spy(), inputs=["rope"] if key == "eva02" else [])
+    assert torch.equal(new(x, **kwargs), ref)
+    if key == "eva02":
+        assert seen == [None] and not torch.equal(new(x, rope=kwargs["rope"].flip(0)), ref)  # the rope is used
+    else:
+        assert seen[0].shape == (1, 3, 65, 65) and torch.equal(seen[0], block.attn._get_rel_pos_bias())
+
+
 def test_replace_attention_core_refusals() -> None:
     model, _, _ = tiny_model("vit")
     model.blocks[0].attn.fused_attn = False
@@ -308,6 +333,62 @@ def test_replace_pvt_only_where_keys_are_the_queries() -> None:
     assert m.gmacs_at() == pytest.approx(counted, rel=1e-12) and counted < m.base_gmacs
     assert float(out.gmacs[0]) == pytest.approx(counted, rel=1e-6)
     assert m.operating_space().knobs[0].sweep == (0.0, 32.0, 16.0, 8.0)
+
+
+class _SDPAShim:
+    """``torch.nn.functional`` with ``scaled_dot_product_attention`` replaced (for one timm module's namespace)."""
+
+    def __init__(self, sdpa) -> None:
+        self.scaled_dot_product_attention = sdpa
+
+    def __getattr__(self, name: str):
+        return getattr(F, name)
+
+
+@pytest.mark.parametrize(("key", "module"), [("eva02", "eva"), ("beit", "beit")])
+def test_replace_eva_and_beit_cluster_what_timm_would_attend(key: str, module: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rotary embedding (EVA) and relative position bias (BEiT): the converted model clusters exactly the q, k, v and
+    # bias timm's own attention computes. Reference: the unchanged timm model whose SDPA calls run clustered_attention
+    # on what timm passes them (q and k rotated per token, the (1, heads, N, N) bias as attn_mask).
+    import importlib
+
+    from vitconvert.layers.clustering import clustered_attention
+
+    m = _apply(key, "fsla_replace", "model.img_size=64", "model.cluster_size=16", NO_OVERHEAD)
+    assert m.fsla_blocks == [0, 1, 2, 3]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-like attention: peaked logits and position terms that matter
+        for blk in m.base.blocks:
+            blk.attn.qkv.weight.mul_(4)
+            table = getattr(blk.attn, "relative_position_bias_table", None)
+            if table is not None:
+                table.copy_(torch.randn(table.shape, generator=g))
+    x = torch.randn(2, 3, 64, 64)
+    teacher = m.build_base()
+    with torch.no_grad():  # features: a random-init head gives logits of about 1e-4
+        out = m.base.forward_features(x)
+        dense = teacher.forward_features(x)
+
+        def clustered(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+            return clustered_attention(q, k, v, 16, 20, 1, bias=attn_mask, scale=scale)
+
+        monkeypatch.setattr(importlib.import_module(f"timm.models.{module}"), "F", _SDPAShim(clustered))
+        ref = teacher.forward_features(x)
+        monkeypatch.undo()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert (out - dense).abs().max() > 1e-3  # clustering really ran
+    counted = count_macs(lambda: m(x)) / 2 / 1e9
+    assert m.gmacs_at() == pytest.approx(counted, rel=1e-12) and counted < 0.8 * m.base_gmacs
+    m.full_compute()
+    with torch.no_grad():
+        assert (m(x) - teacher(x)).abs().max().item() <= 1e-4
+    if key == "beit":  # the relative position tables learn through the per-cluster gather
+        m.set_operating_point(cluster_size=16)
+        m.train()
+        m.forward_train(x)["logits"].square().sum().backward()
+        grad = m.base.blocks[0].attn.relative_position_bias_table.grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 def test_bad_settings_are_one_line_errors() -> None:

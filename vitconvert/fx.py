@@ -63,13 +63,13 @@ class Tracer(fx.Tracer):
 
 def _concrete_args(module: nn.Module, keep: Iterable[str] = ()) -> dict[str, Any]:
     """Bake every forward argument after the first to its default (attn_mask=None, is_causal=False, ...), except
-    those named in ``keep`` (they stay graph inputs)."""
-    params = list(inspect.signature(module.forward).parameters.values())[1:]
+    those named in ``keep`` (by name, or ``arg<i>`` for the i-th positional argument, as the anatomy names them)."""
+    params = list(inspect.signature(module.forward).parameters.values())
     kept = set(keep)
     return {
         p.name: p.default
-        for p in params
-        if p.default is not inspect.Parameter.empty and p.name not in kept
+        for i, p in enumerate(params[1:], 1)
+        if p.default is not inspect.Parameter.empty and p.name not in kept and f"arg{i}" not in kept
         and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     }
 
@@ -82,21 +82,38 @@ def trace(module: nn.Module, leaves: Iterable[str] = (), concrete: bool = True,
         module: A timm model or one of its submodules.
         leaves: Module paths (relative to ``module``) to keep as single ``call_module`` nodes.
         concrete: Bake optional forward arguments to their defaults.
-        keep: Optional forward arguments left as graph inputs when baking (EVA's ``rope``).
+        keep: Optional forward arguments to keep as inputs of the graph even with ``concrete`` (a tensor the
+            caller passes, such as EVA's ``rope``: baked to its default ``None``, the graph would refuse it).
 
     Raises:
         AnatomyError: when torch.fx cannot trace the module (the message names the module and the reason).
     """
     tracer = Tracer(leaves)
+    concrete_args = _concrete_args(module, keep) if concrete else None
     try:
-        graph = tracer.trace(module, concrete_args=_concrete_args(module, keep) if concrete else None)
+        graph = tracer.trace(module, concrete_args=concrete_args)
     except Exception as e:  # fx raises TraceError, TypeError, AssertionError... depending on the code
         raise AnatomyError(
             f"torch.fx cannot trace {type(module).__name__} ({type(e).__name__}: {str(e).splitlines()[0]}); "
             "models built with dynamic_img_size=True or strict_img_size=False are not traceable: "
             "rebuild without them"
         ) from None
+    if concrete_args:
+        _keep_argument_names(module, graph)
     return fx.GraphModule(module, graph, class_name=f"Traced{type(module).__name__}")
+
+
+def _keep_argument_names(module: nn.Module, graph: fx.Graph) -> None:
+    """Give the placeholders the forward's own argument names: fx names a baked argument's input ``<name>_1``, and
+    a graph that replaces the module must accept the keywords its caller passes (EVA calls every block with
+    ``attn_mask=`` and ``is_causal=``, baked or not)."""
+    params = list(inspect.signature(module.forward).parameters.values())
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(params) or any(
+            p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for p in params):
+        return
+    for node, p in zip(placeholders, params, strict=True):
+        node.target = p.name
 
 
 def shape_prop(gm: fx.GraphModule, *example: torch.Tensor) -> None:

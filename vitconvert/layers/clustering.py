@@ -29,7 +29,8 @@ attends to another image's tokens at any batch size (BOAT-CSWin pairs images 2i 
 when an image is a single cluster, and fails at odd batch sizes). ``num_global`` leading tokens (a ViT's
 class and distillation tokens) stay global: their queries attend to every token and every cluster also
 attends to them, because a class token confined to one cluster would read only part of the image. The
-outputs are put back in the original order with the inverse permutation.
+outputs are put back in the original order with the inverse permutation. An optional float ``bias`` per (query, key)
+pair (BEiT's relative position bias) is gathered for the pairs each cluster scores, so they keep their dense logits.
 
 **Dense when clustering does not pay**: when the clustered path would cost at least as many MACs as plain
 attention (one cluster holds all tokens, or the clustering overhead eats the saving), the dense
@@ -462,10 +463,37 @@ def _window_attention(qc: Tensor, k: Tensor, v: Tensor, src: Tensor, plan: Clust
     return F.scaled_dot_product_attention(qc.view(pairs, 2, m, d), kw, vw, dropout_p=dropout_p, scale=scale)
 
 
+def _pair_bias(bias: Tensor, rows: Tensor, keys: Tensor) -> Tensor:
+    """The entries of ``bias`` (broadcastable to (B, heads, N, N)) for the pairs each cluster scores: ``rows``
+    (B, heads, C, m) are its query tokens and ``keys`` (B, heads, C, width) its key tokens, both as indices into the
+    full sequence (class token included); returns (B, heads, C, m, width), for cluster c of image b and head j the
+    submatrix ``bias[b, j][rows[b, j, c]][:, keys[b, j, c]]``.
+
+    One gather from the bias's flat storage (functional ops only: the eager path and the exported graph share it);
+    a broadcast dimension (batch 1, one head) indexes with step 0, so the bias is never expanded. Gradients reach
+    the bias (BEiT's relative-position table learns during the fine-tune).
+    """
+    b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).contiguous()
+    sb, sh, sq, sk = (st if size > 1 else 0 for st, size in zip(b4.stride(), b4.shape, strict=True))
+    idx = rows.unsqueeze(-1) * sq + keys.unsqueeze(-2) * sk  # (B, heads, C, m, width)
+    if sh:
+        idx = idx + torch.arange(rows.shape[1], device=rows.device).view(1, -1, 1, 1, 1) * sh
+    if sb:
+        idx = idx + torch.arange(rows.shape[0], device=rows.device).view(-1, 1, 1, 1, 1) * sb
+    return b4.reshape(-1).index_select(0, idx.reshape(-1)).reshape(idx.shape)
+
+
+def _global_rows(bias: Tensor | None, g: int) -> Tensor | None:
+    """The rows of the first ``g`` (global) queries of ``bias`` (broadcastable to (B, heads, N, N))."""
+    if bias is None or bias.dim() < 2 or bias.shape[-2] == 1:
+        return bias
+    return bias[..., :g, :]
+
+
 def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, overlap: int = 0, num_global: int = 0,
                         iters: int = DEFAULT_ITERS, temperature: float = DEFAULT_TEMPERATURE,
                         scale: float | None = None, dropout_p: float = 0.0, overhead: float = 0.0,
-                        out: Tensor | None = None) -> Tensor:
+                        out: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
     """Attention of every token to its own cluster (plus sibling overlap and global tokens).
 
     Args:
@@ -484,6 +512,10 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
             than their few MACs, so with 0 the clustered path can be chosen where it is slower than dense.
         out: Optional contiguous (B, N, heads, dv) tensor to write the result into (no gradient), e.g. a
             :func:`workspace` buffer; the return value is then its (B, heads, N, dv) transposed view.
+        bias: Optional float term added to the logits of every (query, key) pair, broadcastable to (B, heads, N, N)
+            (SDPA's float ``attn_mask``: BEiT's relative position bias). Each cluster adds the entries of the pairs
+            it scores (its query rows against its key rows, global tokens included; see :func:`_pair_bias`), the
+            global tokens' rows add theirs in full, so every scored pair has the logit dense attention gives it.
 
     Returns:
         (B, heads, N, dv), in the input order (clustered: a transposed view of a contiguous (B, N, heads, dv)
@@ -496,11 +528,13 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
                          f"got {k.shape[-2]} keys and {v.shape[-2]} values")
     g = num_global
     plan = plan_clusters(n - g, cluster_size, overlap)
+    if bias is not None:
+        bias = bias.to(q.dtype)  # SDPA takes a float mask in the queries' dtype (autocast, half precision)
     if not _pays(plan, g, h * d, iters, overhead):
-        dense = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
         return dense if out is None else out.copy_(dense.transpose(1, 2)).transpose(1, 2)
     if tracing():  # torch.export / ONNX (or forward_traceable in eager): the functional twin, see the end of this file
-        res = traceable_clustered_attention(q, k, v, plan, g, iters, temperature, scale, dropout_p)
+        res = traceable_clustered_attention(q, k, v, plan, g, iters, temperature, scale, dropout_p, bias)
         return res if out is None else out.copy_(res.transpose(1, 2)).transpose(1, 2)
     # The clustering leaves the queries in cluster order (in float32); with a gradient to carry, or in another
     # dtype, they are gathered again below.
@@ -514,7 +548,7 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
     src = torch.where(perm < plan.tokens, perm + g, g) if extra else (perm + g if g else perm)
 
     c, m = plan.clusters, plan.leaf
-    if not g and not extra and q_sorted is not None and not (
+    if not g and not extra and bias is None and q_sorted is not None and not (
             torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
         attn = _window_attention(q_sorted, k, v, src, plan, scale, dropout_p)
     else:
@@ -544,15 +578,16 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
         else:
             qs, qb, qstep = _row_source(q)
             qc = qs.index_select(0, _row_index(qb, qstep, src).reshape(-1))
-        mask = None
+        mask = None if bias is None else _pair_bias(bias, cluster_rows, key_rows_t).flatten(1, 2)
         if extra:
             real = (perm < plan.tokens).view(b, h, c, m, 1)
             valid = torch.cat([real, _sibling(real, plan)], dim=3).squeeze(-1)
             if g:
                 valid = torch.cat([valid.new_ones(b, h, c, g), valid], dim=3)
             # Finite, not -inf: a cluster made only of padding must give finite (discarded) outputs and gradients.
-            mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(
+            pad = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(
                 ~valid, torch.finfo(q.dtype).min / 2).flatten(1, 2).unsqueeze(2)
+            mask = pad if mask is None else mask + pad
         attn = F.scaled_dot_product_attention(qc.view(b, h * c, m, d), kk, vv, attn_mask=mask,
                                               dropout_p=dropout_p, scale=scale)  # (B, h*C, leaf, dv)
     # Back to the input order with one gather that also lays the heads out as (B, N, h, dv): callers merge heads
@@ -567,7 +602,8 @@ def clustered_attention(q: Tensor, k: Tensor, v: Tensor, cluster_size: int, over
         rows = torch.empty_like(slots).scatter_(0, dest.view(-1), slots)
     flat = attn.reshape(-1, dv)
     if g:
-        out_g = F.scaled_dot_product_attention(q[:, :, :g], k, v, dropout_p=dropout_p, scale=scale)
+        out_g = F.scaled_dot_product_attention(q[:, :, :g], k, v, attn_mask=_global_rows(bias, g),
+                                               dropout_p=dropout_p, scale=scale)
         res = torch.cat([out_g.transpose(1, 2), flat.index_select(0, rows.reshape(-1)).view(b, plan.tokens, h, dv)],
                         dim=1)
         return res.transpose(1, 2) if out is None else out.copy_(res).transpose(1, 2)
@@ -658,9 +694,10 @@ def _normalized_f(c: Tensor) -> Tensor:
 
 def traceable_clustered_attention(q: Tensor, k: Tensor, v: Tensor, plan: ClusterPlan, num_global: int = 0,
                                   iters: int = DEFAULT_ITERS, temperature: float = DEFAULT_TEMPERATURE,
-                                  scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+                                  scale: float | None = None, dropout_p: float = 0.0,
+                                  bias: Tensor | None = None) -> Tensor:
     """The clustered branch of :func:`clustered_attention` (``plan`` for the ``N - num_global`` clustered tokens)
-    with functional ops only: (B, heads, N, dv) in the input order.
+    with functional ops only: (B, heads, N, dv) in the input order; ``bias`` as there (in the queries' dtype).
 
     Keys and values are gathered per cluster in the order the eager path uses (its window path's when there are no
     global tokens and no padding: sibling rows first for odd clusters), so in eager mode the two agree to float
@@ -677,7 +714,7 @@ def traceable_clustered_attention(q: Tensor, k: Tensor, v: Tensor, plan: Cluster
     # torch ops in the graph, not baked from the example.
     own = torch.arange(plan.padded, device=q.device).reshape(c, m)
     sib = _sibling(own.unsqueeze(-1), plan).squeeze(-1)  # (C, overlap)
-    if not g and not extra and o:  # the eager window path's order: for odd clusters the sibling's rows come first
+    if not g and not extra and o and bias is None:  # the eager window path's order: odd clusters' sibling rows first
         odd = (torch.arange(c, device=q.device) % 2 == 1).unsqueeze(-1)
         key_pos = torch.where(odd, torch.cat([sib, own], dim=1), torch.cat([own, sib], dim=1))
     else:
@@ -690,14 +727,15 @@ def traceable_clustered_attention(q: Tensor, k: Tensor, v: Tensor, plan: Cluster
     kk = torch.gather(k, 2, flat_keys.expand(-1, -1, -1, d)).reshape(b, h * c, width, d)
     vv = torch.gather(v, 2, flat_keys.expand(-1, -1, -1, dv)).reshape(b, h * c, width, dv)
     qc = torch.gather(q, 2, src.unsqueeze(-1).expand(-1, -1, -1, d)).reshape(b, h * c, m, d)
-    mask = None
+    mask = None if bias is None else _pair_bias(bias, src.reshape(b, h, c, m), keys).reshape(b, h * c, m, width)
     if extra:
         valid = (perm < plan.tokens)[..., key_pos.reshape(-1)].reshape(b, h, c, m + o)
         if g:
             valid = torch.cat([torch.ones_like(valid[..., :1]).expand(b, h, c, g), valid], dim=3)
         # Finite, not -inf, as the eager path: a cluster made only of padding gives finite (discarded) outputs.
-        mask = torch.zeros_like(valid, dtype=q.dtype).masked_fill(~valid, torch.finfo(q.dtype).min / 2)
-        mask = mask.reshape(b, h * c, 1, width)
+        pad = torch.zeros_like(valid, dtype=q.dtype).masked_fill(~valid, torch.finfo(q.dtype).min / 2)
+        pad = pad.reshape(b, h * c, 1, width)
+        mask = pad if mask is None else mask + pad
     attn = F.scaled_dot_product_attention(qc, kk, vv, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     attn = attn.reshape(b, h, plan.padded, dv)
     # Back to the input order: each token's position in cluster order is the inverse permutation.
@@ -705,6 +743,7 @@ def traceable_clustered_attention(q: Tensor, k: Tensor, v: Tensor, plan: Cluster
     inv = torch.zeros_like(perm).scatter(-1, perm, positions)[..., :plan.tokens]
     res = torch.gather(attn, 2, inv.unsqueeze(-1).expand(-1, -1, -1, dv))
     if g:
-        out_g = F.scaled_dot_product_attention(q[:, :, :g], k, v, dropout_p=dropout_p, scale=scale)
+        out_g = F.scaled_dot_product_attention(q[:, :, :g], k, v, attn_mask=_global_rows(bias, g), dropout_p=dropout_p,
+                                               scale=scale)
         res = torch.cat([out_g, res], dim=2)
     return res

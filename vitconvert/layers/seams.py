@@ -27,6 +27,7 @@ re-read the block.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -125,10 +126,10 @@ def read_residual_block(block: nn.Module, where: str = "") -> ResidualBlock:
     return _read(block, where)[0]
 
 
-def _read(block: nn.Module, where: str = "") -> tuple[ResidualBlock, _Traced]:
+def _read(block: nn.Module, where: str = "", inputs: tuple[str, ...] = ()) -> tuple[ResidualBlock, _Traced]:
     where = where or type(block).__name__
     try:
-        gm = vfx.trace(block)
+        gm = vfx.trace(block, keep=inputs)
     except AnatomyError as e:
         raise AnatomyError(f"{where}: {e}") from None
     nodes = list(gm.graph.nodes)
@@ -784,7 +785,8 @@ def _finish(gm: fx.GraphModule, class_name: str) -> fx.GraphModule:
 # --------------------------------------------------------------------------------------------------------
 
 
-def replace_attention_core(block: nn.Module, core: nn.Module, name: str = "attn_core") -> fx.GraphModule:
+def replace_attention_core(block: nn.Module, core: nn.Module, name: str = "attn_core",
+                           inputs: Sequence[str] = ()) -> fx.GraphModule:
     """A replacement for ``block`` whose ``scaled_dot_product_attention`` call is ``core`` instead.
 
     Everything around the core (the block's own q/k/v projections, norms, output projection, residuals) is
@@ -795,6 +797,10 @@ def replace_attention_core(block: nn.Module, core: nn.Module, name: str = "attn_
     (``None`` if it has none), so the core can follow train/eval at run time as timm does. A core without
     parameters leaves ``model.state_dict()`` unchanged.
 
+    Whatever the block computes from its other inputs before the core stays the block's: EVA's rotary embedding
+    (an optional block input, listed in ``inputs`` so the trace keeps it instead of baking it to ``None``) rotates q
+    and k before they reach the core, and BEiT's relative position bias reaches it as SDPA's float ``attn_mask``.
+
     Only a fused SDPA core is understood: a block built with ``fused_attn=False`` computes its attention as
     several ops (scale, matmul, mask, softmax, matmul) that a swap would have to match one by one; set the
     attention module's ``fused_attn = True`` first (the same attention, up to float rounding).
@@ -803,6 +809,8 @@ def replace_attention_core(block: nn.Module, core: nn.Module, name: str = "attn_
         block: A pre-norm residual block (see :func:`read_residual_block`) with an SDPA attention core.
         core: Module computing attention from ``(q, k, v)`` shaped (B, heads, N, d).
         name: Attribute name of the core in the replacement; must not clash with the block's.
+        inputs: Optional forward arguments the model passes the block (the anatomy's
+            :attr:`~vitconvert.anatomy.BlockInfo.shared_inputs`, e.g. ``rope``): inputs of the replacement too.
 
     Raises:
         AnatomyError: the block is not a pre-norm residual block, or its core is not an SDPA call.
@@ -822,7 +830,7 @@ def replace_attention_core(block: nn.Module, core: nn.Module, name: str = "attn_
     if not name.isidentifier() or hasattr(block, name):
         raise ValueError(f"replace_attention_core: {name!r} is not a free attribute name on {type(block).__name__}")
     where = type(block).__name__
-    parts, t = _read(block, where)
+    parts, t = _read(block, where, tuple(inputs))
     gm, graph, node = t.gm, t.gm.graph, t.core
     if not (node.op == "call_function" and node.target is F.scaled_dot_product_attention):
         raise AnatomyError(f"{where}: the attention core is not a scaled_dot_product_attention call (a block built "

@@ -17,11 +17,15 @@ rejects keys that mean nothing in the other mode.
   model already computes, so the clustering is meaningful from the first step and the short fine-tune only
   has to learn the projection (SwinV2's post-norm ``norm1`` normalises the attention's output, not the stream:
   there only the qkv is copied). No drop path on the branch (BOAT-Swin has none either).
-* ``fsla_replace`` (mode **replace**, ViT/DeiT and PVT-v2): the attention core of the chosen blocks
+* ``fsla_replace`` (mode **replace**, ViT/DeiT, EVA, BEiT and PVT-v2): the attention core of the chosen blocks
   (q, k, v -> output) becomes clustered attention over the block's own q, k, v
   (:func:`vitconvert.layers.seams.replace_attention_core`), so attention costs about N x cluster size instead
   of N^2 and no weights are added. Class/distillation tokens stay global (they attend to, and are read by,
-  every token). **PVT-v2**: clustering needs keys and values that are the same tokens as the queries
+  every token). **Position terms** need no family knowledge, because only the core is swapped: EVA's rotary
+  embedding (a block input the anatomy lists in ``shared_inputs``, kept as an input of the rewritten block) has
+  rotated q and k per token before the core, and BEiT's relative position bias arrives as SDPA's float
+  ``attn_mask``, which the clustered core gathers per cluster pair (the bias of exactly the pairs it scores).
+  **PVT-v2**: clustering needs keys and values that are the same tokens as the queries
   (keys follow the queries' permutation). In PVT-v2's spatial-reduction stages keys are N / sr^2 pooled
   tokens, already few per query, so only the blocks with ``sr_ratio == 1`` (the last stage of b0-b5, whose
   attention is global over all its tokens) are replaced; the gain therefore grows with resolution and is
@@ -176,8 +180,11 @@ class _Context:
 class ClusteredCore(nn.Module):
     """Drop-in for a block's ``scaled_dot_product_attention`` call (see :func:`replace_attention_core`).
 
-    At cluster size 0, or when the block passes a mask, it is the original SDPA call with the same arguments
-    (bit-identical); otherwise :func:`clustered_attention` with the first ``num_global`` tokens global.
+    At cluster size 0 it is the original SDPA call with the same arguments (bit-identical); otherwise
+    :func:`clustered_attention` with the first ``num_global`` tokens global. What the block computes before the call
+    is the block's, so position terms need nothing here: a rotary embedding has already rotated q and k per token
+    (EVA), and a float ``attn_mask`` (BEiT's relative position bias, one logit term per token pair) is gathered per
+    cluster pair. A boolean or causal mask (which pairs may attend at all) keeps the call dense.
     """
 
     def __init__(self, ctx: _Context, num_global: int) -> None:
@@ -191,11 +198,12 @@ class ClusteredCore(nn.Module):
         if dropout is not None:  # timm: attn_drop.p in training, 0 in eval, decided at run time
             dropout_p = dropout.p if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
         c = self._ctx
-        if c.cluster_size == 0 or attn_mask is not None or is_causal or k.shape[-2] != q.shape[-2]:
+        if c.cluster_size == 0 or is_causal or k.shape[-2] != q.shape[-2] or (
+                attn_mask is not None and not attn_mask.is_floating_point()):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                   is_causal=is_causal, scale=scale)
         return clustered_attention(q, k, v, c.cluster_size, c.overlap, self.num_global, c.iters, c.temperature,
-                                   scale=scale, dropout_p=dropout_p, overhead=c.overhead)
+                                   scale=scale, dropout_p=dropout_p, overhead=c.overhead, bias=attn_mask)
 
     def extra_repr(self) -> str:
         return f"num_global={self.num_global}"
@@ -600,10 +608,8 @@ class FSLAReplace(_FSLABase):
     """Mode replace: clustered attention instead of global attention (see the module docstring)."""
 
     method = "fsla_replace"
-    families = ("vit", "pvt_v2")
+    families = ("vit", "eva", "beit", "pvt_v2")
     not_supported: ClassVar[dict[str, str]] = {
-        "eva": "not adapted to blocks that take a rotary embedding as an input yet",
-        "beit": "clustered attention has no gather of the relative position bias per cluster pair",
         "swin": "window attention is already local: the augment mode (fsla) adds FSLA instead",
         "swinv2": "window attention is already local: the augment mode (fsla) adds FSLA instead",
     }
@@ -625,12 +631,15 @@ class FSLAReplace(_FSLABase):
             block = self.base.get_submodule(info.path)
             where = f"fsla_replace: block {info.path}"
             attn = block.get_submodule(read_residual_block(block, where).attn)
-            if not family.query_attention(attn, where).keys_are_queries:
+            # Global attention's keys are its queries; other kinds are asked (PVT-v2: keys pooled unless sr == 1).
+            if info.attn_kind != "global" and not family.query_attention(attn, where).keys_are_queries:
                 continue  # keys are pooled tokens (PVT-v2's spatial reduction), not the queries (see the docstring)
             if hasattr(attn, "fused_attn"):
                 attn.fused_attn = True  # the swap needs the SDPA call; the same attention up to float rounding
             width = _attn_width(attn, info.dim)
-            new = replace_attention_core(block, ClusteredCore(self._c, num_global), name="attn_core")
+            # The block's other inputs (EVA's rotary embedding) stay inputs of the replacement.
+            new = replace_attention_core(block, ClusteredCore(self._c, num_global), name="attn_core",
+                                         inputs=info.shared_inputs)
             self.base.set_submodule(info.path, new)
             self.block_costs[info.index] = (info.tokens, width, num_global)
             self.fsla_blocks.append(info.index)
@@ -671,4 +680,5 @@ def _attn_width(attn: nn.Module, dim: int) -> int:
     heads, head_dim = getattr(attn, "num_heads", None), getattr(attn, "head_dim", None)
     if isinstance(heads, int) and isinstance(head_dim, int):
         return heads * head_dim
-    return dim
+    qkv = getattr(attn, "qkv", None)  # BEiT keeps no head_dim: its fused projection's third
+    return qkv.out_features // 3 if isinstance(qkv, nn.Linear) else dim
