@@ -46,15 +46,23 @@ def _name(alpha: float, execution: str) -> str:
 
 def run(quick: bool, out_dir: Path) -> dict[str, Any]:
     """Measure CF-ViT on pvt_v2_b1 at ~half the GMACs against timm; write ``cfvit_pvt_speed.json``."""
+    return measure_region_path(ARCH, VARIANTS, "cfvit_pvt", quick, out_dir)
+
+
+def measure_region_path(arch: str, variants: tuple[tuple[float, str], ...], result: str, quick: bool,
+                        out_dir: Path) -> dict[str, Any]:
+    """CF-ViT's region path on ``arch`` (at its own input size) at each ``(alpha, execution)`` of ``variants``, the
+    fine fraction pinned to about half the base's GMACs, against timm, interleaved; writes ``<result>_speed.json``
+    (also ``bench_cfvit_swin``'s)."""
     torch.set_num_threads(THREADS)
     batch = protocol.PROTOCOL["quick" if quick else "full"]["cpu_throughput"]["batch"]
     models: dict[str, nn.Module] = {}
     latency_models: dict[str, nn.Module] = {}
     gmacs: dict[str, float] = {}
     points: dict[str, dict[str, Any]] = {}
-    for alpha, execution in VARIANTS:
+    for alpha, execution in variants:
         torch.manual_seed(0)  # the same weights in every variant
-        model = vitconvert.apply(ARCH, "cfvit", pretrained=False, overrides=[f"model.alpha={alpha}"])
+        model = vitconvert.apply(arch, "cfvit", pretrained=False, overrides=[f"model.alpha={alpha}"])
         assert isinstance(model, CFViT) and model.hierarchical
         model.eval()
         model._ctx.execution = execution  # same results either way (the conformance suite checks the paths)
@@ -70,7 +78,7 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         models[name] = AtEta(model, fraction=k / batch)
         latency_models[f"{name}_exit"] = AtEta(model, eta=0.0)
         latency_models[f"{name}_fine"] = AtEta(model, eta=1.0)
-    img = (224, 224)
+    img = tuple(model.anatomy.img_size)
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     measured = protocol.measure_models(models, img, quick=quick, latency_models=latency_models, setup=_setup,
                                        threads=THREADS, devices=("cpu",))
@@ -82,7 +90,7 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         f = pt["fraction"]
         protocol.add_path_mix_latency(measured, name, {f"{name}_exit": 1 - f, f"{name}_fine": f},
                                       f"(1-{f}) * {name}_exit + {f} * {name}_fine medians")
-        rows += protocol.result_row(measured, name, method="cfvit", backbone=ARCH,
+        rows += protocol.result_row(measured, name, method="cfvit", backbone=arch,
                                     setting=f"alpha {pt['alpha']}, {pt['execution']}, fine fraction {f:.4f}",
                                     gmacs=gmacs[name], base_gmacs=gmacs["timm"],
                                     notes="random weights; exit fraction pinned on the timed batch; region path")
@@ -91,8 +99,8 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         summary[name] = {"gmacs_share": gmacs[name] / gmacs["timm"], "throughput_ratio": thr,
                          "latency_ratio": lat_ratio, "met": thr >= TARGET_SPEEDUP and lat_ratio >= TARGET_SPEEDUP}
     results = {
-        "name": "cfvit_pvt",
-        "backbone": ARCH,
+        "name": result,
+        "backbone": arch,
         "quick": quick,
         "recipe": "cfvit (coarse pass at 112 px)",
         "points": points,
@@ -105,7 +113,7 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         "machine": machine_block(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "cfvit_pvt_speed.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out_dir / f"{result}_speed.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
 
 

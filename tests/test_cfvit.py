@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
+import math
+from collections.abc import Iterator
+
 import pytest
 import timm
 import torch
@@ -192,8 +198,8 @@ def test_set_budget_picks_from_curve() -> None:
 
 
 def test_rejects_unsupported_bases() -> None:
-    arch, kwargs = TINY_MODELS["swin"]
-    with pytest.raises(UserError, match="BEiT, PVT-v2; swin_tiny_patch4_window7_224 is Swin"):
+    arch, kwargs = TINY_MODELS["swinv2"]
+    with pytest.raises(UserError, match="BEiT, PVT-v2, Swin; swinv2_tiny_window8_256 is SwinV2"):
         vitconvert.apply(arch, "cfvit", model_kwargs=kwargs, pretrained=False)
     arch, kwargs = TINY_MODELS["vit"]
     with pytest.raises(UserError, match="has neither: it pools with 'avg' and has no class token"):
@@ -446,3 +452,150 @@ def test_pvt_rejects_what_the_region_path_cannot_run() -> None:
     with pytest.raises(UserError, match="at half the input size, which must keep whole maps"):
         vitconvert.apply(tiny, "cfvit", model_kwargs={**kwargs, "pretrained_cfg_overlay": {"input_size": (3, 80, 80)}},
                          pretrained=False)
+
+
+# --- Swin: the region path by whole windows ------------------------------------------------------------------
+
+
+def convert_swin(overrides: list[str] | None = None, arch: str | None = None, **kwargs: object) -> CFViT:
+    tiny, tiny_kwargs = TINY_MODELS["swin"]
+    torch.manual_seed(0)
+    return vitconvert.apply(arch or tiny, "cfvit", model_kwargs={} if arch else {**tiny_kwargs, **kwargs},
+                            pretrained=False, overrides=overrides)
+
+
+def timm_at_half_size(model: CFViT, arch: str, kwargs: dict) -> torch.nn.Module:
+    """timm's model built for the half-size image with ``model``'s base weights, the relative position bias table of
+    each block whose window shrank (a map smaller than the window) cut from the block's own at the offsets it has."""
+    size = model.coarse_img_size
+    ref = timm.create_model(arch, pretrained=False, **{**kwargs, "img_size": size}).eval()
+    target = ref.state_dict()
+    state = {}
+    for k, v in model.build_base().state_dict().items():
+        if v.shape != target[k].shape:  # a relative position bias table of a smaller window: its centre
+            big, small = math.isqrt(v.shape[0]), math.isqrt(target[k].shape[0])
+            off = (big - small) // 2
+            v = v.view(big, big, -1)[off:off + small, off:off + small].reshape(small * small, -1)
+        state[k] = v
+    ref.load_state_dict(state)
+    return ref
+
+
+def coarse_matches_timm(model: CFViT, ref: torch.nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        coarse = model._coarse_regions(x)
+        expected = ref(F.interpolate(x, size=model.coarse_img_size, mode="bilinear", align_corners=False,
+                                     antialias=True))
+    torch.testing.assert_close(coarse["logits"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_swin_coarse_pass_is_timm_built_for_the_half_size_image() -> None:
+    """The coarse pass is timm's Swin built for the half-size image (each block's windows by timm's rule: a map no
+    larger than the window is one unshifted window) with the same weights, a shrunk window's relative position bias
+    table cut from the block's own at the offsets it has."""
+    model = convert_swin().eval()
+    arch, kwargs = TINY_MODELS["swin"]
+    ref = timm_at_half_size(model, arch, kwargs)
+    shrunk = [k for k, v in ref.state_dict().items() if k.endswith("relative_position_bias_table")
+              and v.shape != model.base.state_dict()[k].shape]
+    assert len(shrunk) == 3  # stages 3 (2x2 map) and 4 (1x1) of the 16-px image
+    x = torch.randn(3, 3, 32, 32)
+    coarse_matches_timm(model, ref, x)
+    assert model.coarse_final_grid == (1, 1)
+
+
+@functools.cache
+def _swin_tiny() -> CFViT:
+    return convert_swin(arch="swin_tiny_patch4_window7_224").eval()
+
+
+def test_swin_full_compute_on_swin_tiny_at_224() -> None:
+    model = copy.deepcopy(_swin_tiny())
+    # every block refined by windows (7-token windows shifted by 3 split no 2x2 region)
+    assert len(model._window_blocks) == 12 and model._full_blocks == [] and model.coarse_final_grid == (4, 4)
+    base = model.build_base()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (model.full_compute()(x) - base(x)).abs().max() <= 1e-4
+    # the coarse pass at 112 px: shifted 7x7 windows on the 28 and 14 maps (masks made for them), one window on the
+    # 7x7 map (unshifted), a 4x4 window on the last map
+    coarse_matches_timm(model, timm_at_half_size(model, "swin_tiny_patch4_window7_224", {}), x)
+
+
+def test_swin_window_gates_follow_the_scores() -> None:
+    model = copy.deepcopy(_swin_tiny())
+    model.alpha = 0.25
+    scores = torch.zeros(1, 4, 4)
+    scores[0, 0, 3] = 5.0  # the top-right coarse cell is the informative one
+    gates = model.window_gates(scores)
+    counts = {i: g.shape[1] for i, g in gates.items()}
+    assert counts == {0: 64, 1: 64, 2: 16, 3: 16, **{i: 4 for i in range(4, 10)}, 10: 1, 11: 1}
+    for g in gates.values():
+        assert int((g == 0).sum()) == -(-g.shape[1] // 4)  # ceil(alpha * windows) refined
+    first = gates[0].view(8, 8)  # unshifted 7x7 windows of the 56x56 map
+    assert int(first[0, -1]) == 0 and int(first[-1, 0]) == 1  # the top-right window first, not the bottom-left
+    assert int(gates[10].sum()) == 0  # one window per image: always refined
+
+
+def test_swin_fine_pass_refines_whole_windows() -> None:
+    """At alpha < 1 the fine stage's counted MACs fall with alpha; an image's GMACs are what its path counts, and
+    in each refined block every window runs at one level (the split path: no per-query gathers)."""
+    model = convert_swin()
+    costs = {}
+    for alpha in (1.0, 0.5, 0.25):
+        model.alpha = alpha
+        costs[alpha] = model.costs["fine"]
+    assert costs[0.25] < costs[0.5] < costs[1.0] and costs[0.5] < model.base_gmacs
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with model.counted_execution():
+            counted = vitconvert.count_macs(lambda: model.forward_dynamic(x[:1])) / 1e9
+            out = model.forward_dynamic(x)
+        assert out.gmacs[0].item() == pytest.approx(counted, rel=1e-5)
+        records = []
+        run = model._ctx.run
+
+        @contextlib.contextmanager
+        def keep(mode: str) -> Iterator[list]:
+            with run(mode) as rec:
+                yield rec
+                records.extend(rec)
+
+        model._ctx.run = keep
+        model._fine_regions(x, model._coarse_regions(x), "sparse")
+    paths = {r.block: r.path for r in records}
+    assert paths == {0: "split", 1: "split", 2: "split", 3: "base", 4: "base", 5: "base"}
+
+
+def test_swin_shift_that_splits_regions_runs_that_block_at_full_resolution() -> None:
+    """6-token windows shifted by 3: the masked parts of a shifted window split its 2x2 regions, so an unrefined
+    window could not be coarse everywhere; those blocks run at full resolution, the others by windows."""
+    model = convert_swin(img_size=48, window_size=6)
+    assert model._full_blocks == [2] and 2 not in model._window_blocks and 0 in model._window_blocks
+    base = model.build_base()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert (model.full_compute()(x) - base(x)).abs().max() <= 1e-4
+        model.set_operating_point({"eta": 1.0, "alpha": 0.25})
+        with model.counted_execution():
+            counted = vitconvert.count_macs(lambda: model.forward_dynamic(x[:1])) / 1e9
+            out = model.forward_dynamic(x)
+    assert out.gmacs[0].item() == pytest.approx(counted, rel=1e-5) and out.gmacs[0] == out.gmacs[1]
+
+
+def test_swin_kept_window_tables_follow_the_weights() -> None:
+    """The window blocks keep their bias tables between inference forwards only while the weights they were made
+    from are unchanged: an in-place change of the relative position bias is seen at the next forward."""
+    model = convert_swin().eval()
+    model.set_operating_point({"eta": 1.0, "alpha": 0.5})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model.forward_dynamic(x).logits
+        for name, p in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.mul_(5.0)
+        after = model.forward_dynamic(x).logits
+        fresh = copy.deepcopy(model).forward_dynamic(x).logits  # a copy starts with no kept tables
+    assert not torch.allclose(before, after, atol=1e-4)
+    assert torch.equal(after, fresh)

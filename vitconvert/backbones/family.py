@@ -151,6 +151,12 @@ class WindowView(abc.ABC):
     def window(self, hw: tuple[int, int]) -> tuple[int, int]:
         """The window (rows, columns of tokens) the block uses on an ``hw`` map."""
 
+    def native(self, hw: tuple[int, int]) -> bool:
+        """Whether the base block itself runs on an ``hw`` map as this view reads it (its windows and mask built for
+        that map). On another map (CF-ViT's coarse pass runs the model at half size) only the view's reading holds:
+        a method runs the block's computation on :meth:`partition`'s windows with :meth:`bias`."""
+        return True
+
     def windows(self, hw: tuple[int, int]) -> tuple[int, int]:
         """Windows per image along each axis on an ``hw`` map (whole windows: see :meth:`check`)."""
         w = self.window(hw)

@@ -67,17 +67,29 @@ class SwinWindows(WindowView):
     """A ``SwinTransformerBlock`` as a batch of windows: the map rolled by the block's shift, cut into its windows
     (timm's ``window_partition`` order), and back. The bias of a query row is the mean of its positions' rows of the
     relative position bias (the principled choice: exact for one position), plus the shift mask's row of its
-    positions, which a row may only take when all its positions lie in one masked region (:meth:`bias` says which)."""
+    positions, which a row may only take when all its positions lie in one masked region (:meth:`bias` says which).
+
+    On a map other than the one the block was built for (CF-ViT's coarse pass: the model on the half-size image) the
+    block takes the windows timm's rule gives a block built for that map: a side no longer than the window is one
+    window, not shifted. A smaller window reads the relative position bias of its offsets from the block's own table
+    (they are a subset of the table's), not a resampled table: the bias of every pair of positions is the one the
+    pretrained model learned for that offset."""
 
     def window(self, hw: tuple[int, int]) -> tuple[int, int]:
-        return _pair(self.block.window_size)
+        w = _pair(self.block.window_size)
+        return min(w[0], hw[0]), min(w[1], hw[1])
 
-    def _shift(self) -> tuple[int, int]:
-        return _pair(self.block.shift_size)
+    def native(self, hw: tuple[int, int]) -> bool:
+        res = getattr(self.block, "input_resolution", None)
+        return res is None or _pair(res) == (int(hw[0]), int(hw[1]))
+
+    def _shift(self, hw: tuple[int, int]) -> tuple[int, int]:
+        w, s = self.window(hw), _pair(self.block.shift_size)
+        return (0 if hw[0] <= w[0] else s[0]), (0 if hw[1] <= w[1] else s[1])
 
     def partition(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
-        sh, sw = self._shift()
+        sh, sw = self._shift((h, w))
         if sh or sw:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
         wh, ww = self.window((h, w))
@@ -88,27 +100,61 @@ class SwinWindows(WindowView):
         wh, ww = self.window(hw)
         c = t.shape[-1]
         x = t.view(-1, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
-        sh, sw = self._shift()
+        sh, sw = self._shift(hw)
         return torch.roll(x, shifts=(sh, sw), dims=(1, 2)) if sh or sw else x
 
-    def relative_bias(self) -> torch.Tensor:
-        """(heads, N, N) the relative position bias of the window's positions."""
+    def own_relative_bias(self) -> torch.Tensor:
+        """(heads, N, N) the relative position bias of the block's own window's positions."""
         return self.block.attn._get_rel_pos_bias()[0]
+
+    def relative_bias(self, window: tuple[int, int]) -> torch.Tensor:
+        """(heads, N, N) relative position bias of a ``window``: the block's own, or read from its table at the
+        offsets a smaller window has."""
+        attn = self.block.attn
+        own = _pair(attn.window_size)
+        if window == own:
+            return self.own_relative_bias()
+        table = getattr(attn, "relative_position_bias_table", None)
+        if table is None:
+            raise UserError(f"{type(attn).__name__} gives its relative position bias for its own {own[0]}x{own[1]} "
+                            f"windows only, not for {window[0]}x{window[1]} windows")
+        ys, xs = torch.meshgrid(torch.arange(window[0], device=table.device),
+                                torch.arange(window[1], device=table.device), indexing="ij")
+        ys, xs = ys.flatten(), xs.flatten()
+        index = (ys.view(-1, 1) - ys.view(1, -1) + own[0] - 1) * (2 * own[1] - 1) + xs.view(-1, 1) - xs.view(1, -1) \
+            + own[1] - 1
+        n = window[0] * window[1]
+        return table.index_select(0, index.flatten()).view(n, n, -1).permute(2, 0, 1)
+
+    def _mask(self, hw: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """(windows, N, N) the shift mask on an ``hw`` map (0 inside a region, -100 across), None when unshifted:
+        the block's own where it was built for the map, else made the way timm makes it."""
+        sh, sw = self._shift(hw)
+        if not (sh or sw):
+            return None
+        block = self.block
+        if self.native(hw) and not getattr(block, "dynamic_mask", False) and block.attn_mask is not None:
+            return block.attn_mask.to(device=device, dtype=dtype)
+        wh, ww = self.window(hw)
+        img = torch.zeros(1, hw[0], hw[1], device=device, dtype=dtype)
+        cnt = 0
+        for h in ((0, -wh), (-wh, -sh), (-sh, None)):
+            for w in ((0, -ww), (-ww, -sw), (-sw, None)):
+                img[:, h[0]:h[1], w[0]:w[1]] = cnt
+                cnt += 1
+        regions = img.view(hw[0] // wh, wh, hw[1] // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+        diff = regions.unsqueeze(1) - regions.unsqueeze(2)
+        return diff.masked_fill(diff != 0, -100.0)
 
     def bias(self, members: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         # Sums by index_add, not products with ``members``: bookkeeping, not matrix products the MAC count would see.
-        block = self.block
-        rel = self.relative_bias()  # (heads, N, N)
+        rel = self.relative_bias(self.window(hw))  # (heads, N, N)
         row, pos = members.nonzero().unbind(1)  # every (query row, position) pair
         sums = rel.new_zeros(rel.shape[0], members.shape[0], rel.shape[2]).index_add(1, row, rel.index_select(1, pos))
         bias = (sums / members.sum(1).to(rel.dtype).view(1, -1, 1)).unsqueeze(0)  # (1, heads, T, N): the mean
-        if getattr(block, "dynamic_mask", False):
-            mask = block.get_attn_mask(torch.empty(1, hw[0], hw[1], 1, device=rel.device, dtype=rel.dtype))
-        else:
-            mask = block.attn_mask
+        mask = self._mask(hw, rel.device, rel.dtype)
         if mask is None:
             return bias, torch.ones(1, members.shape[0], dtype=torch.bool, device=members.device)
-        mask = mask.to(device=rel.device, dtype=rel.dtype)  # (windows, N, N): 0 inside a region, -100 across
         first = members.argmax(1)  # a position of each row (the first)
         # A position's mask row says which region it lies in: a row stands for one region when all its positions'
         # mask rows equal its first position's.

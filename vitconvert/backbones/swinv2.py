@@ -62,7 +62,7 @@ class CosineWindowQueryAttention(WindowQueryAttention):
 class SwinV2Windows(SwinWindows):
     """A ``SwinTransformerV2Block`` as a batch of windows: Swin's, with the continuous position bias as the table."""
 
-    def relative_bias(self) -> torch.Tensor:
+    def own_relative_bias(self) -> torch.Tensor:
         attn = self.block.attn
         table = attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads)
         n = attn.relative_position_index.shape[0]

@@ -54,6 +54,27 @@ keys and values stay dense and PVT-v2's depthwise convolution runs at each query
 a :class:`~vitconvert.layers.reuse.FeatureReuse` (zero-initialised projection). At ``alpha = 1`` with a fresh reuse
 layer this is the base model.
 
+**Windows (Swin): the window is the unit.** A block whose attention runs inside windows of its map
+(:class:`~vitconvert.backbones.family.WindowView`) runs DGE's window frame: its map rolled by the block's shift and cut
+into windows, 2x2 regions cut inside each window. CF-ViT refines *whole windows* (as SparseViT, arXiv 2303.17605, on
+Swin): the ``alpha`` share of each block's windows with the highest score keep every token as a query, the others
+run at DGE's coarse level inside the window (one query per 2x2 region, its update broadcast; keys and values stay the
+window's tokens). A window's score is the score map resized to the block's map and averaged over the window's tokens,
+per block (a shifted block's windows are other groups of tokens). Chosen over 2x2 regions of the map as the unit:
+every window of a block has the same size, so the fine pass's cost depends only on how many windows are refined,
+never on which (the cascade charges one cost per stage; with windows of 7, 2x2 regions are cut short at each window's
+border, which whole-window choices make the same for every image), and a batch whose windows each take one level runs
+DGE's *split* path: the refined windows as one dense batch, the others as another at their cell resolution, no
+per-query gathers (the unit that pays on real hardware, SparseViT's lesson). A block with one window per image
+(Swin-T's last stage at 224 px) is always refined. A shifted block whose masked parts would split a 2x2 region
+(an odd ``window - shift``; not Swin-T's 7/3) could not take the coarse level in those regions, which would make an
+unrefined window's cost depend on its place: such a block runs at full resolution. The coarse pass is the base model
+on the half-size image with each block taking the windows timm's rule gives a block built for that map (a side no
+longer than the window is one window, unshifted: Swin-T's last stages at 112 px), the relative position bias of a
+smaller window read from the block's own table at the offsets it has (not a resampled table); it runs on DGE's window
+blocks at every token (:meth:`~vitconvert.methods.dge.DGEBlock.forward`, dense mode on a map the base block was not
+built for).
+
 Fine-tuning trains both stages at once (fine output: distillation + cross-entropy; coarse output: KL to the
 detached fine output). The added parts (coarse position embedding, reuse MLP) may learn at ``new_lr_scale``
 times the recipe's rate; in a short recipe on CIFAR-10 10x gave 0.3 points more top-1 at half the
@@ -78,7 +99,7 @@ from torch import nn
 from vitconvert import fx as vfx
 from vitconvert.anatomy import Anatomy
 from vitconvert.backbones import family_of
-from vitconvert.backbones.family import Family
+from vitconvert.backbones.family import Family, WindowView
 from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.cascade import Carry, Cascade, Stage
 from vitconvert.layers.regions import make_layout
@@ -87,7 +108,7 @@ from vitconvert.layers.scale_conv import dwconv_macs
 from vitconvert.layers.sharing import attach
 from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints
 from vitconvert.methods.dge import Context, DGEBlock, block_costs
-from vitconvert.methods.dge.block import read_block
+from vitconvert.methods.dge.block import read_block, window_tables
 from vitconvert.operating import Knob, OperatingSpace
 from vitconvert.recipes import Recipe, Strict
 from vitconvert.registry import register_method
@@ -120,13 +141,13 @@ class CFViT(ConvertedModel, SimulatesPoints):
     """Coarse-to-fine ViT with batched early exit (see the module docstring)."""
 
     method = "cfvit"
-    families = ("vit", "eva", "beit", "pvt_v2")
+    families = ("vit", "eva", "beit", "pvt_v2", "swin")
     not_supported: ClassVar[dict[str, str]] = {
-        "swin": "its blocks run over window maps, which the region path's query blocks do not take yet",
-        "swinv2": "its blocks run over window maps, which the region path's query blocks do not take yet",
+        "swinv2": "its coarse pass at half the size runs smaller windows, for which SwinV2's continuous position bias "
+                  "is not derived yet",
     }
     description = ("CF-ViT coarse-to-fine inference with early exit (ViT/DeiT with a class token or attention pooling, "
-                   "EVA/RoPE ViT, BEiT, PVT-v2)")
+                   "EVA/RoPE ViT, BEiT, PVT-v2, Swin)")
     Settings = CFViTSettings
     Losses = CFViTLosses
 
@@ -135,8 +156,9 @@ class CFViT(ConvertedModel, SimulatesPoints):
         s: CFViTSettings = self.settings
         family = family_of(anatomy)
         # A model that is one chain of blocks over one token sequence runs the paper's token path (class-token
-        # attention); a hierarchical one the region path (see the module docstring). One stage of global attention
-        # whose blocks also take a shared input (EVA's rotary embedding) is a chain too: the split passes it along.
+        # attention); a hierarchical one the region path (see the module docstring), by whole windows where its
+        # blocks attend inside windows (Swin). One stage of global attention whose blocks also take a shared input
+        # (EVA's rotary embedding) is a chain too: the split passes it along.
         self.hierarchical = not (family.splits_at_blocks or (family.global_attention and len(anatomy.stages) == 1))
         if self.hierarchical:
             self._init_regions(base, spec, anatomy, family)
@@ -354,20 +376,19 @@ class CFViT(ConvertedModel, SimulatesPoints):
 
     def _init_regions(self, base: nn.Module, spec: BaseSpec, anatomy: Anatomy, family: Family) -> None:
         """The region path (see the module docstring): every block becomes a two-level query block (2x2 regions,
-        fine or coarse queries) whose levels come from the coarse pass; the coarse pass is the base model itself."""
+        fine or coarse queries) whose levels come from the coarse pass; the coarse pass is the base model itself.
+        A block whose attention runs inside windows (Swin) is refined by whole windows."""
         s: CFViTSettings = self.settings
         arch = spec.architecture
         if s.coarse_grid_ratio != 0.5:
             raise UserError(f"cfvit on {family.description} refines each coarse region 2x2: coarse_grid_ratio must "
                             f"be 0.5, got {s.coarse_grid_ratio}")
-        if family.block_layout != "tokens":
-            raise UserError(f"cfvit needs a class token or blocks over a token sequence; {arch} ({family.description})"
-                            " runs its blocks over window maps")
         if anatomy.pool != "avg" or len(anatomy.head) != 1 or not isinstance(base.get_submodule(anatomy.head[0]),
                                                                              nn.Linear):
             raise UserError(f"cfvit without a class token scores regions by their share of the predicted logit, which "
                             f"needs average pooling and one linear head; {arch} pools with {anatomy.pool!r}")
-        if not anatomy.stages[-1].norm:
+        last_norm = anatomy.stages[-1].norm or anatomy.final_norm
+        if not last_norm:
             raise UserError(f"cfvit without a class token reads the last stage's normalised tokens; {arch} has no "
                             "norm after its last stage")
         step = family.size_step(anatomy)
@@ -377,33 +398,58 @@ class CFViT(ConvertedModel, SimulatesPoints):
                             f"{arch} at {h}x{w} px needs sides that are multiples of {2 * step}")
         self.coarse_img_size = (h // 2, w // 2)
         self.num_prefix = 0
+        patch_embed = base.get_submodule(anatomy.patch_embed) if anatomy.patch_embed else None
+        if hasattr(patch_embed, "strict_img_size"):
+            patch_embed.strict_img_size = False  # the coarse image goes through the same patch embedding
         ctx = Context(2, [2, 1], "packed", "auto", 1.0)
         ctx.gate_override = self._override
         stand_in = _NoRouter(2)
         self._block_stage: dict[int, int] = {}
+        # Blocks refined by whole windows: block index -> (its map, its windows read by the family); and the blocks
+        # with windows that always run at full resolution (their windows' masked parts would split a 2x2 region).
+        self._window_blocks: dict[int, tuple[tuple[int, int], WindowView]] = {}
+        self._full_blocks: list[int] = []
         try:
             for info in anatomy.blocks:
                 block = base.get_submodule(info.path)
-                parts = read_block(block, f"cfvit: block {info.path}", family)
+                where = f"cfvit: block {info.path}"
+                parts = read_block(block, where, family)
                 grid = anatomy.stages[info.stage].grid
-                if grid[0] % 2 or grid[1] % 2:
+                view, tokens, frame, cap = parts.windows, info.tokens, grid, None
+                if view is not None:
+                    # Windows (Swin): every window of a block has the same size, so the fine pass's cost depends
+                    # only on how many windows it refines, not which; regions are cut inside each window.
+                    view.check(grid, where)
+                    frame = view.window(grid)
+                    tokens = frame[0] * frame[1]
+                elif grid[0] % 2 or grid[1] % 2:
                     # 2x2 regions do not tile the map: its border regions would be short, so the fine pass's cost
                     # would depend on which regions it refines, while a cascade charges one cost per stage. Such a
                     # stage (PVT-v2's last at 224 px: 7x7) runs at full resolution, its base blocks unchanged.
                     continue
-                lay = make_layout(grid, 2, ctx.sizes, torch.device("cpu"))
+                lay = make_layout(frame, 2, ctx.sizes, torch.device("cpu"))
+                if view is not None:
+                    cap = window_tables(view, lay, grid)[1]
                 costs: dict[str, Any] = block_costs(
                     block.get_submodule(parts.norm1), block.get_submodule(parts.norm2), parts.attention,
-                    block.get_submodule(parts.mlp), parts.conv, info.tokens, grid)
+                    block.get_submodule(parts.mlp), parts.conv, tokens, frame)
                 costs["router"] = 0.0
                 costs["level_nq"] = [float(v) for v in lay.nq.sum(0).tolist()]
                 costs["level_conv"] = [0.0, 0.0]
                 if parts.conv is not None:
                     gates = torch.arange(2).view(2, 1).expand(2, lay.num_regions)
                     costs["level_conv"] = dwconv_macs(parts.conv.dwconv, gates, lay).tolist()
-                base.set_submodule(info.path, DGEBlock(block, parts, info.index, 0, grid, stand_in, ctx, costs,
+                base.set_submodule(info.path, DGEBlock(block, parts, info.index, 0, frame, stand_in, ctx, costs,
                                                        family))
-                self._block_stage[info.index] = info.stage
+                if view is None:
+                    self._block_stage[info.index] = info.stage
+                elif cap is not None and bool((cap < 1).any()):
+                    # A shifted window whose masked parts split a 2x2 region could not take the coarse level there,
+                    # so an unrefined window's cost would depend on which window it is: the block runs at full
+                    # resolution (its DGE block still runs the coarse pass's other map).
+                    self._full_blocks.append(info.index)
+                else:
+                    self._window_blocks[info.index] = (grid, view)
         except AnatomyError as e:
             raise UserError(str(e).replace("dge", "cfvit")) from None
         first = anatomy.blocks[0]
@@ -412,13 +458,15 @@ class CFViT(ConvertedModel, SimulatesPoints):
         # Taps (not registered as modules): the last stage's normalised tokens of the coarse pass, and the reuse
         # update added to the fine pass's first block input.
         attach(self, _ctx=ctx, _tap=None, _pending=None, _fine_gates={})
-        base.get_submodule(last_stage.norm).register_forward_hook(self._tap_hook)
+        base.get_submodule(last_norm).register_forward_hook(self._tap_hook)
         base.get_submodule(first.path).register_forward_pre_hook(self._reuse_hook)
         self.stage_grids = [st.grid for st in anatomy.stages]
-        # 2x2 regions per stage; None for a stage that runs at full resolution (a map they do not tile)
+        # 2x2 regions per stage (blocks over tokens); None for a stage that runs at full resolution (a map they do
+        # not tile) or whose blocks are refined by windows
+        staged = set(self._block_stage.values())
         self.region_grids: list[tuple[int, int] | None] = [
-            None if g[0] % 2 or g[1] % 2 else (g[0] // 2, g[1] // 2) for g in self.stage_grids]
-        if not self._block_stage:
+            (g[0] // 2, g[1] // 2) if i in staged else None for i, g in enumerate(self.stage_grids)]
+        if not self._block_stage and not self._window_blocks:
             raise UserError(f"cfvit refines 2x2 regions, but no stage map of {arch} at {h}x{w} px has even sides")
         # The coarse pass's last map: read once from a probe (the family knows how a block call gives its grid).
         grids: list[tuple[int, int]] = []
@@ -450,14 +498,46 @@ class CFViT(ConvertedModel, SimulatesPoints):
     def _reuse_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         if self._pending is None:
             return None
-        x = args[0] + self._pending.to(args[0].dtype)
+        # (B, N, C) tokens or a (B, H, W, C) map (Swin): the update is in raster order either way
+        x = args[0] + self._pending.to(args[0].dtype).reshape(args[0].shape)
         attach(self, _pending=None)
         return (x, *args[1:])
 
     def _override(self, index: int, batch: int, regions: int, device: torch.device) -> torch.Tensor:
-        gates = self._fine_gates[self._block_stage[index]]
+        """The levels of block ``index``'s regions: its stage's (blocks over tokens), its windows' repeated over each
+        window's regions (a block with windows asks for every region of every window of an image, window after
+        window), or none coarse (a block that runs at full resolution)."""
+        gates = self._fine_gates.get(index)
+        if gates is None:
+            return torch.zeros(batch, regions, dtype=torch.long, device=device)
+        if index in self._window_blocks:
+            gates = gates.repeat_interleave(regions // gates.shape[1], dim=1)
         assert gates.shape == (batch, regions), (gates.shape, batch, regions)
         return gates
+
+    def window_gates(self, scores: torch.Tensor) -> dict[int, torch.Tensor]:
+        """(B, h, w) informativeness of the coarse pass's last map -> per block refined by windows, the (B, windows)
+        level of each of its windows (0: every token a query, 1: one query per 2x2 region of the window): the
+        ``alpha`` share of the windows whose score is highest (ties: the first in the block's window order). A
+        window's score is the score map, resized to the block's map, averaged over the window's tokens: per block,
+        since a shifted block's windows are other groups of tokens."""
+        out: dict[int, torch.Tensor] = {}
+        b = scores.shape[0]
+        resized: dict[tuple[int, int], torch.Tensor] = {}
+        for index, (grid, view) in self._window_blocks.items():
+            gh, gw = view.windows(grid)
+            r = gh * gw
+            k = math.ceil(self.alpha * r)
+            if k >= r:
+                out[index] = torch.zeros(b, r, dtype=torch.long, device=scores.device)
+                continue
+            if grid not in resized:
+                resized[grid] = resize_grid(scores.unsqueeze(1).float(), grid).reshape(b, *grid, 1)  # a map
+            sc = view.partition(resized[grid]).mean(dim=(1, 2)).view(b, r)
+            order = sc.argsort(dim=1, descending=True, stable=True)
+            gates = torch.ones(b, r, dtype=torch.long, device=scores.device)
+            out[index] = gates.scatter(1, order[:, :k], 0)
+        return out
 
     def region_gates(self, scores: torch.Tensor) -> list[torch.Tensor]:
         """(B, h, w) informativeness of the coarse pass's last map -> per stage, the (B, regions) level of each 2x2
@@ -496,6 +576,7 @@ class CFViT(ConvertedModel, SimulatesPoints):
             attach(self, _tap=None)
         # Informativeness: each token's share of the predicted class's logit. The head is linear over the mean of
         # these tokens, so the logit is exactly the mean of the per-token contributions w_pred . t_i (plus bias).
+        tokens = tokens.reshape(x.shape[0], -1, tokens.shape[-1])  # a (B, h, w, C) map (Swin) as tokens
         head = self.base.get_submodule(self.anatomy.head[0])
         w = head.weight.index_select(0, logits.argmax(dim=-1))  # (B, C)
         scores = (tokens.float() * w.float().unsqueeze(1)).sum(-1).reshape(x.shape[0], *self.coarse_final_grid)
@@ -504,9 +585,11 @@ class CFViT(ConvertedModel, SimulatesPoints):
     def _fine_regions(self, x: torch.Tensor, coarse: Mapping[str, torch.Tensor], mode: str) -> torch.Tensor:
         """The fine pass: each block's queries at full resolution in the chosen regions and one per 2x2 region
         elsewhere (the coarse pass's final features added to the first block's input through the reuse layer)."""
-        gates = self.region_gates(coarse["scores"])
+        stage_gates = self.region_gates(coarse["scores"])
+        gates = {i: stage_gates[stage] for i, stage in self._block_stage.items()}
+        gates.update(self.window_gates(coarse["scores"]))
         reuse = self.reuse(coarse["tokens"], 0, self.coarse_final_grid, self.stage_grids[0])
-        attach(self, _fine_gates=dict(enumerate(gates)), _pending=reuse)
+        attach(self, _fine_gates=gates, _pending=reuse)
         try:
             with self._ctx.run(mode):
                 return self.base(x)

@@ -73,9 +73,11 @@ output reversed, so patch merging gets the fine-grid map with every token holdin
 are cut inside each window, keys and values are the window's tokens, and a coarse query's bias is the mean of its
 positions' relative-position-bias rows (exact for one position) plus their common row of the shift mask; a level
 whose sub-patches would straddle a shifted window's masked regions is never taken there (router logits masked,
-the knob's and overrides' levels capped). Maps the windows do not cut whole are refused. Gates, queries and
-``gmacs`` are reported per image; ``gmacs`` also counts the attention core's padding slots (every window of an
-image as long as its fullest).
+the knob's and overrides' levels capped). Maps the windows do not cut whole are refused. On a map the base block was
+not built for (CF-ViT's coarse pass runs the model at half size) the block takes the windows timm's rule gives that
+map (:meth:`~vitconvert.backbones.family.WindowView.native`) and runs level 0 on them, never the base block.
+Gates, queries and ``gmacs`` are reported per image; ``gmacs`` also counts the attention core's padding slots (every
+window of an image as long as its fullest).
 
 **Position information inside the attention** (EVA's rotary embedding, BEiT's relative position bias): the family's
 :meth:`~vitconvert.backbones.family.QueryAttention.positions` gives each candidate the mean of its positions' rows

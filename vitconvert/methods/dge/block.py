@@ -143,7 +143,8 @@ class WindowCall:
     windows: tuple[int, int]  # windows per image along each axis
     bias: torch.Tensor  # (windows or 1, heads, T, N): the attention bias of every candidate against every key
     cap: torch.Tensor | None  # (windows, R) the coarsest level each region may take (None: any)
-    base: Callable[[], torch.Tensor]  # the base block on the map, partitioned into windows
+    # the base block on the map, partitioned into windows; None on a map it was not built for (WindowView.native)
+    base: Callable[[], torch.Tensor] | None
     rows: torch.Tensor | None = None  # window index (0..windows-1) of each row of a sub-batch; None: the whole batch
 
 
@@ -153,6 +154,29 @@ def candidate_members(lay: RegionLayout) -> torch.Tensor:
     members = torch.zeros(sum(lay.counts), n, device=lay.tok_cand.device)
     members[lay.tok_cand.flatten(), torch.arange(n, device=members.device).repeat(len(lay.counts))] = 1.0
     return members
+
+
+class TableCache:
+    """A block's window tables per map (:meth:`DGEBlock._window_tables`), each valid while the block's tensors are
+    the very ones it was made from: it holds them (so no other tensor can take their memory) with their in-place
+    write counts (``_version``). A copy of the block starts empty."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[int, int], tuple[Any, list[torch.Tensor], list[int], Any]] = {}
+
+    def get(self, hw: tuple[int, int], lay: RegionLayout, sources: list[torch.Tensor]) -> Any:
+        kept = self._kept.get(hw)
+        if kept is None or kept[0] is not lay or len(kept[1]) != len(sources):
+            return None
+        same = all(a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device and v == b._version
+                   for a, b, v in zip(kept[1], sources, kept[2], strict=True))
+        return kept[3] if same else None
+
+    def put(self, hw: tuple[int, int], lay: RegionLayout, sources: list[torch.Tensor], value: Any) -> None:
+        self._kept[hw] = (lay, [t.detach() for t in sources], [t._version for t in sources], value)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TableCache:
+        return TableCache()
 
 
 def window_tables(view: WindowView, lay: RegionLayout, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -253,10 +277,12 @@ class DGEBlock(nn.Module):
         self.grid = grid  # the stage's grid at the model's size (a family may give another per call)
         # Unregistered: the router is registered once, under routers.<index>; the original block shares this
         # module's children and runs the exact dense path; the block's MAC counts (DGE.costs[index]) choose its path.
-        attach(self, _router=router, _orig=block, _ctx=ctx, _costs=costs, _family=family, _call=None, _pos=None)
+        attach(self, _router=router, _orig=block, _ctx=ctx, _costs=costs, _family=family, _call=None, _pos=None,
+               _tables=TableCache())
 
     _call: WindowCall | None  # set for one forward of a block with windows
     _pos: QueryPositions | None  # set for one forward of a block whose attention holds positions (EVA's rotary rows)
+    _tables: TableCache
     _router: Router
     _orig: nn.Module
     _ctx: Context
@@ -270,9 +296,11 @@ class DGEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         ctx = self._ctx
-        if ctx.mode == "dense":
-            return self._orig(x, *args, **kwargs)
         view = self.parts.windows
+        hw_map = (int(x.shape[1]), int(x.shape[2])) if view is not None else (0, 0)
+        native = view is None or view.native(hw_map)
+        if ctx.mode == "dense" and native:
+            return self._orig(x, *args, **kwargs)
         if view is None:
             hw = self._family.block_grid(x, args, kwargs, self.grid)
             attention = self.parts.attention
@@ -284,17 +312,49 @@ class DGEBlock(nn.Module):
             finally:
                 self._pos = None
         # Attention inside windows: every path runs on the batch of windows (see the module docstring).
-        hw_map = (int(x.shape[1]), int(x.shape[2]))
         view.check(hw_map, f"dge: block {self.index}")
         hw = view.window(hw_map)
-        bias, cap = window_tables(view, ctx.layout(hw, x.device), hw_map)
-        self._call = WindowCall(x.shape[0], view.windows(hw_map), bias.to(x.dtype), cap,
-                                lambda: view.partition(self._orig(x, *args, **kwargs)))
+        lay = ctx.layout(hw, x.device)
+        bias, cap = self._window_tables(view, lay, hw_map)
+        # The base block runs only on the map it was built for (its windows and mask); on another one every path
+        # runs on the windows that map takes, level 0 included.
+        base = (lambda: view.partition(self._orig(x, *args, **kwargs))) if native else None
+        self._call = WindowCall(x.shape[0], view.windows(hw_map), bias.to(x.dtype), cap, base)
         try:
-            out = self._run(view.partition(x), hw, (), {})
+            if ctx.mode == "dense":
+                out = self._forward_tokens(view.partition(x), hw, lay)
+            else:
+                out = self._run(view.partition(x), hw, (), {})
         finally:
             self._call = None
         return view.reverse(out, hw_map)
+
+    def _window_tables(self, view: WindowView, lay: RegionLayout, hw_map: tuple[int, int]
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:func:`window_tables` of this block on an ``hw_map`` map, kept between inference forwards while the block's
+        tensors are the ones they were made from (a shifted Swin-T block spends ~4 ms a call building them on one
+        thread, a tenth of a batch-1 forward). Recomputed when autograd records (the bias is a function of trained
+        parameters) and while tracing."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return window_tables(view, lay, hw_map)
+        sources = [*self._orig.parameters(), *self._orig.buffers()]
+        hit = self._tables.get(hw_map, lay, sources)
+        if hit is None:
+            hit = window_tables(view, lay, hw_map)
+            self._tables.put(hw_map, lay, sources, hit)
+        return hit
+
+    def _forward_tokens(self, x: torch.Tensor, hw: tuple[int, int], lay: RegionLayout) -> torch.Tensor:
+        """The base block's computation on windows of a map it was not built for (CF-ViT's coarse pass runs the
+        model at half size): every token its own query, the bias of the windows that map takes. Records nothing:
+        it is the dense mode, the base model's computation."""
+        rows = torch.arange(self.num_prefix + lay.counts[0], device=x.device)  # every token its own row
+        q = UniformQueries(self.num_prefix, 1, rows, torch.zeros(x.shape[0], lay.num_regions, dtype=torch.long,
+                                                                 device=x.device), rows)
+        xn = self.get_submodule(self.parts.norm1)(x)
+        x = x + self._apply_chain(self.parts.post_attn, self._attention(xn, xn, hw, q))
+        m = self._mlp(self.get_submodule(self.parts.norm2)(x), hw, lay, q, None)
+        return x + self._apply_chain(self.parts.post_mlp, m)
 
     def token_sizes(self, gates: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """(B, GH, GW) gates as a forward recorded them -> (B, H, W) sub-patch side of the query covering each
@@ -321,7 +381,10 @@ class DGEBlock(nn.Module):
 
     def _base(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
         """The base block on the whole batch ``x`` (with windows: on the map, then partitioned)."""
-        return self._call.base() if self._call is not None else self._orig(x, *args, **kwargs)
+        if self._call is None:
+            return self._orig(x, *args, **kwargs)
+        assert self._call.base is not None, "the base block runs only on the map it was built for"
+        return self._call.base()
 
     def _cap(self, b: int) -> torch.Tensor | None:
         """(b, R) the coarsest level each region of the batch's rows may take, or None (any)."""
@@ -548,7 +611,8 @@ class DGEBlock(nn.Module):
         if ctx.execution == "sparse":
             return "sparse"
         if not bool(gates.any()):
-            return "base"
+            # with windows on a map the base block was not built for, level 0 runs on the windows (split)
+            return "base" if self._call is None or self._call.base is not None else "split"
         if ctx.execution == "dense":
             return "dense"
         if lay.num_regions == 1 or bool((gates == gates[:, :1]).all()):
@@ -602,7 +666,9 @@ class DGEBlock(nn.Module):
             a = self._apply_chain(self.parts.post_attn, norm1(self._attention(q_in, x, hw, q)))
             m = self._apply_chain(self.parts.post_mlp, norm2(self._mlp(q_in + a, hw, lay, q, gate_tok)))
             return a.add_(m) if not torch.is_grad_enabled() else a + m
-        a = self._attention(norm1(q_in), norm1(x), hw, q)
+        xn = norm1(x)
+        # every token its own query (a split batch at the finest level): normalised once
+        a = self._attention(xn if q_in is x else norm1(q_in), xn, hw, q)
         a = self._apply_chain(self.parts.post_attn, a)
         m = self._mlp(norm2(q_in + a), hw, lay, q, gate_tok)
         m = self._apply_chain(self.parts.post_mlp, m)
