@@ -4,20 +4,26 @@ For each row the converted model and its base timm model are compiled with plain
 options, the caches off: ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``, so each compile is a real one). Measured:
 
 * compile time: the first call's wall time (trace + compile + one run) at the first batch size, converted and base,
-  and the first call at the second batch size (what a new batch size costs: 0 when nothing recompiles);
-* graphs compiled (a counting backend around inductor) after the first call and after the second batch size;
+  and the first call at the second batch size (what a new batch size costs: about one run when nothing recompiles);
+* graphs compiled (a counting backend around inductor) after the first call, after the second batch size and after a
+  sweep over batches 1, 3, 8 and 64 (a new graph there is a recompile);
+* full compute: the first call at the full-compute point after the operating point's (its compile time and graphs),
+  and its logits against the eager model's;
 * compiled throughput: the compiled converted model against the compiled base, and the eager pair, all four in the
   same interleaved rounds (:func:`vitconvert.timing.compare`; ratios are medians of per-round paired ratios);
-* agreement: the compiled logits against the eager ones, and the exits.
+* agreement: the compiled logits against the eager ones, and the exits (cascades).
 
-Rows (random weights, pretrained=False, 224 px; cascade thresholds forced so the stated shares of the timed batch
-exit, as in ``bench_export``): CF-ViT on DeiT-S (half the images refined) and DVT on DeiT-S (exit shares 50% / 25% /
-25%). DGE and FSLA compile but still recompile per batch size (docs/compile-section.md): not timed yet.
+Rows (random weights, pretrained=False, 224 px): CF-ViT on DeiT-S and on PVT-v2-b1 (its region path; half the images
+refined) and DVT on DeiT-S (exit shares 50% / 25% / 25%), with the thresholds forced on the timed batch as in
+``bench_export``; DGE on DeiT-S with random routers at the coarsening that gives about half the GMACs; FSLA on
+Swin-T and FSLA-replace on DeiT-S at their recipes' cluster sizes (output projections random, as in ``bench_export``).
+Each row records the load average before and after it (the machine may be shared).
 
-Writes ``benchmarks/results/compile_speed.json`` and ``compile_speed.md``. Usage (from the repo root; about 20 minutes
+``--only dge fsla`` re-measures those methods' rows and keeps the other rows of the result file. Writes
+``benchmarks/results/compile_speed.json`` and ``compile_speed.md``. Usage (from the repo root; about 30 minutes
 on the 2-core CPU)::
 
-    python -m benchmarks.bench_compile [--threads 2] [--quick] [--out DIR]
+    python -m benchmarks.bench_compile [--threads 2] [--quick] [--only METHOD ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -40,14 +46,19 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import vitconvert
 from benchmarks.bench_export import force_exit_shares
-from benchmarks.common import RESULTS, machine_block
+from benchmarks.common import RESULTS, machine_block, point_for_gmacs, randomize_zero_init
 from benchmarks.protocol import random_batch
 from vitconvert.timing import compare
 
-ROWS = (
+ROWS: tuple[tuple[str, str, list[float] | float], ...] = (
     ("deit_small_patch16_224", "cfvit", [0.5]),
     ("deit_small_patch16_224", "dvt", [0.5, 0.25]),
+    ("pvt_v2_b1", "cfvit", [0.5]),  # the region path: DGE's query blocks on the undecided images
+    ("deit_small_patch16_224", "dge", 0.5),  # random routers, coarsening set for ~50% of the base's GMACs
+    ("swin_tiny_patch4_window7_224", "fsla", []),  # no exits: the recipe's cluster size
+    ("deit_small_patch16_224", "fsla_replace", []),
 )
+SWEEP = (1, 3, 8, 64)
 
 
 def first_call(fn: Any, x: torch.Tensor) -> float:
@@ -62,15 +73,21 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
-def measure_row(arch: str, recipe: str, shares: list[float], batches: list[int], threads: int,
+def measure_row(arch: str, recipe: str, shares: list[float] | float, batches: list[int], threads: int,
                 rounds: dict[int, int]) -> dict[str, Any]:
     torch.manual_seed(0)
     model = vitconvert.apply(arch, recipe, pretrained=False)
+    randomize_zero_init(model)
     base = model.build_base()
-    images = random_batch(model.anatomy.img_size, max(batches), seed=2)
-    point = force_exit_shares(model, images, shares)
+    images = random_batch(model.anatomy.img_size, max(*batches, *SWEEP), seed=2)
+    timed = images[:max(batches)]
+    if isinstance(shares, float):  # a GMACs share to reach with the method's knob (DGE)
+        point = point_for_gmacs(model, timed[:16], shares)
+    else:
+        point = force_exit_shares(model, timed, shares) if shares else model.operating_point
     row: dict[str, Any] = {"method": recipe, "backbone": arch, "threads": threads, "point": point,
-                           "forced_exit_shares": shares, "batches": batches}
+                           "batches": batches, "load_average_before": list(os.getloadavg())}
+    row["forced_exit_shares" if isinstance(shares, list) else "target_gmacs_share"] = shares
     compiled: dict[str, Any] = {}
     counter = CompileCounterWithBackend("inductor")
     for name, m in (("base", base), ("converted", model)):
@@ -80,67 +97,103 @@ def measure_row(arch: str, recipe: str, shares: list[float], batches: list[int],
         first = first_call(compiled[name], images[:batches[0]])
         graphs_first = counter.frame_count
         second = first_call(compiled[name], images[:batches[1]])
+        graphs_second = counter.frame_count
+        for b in SWEEP:
+            first_call(compiled[name], images[:b])
         row[name] = {"compile_s": round(first, 2), "graphs_first_call": graphs_first,
                      f"first_call_at_batch_{batches[1]}_s": round(second, 2),
-                     "graphs_after_second_batch_size": counter.frame_count}
+                     "graphs_after_second_batch_size": graphs_second,
+                     "graphs_after_sweep": counter.frame_count, "sweep": list(SWEEP)}
         print(f"[compile] {recipe} {arch} {name}: first call {first:.1f}s ({graphs_first} graphs), batch "
-              f"{batches[1]} first call {second:.1f}s ({counter.frame_count} graphs)", flush=True)
+              f"{batches[1]} first call {second:.1f}s ({graphs_second} graphs), after batches {SWEEP}: "
+              f"{counter.frame_count} graphs", flush=True)
     row["compile_time_vs_base"] = round(row["converted"]["compile_s"] / row["base"]["compile_s"], 2)
+    # Full compute: the first call there (a new graph where the structure changes, e.g. DGE's base blocks).
+    before = counter.frame_count
+    model.set_operating_point(model.operating_space().full())
+    x = timed
+    t = time.perf_counter()
+    with torch.no_grad():
+        got = compiled["converted"](x)
+    full_s = time.perf_counter() - t
+    with torch.no_grad():
+        eager = model.forward_dynamic(x)
+    row["full_compute"] = {"first_call_s": round(full_s, 2), "new_graphs": counter.frame_count - before,
+                           "max_abs_logit_difference": float((got - eager.logits).abs().max())}
+    print(f"[compile] {recipe} {arch} full compute: first call {full_s:.1f}s, "
+          f"{counter.frame_count - before} new graphs, logits {row['full_compute']['max_abs_logit_difference']:.1g}",
+          flush=True)
+    model.set_operating_point(point)
     row["timing"] = {}
     for batch in batches:
-        x = images[:batch]
+        x = timed[:batch]
         with torch.no_grad():
             eager = model.forward_dynamic(x)
             got = compiled["converted"](x)
             # The same backend object: the compiled stages are reused (another backend would compile them again).
             dyn = torch.compile(model.forward_dynamic, backend=counter)(x)
-        timed = compare({"compiled_converted": compiled["converted"], "compiled_base": compiled["base"],
-                         "eager_converted": model, "eager_base": base}, x, reference="compiled_base",
-                        min_rounds=rounds[batch])
+        timing = compare({"compiled_converted": compiled["converted"], "compiled_base": compiled["base"],
+                          "eager_converted": model, "eager_base": base}, x, reference="compiled_base",
+                         min_rounds=rounds[batch])
         entry = {
             "gmacs_share": round(float(eager.gmacs.mean()) / model.base_gmacs, 3),
-            "exit_shares": {str(k): float((eager.stage == k).float().mean()) for k in range(len(shares) + 1)},
-            "compiled_speedup_vs_compiled_base": round(timed["compiled_converted"].ratio, 3),
-            "compiled_speedup_p10_p90": [round(timed["compiled_converted"].ratio_spread.p10, 3),
-                                         round(timed["compiled_converted"].ratio_spread.p90, 3)],
-            "eager_speedup_vs_eager_base": round(paired_ratio(list(timed["eager_converted"].throughput.values),
-                                                              list(timed["eager_base"].throughput.values)), 3),
-            "compiled_base_vs_eager_base": round(paired_ratio(list(timed["compiled_base"].throughput.values),
-                                                              list(timed["eager_base"].throughput.values)), 3),
-            "images_per_s": {k: round(t.images_per_s, 2) for k, t in timed.items()},
-            "rounds": timed["compiled_base"].rounds,
+            "compiled_speedup_vs_compiled_base": round(timing["compiled_converted"].ratio, 3),
+            "compiled_speedup_p10_p90": [round(timing["compiled_converted"].ratio_spread.p10, 3),
+                                         round(timing["compiled_converted"].ratio_spread.p90, 3)],
+            "eager_speedup_vs_eager_base": round(paired_ratio(list(timing["eager_converted"].throughput.values),
+                                                              list(timing["eager_base"].throughput.values)), 3),
+            "compiled_base_vs_eager_base": round(paired_ratio(list(timing["compiled_base"].throughput.values),
+                                                              list(timing["eager_base"].throughput.values)), 3),
+            "images_per_s": {k: round(t.images_per_s, 2) for k, t in timing.items()},
+            "rounds": timing["compiled_base"].rounds,
             "agree": {"max_abs_logit_difference": float((got - eager.logits).abs().max()),
-                      "same_exits": bool(torch.equal(dyn.stage, eager.stage))},
+                      "same_gmacs": bool(torch.equal(dyn.gmacs, eager.gmacs)),
+                      "same_exits": None if eager.stage is None else bool(torch.equal(dyn.stage, eager.stage))},
         }
+        if eager.stage is not None:
+            entry["exit_shares"] = {str(k): float((eager.stage == k).float().mean())
+                                    for k in range(int(eager.stage.max()) + 1)}
         row["timing"][str(batch)] = entry
         print(f"[compile] {recipe} {arch} b{batch}: compiled x{entry['compiled_speedup_vs_compiled_base']:.2f} vs "
               f"compiled base (eager x{entry['eager_speedup_vs_eager_base']:.2f}), logits "
-              f"{entry['agree']['max_abs_logit_difference']:.1g}, same exits {entry['agree']['same_exits']}",
-              flush=True)
+              f"{entry['agree']['max_abs_logit_difference']:.1g}, same GMACs {entry['agree']['same_gmacs']}, "
+              f"same exits {entry['agree']['same_exits']}", flush=True)
+    row["graphs_total"] = counter.frame_count
+    row["load_average_after"] = list(os.getloadavg())
     torch._dynamo.reset()
     return row
 
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
-    lines = ["# torch.compile: compile time and compiled speed (`benchmarks/bench_compile.py`)\n",
-             f"Machine: {m.get('cpu', m)}; {result['threads']} threads; torch {result['torch']}; {result['date']}; "
+    # No title: docs/export.md includes this file under its own heading.
+    lines = [f"`benchmarks/bench_compile.py`. Machine: {m.get('cpu', m)}; {result['threads']} threads; "
+             f"torch {result['torch']}; {result['date']}; "
              f"inductor, caches off.{' Quick run (reduced set).' if result['quick'] else ''}\n",
-             "| method | backbone | compile s (base) | x base | new batch size s (base) | graphs 1st / after 2nd "
-             "size (base) | batch | GMACs share | compiled vs compiled base | eager vs eager base | logits diff | "
-             "same exits |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | backbone | compile s (base) | x base | new batch size s (base) | graphs: 1st / 2nd size / "
+             "after batches 1-64 (base) | full compute: 1st call s, new graphs | batch | GMACs share | compiled vs "
+             "compiled base | eager vs eager base | logits diff | same decisions | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         c, b = r["converted"], r["base"]
         key = next(k for k in c if k.startswith("first_call_at_batch_"))
+        full = r.get("full_compute")
+        full_cell = f"{full['first_call_s']:.1f}, {full['new_graphs']}" if full else "-"
         for batch, t in r["timing"].items():
+            a = t["agree"]
+            same = a.get("same_gmacs", True) and a.get("same_exits") is not False
+            load = r.get("load_average_before")
             lines.append(
                 f"| {r['method']} | {r['backbone']} | {c['compile_s']:.0f} ({b['compile_s']:.0f}) | "
                 f"{r['compile_time_vs_base']:.2f} | {c[key]:.1f} ({b[key]:.1f}) | {c['graphs_first_call']} / "
-                f"{c['graphs_after_second_batch_size']} ({b['graphs_first_call']} / "
-                f"{b['graphs_after_second_batch_size']}) | {batch} | {t['gmacs_share']:.0%} | "
+                f"{c['graphs_after_second_batch_size']} / {c.get('graphs_after_sweep', '-')} "
+                f"({b['graphs_first_call']} / {b['graphs_after_second_batch_size']} / "
+                f"{b.get('graphs_after_sweep', '-')}) | "
+                f"{full_cell} | {batch} | "
+                f"{t['gmacs_share']:.0%} | "
                 f"{t['compiled_speedup_vs_compiled_base']:.2f}x ({t['compiled_speedup_p10_p90'][0]:.2f}-"
                 f"{t['compiled_speedup_p10_p90'][1]:.2f}) | {t['eager_speedup_vs_eager_base']:.2f}x | "
-                f"{t['agree']['max_abs_logit_difference']:.1g} | {t['agree']['same_exits']} |")
+                f"{a['max_abs_logit_difference']:.1g} | {same} | {f'{load[0]:.1f}' if load else '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -154,23 +207,31 @@ def warm_up() -> None:
     torch._dynamo.reset()
 
 
-def run(quick: bool, out_dir: Path, threads: int | None = None) -> dict[str, Any]:
+def run(quick: bool, out_dir: Path, threads: int | None = None, only: list[str] | None = None) -> dict[str, Any]:
+    """``only``: measure these methods' rows and keep the other rows of the existing result file."""
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     warm_up()
     batches = [16, 1] if quick else [32, 1]
     rounds = {16: 3, 32: 5, 1: 10 if quick else 20}
     rows = [measure_row(arch, recipe, shares, batches, threads, rounds)
-            for arch, recipe, shares in (ROWS[1:] if quick else ROWS)]
+            for arch, recipe, shares in (ROWS[1:2] if quick else ROWS) if only is None or recipe in only]
+    out_json = out_dir / "compile_speed.json"
+    if only is not None and out_json.exists():  # keep the rows of the methods not re-measured, in ROWS' order
+        old = json.loads(out_json.read_text())
+        kept = [r for r in old["rows"] if r["method"] not in only]
+        order = {(recipe, arch): i for i, (arch, recipe, _) in enumerate(ROWS)}
+        rows = sorted(kept + rows, key=lambda r: order.get((r["method"], r["backbone"]), len(ROWS)))
     result = {"name": "compile_speed", "quick": quick, "machine": machine_block(), "threads": threads,
               "torch": torch.__version__, "date": datetime.date.today().isoformat(),
               "protocol": "plain torch.compile (inductor, default options, caches off); compile time = first call's "
-                          "wall time; throughput: compiled converted, compiled base, eager converted, eager base in "
-                          "the same interleaved rounds after warm-up, speed-ups are medians of per-round paired "
-                          "ratios; random weights, exit thresholds forced on the timed images",
+                          "wall time; graphs counted by a backend around inductor; throughput: compiled converted, "
+                          "compiled base, eager converted, eager base in the same interleaved rounds after warm-up, "
+                          "speed-ups are medians of per-round paired ratios; random weights, exit thresholds forced "
+                          "on the timed images (DGE: coarsening for ~50% GMACs with random routers)",
               "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compile_speed.json").write_text(json.dumps(result, indent=1) + "\n")
+    out_json.write_text(json.dumps(result, indent=1) + "\n")
     (out_dir / "compile_speed.md").write_text(markdown(result))
     print(markdown(result), flush=True)
     return result
@@ -180,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="+", default=None, help="re-measure these methods' rows only")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    run(args.quick, args.out or (RESULTS / "quick" if args.quick else RESULTS), args.threads)
+    run(args.quick, args.out or (RESULTS / "quick" if args.quick else RESULTS), args.threads, args.only)
     return 0
 
 

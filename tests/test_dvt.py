@@ -23,9 +23,7 @@ from vitconvert.layers.reuse import (
     RelationMixer,
     resize_grid,
     resize_relations,
-    resize_taps,
     resize_tokens,
-    traced_taps,
 )
 from vitconvert.losses import loss_weight
 from vitconvert.methods.dvt import DVT
@@ -68,11 +66,15 @@ def test_resize_grid_is_nearest_upsample_then_average_pool() -> None:
     assert resize_grid(x, (1, 1)).item() == 1.5
 
 
-def test_traced_taps_are_the_cached_taps_bit_for_bit() -> None:
-    for src in range(1, 30):
-        for dst in range(1, 45):
-            (index, weight), (t_index, t_weight) = resize_taps(src, dst), traced_taps(src, dst)
-            assert torch.equal(index, t_index) and torch.equal(weight, t_weight), (src, dst)
+def test_compiled_resize_is_the_eager_resize_bit_for_bit() -> None:
+    """Under torch.compile the taps are graph constants built from ``tap_lists`` (no cached tensor, no tap arithmetic
+    in the graph, one graph: ``fullgraph``); the resize gives the eager values exactly, growing and shrinking."""
+    for src, dst in ((7, 10), (10, 14), (4, 6), (14, 10), (3, 8)):
+        x = torch.randn(2, 3, src, src)
+        torch._dynamo.reset()
+        compiled = torch.compile(resize_grid, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(x, (dst, dst)), resize_grid(x, (dst, dst))), (src, dst)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize(("src", "dst"), [((7, 7), (10, 10)), ((10, 10), (14, 14)), ((4, 4), (6, 6)),

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .compiled import mark_rows_dynamic
+from .compiled import compile_settings, mark_rows_dynamic
 from .costs import count_macs, to_gmacs
 
 Carry = dict[str, torch.Tensor]
@@ -130,8 +130,8 @@ class Cascade:
         :func:`cumulative` are inlined: each call would be a frame of its own for dynamo), and when ``compiled``,
         before each stage the rows it is given are marked as a run-time size
         (:func:`~vitconvert.layers.compiled.mark_rows_dynamic`): each stage compiles once, for every sub-batch size.
-        The thresholds are plain floats (changing them does not recompile). The one setting it changes, inductor's
-        ``layout_optimization``, is off only while compiled stages run (see below).
+        The thresholds are plain floats (changing them does not recompile). The settings it changes
+        (:func:`~vitconvert.layers.compiled.compile_settings`) hold only while compiled stages run.
         """
         b = x.shape[0]
         last = len(self.stages) - 1
@@ -146,13 +146,10 @@ class Cascade:
         xs, state = x, dict(carry or {})
         for k, stage in enumerate(self.stages):
             if compiled:
-                # Inductor's layout optimisation (convolutions in channels-last) mispredicts the strides of a
-                # convolution's output when the batch size is a run-time size (a stride assertion fails on the first
-                # call, torch 2.14): it is off while a stage compiles and runs, for this call only. What a stage
-                # receives is marked every time: its carry comes out of the previous compiled graph unmarked.
-                from torch._inductor import config as inductor_config
-
-                with inductor_config.patch(layout_optimization=False):
+                # Compiled under compile_settings (inductor's layout optimisation off: it mispredicts strides with a
+                # run-time batch size; dynamo records run-time sizes), for this call only. What a stage receives is
+                # marked every time: its carry comes out of the previous compiled graph unmarked.
+                with compile_settings():
                     logits, state = stage.run(mark_rows_dynamic(xs, *state.values()), state)
             else:
                 logits, state = stage.run(xs, state)

@@ -83,6 +83,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vitconvert.layers.compiled import graph_tracing
 from vitconvert.layers.costs import attention_macs
 
 __all__ = ["ClusterPlan", "balanced_clusters", "clustered_attention", "clustered_attention_macs",
@@ -641,9 +642,10 @@ def traceable_path() -> Iterator[None]:
 
 
 def tracing() -> bool:
-    """Whether clustering code must take its traceable twin: while ``torch.export`` traces (ONNX export included) or
-    inside :func:`traceable_path`."""
-    return torch.compiler.is_exporting() or getattr(_TRACEABLE, "on", False)
+    """Whether clustering code must take its traceable twin: while ``torch.export`` traces (ONNX export included),
+    while ``torch.compile`` does (the eager path's numpy sort, reused buffers and slices of the batch would break the
+    graph or guard on the batch size), or inside :func:`traceable_path`."""
+    return graph_tracing() or getattr(_TRACEABLE, "on", False)
 
 
 def traceable_clusters(q: Tensor, plan: ClusterPlan, iters: int = DEFAULT_ITERS,

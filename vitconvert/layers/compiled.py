@@ -11,9 +11,18 @@ frame is entered makes its first compile cover the other sizes:
   be traced this way (it fails to compile), so only frames known to take it get it (a cascade's stages);
 * *backed* (:func:`torch._dynamo.maybe_mark_dynamic`): a symbolic size from the first call on; a batch of 1 still
   gets a compile of its own, and Python decisions on the size become guards.
+
+A method whose eager path decides in Python on the data (DGE's execution path per block and its ragged query
+layout, FSLA's clustering with numpy sorts and reused buffers) already has a twin without such decisions: the
+traceable path ``torch.export`` records. :func:`graph_tracing` tells such code that it is being recorded into a
+graph, by ``torch.export`` or by ``torch.compile``, so both take that twin; :func:`compile_settings` lets dynamo
+record its data-dependent sizes (a run-time query count) instead of breaking the graph there.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -46,3 +55,33 @@ def mark_rows_dynamic(first: torch.Tensor, *others: torch.Tensor, unbacked: bool
         else:
             maybe_mark_dynamic(t, 0)
     return alias
+
+
+def graph_tracing() -> bool:
+    """Whether the code running is being recorded into a graph: by ``torch.export`` (ONNX export included) or by
+    ``torch.compile`` (dynamo). Code with a traceable twin takes it then: Python decisions on the data would be
+    guards that recompile for every new batch or gate pattern (or graph breaks), and reused buffers or numpy calls
+    cannot be recorded at all."""
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def compile_settings() -> Iterator[None]:
+    """The settings the frames of a dynamic model compile under, for the calls inside this context only.
+
+    * dynamo's ``capture_scalar_outputs`` and ``capture_dynamic_output_shape_ops``: a traceable path's sizes known
+      only at run time (``nonzero``, a query count read with ``.item()`` and bounded with ``torch._check``) become
+      unbacked sizes in the graph, as ``torch.export`` records them, instead of graph breaks whose next graph
+      recompiles for every new size;
+    * inductor's ``layout_optimization`` off: with a run-time batch size, inductor mispredicts the strides of a
+      convolution it moved to channels-last and fails a stride assertion on the first call (torch 2.14).
+
+    Called from a frame dynamo does not trace (:func:`torch.compiler.disable` with ``recursive=False``): the frames
+    called inside compile under these settings; nothing else in the caller's configuration changes.
+    """
+    from torch._dynamo import config as dynamo_config
+    from torch._inductor import config as inductor_config
+
+    with dynamo_config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True), \
+            inductor_config.patch(layout_optimization=False):
+        yield

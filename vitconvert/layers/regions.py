@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vitconvert.layers.compiled import graph_tracing
+
 __all__ = ["RegionLayout", "make_layout", "pool_subpatches", "sum_pool"]
 
 
@@ -69,8 +71,10 @@ def sum_pool(m: torch.Tensor, f: int) -> torch.Tensor:
     """
     b, h, w, c = m.shape
     nchw = m.permute(0, 3, 1, 2)
-    # The ONNX exporter drops divisor_override (AveragePool has none): an exported graph would average, not sum.
-    if nchw.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_exporting():
+    # The ONNX exporter drops divisor_override (AveragePool has none): an exported graph would average, not sum. A
+    # compiled graph takes the adds too: its compiler chooses the layouts, and with a run-time batch size the layout
+    # test cannot be decided while tracing.
+    if not graph_tracing() and nchw.is_contiguous(memory_format=torch.channels_last):
         # A whole channels-last map (PVT-v2, or ViT without prefix tokens): the native pooling kernel reads
         # it once, several times faster than the adds below. ceil_mode + divisor 1: sums over real tokens.
         out = F.avg_pool2d(nchw, f, ceil_mode=True, divisor_override=1)

@@ -36,6 +36,28 @@ from torch import nn
 Grid = tuple[int, int]
 
 
+def tap_lists(src: int, dst: int) -> tuple[list[list[int]], list[list[float]]]:
+    """:func:`resize_taps` as Python lists (index, weight), each T rows of ``dst`` values: plain integer arithmetic,
+    which dynamo folds into constants (see :func:`resize_axis`)."""
+    f = max(1, math.ceil(dst / src))
+    length = src * f
+    cells: list[dict[int, int]] = []
+    for i in range(dst):
+        start, stop = (i * length) // dst, -(-((i + 1) * length) // dst)
+        counts: dict[int, int] = {}
+        for j in range(start, stop):
+            counts[j // f] = counts.get(j // f, 0) + 1
+        cells.append(counts)
+    taps = max(len(c) for c in cells)
+    index = [[0] * dst for _ in range(taps)]
+    weight = [[0.0] * dst for _ in range(taps)]
+    for i, counts in enumerate(cells):
+        total = sum(counts.values())
+        for t, (cell, count) in enumerate(sorted(counts.items())):
+            index[t][i], weight[t][i] = cell, count / total
+    return index, weight
+
+
 @functools.cache
 def resize_taps(src: int, dst: int) -> tuple[torch.Tensor, torch.Tensor]:
     """DVT's resize along one axis as weighted taps: ``(index, weight)``, each (T, dst), with
@@ -50,38 +72,8 @@ def resize_taps(src: int, dst: int) -> tuple[torch.Tensor, torch.Tensor]:
         >>> index.tolist(), weight.tolist()
         ([[0, 0, 1], [0, 1, 0]], [[1.0, 0.5, 1.0], [0.0, 0.5, 0.0]])
     """
-    f = max(1, math.ceil(dst / src))
-    length = src * f
-    cells: list[dict[int, int]] = []
-    for i in range(dst):
-        start, stop = (i * length) // dst, -(-((i + 1) * length) // dst)
-        counts: dict[int, int] = {}
-        for j in range(start, stop):
-            counts[j // f] = counts.get(j // f, 0) + 1
-        cells.append(counts)
-    taps = max(len(c) for c in cells)
-    index = torch.zeros(taps, dst, dtype=torch.long)
-    weight = torch.zeros(taps, dst)
-    for i, counts in enumerate(cells):
-        total = sum(counts.values())
-        for t, (cell, count) in enumerate(sorted(counts.items())):
-            index[t, i], weight[t, i] = cell, count / total
-    return index, weight
-
-
-def traced_taps(src: int, dst: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`resize_taps` computed with tensor operations from ``arange`` (the same values, bit for bit)."""
-    f = max(1, math.ceil(dst / src))
-    length = src * f
-    taps = max(((-(-((i + 1) * length) // dst)) - 1) // f - ((i * length) // dst) // f + 1 for i in range(dst))
-    i = torch.arange(dst, device=device)
-    start, stop = (i * length) // dst, -((-(i + 1) * length) // dst)
-    cell = (start // f).unsqueeze(0) + torch.arange(taps, device=device).unsqueeze(1)  # (T, dst)
-    overlap = torch.minimum(stop.unsqueeze(0), (cell + 1) * f) - torch.maximum(start.unsqueeze(0), cell * f)
-    count = overlap.clamp(min=0)
-    used = count > 0
-    weight = (count.double() / (stop - start).double().unsqueeze(0)).float()  # as Python's division, then float32
-    return torch.where(used, cell, torch.zeros_like(cell)), torch.where(used, weight, torch.zeros_like(weight))
+    index, weight = tap_lists(src, dst)
+    return torch.tensor(index, dtype=torch.long), torch.tensor(weight, dtype=torch.float32)
 
 
 def resize_axis(x: torch.Tensor, dim: int, dst: int) -> torch.Tensor:
@@ -89,12 +81,19 @@ def resize_axis(x: torch.Tensor, dim: int, dst: int) -> torch.Tensor:
     src = x.shape[dim]
     if src == dst:
         return x
-    # Traced (torch.compile, export): the taps as tensor arithmetic, not a cached constant, which neither a
-    # graph inside torch.cond nor dynamo's guards can take.
-    index, weight = traced_taps(src, dst, x.device) if torch.compiler.is_compiling() else resize_taps(src, dst)
+    if torch.compiler.is_compiling():
+        # Under torch.compile the taps are two constants of the graph, made from the lists dynamo folds: a cached
+        # tensor would be guarded on, and computing the taps with tensor arithmetic (as an export may) put about 20
+        # ops per resize into the graph: a DVT member with relation reuse resizes 4 times per block, and those ops
+        # were most of what inductor compiled (DVT compiled in 11x the base model's time).
+        lists = tap_lists(src, dst)
+        index = torch.tensor(lists[0], dtype=torch.long, device=x.device)
+        weight = torch.tensor(lists[1], dtype=torch.float32, device=x.device).to(x.dtype)
+    else:
+        index, weight = resize_taps(src, dst)
+        index, weight = index.to(x.device), weight.to(device=x.device, dtype=x.dtype)
     shape = [1] * x.dim()
     shape[dim] = dst
-    index, weight = index.to(x.device), weight.to(device=x.device, dtype=x.dtype)
     if index.shape[0] == 2:  # the usual case (growing grids): one fused pass, w0 x0 + w1 x1 with w0 + w1 = 1
         x0, x1, w1 = x.index_select(dim, index[0]), x.index_select(dim, index[1]), weight[1].view(shape)
         if torch.compiler.is_exporting():  # exporters spell lerp as two formulas and a Where: 6 passes, not 3

@@ -50,7 +50,7 @@ from vitconvert.anatomy import Anatomy
 from vitconvert.backbones import describe_family, read_anatomy
 from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.cascade import Cascade
-from vitconvert.layers.compiled import mark_rows_dynamic
+from vitconvert.layers.compiled import compile_settings, mark_rows_dynamic
 from vitconvert.layers.costs import model_gmacs
 from vitconvert.layers.seams import drop_path_modules
 from vitconvert.operating import Budget, CurvePoint, OperatingPoint, OperatingSpace, choose_point
@@ -396,17 +396,19 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
         """
         if x.shape[0] == 0:
             return self._empty_output(x)
-        x = mark_rows_dynamic(x, unbacked=False)
-        if self.small_batch is not None and self.small_batch.applies(x):
-            # forward_full_compute, inlined: called from this untraced frame, it would be a frame dynamo traces,
-            # with the point's Python state in it
-            saved = self.operating_point
-            self._write_point(self.operating_space().full())
-            try:
-                return self.forward_at_point(x)
-            finally:
-                self._write_point(saved)
-        return self.forward_at_point(x)
+        small = self.small_batch is not None and self.small_batch.applies(x)
+        x = mark_rows_dynamic(x)
+        with compile_settings():
+            if small:
+                # forward_full_compute, inlined: called from this untraced frame, it would be a frame dynamo traces,
+                # with the point's Python state in it
+                saved = self.operating_point
+                self._write_point(self.operating_space().full())
+                try:
+                    return self.forward_at_point(x)
+                finally:
+                    self._write_point(saved)
+            return self.forward_at_point(x)
 
     def _empty_output(self, x: torch.Tensor) -> DynamicOutput:
         """The result for an empty batch: every field the method returns, with no rows. Shapes, dtypes and extras

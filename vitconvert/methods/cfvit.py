@@ -102,6 +102,7 @@ from vitconvert.backbones import family_of
 from vitconvert.backbones.family import Family, WindowView
 from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.cascade import Carry, Cascade, Stage
+from vitconvert.layers.compiled import graph_tracing
 from vitconvert.layers.regions import make_layout
 from vitconvert.layers.reuse import FeatureReuse, resize_grid
 from vitconvert.layers.scale_conv import dwconv_macs
@@ -750,7 +751,8 @@ class CFViT(ConvertedModel, SimulatesPoints):
 
     def _fine_stage(self, x: torch.Tensor, carry: Carry) -> tuple[torch.Tensor, Carry]:
         if self.hierarchical:
-            mode = "traced" if torch.compiler.is_exporting() else "sparse"
+            # exported or compiled: the region blocks' traceable twin (DGE's; no Python decision on the data)
+            mode = "traced" if graph_tracing() else "sparse"
             return self._fine_regions(x, carry, mode), {}
         return self.forward_fine(x, carry), {}
 

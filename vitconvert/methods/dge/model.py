@@ -17,6 +17,7 @@ from vitconvert.anatomy import Anatomy
 from vitconvert.backbones import family_of
 from vitconvert.backbones.family import norm_cost
 from vitconvert.errors import AnatomyError, UserError
+from vitconvert.layers.compiled import graph_tracing
 from vitconvert.layers.costs import GIGA, linear_macs
 from vitconvert.layers.regions import make_layout
 from vitconvert.layers.scale_conv import dwconv_macs
@@ -298,7 +299,10 @@ class DGE(ConvertedModel):
         # An empty batch has no regions to route; the base blocks return the base model's empty result.
         if (self.coarsening <= 0.0 and self._c.gate_override is None) or x.shape[0] == 0:
             return self.forward_full_compute(x)
-        with self._c.run("sparse") as records:
+        # Under torch.compile the blocks run their traceable twin (the same gates, queries and results, no Python
+        # decision on the data; see forward_traceable): the eager path's choices would be guards recompiling for
+        # every new batch size and gate pattern.
+        with self._c.run("traced" if graph_tracing() else "sparse") as records:
             logits = self.base(x)
             recs = list(records)
         b = x.shape[0]
