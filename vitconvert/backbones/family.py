@@ -144,6 +144,11 @@ class WindowView(abc.ABC):
     windows as on short images. Not a module: it holds a reference to the block.
     """
 
+    # Whether a block may keep its window tables (bias, caps) between inference forwards while its tensors are
+    # unchanged. False where the bias is computed by layers the model's GMACs count on every forward (SwinV2's
+    # continuous position bias MLP): kept tables would skip MACs the cost model charges.
+    tables_keep: ClassVar[bool] = True
+
     def __init__(self, block: nn.Module) -> None:
         self.block = block
 

@@ -62,6 +62,8 @@ class CosineWindowQueryAttention(WindowQueryAttention):
 class SwinV2Windows(SwinWindows):
     """A ``SwinTransformerV2Block`` as a batch of windows: Swin's, with the continuous position bias as the table."""
 
+    tables_keep = False  # the continuous bias runs its MLP on every forward, as timm's block does (and counts)
+
     def own_relative_bias(self) -> torch.Tensor:
         attn = self.block.attn
         table = attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads)

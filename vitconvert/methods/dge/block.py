@@ -335,7 +335,8 @@ class DGEBlock(nn.Module):
         tensors are the ones they were made from (a shifted Swin-T block spends ~4 ms a call building them on one
         thread, a tenth of a batch-1 forward). Recomputed when autograd records (the bias is a function of trained
         parameters) and while tracing."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        if (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                or not view.tables_keep):
             return window_tables(view, lay, hw_map)
         sources = [*self._orig.parameters(), *self._orig.buffers()]
         hit = self._tables.get(hw_map, lay, sources)
