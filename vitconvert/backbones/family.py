@@ -31,11 +31,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitconvert.anatomy import Anatomy
 from vitconvert.errors import AnatomyError, UserError
-from vitconvert.layers.costs import norm_macs
+from vitconvert.layers.costs import attention_macs, linear_macs, norm_macs
 
 
 class QueryAttention(abc.ABC):
@@ -132,6 +133,50 @@ class QueryPositions:
     # (heads or 1, P + T, E) rotary row of each candidate (prefix rows: identity), per head or shared by the heads
     query_rope: torch.Tensor | None = None
     key_rope: torch.Tensor | None = None  # (heads or 1, P + N, E) rotary row of each key (prefix rows: identity)
+
+
+class PlainQKVAttention(QueryAttention):
+    """An attention module with a fused ``qkv`` weight, no q/k norms, and an output projection (timm's Swin, SwinV2 and
+    BEiT attention): the query rows of the weight project the queries, the rest the keys and values of every token.
+    Its bias is ``qkv.bias``, or the separate ``q_bias``/``k_bias``/``v_bias`` where the module keeps them (BEiT,
+    SwinV2: no learned k bias). What a family adds (position biases, cosine attention) its subclass adds."""
+
+    @property
+    def width(self) -> int:
+        return int(self.attn.qkv.in_features)
+
+    @property
+    def dim(self) -> int:
+        return int(self.attn.qkv.out_features // 3)
+
+    def project(self, t: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Rows ``rows`` of the fused projection of ``t`` (0:dim queries, dim:3dim keys and values)."""
+        attn = self.attn
+        q_bias = getattr(attn, "q_bias", None)
+        bias = torch.cat((q_bias, attn.k_bias, attn.v_bias)) if q_bias is not None else attn.qkv.bias
+        return F.linear(t, attn.qkv.weight[rows], bias[rows] if bias is not None else None)
+
+    def queries(self, qn: torch.Tensor) -> torch.Tensor:
+        return self.project(qn, slice(0, self.dim))
+
+    def keys_values(self, xn: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, _ = xn.shape
+        kv = self.project(xn, slice(self.dim, 3 * self.dim))
+        k, v = kv.view(b, n, 2, self.attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def output(self, o: torch.Tensor, qn: torch.Tensor) -> torch.Tensor:
+        return self.attn.proj_drop(self.attn.proj(o))
+
+    def key_tokens(self, tokens: int, grid: tuple[int, int]) -> int:
+        return tokens
+
+    def query_macs(self, keys: int) -> float:
+        c, d = self.width, self.dim
+        return linear_macs(1, c, d) + attention_macs(1, keys, d, d) + linear_macs(1, d, c)
+
+    def kv_macs(self, tokens: int, grid: tuple[int, int]) -> float:
+        return linear_macs(tokens, self.width, 2 * self.dim)
 
 
 class WindowView(abc.ABC):

@@ -14,53 +14,17 @@ import math
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitconvert.anatomy import Anatomy
-from vitconvert.backbones.family import Family, QueryAttention, WindowView, total_stride
+from vitconvert.backbones.family import Family, PlainQKVAttention, QueryAttention, WindowView, total_stride
 from vitconvert.errors import AnatomyError, UserError
-from vitconvert.layers.costs import attention_macs, linear_macs
 
 
-class WindowQueryAttention(QueryAttention):
-    """timm's ``WindowAttention`` on the tokens of windows (a batch of windows, :class:`SwinWindows`): the query rows
-    of the fused ``qkv`` weight project the queries, the rest the keys and values of every token of the window. The
-    relative position bias and the shift mask are not here: they depend on which positions a query stands for
-    (:meth:`SwinWindows.bias`)."""
-
-    @property
-    def width(self) -> int:
-        return int(self.attn.qkv.in_features)
-
-    @property
-    def dim(self) -> int:
-        return int(self.attn.qkv.out_features // 3)
-
-    def queries(self, qn: torch.Tensor) -> torch.Tensor:
-        w, b, d = self.attn.qkv.weight, self.attn.qkv.bias, self.dim
-        return F.linear(qn, w[:d], b[:d] if b is not None else None)
-
-    def keys_values(self, xn: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        attn, d = self.attn, self.dim
-        b, n, _ = xn.shape
-        w, bias = attn.qkv.weight, attn.qkv.bias
-        kv = F.linear(xn, w[d:], bias[d:] if bias is not None else None)
-        k, v = kv.view(b, n, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        return k, v
-
-    def output(self, o: torch.Tensor, qn: torch.Tensor) -> torch.Tensor:
-        return self.attn.proj_drop(self.attn.proj(o))
-
-    def key_tokens(self, tokens: int, grid: tuple[int, int]) -> int:
-        return tokens
-
-    def query_macs(self, keys: int) -> float:
-        c, d = self.width, self.dim
-        return linear_macs(1, c, d) + attention_macs(1, keys, d, d) + linear_macs(1, d, c)
-
-    def kv_macs(self, tokens: int, grid: tuple[int, int]) -> float:
-        return linear_macs(tokens, self.width, 2 * self.dim)
+class WindowQueryAttention(PlainQKVAttention):
+    """timm's ``WindowAttention`` on the tokens of windows (a batch of windows, :class:`SwinWindows`): a plain fused
+    ``qkv`` attention whose keys and values are every token of the window. The relative position bias and the shift
+    mask are not here: they depend on which positions a query stands for (:meth:`SwinWindows.bias`)."""
 
 
 class SwinWindows(WindowView):

@@ -38,23 +38,16 @@ class CosineWindowQueryAttention(WindowQueryAttention):
     attention core divides by) is folded into the normalised queries, so the core's logits are timm's
     ``cos(q, k) * scale``. The continuous position bias and the shift mask are :class:`SwinV2Windows`'."""
 
-    def _linear(self, t: torch.Tensor, rows: slice) -> torch.Tensor:
-        attn = self.attn
-        bias = None
-        if attn.q_bias is not None:
-            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))[rows]
-        return F.linear(t, attn.qkv.weight[rows], bias)
-
     def queries(self, qn: torch.Tensor) -> torch.Tensor:
         attn, d = self.attn, self.dim
-        q = F.normalize(self._linear(qn, slice(0, d)).unflatten(-1, (attn.num_heads, -1)), dim=-1)
+        q = F.normalize(self.project(qn, slice(0, d)).unflatten(-1, (attn.num_heads, -1)), dim=-1)
         scale = torch.clamp(attn.logit_scale, max=math.log(1.0 / 0.01)).exp().view(-1, 1)  # (heads, 1)
         return (q * (scale * math.sqrt(d // attn.num_heads)).to(q.dtype)).flatten(-2)
 
     def keys_values(self, xn: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         attn, d = self.attn, self.dim
         b, n, _ = xn.shape
-        kv = self._linear(xn, slice(d, 3 * d))
+        kv = self.project(xn, slice(d, 3 * d))
         k, v = kv.view(b, n, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         return F.normalize(k, dim=-1), v
 

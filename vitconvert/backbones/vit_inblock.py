@@ -31,10 +31,9 @@ from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 from torch import nn
 
 from vitconvert.anatomy import Anatomy
-from vitconvert.backbones.family import Family, QueryAttention, QueryPositions
+from vitconvert.backbones.family import Family, PlainQKVAttention, QueryAttention, QueryPositions
 from vitconvert.backbones.vit import FusedQKVAttention, patch_grid_stage_gaps, timm_set_input_size
 from vitconvert.errors import AnatomyError, UserError
-from vitconvert.layers.costs import attention_macs, linear_macs
 
 
 def group_means(rows: torch.Tensor, members: torch.Tensor, dim: int) -> torch.Tensor:
@@ -135,47 +134,12 @@ class _InBlockPositions(Family):
         return timm_set_input_size(model, size)
 
 
-class BiasQueryAttention(QueryAttention):
+class BiasQueryAttention(PlainQKVAttention):
     """timm's BEiT ``Attention``: a fused ``qkv`` weight with separate q/v biases (no k bias), the relative position
     bias of its table, output projection. A query row's bias is the mean of its positions' rows of the table (the class
     token's row and column are the table's extra entries); keys are every token."""
 
     holds_positions = True
-
-    @property
-    def width(self) -> int:
-        return int(self.attn.qkv.in_features)
-
-    @property
-    def dim(self) -> int:
-        return int(self.attn.qkv.out_features // 3)
-
-    def _project(self, t: torch.Tensor, rows: slice) -> torch.Tensor:
-        attn = self.attn
-        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)) if attn.q_bias is not None else attn.qkv.bias
-        return F.linear(t, attn.qkv.weight[rows], bias[rows] if bias is not None else None)
-
-    def queries(self, qn: torch.Tensor) -> torch.Tensor:
-        return self._project(qn, slice(0, self.dim))
-
-    def keys_values(self, xn: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        b, n, _ = xn.shape
-        kv = self._project(xn, slice(self.dim, 3 * self.dim))
-        k, v = kv.view(b, n, 2, self.attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        return k, v
-
-    def output(self, o: torch.Tensor, qn: torch.Tensor) -> torch.Tensor:
-        return self.attn.proj_drop(self.attn.proj(o))
-
-    def key_tokens(self, tokens: int, grid: tuple[int, int]) -> int:
-        return tokens
-
-    def query_macs(self, keys: int) -> float:
-        c, d = self.width, self.dim
-        return linear_macs(1, c, d) + attention_macs(1, keys, d, d) + linear_macs(1, d, c)
-
-    def kv_macs(self, tokens: int, grid: tuple[int, int]) -> float:
-        return linear_macs(tokens, self.width, 2 * self.dim)
 
     def positions(self, members: torch.Tensor, prefix: int, args: tuple[Any, ...], kwargs: dict[str, Any]
                   ) -> QueryPositions | None:
