@@ -38,10 +38,12 @@ def load_results(results: Path) -> dict[str, dict[str, Any]]:
 
 
 def collect_rows(data: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The suite's rows: entries of a file's ``rows`` that say which method on which backbone they measured (a
+    study's own ``rows``, e.g. per-block timings or a sweep's points, are not summary rows)."""
     rows = []
     for stem, d in data.items():
         for row in d.get("rows", []) if isinstance(d, dict) else []:
-            if isinstance(row, dict):
+            if isinstance(row, dict) and row.get("method") and row.get("backbone"):
                 rows.append({**row, "_source": stem, "_machine": d.get("machine", {}), "_quick": d.get("quick")})
     return rows
 

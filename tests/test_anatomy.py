@@ -101,6 +101,7 @@ class _PoolBeforeBlocks(AttentionPoolLatent):
 @pytest.mark.parametrize(("name", "family", "shared", "pool"), [
     ("eva02_tiny_patch14_224", "eva", ["rope"], "avg"),  # absolute + rotary embeddings, SwiGLU MLP
     ("vit_small_patch16_rope_224", "eva", ["rope"], "token"),  # rotary embeddings only
+    ("vit_small_patch16_rope_mixed_224", "eva", ["rope"], "token"),  # a learned rotary table per head
     ("beit_base_patch16_224", "beit", [], "avg"),  # relative position bias tables, layer-scale gammas
     ("deit_tiny_patch16_224", "vit", [], "token"),
 ])
@@ -111,6 +112,7 @@ def test_position_information_inside_the_blocks(name: str, family: str, shared: 
                               num_heads=3, num_classes=7)
     a = read_anatomy(model)
     assert a.family == family and a.pool == pool and a.num_prefix_tokens == 1 and a.grid == (8, 8)
+    assert a.stages[0].grid == (8, 8)  # not read from a per-head rotary table's (1, heads, N, E) shape
     assert all(b.shared_inputs == shared and not b.post_norm for b in a.blocks)
     assert any(part == "block parts" and text.endswith("also called with rope") == bool(shared)
                for part, text in a.rows())

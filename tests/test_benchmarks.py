@@ -180,8 +180,11 @@ def test_report_from_json(tmp_path: Path) -> None:
              "curve": [[0.08, 78.0], [0.1, 80.5], [0.2, 81.0]]}]}))
     (tmp_path / "suite.json").write_text(json.dumps({"cfvit": {"ok": True, "seconds": 600.0, "threads": 1}}))
     (tmp_path / "broken.json").write_text("{not json")
+    # a study's own rows (a sweep's points) name no method and backbone: not rows of the summary
+    (tmp_path / "points.json").write_text(json.dumps({"rows": [{"point": {"c": 1}, "top1": 50.0, "gmacs": 0.1}]}))
     path = report.generate(tmp_path)
     text = path.read_text()
+    assert "| ? |" not in text and "50.00" not in text
     assert ("| cfvit | deit_small_patch16_224 | fine fraction 0.25 | 1.83 (4.61) | 30.0 (12.0) "
             "| **2.50×** (2.40–2.60) | 2.45× | 20.0 (25.0) | 1.25× |") in text
     assert "| tome | deit_small_patch16_224 | r=13 | 1.83 (4.61) | 30.0 (12.0) | **1.60×** (1.50–1.70) | – |" in text

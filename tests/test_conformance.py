@@ -12,6 +12,8 @@ same shapes (``per_image_paths = False``: FSLA clusters every image, at one cost
 full compute. Every check then runs at that point:
 
 * exactness at full compute (or the method's declared full-compute contract), on the fresh model;
+* the dense point (where the model has one) is the base model's computation and cost, and the small-batch rule runs
+  it;
 * per-image GMACs equal :func:`~vitconvert.layers.costs.count_macs` of that image's path;
 * ``simulate`` equals the forward pass (methods that simulate their points);
 * save/load and the timm round trip;
@@ -55,7 +57,7 @@ from vitconvert.layers.cascade import Carry, Cascade, Stage, thresholds_for_exit
 from vitconvert.layers.costs import count_macs
 from vitconvert.layers.sharing import attach
 from vitconvert.losses import loss_terms
-from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints
+from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints, SmallBatchRule
 from vitconvert.operating import Knob, OperatingPoint, OperatingSpace, unique_points
 from vitconvert.recipes import Recipe, Strict
 from vitconvert.registry import METHODS, register_method
@@ -222,6 +224,29 @@ def check_full_compute_contract(case: Case) -> None:
         assert (out - ref).abs().max().item() <= 1e-4
     else:
         assert model.full_compute_note != ConvertedModel.full_compute_note
+
+
+def check_dense_point(case: Case) -> None:
+    """The dense point, where the model has one, is one pass of the base's computation at the base's cost: the base
+    model's logits even with the method's new parameters trained-like (none of them runs), per-image GMACs equal to
+    the base's, and the small-batch rule runs it."""
+    model = case.model
+    point = model.dense_point()
+    if point is None:
+        return
+    full = model.operating_space().full()
+    assert set(point) <= set(full) and (point == full) == model.full_compute_runs_base
+    saved = model.operating_point
+    model.set_operating_point(point)
+    with torch.no_grad():
+        out, ref = model.forward_dynamic(case.x), model.build_base()(case.x)
+    assert float((out.logits - ref).abs().max()) <= 1e-4
+    assert torch.allclose(out.gmacs, torch.full_like(out.gmacs, model.base_gmacs), rtol=1e-6)
+    model.set_operating_point(saved)
+    model.small_batch = SmallBatchRule(below=3)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_dynamic(case.x[:2]).logits, out.logits[:2], atol=1e-5, rtol=0)
+    assert model.operating_point == saved
 
 
 def check_exercised_point(case: Case) -> None:
@@ -456,7 +481,8 @@ def check_onnx_export(case: Case, tmp_path: Any) -> None:
 
 
 CHECKS: list[Callable[..., None]] = [
-    check_full_compute_contract, check_exercised_point, check_gmacs_are_counted_macs, check_simulate_equals_forward,
+    check_full_compute_contract, check_dense_point, check_exercised_point, check_gmacs_are_counted_macs,
+    check_simulate_equals_forward,
     check_save_load_and_timm, check_dtype, check_cpu_autocast, check_batch_sizes,
     check_each_image_alone_equals_the_batch, check_autograd_in_eval, check_deepcopy_and_to, check_training_step,
     check_traceable_path_equals_the_forward, check_onnx_export,
@@ -473,6 +499,11 @@ def test_every_method_has_cases() -> None:
 @cases_param()
 def test_full_compute_contract(case: Case) -> None:
     check_full_compute_contract(case)
+
+
+@cases_param()
+def test_dense_point(case: Case) -> None:
+    check_dense_point(case)
 
 
 @cases_param()

@@ -31,6 +31,10 @@ EXTRA_MODELS = {
                                     num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, 56, 56)))),
     "pvt_v2_li": ("pvt_v2_b2_li", dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4),
                                        num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))),
+    # EVA blocks with a learned rotary table per head (mixed RoPE): the blocks get a (heads, N, E) table; layer
+    # scales at 1 (timm's 1e-5 would hide every difference the tests look for)
+    "rope_mixed": ("vit_small_patch16_rope_mixed_224", dict(img_size=32, patch_size=4, embed_dim=48, depth=4,
+                                                            num_heads=3, num_classes=10, init_values=1.0)),
 }
 MODELS = {**TINY_MODELS, **EXTRA_MODELS}
 DGE_KEYS = ["vit", "deit", "deit_distilled", "deit3", "pvt_v2", "deit_10x10", "pvt_v2_56", "pvt_v2_li", "swin", "eva02",
@@ -234,14 +238,14 @@ def _mean_logits(q: torch.Tensor, k: torch.Tensor, cell: torch.Tensor, rotate: C
     return torch.einsum("mp,bhpn->bhmn", member / member.sum(1, keepdim=True), per_pos)
 
 
-@pytest.mark.parametrize("execution", ["sparse", "dense"])
-def test_eva_coarse_queries_score_keys_as_the_mean_of_their_rotated_positions(execution: str) -> None:
+@pytest.mark.parametrize(("key", "execution"), [("eva02", "sparse"), ("eva02", "dense"), ("rope_mixed", "sparse")])
+def test_eva_coarse_queries_score_keys_as_the_mean_of_their_rotated_positions(key: str, execution: str) -> None:
     """EVA (rotary embeddings): a 2x2-cell query's logits against every key are the mean of the logits the query
     would have at each of the cell's positions, each rotated by its own sin/cos row (keys by theirs; the class token
-    is not rotated); its update goes to the cell's tokens."""
+    is not rotated); its update goes to the cell's tokens. Mixed RoPE: each head by its own table's rows."""
     from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 
-    model = convert("eva02", execution=execution)
+    model = convert(key, execution=execution)
     blk = model.base.blocks[1]
     seen = {}
     handle = blk.register_forward_hook(lambda mod, args, kw, out: seen.update(x=args[0], rope=kw["rope"], out=out),
@@ -255,17 +259,22 @@ def test_eva_coarse_queries_score_keys_as_the_mean_of_their_rotated_positions(ex
         cell = _cells(g, 2)
         grid = x[:, 1:].reshape(b, g // 2, 2, g // 2, 2, c).mean((2, 4)).reshape(b, -1, c)
         q_in = torch.cat([x[:, :1], grid], 1)
-        w, bias, d, h = attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)), 48, 3
+        # EVA keeps its q/v biases apart (no k bias); the RoPE ViTs' AttentionRope has one qkv bias
+        qkv_bias = (torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)) if getattr(attn, "q_bias", None) is not None
+                    else attn.qkv.bias)
+        w, bias, d, h = attn.qkv.weight, qkv_bias, 48, 3
         q = torch.nn.functional.linear(orig.norm1(q_in), w[:d], bias[:d]).view(b, -1, h, d // h).transpose(1, 2)
         k, v = torch.nn.functional.linear(orig.norm1(x), w[d:], bias[d:]).view(b, -1, 2, h, d // h).permute(
             2, 0, 3, 1, 4)
         k = torch.cat([k[:, :, :1], apply_rot_embed_cat(k[:, :, 1:], rope)], 2)
         cls_logits = q[:, :, :1] @ k.transpose(-2, -1)
-        cell_logits = _mean_logits(q[:, :, 1:], k, cell, lambda t, p: apply_rot_embed_cat(t, rope[p]))
+        row = (lambda p: rope[p]) if rope.dim() == 2 else (lambda p: rope[:, p])  # (E,) or per head (heads, E)
+        cell_logits = _mean_logits(q[:, :, 1:], k, cell, lambda t, p: apply_rot_embed_cat(t, row(p)))
         logits = torch.cat([cls_logits, cell_logits], 2) * attn.scale
         o = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, -1, d)
-        a = attn.proj(attn.norm(o))
-        upd = a + orig.mlp(orig.norm2(q_in + a))
+        g1, g2 = (orig.gamma_1, orig.gamma_2) if getattr(orig, "gamma_1", None) is not None else (1.0, 1.0)
+        a = g1 * attn.proj(attn.norm(o))
+        upd = a + g2 * orig.mlp(orig.norm2(q_in + a))
         ref = x + torch.cat([upd[:, :1], upd[:, 1 + cell]], 1)
     assert (seen["out"] - ref).abs().max().item() <= 1e-5
     assert (seen["out"] - orig(x, rope=rope)).abs().max().item() > 1e-3  # really coarser
@@ -288,7 +297,10 @@ def test_beit_coarse_queries_take_the_mean_of_their_positions_bias_rows() -> Non
         cell = _cells(g, 2)
         grid = x[:, 1:].reshape(b, g // 2, 2, g // 2, 2, c).mean((2, 4)).reshape(b, -1, c)
         q_in = torch.cat([x[:, :1], grid], 1)
-        w, bias, d, h = attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)), 48, 3
+        # EVA keeps its q/v biases apart (no k bias); the RoPE ViTs' AttentionRope has one qkv bias
+        qkv_bias = (torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)) if getattr(attn, "q_bias", None) is not None
+                    else attn.qkv.bias)
+        w, bias, d, h = attn.qkv.weight, qkv_bias, 48, 3
         q = torch.nn.functional.linear(orig.norm1(q_in), w[:d], bias[:d]).view(b, -1, h, d // h).transpose(1, 2)
         k, v = torch.nn.functional.linear(orig.norm1(x), w[d:], bias[d:]).view(b, -1, 2, h, d // h).permute(
             2, 0, 3, 1, 4)
@@ -817,14 +829,15 @@ def test_small_batches_run_at_full_compute_under_the_rule(tmp_path) -> None:
     assert loaded.small_batch == model.small_batch
     card = " ".join((tmp_path / "m" / "README.md").read_text().split())
     assert "(1 thread), the chosen point ran at 0.60× at batch 1, 0.80× at batch 2 and 1.10× at batch 4 its" in card
-    assert "so batches of fewer than 4 images on cpu run at the full-compute point" in card
+    assert "so batches of fewer than 4 images on cpu run at the dense point" in card
     with pytest.raises(UserError, match=r"state\.small_batch\.below"):
         model.load_state({"coarsening": 0.5, "small_batch": {"below": 0}})
     with pytest.raises(UserError, match="unexpected keys"):
         model.load_state({"coarsening": 0.5, "small_batch": {"below": 4, "ratios": {}}})
+    # a cascade's dense point is its last stage alone: it takes the rule too
     cascade = vitconvert.apply(*TINY_MODELS["vit"][:1], "cfvit", model_kwargs=TINY_MODELS["vit"][1], pretrained=False)
-    with pytest.raises(UserError, match="only valid for methods"):
-        cascade.load_state({**cascade.get_state(), "small_batch": {"below": 4}})
+    cascade.load_state({**cascade.get_state(), "small_batch": {"below": 4}})
+    assert cascade.small_batch == SmallBatchRule(4, "cpu")
 
 
 def test_small_batch_rule_is_the_smallest_batch_not_slower(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -846,10 +859,10 @@ def test_small_batch_rule_is_the_smallest_batch_not_slower(monkeypatch: pytest.M
     timed.clear()  # slower at every size below the calibration batch: the rule covers them all
     rule, _ = calibration.find_small_batch_rule(model, base, x[:8], progress=False)
     assert timed == [1, 2, 4] and rule is not None and rule.below == 8
-    timed.clear()  # a cascade has no base computation to fall back to: batch 1 is measured and recorded
+    timed.clear()  # a cascade falls back to its dense point (the last stage alone) the same way
     cascade = vitconvert.apply(*TINY_MODELS["vit"][:1], "cfvit", model_kwargs=TINY_MODELS["vit"][1], pretrained=False)
     rule, record = calibration.find_small_batch_rule(cascade, base, x, progress=False)
-    assert timed == [1] and rule is None and record["ratios"] == {"1": 0.5} and record["below"] is None
+    assert timed == [1, 2, 4, 8] and rule == SmallBatchRule(8, "cpu") and record["below"] == 8
 
 
 # --- picture ---------------------------------------------------------------------------------------------------

@@ -136,11 +136,13 @@ def test_reuse_modules_start_at_zero_and_learn() -> None:
 @pytest.mark.parametrize("key", ["deit_distilled", "swin", "pvt_v2"])
 def test_member_layout_and_costs(key: str) -> None:
     model = convert(key)
-    assert len(model.names) == 3 and len(model.operating_space().names) == 2
+    assert len(model.names) == 3 and model.operating_space().names == ["threshold_0", "threshold_1", "dense"]
     costs = list(model.costs.values())
     assert all(c > 0 for c in costs) and costs[0] < costs[1] < costs[2]
-    # the last member is the base model plus zero-initialised reuse: it costs at least the base
+    # the last member is the base model plus zero-initialised reuse: it costs at least the base; alone (the dense
+    # point), without reuse, exactly the base
     assert costs[2] >= model.base_gmacs
+    assert model.cascade.last_alone_gmacs == pytest.approx(model.base_gmacs, rel=1e-6)
     if key == "deit_distilled":
         assert model.names == ["4x4", "6x6", "8x8"] and model.num_prefix == 2 and model.relation
     else:
@@ -315,7 +317,7 @@ def test_save_load_keeps_thresholds_and_takes_another_budget(key: str, tmp_path)
     assert loaded.operating_point == model.operating_point
     assert torch.equal(got.logits, ref.logits) and torch.equal(got.stage, ref.stage)
     assert torch.equal(via_timm, ref.logits)
-    assert vitconvert.load(path, budget="50%").operating_point == {"threshold_0": 0.2, "threshold_1": 0.3}
+    assert vitconvert.load(path, budget="50%").operating_point == {"threshold_0": 0.2, "threshold_1": 0.3, "dense": 0.0}
 
 
 def test_bad_settings_are_one_line() -> None:

@@ -47,8 +47,8 @@ def test_space_validates_names_ranges_and_types() -> None:
 
 def test_two_value_point_is_stored_reloaded_and_chosen_by_budget(tmp_path) -> None:
     model = _cfvit()
-    assert model.operating_space().names == ["eta", "alpha"]
-    assert model.set_operating_point(eta=0.4, alpha=0.25) == {"eta": 0.4, "alpha": 0.25}
+    assert model.operating_space().names == ["eta", "alpha", "dense"]
+    assert model.set_operating_point(eta=0.4, alpha=0.25) == {"eta": 0.4, "alpha": 0.25, "dense": 0.0}
     assert model.alpha == 0.25 and model.knob == 0.4
     # the fine stage re-splits fewer patches at a lower alpha: its cost follows the point
     cheap = model.costs["fine"]
@@ -63,24 +63,28 @@ def test_two_value_point_is_stored_reloaded_and_chosen_by_budget(tmp_path) -> No
     model.set_operating_point(eta=0.6, alpha=0.25)
     path = vitconvert.save(model, tmp_path / "m")
     config = json.loads((path / "config.json").read_text())
-    assert config["model_args"]["state"]["point"] == {"eta": 0.6, "alpha": 0.25}
-    assert config["vitconvert"]["point"] == ["eta", "alpha"]
+    assert config["model_args"]["state"]["point"] == {"eta": 0.6, "alpha": 0.25, "dense": 0.0}
+    assert config["vitconvert"]["point"] == ["eta", "alpha", "dense"]
     loaded = vitconvert.load(path)
-    assert loaded.operating_point == {"eta": 0.6, "alpha": 0.25}
-    assert [p.point for p in loaded.curve] == [p.point for p in model.curve]
+    assert loaded.operating_point == {"eta": 0.6, "alpha": 0.25, "dense": 0.0}
+    # points stored without the dense knob were measured on the cascade: dense 0
+    assert [p.point for p in loaded.curve] == [{**p.point, "dense": 0.0} for p in model.curve]
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
         via_timm = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
-        assert via_timm.operating_point == {"eta": 0.6, "alpha": 0.25}
+        assert via_timm.operating_point == {"eta": 0.6, "alpha": 0.25, "dense": 0.0}
     # budgets pick whole points, both values
-    assert loaded.set_budget("50%").point == {"eta": 0.6, "alpha": 0.5}
-    assert loaded.operating_point == {"eta": 0.6, "alpha": 0.5} and loaded.alpha == 0.5
-    assert vitconvert.load(path, budget=0.46 * b).operating_point == {"eta": 0.6, "alpha": 0.25}
-    assert vitconvert.load(path, budget="drop=0.5").operating_point == {"eta": 1.0, "alpha": 1.0}
-    assert choose_point(loaded.curve, "drop=3", b, 80.0).point == {"eta": 0.6, "alpha": 0.25}
+    assert loaded.set_budget("50%").point == {"eta": 0.6, "alpha": 0.5, "dense": 0.0}
+    assert loaded.operating_point == {"eta": 0.6, "alpha": 0.5, "dense": 0.0} and loaded.alpha == 0.5
+    assert vitconvert.load(path, budget=0.46 * b).operating_point == {"eta": 0.6, "alpha": 0.25, "dense": 0.0}
+    assert vitconvert.load(path, budget="drop=0.5").operating_point == {"eta": 1.0, "alpha": 1.0, "dense": 0.0}
+    assert choose_point(loaded.curve, "drop=3", b, 80.0).point == {"eta": 0.6, "alpha": 0.25, "dense": 0.0}
+    # a budget's point from a curve stored without the dense knob leaves the dense point
+    loaded.set_operating_point(loaded.dense_point())
+    assert loaded.set_budget("50%").point["dense"] == 0.0 and loaded.operating_point["dense"] == 0.0
     loaded.full_compute()
-    assert loaded.operating_point == {"eta": 1.0, "alpha": 1.0}
+    assert loaded.operating_point == {"eta": 1.0, "alpha": 1.0, "dense": 0.0}
 
 
 def test_legacy_one_knob_state_loads(tmp_path) -> None:
@@ -95,8 +99,8 @@ def test_legacy_one_knob_state_loads(tmp_path) -> None:
     config["vitconvert"].pop("point")
     (path / "config.json").write_text(json.dumps(config))
     loaded = vitconvert.load(path)
-    assert loaded.operating_point == {"eta": 0.3, "alpha": 0.25}
-    assert loaded.curve[0].point == {"eta": 0.3} and loaded.curve[0].knob == 0.3
+    assert loaded.operating_point == {"eta": 0.3, "alpha": 0.25, "dense": 0.0}
+    assert loaded.curve[0].point == {"eta": 0.3, "dense": 0.0} and loaded.curve[0].knob == 0.3
 
 
 @pytest.mark.parametrize(("mutate", "message"), [

@@ -377,7 +377,11 @@ def test_calibrate_chooses_within_budget(finetuned_dir: Path, data_dir: Path, tm
     held = open_image_folder(data_dir, holdout=0.25).heldout_split().files
     cal = model.calibration
     assert cal["images"] == 20 and cal["dataset"] == "toy" and "held-out last 25%" in cal["split"]
-    assert len(model.curve) == 101 and [p.knob for p in model.curve] == list(model.operating_space().knob("eta").sweep)
+    # the eta sweep, and the dense point (the fine stage alone: the base model's computation)
+    cascade = [p for p in model.curve if not p.point["dense"]]
+    assert len(model.curve) == 102 and [p.knob for p in cascade] == list(model.operating_space().knob("eta").sweep)
+    dense = [p for p in model.curve if p.point["dense"]]
+    assert len(dense) == 1 and dense[0].gmacs == pytest.approx(model.base_gmacs, rel=1e-6)
     # the chosen point is the most accurate within 60% of the base GMACs among those not timed slower than the
     # base model here (the speed check times the choice and chooses again while it is slower)
     limit = 0.6 * model.base_gmacs
@@ -391,8 +395,9 @@ def test_calibrate_chooses_within_budget(finetuned_dir: Path, data_dir: Path, tm
     assert model.knob == cal["chosen"]["point"]["eta"]
     assert result["eta"] == model.knob and result["out"] == str(out)
     # curve values agree with an independent evaluation at two knob values
-    for p in (model.curve[0], model.curve[-1]):
-        model.knob = p.knob
+    model.small_batch = None  # the curve is what each point computes; the check below runs one image at a time
+    for p in (model.curve[0], dense[0]):  # the first eta, and the dense point
+        model.set_operating_point(p.point)
         top1, gmacs = _independent_top1(model, held)
         assert p.top1 == pytest.approx(top1) and p.gmacs == pytest.approx(gmacs, rel=1e-6)
     original, _, _ = tiny_model("vit")
@@ -433,11 +438,12 @@ def test_gmacs_budget_sets_aside_points_slower_than_the_base(finetuned_dir: Path
     check = model.calibration["speed_check"]
     assert check["not_slower"] and check["points_timed"] == len(timed_etas)
     assert check["points_slower"] == len(timed_etas) - 1
-    # a cascade cannot fall back to the base computation: its batch-1 speed is recorded, no small-batch rule
+    # not slower at batch 1 either: no small-batch rule
     assert model.calibration["small_batch"] == {"ratios": {"1": 0.5 if best.point["eta"] > 0.1 else 2.0},
                                                 "threads": 1, "below": None} and model.small_batch is None
-    stored = {p.point["eta"]: p.extra.get("throughput_ratio") for p in model.curve}
+    stored = {p.point["eta"]: p.extra.get("throughput_ratio") for p in model.curve if not p.point["dense"]}
     assert all(stored[e] == (0.5 if e > 0.1 else 2.0) for e in timed_etas)
+    assert not check["fell_back_to_dense"]
     # a loaded model's GMACs budgets keep away from the points measured slower
     assert model.set_budget("60%").point == best.point
     # without the check the budget takes the most accurate point within 60%, slow or not
@@ -448,6 +454,30 @@ def test_gmacs_budget_sets_aside_points_slower_than_the_base(finetuned_dir: Path
     within = [p for p in unchecked.curve if p.gmacs <= limit + 1e-12]
     assert unchecked.operating_point == max(within, key=lambda p: (p.top1, -p.gmacs)).point
     assert "speed_check" not in unchecked.calibration
+
+
+def test_a_cascade_slower_than_its_base_everywhere_runs_dense(finetuned_dir: Path, data_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timing is faked: every point of the cascade 'runs' at half the base's speed, the dense point (the fine
+    stage alone) at its speed. A GMACs budget then falls back to the dense point, timed for the record."""
+
+    def fake_compare(models: dict, x: torch.Tensor, **kwargs: object) -> dict[str, Timing]:
+        dense = models["converted"].operating_point["dense"]
+        return fake_timings(x, {"converted": 100.0 if dense else 50.0, "base": 100.0})
+
+    monkeypatch.setattr(calibration, "compare", fake_compare)
+    out = tmp_path / "dense"
+    calibrate(finetuned_dir, data_dir, "60%", out, device="cpu", progress=False, batch_size=8)
+    model = vitconvert.load(out)
+    assert model.operating_point["dense"] == 1.0
+    check = model.calibration["speed_check"]
+    assert check["fell_back_to_dense"] and check["not_slower"] and check["points_slower"] == check["points_timed"]
+    assert model.calibration["chosen"]["extra"]["throughput_ratio"] == 1.0
+    assert model.calibration["chosen"]["gmacs"] == pytest.approx(model.base_gmacs, rel=1e-6)
+    x = torch.randn(3, 3, *model.anatomy.img_size)
+    with torch.no_grad():
+        out_dense = model.forward_dynamic(x)
+    assert (out_dense.stage == 1).all() and torch.allclose(out_dense.gmacs, torch.full((3,), model.base_gmacs))
 
 
 def test_speed_budget_times_the_frontier_and_stores_throughput(finetuned_dir: Path, data_dir: Path, tmp_path: Path,

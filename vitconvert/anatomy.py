@@ -417,13 +417,17 @@ def _stage_part(model: nn.Module, span: list[fx.Node], stage_path: str) -> str |
 
 def _grid_of(model: nn.Module, span: list[fx.Node], bnodes: list[fx.Node], patch_grid: tuple[int, int]
              ) -> tuple[int, int]:
-    """Token grid of a stage: a 4-D (B, H, W, C) block input (Swin), else the last convolution before the
-    stage's blocks (PVT-v2 downsampling), else the patch grid (ViT, first stages)."""
+    """Token grid of a stage: a 4-D (B, H, W, C) token stream into a block (Swin), else the last convolution before
+    the stage's blocks (PVT-v2 downsampling), else the patch grid (ViT, first stages). The stream is what the blocks'
+    first operation reads from outside them: a shared input may be 4-D too (mixed RoPE's per-head rotary table)."""
     for n in bnodes:
-        for a in n.all_input_nodes:
-            shape = vfx.node_shape(a)
-            if shape is not None and len(shape) == 4 and a not in bnodes:
-                return (int(shape[1]), int(shape[2]))
+        outside = [a for a in n.all_input_nodes if a not in bnodes and a.op != "get_attr"]
+        if n.op == "get_attr" or not outside:
+            continue
+        shape = vfx.node_shape(outside[0])  # the first op reading from outside the blocks reads the stream
+        if shape is not None and len(shape) == 4:
+            return (int(shape[1]), int(shape[2]))
+        break
     convs = [n for n in span if n not in bnodes and n.op == "call_module"
              and isinstance(model.get_submodule(str(n.target)), nn.Conv2d)]
     if convs and (shape := vfx.node_shape(convs[-1])) is not None:

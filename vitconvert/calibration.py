@@ -152,21 +152,28 @@ def confirm_not_slower(model: ConvertedModel, base: torch.nn.Module, curve: list
 
     GMACs do not say how fast a point runs on this device (a DVT cascade where a quarter of the images reach the
     last member costs 75% of the MACs and ran 0.86x on a 1-thread CPU), so a GMACs or drop budget would
-    otherwise be free to choose a point slower than the model it replaces. Points costing at least the base
-    model's GMACs are not timed (they run the base computation). If every timed point is slower, the fastest
-    one is kept and the record says the check failed. Timed points keep ``throughput`` and
-    ``throughput_ratio`` in their ``extra``, as a speed budget's do.
+    otherwise be free to choose a point slower than the model it replaces. The model's dense point (one pass of
+    the base's computation, :meth:`~vitconvert.methods.base.ConvertedModel.dense_point`) and points costing at least
+    the base model's GMACs are not timed. If every timed point is slower, the model falls back to its dense point
+    when it has one in ``curve`` (timed, for the record), else the fastest timed point is kept and the record says
+    the check failed. Timed points keep ``throughput`` and ``throughput_ratio`` in their ``extra``, as a speed
+    budget's do.
     """
     saved = model.operating_point
+    dense_values = model.dense_point()
+    dense = next((p for p in curve if dense_values is not None and p.point == {**p.point, **dense_values}), None)
     slow: list[CurvePoint] = []
     timed: list[CurvePoint] = []
+    untimed = False  # the choice after MAX_TIMED_POINTS slower ones: not known to be at the base's speed
     try:
         with ProgressBar("calibrate: checking speed", MAX_TIMED_POINTS, progress) as bar:
             while True:
                 chosen = pick([p for p in curve if all(p is not s for s in slow)] or curve)
-                done = (chosen.gmacs >= model.base_gmacs * (1 - 1e-9) or len(timed) >= MAX_TIMED_POINTS
-                        or any(chosen is t for t in timed))
-                if done:
+                if (chosen.gmacs >= model.base_gmacs * (1 - 1e-9) or chosen is dense
+                        or any(chosen is t for t in timed)):
+                    break
+                if len(timed) >= MAX_TIMED_POINTS:
+                    untimed = True
                     break
                 model.set_operating_point(chosen.point)
                 res = compare({"converted": model, "base": base}, x, reference="base",
@@ -177,13 +184,22 @@ def confirm_not_slower(model: ConvertedModel, base: torch.nn.Module, curve: list
                 if chosen.extra["throughput_ratio"] < 1.0:
                     slow.append(chosen)
                 bar.update()
+        met = not untimed and not any(chosen is s for s in slow)
+        fell_back = not met and dense is not None
+        if fell_back:  # nothing timed ran at the base's speed: run dense
+            assert dense is not None
+            chosen = dense
+            model.set_operating_point(chosen.point)
+            res = compare({"converted": model, "base": base}, x, reference="base", min_seconds=SPEED_CHECK_SECONDS)
+            chosen.extra["throughput"] = round(res["converted"].images_per_s, 1)
+            chosen.extra["throughput_ratio"] = round(res["converted"].ratio, 3)
+        elif not met:  # and no dense point: the fastest timed one
+            chosen = max(timed, key=lambda p: (p.extra["throughput_ratio"], p.top1))
     finally:
         model.set_operating_point(saved)
-    met = not any(chosen is s for s in slow)
-    if not met:  # nothing timed ran at the base's speed: the fastest of them
-        chosen = max(timed, key=lambda p: (p.extra["throughput_ratio"], p.top1))
     return chosen, {"device": device_name(x.device), "batch_size": x.shape[0], "threads": torch.get_num_threads(),
-                    "points_timed": len(timed), "points_slower": len(slow), "not_slower": met,
+                    "points_timed": len(timed), "points_slower": len(slow), "not_slower": met or fell_back,
+                    "fell_back_to_dense": fell_back,
                     "protocol": "the chosen point and its original timed in interleaved rounds on one batch of "
                                 "held-out images; a point slower than the original is set aside and the budget "
                                 "chooses again"}
@@ -196,13 +212,14 @@ def find_small_batch_rule(model: ConvertedModel, base: torch.nn.Module, x: torch
     (the base computation).
 
     Fixed costs per operation do not shrink with the batch, so a point faster than its base at 64 images can be
-    slower at one (DGE on the CIFAR-10 ViT: 1.6x at 64, 0.7x at 1). Only a model with ``full_compute_runs_base``
-    gets a rule; for the others (cascades) the batch-1 speed is measured and recorded. No rule is returned when
+    slower at one (DGE on the CIFAR-10 ViT: 1.6x at 64, 0.7x at 1). Only a model with a dense point gets a rule;
+    for the others the batch-1 speed is measured and recorded. No rule is returned when
     the point is not slower at batch 1; when it is slower at every size tried, ``below`` is ``batch_size``.
     """
     batch_size = x.shape[0]
     sizes = [1 << i for i in range(max(1, batch_size).bit_length()) if 1 << i < batch_size]
-    if not model.full_compute_runs_base:
+    has_dense = model.dense_point() is not None
+    if not has_dense:
         sizes = sizes[:1]
     ratios: dict[int, float] = {}
     below: int | None = None
@@ -216,7 +233,7 @@ def find_small_batch_rule(model: ConvertedModel, base: torch.nn.Module, x: torch
                 below = b
                 break
     record: dict[str, Any] = {"ratios": {str(k): v for k, v in ratios.items()}, "threads": torch.get_num_threads()}
-    if not model.full_compute_runs_base or below == 1:
+    if not has_dense or below == 1:
         record["below"] = None
         return None, record
     below = below if below is not None else batch_size

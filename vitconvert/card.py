@@ -330,7 +330,7 @@ def _small_batch_lines(state: dict[str, Any]) -> list[str]:
     said = f"Timed against the base model at small batches ({where}), the chosen point ran at {measured} its speed"
     if isinstance(rule, dict) and _num(rule.get("below")) is not None:
         return [f"{said}, so batches of fewer than {rule['below']} images on {rule.get('device_type', 'cpu')} run at "
-                "the full-compute point (the base model's computation with these weights), counted at its GMACs.", ""]
+                "the dense point (the base model's computation with these weights), counted at its GMACs.", ""]
     return [f"{said}.", ""]
 
 

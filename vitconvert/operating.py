@@ -39,6 +39,8 @@ class Knob:
             thresholds); other knobs change the computation and need a pass per value.
         integer: Only whole numbers are valid (e.g. a cluster size).
         description: One line for error messages and cards.
+        implied: The value a stored point without this knob had (a knob added after such points were stored, like
+            a cascade's ``dense``: 0); None when a point must name it or keeps the model's current value.
     """
 
     name: str
@@ -49,6 +51,7 @@ class Knob:
     simulated: bool = False
     integer: bool = False
     description: str = ""
+    implied: float | None = None
 
     def check(self, value: Any, where: str = "") -> float:
         """``value`` as a float if it is valid for this knob, else a UserError naming the knob and range."""
@@ -86,6 +89,10 @@ class OperatingSpace:
     def full(self) -> OperatingPoint:
         """The full-compute point."""
         return {k.name: k.full for k in self.knobs}
+
+    def implied(self) -> OperatingPoint:
+        """The values a stored point implies for the knobs it does not name (:attr:`Knob.implied`)."""
+        return {k.name: k.implied for k in self.knobs if k.implied is not None}
 
     def validate(self, point: Mapping[str, Any], where: str = "", partial: bool = True) -> OperatingPoint:
         """A checked copy of ``point`` (floats, known names, values in range); ``partial=False`` needs every knob."""
@@ -141,6 +148,8 @@ class CurvePoint:
         if unknown or "point" not in data:
             raise UserError(f"{where} needs point, gmacs and top1 (got keys {sorted(data)})")
         point = space.validate(data["point"], f"{where}: ")
+        point = {name: point.get(name, space.implied().get(name)) for name in space.names
+                 if name in point or name in space.implied()}
         numbers = {}
         for key in ("gmacs", "top1"):
             value = data.get(key)

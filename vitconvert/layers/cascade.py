@@ -9,6 +9,10 @@ only undecided images run the next stage, as a sub-batch, with their carry index
 Every image is charged the cumulative cost of the stages it ran (:attr:`Stage.gmacs` per image), and
 :func:`simulate` gives the same logits, exits and costs from every stage's logits on every image
 (:meth:`Cascade.run_all`), which is how calibration evaluates any thresholds from one pass.
+
+:meth:`Cascade.run_last` runs the last stage alone on every image, with no carry: a cascade whose last stage
+is the base model's architecture (DVT's last member, CF-ViT's fine pass) then runs one dense pass at the base
+model's cost, its *dense point*, which is what a model falls back to where early exit does not pay.
 :func:`thresholds_for_exit_shares` turns a target exit distribution into thresholds, as DVT calibrates.
 
 Nothing here knows a model: CF-ViT is a two-stage cascade (coarse, fine), DVT a K-stage one.
@@ -83,6 +87,8 @@ class Cascade:
         if len(stages) < 2:
             raise ValueError("a cascade needs at least two stages")
         self.stages = list(stages)
+        # GMACs per image of the last stage run alone (run_last: no carry), set by count_costs
+        self.last_alone_gmacs = 0.0
 
     @property
     def costs(self) -> list[float]:
@@ -90,9 +96,10 @@ class Cascade:
         return [s.gmacs for s in self.stages]
 
     @torch.no_grad()
-    def count_costs(self, x: torch.Tensor) -> list[float]:
+    def count_costs(self, x: torch.Tensor, last_alone: bool = False) -> list[float]:
         """Set every stage's :attr:`Stage.gmacs` by counting it on ``x`` (one image, the model in eval mode),
-        each stage given the carry of the stages before it, as it runs in :meth:`run`; returns the costs."""
+        each stage given the carry of the stages before it, as it runs in :meth:`run`; returns the costs.
+        ``last_alone``: also count :attr:`last_alone_gmacs` (a cascade whose last stage runs without a carry)."""
         carry: Carry = {}
         for stage in self.stages:
             handed_on: list[Carry] = []
@@ -102,6 +109,8 @@ class Cascade:
 
             stage.gmacs = to_gmacs(count_macs(run_stage))
             carry = handed_on[0]
+        if last_alone:
+            self.last_alone_gmacs = to_gmacs(count_macs(lambda: self.stages[-1].run(x, {})))
         return self.costs
 
     def _check(self, thresholds: Sequence[float]) -> None:
@@ -216,6 +225,19 @@ class Cascade:
             state = {name: t.index_select(0, padded) for name, t in state.items()}
         assert logits_out is not None
         return CascadeOutput(logits=logits_out, exit=exit_stage, gmacs=cost_at[exit_stage])
+
+    def run_last(self, x: torch.Tensor) -> CascadeOutput:
+        """The last stage alone on every image, with an empty carry (the dense point; see the module docstring).
+
+        No decision depends on the data, so the same code runs eager, exported and compiled. Every image exits at
+        the last stage at :attr:`last_alone_gmacs`; the earlier stages' confidences are NaN (they did not run).
+        """
+        logits, _ = self.stages[-1].run(x, {})
+        b, last = x.shape[0], len(self.stages) - 1
+        nan = torch.full((b,), float("nan"), device=x.device)
+        return CascadeOutput(logits=logits, exit=torch.full((b,), last, dtype=torch.long, device=x.device),
+                             gmacs=torch.full((b,), self.last_alone_gmacs, dtype=torch.float32, device=x.device),
+                             confidence=[nan] * last + [confidence(logits)])
 
     def run_all(self, x: torch.Tensor, carry: Carry | None = None) -> list[torch.Tensor]:
         """Every stage on every image (for calibration): the logits of each stage."""

@@ -21,11 +21,15 @@ be evaluated from one pass over the images also subclasses :class:`SimulatesPoin
 ``simulate``); calibration then needs one pass per value of the knobs that change the computation.
 
 A method whose full-compute point runs the base model's own computation at the base's cost (DGE: no routers;
-FSLA: no clustering) sets ``full_compute_runs_base``. Calibration can then give the model a small-batch rule
-(``small_batch``): batches of fewer than ``below`` images on that kind of device run at the full-compute point,
-because there the sparse path's fixed cost per operation outweighs the MACs it saves (a 7.5 ms batch-1 forward
-of the CIFAR-10 DGE ViT launches 2,082 ops against the base's 655), so the model is never slower than its base.
-Those images then get the full-compute result and are counted at the base's GMACs.
+FSLA: no clustering) sets ``full_compute_runs_base``; a cascade whose last stage is the base architecture (DVT,
+CF-ViT) has a ``dense`` knob instead (1: the last stage alone on every image). Either is the model's *dense point*
+(:meth:`ConvertedModel.dense_point`): one pass of the base's architecture at the base's cost, with the model's
+own weights. It is what a model falls back to where its dynamic execution does not pay: calibration chooses it
+when no point within the budget runs faster than the base model (:func:`~vitconvert.calibration.confirm_not_slower`),
+and it can give the model a small-batch rule (``small_batch``): batches of fewer than ``below`` images on that kind
+of device run at the dense point, because there the dynamic path's fixed cost per operation outweighs the MACs it
+saves (a 7.5 ms batch-1 forward of the CIFAR-10 DGE ViT launches 2,082 ops against the base's 655), so the model is
+never slower than its base. Those images then get the dense point's result and are counted at its GMACs.
 
 The base model is kept as ``self.base`` so its parameters keep their timm names under ``base.``; the
 teacher for fine-tuning and the exactness tests rebuild it from those keys.
@@ -78,7 +82,7 @@ class DynamicOutput:
 
 @dataclass(frozen=True)
 class SmallBatchRule:
-    """Batches of fewer than ``below`` images on a ``device_type`` device run at the full-compute point.
+    """Batches of fewer than ``below`` images on a ``device_type`` device run at the model's dense point.
 
     Found by calibration (:func:`vitconvert.calibration.find_small_batch_rule`): the smallest batch size, among
     powers of two up to the calibration batch, at which the chosen point was timed at least as fast as the base
@@ -126,7 +130,7 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
     # budget never chooses such a point (operating.eligible_points).
     adds_compute: ClassVar[bool] = False
     # True for a method whose full-compute point is the base model's computation at the base's cost (see the module
-    # docstring): the small-batch rule may fall back to it.
+    # docstring): its dense point.
     full_compute_runs_base: ClassVar[bool] = False
     # True for a method whose images may take different paths at one operating point (exits, granularities): its
     # DynamicOutput tells them apart by ``stage`` or ``gmacs``. False where every image runs the same shapes (FSLA:
@@ -283,6 +287,13 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
         self._write_point(checked)
         return self.operating_point
 
+    def dense_point(self) -> OperatingPoint | None:
+        """The knob values at which the model runs one pass of the base's architecture at the base's cost, with its
+        own weights (see the module docstring; knobs it does not name do not apply there), or None when it has none.
+        Default: the full-compute point of a method that sets ``full_compute_runs_base``; a cascade overrides it
+        (its ``dense`` knob at 1)."""
+        return self.operating_space().full() if self.full_compute_runs_base else None
+
     def full_compute(self) -> ConvertedModel:
         """Switch to the full-compute setting (the base model itself when ``exact_at_full_compute``)."""
         self.set_operating_point(self.operating_space().full())
@@ -311,7 +322,7 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
         """
         point = choose_point(self.curve, budget, self.base_gmacs, self.calibration.get("base_top1"),
                              self.adds_compute)
-        self.set_operating_point(point.point)
+        self.set_operating_point({**self.operating_space().implied(), **point.point})
         return point
 
     # --- state ----------------------------------------------------------------------------------------
@@ -355,9 +366,9 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
             raise UserError(f"config: state.base_gmacs must be a number, got {base_gmacs!r}")
         small_batch = state.pop("small_batch", None)
         self.small_batch = SmallBatchRule.from_dict(small_batch) if small_batch is not None else None
-        if self.small_batch is not None and not self.full_compute_runs_base:
-            raise UserError(f"config: state.small_batch is only valid for methods whose full-compute point runs the "
-                            f"base model's computation, not {self.method}")
+        if self.small_batch is not None and self.dense_point() is None:
+            raise UserError(f"config: state.small_batch is only valid for models with a dense point (one pass of the "
+                            f"base model's computation), not this {self.method} model")
         self.load_method_state(state)
 
     # --- shared behaviour -----------------------------------------------------------------------------
@@ -379,7 +390,7 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
         if x.shape[0] == 0:
             return self._empty_output(x)
         if self.small_batch is not None and self.small_batch.applies(x):
-            return self.forward_full_compute(x)
+            return self.forward_dense(x)
         return self.forward_at_point(x)
 
     @torch.compiler.disable(recursive=False)
@@ -400,10 +411,10 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
         x = mark_rows_dynamic(x)
         with compile_settings():
             if small:
-                # forward_full_compute, inlined: called from this untraced frame, it would be a frame dynamo traces,
-                # with the point's Python state in it
+                # forward_dense, inlined: called from this untraced frame, it would be a frame dynamo traces, with the
+                # point's Python state in it
                 saved = self.operating_point
-                self._write_point(self.operating_space().full())
+                self._write_point({**saved, **(self.dense_point() or {})})
                 try:
                     return self.forward_at_point(x)
                 finally:
@@ -419,8 +430,22 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
                              stage=out.stage[:0] if out.stage is not None else None,
                              extras={k: v[:0] for k, v in out.extras.items()})
 
+    def forward_dense(self, x: torch.Tensor) -> DynamicOutput:
+        """Inference at the dense point, whatever the current point (the small-batch rule's path)."""
+        point = self.dense_point()
+        if point is None:
+            raise ValueError(f"this {self.method} model has no dense point")
+        if self.full_compute_runs_base:
+            return self.forward_full_compute(x)
+        saved = self.operating_point
+        self._write_point({**saved, **point})
+        try:
+            return self.forward_at_point(x)
+        finally:
+            self._write_point(saved)
+
     def forward_full_compute(self, x: torch.Tensor) -> DynamicOutput:
-        """Inference at the full-compute point, whatever the current point (the small-batch rule's path)."""
+        """Inference at the full-compute point, whatever the current point."""
         saved = self.operating_point
         self._write_point(self.operating_space().full())
         try:
@@ -446,7 +471,8 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
         self.eval()
         try:
             p = next(self.parameters())
-            cascade.count_costs(torch.zeros(1, 3, *self.anatomy.img_size, device=p.device, dtype=p.dtype))
+            cascade.count_costs(torch.zeros(1, 3, *self.anatomy.img_size, device=p.device, dtype=p.dtype),
+                                last_alone=self.dense_point() is not None)
         finally:
             self.train(was_training)
 

@@ -40,7 +40,9 @@ anyway, and one rule for both keeps a coarse token's bias the same in both passe
 The operating point is ``eta`` (the knob a user turns; simulated from one pass) and ``alpha`` (changes the
 fine stage; calibration explores the recipe's ``explore_alpha`` when given, else keeps ``model.alpha``). At
 ``eta = 1`` (never exit) and ``alpha = 1`` (re-split everything) the model is exactly the base model on
-the full image: that is its full-compute point.
+the full image: that is its full-compute point. ``dense`` 1 runs the fine stage alone on every image, without
+the coarse stage or reuse: the base's computation and cost with the fine-tuned weights, the dense point
+calibration falls back to where early exit does not pay (:meth:`ConvertedModel.dense_point`).
 
 **Hierarchical backbones (PVT-v2): the region path.** No class token and no single token grid, so: the coarse
 stage is the base model itself on the half-size image; each token of its last normalised map is scored by its
@@ -110,7 +112,7 @@ from vitconvert.layers.sharing import attach
 from vitconvert.methods.base import ConvertedModel, DynamicOutput, SimulatesPoints
 from vitconvert.methods.dge import Context, DGEBlock, block_costs
 from vitconvert.methods.dge.block import read_block, window_tables
-from vitconvert.operating import Knob, OperatingSpace
+from vitconvert.operating import Knob, OperatingPoint, OperatingSpace
 from vitconvert.recipes import Recipe, Strict
 from vitconvert.registry import register_method
 from vitconvert.sources import BaseSpec
@@ -251,6 +253,7 @@ class CFViT(ConvertedModel, SimulatesPoints):
                                                       Stage("fine", self._fine_stage, 0.0)]))
         self.eta = s.eta
         self._alpha = s.alpha
+        self.dense = 0.0
         self._count_costs()
 
     def _read_shared(self, base: nn.Module, embed: fx.GraphModule, names: list[str], family: Family,
@@ -488,6 +491,7 @@ class CFViT(ConvertedModel, SimulatesPoints):
         attach(self, cascade=Cascade([Stage("coarse", self._coarse_stage, 0.0), Stage("fine", self._fine_stage, 0.0)]))
         self.eta = s.eta
         self._alpha = s.alpha
+        self.dense = 0.0
         self._count_costs()
 
     _ctx: Context
@@ -620,7 +624,13 @@ class CFViT(ConvertedModel, SimulatesPoints):
                  description="exit after the coarse stage when its confidence exceeds eta"),
             Knob("alpha", 0.0, 1.0, full=1.0, sweep=tuple(s.explore_alpha or [s.alpha]),
                  description="share of coarse patches re-split in the fine stage"),
+            Knob("dense", 0.0, 1.0, full=0.0, sweep=(0.0, 1.0), integer=True, implied=0.0,
+                 description="1: the fine stage alone at full resolution on every image, without the coarse stage "
+                             "(the base model's computation and cost; eta and alpha do not apply)"),
         ))
+
+    def dense_point(self) -> OperatingPoint:
+        return {"dense": 1.0}  # the other knobs do not apply there
 
     @property
     def alpha(self) -> float:
@@ -684,12 +694,16 @@ class CFViT(ConvertedModel, SimulatesPoints):
             logits = g["head"](tokens)
         return {"logits": logits, "tokens": tokens, "gca": gca, "embedded": embedded}
 
-    def forward_fine(self, x: torch.Tensor, coarse: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Fine stage for the images in ``x`` given their coarse-stage results; returns logits."""
+    def forward_fine(self, x: torch.Tensor, coarse: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """Fine stage for the images in ``x`` given their coarse-stage results (None: without a coarse stage, every
+        patch fine and nothing reused); returns logits."""
         g = self._g
         p = self.num_prefix
         pos = self.base.get_parameter(self.anatomy.pos_embed) if self.anatomy.pos_embed is not None else None
         fine = self._embed(x, pos)
+        if coarse is None:
+            seq, _ = self._run_blocks(fine, self._shared("fine"), None, tap=False)
+            return g["head"](seq)
         b, _, c = fine.shape
         ch, cw = self.coarse_grid
         reuse = self.reuse(g["final_norm"](coarse["tokens"])[:, p:])  # (B, Nc, C)
@@ -750,6 +764,8 @@ class CFViT(ConvertedModel, SimulatesPoints):
         return coarse.pop("logits"), coarse
 
     def _fine_stage(self, x: torch.Tensor, carry: Carry) -> tuple[torch.Tensor, Carry]:
+        if not carry:  # alone (the dense point): every region fine, nothing reused
+            return (self.base(x) if self.hierarchical else self.forward_fine(x, None)), {}
         if self.hierarchical:
             # exported or compiled: the region blocks' traceable twin (DGE's; no Python decision on the data)
             mode = "traced" if graph_tracing() else "sparse"
@@ -757,25 +773,41 @@ class CFViT(ConvertedModel, SimulatesPoints):
         return self.forward_fine(x, carry), {}
 
     def forward_at_point(self, x: torch.Tensor) -> DynamicOutput:
-        """Batched early exit: the fine stage runs only on images whose coarse confidence is <= eta."""
+        """Batched early exit: the fine stage runs only on images whose coarse confidence is <= eta (at the dense
+        point, the fine stage alone)."""
         self.check_input(x)
-        out = self.cascade.run(x, [self.eta])
+        out = self.cascade.run_last(x) if self.dense else self.cascade.run(x, [self.eta])
         return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit,
                              extras={"confidence": out.confidence[0]})
 
     def forward_traceable(self, x: torch.Tensor, point: Mapping[str, torch.Tensor]) -> DynamicOutput:
-        """The batched early exit with ``eta`` as a tensor (an exported graph's input); alpha is baked in."""
-        out = self.cascade.run_traceable(self.check_input(x), point["eta"].reshape(1))
+        """The batched early exit with ``eta`` as a tensor (an exported graph's input); alpha is baked in (at the
+        dense point eta is an input that changes nothing)."""
+        self.check_input(x)
+        out = self.cascade.run_last(x) if self.dense else self.cascade.run_traceable(x, point["eta"].reshape(1))
         return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit)
 
+    def simulated_points(self, collected: dict[str, torch.Tensor]) -> list[OperatingPoint]:
+        """The eta sweep; at the dense point, where nothing exits, eta 1 alone."""
+        return [{"eta": 1.0}] if self.dense else super().simulated_points(collected)
+
     def collect(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Both stages on every image, for simulating any eta afterwards (calibration)."""
+        """Both stages on every image, for simulating any eta afterwards (calibration); at the dense point the
+        fine stage alone."""
         self.check_input(x)
+        if self.dense:
+            return {"fine": self.cascade.run_last(x).logits.float()}
         coarse, fine = self.cascade.run_all(x)
         return {"coarse": coarse.float(), "fine": fine.float()}
 
     def simulate(self, collected: dict[str, torch.Tensor], point: Mapping[str, float]) -> DynamicOutput:
         """What :meth:`forward_dynamic` returns at ``eta = point["eta"]`` (at the alpha collected with)."""
+        if point.get("dense", self.dense):
+            logits = collected["fine"]
+            b = logits.shape[0]
+            return DynamicOutput(logits=logits, gmacs=torch.full((b,), self.cascade.last_alone_gmacs),
+                                 stage=torch.ones(b, dtype=torch.long),
+                                 extras={"confidence": torch.full((b,), float("nan"))})
         out = self.cascade.simulate([collected["coarse"], collected["fine"]], [point.get("eta", self.eta)])
         return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit,
                              extras={"confidence": out.confidence[0]})

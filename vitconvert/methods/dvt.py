@@ -59,8 +59,10 @@ shifted-window masks differ, so a resized map would not describe the same token 
 **Operating point.** ``threshold_0 .. threshold_{K-2}``: member k answers an image whose confidence (max
 softmax) is above threshold k. All 1 (never exit) is the full-compute point: every image reaches the last
 member, which, with zero-initialised reuse, is exactly the base model (it costs the cumulative GMACs of
-all members, more than the base: choose a budget). Calibration follows DVT (MSDNet style): it collects
-every member's logits on held-out training images once (:class:`SimulatesPoints`), and for each ``q`` of
+all members, more than the base: choose a budget). ``dense`` 1 runs the last member alone on every image,
+without reuse: the base's computation and cost with the fine-tuned weights, the dense point calibration falls back
+to where early exit does not pay (:meth:`ConvertedModel.dense_point`). Calibration follows DVT (MSDNet style): it
+collects every member's logits on held-out training images once (:class:`SimulatesPoints`), and for each ``q`` of
 ``exit_q`` (default DVT's p/20, p = 1..59) sets target exit shares proportional to q^k and derives the
 thresholds that realise them (:func:`~vitconvert.layers.cascade.thresholds_for_exit_shares`); the curve
 is stored and :meth:`set_budget` picks another point of it on a loaded model.
@@ -270,6 +272,7 @@ class DVT(ConvertedModel, SimulatesPoints):
         if len(thresholds) != k_members - 1 or any(not 0.0 <= t <= 1.0 for t in thresholds):
             raise UserError(f"recipe: model.thresholds must be {k_members - 1} values in [0, 1], got {thresholds}")
         self.thresholds = [float(t) for t in thresholds]
+        self.dense = False
         if not self.split:
             self.grids = self._last_stage_grids()
         self._count_costs()
@@ -352,21 +355,33 @@ class DVT(ConvertedModel, SimulatesPoints):
     # --- operating point ------------------------------------------------------------------------------
 
     def operating_space(self) -> OperatingSpace:
-        return OperatingSpace(tuple(
-            Knob(f"threshold_{k}", 0.0, 1.0, full=1.0, sweep=(0.5, 0.7, 0.9, 1.0), simulated=True,
-                 description=f"member {self.names[k]} answers when its confidence exceeds this")
-            for k in range(len(self.img_sizes) - 1)))
+        return OperatingSpace((
+            *(Knob(f"threshold_{k}", 0.0, 1.0, full=1.0, sweep=(0.5, 0.7, 0.9, 1.0), simulated=True,
+                   description=f"member {self.names[k]} answers when its confidence exceeds this")
+              for k in range(len(self.img_sizes) - 1)),
+            Knob("dense", 0.0, 1.0, full=0.0, sweep=(0.0, 1.0), integer=True, implied=0.0,
+                 description=f"1: member {self.names[-1]} alone on every image, without reuse (the base model's "
+                             f"computation and cost; the thresholds do not apply)"),
+        ))
+
+    def dense_point(self) -> OperatingPoint:
+        return {"dense": 1.0}  # the other knobs do not apply there
 
     def _read_point(self) -> OperatingPoint:
-        return {f"threshold_{k}": t for k, t in enumerate(self.thresholds)}
+        return {**{f"threshold_{k}": t for k, t in enumerate(self.thresholds)}, "dense": float(self.dense)}
 
     def _write_point(self, point: OperatingPoint) -> None:
         for name, value in point.items():
-            self.thresholds[int(name.rsplit("_", 1)[1])] = float(value)
+            if name == "dense":
+                self.dense = bool(value)
+            else:
+                self.thresholds[int(name.rsplit("_", 1)[1])] = float(value)
 
     def simulated_points(self, collected: dict[str, torch.Tensor]) -> list[OperatingPoint]:
         """DVT's calibration: thresholds realising exit shares proportional to q^k, for every q of ``exit_q``,
-        plus the full-compute point."""
+        plus the full-compute point (at the dense point, where no member exits, only that one)."""
+        if self.dense:
+            return [{f"threshold_{k}": 1.0 for k in range(len(self.thresholds))}]
         logits = [collected[name] for name in self.names]
         k_members = len(logits)
         points = [self.operating_space().full()]
@@ -439,12 +454,12 @@ class DVT(ConvertedModel, SimulatesPoints):
         key = self.member_keys[k]
         tokens = g["embed"](self._resized(x, k))
         mixed = None
-        if g["bias"]:
+        if g["bias"] and "relations" in carry:  # no carry: the last member alone (the dense point), no reuse
             # Mixed at the upstream grid, resized one layer at a time just before its block: the resized
             # maps of all layers at once (L*h maps of (P+N)^2) would leave the cache before attention reads them.
             mixed = self.mixers[key](carry["relations"])
             mixed = mixed.view(mixed.shape[0], self.num_blocks, -1, *mixed.shape[-2:])
-        reuse = self.reuse[key] if k > 0 and key in self.reuse else None
+        reuse = self.reuse[key] if k > 0 and key in self.reuse and "features" in carry else None
         relations = []
         into_mlp = reuse is not None and self.settings.feature_reuse_at == "mlp"
         for i, block in enumerate(g["blocks"]):
@@ -475,7 +490,7 @@ class DVT(ConvertedModel, SimulatesPoints):
         blocks = [model.get_submodule(self.anatomy.blocks[i].path) for i in self.reuse_blocks]
         last = k == len(self.img_sizes) - 1
         key = self.member_keys[k]
-        reuse = self.reuse[key] if k > 0 and key in self.reuse else None
+        reuse = self.reuse[key] if k > 0 and key in self.reuse and "features" in carry else None
         prefix = self.num_prefix if self._family.block_layout == "tokens" else 0
         try:
             if reuse is not None:
@@ -499,23 +514,38 @@ class DVT(ConvertedModel, SimulatesPoints):
     # --- inference ------------------------------------------------------------------------------------
 
     def forward_at_point(self, x: torch.Tensor) -> DynamicOutput:
-        """Real early exit: member k+1 runs only on the images member k did not answer."""
-        out = self.cascade.run(self.check_input(x), self.thresholds)
+        """Real early exit: member k+1 runs only on the images member k did not answer (at the dense point, the
+        last member alone)."""
+        x = self.check_input(x)
+        out = self.cascade.run_last(x) if self.dense else self.cascade.run(x, self.thresholds)
         return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit,
                              extras={f"confidence_{k}": c for k, c in enumerate(out.confidence)})
 
     def forward_traceable(self, x: torch.Tensor, point: Mapping[str, torch.Tensor]) -> DynamicOutput:
-        """Real early exit with the thresholds as tensors (an exported graph's inputs)."""
+        """Real early exit with the thresholds as tensors (an exported graph's inputs; at the dense point they
+        are inputs that change nothing)."""
+        x = self.check_input(x)
+        if self.dense:
+            out = self.cascade.run_last(x)
+            return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit)
         thresholds = torch.stack([point[f"threshold_{k}"].reshape(()) for k in range(len(self.thresholds))])
-        out = self.cascade.run_traceable(self.check_input(x), thresholds)
+        out = self.cascade.run_traceable(x, thresholds)
         return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit)
 
     def collect(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every member on every image (calibration simulates any thresholds from these logits)."""
-        return {name: lg.float() for name, lg in zip(self.names, self.cascade.run_all(self.check_input(x)),
-                                                      strict=True)}
+        """Every member on every image (calibration simulates any thresholds from these logits); at the dense
+        point the last member alone."""
+        x = self.check_input(x)
+        if self.dense:
+            return {self.names[-1]: self.cascade.run_last(x).logits.float()}
+        return {name: lg.float() for name, lg in zip(self.names, self.cascade.run_all(x), strict=True)}
 
     def simulate(self, collected: dict[str, torch.Tensor], point: Mapping[str, float]) -> DynamicOutput:
+        if point.get("dense", self.dense):
+            logits = collected[self.names[-1]]
+            b, last = logits.shape[0], len(self.names) - 1
+            return DynamicOutput(logits=logits, gmacs=torch.full((b,), self.cascade.last_alone_gmacs),
+                                 stage=torch.full((b,), last, dtype=torch.long))
         thresholds = [float(point.get(f"threshold_{k}", t)) for k, t in enumerate(self.thresholds)]
         out = self.cascade.simulate([collected[name] for name in self.names], thresholds)
         return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit,
