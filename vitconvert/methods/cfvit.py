@@ -87,7 +87,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
@@ -142,13 +142,9 @@ class CFViT(ConvertedModel, SimulatesPoints):
     """Coarse-to-fine ViT with batched early exit (see the module docstring)."""
 
     method = "cfvit"
-    families = ("vit", "eva", "beit", "pvt_v2", "swin")
-    not_supported: ClassVar[dict[str, str]] = {
-        "swinv2": "its coarse pass at half the size runs smaller windows, for which SwinV2's continuous position bias "
-                  "is not derived yet",
-    }
+    families = ("vit", "eva", "beit", "pvt_v2", "swin", "swinv2")
     description = ("CF-ViT coarse-to-fine inference with early exit (ViT/DeiT with a class token or attention pooling, "
-                   "EVA/RoPE ViT, BEiT, PVT-v2, Swin)")
+                   "EVA/RoPE ViT, BEiT, PVT-v2, Swin, SwinV2)")
     Settings = CFViTSettings
     Losses = CFViTLosses
 
