@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from utils import TINY_MODELS, tiny_model
 
 import vitconvert
+from vitconvert.backbones.swinv2 import SwinV2Windows, relative_coords
 from vitconvert.errors import UserError
 from vitconvert.methods.cfvit import CFViT
 
@@ -198,9 +199,6 @@ def test_set_budget_picks_from_curve() -> None:
 
 
 def test_rejects_unsupported_bases() -> None:
-    arch, kwargs = TINY_MODELS["swinv2"]
-    with pytest.raises(UserError, match="BEiT, PVT-v2, Swin; swinv2_tiny_window8_256 is SwinV2"):
-        vitconvert.apply(arch, "cfvit", model_kwargs=kwargs, pretrained=False)
     arch, kwargs = TINY_MODELS["vit"]
     with pytest.raises(UserError, match="has neither: it pools with 'avg' and has no class token"):
         vitconvert.apply(arch, "cfvit", model_kwargs={**kwargs, "class_token": False, "global_pool": "avg"},
@@ -457,11 +455,24 @@ def test_pvt_rejects_what_the_region_path_cannot_run() -> None:
 # --- Swin: the region path by whole windows ------------------------------------------------------------------
 
 
-def convert_swin(overrides: list[str] | None = None, arch: str | None = None, **kwargs: object) -> CFViT:
-    tiny, tiny_kwargs = TINY_MODELS["swin"]
+def convert_swin(overrides: list[str] | None = None, arch: str | None = None, key: str = "swin",
+                 **kwargs: object) -> CFViT:
+    tiny, tiny_kwargs = TINY_MODELS[key]
     torch.manual_seed(0)
-    return vitconvert.apply(arch or tiny, "cfvit", model_kwargs={} if arch else {**tiny_kwargs, **kwargs},
-                            pretrained=False, overrides=overrides)
+    model = vitconvert.apply(arch or tiny, "cfvit", model_kwargs={} if arch else {**tiny_kwargs, **kwargs},
+                             pretrained=False, overrides=overrides)
+    wake_post_norms(model)
+    return model
+
+
+def wake_post_norms(model: CFViT) -> None:
+    """SwinV2 starts its residual post-norms at zero (a random-init block is the identity): weights around 1, so
+    every block computes something (base weights: ``build_base`` holds them too). Nothing to do on Swin."""
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in model.base.modules():
+            if isinstance(m, torch.nn.LayerNorm) and not m.weight.any():
+                m.weight.copy_(1.0 + 0.2 * torch.randn(m.weight.shape, generator=g))
 
 
 def timm_at_half_size(model: CFViT, arch: str, kwargs: dict) -> torch.nn.Module:
@@ -522,6 +533,80 @@ def test_swin_full_compute_on_swin_tiny_at_224() -> None:
     coarse_matches_timm(model, timm_at_half_size(model, "swin_tiny_patch4_window7_224", {}), x)
 
 
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("pretrained", [(0, 0), (6, 6)])
+def test_swinv2_bias_of_a_smaller_window_is_timms_for_that_window(pretrained: tuple[int, int]) -> None:
+    """A SwinV2 window other than the block's own gets the continuous bias timm computes once the attention is set to
+    that window (``set_window_size``): coordinates normalised by the pretraining window when there is one, else by
+    the window itself, then the MLP and ``16 * sigmoid``."""
+    arch, kwargs = TINY_MODELS["swinv2"]
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, **kwargs, pretrained_window_sizes=[pretrained[0]] * 4)
+    block = model.layers[1].blocks[1]  # 4x4 windows, shifted
+    view = SwinV2Windows(block)
+    for window in ((2, 2), (1, 1), (4, 2)):
+        ref = copy.deepcopy(block.attn)
+        ref.set_window_size(window)
+        assert torch.equal(relative_coords(window, pretrained, torch.device("cpu")), ref.relative_coords_table)
+        n, h = window[0] * window[1], ref.num_heads
+        table = ref.cpb_mlp(ref.relative_coords_table).view(-1, h)
+        expected = 16 * torch.sigmoid(table[ref.relative_position_index.view(-1)].view(n, n, h).permute(2, 0, 1))
+        assert torch.equal(view.relative_bias(window), expected)
+    # the coordinates of an offset move with the window unless a pretraining window fixes them
+    small, own = relative_coords((2, 2), pretrained, torch.device("cpu")), block.attn.relative_coords_table
+    assert torch.equal(small[0, 2, 2], own[0, 4, 4]) == (pretrained != (0, 0))
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("pretrained", [0, 6])
+def test_swinv2_coarse_pass_is_timm_built_for_the_half_size_image(pretrained: int) -> None:
+    """The coarse pass is timm's SwinV2 built for the half-size image with the same weights: windows by timm's rule
+    (a map no larger than the window is one unshifted window), the continuous bias of each shrunk window as timm
+    derives it (normalised by ``pretrained_window_size`` when set), post-norm blocks."""
+    sizes = [pretrained] * 4
+    model = convert_swin(key="swinv2", pretrained_window_sizes=sizes).eval()
+    arch, kwargs = TINY_MODELS["swinv2"]
+    ref = timm.create_model(arch, pretrained=False, **{**kwargs, "pretrained_window_sizes": sizes,
+                                                       "img_size": model.coarse_img_size}).eval()
+    ref.load_state_dict(model.build_base().state_dict())
+    windows = [tuple(b.window_size) for stage in ref.layers for b in stage.blocks]
+    assert windows == [(4, 4)] * 3 + [(2, 2)] * 2 + [(1, 1)]  # stages 3 (2x2 map) and 4 (1x1) shrink
+    x = torch.randn(3, 3, 32, 32)
+    coarse_matches_timm(model, ref, x)
+    # the bias of the shrunk windows matters: another normalisation differs (for pretrained 0 that is Swin's rule,
+    # each offset the value it has in the block's own 4x4 window)
+    with torch.no_grad():
+        for stage in ref.layers[2:]:
+            for blk in stage.blocks:
+                blk.attn.pretrained_window_size = (4, 4) if pretrained == 0 else (3, 3)
+                blk.attn.init_non_persistent_buffers()
+        xc = F.interpolate(x, size=model.coarse_img_size, mode="bilinear", align_corners=False, antialias=True)
+        assert (model._coarse_regions(x)["logits"] - ref(xc)).abs().max() > 1e-4
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_swinv2_full_compute_and_round_trip_on_swinv2_tiny_at_256(tmp_path) -> None:
+    """swinv2_tiny_window8_256 (random init, post-norms woken): exact at full compute, the coarse pass at 128 px is
+    timm's model built for it (shifted 8x8 windows on the 32 and 16 maps, one on the 8x8 map, 4x4 on the last), and
+    a point that refines half the windows saves and loads through vitconvert and timm."""
+    model = convert_swin(arch="swinv2_tiny_window8_256").eval()
+    assert len(model._window_blocks) == 12 and model._full_blocks == [] and model.coarse_final_grid == (4, 4)
+    base = model.build_base()
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        assert (model.full_compute()(x) - base(x)).abs().max() <= 1e-4
+    ref = timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=128).eval()
+    ref.load_state_dict(base.state_dict())
+    coarse_matches_timm(model, ref, x)
+    model.set_operating_point({"eta": 1.0, "alpha": 0.5})
+    path = vitconvert.save(model, tmp_path / "m")
+    with torch.no_grad():
+        expected = model(x)
+        assert (expected - base(x)).abs().max() > 1e-2  # half the windows coarse
+        assert torch.equal(vitconvert.load(path)(x), expected)
+        assert torch.equal(timm.create_model(f"local-dir:{path}", pretrained=True).eval()(x), expected)
+
+
 def test_swin_window_gates_follow_the_scores() -> None:
     model = copy.deepcopy(_swin_tiny())
     model.alpha = 0.25
@@ -537,10 +622,13 @@ def test_swin_window_gates_follow_the_scores() -> None:
     assert int(gates[10].sum()) == 0  # one window per image: always refined
 
 
-def test_swin_fine_pass_refines_whole_windows() -> None:
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("key", ["swin", "swinv2"])
+def test_swin_fine_pass_refines_whole_windows(key: str) -> None:
     """At alpha < 1 the fine stage's counted MACs fall with alpha; an image's GMACs are what its path counts, and
-    in each refined block every window runs at one level (the split path: no per-query gathers)."""
-    model = convert_swin()
+    in each refined block every window runs at one level (the split path: no per-query gathers). SwinV2's blocks
+    are post-norm with cosine attention: its unrefined windows run DGE's coarse level through the same block."""
+    model = convert_swin(key=key)
     costs = {}
     for alpha in (1.0, 0.5, 0.25):
         model.alpha = alpha

@@ -62,7 +62,7 @@ def test_apply_inspect_and_recipes(tmp_path) -> None:
     (["apply", "--recipe", "cfvit", "--no-pretrained", "no_such_model_x"], "unknown model"),
     (["apply", "--recipe", "nope", "deit_tiny"], "unknown recipe 'nope'"),
     (["apply", "--recipe", "cfvit", "--set", "model.alhpa=1", "deit_tiny"], "unknown key 'model.alhpa'"),
-    (["apply", "--recipe", "cfvit", "--no-pretrained", "swinv2_tiny_window8_256"], "supports ViT/DeiT"),
+    (["apply", "--recipe", "fsla", "--no-pretrained", "pvt_v2_b0"], "supports Swin, SwinV2; pvt_v2_b0 is PVT-v2"),
     (["apply", "--recipe", "cfvit", "--checkpoint", "/nonexistent.pth", "deit_tiny"], "does not exist"),
     (["inspect", "resnet18"], "no attention found"),
     (["apply", "--recipe", "dvt", "--no-pretrained", "--model-kwargs", "img_size=28", "depth=2",

@@ -40,15 +40,15 @@ class SwinWindows(WindowView):
     pretrained model learned for that offset."""
 
     def window(self, hw: tuple[int, int]) -> tuple[int, int]:
-        w = _pair(self.block.window_size)
+        w = as_pair(self.block.window_size)
         return min(w[0], hw[0]), min(w[1], hw[1])
 
     def native(self, hw: tuple[int, int]) -> bool:
         res = getattr(self.block, "input_resolution", None)
-        return res is None or _pair(res) == (int(hw[0]), int(hw[1]))
+        return res is None or as_pair(res) == (int(hw[0]), int(hw[1]))
 
     def _shift(self, hw: tuple[int, int]) -> tuple[int, int]:
-        w, s = self.window(hw), _pair(self.block.shift_size)
+        w, s = self.window(hw), as_pair(self.block.shift_size)
         return (0 if hw[0] <= w[0] else s[0]), (0 if hw[1] <= w[1] else s[1])
 
     def partition(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,18 +75,14 @@ class SwinWindows(WindowView):
         """(heads, N, N) relative position bias of a ``window``: the block's own, or read from its table at the
         offsets a smaller window has."""
         attn = self.block.attn
-        own = _pair(attn.window_size)
+        own = as_pair(attn.window_size)
         if window == own:
             return self.own_relative_bias()
         table = getattr(attn, "relative_position_bias_table", None)
         if table is None:
             raise UserError(f"{type(attn).__name__} gives its relative position bias for its own {own[0]}x{own[1]} "
                             f"windows only, not for {window[0]}x{window[1]} windows")
-        ys, xs = torch.meshgrid(torch.arange(window[0], device=table.device),
-                                torch.arange(window[1], device=table.device), indexing="ij")
-        ys, xs = ys.flatten(), xs.flatten()
-        index = (ys.view(-1, 1) - ys.view(1, -1) + own[0] - 1) * (2 * own[1] - 1) + xs.view(-1, 1) - xs.view(1, -1) \
-            + own[1] - 1
+        index = relative_position_index(window, own, table.device)
         n = window[0] * window[1]
         return table.index_select(0, index.flatten()).view(n, n, -1).permute(2, 0, 1)
 
@@ -152,9 +148,9 @@ class Swin(Family):
             return missing
         for b in draft.blocks:
             b.attn_kind = "window"
-        draft.extras["window_size"] = [list(_pair(model.get_submodule(draft.blocks[s.blocks[0]].path).window_size))
+        draft.extras["window_size"] = [list(as_pair(model.get_submodule(draft.blocks[s.blocks[0]].path).window_size))
                                        for s in draft.stages]
-        draft.extras["shift_size"] = [list(_pair(m.shift_size)) for m in blocks]
+        draft.extras["shift_size"] = [list(as_pair(m.shift_size)) for m in blocks]
         return []
 
     def block_grid(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -207,11 +203,23 @@ class Swin(Family):
         return max(anatomy.patch_size[0], total_stride(anatomy) // 2)
 
 
+def relative_position_index(window: tuple[int, int], span: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(N, N) the row of each position pair of a ``window`` in a table of the relative offsets of a ``span`` window
+    (``(2 * span_h - 1) * (2 * span_w - 1)`` rows, offset (dy, dx) at ``(dy + span_h - 1) * (2 * span_w - 1) + dx +
+    span_w - 1``: timm's ``relative_position_index`` where ``span`` is the window itself)."""
+    ys, xs = torch.meshgrid(torch.arange(window[0], device=device), torch.arange(window[1], device=device),
+                            indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    return (ys.view(-1, 1) - ys.view(1, -1) + span[0] - 1) * (2 * span[1] - 1) + xs.view(-1, 1) - xs.view(1, -1) \
+        + span[1] - 1
+
+
 def _window_for(side: int, window: int) -> int:
     if side <= window or side % window == 0:
         return window
     return next((d for d in range(window, math.ceil(window / 2) - 1, -1) if side % d == 0), window)
 
 
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+def as_pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    """timm's window and shift sizes, an int or a pair, as an (h, w) pair of ints."""
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))

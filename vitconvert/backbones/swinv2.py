@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitconvert.backbones.family import QueryAttention, WindowView
-from vitconvert.backbones.swin import Swin, SwinWindows, WindowQueryAttention
+from vitconvert.backbones.swin import Swin, SwinWindows, WindowQueryAttention, as_pair, relative_position_index
 from vitconvert.errors import AnatomyError
 
 
@@ -53,16 +53,54 @@ class CosineWindowQueryAttention(WindowQueryAttention):
 
 
 class SwinV2Windows(SwinWindows):
-    """A ``SwinTransformerV2Block`` as a batch of windows: Swin's, with the continuous position bias as the table."""
+    """A ``SwinTransformerV2Block`` as a batch of windows: Swin's, with the continuous position bias as the table.
+
+    A window other than the block's own (CF-ViT's coarse pass: a map smaller than the window is one window of its
+    size) gets the bias timm computes for a block built with that window (``WindowAttention.set_window_size``): the
+    MLP over the window's log-spaced relative coordinates, normalised by the attention's ``pretrained_window_size``
+    when it has one and else by the window itself. So for a model trained at its own window (``pretrained_window_size``
+    0) a smaller window's coordinates span the same [-8, 8] as the trained window's, and an offset does not keep the
+    bias it had there (unlike Swin's table read at the offsets, :meth:`SwinWindows.relative_bias`); a model fine-tuned
+    from a smaller pretraining window keeps its coordinates. This is the base model at that size as timm builds it."""
 
     tables_keep = False  # the continuous bias runs its MLP on every forward, as timm's block does (and counts)
 
     def own_relative_bias(self) -> torch.Tensor:
         attn = self.block.attn
-        table = attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads)
-        n = attn.relative_position_index.shape[0]
-        rel = table[attn.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        return self._continuous_bias(attn.relative_coords_table, attn.relative_position_index)
+
+    def relative_bias(self, window: tuple[int, int]) -> torch.Tensor:
+        """(heads, N, N) the continuous position bias of a ``window``: the block's own (its buffers), or computed
+        the way timm computes it for a block built with that window (see the class docstring)."""
+        attn = self.block.attn
+        if window == as_pair(attn.window_size):
+            return self.own_relative_bias()
+        buffer = attn.relative_coords_table
+        coords = relative_coords(window, as_pair(attn.pretrained_window_size), buffer.device).to(buffer.dtype)
+        return self._continuous_bias(coords, relative_position_index(window, window, buffer.device))
+
+    def _continuous_bias(self, coords: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(1, 2h-1, 2w-1, 2) coordinates and (N, N) index -> (heads, N, N) bias, timm's forward: the MLP, the
+        pairs' rows, ``16 * sigmoid``."""
+        attn = self.block.attn
+        table = attn.cpb_mlp(coords).view(-1, attn.num_heads)
+        n = index.shape[0]
+        rel = table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
         return 16 * torch.sigmoid(rel)
+
+
+def relative_coords(window: tuple[int, int], pretrained: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(1, 2h-1, 2w-1, 2) float32 the log-spaced relative coordinates of a ``window``, as timm's SwinV2
+    ``WindowAttention`` makes them (``_make_pair_wise_relative_positions``): each offset divided by ``pretrained - 1``
+    when ``pretrained`` is set (its first side > 0) and else by ``window - 1`` (at least 1), times 8, then
+    ``sign(t) * log2(|t| + 1) / 3``."""
+    axes = [torch.arange(-(w - 1), w, device=device, dtype=torch.float32) for w in window]
+    table = torch.stack(torch.meshgrid(*axes, indexing="ij")).permute(1, 2, 0).contiguous().unsqueeze(0)
+    norm = pretrained if pretrained[0] > 0 else window
+    table[:, :, :, 0] /= max(norm[0] - 1, 1)
+    table[:, :, :, 1] /= max(norm[1] - 1, 1)
+    table *= 8
+    return torch.sign(table) * torch.log2(torch.abs(table) + 1.0) / math.log2(8)
 
 
 class SwinV2(Swin):

@@ -1,7 +1,8 @@
 """CF-ViT: coarse-to-fine vision transformer (Chen et al., AAAI 2023, arXiv 2203.03821).
 
 Converted from a pretrained ViT/DeiT with a class token or an attention-pooling head (SigLIP, MAP), or an EVA/RoPE
-ViT or BEiT with a class token. One set of transformer weights serves both stages; only the position embeddings differ.
+ViT or BEiT with a class token (the token path), or a PVT-v2, Swin or SwinV2 (the region path, below). One set of
+transformer weights serves both stages; on the token path only the position embeddings differ.
 
 * Coarse stage: the image is resized so the unchanged patch embedding yields a coarse grid (half the
   native grid per side by default: 7x7 for 14x14), then class token, all blocks, norm, head. Blocks from
@@ -77,6 +78,13 @@ smaller window read from the block's own table at the offsets it has (not a resa
 blocks at every token (:meth:`~vitconvert.methods.dge.DGEBlock.forward`, dense mode on a map the base block was not
 built for).
 
+**SwinV2** is read as Swin, with the two differences its window view and query attention carry: post-norm blocks
+(``x + norm1(attn(x))``; DGE's blocks read it from the block, in both passes and at every level) with cosine
+attention, and a continuous position bias, for which a window the coarse pass shrinks gets the bias timm computes for
+a block built with that window (:meth:`~vitconvert.backbones.swinv2.SwinV2Windows.relative_bias`: its coordinates
+normalised by ``pretrained_window_size`` when set, else by the window): the coarse pass is timm's SwinV2 at half the
+size. Its bias MLP runs on every forward (no kept tables), counted in both stages' GMACs.
+
 Fine-tuning trains both stages at once (fine output: distillation + cross-entropy; coarse output: KL to the
 detached fine output). The added parts (coarse position embedding, reuse MLP) may learn at ``new_lr_scale``
 times the recipe's rate; in a short recipe on CIFAR-10 10x gave 0.3 points more top-1 at half the
@@ -89,7 +97,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
@@ -144,13 +152,9 @@ class CFViT(ConvertedModel, SimulatesPoints):
     """Coarse-to-fine ViT with batched early exit (see the module docstring)."""
 
     method = "cfvit"
-    families = ("vit", "eva", "beit", "pvt_v2", "swin")
-    not_supported: ClassVar[dict[str, str]] = {
-        "swinv2": "its coarse pass at half the size runs smaller windows, for which SwinV2's continuous position bias "
-                  "is not derived yet",
-    }
+    families = ("vit", "eva", "beit", "pvt_v2", "swin", "swinv2")
     description = ("CF-ViT coarse-to-fine inference with early exit (ViT/DeiT with a class token or attention pooling, "
-                   "EVA/RoPE ViT, BEiT, PVT-v2, Swin)")
+                   "EVA/RoPE ViT, BEiT, PVT-v2, Swin, SwinV2)")
     Settings = CFViTSettings
     Losses = CFViTLosses
 

@@ -352,10 +352,8 @@ class DGEBlock(nn.Module):
         rows = torch.arange(self.num_prefix + lay.counts[0], device=x.device)  # every token its own row
         q = UniformQueries(self.num_prefix, 1, rows, torch.zeros(x.shape[0], lay.num_regions, dtype=torch.long,
                                                                  device=x.device), rows)
-        xn = self.get_submodule(self.parts.norm1)(x)
-        x = x + self._apply_chain(self.parts.post_attn, self._attention(xn, xn, hw, q))
-        m = self._mlp(self.get_submodule(self.parts.norm2)(x), hw, lay, q, None)
-        return x + self._apply_chain(self.parts.post_mlp, m)
+        # the block's updates as every other path computes them: pre-norm, or post-norm (SwinV2) as the reader says
+        return x + self._updates(x, x, hw, lay, q, None)
 
     def token_sizes(self, gates: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """(B, GH, GW) gates as a forward recorded them -> (B, H, W) sub-patch side of the query covering each
