@@ -435,7 +435,7 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
         point = self.dense_point()
         if point is None:
             raise ValueError(f"this {self.method} model has no dense point")
-        if self.full_compute_runs_base:
+        if point == self.operating_space().full():  # a method's own full-compute path (DGE: routers not run)
             return self.forward_full_compute(x)
         saved = self.operating_point
         self._write_point({**saved, **point})

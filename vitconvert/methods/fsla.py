@@ -103,7 +103,7 @@ from vitconvert.layers.costs import GIGA, attention_macs, conv_macs, linear_macs
 from vitconvert.layers.seams import insert_residual_branch, read_residual_block, replace_attention_core
 from vitconvert.layers.sharing import attach
 from vitconvert.methods.base import ConvertedModel, DynamicOutput
-from vitconvert.operating import Knob, OperatingSpace
+from vitconvert.operating import Knob, OperatingPoint, OperatingSpace
 from vitconvert.recipes import Recipe, Strict
 from vitconvert.registry import register_method
 from vitconvert.sources import BaseSpec
@@ -318,7 +318,7 @@ class _FSLABase(ConvertedModel):
 
     Losses = FSLALosses
     mode: ClassVar[str]
-    full_compute_runs_base = True  # cluster size 0: the base blocks, no clustering and no added sub-layers
+    full_compute_runs_base = True  # replace: full compute is cluster size 0, the base blocks (augment: see FSLA)
     per_image_paths = False  # every image is clustered, into clusters of the same sizes: one cost for all
 
     def __init__(self, base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy) -> None:
@@ -386,6 +386,9 @@ class _FSLABase(ConvertedModel):
 
     def _read_point(self) -> dict[str, float]:
         return {"cluster_size": float(self.cluster_size)}
+
+    def dense_point(self) -> OperatingPoint:
+        return {"cluster_size": 0.0}  # the base blocks: no clustering and no added sub-layers
 
     def gmacs_at(self, cluster_size: int | None = None) -> float:
         """GMACs of one image at ``cluster_size`` (default: the current knob)."""
@@ -506,6 +509,7 @@ class FSLA(_FSLABase):
     description = "BOAT feature-space local attention sub-layers after Swin's shifted-window attention"
     Settings = FSLASettings
     mode = "augment"
+    full_compute_runs_base = False  # full compute has FSLA on (zero-initialised sub-layers); dense: cluster size 0
     adds_compute = True  # BOAT's sub-layers buy accuracy with compute: budgets may choose points above Swin's GMACs
 
     def _build(self) -> None:
