@@ -48,6 +48,20 @@ def test_pt2_reloads_with_torch_export_load_and_matches_eager(cascade, tmp_path:
     assert 0 < int(exits.sum()) < 7  # a real mix of exits went through the graph
 
 
+def test_the_dense_point_exports_as_one_dense_pass(cascade, tmp_path: Path) -> None:
+    """At the dense point (the fine stage alone) the graph is the base model's computation: every image at the last
+    exit and the base's GMACs; eta stays an input that changes nothing."""
+    model = copy.deepcopy(cascade[0])
+    x = cascade[2]
+    model.set_operating_point(model.dense_point())
+    module = torch.export.load(str(vitconvert.export(model, tmp_path / "d.pt2", format="torch-export"))).module()
+    with torch.no_grad():
+        logits, gmacs, exits = module(x, torch.tensor(0.0))
+        base = model.build_base().eval()(x)
+    torch.testing.assert_close(logits, base, atol=1e-5, rtol=1e-5)
+    assert (exits == 1).all() and torch.allclose(gmacs, torch.full_like(gmacs, model.base_gmacs))
+
+
 def test_onnx_defaults_to_the_stored_point_and_carries_the_preprocessing(cascade) -> None:
     model, folder, x = cascade
     path = vitconvert.export(folder)
