@@ -52,7 +52,7 @@ CASES: dict[str, tuple[str, str, dict[str, Any], dict[str, Any], str, str]] = {
                     num_labels=5), dict(size={"height": 64, "width": 64}), "dvt", "pvt_v2_b0"),
 }
 PROCESSOR = "ViTImageProcessor"
-# Mapped and checked, but not yet a family the methods convert (see test_cli_apply_and_refusals).
+# Mapped and checked; kept out of CASES (its own tests below: the pretrained window sizes, and a CLI conversion).
 SWINV2 = ("Swinv2ForImageClassification", "Swinv2Config",
           dict(image_size=32, patch_size=2, embed_dim=16, depths=[1, 2], num_heads=[1, 2], window_size=4,
                pretrained_window_sizes=[0, 3], num_labels=5), {}, "dvt", "swinv2_tiny_window8_256")
