@@ -87,7 +87,7 @@ def test_a_budget_picks_the_exported_point(cascade, tmp_path: Path) -> None:
     model.curve = [chosen, vitconvert.CurvePoint({"eta": 1.0, "alpha": 1.0}, model.base_gmacs * 1.2, 60.0)]
     path = vitconvert.export(model, tmp_path / "m.onnx", budget="60%")
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    assert json.loads(meta["operating_point"]) == chosen.point
+    assert json.loads(meta["operating_point"]) == {**chosen.point, "dense": 0.0}
 
 
 def test_refusals_are_one_line_and_write_nothing(cascade, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

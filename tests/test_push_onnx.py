@@ -94,7 +94,7 @@ def test_push_with_onnx_runs_in_onnxruntime_and_loading_never_fetches_it(hub, hu
     section = card[card.index(ONNX_HEADING):card.index("## Recipe")]
     assert f'hf_hub_download("{hub_repo}", "model.onnx")' in section
     assert f"# the stored point: eta = {model.eta:g}" in section
-    assert "Fixed in the graph: `alpha = 0.5`." in section
+    assert "Fixed in the graph: `alpha = 0.5`, `dense = 0`." in section
     assert "`logits` (N, classes)" in section and "`exit` (N,) int64" in section
     assert "np.array([0.485, 0.456, 0.406], np.float32)" in section and "Image.Resampling.BICUBIC" in section
 
