@@ -232,11 +232,14 @@ class Cascade:
         No decision depends on the data, so the same code runs eager, exported and compiled. Every image exits at
         the last stage at :attr:`last_alone_gmacs`; the earlier stages' confidences are NaN (they did not run).
         """
-        logits, _ = self.stages[-1].run(x, {})
-        b, last = x.shape[0], len(self.stages) - 1
-        nan = torch.full((b,), float("nan"), device=x.device)
-        return CascadeOutput(logits=logits, exit=torch.full((b,), last, dtype=torch.long, device=x.device),
-                             gmacs=torch.full((b,), self.last_alone_gmacs, dtype=torch.float32, device=x.device),
+        return self.simulate_last(self.stages[-1].run(x, {})[0])
+
+    def simulate_last(self, logits: torch.Tensor) -> CascadeOutput:
+        """What :meth:`run_last` returns, from the last stage's logits run alone (calibration's collected pass)."""
+        b, last, device = logits.shape[0], len(self.stages) - 1, logits.device
+        nan = torch.full((b,), float("nan"), device=device)
+        return CascadeOutput(logits=logits, exit=torch.full((b,), last, dtype=torch.long, device=device),
+                             gmacs=torch.full((b,), self.last_alone_gmacs, dtype=torch.float32, device=device),
                              confidence=[nan] * last + [confidence(logits)])
 
     def run_all(self, x: torch.Tensor, carry: Carry | None = None) -> list[torch.Tensor]:

@@ -806,13 +806,8 @@ class CFViT(ConvertedModel, SimulatesPoints):
 
     def simulate(self, collected: dict[str, torch.Tensor], point: Mapping[str, float]) -> DynamicOutput:
         """What :meth:`forward_dynamic` returns at ``eta = point["eta"]`` (at the alpha collected with)."""
-        if point.get("dense", self.dense):
-            logits = collected["fine"]
-            b = logits.shape[0]
-            return DynamicOutput(logits=logits, gmacs=torch.full((b,), self.cascade.last_alone_gmacs),
-                                 stage=torch.ones(b, dtype=torch.long),
-                                 extras={"confidence": torch.full((b,), float("nan"))})
-        out = self.cascade.simulate([collected["coarse"], collected["fine"]], [point.get("eta", self.eta)])
+        out = (self.cascade.simulate_last(collected["fine"]) if point.get("dense", self.dense) else
+               self.cascade.simulate([collected["coarse"], collected["fine"]], [point.get("eta", self.eta)]))
         return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit,
                              extras={"confidence": out.confidence[0]})
 

@@ -542,12 +542,10 @@ class DVT(ConvertedModel, SimulatesPoints):
 
     def simulate(self, collected: dict[str, torch.Tensor], point: Mapping[str, float]) -> DynamicOutput:
         if point.get("dense", self.dense):
-            logits = collected[self.names[-1]]
-            b, last = logits.shape[0], len(self.names) - 1
-            return DynamicOutput(logits=logits, gmacs=torch.full((b,), self.cascade.last_alone_gmacs),
-                                 stage=torch.full((b,), last, dtype=torch.long))
-        thresholds = [float(point.get(f"threshold_{k}", t)) for k, t in enumerate(self.thresholds)]
-        out = self.cascade.simulate([collected[name] for name in self.names], thresholds)
+            out = self.cascade.simulate_last(collected[self.names[-1]])
+        else:
+            thresholds = [float(point.get(f"threshold_{k}", t)) for k, t in enumerate(self.thresholds)]
+            out = self.cascade.simulate([collected[name] for name in self.names], thresholds)
         return DynamicOutput(logits=out.logits, gmacs=out.gmacs, stage=out.exit,
                              extras={f"confidence_{k}": c for k, c in enumerate(out.confidence)})
 
