@@ -98,3 +98,22 @@ def test_compiles_once_for_every_batch_size(method: str, family: str) -> None:
     torch._dynamo.reset()
     assert extra <= RECOMPILES, (f"{method}-{family}: batches {BATCHES} at the exercised point and at full compute "
                                  f"compiled {extra} more graphs than their first calls ({counts} graphs after them)")
+
+
+def test_a_new_alpha_compiles_with_inductor() -> None:
+    """CF-ViT's ``alpha`` (how many regions are refined) sets sizes inside the fine stage. Changing it on a compiled
+    model must compile a graph for the new value, not a symbolic one: inductor (torch 2.14) wrote code naming a float
+    symbol it never defined (``NameError: name 'zf82' is not defined``) for a run-time assert on those sizes. With the
+    real backend (the bug is in inductor's code generation), on the tiny ViT: seconds."""
+    case = _case("cfvit", "vit")
+    model = copy.deepcopy(case.model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    try:
+        for point in (case.point, model.operating_space().full(), case.point, {**case.point, "alpha": 0.7}):
+            model.set_operating_point(point)
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(case.x), model.forward_dynamic(case.x).logits, atol=1e-4, rtol=0,
+                                           msg=f"at {point}")
+    finally:
+        torch._dynamo.reset()

@@ -73,6 +73,10 @@ def compile_settings() -> Iterator[None]:
       only at run time (``nonzero``, a query count read with ``.item()`` and bounded with ``torch._check``) become
       unbacked sizes in the graph, as ``torch.export`` records them, instead of graph breaks whose next graph
       recompiles for every new size;
+    * dynamo's ``specialize_float``: a float the frames read (CF-ViT's ``alpha``, how many regions are refined) is a
+      constant of the graph, and a new value compiles a new graph. Left symbolic (dynamo's default makes a float that
+      changed between calls symbolic), inductor (torch 2.14) writes code that names a symbol it never defines
+      (``NameError: name 'zf82' is not defined``) for the sizes computed from it;
     * inductor's ``layout_optimization`` off: with a run-time batch size, inductor mispredicts the strides of a
       convolution it moved to channels-last and fails a stride assertion on the first call (torch 2.14).
 
@@ -82,6 +86,7 @@ def compile_settings() -> Iterator[None]:
     from torch._dynamo import config as dynamo_config
     from torch._inductor import config as inductor_config
 
-    with dynamo_config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True), \
+    with dynamo_config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True,
+                             specialize_float=True), \
             inductor_config.patch(layout_optimization=False):
         yield
