@@ -278,6 +278,66 @@ def test_cascade_kl_teaches_earlier_exits_the_last_members_answer() -> None:
     assert model.base.blocks[0].attn.qkv.weight.grad is None  # the last member is the base model
 
 
+@pytest.mark.parametrize("key", ["deit", "swin"])
+def test_a_frozen_last_member_is_the_base_and_the_teacher(key: str) -> None:
+    model = convert(key, overrides=["model.freeze_last=true"])
+    free = convert(key)
+    k = len(model.names) - 1
+    # No reuse into the last member: it runs (and costs) the base model alone, and nothing is handed to it.
+    assert str(k) not in model.reuse and str(k) not in model.mixers and str(k) in free.reuse
+    assert model.costs[model.names[-1]] == pytest.approx(model.base_gmacs)
+    assert free.costs[free.names[-1]] > free.base_gmacs
+    assert not any(p.requires_grad for p in model.base.parameters())
+    perturb(model)
+    model.train()
+    assert not model.base.training and model.members[0].training
+    x = torch.randn(3, 3, *model.anatomy.img_size)
+    out = model.forward_train(x)
+    with torch.no_grad():
+        original = vitconvert.session.original_model(model)[0].eval()(x)
+    torch.testing.assert_close(out["original_logits"], original, atol=1e-5, rtol=0)
+    assert out["original_logits"] is out["logits"] and not out["logits"].requires_grad
+    sum(out[f"exit.{name}"].logsumexp(-1).mean() for name in model.names[:-1]).backward()
+    assert model.reuse["1"][0].proj.weight.grad.abs().sum() > 0  # member 1 still learns from member 0
+    assert all(p.grad is None for p in model.base.parameters())
+    with torch.no_grad():  # full compute: every image reaches the unchanged base model
+        model.eval().set_operating_point(threshold_0=1.0, threshold_1=1.0)
+        torch.testing.assert_close(model(x), original, atol=1e-5, rtol=0)
+    with pytest.raises(UserError, match=r"freeze_last.*share_weights"):
+        convert(key, overrides=["model.freeze_last=true", "model.share_weights=true"])
+
+
+def test_a_frozen_last_member_fine_tune_runs_no_separate_teacher(tmp_path, monkeypatch) -> None:
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for c in range(10):
+        (data / f"class{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (32, 32), (c * 25, 255 - c * 25, 40 * i)).save(data / f"class{c}" / f"{i}.png")
+    model = convert("deit", overrides=["model.freeze_last=true", "finetune.batch_size=8", "finetune.epochs=1"])
+    before = {n: p.clone() for n, p in model.base.named_parameters()}
+    member = model.members[0].blocks[0].attn.qkv.weight.clone()
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the original model was rebuilt as a separate teacher")
+
+    monkeypatch.setattr(vitconvert.session.Session, "original", no_teacher)
+    seen: list[torch.Tensor] = []
+    real_terms = vitconvert.train.loss_terms
+
+    def spy(model, outputs, teacher_logits, labels, settings):
+        seen.append(teacher_logits)
+        return real_terms(model, outputs, teacher_logits, labels, settings)
+
+    monkeypatch.setattr(vitconvert.train, "loss_terms", spy)
+    folder = vitconvert.finetune(model, data, tmp_path / "ft", labels=False, device="cpu", progress=False)
+    trained = vitconvert.load(folder)
+    assert seen and all(t is not None and not t.requires_grad for t in seen)  # distilled from the base inside
+    assert all(torch.equal(p, before[n]) for n, p in trained.base.named_parameters())
+    assert not torch.equal(trained.members[0].blocks[0].attn.qkv.weight, member)
+
+
 def test_shared_weights_hold_one_set_of_tensors(tmp_path) -> None:
     model = convert("deit", "dvt_shared")
     own = convert("deit")

@@ -303,6 +303,11 @@ class _Plan:
     fingerprint: dict[str, Any]  # what must match for a checkpoint to continue this run
 
     @property
+    def distills(self) -> bool:
+        """Whether the run distils from the original model (``finetune.losses.distill`` above 0)."""
+        return self.weights.get("distill", 1.0) > 0
+
+    @property
     def partial(self) -> Path:
         """Checkpoints of the run, beside its output until it completes."""
         return self.out.with_name(self.out.name + ".partial")
@@ -372,9 +377,12 @@ def _partial_run(plan: _Plan, resume: bool, overwrite: bool, ddp: _Dist) -> dict
 
 
 def _teacher(plan: _Plan, teacher_arg: Any) -> tuple[nn.Module | None, str | None]:
-    """The original model on the device, frozen, unless distillation is switched off."""
-    if plan.weights.get("distill", 1.0) <= 0:
+    """The original model on the device, frozen, unless distillation is switched off or the model computes the
+    original's logits itself (then None, and :func:`_step` takes them from its outputs)."""
+    if not plan.distills:
         return None, None
+    if teacher_arg is None and plan.session.model.computes_original_logits:
+        return None, "the base model inside the converted model (frozen)"
     teacher, desc = plan.session.original(teacher_arg)
     return teacher.to(plan.session.device).eval().requires_grad_(False), desc
 
@@ -558,7 +566,10 @@ def _step(plan: _Plan, run: _Run, teacher: nn.Module | None, x: torch.Tensor, y:
         x, labels = mix_batch(x, labels, model.num_classes, plan.settings.mixup, plan.settings.cutmix, gen)
     with autocast:
         outputs = run.step_fn(x)
-        teacher_logits = None
+        # A model that keeps the original inside it hands its logits on; they are the teacher's when no other
+        # teacher was given (_teacher then returned None).
+        original = outputs.pop("original_logits", None)
+        teacher_logits = original.detach() if original is not None and teacher is None and plan.distills else None
         if teacher is not None:
             with torch.no_grad():
                 teacher_logits = teacher(x)

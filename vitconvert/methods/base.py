@@ -11,7 +11,9 @@ full-compute setting reproduces the base model exactly (``exact_at_full_compute`
 * ``forward_at_point(x)`` -> :class:`DynamicOutput`: inference at the current point, with the per-image
   GMACs of the path each image took (callers use ``forward_dynamic``, which adds the small-batch rule below);
 * ``forward_train(x)`` -> dict with at least ``logits`` (the final output). Keys ``exit.<name>`` are earlier
-  exits: the pipeline distils and supervises each of them like ``logits``;
+  exits: the pipeline distils and supervises each of them like ``logits``. A model that keeps the base model
+  unchanged inside it (DVT's ``freeze_last``) sets ``computes_original_logits`` and returns the base's logits as
+  ``original_logits``: the pipeline then distils from those and never runs (or loads) a separate teacher;
 * ``method_losses(outputs, labels, teacher_logits)`` -> the method's own unweighted loss terms.
 
 Optional hooks: ``method_state``/``load_method_state`` (extra JSON state), ``lr_scales`` (faster rates for
@@ -146,6 +148,13 @@ class ConvertedModel(nn.Module, metaclass=abc.ABCMeta):
     # Why the method's idea does not apply to a family it does not declare (family name -> one line): the refusal
     # and the support matrix say it.
     not_supported: ClassVar[dict[str, str]] = {}
+
+    @property
+    def computes_original_logits(self) -> bool:
+        """True when :meth:`forward_train` also returns ``original_logits``: the original model's logits, computed by
+        an unchanged (frozen) copy of it inside this model, which the fine-tune distils from instead of running the
+        teacher a second time."""
+        return False
 
     @property
     def support_note(self) -> str:

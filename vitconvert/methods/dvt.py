@@ -134,6 +134,9 @@ class DVTSettings(Strict):
                                        "(proportional to q^k) calibration derives thresholds for; null: DVT's")
     new_lr_scale: float = Field(1.0, gt=0, le=1e3, description="fine-tuning learning-rate multiplier of the "
                                 "reuse branches and relation mixers")
+    freeze_last: bool = Field(False, description="the last member stays the base model: frozen, no reuse into it, "
+                              "and the distillation teacher (a label-free fine-tune then trains only the earlier "
+                              "members, at about half the cost per step)")
 
 
 class DVTLosses(Strict):
@@ -193,6 +196,11 @@ class DVT(ConvertedModel, SimulatesPoints):
         # Relation maps of one resolution describe the token pairs of another only under global attention.
         self.relation = bool(s.relation_reuse and self.split and family.global_attention)
         self.num_prefix = anatomy.num_prefix_tokens
+        if s.freeze_last and s.share_weights:
+            raise UserError("dvt: model.freeze_last keeps the last member's weights as they are, which members sharing "
+                            "them (model.share_weights) cannot; turn one of them off")
+        # Members that take reuse from the one before them (a frozen last member stays the base model: none).
+        self.receivers = tuple(range(1, k_members - 1 if s.freeze_last else k_members))
 
         # Members 0..K-2: copies of the base resized with timm's set_input_size; the last member is the base.
         copies = []
@@ -234,7 +242,7 @@ class DVT(ConvertedModel, SimulatesPoints):
                 self.reuse_into.append([path])
                 self.reuse_widths.append([dim])
         if s.feature_reuse:
-            for k in range(1, k_members):
+            for k in self.receivers:
                 self.reuse[str(k)] = nn.ModuleList(
                     FeatureReuse(dim, sum(w), s.reuse_hidden, s.reuse_dim) for w in self.reuse_widths)
         # Keys of reuse / mixers by member index, looked up rather than formatted: under torch.compile a stage's
@@ -242,7 +250,7 @@ class DVT(ConvertedModel, SimulatesPoints):
         self.member_keys = [str(k) for k in range(k_members)]
         self.mixers = nn.ModuleDict()
         if self.relation:
-            for k in range(1, k_members):
+            for k in self.receivers:
                 self.mixers[str(k)] = RelationMixer(self.num_blocks * heads, s.relation_ratio)
 
         graphs: list[dict[str, Any]] = []
@@ -273,9 +281,26 @@ class DVT(ConvertedModel, SimulatesPoints):
             raise UserError(f"recipe: model.thresholds must be {k_members - 1} values in [0, 1], got {thresholds}")
         self.thresholds = [float(t) for t in thresholds]
         self.dense = False
+        if s.freeze_last:
+            self.base.requires_grad_(False)
         if not self.split:
             self.grids = self._last_stage_grids()
         self._count_costs()
+
+    @property
+    def computes_original_logits(self) -> bool:
+        return self.settings.freeze_last
+
+    def train(self, mode: bool = True) -> DVT:
+        """As nn.Module's; a frozen last member stays in eval mode (it is the teacher: no dropout, no drop path)."""
+        super().train(mode)
+        if self.settings.freeze_last:
+            self.base.eval()
+        return self
+
+    def _hands_on(self, k: int) -> bool:
+        """Whether member ``k`` hands its features (and relations) to the next member."""
+        return k + 1 in self.receivers
 
     # --- structure ------------------------------------------------------------------------------------
 
@@ -344,8 +369,7 @@ class DVT(ConvertedModel, SimulatesPoints):
     def _split_graphs(self, model: nn.Module, k: int) -> dict[str, Any]:
         """fx graphs of one member split at its blocks (kept out of the module tree: they hold the member's own
         modules)."""
-        last = k == len(self.img_sizes) - 1
-        logits, bias = self.relation and not last, self.relation and k > 0
+        logits, bias = self.relation and self._hands_on(k), self.relation and k in self.receivers
         embed, head = vfx.split_at_blocks(model, self.anatomy.block_paths)
         blocks = [model.get_submodule(p) for p in self.anatomy.block_paths]
         if logits or bias:
@@ -479,7 +503,7 @@ class DVT(ConvertedModel, SimulatesPoints):
             if reuse is not None and self.settings.feature_reuse_at == "output":
                 tokens = tokens + reuse[i](carry["features"], p, self.grids[k - 1], self.grids[k])
         new: Carry = {}
-        if k < len(self.img_sizes) - 1:
+        if self._hands_on(k):
             new["features"] = tokens
             if relations:
                 new["relations"] = torch.cat(relations, dim=1)
@@ -488,7 +512,7 @@ class DVT(ConvertedModel, SimulatesPoints):
     def _run_hooked(self, x: torch.Tensor, carry: Carry, k: int) -> tuple[torch.Tensor, Carry]:
         model = self._member(k)
         blocks = [model.get_submodule(self.anatomy.blocks[i].path) for i in self.reuse_blocks]
-        last = k == len(self.img_sizes) - 1
+        hands_on = self._hands_on(k)
         key = self.member_keys[k]
         reuse = self.reuse[key] if k > 0 and key in self.reuse and "features" in carry else None
         prefix = self.num_prefix if self._family.block_layout == "tokens" else 0
@@ -497,10 +521,10 @@ class DVT(ConvertedModel, SimulatesPoints):
                 up, up_grid = carry["features"], self.grids[k - 1]
                 for j, branch in enumerate(reuse):
                     self._reuse_before(model, j, branch(up, prefix, up_grid, self.grids[k]))
-            attach(blocks[-1], _dvt_capture=not last)
+            attach(blocks[-1], _dvt_capture=hands_on)
             logits = model(self._resized(x, k))
             new: Carry = {}
-            if not last:
+            if hands_on:
                 out, grid = detach(blocks[-1], "_dvt_out")
                 # (B, prefix + H*W, C): a token sequence keeps its prefix tokens, as the split path's features do
                 new["features"] = out.reshape(out.shape[0], prefix + grid[0] * grid[1], out.shape[-1])
@@ -552,9 +576,22 @@ class DVT(ConvertedModel, SimulatesPoints):
     # --- training -------------------------------------------------------------------------------------
 
     def forward_train(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.cascade.run_all(self.check_input(x))
+        x = self.check_input(x)
+        if self.settings.freeze_last:
+            # The earlier members train; the last one is the base model, untouched: its logits are the teacher's.
+            logits, state = [], {}
+            for stage in self.cascade.stages[:-1]:
+                lg, state = stage.run(x, state)
+                logits.append(lg)
+            with torch.no_grad():
+                original = self.cascade.stages[-1].run(x, {})[0]
+            logits.append(original)
+        else:
+            logits = self.cascade.run_all(x)
         out = {"logits": logits[-1]}
         out.update({f"exit.{name}": lg for name, lg in zip(self.names[:-1], logits[:-1], strict=True)})
+        if self.settings.freeze_last:
+            out["original_logits"] = logits[-1]
         return out
 
     def method_losses(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor | None,
