@@ -169,7 +169,9 @@ def markdown(result: dict[str, Any]) -> str:
     # No title: docs/export.md includes this file under its own heading.
     lines = [f"`benchmarks/bench_compile.py`. Machine: {m.get('cpu', m)}; {result['threads']} threads; "
              f"torch {result['torch']}; {result['date']}; "
-             f"inductor, caches off.{' Quick run (reduced set).' if result['quick'] else ''}\n",
+             f"inductor, caches off.{' Quick run (reduced set).' if result['quick'] else ''}"
+             f"{'' if result.get('complete', True) else ' Stopped early: the rows it measured.'}"
+             "\n",
              "| method | backbone | compile s (base) | x base | new batch size s (base) | graphs: 1st / 2nd size / "
              "after batches 1-64 (base) | full compute: 1st call s, new graphs | batch | GMACs share | compiled vs "
              "compiled base | eager vs eager base | logits diff | same decisions | load |",
@@ -208,22 +210,35 @@ def warm_up() -> None:
 
 
 def run(quick: bool, out_dir: Path, threads: int | None = None, only: list[str] | None = None) -> dict[str, Any]:
-    """``only``: measure these methods' rows and keep the other rows of the existing result file."""
+    """``only``: measure these methods' rows and keep the other rows of the existing result file. The result file is
+    rewritten after every row (``"complete": false`` until the last), so a run stopped early keeps what it measured."""
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     warm_up()
     batches = [16, 1] if quick else [32, 1]
     rounds = {16: 3, 32: 5, 1: 10 if quick else 20}
-    rows = [measure_row(arch, recipe, shares, batches, threads, rounds)
-            for arch, recipe, shares in (ROWS[1:2] if quick else ROWS) if only is None or recipe in only]
     out_json = out_dir / "compile_speed.json"
+    kept: list[dict[str, Any]] = []
     if only is not None and out_json.exists():  # keep the rows of the methods not re-measured, in ROWS' order
-        old = json.loads(out_json.read_text())
-        kept = [r for r in old["rows"] if r["method"] not in only]
-        order = {(recipe, arch): i for i, (arch, recipe, _) in enumerate(ROWS)}
-        rows = sorted(kept + rows, key=lambda r: order.get((r["method"], r["backbone"]), len(ROWS)))
-    result = {"name": "compile_speed", "quick": quick, "machine": machine_block(), "threads": threads,
-              "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+        kept = [r for r in json.loads(out_json.read_text())["rows"] if r["method"] not in only]
+    selected = [row for row in (ROWS[1:2] if quick else ROWS) if only is None or row[1] in only]
+    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
+    for arch, recipe, shares in selected:
+        rows.append(measure_row(arch, recipe, shares, batches, threads, rounds))
+        result = write(out_dir, quick, threads, kept + rows, complete=len(rows) == len(selected))
+    if not selected:
+        result = write(out_dir, quick, threads, kept, complete=True)
+    print(markdown(result), flush=True)
+    return result
+
+
+def write(out_dir: Path, quick: bool, threads: int, rows: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
+    """Write ``compile_speed.json`` and ``.md`` with ``rows`` in ROWS' order."""
+    order = {(recipe, arch): i for i, (arch, recipe, _) in enumerate(ROWS)}
+    rows = sorted(rows, key=lambda r: order.get((r["method"], r["backbone"]), len(ROWS)))
+    result = {"name": "compile_speed", "quick": quick, "complete": complete, "machine": machine_block(),
+              "threads": threads, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
               "protocol": "plain torch.compile (inductor, default options, caches off); compile time = first call's "
                           "wall time; graphs counted by a backend around inductor; throughput: compiled converted, "
                           "compiled base, eager converted, eager base in the same interleaved rounds after warm-up, "
@@ -231,9 +246,8 @@ def run(quick: bool, out_dir: Path, threads: int | None = None, only: list[str] 
                           "on the timed images (DGE: coarsening for ~50% GMACs with random routers)",
               "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / "compile_speed.json").write_text(json.dumps(result, indent=1) + "\n")
     (out_dir / "compile_speed.md").write_text(markdown(result))
-    print(markdown(result), flush=True)
     return result
 
 

@@ -77,6 +77,24 @@ def test_thresholds_reach_target_exit_shares(shares: tuple[float, float]) -> Non
         thresholds_for_exit_shares(logits, (0.8, 0.8))
 
 
+def test_the_margin_score_routes_run_traceable_simulate_and_thresholds_alike() -> None:
+    calls: list[int] = []
+    cascade, x = _toy_cascade(calls)
+    margin = Cascade(cascade.stages, score="margin")
+    stage_logits = margin.run_all(x)
+    p = stage_logits[0].softmax(-1).sort(dim=-1, descending=True).values
+    torch.testing.assert_close(confidence(stage_logits[0], "margin"), p[:, 0] - p[:, 1])
+    t = margin.thresholds_for_exit_shares(stage_logits, (0.5, 0.25))
+    for out in (margin.run(x, t), margin.run_traceable(x, torch.tensor(t)), margin.simulate(stage_logits, t)):
+        assert out.exit.eq(0).sum() == 8 and out.exit.eq(1).sum() == 4
+        assert torch.equal(out.exit, margin.simulate(stage_logits, t).exit)
+    # the scores rank images differently: two near-tied classes are confident by max softmax, not by margin
+    tied, clear = torch.tensor([[3.0, 2.9, -9.0, -9.0, -9.0]]), torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0]])
+    assert confidence(tied) > confidence(clear) and confidence(tied, "margin") < confidence(clear, "margin")
+    with pytest.raises(ValueError, match="exit score"):
+        Cascade(cascade.stages, score="entropy")  # type: ignore[arg-type]
+
+
 def test_count_costs_charges_each_stage_its_own_macs_given_the_carry() -> None:
     """Stage 2 multiplies what stage 1 hands on: its count is its own matmul only, with the carry's shape."""
     w1, w2 = torch.randn(8, 6), torch.randn(6, 4)

@@ -150,16 +150,17 @@ def test_member_layout_and_costs(key: str) -> None:
         assert model.img_sizes[-1] == model.anatomy.img_size
 
 
-@pytest.mark.parametrize(("key", "reuse_at"), [("deit", "output"), ("swin", "output"), ("deit", "mlp"),
-                                               ("pvt_v2", "mlp")])
+@pytest.mark.parametrize(("key", "reuse_at", "score"), [("deit", "output", "max_softmax"), ("swin", "output", "margin"),
+                                                        ("deit", "mlp", "margin"), ("pvt_v2", "mlp", "max_softmax")])
 @pytest.mark.parametrize("batch", [1, 7])
-def test_real_early_exit_equals_simulation(key: str, reuse_at: str, batch: int) -> None:
-    model = convert(key, overrides=[f"model.feature_reuse_at={reuse_at}"])
+def test_real_early_exit_equals_simulation(key: str, reuse_at: str, score: str, batch: int) -> None:
+    model = convert(key, overrides=[f"model.feature_reuse_at={reuse_at}", f"model.exit_score={score}"])
     perturb(model)
     x = torch.randn(batch, 3, *model.anatomy.img_size) * 2
     with torch.no_grad():
         collected = model.collect(x)
-        conf = [lg.softmax(-1).amax(-1) for lg in collected.values()]
+        probs = [lg.softmax(-1).sort(dim=-1, descending=True).values for lg in collected.values()]
+        conf = [p[:, 0] - p[:, 1] if score == "margin" else p[:, 0] for p in probs]
         # thresholds between two middle confidences (never on one: a sub-batch may round it the other way)
         points = [{"threshold_0": between(conf[0]), "threshold_1": between(conf[1])},
                   {"threshold_0": 0.0, "threshold_1": 0.0}, model.operating_space().full()]

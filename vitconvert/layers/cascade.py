@@ -2,8 +2,9 @@
 
 A :class:`Cascade` holds stages as callables. Stage ``k`` maps the images still running and what the
 previous stage handed on (its ``carry``: per-image tensors such as features to reuse) to logits and a
-new carry. After every stage but the last, an image whose confidence (max softmax of its logits, in
-fp32) is *above* the stage's threshold exits; a threshold of 1 (or more) never exits. Execution is real:
+new carry. After every stage but the last, an image whose confidence (a score of its softmax in fp32: the max
+probability, or the margin between the top two; :data:`EXIT_SCORES`) is *above* the stage's threshold exits; a
+threshold of 1 (or more) never exits. Execution is real:
 only undecided images run the next stage, as a sub-batch, with their carry index-selected along.
 
 Every image is charged the cumulative cost of the stages it ran (:attr:`Stage.gmacs` per image), and
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -30,6 +32,10 @@ from .costs import count_macs, to_gmacs
 
 Carry = dict[str, torch.Tensor]
 StageFn = Callable[[torch.Tensor, Carry], tuple[torch.Tensor, Carry]]
+# How confident a stage is in an image, from its softmax p: ``max_softmax`` = max p (DVT's and CF-ViT's code);
+# ``margin`` = top-1 minus top-2 p (the "score margin" of Park et al. 2015's big/little networks). Both lie in [0, 1].
+ExitScore = Literal["max_softmax", "margin"]
+EXIT_SCORES: tuple[str, ...] = ("max_softmax", "margin")
 
 
 @dataclass
@@ -59,9 +65,14 @@ class CascadeOutput:
     confidence: list[torch.Tensor] = field(default_factory=list)
 
 
-def confidence(logits: torch.Tensor) -> torch.Tensor:
-    """Max softmax probability per row, computed in fp32 so low-precision models exit the same images."""
-    return logits.float().softmax(dim=-1).amax(dim=-1)
+def confidence(logits: torch.Tensor, score: ExitScore = "max_softmax") -> torch.Tensor:
+    """A stage's confidence per row (:data:`ExitScore`), computed in fp32 so low-precision models exit the same
+    images."""
+    p = logits.float().softmax(dim=-1)
+    if score == "margin":
+        top = p.topk(2, dim=-1).values
+        return top[..., 0] - top[..., 1]
+    return p.amax(dim=-1)
 
 
 def exits_at(conf: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -83,10 +94,13 @@ def cumulative(costs: Sequence[float]) -> list[float]:
 class Cascade:
     """Stages run with real early exit (see the module docstring)."""
 
-    def __init__(self, stages: Sequence[Stage]) -> None:
+    def __init__(self, stages: Sequence[Stage], score: ExitScore = "max_softmax") -> None:
         if len(stages) < 2:
             raise ValueError("a cascade needs at least two stages")
+        if score not in EXIT_SCORES:
+            raise ValueError(f"exit score must be one of {EXIT_SCORES}, got {score!r}")
         self.stages = list(stages)
+        self.score: ExitScore = score
         # GMACs per image of the last stage run alone (run_last: no carry), set by count_costs
         self.last_alone_gmacs = 0.0
 
@@ -168,7 +182,12 @@ class Cascade:
                 logits_out = logits
             else:
                 logits_out = logits_out.index_copy(0, active, logits.to(logits_out.dtype))
-            conf = logits.float().softmax(dim=-1).amax(dim=-1)  # confidence(), inlined
+            probs = logits.float().softmax(dim=-1)  # confidence(), inlined
+            if self.score == "margin":
+                top = probs.topk(2, dim=-1).values
+                conf = top[:, 0] - top[:, 1]
+            else:
+                conf = probs.amax(dim=-1)
             confs.append(torch.full((b,), float("nan"), device=x.device).index_copy(0, active, conf))
             if k == last:
                 break
@@ -212,7 +231,7 @@ class Cascade:
             if k == last:
                 break
             # exits_at as tensor operations: strictly more confident than a threshold below 1
-            leave = (confidence(logits) > thresholds[k]) & (thresholds[k] < 1.0)
+            leave = (confidence(logits, self.score) > thresholds[k]) & (thresholds[k] < 1.0)
             exit_stage = exit_stage.index_fill(0, active[leave], k)
             stay = (~leave).nonzero().squeeze(1)
             rows = torch.clamp((~leave).sum(), min=1).item()  # the sub-batch, one stand-in row when it is empty
@@ -240,7 +259,7 @@ class Cascade:
         nan = torch.full((b,), float("nan"), device=device)
         return CascadeOutput(logits=logits, exit=torch.full((b,), last, dtype=torch.long, device=device),
                              gmacs=torch.full((b,), self.last_alone_gmacs, dtype=torch.float32, device=device),
-                             confidence=[nan] * last + [confidence(logits)])
+                             confidence=[nan] * last + [confidence(logits, self.score)])
 
     def run_all(self, x: torch.Tensor, carry: Carry | None = None) -> list[torch.Tensor]:
         """Every stage on every image (for calibration): the logits of each stage."""
@@ -254,11 +273,15 @@ class Cascade:
     def simulate(self, stage_logits: Sequence[torch.Tensor], thresholds: Sequence[float]) -> CascadeOutput:
         """What :meth:`run` would return at ``thresholds``, from :meth:`run_all`'s logits."""
         self._check(thresholds)
-        return simulate(stage_logits, self.costs, thresholds)
+        return simulate(stage_logits, self.costs, thresholds, self.score)
+
+    def thresholds_for_exit_shares(self, stage_logits: Sequence[torch.Tensor], shares: Sequence[float]) -> list[float]:
+        """:func:`thresholds_for_exit_shares` with this cascade's exit score."""
+        return thresholds_for_exit_shares(stage_logits, shares, self.score)
 
 
-def simulate(stage_logits: Sequence[torch.Tensor], costs: Sequence[float], thresholds: Sequence[float]
-             ) -> CascadeOutput:
+def simulate(stage_logits: Sequence[torch.Tensor], costs: Sequence[float], thresholds: Sequence[float],
+             score: ExitScore = "max_softmax") -> CascadeOutput:
     """Early exit applied afterwards to every stage's logits on every image (see :meth:`Cascade.simulate`)."""
     b = stage_logits[0].shape[0]
     device = stage_logits[0].device
@@ -267,7 +290,7 @@ def simulate(stage_logits: Sequence[torch.Tensor], costs: Sequence[float], thres
     undecided = torch.ones(b, dtype=torch.bool, device=device)
     confs = []
     for k, logits in enumerate(stage_logits):
-        conf = confidence(logits)
+        conf = confidence(logits, score)
         confs.append(torch.where(undecided, conf, torch.full_like(conf, float("nan"))))
         if k == last:
             break
@@ -280,8 +303,10 @@ def simulate(stage_logits: Sequence[torch.Tensor], costs: Sequence[float], thres
     return CascadeOutput(logits=logits, exit=exit_stage, gmacs=cost_at[exit_stage], confidence=confs)
 
 
-def thresholds_for_exit_shares(stage_logits: Sequence[torch.Tensor], shares: Sequence[float]) -> list[float]:
-    """Thresholds under which the given shares of the images exit at each stage (DVT's calibration).
+def thresholds_for_exit_shares(stage_logits: Sequence[torch.Tensor], shares: Sequence[float],
+                               score: ExitScore = "max_softmax") -> list[float]:
+    """Thresholds under which the given shares of the images exit at each stage (DVT's calibration), for confidences
+    of the kind ``score``.
 
     Args:
         stage_logits: Each stage's logits on the same held-out images (as from :meth:`Cascade.run_all`).
@@ -301,7 +326,7 @@ def thresholds_for_exit_shares(stage_logits: Sequence[torch.Tensor], shares: Seq
     undecided = torch.ones(b, dtype=torch.bool, device=stage_logits[0].device)
     thresholds = []
     for k, share in enumerate(shares):
-        conf = confidence(stage_logits[k])[undecided]
+        conf = confidence(stage_logits[k], score)[undecided]
         want = round(share * b)
         if want <= 0 or conf.numel() == 0:
             thresholds.append(1.0)
@@ -315,5 +340,5 @@ def thresholds_for_exit_shares(stage_logits: Sequence[torch.Tensor], shares: Seq
             ordered = conf.double().sort(descending=True).values
             t = float((ordered[want - 1] + ordered[want]) / 2)
         thresholds.append(max(0.0, min(t, 1.0)))
-        undecided &= ~exits_at(confidence(stage_logits[k]), thresholds[-1])
+        undecided &= ~exits_at(confidence(stage_logits[k], score), thresholds[-1])
     return thresholds

@@ -111,7 +111,7 @@ from vitconvert.anatomy import Anatomy
 from vitconvert.backbones import family_of
 from vitconvert.backbones.family import Family, WindowView
 from vitconvert.errors import AnatomyError, UserError
-from vitconvert.layers.cascade import Carry, Cascade, Stage
+from vitconvert.layers.cascade import Carry, Cascade, ExitScore, Stage
 from vitconvert.layers.compiled import graph_tracing
 from vitconvert.layers.regions import make_layout
 from vitconvert.layers.reuse import FeatureReuse, resize_grid
@@ -132,6 +132,8 @@ class CFViTSettings(Strict):
     gca_beta: float = Field(0.99, ge=0, lt=1, description="EMA factor of global class attention")
     gca_start_block: int = Field(3, ge=0, description="first block (0-based) whose class attention counts")
     eta: float = Field(1.0, ge=0, le=1, description="initial exit threshold (1 = never exit)")
+    exit_score: ExitScore = Field("max_softmax", description="the coarse stage's confidence: max softmax (the paper) "
+                                  "or margin (top-1 minus top-2 probability)")
     reuse_mlp_ratio: float = Field(4.0, gt=0, le=16, description="hidden width of the feature-reuse MLP / dim")
     resize: Literal["bilinear", "bicubic", "area"] = "bilinear"
     new_lr_scale: float = Field(1.0, gt=0, le=1e3, description="fine-tuning learning-rate multiplier of the added "
@@ -254,7 +256,7 @@ class CFViT(ConvertedModel, SimulatesPoints):
         }
         # Not modules: the stages call the graphs above, whose parameters are registered once under base.
         attach(self, _graphs=graphs, cascade=Cascade([Stage("coarse", self._coarse_stage, 0.0),
-                                                      Stage("fine", self._fine_stage, 0.0)]))
+                                                      Stage("fine", self._fine_stage, 0.0)], s.exit_score))
         self.eta = s.eta
         self._alpha = s.alpha
         self.dense = 0.0
@@ -492,7 +494,8 @@ class CFViT(ConvertedModel, SimulatesPoints):
             probe.remove()
             base.train(was)
         self.coarse_final_grid = grids[-1]
-        attach(self, cascade=Cascade([Stage("coarse", self._coarse_stage, 0.0), Stage("fine", self._fine_stage, 0.0)]))
+        attach(self, cascade=Cascade([Stage("coarse", self._coarse_stage, 0.0), Stage("fine", self._fine_stage, 0.0)],
+                                     s.exit_score))
         self.eta = s.eta
         self._alpha = s.alpha
         self.dense = 0.0

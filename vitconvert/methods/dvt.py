@@ -56,16 +56,17 @@ its early stages would have to materialise 3136 x 49 logits per head for no comp
 Swin's logits are per window: windows cover different image regions at different resolutions and the
 shifted-window masks differ, so a resized map would not describe the same token pairs.
 
-**Operating point.** ``threshold_0 .. threshold_{K-2}``: member k answers an image whose confidence (max
-softmax) is above threshold k. All 1 (never exit) is the full-compute point: every image reaches the last
-member, which, with zero-initialised reuse, is exactly the base model (it costs the cumulative GMACs of
-all members, more than the base: choose a budget). ``dense`` 1 runs the last member alone on every image,
-without reuse: the base's computation and cost with the fine-tuned weights, the dense point calibration falls back
-to where early exit does not pay (:meth:`ConvertedModel.dense_point`). Calibration follows DVT (MSDNet style): it
-collects every member's logits on held-out training images once (:class:`SimulatesPoints`), and for each ``q`` of
-``exit_q`` (default DVT's p/20, p = 1..59) sets target exit shares proportional to q^k and derives the
-thresholds that realise them (:func:`~vitconvert.layers.cascade.thresholds_for_exit_shares`); the curve
-is stored and :meth:`set_budget` picks another point of it on a loaded model.
+**Operating point.** ``threshold_0 .. threshold_{K-2}``: member k answers an image whose confidence (``exit_score``:
+max softmax as in the paper, or the margin between the top two probabilities) is above threshold k. All 1 (never
+exit) is the full-compute point: every image reaches the last member, which, with zero-initialised reuse, is exactly
+the base model (it costs the cumulative GMACs of all members, more than the base: choose a budget). ``dense`` 1 runs
+the last member alone on every image, without reuse: the base's computation and cost with the fine-tuned weights,
+the dense point calibration falls back to where early exit does not pay (:meth:`ConvertedModel.dense_point`).
+Calibration follows DVT (MSDNet style): it collects every member's logits on held-out training images once
+(:class:`SimulatesPoints`), and for each ``q`` of ``exit_q`` (default DVT's p/20, p = 1..59) sets target exit shares
+proportional to q^k and derives the thresholds that realise them
+(:func:`~vitconvert.layers.cascade.thresholds_for_exit_shares`); the curve is stored and :meth:`set_budget` picks
+another point of it on a loaded model.
 
 **Training.** Every member's logits are ``exit.<name>`` outputs (names like ``7x7`` or ``128px``), so the
 pipeline distils each from the original model and adds cross-entropy when labels exist, DVT's equal
@@ -94,7 +95,7 @@ from vitconvert import fx as vfx
 from vitconvert.anatomy import Anatomy
 from vitconvert.backbones import family_of
 from vitconvert.errors import UserError
-from vitconvert.layers.cascade import Carry, Cascade, Stage, StageFn, thresholds_for_exit_shares
+from vitconvert.layers.cascade import Carry, Cascade, ExitScore, Stage, StageFn
 from vitconvert.layers.reuse import FeatureReuse, RelationMixer, resize_relations
 from vitconvert.layers.seams import mlp_input_layers, rewrite_attention
 from vitconvert.layers.sharing import attach, detach, tie_parameters
@@ -130,6 +131,8 @@ class DVTSettings(Strict):
     resize: Literal["bilinear", "bicubic", "area"] = "bilinear"
     thresholds: list[float] | None = Field(None, description="initial exit thresholds (K-1, each in [0, 1]); "
                                            "null: 1 = never exit")
+    exit_score: ExitScore = Field("max_softmax", description="a member's confidence: max softmax (the paper) or margin "
+                                  "(top-1 minus top-2 probability)")
     exit_q: list[float] | None = Field(None, min_length=1, description="q values of the target exit shares "
                                        "(proportional to q^k) calibration derives thresholds for; null: DVT's")
     new_lr_scale: float = Field(1.0, gt=0, le=1e3, description="fine-tuning learning-rate multiplier of the "
@@ -275,7 +278,7 @@ class DVT(ConvertedModel, SimulatesPoints):
             graphs.append(self._split_graphs(model, k) if self.split else {})
         stages = [Stage(name, self._stage_fn(k), 0.0) for k, name in enumerate(self.names)]
         # Not modules: the graphs call the members' own modules, registered once under base / members.
-        attach(self, _graphs=graphs, _family=family, cascade=Cascade(stages))
+        attach(self, _graphs=graphs, _family=family, cascade=Cascade(stages, s.exit_score))
         thresholds = s.thresholds if s.thresholds is not None else [1.0] * (k_members - 1)
         if len(thresholds) != k_members - 1 or any(not 0.0 <= t <= 1.0 for t in thresholds):
             raise UserError(f"recipe: model.thresholds must be {k_members - 1} values in [0, 1], got {thresholds}")
@@ -413,7 +416,7 @@ class DVT(ConvertedModel, SimulatesPoints):
             weights = [q ** (k + 1) for k in range(k_members)]
             total = sum(weights)
             shares = [w / total for w in weights[:-1]]
-            thresholds = thresholds_for_exit_shares(logits, shares)
+            thresholds = self.cascade.thresholds_for_exit_shares(logits, shares)
             points.append({f"threshold_{k}": t for k, t in enumerate(thresholds)})
         return points
 
@@ -422,7 +425,7 @@ class DVT(ConvertedModel, SimulatesPoints):
         with torch.no_grad():
             logits = self.cascade.run_all(self.check_input(images))
         return self.set_operating_point({f"threshold_{k}": t for k, t in
-                                         enumerate(thresholds_for_exit_shares(logits, shares))})
+                                         enumerate(self.cascade.thresholds_for_exit_shares(logits, shares))})
 
     @property
     def costs(self) -> dict[str, float]:
