@@ -8,6 +8,9 @@ the target is an ONNX speed-up of at least 90% of the eager one at batch 64.
 
 Rows, trained first:
 
+* fine-tuned CIFAR-10 models at their calibrated points (``--trained FOLDER ...``: model folders written by
+  ``benchmarks.cifar10_short_recipe --work DIR``, i.e. ``DIR/finetuned`` after calibration), timed on validation
+  images at batch 64 and one image at a time;
 * the project's CIFAR-10 ViT (``benchmarks/checkpoints/cifar10-vit``) converted with CF-ViT and DVT and calibrated
   for 50% of its GMACs on held-out training images (not fine-tuned), timed on validation images at batch 64 and one
   image at a time (its first image);
@@ -66,7 +69,7 @@ def force_exit_shares(model: vitconvert.ConvertedModel, x: torch.Tensor, shares:
     """Thresholds under which ``shares`` of ``x`` exit at each stage but the last (simulated from one pass)."""
     with torch.no_grad():
         logits = list(model.collect(x).values())
-    thresholds = thresholds_for_exit_shares(logits, shares)
+    thresholds = thresholds_for_exit_shares(logits, shares, model.cascade.score)
     names = [k.name for k in model.operating_space().knobs if k.simulated]
     return model.set_operating_point(dict(zip(names, thresholds, strict=True)))
 
@@ -114,6 +117,26 @@ def cifar_rows(batches: list[int], threads: int, rounds: dict[int, int], folder:
         fields = {"model": "cifar10-vit (calibrated at 50% GMACs, not fine-tuned)", "point": model.operating_point,
                   "gates": "calibrated", "calibration_images": record.get("images")}
         rows += measure(model, images, batches, threads, rounds, folder, "cifar10-vit", fields)
+    return rows
+
+
+def trained_rows(folders: list[Path], batches: list[int], threads: int, rounds: dict[int, int], folder: Path
+                 ) -> list[dict[str, Any]]:
+    """Fine-tuned CIFAR-10 models at the operating point their calibration stored, timed on validation images."""
+    from benchmarks import cifar10
+    from vitconvert.data import spread_batch
+
+    _, val = cifar10.split_files()
+    rows = []
+    for path in folders:
+        model = vitconvert.load(path)
+        if not model.finetuned or not model.curve:
+            raise SystemExit(f"--trained {path}: not a fine-tuned and calibrated model folder")
+        images = spread_batch(val, model, max(batches))
+        name = Path(model.base_spec.source or model.base_spec.architecture).name
+        fields = {"model": f"{name} (fine-tuned, calibrated)", "point": model.operating_point, "gates": "trained",
+                  "folder": path.name, "recipe_settings": model.recipe.model_dump(mode="json").get("model")}
+        rows += measure(model, images, batches, threads, rounds, folder, f"trained-{len(rows)}", fields)
     return rows
 
 
@@ -182,17 +205,20 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def run(quick: bool, out_dir: Path, threads: int | None = None, cifar: bool = True, cifar_images: int = 2000,
-        only: list[str] | None = None) -> dict[str, Any]:
+        only: list[str] | None = None, trained: list[Path] | None = None) -> dict[str, Any]:
     """The suite's entry point; ``threads``: torch's and onnxruntime's (default: torch's current setting);
     ``cifar``: also the CIFAR-10 rows (needs the CIFAR-10 training folder, see ``benchmarks.cifar10``); ``only``:
     measure these methods' rows and keep the other rows of the existing result file (rows of one run are
-    comparable with each other; the file records each row's own date)."""
+    comparable with each other; the file records each row's own date); ``trained``: fine-tuned model folders measured
+    first, at their calibrated points."""
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     batches = [16, 1] if quick else [64, 1]
     rounds = {16: 3, 64: 6, 1: 10 if quick else 30}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as folder:
+        if trained:
+            rows += trained_rows(trained, batches, threads, rounds, Path(folder))
         if cifar and not quick:  # trained-base rows first
             rows += cifar_rows(batches, threads, rounds, Path(folder), max_images=cifar_images, only=only)
         for arch, recipe, shares in ROWS[:1] if quick else ROWS:
@@ -208,8 +234,10 @@ def run(quick: bool, out_dir: Path, threads: int | None = None, cifar: bool = Tr
               "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
               "protocol": "ONNX graphs in onnxruntime's CPU provider (intra-op threads = torch threads) and the eager "
                           "models, all four timed in the same interleaved rounds after warm-up; speed-ups are medians "
-                          "of per-round paired ratios. CIFAR-10 rows: the project's CIFAR-10 ViT, calibrated at 50% "
-                          "GMACs on held-out training images (not fine-tuned), timed on validation images; other "
+                          "of per-round paired ratios. Fine-tuned rows: CIFAR-10 models after the short recipe, at "
+                          "their calibrated points, timed on validation images. CIFAR-10 rows: the project's "
+                          "CIFAR-10 ViT, calibrated at 50% GMACs on held-out training images (not fine-tuned), timed "
+                          "on validation images; other "
                           "rows: random weights, exit thresholds forced on the timed images",
               "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,9 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cifar", action="store_true", help="skip the CIFAR-10 rows (no data needed)")
     parser.add_argument("--cifar-images", type=int, default=2000, help="held-out images calibration uses")
     parser.add_argument("--only", nargs="+", default=None, help="re-measure these methods' rows only")
+    parser.add_argument("--trained", nargs="+", type=Path, default=None, metavar="FOLDER",
+                        help="fine-tuned, calibrated CIFAR-10 model folders to measure first")
     args = parser.parse_args(argv)
     run(args.quick, args.out or (RESULTS / "quick" if args.quick else RESULTS), args.threads, cifar=not args.no_cifar,
-        cifar_images=args.cifar_images, only=args.only)
+        cifar_images=args.cifar_images, only=args.only, trained=args.trained)
     return 0
 
 
