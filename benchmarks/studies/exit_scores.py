@@ -121,7 +121,10 @@ def route(scores: list[torch.Tensor], thresholds: list[float]) -> torch.Tensor:
 
 
 def thresholds_for_shares(scores: list[torch.Tensor], shares: list[float]) -> list[float]:
-    """Thresholds under which ``shares`` of all images leave at each stage (halfway between neighbouring scores)."""
+    """Thresholds under which ``shares`` of all images leave at each stage (halfway between neighbouring scores).
+
+    :func:`vitconvert.layers.cascade.thresholds_for_exit_shares` does this for the models' scores, which lie in [0, 1]
+    (its thresholds are clamped there, 1 meaning never); the learned and entropy scores here are unbounded."""
     n = scores[0].shape[0]
     undecided = torch.ones(n, dtype=torch.bool)
     out = []

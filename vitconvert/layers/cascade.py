@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -35,7 +35,7 @@ StageFn = Callable[[torch.Tensor, Carry], tuple[torch.Tensor, Carry]]
 # How confident a stage is in an image, from its softmax p: ``max_softmax`` = max p (DVT's and CF-ViT's code);
 # ``margin`` = top-1 minus top-2 p (the "score margin" of Park et al. 2015's big/little networks). Both lie in [0, 1].
 ExitScore = Literal["max_softmax", "margin"]
-EXIT_SCORES: tuple[str, ...] = ("max_softmax", "margin")
+EXIT_SCORES: tuple[str, ...] = get_args(ExitScore)
 
 
 @dataclass

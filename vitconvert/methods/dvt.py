@@ -579,21 +579,12 @@ class DVT(ConvertedModel, SimulatesPoints):
     # --- training -------------------------------------------------------------------------------------
 
     def forward_train(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self.check_input(x)
-        if self.settings.freeze_last:
-            # The earlier members train; the last one is the base model, untouched: its logits are the teacher's.
-            logits, state = [], {}
-            for stage in self.cascade.stages[:-1]:
-                lg, state = stage.run(x, state)
-                logits.append(lg)
-            with torch.no_grad():
-                original = self.cascade.stages[-1].run(x, {})[0]
-            logits.append(original)
-        else:
-            logits = self.cascade.run_all(x)
+        logits = self.cascade.run_all(self.check_input(x))
         out = {"logits": logits[-1]}
         out.update({f"exit.{name}": lg for name, lg in zip(self.names[:-1], logits[:-1], strict=True)})
         if self.settings.freeze_last:
+            # The frozen last member gets an empty carry (nothing is handed to it) and has no parameter that requires a
+            # gradient, so autograd records nothing for it: its logits are the original model's, the teacher's.
             out["original_logits"] = logits[-1]
         return out
 
