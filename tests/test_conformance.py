@@ -478,6 +478,19 @@ def check_onnx_export(case: Case, tmp_path: Any) -> None:
     fed = {k: np.array(v, dtype=np.float32) for k, v in point.items()}
     got = session.run(["logits"], {"pixel_values": case.x.numpy(), **fed})[0]
     assert float(abs(got - eager_other.logits.numpy()).max()) <= 1e-4
+    if eager.stage is None:
+        return
+    # Every image leaves at the first stage (every exit threshold 0): the later stages get no image (an empty
+    # sub-batch, or one stand-in row where the family cannot run an empty batch), at batch 1 and an odd batch.
+    other.set_operating_point({k: 0.0 for k in graph_knobs(model)})
+    fed = {k: np.array(0.0, dtype=np.float32) for k in graph_knobs(model)}
+    for batch in (1, 3):
+        with torch.no_grad():
+            eager_other = other.forward_dynamic(case.x[:batch])
+        assert (eager_other.stage == 0).all()
+        got = dict(zip(names, session.run(names, {"pixel_values": case.x[:batch].numpy(), **fed}), strict=True))
+        assert float(abs(got["logits"] - eager_other.logits.numpy()).max()) <= 1e-4
+        assert (got["exit"] == 0).all() and (got["gmacs"] == eager_other.gmacs.numpy()).all()
 
 
 CHECKS: list[Callable[..., None]] = [

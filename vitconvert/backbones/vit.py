@@ -73,6 +73,7 @@ class ViT(Family):
     name = "vit"
     description = "ViT/DeiT"
     block_layout = "tokens"
+    empty_batches = True
     splits_at_blocks = True
     global_attention = True
 

@@ -94,13 +94,17 @@ def cumulative(costs: Sequence[float]) -> list[float]:
 class Cascade:
     """Stages run with real early exit (see the module docstring)."""
 
-    def __init__(self, stages: Sequence[Stage], score: ExitScore = "max_softmax") -> None:
+    def __init__(self, stages: Sequence[Stage], score: ExitScore = "max_softmax", empty_sub_batches: bool = False
+                 ) -> None:
+        """``empty_sub_batches``: the stages run on a batch of no images, so :meth:`run_traceable` gives a stage an
+        empty sub-batch when every image has left before it, instead of one stand-in row."""
         if len(stages) < 2:
             raise ValueError("a cascade needs at least two stages")
         if score not in EXIT_SCORES:
             raise ValueError(f"exit score must be one of {EXIT_SCORES}, got {score!r}")
         self.stages = list(stages)
         self.score: ExitScore = score
+        self.empty_sub_batches = empty_sub_batches
         # GMACs per image of the last stage run alone (run_last: no carry), set by count_costs
         self.last_alone_gmacs = 0.0
 
@@ -212,9 +216,11 @@ class Cascade:
 
         ``thresholds`` is a (K-1,) tensor, so an exported graph takes them as an input a runtime can change. Every
         stage after the first runs on the images still undecided (``nonzero``, ``index_select``; their logits go
-        back with ``index_copy``): a sub-batch whose size is known only at run time. A stage never gets an empty
-        batch (timm's PVT-v2 attention cannot reshape one): when every image has left, one stand-in row runs
-        and is dropped. Confidences are not reported (``confidence`` stays empty).
+        back with ``index_copy``): a sub-batch whose size is known only at run time. When every image has left, the
+        later stages get an empty sub-batch (they cost next to nothing: an image that exits pays only for what it
+        ran) if the cascade was built with ``empty_sub_batches``, else one stand-in row that runs and is dropped
+        (timm's PVT-v2 and Swin cannot reshape an empty batch). Confidences are not reported (``confidence`` stays
+        empty).
         """
         b = x.shape[0]
         last = len(self.stages) - 1
@@ -234,14 +240,17 @@ class Cascade:
             leave = (confidence(logits, self.score) > thresholds[k]) & (thresholds[k] < 1.0)
             exit_stage = exit_stage.index_fill(0, active[leave], k)
             stay = (~leave).nonzero().squeeze(1)
-            rows = torch.clamp((~leave).sum(), min=1).item()  # the sub-batch, one stand-in row when it is empty
-            torch._check(rows >= 1)
-            torch._check(stay.shape[0] <= rows)
-            torch._check(rows <= stay.shape[0] + 1)
-            padded = torch.cat([stay, stay.new_zeros(1)])[:rows]
             active = active.index_select(0, stay)
-            xs = xs.index_select(0, padded)
-            state = {name: t.index_select(0, padded) for name, t in state.items()}
+            if self.empty_sub_batches:
+                rows = stay
+            else:
+                count = torch.clamp((~leave).sum(), min=1).item()  # the sub-batch, one stand-in row when it is empty
+                torch._check(count >= 1)
+                torch._check(stay.shape[0] <= count)
+                torch._check(count <= stay.shape[0] + 1)
+                rows = torch.cat([stay, stay.new_zeros(1)])[:count]
+            xs = xs.index_select(0, rows)
+            state = {name: t.index_select(0, rows) for name, t in state.items()}
         assert logits_out is not None
         return CascadeOutput(logits=logits_out, exit=exit_stage, gmacs=cost_at[exit_stage])
 

@@ -256,7 +256,8 @@ class CFViT(ConvertedModel, SimulatesPoints):
         }
         # Not modules: the stages call the graphs above, whose parameters are registered once under base.
         attach(self, _graphs=graphs, cascade=Cascade([Stage("coarse", self._coarse_stage, 0.0),
-                                                      Stage("fine", self._fine_stage, 0.0)], s.exit_score))
+                                                      Stage("fine", self._fine_stage, 0.0)], s.exit_score,
+                                                     family.empty_batches))
         self.eta = s.eta
         self._alpha = s.alpha
         self.dense = 0.0

@@ -278,6 +278,8 @@ class DVT(ConvertedModel, SimulatesPoints):
             graphs.append(self._split_graphs(model, k) if self.split else {})
         stages = [Stage(name, self._stage_fn(k), 0.0) for k, name in enumerate(self.names)]
         # Not modules: the graphs call the members' own modules, registered once under base / members.
+        # Stand-in rows, not empty sub-batches, in the exported cascade: a member resizes its images with an antialiased
+        # interpolation, which torch.export cannot trace on a batch that may hold no images.
         attach(self, _graphs=graphs, _family=family, cascade=Cascade(stages, s.exit_score))
         thresholds = s.thresholds if s.thresholds is not None else [1.0] * (k_members - 1)
         if len(thresholds) != k_members - 1 or any(not 0.0 <= t <= 1.0 for t in thresholds):
