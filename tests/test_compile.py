@@ -27,6 +27,7 @@ import torch
 import torch._dynamo
 from test_conformance import _case, conformance_cases
 from torch._dynamo.testing import CompileCounterWithBackend
+from utils import exiting_cfvit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,3 +118,19 @@ def test_a_new_alpha_compiles_with_inductor() -> None:
                                            msg=f"at {point}")
     finally:
         torch._dynamo.reset()
+
+
+def test_a_margin_scored_cascade_compiles_with_the_same_exits(tmp_path) -> None:
+    """The compiled cascade loop scores exits as the model says (``model.exit_score: margin``), not max softmax: at a
+    point where the two scores let different images leave, the compiled model takes the eager model's exits."""
+    model, _, x = exiting_cfvit(tmp_path, score="margin")
+    with torch.no_grad():
+        maxprob_exits = int((model.forward_coarse(x)["logits"].softmax(-1).amax(-1) > model.eta).sum())
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    _check_same(model, torch.compile(model, backend=counter), torch.compile(model.forward_dynamic, backend=counter),
+                x, "margin exits")
+    with torch.no_grad():
+        assert int((model.forward_dynamic(x).stage == 0).sum()) == 3 < maxprob_exits
+    assert counter.frame_count >= 1
+    torch._dynamo.reset()

@@ -48,6 +48,20 @@ def test_pt2_reloads_with_torch_export_load_and_matches_eager(cascade, tmp_path:
     assert 0 < int(exits.sum()) < 7  # a real mix of exits went through the graph
 
 
+def test_the_exit_score_is_in_the_graph(tmp_path: Path) -> None:
+    """A cascade scored by the margin (top-1 minus top-2 probability) exports with that score: onnxruntime takes the
+    eager model's exits at a point where max softmax would let more images leave."""
+    model, folder, x = exiting_cfvit(tmp_path, score="margin")
+    with torch.no_grad():
+        eager = model.forward_dynamic(x)
+        coarse = model.forward_coarse(x)["logits"].softmax(-1)
+    assert int((coarse.amax(-1) > model.eta).sum()) > int((eager.stage == 0).sum()) == 3  # the scores disagree here
+    session = ort.InferenceSession(str(vitconvert.export(folder)), providers=["CPUExecutionProvider"])
+    logits, gmacs, exits = session.run(None, {"pixel_values": x.numpy()})
+    assert np.abs(logits - eager.logits.numpy()).max() <= 1e-4
+    assert (exits == eager.stage.numpy()).all() and np.allclose(gmacs, eager.gmacs.numpy())
+
+
 def test_the_dense_point_exports_as_one_dense_pass(cascade, tmp_path: Path) -> None:
     """At the dense point (the fine stage alone) the graph is the base model's computation: every image at the last
     exit and the base's GMACs; eta stays an input that changes nothing."""

@@ -64,15 +64,17 @@ def fake_timings(x: torch.Tensor, images_per_s: dict[str, float], reference: str
     return {name: Timing(name, x.shape[0], reference, (s,), (seconds[reference] / s,)) for name, s in seconds.items()}
 
 
-def exiting_cfvit(folder: Path) -> tuple[vitconvert.ConvertedModel, Path, torch.Tensor]:
+def exiting_cfvit(folder: Path, score: str = "max_softmax") -> tuple[vitconvert.ConvertedModel, Path, torch.Tensor]:
     """A tiny CF-ViT saved under ``folder``, at a point where 3 of its 7 images exit early (eta between the 4th and
-    5th coarse confidences): ``(model in eval mode, saved folder, images)``."""
+    5th coarse confidences, of the kind ``score``: ``model.exit_score``): ``(model in eval mode, saved folder,
+    images)``."""
     import vitconvert
+    from vitconvert.layers.cascade import confidence
 
     base, _, _ = tiny_model("deit")
-    model = vitconvert.apply(base, "cfvit")
+    model = vitconvert.apply(base, "cfvit", overrides=[f"model.exit_score={score}"])
     x = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        conf = model.forward_coarse(x)["logits"].softmax(-1).amax(-1).sort().values
+        conf = confidence(model.forward_coarse(x)["logits"], score).sort().values  # type: ignore[arg-type]
     model.set_operating_point(eta=float((conf[3] + conf[4]) / 2))
     return model.eval(), vitconvert.save(model, folder / "cfvit"), x
