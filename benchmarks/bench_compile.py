@@ -5,6 +5,9 @@ options, the caches off: ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``, so each compi
 
 * compile time: the first call's wall time (trace + compile + one run) at the first batch size, converted and base,
   and the first call at the second batch size (what a new batch size costs: about one run when nothing recompiles);
+  and the compile time for every batch size: those two plus, for each size of a sweep over batches 1, 3, 8 and 64,
+  its first call's time beyond its second's (the base compiles a graph for a batch of 1 and one with a symbolic batch
+  size; a converted model's stages compile once for every size);
 * graphs compiled (a counting backend around inductor) after the first call, after the second batch size and after a
   sweep over batches 1, 3, 8 and 64 (a new graph there is a recompile);
 * full compute: the first call at the full-compute point after the operating point's (its compile time and graphs),
@@ -98,16 +101,25 @@ def measure_row(arch: str, recipe: str, shares: list[float] | float, batches: li
         graphs_first = counter.frame_count
         second = first_call(compiled[name], images[:batches[1]])
         graphs_second = counter.frame_count
+        # What each sweep size's first call costs beyond a run: its first call minus its second (0 when nothing
+        # compiled, up to timing noise).
+        sweep_compile = {}
         for b in SWEEP:
-            first_call(compiled[name], images[:b])
+            once = first_call(compiled[name], images[:b])
+            sweep_compile[str(b)] = round(max(0.0, once - first_call(compiled[name], images[:b])), 2)
+        total = first + second + sum(sweep_compile.values())
         row[name] = {"compile_s": round(first, 2), "graphs_first_call": graphs_first,
                      f"first_call_at_batch_{batches[1]}_s": round(second, 2),
                      "graphs_after_second_batch_size": graphs_second,
-                     "graphs_after_sweep": counter.frame_count, "sweep": list(SWEEP)}
+                     "graphs_after_sweep": counter.frame_count, "sweep": list(SWEEP),
+                     "sweep_compile_s": sweep_compile, "compile_total_s": round(total, 2)}
         print(f"[compile] {recipe} {arch} {name}: first call {first:.1f}s ({graphs_first} graphs), batch "
               f"{batches[1]} first call {second:.1f}s ({graphs_second} graphs), after batches {SWEEP}: "
-              f"{counter.frame_count} graphs", flush=True)
+              f"{counter.frame_count} graphs; compile for every batch size {total:.1f}s", flush=True)
     row["compile_time_vs_base"] = round(row["converted"]["compile_s"] / row["base"]["compile_s"], 2)
+    # The base compiles again for a batch of 1 and once more with a symbolic batch size; a converted model's stages
+    # compile once for every size. What serving batches of 1 to 64 costs in compile time, converted against base:
+    row["compile_total_vs_base"] = round(row["converted"]["compile_total_s"] / row["base"]["compile_total_s"], 2)
     # Full compute: the first call there (a new graph where the structure changes, e.g. DGE's base blocks).
     before = counter.frame_count
     model.set_operating_point(model.operating_space().full())
@@ -164,6 +176,14 @@ def measure_row(arch: str, recipe: str, shares: list[float] | float, batches: li
     return row
 
 
+def total_cell(row: dict[str, Any]) -> str:
+    """The compile time for every batch size, converted (base), and the ratio; '-' for rows measured before it was."""
+    if "compile_total_vs_base" not in row:
+        return "-"
+    return (f"{row['converted']['compile_total_s']:.0f} ({row['base']['compile_total_s']:.0f}), "
+            f"{row['compile_total_vs_base']:.2f}")
+
+
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     # No title: docs/export.md includes this file under its own heading.
@@ -172,10 +192,11 @@ def markdown(result: dict[str, Any]) -> str:
              f"inductor, caches off.{' Quick run (reduced set).' if result['quick'] else ''}"
              f"{'' if result.get('complete', True) else ' Stopped early: the rows it measured.'}"
              "\n",
-             "| method | backbone | compile s (base) | x base | new batch size s (base) | graphs: 1st / 2nd size / "
+             "| method | backbone | compile s (base) | x base | every batch size: compile s (base), x base | "
+             "new batch size s (base) | graphs: 1st / 2nd size / "
              "after batches 1-64 (base) | full compute: 1st call s, new graphs | batch | GMACs share | compiled vs "
              "compiled base | eager vs eager base | logits diff | same decisions | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         c, b = r["converted"], r["base"]
         key = next(k for k in c if k.startswith("first_call_at_batch_"))
@@ -187,7 +208,8 @@ def markdown(result: dict[str, Any]) -> str:
             load = r.get("load_average_before")
             lines.append(
                 f"| {r['method']} | {r['backbone']} | {c['compile_s']:.0f} ({b['compile_s']:.0f}) | "
-                f"{r['compile_time_vs_base']:.2f} | {c[key]:.1f} ({b[key]:.1f}) | {c['graphs_first_call']} / "
+                f"{r['compile_time_vs_base']:.2f} | {total_cell(r)} | {c[key]:.1f} ({b[key]:.1f}) | "
+                f"{c['graphs_first_call']} / "
                 f"{c['graphs_after_second_batch_size']} / {c.get('graphs_after_sweep', '-')} "
                 f"({b['graphs_first_call']} / {b['graphs_after_second_batch_size']} / "
                 f"{b.get('graphs_after_sweep', '-')}) | "
@@ -240,8 +262,10 @@ def write(out_dir: Path, quick: bool, threads: int, rows: list[dict[str, Any]], 
     result = {"name": "compile_speed", "quick": quick, "complete": complete, "machine": machine_block(),
               "threads": threads, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
               "protocol": "plain torch.compile (inductor, default options, caches off); compile time = first call's "
-                          "wall time; graphs counted by a backend around inductor; throughput: compiled converted, "
-                          "compiled base, eager converted, eager base in the same interleaved rounds after warm-up, "
+                          "wall time; compile for every batch size = that + the second size's first call + each "
+                          "sweep size's first call beyond its second; graphs counted by a backend around inductor; "
+                          "throughput: compiled converted, compiled base, eager converted, eager base in the same "
+                          "interleaved rounds after warm-up, "
                           "speed-ups are medians of per-round paired ratios; random weights, exit thresholds forced "
                           "on the timed images (DGE: coarsening for ~50% GMACs with random routers)",
               "rows": rows}

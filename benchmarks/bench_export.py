@@ -232,7 +232,8 @@ def run(quick: bool, out_dir: Path, threads: int | None = None, cifar: bool = Tr
 
     result = {"name": "export_speed", "quick": quick, "machine": machine_block(), "threads": threads,
               "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
-              "protocol": "ONNX graphs in onnxruntime's CPU provider (intra-op threads = torch threads) and the eager "
+              "protocol": "ONNX graphs in onnxruntime's CPU provider (intra-op threads = torch threads, no spinning "
+                          "after a run: session.intra_op.allow_spinning 0) and the eager "
                           "models, all four timed in the same interleaved rounds after warm-up; speed-ups are medians "
                           "of per-round paired ratios. Fine-tuned rows: CIFAR-10 models after the short recipe, at "
                           "their calibrated points, timed on validation images. CIFAR-10 rows: the project's "

@@ -163,12 +163,19 @@ def onnx_base(model: torch.nn.Module, img_size: tuple[int, int], path: Path) -> 
 
 
 def ort_session(path: Path, threads: int) -> Any:
+    """An onnxruntime CPU session for timing beside eager PyTorch models in the same rounds.
+
+    Its worker threads do not spin waiting for work after a run (``session.intra_op.allow_spinning`` 0; onnxruntime
+    spins by default): spinning threads would take the cores from the eager model timed next and make its times,
+    not onnxruntime's, depend on what ran before.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -446,3 +446,44 @@ def test_no_finetune_rows_name_tome_at_the_nearest_gmacs_and_tome_sweeps_r_on_a_
     assert gm == sorted(gm, reverse=True) and gm[0] > gm[-1]
     from benchmarks.tome import gmacs
     assert gm[0] == pytest.approx(gmacs(model, (32, 32)))
+
+
+def _compile_row(arch: str, recipe: str, converted_s: float, base_s: float) -> dict:
+    """A bench_compile row as measure_row writes it (numbers made up; the table and the file are under test)."""
+    side = {"compile_s": 1.0, "graphs_first_call": 1, "first_call_at_batch_1_s": 0.5,
+            "graphs_after_second_batch_size": 1, "graphs_after_sweep": 1, "sweep": [1, 3, 8, 64]}
+    timing = {"gmacs_share": 0.5, "compiled_speedup_vs_compiled_base": 1.5, "compiled_speedup_p10_p90": [1.4, 1.6],
+              "eager_speedup_vs_eager_base": 1.4, "agree": {"max_abs_logit_difference": 1e-6, "same_gmacs": True,
+                                                            "same_exits": True}}
+    return {"method": recipe, "backbone": arch, "converted": {**side, "compile_total_s": converted_s},
+            "base": {**side, "compile_total_s": base_s}, "compile_time_vs_base": 1.0,
+            "compile_total_vs_base": round(converted_s / base_s, 2), "timing": {"32": timing},
+            "load_average_before": [0.1, 0.1, 0.1]}
+
+
+def test_bench_compile_writes_after_every_row_and_keeps_other_methods(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped run keeps the rows it measured (``complete`` false until the last), ``--only`` keeps the other
+    methods' rows in ROWS' order, and the table shows the compile time for every batch size (old rows: '-')."""
+    from benchmarks import bench_compile
+
+    monkeypatch.setattr(bench_compile, "warm_up", lambda: None)
+    old = _compile_row("deit_small_patch16_224", "cfvit", 10.0, 10.0)
+    del old["compile_total_vs_base"]  # a row measured before the totals existed
+    (tmp_path / "compile_speed.json").write_text(json.dumps({"rows": [old]}))
+    seen: list[dict] = []
+
+    def measure_row(arch: str, recipe: str, *args: object) -> dict:
+        if seen:  # the file already holds the first measured row, marked incomplete
+            written = json.loads((tmp_path / "compile_speed.json").read_text())
+            assert written["complete"] is False and [r["method"] for r in written["rows"]] == ["cfvit", "dvt"]
+        seen.append(_compile_row(arch, recipe, 120.0, 40.0))
+        return seen[-1]
+
+    monkeypatch.setattr(bench_compile, "measure_row", measure_row)
+    result = bench_compile.run(quick=False, out_dir=tmp_path, threads=1, only=["dvt", "dge"])
+    assert [r["method"] for r in result["rows"]] == ["cfvit", "dvt", "dge"] and result["complete"] is True
+    table = (tmp_path / "compile_speed.md").read_text().splitlines()
+    assert "every batch size" in table[2]
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ")[4] for line in table[4:]}
+    assert cells == {"cfvit": "-", "dvt": "120 (40), 3.00", "dge": "120 (40), 3.00"}
