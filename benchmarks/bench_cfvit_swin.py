@@ -3,8 +3,9 @@ throughput at batch 64 and batch-1 latency at about half the base's GMACs, measu
 
 The protocol is ``bench_cfvit_pvt``'s (:func:`benchmarks.bench_cfvit_pvt.measure_region_path`):
 
-* **Operating points**: ``alpha`` 0.25 and 0.125 (that share of each block's windows refined, at least one: Swin-T's
-  last stage at 224 px has one window per image and is always refined), each with the share of images sent to the
+* **Operating points**: ``alpha`` 1 (every window refined: the exits alone save the compute), 0.25 and 0.125 (that
+  share of each block's windows refined, at least one: Swin-T's last stage at 224 px has one window per image and is
+  always refined), each with the share of images sent to the
   fine stage **pinned** on the timed batch (the exits are forced, not decided by random weights' confidences) to the
   largest whole count whose mean GMACs ``coarse + f * fine`` stays at or under half the base's. Random weights are
   fine for speed: which windows are refined moves no cost (every window of a block has the same size).
@@ -25,7 +26,7 @@ from benchmarks.bench_cfvit_pvt import measure_region_path
 
 ARCH = "swin_tiny_patch4_window7_224"
 # (alpha, execution): "auto" lets each block choose its path (whole windows at one level run DGE's split path)
-VARIANTS = ((0.25, "auto"), (0.125, "auto"))
+VARIANTS = ((1.0, "auto"), (0.25, "auto"), (0.125, "auto"))
 
 
 def run(quick: bool, out_dir: Path) -> dict[str, Any]:
