@@ -265,10 +265,10 @@ def run_swin(out_dir: Path, threads: int = 2) -> dict[str, Any]:
                                     setting=f"rho={g['expected_ratio']:.2g}, {threads} thread(s)",
                                     gmacs=g["reported_mean"], base_gmacs=ref.base_gmacs,
                                     notes="random weights; gates forced at random per image and region; "
-                                          "measured under load (see uptime)")
+                                          "the machine's load is in uptime")
     result = {"name": "dge_swin", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_block(),
               "uptime": uptime,
-              "note": "CPU shared with other jobs while measuring (uptime before and after): numbers under load; "
+              "note": "the CPU may be shared with other jobs: uptime before and after says how loaded it was; "
                       "models timed side by side in interleaved rounds",
               "summary": summary(res), "runs": {f"threads{threads}": res}, "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
