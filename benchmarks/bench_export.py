@@ -51,7 +51,6 @@ import vitconvert
 from benchmarks.common import RESULTS, machine_block, onnx_base, ort_session, point_for_gmacs, randomize_zero_init
 from benchmarks.protocol import random_batch
 from vitconvert.deploy import graph_knobs
-from vitconvert.layers.cascade import thresholds_for_exit_shares
 from vitconvert.timing import compare
 
 ROWS = (
@@ -69,7 +68,7 @@ def force_exit_shares(model: vitconvert.ConvertedModel, x: torch.Tensor, shares:
     """Thresholds under which ``shares`` of ``x`` exit at each stage but the last (simulated from one pass)."""
     with torch.no_grad():
         logits = list(model.collect(x).values())
-    thresholds = thresholds_for_exit_shares(logits, shares, model.cascade.score)
+    thresholds = model.cascade.thresholds_for_exit_shares(logits, shares)
     names = [k.name for k in model.operating_space().knobs if k.simulated]
     return model.set_operating_point(dict(zip(names, thresholds, strict=True)))
 

@@ -335,7 +335,8 @@ def thresholds_for_exit_shares(stage_logits: Sequence[torch.Tensor], shares: Seq
     undecided = torch.ones(b, dtype=torch.bool, device=stage_logits[0].device)
     thresholds = []
     for k, share in enumerate(shares):
-        conf = confidence(stage_logits[k], score)[undecided]
+        every = confidence(stage_logits[k], score)
+        conf = every[undecided]
         want = round(share * b)
         if want <= 0 or conf.numel() == 0:
             thresholds.append(1.0)
@@ -349,5 +350,5 @@ def thresholds_for_exit_shares(stage_logits: Sequence[torch.Tensor], shares: Seq
             ordered = conf.double().sort(descending=True).values
             t = float((ordered[want - 1] + ordered[want]) / 2)
         thresholds.append(max(0.0, min(t, 1.0)))
-        undecided &= ~exits_at(confidence(stage_logits[k], score), thresholds[-1])
+        undecided &= ~exits_at(every, thresholds[-1])
     return thresholds
