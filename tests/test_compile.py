@@ -25,9 +25,11 @@ import os
 import pytest
 import torch
 import torch._dynamo
-from test_conformance import _case, conformance_cases
+from test_conformance import _case, conformance_cases, exercised_point, perturb_new_parameters
 from torch._dynamo.testing import CompileCounterWithBackend
-from utils import exiting_cfvit
+from utils import TINY_MODELS, exiting_cfvit
+
+import vitconvert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,3 +136,32 @@ def test_a_margin_scored_cascade_compiles_with_the_same_exits(tmp_path) -> None:
         assert int((model.forward_dynamic(x).stage == 0).sum()) == 3 < maxprob_exits
     assert counter.frame_count >= 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(("reuse_at", "depths"), [("output", (2, 4)), ("mlp", (2,))])
+def test_dvt_compiles_a_block_once_for_all_its_copies(reuse_at: str, depths: tuple[int, ...]) -> None:
+    """DVT's members compile block by block (a member's identical blocks share one compiled frame): a ViT twice as
+    deep compiles no more operations (traced whole, a member's graph grows with its depth). The compiled model
+    answers as the eager one and a new batch size compiles nothing, also with the reused features entering the MLP
+    (where a member compiles whole)."""
+    arch, kwargs = TINY_MODELS["deit"]
+    traced = []
+    for depth in depths:
+        torch.manual_seed(0)
+        model = vitconvert.apply(arch, {"name": "t", "method": "dvt"}, model_kwargs={**kwargs, "depth": depth},
+                                 pretrained=False, overrides=[f"model.feature_reuse_at={reuse_at}"])
+        perturb_new_parameters(model)
+        x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+        model.set_operating_point(exercised_point(model, x))
+        with torch.no_grad():
+            assert len(set(model.forward_dynamic(x).stage.tolist())) == 3, "every member must run"
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled, dynamic = torch.compile(model, backend=counter), torch.compile(model.forward_dynamic, backend=counter)
+        _check_same(model, compiled, dynamic, x, f"depth {depth}")
+        graphs, ops = counter.frame_count, counter.op_count
+        traced.append(ops)
+        _check_same(model, compiled, dynamic, x[:5], f"depth {depth}, batch 5")
+        assert counter.frame_count == graphs, "a new batch size compiled again"
+        torch._dynamo.reset()
+    assert len(set(traced)) == 1, f"operations compiled at depths {depths}: {traced}"

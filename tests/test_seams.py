@@ -644,3 +644,23 @@ def test_rewrite_block_needs_something_to_do_and_a_free_name() -> None:
         rewrite_block(model.blocks[0])
     with pytest.raises(ValueError):
         rewrite_block(model.blocks[0], bias=True, branch=nn.Identity(), name="mlp")
+
+
+def test_rewritten_blocks_share_one_class_that_copies_keep() -> None:
+    """``share_code``: identical rewritten blocks become one class (one forward for torch.compile to cache), each still
+    computing with its own weights; a deep copy (an EMA) keeps the shared class; a block rewritten otherwise (other
+    code) keeps its own."""
+    model, _, _ = tiny_model("deit")
+    model.eval()
+    blocks = [rewrite_attention(b, bias=True, logits=True) for b in model.blocks[:3]]
+    other = rewrite_attention(model.blocks[3], bias=True)
+    assert len({type(b) for b in blocks}) == 3
+    vfx.share_code([*blocks, other])
+    assert len({type(b) for b in blocks}) == 1 and type(other) is not type(blocks[0])
+    x = torch.randn(2, 65, 48)
+    with torch.no_grad():
+        for block, original in zip(blocks, model.blocks[:3], strict=True):
+            torch.testing.assert_close(block(x)[0], original(x), atol=1e-5, rtol=0)
+        copies = copy.deepcopy(blocks)
+        assert {type(c) for c in copies} == {type(blocks[0])}
+        torch.testing.assert_close(copies[1](x)[0], model.blocks[1](x), atol=1e-5, rtol=0)

@@ -391,3 +391,35 @@ def lift_attention_bias(block: nn.Module, param: str, name: str = "attn_bias") -
         g.graph.lint()
         g.recompile()
     return gm, bias_gm
+
+
+def _deepcopy_keeping_class(self: fx.GraphModule, memo: dict[int, Any]) -> fx.GraphModule:
+    """``GraphModule.__deepcopy__``, then back into the class the original shares (see :func:`share_code`)."""
+    copied = fx.GraphModule.__deepcopy__(self, memo)
+    copied.__class__ = type(self)
+    return copied
+
+
+def share_code(modules: Iterable[nn.Module]) -> None:
+    """Give the GraphModules among ``modules`` whose generated code is the same one class between them.
+
+    Why: every ``GraphModule`` is an instance of a class of its own, whose ``forward`` is compiled from its own
+    copy of the code. ``torch.compile`` caches compiled code per code object and guards on the module's type, so
+    twelve rewritten blocks of one model, identical but for their weights, compile twelve times; sharing a class
+    (and so one ``forward``), the first block's compiled code serves the others (their weights are inputs of the
+    graph). A copy (``copy.deepcopy``, e.g. an EMA) keeps the shared class.
+
+    Modules with the same code but different globals (the functions the code calls) are kept apart. Do not edit the
+    graph of one of them afterwards: its ``recompile()`` would change the code of all.
+    """
+    first_of: dict[tuple[str, tuple[tuple[str, int], ...]], fx.GraphModule] = {}
+    for module in modules:
+        if not isinstance(module, fx.GraphModule):
+            continue
+        scope = module.forward.__globals__
+        key = (module.code, tuple(sorted((name, id(value)) for name, value in scope.items())))
+        first = first_of.setdefault(key, module)
+        if first is not module:
+            module.__class__ = type(first)
+    for first in first_of.values():
+        type(first).__deepcopy__ = _deepcopy_keeping_class  # type: ignore[method-assign]

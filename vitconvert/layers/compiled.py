@@ -28,6 +28,9 @@ import torch
 
 BATCH = "vitconvert_batch"
 
+# True while compile_settings() is active: compiled frames of a dynamic model are being run (and compiled).
+_stages_compiling = False
+
 
 @torch.compiler.disable
 def mark_rows_dynamic(first: torch.Tensor, *others: torch.Tensor, unbacked: bool = True,
@@ -83,10 +86,34 @@ def compile_settings() -> Iterator[None]:
     Called from a frame dynamo does not trace (:func:`torch.compiler.disable` with ``recursive=False``): the frames
     called inside compile under these settings; nothing else in the caller's configuration changes.
     """
+    global _stages_compiling
     from torch._dynamo import config as dynamo_config
     from torch._inductor import config as inductor_config
 
-    with dynamo_config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True,
-                             specialize_float=True), \
-            inductor_config.patch(layout_optimization=False):
-        yield
+    was, _stages_compiling = _stages_compiling, True
+    try:
+        with dynamo_config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True,
+                                 specialize_float=True), \
+                inductor_config.patch(layout_optimization=False):
+            yield
+    finally:
+        _stages_compiling = was
+
+
+@torch.compiler.disable
+def rows_marked(t: torch.Tensor, *dynamic_dims: int) -> torch.Tensor:
+    """``t``, or while compiled stages run (inside :func:`compile_settings`) an alias of it with its rows marked as a
+    run-time size (:func:`mark_rows_dynamic`) and ``dynamic_dims`` as symbolic sizes (one compiled frame for the
+    sizes they take, e.g. a token count that differs between the members of a cascade).
+
+    For a stage that runs its own loop between compiled graphs (DVT's members: one compiled frame per block, so
+    that identical blocks compile once): every tensor it passes to a frame is a fresh output of another graph,
+    which dynamo would otherwise see at a fixed batch size and compile again for the next one. Eager (and under
+    ``torch.export``), ``t`` itself.
+    """
+    if not _stages_compiling:
+        return t
+    marked = mark_rows_dynamic(t)
+    for dim in dynamic_dims:
+        torch._dynamo.maybe_mark_dynamic(marked, dim)
+    return marked
