@@ -78,22 +78,30 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
-def measure_row(arch: str, recipe: str, shares: list[float] | float, batches: list[int], threads: int,
-                rounds: dict[int, int], folder: Path) -> list[dict[str, Any]]:
-    """One benchmark row: ``arch`` converted with ``recipe`` (random weights), exit shares forced on the images
-    (none: a method without exits, e.g. FSLA, at the recipe's point)."""
+def build_row(arch: str, recipe: str, shares: list[float] | float, images: int
+              ) -> tuple[vitconvert.ConvertedModel, torch.Tensor, dict[str, Any]]:
+    """A row's model at its point, its ``images`` benchmark images and the row's fields: ``arch`` converted with
+    ``recipe`` (random weights), exit shares forced on the images (none: a method without exits, e.g. FSLA, at the
+    recipe's point), or a GMACs share reached with the method's knob."""
     torch.manual_seed(0)
     model = vitconvert.apply(arch, recipe, pretrained=False)
     randomize_zero_init(model)
-    images = random_batch(model.anatomy.img_size, max(batches), seed=2)
+    x = random_batch(model.anatomy.img_size, images, seed=2)
     if isinstance(shares, float):  # a GMACs share to reach with the method's knob
-        point = point_for_gmacs(model, images[:16], shares)
+        point = point_for_gmacs(model, x[:16], shares)
         fields = {"model": f"{arch} (random weights)", "point": point, "target_gmacs_share": shares,
                   "gates": "random routers"}
     else:
-        point = force_exit_shares(model, images, shares) if shares else model.operating_point
+        point = force_exit_shares(model, x, shares) if shares else model.operating_point
         fields = {"model": f"{arch} (random weights)", "point": point, "forced_exit_shares": shares,
                   "gates": "forced" if shares else "recipe point"}
+    return model, x, fields
+
+
+def measure_row(arch: str, recipe: str, shares: list[float] | float, batches: list[int], threads: int,
+                rounds: dict[int, int], folder: Path) -> list[dict[str, Any]]:
+    """One benchmark row (:func:`build_row`), measured at each batch size."""
+    model, images, fields = build_row(arch, recipe, shares, max(batches))
     return measure(model, images, batches, threads, rounds, folder, arch, fields)
 
 
