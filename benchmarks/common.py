@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import torch
 
+import vitconvert
+from benchmarks.protocol import random_batch
 from vitconvert.errors import UserError
 from vitconvert.methods.base import ConvertedModel
 from vitconvert.methods.dge import DGE
@@ -192,3 +194,45 @@ def point_for_gmacs(model: ConvertedModel, x: torch.Tensor, share: float, steps:
             got = float(model.forward_dynamic(x).gmacs.mean()) / model.base_gmacs
         lo, hi = (mid, hi) if got > share else (lo, mid)
     return model.set_operating_point({knob.name: (lo + hi) / 2})
+
+
+# bench_export's rows (benchmarks.studies.profile_onnx profiles them too): architecture, recipe, and the exit shares
+# forced on the timed images (a cascade), none (the recipe's point) or a GMACs share to reach with the method's knob.
+EXPORT_ROWS: tuple[tuple[str, str, list[float] | float], ...] = (
+    ("deit_small_patch16_224", "cfvit", [0.5]),
+    ("deit_small_patch16_224", "dvt", [0.5, 0.25]),
+    ("pvt_v2_b1", "dvt", [0.5, 0.25]),
+    ("swin_tiny_patch4_window7_224", "dvt", [0.5, 0.25]),
+    ("swin_tiny_patch4_window7_224", "fsla", []),  # no exits; the recipe's cluster size (the window area, 49)
+    ("deit_small_patch16_224", "dge", 0.5),  # random routers, coarsening set for ~50% of the base's GMACs
+    ("pvt_v2_b1", "dge", 0.6),
+)
+
+
+def force_exit_shares(model: ConvertedModel, x: torch.Tensor, shares: list[float]) -> dict[str, float]:
+    """Thresholds under which ``shares`` of ``x`` exit at each stage but the last (simulated from one pass)."""
+    with torch.no_grad():
+        logits = list(model.collect(x).values())
+    thresholds = model.cascade.thresholds_for_exit_shares(logits, shares)
+    names = [k.name for k in model.operating_space().knobs if k.simulated]
+    return model.set_operating_point(dict(zip(names, thresholds, strict=True)))
+
+
+def build_row(arch: str, recipe: str, shares: list[float] | float, images: int
+              ) -> tuple[ConvertedModel, torch.Tensor, dict[str, Any]]:
+    """A row's model at its point, its ``images`` benchmark images and the row's fields: ``arch`` converted with
+    ``recipe`` (random weights), exit shares forced on the images (none: a method without exits, e.g. FSLA, at the
+    recipe's point), or a GMACs share reached with the method's knob."""
+    torch.manual_seed(0)
+    model = vitconvert.apply(arch, recipe, pretrained=False)
+    randomize_zero_init(model)
+    x = random_batch(model.anatomy.img_size, images, seed=2)
+    if isinstance(shares, float):  # a GMACs share to reach with the method's knob
+        point = point_for_gmacs(model, x[:16], shares)
+        fields = {"model": f"{arch} (random weights)", "point": point, "target_gmacs_share": shares,
+                  "gates": "random routers"}
+    else:
+        point = force_exit_shares(model, x, shares) if shares else model.operating_point
+        fields = {"model": f"{arch} (random weights)", "point": point, "forced_exit_shares": shares,
+                  "gates": "forced" if shares else "recipe point"}
+    return model, x, fields

@@ -12,6 +12,7 @@ from vitconvert.layers.clustering import (
     balanced_clusters,
     clustered_attention,
     clustered_attention_macs,
+    gather_rows,
     inverse_permutation,
     plan_clusters,
     release_workspace,
@@ -366,3 +367,14 @@ def test_traceable_twin_exports_to_onnx_with_the_same_permutation(n: int, size: 
     perm, out = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (q, k, v), strict=True)})
     assert (perm.reshape(3, 2, -1) == balanced_clusters(q[:, :, g:], module.plan).numpy()).all()
     assert float(abs(out - clustered_attention(q, k, v, size, overlap, g).numpy()).max()) <= 1e-5
+
+
+def test_gather_rows_is_torch_gather_over_the_channels() -> None:
+    """The row gather of the exported clustering reads what ``torch.gather`` on channel-expanded indices reads, for
+    3-D and 4-D tables, repeated and reordered rows, and fewer rows than the table has."""
+    g = torch.Generator().manual_seed(0)
+    for shape, m in (((5, 7, 3), 7), ((2, 3, 9, 4), 5)):
+        t = torch.randn(shape, generator=g)
+        idx = torch.randint(0, shape[-2], (*shape[:-2], m), generator=g)
+        want = torch.gather(t, -2, idx.unsqueeze(-1).expand(*idx.shape, shape[-1]))
+        assert torch.equal(gather_rows(t, idx), want)

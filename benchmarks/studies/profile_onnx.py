@@ -1,8 +1,8 @@
 """Where an exported converted model spends its time in onnxruntime, against its exported base: ``bench_export``'s
 rows, profiled.
 
-For each row asked (``--rows ARCH:RECIPE``, rows of ``benchmarks.bench_export.ROWS``) the converted model at the row's
-point (:func:`benchmarks.bench_export.build_row`: random weights, exits forced or the GMACs share reached) and its
+For each row asked (``--rows ARCH:RECIPE``, ``benchmarks.common.EXPORT_ROWS``) the converted model at the row's
+point (:func:`benchmarks.common.build_row`: random weights, exits forced or the GMACs share reached) and its
 base are exported to ONNX and run under onnxruntime's profiler (default graph optimisations, as deployed; threads not
 spinning, as in the benchmark) on the benchmark's first ``--batch`` images. Kernel time is summed per op type, in
 units of the base graph's kernel time per run, for both graphs, so a row reads: the converted graph spends X of a
@@ -31,8 +31,7 @@ import numpy as np
 import torch
 
 import vitconvert
-from benchmarks.bench_export import ROWS, build_row, paired_ratio
-from benchmarks.common import machine_block, onnx_base
+from benchmarks.common import EXPORT_ROWS, build_row, machine_block, onnx_base
 from vitconvert.timing import compare
 
 
@@ -70,6 +69,11 @@ def profile(path: Path, x: np.ndarray, threads: int, runs: int) -> dict[str, Any
             "calls_per_run": {k: calls[k] // n for k, _ in per_op.most_common()}}
 
 
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median of per-round ratios of two models' throughputs from the same rounds."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
 def compare_ops(converted: dict[str, Any], base: dict[str, Any], top: int = 12) -> list[dict[str, Any]]:
     """Op types by the converted graph's time, each in units of the base graph's kernel time per run, beside the
     base's own time in that op type."""
@@ -84,7 +88,7 @@ def compare_ops(converted: dict[str, Any], base: dict[str, Any], top: int = 12) 
 
 def profile_row(arch: str, recipe: str, batch: int, threads: int, runs: int, rounds: int, folder: Path
                 ) -> dict[str, Any]:
-    shares = next(s for a, r, s in ROWS if (a, r) == (arch, recipe))
+    shares = next(s for a, r, s in EXPORT_ROWS if (a, r) == (arch, recipe))
     model, images, fields = build_row(arch, recipe, shares, batch)
     model.eval()
     base = model.build_base().eval()
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.dir.mkdir(parents=True, exist_ok=True)
     wanted = [tuple(r.split(":", 1)) for r in args.rows]
-    known = {(a, r) for a, r, _ in ROWS}
+    known = {(a, r) for a, r, _ in EXPORT_ROWS}
     for row in wanted:
         if row not in known:
             print(f"error: {':'.join(row)} is not a bench_export row; rows: "

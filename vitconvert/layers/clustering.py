@@ -682,11 +682,25 @@ def traceable_clusters(q: Tensor, plan: ClusterPlan, iters: int = DEFAULT_ITERS,
             r = s[:, 0].clamp_min(0.0) / s[:, 1].clamp_min(1e-6)  # (rows x groups, size)
             r = torch.where(pad.reshape(-1, size), torch.full_like(r, float("inf")), r)
             idx = torch.argsort(r, dim=-1, stable=True)  # positions inside each group, in the new order
-            x = torch.gather(xg, 1, idx.unsqueeze(-1).expand(-1, -1, d)).reshape(-1, np_, d)
+            x = gather_rows(xg, idx).reshape(-1, np_, d)
             inv = torch.gather(inv.reshape(-1, size), 1, idx).reshape(-1, np_)
             pad = torch.gather(pad.reshape(-1, size), 1, idx).reshape(-1, np_)
             tokens = torch.gather(tokens.reshape(-1, size), 1, idx).reshape(-1, np_)
     return tokens
+
+
+def gather_rows(t: Tensor, idx: Tensor) -> Tensor:
+    """Rows of ``t`` (..., N, D) at ``idx`` (..., M), per leading index: (..., M, D), the value of ``torch.gather(t,
+    -2, idx.unsqueeze(-1).expand(..., D))``.
+
+    As one 1-D row gather on the flattened table (``index_select``; in ONNX one ``Gather``), not ``torch.gather`` on
+    indices expanded over the channels, which the exporter writes as ``Expand`` + ``GatherElements``: an index per
+    channel, built and read for every row (in FSLA on Swin-T, 0.15 of the base graph's whole kernel time)."""
+    n, d = t.shape[-2:]
+    m = idx.shape[-1]
+    lead = idx.reshape(-1, m)
+    offsets = torch.arange(lead.shape[0], device=idx.device).unsqueeze(1) * n
+    return t.reshape(-1, d).index_select(0, (lead + offsets).reshape(-1)).reshape(*idx.shape, d)
 
 
 def _normalized_f(c: Tensor) -> Tensor:
@@ -725,10 +739,10 @@ def traceable_clustered_attention(q: Tensor, k: Tensor, v: Tensor, plan: Cluster
     if g:
         keys = torch.cat([torch.arange(g, device=q.device).expand(b, h, c, g), keys], dim=3)
     width = keys.shape[-1]
-    flat_keys = keys.reshape(b, h, c * width, 1)
-    kk = torch.gather(k, 2, flat_keys.expand(-1, -1, -1, d)).reshape(b, h * c, width, d)
-    vv = torch.gather(v, 2, flat_keys.expand(-1, -1, -1, dv)).reshape(b, h * c, width, dv)
-    qc = torch.gather(q, 2, src.unsqueeze(-1).expand(-1, -1, -1, d)).reshape(b, h * c, m, d)
+    flat_keys = keys.reshape(b, h, c * width)
+    kk = gather_rows(k, flat_keys).reshape(b, h * c, width, d)
+    vv = gather_rows(v, flat_keys).reshape(b, h * c, width, dv)
+    qc = gather_rows(q, src).reshape(b, h * c, m, d)
     mask = None if bias is None else _pair_bias(bias, src.reshape(b, h, c, m), keys).reshape(b, h * c, m, width)
     if extra:
         valid = (perm < plan.tokens)[..., key_pos.reshape(-1)].reshape(b, h, c, m + o)
@@ -743,7 +757,7 @@ def traceable_clustered_attention(q: Tensor, k: Tensor, v: Tensor, plan: Cluster
     # Back to the input order: each token's position in cluster order is the inverse permutation.
     positions = torch.arange(plan.padded, device=q.device).expand(b, h, plan.padded)
     inv = torch.zeros_like(perm).scatter(-1, perm, positions)[..., :plan.tokens]
-    res = torch.gather(attn, 2, inv.unsqueeze(-1).expand(-1, -1, -1, dv))
+    res = gather_rows(attn, inv)
     if g:
         out_g = F.scaled_dot_product_attention(q[:, :, :g], k, v, attn_mask=_global_rows(bias, g), dropout_p=dropout_p,
                                                scale=scale)
