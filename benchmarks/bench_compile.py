@@ -50,8 +50,7 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import vitconvert
-from benchmarks.bench_export import force_exit_shares
-from benchmarks.common import RESULTS, machine_block, point_for_gmacs, randomize_zero_init
+from benchmarks.common import RESULTS, force_exit_shares, machine_block, point_for_gmacs, randomize_zero_init
 from benchmarks.protocol import random_batch
 from vitconvert.timing import compare
 

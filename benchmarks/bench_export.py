@@ -52,15 +52,12 @@ from benchmarks.common import (
     EXPORT_ROWS,
     RESULTS,
     build_row,
-    force_exit_shares,  # noqa: F401 (bench_compile forces exits as this benchmark does)
     machine_block,
     onnx_base,
     ort_session,
 )
 from vitconvert.deploy import graph_knobs
 from vitconvert.timing import compare
-
-ROWS = EXPORT_ROWS
 
 
 def paired_ratio(a: list[float], b: list[float]) -> float:
@@ -198,7 +195,7 @@ def run(quick: bool, out_dir: Path, threads: int | None = None, cifar: bool = Tr
             rows += trained_rows(trained, batches, threads, rounds, Path(folder))
         if cifar and not quick:  # trained-base rows first
             rows += cifar_rows(batches, threads, rounds, Path(folder), max_images=cifar_images, only=only)
-        for arch, recipe, shares in ROWS[:1] if quick else ROWS:
+        for arch, recipe, shares in EXPORT_ROWS[:1] if quick else EXPORT_ROWS:
             if only is None or recipe in only:
                 rows += measure_row(arch, recipe, shares, batches, threads, rounds, Path(folder))
     out_json = out_dir / "export_speed.json"

@@ -23,7 +23,6 @@ Usage (from the repo root; 2 threads, like ``bench_export``)::
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import statistics
@@ -36,6 +35,7 @@ import torch
 
 import vitconvert
 from benchmarks.common import machine_block, onnx_base, ort_session, point_for_gmacs, randomize_zero_init
+from benchmarks.studies.profile_onnx import profile
 from vitconvert.timing import compare
 
 ROWS = {"deit_small_patch16_224": 0.5, "pvt_v2_b1": 0.6}  # bench_export's DGE rows: arch -> target GMACs share
@@ -57,36 +57,14 @@ def runner(sess: Any) -> Any:
 
 
 def op_shares(path: Path, x: np.ndarray, threads: int, runs: int) -> dict[str, Any]:
-    """Kernel time per op type over ``runs`` profiled runs (after one warm-up), as shares of the total."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.enable_profiling = True
-    options.profile_file_prefix = str(path.with_suffix(""))
-    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    sess.run(["logits"], {"pixel_values": x})
-    for _ in range(runs):
-        sess.run(["logits"], {"pixel_values": x})
-    trace = Path(sess.end_profiling())
-    events = json.loads(trace.read_text())
-    trace.unlink()
-    per_op: collections.Counter[str] = collections.Counter()
-    calls: collections.Counter[str] = collections.Counter()
-    runs_us = []
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            per_op[e["args"]["op_name"]] += e["dur"]
-            calls[e["args"]["op_name"]] += 1
-        elif e.get("cat") == "Session" and e["name"] == "model_run":
-            runs_us.append(e["dur"])
-    total = sum(per_op.values())
-    return {"runs": runs, "run_ms_median": statistics.median(runs_us[1:]) / 1e3,
-            "kernel_ms_per_run": total / (runs + 1) / 1e3,
-            "share": {k: round(v / total, 4) for k, v in per_op.most_common()},
-            "calls_per_run": {k: calls[k] // (runs + 1) for k, _ in per_op.most_common()}}
+    """Kernel time per op type over ``runs`` profiled runs (after one warm-up), as shares of the total
+    (:func:`benchmarks.studies.profile_onnx.profile`, with onnxruntime's default spinning, as this study measured)."""
+    measured = profile(path, x, threads, runs, spinning=True)
+    per_op, total = measured["op_ms_per_run"], sum(measured["op_ms_per_run"].values())
+    return {"runs": runs, "run_ms_median": measured["run_ms_median"],
+            "kernel_ms_per_run": measured["kernel_ms_per_run"],
+            "share": {k: round(v / total, 4) for k, v in per_op.items()},
+            "calls_per_run": measured["calls_per_run"]}
 
 
 def main(argv: list[str] | None = None) -> int:

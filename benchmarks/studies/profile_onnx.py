@@ -35,15 +35,17 @@ from benchmarks.common import EXPORT_ROWS, build_row, machine_block, onnx_base
 from vitconvert.timing import compare
 
 
-def profile(path: Path, x: np.ndarray, threads: int, runs: int) -> dict[str, Any]:
-    """Kernel time per op type (ms per run) over ``runs`` profiled runs after one warm-up, and the runs' median."""
+def profile(path: Path, x: np.ndarray, threads: int, runs: int, spinning: bool = False) -> dict[str, Any]:
+    """Kernel time per op type (ms per run) over ``runs`` profiled runs after one warm-up, and the runs' median.
+    ``spinning``: onnxruntime's default, threads spinning after a run (off here, as in ``bench_export``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.enable_profiling = True
     options.profile_file_prefix = str(path.with_suffix(""))
     sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
