@@ -22,11 +22,16 @@ record its data-dependent sizes (a run-time query count) instead of breaking the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
+from typing import ParamSpec, TypeVar
 
 import torch
 
 BATCH = "vitconvert_batch"
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # True while compile_settings() is active: compiled frames of a dynamic model are being run (and compiled).
 _stages_compiling = False
@@ -117,3 +122,25 @@ def rows_marked(t: torch.Tensor, *dynamic_dims: int) -> torch.Tensor:
     for dim in dynamic_dims:
         torch._dynamo.maybe_mark_dynamic(marked, dim)
     return marked
+
+
+def compile_region(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn``, which under ``torch.compile`` runs as a nested compile region (``torch.compiler.nested_compile_region``):
+    dynamo traces it once and every later call with matching code, shapes and guards reuses that subgraph, so a model
+    that calls it once per block compiles one block, not a graph that grows with its depth ("hierarchical
+    compilation"). Eager and under ``torch.export`` (which records every call in full) it is ``fn`` itself.
+
+    A region has no side effects, returns no input as it is (``clone`` it), takes no two inputs that alias each
+    other (views of one tensor, such as q, k and v unbound from one projection) and reads no tensor that is not one
+    of its arguments (a tensor computed earlier in the same graph and reached through a Python object fails with
+    ``Freevar has no source``): pass such tensors in and put the objects back together inside.
+    """
+    region = torch.compiler.nested_compile_region(fn)
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        if torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting():
+            return region(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call

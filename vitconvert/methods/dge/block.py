@@ -31,6 +31,7 @@ from torch import nn
 
 from vitconvert.backbones.family import ConvMlp, Family, QueryAttention, QueryPositions, WindowView
 from vitconvert.errors import AnatomyError
+from vitconvert.layers.compiled import compile_region
 from vitconvert.layers.ragged import (
     AllQueries,
     PackedQueries,
@@ -385,23 +386,21 @@ class DGEBlock(nn.Module):
         assert self._call.base is not None, "the base block runs only on the map it was built for"
         return self._call.base()
 
-    def _cap(self, b: int) -> torch.Tensor | None:
+    def _cap(self, b: int, call: WindowCall | None) -> torch.Tensor | None:
         """(b, R) the coarsest level each region of the batch's rows may take, or None (any)."""
-        call = self._call
         if call is None or call.cap is None:
             return None
         return call.cap.repeat(b // call.cap.shape[0], 1)
 
-    def _override(self, b: int, regions: int, device: torch.device) -> torch.Tensor:
+    def _override(self, b: int, regions: int, device: torch.device, call: WindowCall | None) -> torch.Tensor:
         """Gates from :meth:`DGE.override_gates`, asked per image (with windows: every region of every window of
         the image, window after window) and capped where a level would straddle a mask."""
         fn = self._ctx.gate_override
         assert fn is not None
-        call = self._call
         if call is None:
             return fn(self.index, b, regions, device)
         gates = fn(self.index, call.images, b // call.images * regions, device).reshape(b, regions)
-        cap = self._cap(b)
+        cap = self._cap(b, call)
         return gates if cap is None else torch.minimum(gates, cap)
 
     def _record(self, nq: torch.Tensor, gates: torch.Tensor | None, lay: RegionLayout, ran: bool,
@@ -436,16 +435,17 @@ class DGEBlock(nn.Module):
             return apply_post_chain(self, names, t.reshape(call.images, -1, shape[-1])).reshape(shape)
         return apply_post_chain(self, names, t)
 
-    def _sparse_gates(self, regions: torch.Tensor, lay: RegionLayout) -> tuple[torch.Tensor, bool]:
+    def _sparse_gates(self, regions: torch.Tensor, lay: RegionLayout, call: WindowCall | None,
+                      given: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
         ctx = self._ctx
         b = regions.shape[0]
-        cap = self._cap(b)
+        cap = self._cap(b, call)
         if ctx.gate_override is None and ctx.level is not None:
             level = torch.full((b, lay.num_regions), ctx.level, dtype=torch.long, device=regions.device)
             return (level if cap is None else torch.minimum(level, cap)), False
         logits = self._router(regions)
         if ctx.gate_override is not None:  # the router still runs, so benchmarks time and count it
-            return self._override(b, lay.num_regions, regions.device), True
+            return (self._override(b, lay.num_regions, regions.device, call) if given is None else given), True
         rank = torch.arange(logits.shape[-1], device=logits.device, dtype=logits.dtype)
         if ctx.shift:
             logits = logits + ctx.shift * rank
@@ -453,7 +453,8 @@ class DGEBlock(nn.Module):
             logits = logits.masked_fill(rank > cap.unsqueeze(-1), float("-inf"))
         return logits.argmax(dim=-1), True
 
-    def _select_queries(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[
+    def _select_queries(self, x: torch.Tensor, hw: tuple[int, int], call: WindowCall | None,
+                        given: torch.Tensor | None = None) -> tuple[
             RegionLayout, dict[int, torch.Tensor], torch.Tensor, bool, torch.Tensor]:
         """What the inference paths (eager and traced) share before they run: the grid's layout, the pooled
         sub-patch tables (each coarser level's, and the regions' for the router), the gates (B, R) of the regions,
@@ -463,7 +464,7 @@ class DGEBlock(nn.Module):
         p = self.num_prefix
         b, _, c = x.shape
         pooled = pool_subpatches(x[:, p:].reshape(b, hw[0], hw[1], c), lay, [*lay.sizes[1:], lay.region])
-        gates, ran = self._sparse_gates(pooled[lay.region], lay)
+        gates, ran = self._sparse_gates(pooled[lay.region], lay, call, given)
         sel = gates[:, lay.cand_region] == lay.cand_gran
         return lay, pooled, gates, ran, torch.cat([sel.new_ones(b, self.num_prefix), sel], dim=1)
 
@@ -480,7 +481,7 @@ class DGEBlock(nn.Module):
         ctx = self._ctx
         p = self.num_prefix
         n = x.shape[1]
-        lay, pooled, gates, ran, qsel = self._select_queries(x, hw)
+        lay, pooled, gates, ran, qsel = self._select_queries(x, hw, self._call)
         conv_macs = self._conv_macs(gates, lay)
         path = self._choose_path(gates, qsel, lay, conv_macs)
         if path == "base":  # every region at the finest granularity: the base block computes the same thing
@@ -516,21 +517,40 @@ class DGEBlock(nn.Module):
         results as :meth:`_forward_sparse`, with no Python decision on the data. Every batch runs the selected
         queries of the batch packed, padded per image only around the attention core (:class:`TracedQueries`),
         whatever mix of levels the routers chose: the eager path's choice of base, split, dense or sparse per
-        batch gives the same results, so the graph keeps one fixed structure. The cost record is the sparse path's."""
-        lay, pooled, gates, ran, qsel = self._select_queries(x, hw)
+        batch gives the same results, so the graph keeps one fixed structure. The cost record is the sparse path's.
+
+        Under ``torch.compile`` (not ``torch.export``) the block's computation is a nested compile region
+        (:func:`traced_block_region`): dynamo traces it once and every block of the same shapes reuses it, so a
+        model's compile time does not grow with its depth."""
+        ctx, call, pos = self._ctx, self._call, self._pos
+        lay = ctx.layout(hw, x.device)
+        # Gates from override_gates are asked here, outside a compile region: the function is the caller's code.
+        given = None if ctx.gate_override is None else self._override(x.shape[0], lay.num_regions, x.device, call)
+        out, nq, gates = traced_block_region(self, x, hw, given, None if call is None else call.windows,
+                                             *_call_tables(call), *_position_tables(pos))
+        ran = ctx.gate_override is not None or ctx.level is None  # as _sparse_gates decides
+        self._record(nq.to(torch.float64), gates, lay, ran, self._conv_macs(gates, lay))
+        return out
+
+    def _traced_update(self, x: torch.Tensor, hw: tuple[int, int], given: torch.Tensor | None,
+                       call: WindowCall | None, pos: QueryPositions | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_forward_traced`'s computation, with no side effect: the block's output, the queries each row of
+        ``x`` ran (B,) and the regions' gates (B, R): ``given`` (from :meth:`DGE.override_gates`), else the
+        router's. ``call`` and ``pos`` are the block's ``_call`` and ``_pos`` for this forward, passed in so that a
+        compile region sees every tensor it reads as an input."""
+        lay, pooled, gates, _, qsel = self._select_queries(x, hw, call, given)
         q = TracedQueries(qsel, self._token_sources(gates, lay))
         q_in = q.gather(torch.cat([x, *(pooled[s] for s in lay.sizes[1:])], dim=1))
         norm1 = self.get_submodule(self.parts.norm1)
         norm2 = self.get_submodule(self.parts.norm2)
         if self.parts.post_norm:
-            a = self._apply_chain(self.parts.post_attn, norm1(self._attention(q_in, x, hw, q)))
+            a = self._apply_chain(self.parts.post_attn, norm1(self._attention(q_in, x, hw, q, call, pos)))
             m = self._apply_chain(self.parts.post_mlp, norm2(self._traced_mlp(q_in + a, hw, lay, q)))
         else:
-            a = self._apply_chain(self.parts.post_attn, self._attention(norm1(q_in), norm1(x), hw, q))
+            a = self._apply_chain(self.parts.post_attn, self._attention(norm1(q_in), norm1(x), hw, q, call, pos))
             m = self._apply_chain(self.parts.post_mlp, self._traced_mlp(norm2(q_in + a), hw, lay, q))
-        out = x + q.to_tokens(a + m)
-        self._record(q.nq.to(torch.float64), gates, lay, ran, self._conv_macs(gates, lay))
-        return out
+        return x + q.to_tokens(a + m), q.nq, gates
 
     def _traced_mlp(self, t: torch.Tensor, hw: tuple[int, int], lay: RegionLayout, q: TracedQueries) -> torch.Tensor:
         """The MLP of the (M, C) query rows, traceable. PVT-v2's convolution at each query's scale: the
@@ -628,10 +648,10 @@ class DGEBlock(nn.Module):
         pooled = pool_subpatches(x[:, p:].reshape(b, hw[0], hw[1], c), lay, [*lay.sizes[1:], lay.region])
         logits = self._router(pooled[lay.region])
         if ctx.gate_override is not None:  # the knob is for inference; overrides also serve the training path's tests
-            idx = self._override(b, lay.num_regions, x.device)
+            idx = self._override(b, lay.num_regions, x.device, self._call)
             gates = F.one_hot(idx, logits.shape[-1]).to(x.dtype)
         else:
-            cap = self._cap(b)
+            cap = self._cap(b, self._call)
             if cap is not None:  # levels that would straddle a mask are never drawn
                 rank = torch.arange(logits.shape[-1], device=logits.device)
                 logits = logits.masked_fill(rank > cap.unsqueeze(-1), float("-inf"))
@@ -662,22 +682,22 @@ class DGEBlock(nn.Module):
         norm1 = self.get_submodule(self.parts.norm1)
         norm2 = self.get_submodule(self.parts.norm2)
         if self.parts.post_norm:
-            a = self._apply_chain(self.parts.post_attn, norm1(self._attention(q_in, x, hw, q)))
+            a = self._apply_chain(self.parts.post_attn, norm1(self._attention(q_in, x, hw, q, self._call, self._pos)))
             m = self._apply_chain(self.parts.post_mlp, norm2(self._mlp(q_in + a, hw, lay, q, gate_tok)))
             return a.add_(m) if not torch.is_grad_enabled() else a + m
         xn = norm1(x)
         # every token its own query (a split batch at the finest level): normalised once
-        a = self._attention(xn if q_in is x else norm1(q_in), xn, hw, q)
+        a = self._attention(xn if q_in is x else norm1(q_in), xn, hw, q, self._call, self._pos)
         a = self._apply_chain(self.parts.post_attn, a)
         m = self._mlp(norm2(q_in + a), hw, lay, q, gate_tok)
         m = self._apply_chain(self.parts.post_mlp, m)
         return a.add_(m) if not torch.is_grad_enabled() else a + m
 
-    def _attention(self, qn: torch.Tensor, xn: torch.Tensor, hw: tuple[int, int], q: QuerySelection) -> torch.Tensor:
+    def _attention(self, qn: torch.Tensor, xn: torch.Tensor, hw: tuple[int, int], q: QuerySelection,
+                   call: WindowCall | None, pos: QueryPositions | None) -> torch.Tensor:
         attention = self.parts.attention
         k, v = attention.keys_values(xn, hw)
         qh = attention.queries(qn)
-        pos = self._pos
         if pos is not None and pos.key_rope is not None:
             k = attention.rotate(k, pos.key_rope)
         if pos is not None and pos.query_rope is not None:  # each row by the mean rotary row of its positions
@@ -685,18 +705,18 @@ class DGEBlock(nn.Module):
             cands = _row_cands(q, table.shape[1], qh.device)
             rope = table.index_select(1, cands.flatten()).movedim(0, 1).reshape(*cands.shape, table.shape[0], -1)
             qh = attention.rotate(qh.unflatten(-1, (attention.num_heads, -1)), rope).flatten(-2)
-        o = q.attend(qh, k, v, attention.dropout(), self._slot_bias(q, xn.shape[0]))
+        o = q.attend(qh, k, v, attention.dropout(), self._slot_bias(q, xn.shape[0], call, pos))
         return attention.output(o, qn)
 
-    def _slot_bias(self, q: QuerySelection, b: int) -> torch.Tensor | None:
+    def _slot_bias(self, q: QuerySelection, b: int, call: WindowCall | None, pos: QueryPositions | None
+                   ) -> torch.Tensor | None:
         """The attention bias of every slot the attention core runs, from the candidate it holds (and, with windows,
         its row's window); None when the attention has no bias per query position."""
-        call = self._call
         if call is not None:
             table = call.bias  # (windows or 1, heads, T, N)
             rows = call.rows if call.rows is not None else torch.arange(b, device=table.device)
-        elif self._pos is not None and self._pos.bias is not None:
-            table = self._pos.bias  # (1, heads, P + T, P + N)
+        elif pos is not None and pos.bias is not None:
+            table = pos.bias  # (1, heads, P + T, P + N)
             rows = torch.zeros(b, dtype=torch.long, device=table.device)
         else:
             return None
@@ -760,6 +780,38 @@ class DGEBlock(nn.Module):
             h = dwconv_selected(mlp.dwconv, mlp.relu(table), hw, lay, q).view(*t.shape[:-1], d)
         h = mlp.drop(_act(mlp.act, h))
         return mlp.drop(mlp.fc2(h))
+
+
+@compile_region
+def traced_block_region(block: DGEBlock, x: torch.Tensor, hw: tuple[int, int], given: torch.Tensor | None,
+                        windows: tuple[int, int] | None,
+                        bias: torch.Tensor | None, cap: torch.Tensor | None, rows: torch.Tensor | None,
+                        position_bias: torch.Tensor | None, query_rope: torch.Tensor | None,
+                        key_rope: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:meth:`DGEBlock._traced_update`, under ``torch.compile`` a nested compile region
+    (:func:`~vitconvert.layers.compiled.compile_region`): dynamo traces one block and every block whose code, shapes
+    and guards match calls it, instead of tracing every block of the model into one graph (DGE on DeiT-S: 165
+    operations in the outer graph against 1641). A region reads no tensor that is not one of its arguments, so the
+    window call's and the positions' tables come as arguments and are put back together here."""
+    call = None
+    if windows is not None:
+        assert bias is not None
+        call = WindowCall(x.shape[0] // (windows[0] * windows[1]), windows, bias, cap, None, rows)
+    pos = None
+    if position_bias is not None or query_rope is not None or key_rope is not None:
+        pos = QueryPositions(position_bias, query_rope, key_rope)
+    out, nq, gates = block._traced_update(x, hw, given, call, pos)
+    # A region's outputs may not alias its inputs, and given gates are returned as they came.
+    return out, nq, gates if given is None else gates.clone()
+
+
+def _call_tables(call: WindowCall | None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    return (None, None, None) if call is None else (call.bias, call.cap, call.rows)
+
+
+def _position_tables(pos: QueryPositions | None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    return (None, None, None) if pos is None else (pos.bias, pos.query_rope, pos.key_rope)
 
 
 def _row_cands(q: QuerySelection, candidates: int, device: torch.device) -> torch.Tensor:
