@@ -21,6 +21,7 @@ from utils import TINY_MODELS, exiting_cfvit
 import vitconvert
 from vitconvert.deploy import output_names
 from vitconvert.errors import UserError
+from vitconvert.layers.resize import resize_matrix
 from vitconvert.methods.base import ConvertedModel
 from vitconvert.methods.dge import DGE
 
@@ -46,6 +47,36 @@ def test_pt2_reloads_with_torch_export_load_and_matches_eager(cascade, tmp_path:
     torch.testing.assert_close(logits, eager.logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(exits, eager.stage) and torch.equal(gmacs, eager.gmacs)
     assert 0 < int(exits.sum()) < 7  # a real mix of exits went through the graph
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+@pytest.mark.parametrize(("size_in", "size_out"), [(224, 112), (224, 160), (32, 24), (7, 5), (16, 32)])
+def test_resize_matrices_are_the_antialiased_resize(mode: str, size_in: int, size_out: int) -> None:
+    """The matrices an exported cascade resizes with give ``F.interpolate(antialias=True)``'s images."""
+    x = torch.randn(2, 3, size_in, size_in + 3, generator=torch.Generator().manual_seed(0))
+    h = torch.from_numpy(resize_matrix(size_in, size_out, mode))
+    w = torch.from_numpy(resize_matrix(size_in + 3, size_out + 1, mode))
+    ref = torch.nn.functional.interpolate(x, size=(size_out, size_out + 1), mode=mode, align_corners=False,
+                                          antialias=True)
+    torch.testing.assert_close(h @ x @ w.t(), ref, atol=3e-6, rtol=0)
+
+
+def test_exported_cascades_resize_without_an_antialiased_resize_op(cascade, tmp_path: Path) -> None:
+    """The coarse pass's antialiased resize exports as matrix products, not as ``Resize`` with ``antialias=1`` (an
+    opset-18 attribute OpenVINO 2026.4 ignores: it resized bilinearly and the logits moved by up to 1), and the graph
+    still gives the eager model's logits and exits."""
+    model, _, x = cascade
+    path = vitconvert.export(model, tmp_path / "m.onnx")
+    graph = onnx.load(str(path)).graph
+    antialiased = [n.name for n in graph.node if n.op_type == "Resize"
+                   and any(a.name == "antialias" and a.i == 1 for a in n.attribute)]
+    assert antialiased == []
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits, gmacs, exits = session.run(None, {"pixel_values": x.numpy()})
+    with torch.no_grad():
+        eager = model.forward_dynamic(x)
+    assert np.abs(logits - eager.logits.numpy()).max() <= 1e-4
+    assert (exits == eager.stage.numpy()).all() and np.allclose(gmacs, eager.gmacs.numpy())
 
 
 def test_the_exit_score_is_in_the_graph(tmp_path: Path) -> None:

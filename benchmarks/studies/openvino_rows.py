@@ -4,7 +4,7 @@ decisions, and does its speed-up over the base survive?
 For each selected row of ``bench_export`` (:data:`benchmarks.common.EXPORT_ROWS`: random weights, exits forced on the
 timed images, or DGE's knob set for a GMACs share), the converted model is exported with :func:`vitconvert.export`
 and its base with the same exporter; both files are compiled by OpenVINO's CPU plugin (``INFERENCE_NUM_THREADS`` =
-the threads, one stream, latency hint) and loaded by onnxruntime (no spinning), and all four are timed in the same
+the threads, one stream, latency hint, fp32) and loaded by onnxruntime (no spinning), and all four are timed in the same
 interleaved rounds (:func:`vitconvert.timing.compare`). Parity first: the OpenVINO outputs against the eager
 ``forward_dynamic`` (logits, exits). OpenVINO is not a dependency of vitconvert: ``pip install openvino`` to run this.
 
@@ -33,11 +33,12 @@ from vitconvert.timing import compare
 
 
 def openvino_model(path: Path, threads: int) -> Any:
-    """``path`` compiled by OpenVINO's CPU plugin with ``threads`` inference threads and one stream."""
+    """``path`` compiled by OpenVINO's CPU plugin with ``threads`` inference threads, one stream, in fp32."""
     import openvino as ov
 
+    # fp32: on a CPU with bf16 instructions the plugin's default precision is bf16 (logits 1.0 off, other exits)
     return ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-                                                      "PERFORMANCE_HINT": "LATENCY"})
+                                                      "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
 
 
 def openvino_run(compiled: Any, x: torch.Tensor) -> dict[str, np.ndarray]:
@@ -132,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {"name": "openvino_rows", "machine": machine_block(), "threads": args.threads,
               "openvino": openvino.__version__, "torch": torch.__version__,
               "protocol": "the same ONNX files in OpenVINO's CPU plugin (INFERENCE_NUM_THREADS = threads, one "
-                          "stream, latency hint) and onnxruntime (no spinning), all four timed in the same "
-                          "interleaved rounds after warm-up; speed-ups are per-round paired medians; random weights, "
-                          "exits forced on the timed images (DGE: coarsening set for the GMACs share)",
+                          "stream, latency hint, INFERENCE_PRECISION_HINT f32) and onnxruntime (no spinning), all "
+                          "four timed in the same interleaved rounds after warm-up; speed-ups are per-round paired "
+                          "medians; random weights, exits forced on the timed images (DGE: coarsening set for the "
+                          "GMACs share)",
               "rows": rows}
     (args.out / "openvino_rows.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "openvino_rows.md").write_text(markdown(rows))

@@ -114,6 +114,7 @@ from vitconvert.errors import AnatomyError, UserError
 from vitconvert.layers.cascade import Carry, Cascade, ExitScore, Stage
 from vitconvert.layers.compiled import graph_tracing
 from vitconvert.layers.regions import make_layout
+from vitconvert.layers.resize import resize_images
 from vitconvert.layers.reuse import FeatureReuse, resize_grid
 from vitconvert.layers.scale_conv import dwconv_macs
 from vitconvert.layers.sharing import attach
@@ -577,10 +578,7 @@ class CFViT(ConvertedModel, SimulatesPoints):
 
     def _coarse_regions(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The base model on the half-size image: logits, its last normalised tokens and their scores."""
-        low = x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
-        xc = F.interpolate(x.float() if low else x, size=self.coarse_img_size, mode=self.settings.resize,
-                           align_corners=False if self.settings.resize != "area" else None,
-                           antialias=self.settings.resize != "area").to(x.dtype)
+        xc = resize_images(x, self.coarse_img_size, self.settings.resize)
         attach(self, _tap={})
         try:
             logits = self.base(xc)
@@ -684,11 +682,7 @@ class CFViT(ConvertedModel, SimulatesPoints):
     def forward_coarse(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Coarse stage on the whole batch: logits, final tokens, GCA scores, input embeddings."""
         g = self._g
-        # The antialiased resize has no fp16/bf16 kernel on the CPU: resize in fp32, go on in the input's dtype.
-        low = x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
-        xc = F.interpolate(x.float() if low else x, size=self.coarse_img_size, mode=self.settings.resize,
-                           align_corners=False if self.settings.resize != "area" else None,
-                           antialias=self.settings.resize != "area").to(x.dtype)
+        xc = resize_images(x, self.coarse_img_size, self.settings.resize)
         tokens = self._embed(xc, self.pos_embed_coarse)
         embedded = tokens
         p, nc = self.num_prefix, self.coarse_grid[0] * self.coarse_grid[1]

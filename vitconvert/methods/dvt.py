@@ -97,6 +97,7 @@ from vitconvert.backbones import family_of
 from vitconvert.errors import UserError
 from vitconvert.layers.cascade import Carry, Cascade, ExitScore, Stage, StageFn
 from vitconvert.layers.compiled import rows_marked
+from vitconvert.layers.resize import resize_images
 from vitconvert.layers.reuse import FeatureReuse, RelationMixer, resize_relations
 from vitconvert.layers.seams import mlp_input_layers, rewrite_attention
 from vitconvert.layers.sharing import attach, detach, tie_parameters
@@ -281,9 +282,9 @@ class DVT(ConvertedModel, SimulatesPoints):
             vfx.share_code(g["head"] for g in graphs)
         stages = [Stage(name, self._stage_fn(k), 0.0) for k, name in enumerate(self.names)]
         # Not modules: the graphs call the members' own modules, registered once under base / members.
-        # Stand-in rows, not empty sub-batches, in the exported cascade: a member resizes its images with an antialiased
-        # interpolation, which torch.export cannot trace on a batch that may hold no images.
-        attach(self, _graphs=graphs, _family=family, cascade=Cascade(stages, s.exit_score))
+        # Empty sub-batches in the exported cascade where the family's modules run on no images (the member resize is
+        # two matrix products there: the antialiased interpolation itself could not be traced on an empty batch).
+        attach(self, _graphs=graphs, _family=family, cascade=Cascade(stages, s.exit_score, family.empty_batches))
         thresholds = s.thresholds if s.thresholds is not None else [1.0] * (k_members - 1)
         if len(thresholds) != k_members - 1 or any(not 0.0 <= t <= 1.0 for t in thresholds):
             raise UserError(f"recipe: model.thresholds must be {k_members - 1} values in [0, 1], got {thresholds}")
@@ -456,11 +457,7 @@ class DVT(ConvertedModel, SimulatesPoints):
         size = self.img_sizes[k]
         if tuple(x.shape[-2:]) == tuple(size):
             return x
-        mode = self.settings.resize
-        # The antialiased resize has no fp16/bf16 kernel on the CPU: resize in fp32, go on in the input's dtype.
-        low = x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
-        return F.interpolate(x.float() if low else x, size=size, mode=mode,
-                             align_corners=False if mode != "area" else None, antialias=mode != "area").to(x.dtype)
+        return resize_images(x, size, self.settings.resize)
 
     def _stage_fn(self, k: int) -> StageFn:
         # A partial of a bound method, not a closure: deepcopy (EMA) rebinds it to the copy.
@@ -527,7 +524,8 @@ class DVT(ConvertedModel, SimulatesPoints):
         # Mixed at the upstream grid, resized one layer at a time just before its block: the resized maps of all
         # layers at once (L*h maps of (P+N)^2) would leave the cache before attention reads them.
         mixed = self.mixers[self.member_keys[k]](carry["relations"])
-        return tokens, mixed.view(mixed.shape[0], self.num_blocks, -1, *mixed.shape[-2:])
+        # heads spelled out, not -1: an empty sub-batch has no size to infer it from
+        return tokens, mixed.view(mixed.shape[0], self.num_blocks, mixed.shape[1] // self.num_blocks, *mixed.shape[-2:])
 
     def _layer(self, k: int, i: int, block: nn.Module, tokens: torch.Tensor, mixed: torch.Tensor | None,
                reuse: nn.Module | None, features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
