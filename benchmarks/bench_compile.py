@@ -37,7 +37,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,7 +49,14 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import vitconvert
-from benchmarks.common import RESULTS, force_exit_shares, machine_block, point_for_gmacs, randomize_zero_init
+from benchmarks.common import (
+    RESULTS,
+    force_exit_shares,
+    machine_block,
+    paired_ratio,
+    point_for_gmacs,
+    randomize_zero_init,
+)
 from benchmarks.protocol import random_batch
 from vitconvert.timing import compare
 
@@ -89,9 +95,6 @@ def warm_up_inductor() -> None:
     torch._dynamo.reset()
     _warmed_up = True
 
-
-def paired_ratio(a: list[float], b: list[float]) -> float:
-    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def measure_row(arch: str, recipe: str, shares: list[float] | float, batches: list[int], threads: int,

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -55,14 +54,10 @@ from benchmarks.common import (
     machine_block,
     onnx_base,
     ort_session,
+    paired_ratio,
 )
 from vitconvert.deploy import graph_knobs
 from vitconvert.timing import compare
-
-
-def paired_ratio(a: list[float], b: list[float]) -> float:
-    """Median of per-round ratios of two models' throughputs from the same rounds."""
-    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def measure_row(arch: str, recipe: str, shares: list[float] | float, batches: list[int], threads: int,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -236,3 +237,8 @@ def build_row(arch: str, recipe: str, shares: list[float] | float, images: int
         fields = {"model": f"{arch} (random weights)", "point": point, "forced_exit_shares": shares,
                   "gates": "forced" if shares else "recipe point"}
     return model, x, fields
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median of per-round ratios of two models' throughputs from the same rounds."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))

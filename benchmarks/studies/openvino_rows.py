@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 import vitconvert
-from benchmarks.common import EXPORT_ROWS, build_row, machine_block, onnx_base, ort_session
+from benchmarks.common import EXPORT_ROWS, build_row, machine_block, onnx_base, ort_session, paired_ratio
 from vitconvert.timing import compare
 
 
@@ -47,9 +46,6 @@ def openvino_run(compiled: Any, x: torch.Tensor) -> dict[str, np.ndarray]:
     request.infer({"pixel_values": x.numpy()})
     return {port.get_any_name(): request.get_tensor(port).data.copy() for port in compiled.outputs}
 
-
-def paired_ratio(a: list[float], b: list[float]) -> float:
-    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def measure(arch: str, recipe: str, shares: list[float] | float, batches: list[int], threads: int,

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import vitconvert
-from benchmarks.common import EXPORT_ROWS, build_row, machine_block, onnx_base
+from benchmarks.common import EXPORT_ROWS, build_row, machine_block, onnx_base, paired_ratio
 from vitconvert.timing import compare
 
 
@@ -70,10 +70,6 @@ def profile(path: Path, x: np.ndarray, threads: int, runs: int, spinning: bool =
             "op_ms_per_run": {k: v / n / 1e3 for k, v in per_op.most_common()},
             "calls_per_run": {k: calls[k] // n for k, _ in per_op.most_common()}}
 
-
-def paired_ratio(a: list[float], b: list[float]) -> float:
-    """Median of per-round ratios of two models' throughputs from the same rounds."""
-    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def compare_ops(converted: dict[str, Any], base: dict[str, Any], top: int = 12) -> list[dict[str, Any]]:

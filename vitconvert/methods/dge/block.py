@@ -435,12 +435,16 @@ class DGEBlock(nn.Module):
             return apply_post_chain(self, names, t.reshape(call.images, -1, shape[-1])).reshape(shape)
         return apply_post_chain(self, names, t)
 
+    def _router_runs(self) -> bool:
+        """Whether inference runs the router: not when a uniform level is set and no override is."""
+        return self._ctx.gate_override is not None or self._ctx.level is None
+
     def _sparse_gates(self, regions: torch.Tensor, lay: RegionLayout, call: WindowCall | None,
                       given: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
         ctx = self._ctx
         b = regions.shape[0]
         cap = self._cap(b, call)
-        if ctx.gate_override is None and ctx.level is not None:
+        if not self._router_runs():
             level = torch.full((b, lay.num_regions), ctx.level, dtype=torch.long, device=regions.device)
             return (level if cap is None else torch.minimum(level, cap)), False
         logits = self._router(regions)
@@ -528,8 +532,7 @@ class DGEBlock(nn.Module):
         given = None if ctx.gate_override is None else self._override(x.shape[0], lay.num_regions, x.device, call)
         out, nq, gates = traced_block_region(self, x, hw, given, None if call is None else call.windows,
                                              *_call_tables(call), *_position_tables(pos))
-        ran = ctx.gate_override is not None or ctx.level is None  # as _sparse_gates decides
-        self._record(nq.to(torch.float64), gates, lay, ran, self._conv_macs(gates, lay))
+        self._record(nq.to(torch.float64), gates, lay, self._router_runs(), self._conv_macs(gates, lay))
         return out
 
     def _traced_update(self, x: torch.Tensor, hw: tuple[int, int], given: torch.Tensor | None,
