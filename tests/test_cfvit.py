@@ -432,6 +432,41 @@ def test_pvt_fine_pass_computes_only_the_chosen_regions() -> None:
     assert out.gmacs[0].item() == pytest.approx(model.costs["coarse"] + model.costs["fine"], rel=1e-6)
 
 
+def test_pvt_recipe_refines_every_region_where_the_blocks_run_as_the_base() -> None:
+    """The recipe's PVT-v2 section sets alpha 1: the fine stage is then the base blocks themselves (no region tables,
+    in eager, exported and compiled graphs alike), charged the base model's MACs plus the reuse layer's."""
+    model = convert_pvt()
+    assert model.alpha == 1.0 and model.recipe.family == "pvt_v2"
+    with torch.no_grad():
+        coarse = model._coarse_regions(torch.zeros(1, 3, 64, 64))
+        reuse = vitconvert.count_macs(lambda: model.reuse(coarse["tokens"], 0, model.coarse_final_grid,
+                                                          model.stage_grids[0])) / 1e9
+    assert model.costs["fine"] == pytest.approx(model.base_gmacs + reuse, rel=1e-6)
+    assert convert_pvt(["model.alpha=0.5"]).alpha == 0.5  # --set wins over the family section
+
+
+def test_pvt_region_path_exports_at_a_partial_alpha(tmp_path) -> None:
+    """The conformance suite exports the recipe's point (alpha 1 on PVT-v2); the region machinery of alpha < 1 is
+    exported here: onnxruntime reproduces the eager logits and exits with some images refined and some exited."""
+    ort = pytest.importorskip("onnxruntime")
+    model = convert_pvt(["model.alpha=0.5"])
+    perturb(model)
+    model.eval()
+    x = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        conf = model.collect(x)["coarse"].softmax(-1).amax(-1)
+    ordered = conf.sort(descending=True).values  # halfway between two images: no confidence on the threshold
+    model.set_operating_point({"eta": float(ordered[1] + ordered[2]) / 2, "alpha": 0.5})
+    with torch.no_grad():
+        eager = model.forward_dynamic(x)
+    assert 0 < int((eager.stage == 0).sum()) < 5
+    path = vitconvert.export(model, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits, exits = session.run(["logits", "exit"], {"pixel_values": x.numpy()})
+    assert float(abs(logits - eager.logits.numpy()).max()) <= 1e-4
+    assert (exits == eager.stage.numpy()).all()
+
+
 def test_pvt_training_step_moves_the_reuse_layer() -> None:
     model = convert_pvt()
     model.train()

@@ -68,3 +68,57 @@ def test_a_recipe_is_validated_once_and_read_only() -> None:
             change()
     built = Recipe(name="by-hand", method="cfvit")  # not validated: its settings are read when first asked for
     assert not built.validated and built.settings.alpha == 0.5 and load_recipe(built).validated
+
+
+def _with_families(families: dict) -> dict:
+    data = load_recipe("cfvit").to_dict()
+    data["families"] = families
+    return data
+
+
+def test_a_family_section_is_merged_at_conversion() -> None:
+    from vitconvert.methods.base import convert
+    from vitconvert.sources import load_base
+
+    data = _with_families({"pvt_v2": {"model": {"alpha": 1.0}, "finetune": {"epochs": 8}}})
+    recipe = load_recipe(data)
+    assert recipe.settings.alpha == 0.5 and recipe.family is None
+    merged = recipe.for_family("pvt_v2")
+    assert (merged.settings.alpha, merged.finetune.epochs, merged.family, merged.families) == (1.0, 8, "pvt_v2", {})
+    assert merged.finetune.lr == recipe.finetune.lr  # the rest of the section is kept
+    assert recipe.for_family("vit") is recipe  # no section for the family: unchanged
+    assert merged.for_family("swin") is merged  # merged once: its values are explicit from then on
+
+    base, spec = load_base("pvt_v2_b0", None, {"num_classes": 10}, pretrained=False)
+    model = convert(base, spec, recipe)
+    assert model.recipe.family == "pvt_v2" and model.alpha == 1.0 and model.recipe.finetune.epochs == 8
+    base, spec = load_base("deit_tiny_patch16_224", None, {"num_classes": 10, "img_size": 32}, pretrained=False)
+    assert convert(base, spec, recipe).recipe.settings.alpha == 0.5
+
+
+def test_set_overrides_win_over_family_sections() -> None:
+    data = _with_families({"pvt_v2": {"model": {"alpha": 1.0}, "finetune": {"epochs": 8}}})
+    merged = load_recipe(data, ["model.alpha=0.25"]).for_family("pvt_v2")
+    assert (merged.settings.alpha, merged.finetune.epochs) == (0.25, 8)
+
+
+@pytest.mark.parametrize(("families", "message"), [
+    ({"pvt_v2": {"model": {"alpha": 2.0}}}, r"families.pvt_v2\): model.alpha: Input should be less than"),
+    ({"pvt_v2": {"model": {"alhpa": 1.0}}}, r"families.pvt_v2\): unknown key 'model.alhpa'"),
+    ({"resnet": {"model": {"alpha": 1.0}}}, r"families.resnet: method cfvit supports the families vit, "),
+    ({"swin": {"method": "dge"}}, r"families.swin: only model, finetune and calibrate can differ"),
+])
+def test_family_sections_are_validated_when_the_recipe_loads(families: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        load_recipe(_with_families(families))
+
+
+def test_a_cards_reproduce_command_names_only_what_differs_from_the_family_defaults() -> None:
+    from vitconvert.card import _recipe_args
+
+    shipped = load_recipe("cfvit")
+    assert "pvt_v2" in shipped.families  # the shipped recipe refines every PVT-v2 region
+    merged = shipped.for_family("pvt_v2").to_dict()
+    assert _recipe_args(merged) == "--recipe cfvit"
+    changed = load_recipe("cfvit", ["model.alpha=0.25"]).for_family("pvt_v2").to_dict()
+    assert _recipe_args(changed) == "--recipe cfvit --set model.alpha=0.25"

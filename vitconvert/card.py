@@ -461,7 +461,8 @@ def _recipe_args(recipe: dict[str, Any]) -> str:
     """``--recipe NAME`` plus ``--set`` for each value that differs from the shipped recipe of that name;
     ``--recipe recipe.yaml`` (the Recipe section above) when there is none."""
     try:
-        shipped = load_recipe(str(recipe.get("name"))).to_dict()
+        shipped = load_recipe(str(recipe.get("name")))
+        shipped = (shipped.for_family(recipe["family"]) if recipe.get("family") else shipped).to_dict()
     except UserError:
         return "--recipe recipe.yaml"
     changes: list[str] = []

@@ -8,6 +8,13 @@ A recipe has four parts::
     model: {...}                # the method's structural settings (its ``Settings`` schema)
     finetune: {...}             # epochs, lr, batch size, loss weights (``losses`` is the method's schema)
     calibrate: {...}            # held-out fraction and default budget
+    families:                   # optional: what differs for a family (a key of the method's ``families``)
+      pvt_v2: {model: {...}, finetune: {...}}
+
+A family's section is merged into the sections above when the recipe meets a model of that family
+(:meth:`Recipe.for_family`, at conversion), so one recipe name serves every family with its own defaults; the
+converted model keeps the merged values, with ``family`` naming the section applied. ``--set`` overrides win over
+family sections (an overridden key is taken out of every family section).
 
 Recipes are validated with pydantic: an unknown key is reported with its dotted path and the allowed
 keys, a bad value with the allowed range. ``overrides`` (``--set key=value`` on the CLI) change single
@@ -89,6 +96,9 @@ class Recipe(Strict):
     model: dict[str, Any] = Field(default_factory=dict)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     calibrate: CalibrateSettings = Field(default_factory=CalibrateSettings)
+    families: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per family: changes to the "
+                                                "model / finetune / calibrate sections, merged at conversion")
+    family: str | None = Field(None, description="the family section merged into this recipe (for_family)")
     _settings: Any = PrivateAttr(default=None)
     _losses: Any = PrivateAttr(default=None)
 
@@ -114,6 +124,16 @@ class Recipe(Strict):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def for_family(self, family: str) -> Recipe:
+        """This recipe with ``families[family]`` merged in, no family sections left and ``family`` set; the recipe
+        itself when it has no section for ``family`` (or was merged already: its values are then explicit)."""
+        if self.family is not None or family not in self.families:
+            return self
+        data = self.to_dict()
+        merge_into(data, data.pop("families")[family])
+        data["families"], data["family"] = {}, family
+        return validate_recipe(data, f"{self.name} (families.{family})")
+
 
 def _format_error(err: ValidationError, source: str, prefix: str = "", schema: type[BaseModel] | None = None) -> str:
     first = err.errors()[0]
@@ -136,6 +156,28 @@ def _allowed_keys(schema: type[BaseModel] | None, path: list[Any]) -> list[str]:
         ann = field.annotation if field else None
         schema = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
     return sorted(schema.model_fields) if schema is not None else []
+
+
+def merge_into(data: dict[str, Any], changes: dict[str, Any]) -> None:
+    """Deep-merge ``changes`` into ``data``: mappings key by key, anything else replaced."""
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            merge_into(data[key], value)
+        else:
+            data[key] = copy.deepcopy(value)
+
+
+def _drop_path(data: dict[str, Any], dotted: str) -> None:
+    """Remove ``dotted`` from ``data`` when present (with the mappings it leaves empty)."""
+    head, _, rest = dotted.partition(".")
+    if head not in data:
+        return
+    if not rest:
+        del data[head]
+    elif isinstance(data[head], dict):
+        _drop_path(data[head], rest)
+        if not data[head]:
+            del data[head]
 
 
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -185,6 +227,9 @@ def validate_recipe(data: Any, source: str = "<dict>", overrides: list[tuple[str
     data = copy.deepcopy(data)
     for key, value in overrides or []:
         set_path(data, key, value)
+        for section in (data.get("families") or {}).values():  # what the user sets wins in every family
+            if isinstance(section, dict):
+                _drop_path(section, key)
     method = data.get("method")
     if method not in METHODS:
         raise UserError(f"recipe {source}: method {method!r} is not known; available: {', '.join(sorted(METHODS))}")
@@ -193,6 +238,16 @@ def validate_recipe(data: Any, source: str = "<dict>", overrides: list[tuple[str
     except ValidationError as e:
         raise UserError(_format_error(e, source, schema=Recipe)) from None
     cls = METHODS[method]
+    for family, section in raw.families.items():  # each family's merged recipe must be valid too
+        if family not in cls.families:
+            raise UserError(f"recipe {source}: families.{family}: method {method} supports the families "
+                            f"{', '.join(cls.families)}")
+        if set(section) - {"model", "finetune", "calibrate"}:
+            raise UserError(f"recipe {source}: families.{family}: only model, finetune and calibrate can differ "
+                            f"per family (got {', '.join(sorted(set(section)))})")
+        merged = {k: v for k, v in data.items() if k != "families"}
+        merge_into(merged, copy.deepcopy(section))
+        validate_recipe(merged, f"{source} (families.{family})")
     try:
         settings = cls.Settings(**raw.model)
     except ValidationError as e:

@@ -536,6 +536,7 @@ def convert(base: nn.Module, spec: BaseSpec, recipe: Recipe, anatomy: Anatomy | 
             f"{describe_family(anatomy.family)}"
             + (f" ({cls.not_supported[anatomy.family]})" if anatomy.family in cls.not_supported else "")
         )
+    recipe = recipe.for_family(anatomy.family)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(recipe.finetune.seed)
         return cls(base, spec, recipe, anatomy).eval()

@@ -601,6 +601,10 @@ class CFViT(ConvertedModel, SimulatesPoints):
         gates.update(self.window_gates(coarse["scores"]))
         reuse = self.reuse(coarse["tokens"], 0, self.coarse_final_grid, self.stage_grids[0])
         attach(self, _fine_gates=gates, _pending=reuse)
+        if self.alpha >= 1:
+            # Every region and window refined: the base blocks themselves (what the sparse path chooses at run time
+            # then), decided here from the setting, so exported and compiled graphs carry no region machinery either
+            mode = "dense"
         try:
             with self._ctx.run(mode):
                 return self.base(x)
