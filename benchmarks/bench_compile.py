@@ -60,13 +60,16 @@ from benchmarks.common import (
 from benchmarks.protocol import random_batch
 from vitconvert.timing import compare
 
-ROWS: tuple[tuple[str, str, list[float] | float], ...] = (
-    ("deit_small_patch16_224", "cfvit", [0.5]),
-    ("deit_small_patch16_224", "dvt", [0.5, 0.25]),
-    ("pvt_v2_b1", "cfvit", [0.5]),  # the region path: DGE's query blocks on the undecided images
-    ("deit_small_patch16_224", "dge", 0.5),  # random routers, coarsening set for ~50% of the base's GMACs
-    ("swin_tiny_patch4_window7_224", "fsla", []),  # no exits: the recipe's cluster size
-    ("deit_small_patch16_224", "fsla_replace", []),
+# architecture, recipe, exit shares forced on the timed images (or a GMACs share for the method's knob), and recipe
+# overrides (``--set``)
+ROWS: tuple[tuple[str, str, list[float] | float, list[str]], ...] = (
+    ("deit_small_patch16_224", "cfvit", [0.5], []),
+    ("deit_small_patch16_224", "dvt", [0.5, 0.25], []),
+    ("pvt_v2_b1", "cfvit", [0.5], []),  # the recipe's PVT-v2 point: every region of a refined image (alpha 1)
+    ("pvt_v2_b1", "cfvit", [0.5], ["model.alpha=0.5"]),  # the region path: DGE's query blocks on half the regions
+    ("deit_small_patch16_224", "dge", 0.5, []),  # random routers, coarsening set for ~50% of the base's GMACs
+    ("swin_tiny_patch4_window7_224", "fsla", [], []),  # no exits: the recipe's cluster size
+    ("deit_small_patch16_224", "fsla_replace", [], []),
 )
 SWEEP = (1, 3, 8, 64)
 
@@ -97,10 +100,10 @@ def warm_up_inductor() -> None:
 
 
 
-def measure_row(arch: str, recipe: str, shares: list[float] | float, batches: list[int], threads: int,
-                rounds: dict[int, int]) -> dict[str, Any]:
+def measure_row(arch: str, recipe: str, shares: list[float] | float, overrides: list[str], batches: list[int],
+                threads: int, rounds: dict[int, int]) -> dict[str, Any]:
     torch.manual_seed(0)
-    model = vitconvert.apply(arch, recipe, pretrained=False)
+    model = vitconvert.apply(arch, recipe, pretrained=False, overrides=overrides)
     randomize_zero_init(model)
     base = model.build_base()
     images = random_batch(model.anatomy.img_size, max(*batches, *SWEEP), seed=2)
@@ -109,8 +112,8 @@ def measure_row(arch: str, recipe: str, shares: list[float] | float, batches: li
         point = point_for_gmacs(model, timed[:16], shares)
     else:
         point = force_exit_shares(model, timed, shares) if shares else model.operating_point
-    row: dict[str, Any] = {"method": recipe, "backbone": arch, "threads": threads, "point": point,
-                           "batches": batches, "load_average_before": list(os.getloadavg())}
+    row: dict[str, Any] = {"method": recipe, "backbone": arch, "overrides": overrides, "threads": threads,
+                           "point": point, "batches": batches, "load_average_before": list(os.getloadavg())}
     row["forced_exit_shares" if isinstance(shares, list) else "target_gmacs_share"] = shares
     compiled: dict[str, Any] = {}
     warm_up_inductor()
@@ -242,7 +245,8 @@ def markdown(result: dict[str, Any]) -> str:
             same = a.get("same_gmacs", True) and a.get("same_exits") is not False
             load = r.get("load_average_before")
             lines.append(
-                f"| {r['method']} | {r['backbone']} | {c['compile_s']:.0f} ({base_compile_cell(b)}) | "
+                f"| {' '.join([r['method'], *r.get('overrides', [])])} | {r['backbone']} | "
+                f"{c['compile_s']:.0f} ({base_compile_cell(b)}) | "
                 f"{r['compile_time_vs_base']:.2f} | {total_cell(r)} | {c[key]:.1f} ({b[key]:.1f}) | "
                 f"{c['graphs_first_call']} / "
                 f"{c['graphs_after_second_batch_size']} / {c.get('graphs_after_sweep', '-')} "
@@ -281,8 +285,8 @@ def run(quick: bool, out_dir: Path, threads: int | None = None, only: list[str] 
     selected = [row for row in (ROWS[1:2] if quick else ROWS) if only is None or row[1] in only]
     rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {}
-    for arch, recipe, shares in selected:
-        rows.append(measure_row(arch, recipe, shares, batches, threads, rounds))
+    for arch, recipe, shares, overrides in selected:
+        rows.append(measure_row(arch, recipe, shares, overrides, batches, threads, rounds))
         result = write(out_dir, quick, threads, kept + rows, complete=len(rows) == len(selected))
     if not selected:
         result = write(out_dir, quick, threads, kept, complete=True)
@@ -292,8 +296,9 @@ def run(quick: bool, out_dir: Path, threads: int | None = None, only: list[str] 
 
 def write(out_dir: Path, quick: bool, threads: int, rows: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
     """Write ``compile_speed.json`` and ``.md`` with ``rows`` in ROWS' order."""
-    order = {(recipe, arch): i for i, (arch, recipe, _) in enumerate(ROWS)}
-    rows = sorted(rows, key=lambda r: order.get((r["method"], r["backbone"]), len(ROWS)))
+    order = {(recipe, arch, tuple(overrides)): i for i, (arch, recipe, _, overrides) in enumerate(ROWS)}
+    rows = sorted(rows, key=lambda r: order.get((r["method"], r["backbone"], tuple(r.get("overrides", []))),
+                                                len(ROWS)))
     result = {"name": "compile_speed", "quick": quick, "complete": complete, "machine": machine_block(),
               "threads": threads, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
               "protocol": "plain torch.compile (inductor, default options, caches off); compile time = first call's "

@@ -51,13 +51,13 @@ from benchmarks.common import (
     EXPORT_ROWS,
     RESULTS,
     build_row,
+    export_pair,
     machine_block,
-    onnx_base,
     ort_session,
     paired_ratio,
 )
 from vitconvert.deploy import graph_knobs
-from vitconvert.timing import compare
+from vitconvert.timing import compare, machine_info
 
 
 def measure_row(arch: str, recipe: str, shares: list[float] | float, batches: list[int], threads: int,
@@ -113,17 +113,12 @@ def measure(model: vitconvert.ConvertedModel, images: torch.Tensor, batches: lis
             rounds: dict[int, int], folder: Path, tag: str, fields: dict[str, Any]) -> list[dict[str, Any]]:
     """Export ``model`` and its base, time both graphs and both eager models at each batch size (the first
     ``batch`` of ``images``)."""
-    base = model.build_base().eval()
-    model.eval()
-    size = model.anatomy.img_size
     recipe, arch = model.method, model.base_spec.architecture
-    converted_path = vitconvert.export(model, folder / f"{tag}-{recipe}.onnx", overwrite=True)
-    base_path = folder / f"{tag}.onnx"
-    if not base_path.exists():
-        onnx_base(base, size, base_path)
+    base, converted_path, base_path = export_pair(model, folder, tag)
     conv_s, base_s = ort_session(converted_path, threads), ort_session(base_path, threads)
     outputs = [o.name for o in conv_s.get_outputs()]
     rows = []
+    cpu = machine_info()["cpu"]  # rows of several runs share the file (--only): each says where it ran
     for batch in batches:
         x = images[:batch]
         with torch.no_grad():
@@ -140,7 +135,7 @@ def measure(model: vitconvert.ConvertedModel, images: torch.Tensor, batches: lis
                                      list(timed["eager_base"].throughput.values))
         stages = len(graph_knobs(model)) + 1  # a cascade: one threshold per stage but the last
         row = {"method": recipe, "backbone": arch, "batch": batch, "threads": threads, **fields,
-               "measured": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+               "measured": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
                "exit_shares": {} if eager.stage is None else {str(k): float((eager.stage == k).float().mean())
                                                               for k in range(stages)},
                "gmacs": float(eager.gmacs.mean()), "base_gmacs": model.base_gmacs,
@@ -161,15 +156,20 @@ def measure(model: vitconvert.ConvertedModel, images: torch.Tensor, batches: lis
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    """The table; with a CPU column when the rows were measured on more than one machine (``--only`` re-runs)."""
+    cpus = {r.get("cpu") for r in rows}
+    by_cpu = len(cpus) > 1
     lines = ["| method | model | batch | GMACs share | exits | ONNX speed-up vs ONNX base | eager speed-up | "
-             "ONNX / eager |", "|---|---|---|---|---|---|---|---|"]
+             "ONNX / eager |" + (" CPU |" if by_cpu else ""), "|---|---|---|---|---|---|---|---|" + ("---|" if by_cpu
+                                                                                                 else "")]
     for r in rows:
         exits = " / ".join(f"{v:.0%}" for v in r["exit_shares"].values()) or "-"  # no exits (FSLA)
         model = r["model"].replace(" (random weights)", "")
         lines.append(f"| {r['method']} | {model} | {r['batch']} | {r['gmacs'] / r['base_gmacs']:.0%} | "
                      f"{exits} | {r['onnx_speedup']:.2f}x ({r['onnx_speedup_p10_p90'][0]:.2f}-"
                      f"{r['onnx_speedup_p10_p90'][1]:.2f}) | {r['eager_speedup']:.2f}x | "
-                     f"{r['onnx_share_of_eager_speedup']:.0%} |")
+                     f"{r['onnx_share_of_eager_speedup']:.0%} |" + (f" {r.get('cpu') or 'not recorded'} |" if by_cpu
+                                                                     else ""))
     return "\n".join(lines) + "\n"
 
 

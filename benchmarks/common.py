@@ -165,6 +165,19 @@ def onnx_base(model: torch.nn.Module, img_size: tuple[int, int], path: Path) -> 
     program.save(str(path))
 
 
+def export_pair(model: ConvertedModel, folder: Path, tag: str) -> tuple[torch.nn.Module, Path, Path]:
+    """The base model (eval mode) and the ONNX files of ``model`` (``<tag>-<method>.onnx``) and of its base
+    (``<tag>.onnx``, exported once per folder and tag: rows of one tag share a base): what the export benchmark and
+    the runtime studies time."""
+    base = model.build_base().eval()
+    model.eval()
+    converted_path = vitconvert.export(model, folder / f"{tag}-{model.method}.onnx", overwrite=True)
+    base_path = folder / f"{tag}.onnx"
+    if not base_path.exists():
+        onnx_base(base, model.anatomy.img_size, base_path)
+    return base, converted_path, base_path
+
+
 def ort_session(path: Path, threads: int) -> Any:
     """An onnxruntime CPU session for timing beside eager PyTorch models in the same rounds.
 

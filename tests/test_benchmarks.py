@@ -487,3 +487,27 @@ def test_bench_compile_writes_after_every_row_and_keeps_other_methods(tmp_path: 
     assert "every batch size" in table[2]
     cells = {line.split(" | ")[0].strip("| "): line.split(" | ")[4] for line in table[4:]}
     assert cells == {"cfvit": "-", "dvt": "120 (40), 3.00", "dge": "120 (40), 3.00"}
+
+
+def test_export_table_names_the_cpu_only_when_rows_ran_on_several() -> None:
+    from benchmarks.bench_export import markdown
+
+    row = {"method": "dvt", "model": "deit_small (random weights)", "batch": 64, "gmacs": 2.0, "base_gmacs": 4.0,
+           "exit_shares": {"0": 0.5, "1": 0.5}, "onnx_speedup": 1.5, "onnx_speedup_p10_p90": [1.4, 1.6],
+           "eager_speedup": 1.6, "onnx_share_of_eager_speedup": 0.94, "cpu": "AMD EPYC"}
+    one = markdown([row, {**row, "batch": 1}])
+    assert "CPU" not in one and "| dvt | deit_small | 64 | 50% | 50% / 50% | 1.50x (1.40-1.60) | 1.60x | 94% |" in one
+    mixed = markdown([row, {**row, "cpu": None}])
+    assert mixed.splitlines()[0].endswith(" CPU |")
+    assert mixed.splitlines()[2].endswith("| AMD EPYC |") and mixed.splitlines()[3].endswith("| not recorded |")
+
+
+def test_committee_exits_average_the_softmax_of_the_stages_so_far() -> None:
+    from benchmarks.studies.exit_scores import committee
+
+    logits = [torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 3.0]])]
+    p = [lg.softmax(-1) for lg in logits]
+    early = committee(logits, last=False)
+    assert torch.allclose(early[0].exp(), p[0]) and torch.allclose(early[1].exp(), (p[0] + p[1]) / 2)
+    assert early[2] is logits[2]  # the last stage answers alone: full compute stays the base model
+    assert torch.allclose(committee(logits, last=True)[2].exp(), (p[0] + p[1] + p[2]) / 3)

@@ -1,4 +1,4 @@
-"""Which exit score routes a fine-tuned DVT cascade best: max softmax against other scores of the same logits.
+"""Which exit score routes a fine-tuned cascade (DVT, CF-ViT) best: max softmax against other scores of the same logits.
 
 A cascade (DVT here; CF-ViT alike) lets an image leave at stage k when a score of stage k's logits passes a
 threshold; the models score with the max softmax probability (:func:`vitconvert.layers.cascade.confidence`).
@@ -12,6 +12,12 @@ better score would give, on a fine-tuned model's own logits (no retraining):
   images to predict whether the stage agrees with the last stage (no labels: what a label-free user can fit);
 * ``oracle``: the stage answers exactly when it is right (labels of the evaluated split; an upper bound, not a
   deployable score).
+
+Committees (Wang et al., ICLR 2022, "Wisdom of Committees"; IMTA, Li et al., ICCV 2019, ensembles a multi-exit
+network's exits alike): stage k answers with the mean of the softmax of stages 0..k instead of its own, and is scored
+on that mean. ``committee_early`` does so at every stage but the last (which stays the base model under
+``freeze_last``, so full compute stays exact); ``committee_all`` at the last stage too (full compute is then an
+ensemble, not the base model). Both with the margin score.
 
 Protocol: every stage's logits on the calibration images (the CIFAR-10 training folder's held-out tail, the last 10%
 of each class's training files, 4,500 images) and on the validation split (the last 500 files of each class). For
@@ -62,10 +68,9 @@ def stage_logits(model: Any, files: list[tuple[str, int]], batch_size: int = 250
     parts: list[list[torch.Tensor]] = []
     labels = []
     for images, y in loader:
-        collected = model.collect(images)
-        parts.append([collected[name] for name in model.names])
+        parts.append(list(model.collect(images).values()))  # stage order (DVT's members, CF-ViT's coarse, fine)
         labels.append(y)
-    return [torch.cat([p[k] for p in parts]) for k in range(len(model.names))], torch.cat(labels)
+    return [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))], torch.cat(labels)
 
 
 def statistics(logits: torch.Tensor) -> torch.Tensor:
@@ -151,9 +156,20 @@ def evaluate(logits: list[torch.Tensor], labels: torch.Tensor, exit_at: torch.Te
             "exit_shares": [round(float(s), 4) for s in shares]}
 
 
+def committee(logits: list[torch.Tensor], last: bool) -> list[torch.Tensor]:
+    """Log of the mean softmax of stages 0..k, for each stage k (the last stage's own logits unless ``last``)."""
+    probs = [lg.float().softmax(-1) for lg in logits]
+    out = [(sum(probs[: k + 1]) / (k + 1)).log() for k in range(len(logits))]
+    return out if last else [*out[:-1], logits[-1]]
+
+
 def study(model_dir: Path, budget: float) -> dict[str, Any]:
     model = vitconvert.load(model_dir).eval()
-    model.set_operating_point(model.operating_space().full())
+    # The stored point with every stage on (not the dense point; CF-ViT keeps its calibrated alpha)
+    point = dict(model.operating_point)
+    if "dense" in point:
+        point["dense"] = 0.0
+    model.set_operating_point(point)
     costs = list(model.cascade.costs)
     base = float(model.base_gmacs)
     cal_logits, cal_labels = stage_logits(model, calibration_files())
@@ -180,13 +196,31 @@ def study(model_dir: Path, budget: float) -> dict[str, Any]:
         best["validation"] = {**val, "gmacs_share": round(val["gmacs"] / base, 4)}
         rows[name] = best
         print(name, best["validation"], flush=True)
+    for name, last in (("committee_early", False), ("committee_all", True)):
+        cal_c, val_c = committee(cal_logits, last), committee(val_logits, last)
+        cal_scores, val_scores = scores_of("margin", cal_c, None), scores_of("margin", val_c, None)
+        best = None
+        for q in DVT_EXIT_Q:
+            weights = [q ** (k + 1) for k in range(k_stages)]
+            thresholds = thresholds_for_shares(cal_scores, [w / sum(weights) for w in weights[:-1]])
+            cal = evaluate(cal_c, cal_labels, route(cal_scores, thresholds), costs)
+            if cal["gmacs"] <= budget * base and (best is None or cal["top1"] > best["calibration"]["top1"]):
+                best = {"q": q, "thresholds": thresholds, "calibration": cal}
+        assert best is not None, f"no point of {name} within {budget:.0%} of the base GMACs"
+        val = evaluate(val_c, val_labels, route(val_scores, best["thresholds"]), costs)
+        best["validation"] = {**val, "gmacs_share": round(val["gmacs"] / base, 4)}
+        best["validation"]["full_compute_top1"] = round(
+            100.0 * float((val_c[-1].argmax(-1) == val_labels).float().mean()), 2)
+        rows[name] = best
+        print(name, best["validation"], flush=True)
     # oracle on the validation split: an image leaves at the first stage that is right (the last if none is)
     right = torch.stack([lg.argmax(-1) == val_labels for lg in val_logits[:-1]])
     exit_at = torch.where(right.any(0), right.float().argmax(0), torch.tensor(k_stages - 1))
     oracle = evaluate(val_logits, val_labels, exit_at, costs)
     rows["oracle"] = {"validation": {**oracle, "gmacs_share": round(oracle["gmacs"] / base, 4)}}
     alone = [round(100.0 * float((lg.argmax(-1) == val_labels).float().mean()), 2) for lg in val_logits]
-    return {"model": str(model_dir), "method": model.method, "stages": list(model.names), "costs": costs,
+    return {"model": str(model_dir), "method": model.method, "stages": [stage.name for stage in model.cascade.stages],
+            "point": point, "costs": costs,
             "base_gmacs": base, "budget": budget, "stage_top1_validation": alone, "rows": rows}
 
 

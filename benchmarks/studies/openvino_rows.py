@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-import vitconvert
-from benchmarks.common import EXPORT_ROWS, build_row, machine_block, onnx_base, ort_session, paired_ratio
+from benchmarks.common import EXPORT_ROWS, build_row, export_pair, machine_block, ort_session, paired_ratio
 from vitconvert.timing import compare
 
 
@@ -51,11 +50,7 @@ def openvino_run(compiled: Any, x: torch.Tensor) -> dict[str, np.ndarray]:
 def measure(arch: str, recipe: str, shares: list[float] | float, batches: list[int], threads: int,
             rounds: dict[int, int], folder: Path) -> list[dict[str, Any]]:
     model, images, fields = build_row(arch, recipe, shares, max(batches))
-    base = model.build_base().eval()
-    converted_path = vitconvert.export(model, folder / f"{recipe}-{arch}.onnx", overwrite=True)
-    base_path = folder / f"{arch}.onnx"
-    if not base_path.exists():
-        onnx_base(base, model.anatomy.img_size, base_path)
+    _, converted_path, base_path = export_pair(model, folder, arch)
     ov_conv, ov_base = openvino_model(converted_path, threads), openvino_model(base_path, threads)
     ort_conv, ort_base = ort_session(converted_path, threads), ort_session(base_path, threads)
     rows = []
