@@ -24,11 +24,11 @@ refined) and DVT on DeiT-S (exit shares 50% / 25% / 25%), with the thresholds fo
 Swin-T and FSLA-replace on DeiT-S at their recipes' cluster sizes (output projections random, as in ``bench_export``).
 Each row records the load average before and after it (the machine may be shared).
 
-``--only dge fsla`` re-measures those methods' rows and keeps the other rows of the result file. Writes
-``benchmarks/results/compile_speed.json`` and ``compile_speed.md``. Usage (from the repo root; about 30 minutes
-on the 2-core CPU)::
+``--only dge fsla`` re-measures those methods' rows (``--only cfvit:pvt_v2_b1`` one backbone's) and keeps the other
+rows of the result file. Writes ``benchmarks/results/compile_speed.json`` and ``compile_speed.md``. Usage (from the
+repo root; about 30 minutes on the 2-core CPU)::
 
-    python -m benchmarks.bench_compile [--threads 2] [--quick] [--only METHOD ...] [--out DIR]
+    python -m benchmarks.bench_compile [--threads 2] [--quick] [--only METHOD[:BACKBONE] ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -270,8 +270,13 @@ def warm_up() -> None:
     torch._dynamo.reset()
 
 
+def selects(only: list[str], method: str, backbone: str) -> bool:
+    """Whether ``--only`` names a row: by its method (``cfvit``) or its method and backbone (``cfvit:pvt_v2_b1``)."""
+    return method in only or f"{method}:{backbone}" in only
+
+
 def run(quick: bool, out_dir: Path, threads: int | None = None, only: list[str] | None = None) -> dict[str, Any]:
-    """``only``: measure these methods' rows and keep the other rows of the existing result file. The result file is
+    """``only``: measure these rows (:func:`selects`) and keep the other rows of the existing result file. The file is
     rewritten after every row (``"complete": false`` until the last), so a run stopped early keeps what it measured."""
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -280,9 +285,9 @@ def run(quick: bool, out_dir: Path, threads: int | None = None, only: list[str] 
     rounds = {16: 3, 32: 5, 1: 10 if quick else 20}
     out_json = out_dir / "compile_speed.json"
     kept: list[dict[str, Any]] = []
-    if only is not None and out_json.exists():  # keep the rows of the methods not re-measured, in ROWS' order
-        kept = [r for r in json.loads(out_json.read_text())["rows"] if r["method"] not in only]
-    selected = [row for row in (ROWS[1:2] if quick else ROWS) if only is None or row[1] in only]
+    if only is not None and out_json.exists():  # keep the rows not re-measured, in ROWS' order
+        kept = [r for r in json.loads(out_json.read_text())["rows"] if not selects(only, r["method"], r["backbone"])]
+    selected = [row for row in (ROWS[1:2] if quick else ROWS) if only is None or selects(only, row[1], row[0])]
     rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {}
     for arch, recipe, shares, overrides in selected:
@@ -319,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", nargs="+", default=None, help="re-measure these methods' rows only")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="re-measure these rows only: METHOD or METHOD:BACKBONE (e.g. cfvit:pvt_v2_b1)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     run(args.quick, args.out or (RESULTS / "quick" if args.quick else RESULTS), args.threads, args.only)

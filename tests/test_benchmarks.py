@@ -511,3 +511,13 @@ def test_committee_exits_average_the_softmax_of_the_stages_so_far() -> None:
     assert torch.allclose(early[0].exp(), p[0]) and torch.allclose(early[1].exp(), (p[0] + p[1]) / 2)
     assert early[2] is logits[2]  # the last stage answers alone: full compute stays the base model
     assert torch.allclose(committee(logits, last=True)[2].exp(), (p[0] + p[1] + p[2]) / 3)
+
+
+def test_bench_compile_selects_rows_by_method_or_by_method_and_backbone() -> None:
+    from benchmarks.bench_compile import ROWS, selects
+
+    assert selects(["cfvit"], "cfvit", "deit_small_patch16_224")
+    assert selects(["cfvit:pvt_v2_b1"], "cfvit", "pvt_v2_b1")
+    assert not selects(["cfvit:pvt_v2_b1"], "cfvit", "deit_small_patch16_224")
+    pvt = [row for row in ROWS if selects(["cfvit:pvt_v2_b1"], row[1], row[0])]
+    assert [row[3] for row in pvt] == [[], ["model.alpha=0.5"]]  # the recipe's point and the region path
