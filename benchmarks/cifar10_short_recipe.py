@@ -220,7 +220,8 @@ def run_recipe(recipe: str, base: Path, images_per_class: int, out_dir: Path, ov
             "machine_end": machine_block(),
             "settings": {
                 "recipe": recipe, "overrides": overrides, "base": _rel(base), "labels": labels,
-                "finetuned_by_an_earlier_run": None if finetuned is None else str(finetuned),
+                # the earlier run's work folder is local: named by role, as the other paths
+                "finetuned_by_an_earlier_run": None if finetuned is None else f"<earlier work>/{finetuned.name}",
                 "images_per_class": images_per_class, "finetune_images": log["images"],
                 "finetune": log["settings"], "world_size": log["world_size"],
                 "calibrate": final.recipe.calibrate.model_dump(mode="json"),
@@ -238,6 +239,8 @@ def run_recipe(recipe: str, base: Path, images_per_class: int, out_dir: Path, ov
         }
         # Local paths say nothing to a reader of the results: name them by role.
         text = json.dumps(result, indent=1).replace(str(work), "<work>").replace(str(REPO_ROOT) + os.sep, "")
+        if finetuned is not None:  # its training log names the earlier run's folders
+            text = text.replace(str(finetuned.parent), "<earlier work>")
         (out_dir / f"{stem}.json").write_text(text + "\n")
         return json.loads(text)
     finally:
