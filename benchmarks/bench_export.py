@@ -157,19 +157,17 @@ def measure(model: vitconvert.ConvertedModel, images: torch.Tensor, batches: lis
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The table; with a CPU column when the rows were measured on more than one machine (``--only`` re-runs)."""
-    cpus = {r.get("cpu") for r in rows}
-    by_cpu = len(cpus) > 1
+    by_cpu = len({r.get("cpu") for r in rows}) > 1
     lines = ["| method | model | batch | GMACs share | exits | ONNX speed-up vs ONNX base | eager speed-up | "
-             "ONNX / eager |" + (" CPU |" if by_cpu else ""), "|---|---|---|---|---|---|---|---|" + ("---|" if by_cpu
-                                                                                                 else "")]
+             "ONNX / eager |" + (" CPU |" if by_cpu else ""), "|---|---|---|---|---|---|---|---|" + ("---|" * by_cpu)]
     for r in rows:
         exits = " / ".join(f"{v:.0%}" for v in r["exit_shares"].values()) or "-"  # no exits (FSLA)
         model = r["model"].replace(" (random weights)", "")
+        cpu = f" {r.get('cpu') or 'not recorded'} |" if by_cpu else ""
         lines.append(f"| {r['method']} | {model} | {r['batch']} | {r['gmacs'] / r['base_gmacs']:.0%} | "
                      f"{exits} | {r['onnx_speedup']:.2f}x ({r['onnx_speedup_p10_p90'][0]:.2f}-"
                      f"{r['onnx_speedup_p10_p90'][1]:.2f}) | {r['eager_speedup']:.2f}x | "
-                     f"{r['onnx_share_of_eager_speedup']:.0%} |" + (f" {r.get('cpu') or 'not recorded'} |" if by_cpu
-                                                                     else ""))
+                     f"{r['onnx_share_of_eager_speedup']:.0%} |{cpu}")
     return "\n".join(lines) + "\n"
 
 

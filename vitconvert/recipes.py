@@ -129,10 +129,7 @@ class Recipe(Strict):
         itself when it has no section for ``family`` (or was merged already: its values are then explicit)."""
         if self.family is not None or family not in self.families:
             return self
-        data = self.to_dict()
-        merge_into(data, data.pop("families")[family])
-        data["families"], data["family"] = {}, family
-        return validate_recipe(data, f"{self.name} (families.{family})")
+        return validate_recipe(merged_for_family(self.to_dict(), family), f"{self.name} (families.{family})")
 
 
 def _format_error(err: ValidationError, source: str, prefix: str = "", schema: type[BaseModel] | None = None) -> str:
@@ -165,6 +162,14 @@ def merge_into(data: dict[str, Any], changes: dict[str, Any]) -> None:
             merge_into(data[key], value)
         else:
             data[key] = copy.deepcopy(value)
+
+
+def merged_for_family(data: dict[str, Any], family: str) -> dict[str, Any]:
+    """A recipe mapping with ``families[family]`` merged into its sections, no family sections left and ``family``
+    naming the one merged (``data`` is left as it was)."""
+    merged = {k: copy.deepcopy(v) for k, v in data.items() if k != "families"}
+    merge_into(merged, data["families"][family])
+    return {**merged, "families": {}, "family": family}
 
 
 def _drop_path(data: dict[str, Any], dotted: str) -> None:
@@ -245,9 +250,7 @@ def validate_recipe(data: Any, source: str = "<dict>", overrides: list[tuple[str
         if set(section) - {"model", "finetune", "calibrate"}:
             raise UserError(f"recipe {source}: families.{family}: only model, finetune and calibrate can differ "
                             f"per family (got {', '.join(sorted(set(section)))})")
-        merged = {k: v for k, v in data.items() if k != "families"}
-        merge_into(merged, copy.deepcopy(section))
-        validate_recipe(merged, f"{source} (families.{family})")
+        validate_recipe(merged_for_family(data, family), f"{source} (families.{family})")
     try:
         settings = cls.Settings(**raw.model)
     except ValidationError as e:

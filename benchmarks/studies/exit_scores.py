@@ -156,6 +156,10 @@ def evaluate(logits: list[torch.Tensor], labels: torch.Tensor, exit_at: torch.Te
             "exit_shares": [round(float(s), 4) for s in shares]}
 
 
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return round(100.0 * float((logits.argmax(-1) == labels).float().mean()), 2)
+
+
 def committee(logits: list[torch.Tensor], last: bool) -> list[torch.Tensor]:
     """Log of the mean softmax of stages 0..k, for each stage k (the last stage's own logits unless ``last``)."""
     probs = [lg.float().softmax(-1) for lg in logits]
@@ -179,46 +183,39 @@ def study(model_dir: Path, budget: float) -> dict[str, Any]:
     last_cal = cal_logits[-1].argmax(-1)
     heads = [fit_logistic(statistics(lg), lg.argmax(-1) == last_cal) for lg in cal_logits[:-1]]
     k_stages = len(costs)
-    rows: dict[str, Any] = {}
-    for name in SCORES:
-        cal_scores = scores_of(name, cal_logits, heads)
-        val_scores = scores_of(name, val_logits, heads)
+
+    def best_point(cal_stage: list[torch.Tensor], cal_scores: list[torch.Tensor], val_stage: list[torch.Tensor],
+                   val_scores: list[torch.Tensor], name: str) -> dict[str, Any]:
+        """DVT's exit-share family on the calibration images: the most accurate point within the budget, evaluated
+        on the validation split (``*_stage``: what each stage answers, ``*_scores``: how confident it is)."""
         best: dict[str, Any] | None = None
         for q in DVT_EXIT_Q:
             weights = [q ** (k + 1) for k in range(k_stages)]
-            shares = [w / sum(weights) for w in weights[:-1]]
-            thresholds = thresholds_for_shares(cal_scores, shares)
-            cal = evaluate(cal_logits, cal_labels, route(cal_scores, thresholds), costs)
+            thresholds = thresholds_for_shares(cal_scores, [w / sum(weights) for w in weights[:-1]])
+            cal = evaluate(cal_stage, cal_labels, route(cal_scores, thresholds), costs)
             if cal["gmacs"] <= budget * base and (best is None or cal["top1"] > best["calibration"]["top1"]):
                 best = {"q": q, "thresholds": thresholds, "calibration": cal}
         assert best is not None, f"no point of {name} within {budget:.0%} of the base GMACs"
-        val = evaluate(val_logits, val_labels, route(val_scores, best["thresholds"]), costs)
+        val = evaluate(val_stage, val_labels, route(val_scores, best["thresholds"]), costs)
         best["validation"] = {**val, "gmacs_share": round(val["gmacs"] / base, 4)}
-        rows[name] = best
-        print(name, best["validation"], flush=True)
+        return best
+
+    rows: dict[str, Any] = {}
+    for name in SCORES:
+        rows[name] = best_point(cal_logits, scores_of(name, cal_logits, heads), val_logits,
+                                scores_of(name, val_logits, heads), name)
+        print(name, rows[name]["validation"], flush=True)
     for name, last in (("committee_early", False), ("committee_all", True)):
         cal_c, val_c = committee(cal_logits, last), committee(val_logits, last)
-        cal_scores, val_scores = scores_of("margin", cal_c, None), scores_of("margin", val_c, None)
-        best = None
-        for q in DVT_EXIT_Q:
-            weights = [q ** (k + 1) for k in range(k_stages)]
-            thresholds = thresholds_for_shares(cal_scores, [w / sum(weights) for w in weights[:-1]])
-            cal = evaluate(cal_c, cal_labels, route(cal_scores, thresholds), costs)
-            if cal["gmacs"] <= budget * base and (best is None or cal["top1"] > best["calibration"]["top1"]):
-                best = {"q": q, "thresholds": thresholds, "calibration": cal}
-        assert best is not None, f"no point of {name} within {budget:.0%} of the base GMACs"
-        val = evaluate(val_c, val_labels, route(val_scores, best["thresholds"]), costs)
-        best["validation"] = {**val, "gmacs_share": round(val["gmacs"] / base, 4)}
-        best["validation"]["full_compute_top1"] = round(
-            100.0 * float((val_c[-1].argmax(-1) == val_labels).float().mean()), 2)
-        rows[name] = best
-        print(name, best["validation"], flush=True)
+        rows[name] = best_point(cal_c, scores_of("margin", cal_c, None), val_c, scores_of("margin", val_c, None), name)
+        rows[name]["validation"]["full_compute_top1"] = top1(val_c[-1], val_labels)
+        print(name, rows[name]["validation"], flush=True)
     # oracle on the validation split: an image leaves at the first stage that is right (the last if none is)
     right = torch.stack([lg.argmax(-1) == val_labels for lg in val_logits[:-1]])
     exit_at = torch.where(right.any(0), right.float().argmax(0), torch.tensor(k_stages - 1))
     oracle = evaluate(val_logits, val_labels, exit_at, costs)
     rows["oracle"] = {"validation": {**oracle, "gmacs_share": round(oracle["gmacs"] / base, 4)}}
-    alone = [round(100.0 * float((lg.argmax(-1) == val_labels).float().mean()), 2) for lg in val_logits]
+    alone = [top1(lg, val_labels) for lg in val_logits]
     return {"model": str(model_dir), "method": model.method, "stages": [stage.name for stage in model.cascade.stages],
             "point": point, "costs": costs,
             "base_gmacs": base, "budget": budget, "stage_top1_validation": alone, "rows": rows}

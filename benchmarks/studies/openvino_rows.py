@@ -46,7 +46,6 @@ def openvino_run(compiled: Any, x: torch.Tensor) -> dict[str, np.ndarray]:
     return {port.get_any_name(): request.get_tensor(port).data.copy() for port in compiled.outputs}
 
 
-
 def measure(arch: str, recipe: str, shares: list[float] | float, batches: list[int], threads: int,
             rounds: dict[int, int], folder: Path) -> list[dict[str, Any]]:
     model, images, fields = build_row(arch, recipe, shares, max(batches))
