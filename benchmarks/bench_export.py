@@ -6,28 +6,29 @@ onnxruntime's CPU provider with the same threads. The two ONNX graphs and the tw
 interleaved rounds (:func:`vitconvert.timing.compare`), so the ONNX speed-up and the eager one come from one run:
 the target is an ONNX speed-up of at least 90% of the eager one at batch 64.
 
-Rows, trained first:
+Rows, trained first (each at batch 64, and at batch 1 as :data:`SINGLE_IMAGES` images each run alone, one after
+another: a cascade's chosen in the proportions its exits take on the batch, :func:`single_image_mix`):
 
 * fine-tuned CIFAR-10 models at their calibrated points (``--trained FOLDER ...``: model folders written by
   ``benchmarks.cifar10_short_recipe --work DIR``, i.e. ``DIR/finetuned`` after calibration), timed on validation
-  images at batch 64 and one image at a time;
+  images;
 * the project's CIFAR-10 ViT (``benchmarks/checkpoints/cifar10-vit``) converted with CF-ViT and DVT and calibrated
-  for 50% of its GMACs on held-out training images (not fine-tuned), timed on validation images at batch 64 and one
-  image at a time (its first image);
+  for 50% of its GMACs on held-out training images (not fine-tuned), timed on validation images;
 * random weights, the exit thresholds set on the timed batch of 64 images so that the stated shares exit ("forced"):
-  CF-ViT on DeiT-S (alpha 0.5, half the images refined) and DVT on DeiT-S, PVT-v2-b1 and Swin-T (exit shares 50% /
-  25% / 25%), at batch 64 and 1;
+  CF-ViT on DeiT-S, PVT-v2-b1 and Swin-T (half the images refined, at the recipe's alpha) and DVT on the same three
+  (exit shares 50% / 25% / 25%);
 * random weights, no exits: FSLA augment on Swin-T at cluster size 49 (the window area: ``bench_fsla``'s point; every
   image runs the same clustered path, and the sub-layers add compute, so both speed-ups are below 1 and the target
-  is their ratio), at batch 64 and 1. Its output projections start at zero, which would make its logits Swin's
-  whatever the clusters; they get random weights here, so the parity check sees the clustering.
-
-* random weights: DGE on DeiT-S and PVT-v2-b1 with random routers (fresh ones send every region to the finest
-  grain), ``coarsening`` set by bisection so that the timed images' mean GMACs come near 50% / 60% of the base's.
+  is their ratio) and FSLA replace on DeiT-S (the recipe's blocks). FSLA's output projections start at zero, which
+  would make its logits the base's whatever the clusters; they get random weights here, so the parity check sees
+  the clustering;
+* random weights: DGE on DeiT-S, PVT-v2-b1 and Swin-T with random routers (fresh ones send every region to the
+  finest grain), ``coarsening`` set by bisection so that the timed images' mean GMACs come near 50% / 60% / 60% of
+  the base's.
 
 ``--only fsla dge`` re-measures those methods' rows alone and keeps the others of the result file.
 
-Writes ``benchmarks/results/export_speed.json`` and ``export_speed.md``. Usage (from the repo root; about 20
+Writes ``benchmarks/results/export_speed.json`` and ``export_speed.md``. Usage (from the repo root; about 50
 minutes on the 2-core CPU)::
 
     python -m benchmarks.bench_export [--threads 2] [--quick] [--no-cifar] [--out DIR]
@@ -109,36 +110,75 @@ def trained_rows(folders: list[Path], batches: list[int], threads: int, rounds: 
     return rows
 
 
+# Batch 1: this many images, each run alone, one after another in every round (a cascade's chosen by their exits).
+SINGLE_IMAGES = 8
+
+
+def single_image_mix(stage: torch.Tensor | None, count: int = SINGLE_IMAGES) -> torch.Tensor:
+    """Indices of ``count`` of the batch's images for the one-image-at-a-time rows: a cascade's in the proportions
+    its exits take on the whole batch (``stage``: each image's exit; largest remainders round the counts), the first
+    of each exit; without exits the first ``count``. One image alone would time one exit only (the first image of a
+    batch may run every stage)."""
+    if stage is None:
+        return torch.arange(count)
+    stages = int(stage.max()) + 1
+    shares = torch.stack([(stage == k).float().mean() for k in range(stages)]) * count
+    counts = shares.floor().long()
+    for k in torch.argsort(shares - counts, descending=True, stable=True)[: count - int(counts.sum())]:
+        counts[k] += 1
+    picked = [(stage == k).nonzero().squeeze(1)[: int(n)] for k, n in enumerate(counts)]
+    return torch.cat(picked).sort().values
+
+
+def onnx_logits(session: Any) -> Any:
+    """The session as a callable on an image tensor (its logits)."""
+    return lambda t: session.run(["logits"], {"pixel_values": t.numpy()})
+
+
+def one_at_a_time(fn: Any) -> Any:
+    """``fn`` on each image of a batch alone, one after another (the batch-1 rows)."""
+    return lambda t: [fn(t[i:i + 1]) for i in range(t.shape[0])]
+
+
 def measure(model: vitconvert.ConvertedModel, images: torch.Tensor, batches: list[int], threads: int,
             rounds: dict[int, int], folder: Path, tag: str, fields: dict[str, Any]) -> list[dict[str, Any]]:
-    """Export ``model`` and its base, time both graphs and both eager models at each batch size (the first
-    ``batch`` of ``images``)."""
+    """Export ``model`` and its base, time both graphs and both eager models at each batch size: the first
+    ``batch`` of ``images``, and at batch 1 :data:`SINGLE_IMAGES` of them (:func:`single_image_mix`), each alone."""
     recipe, arch = model.method, model.base_spec.architecture
     base, converted_path, base_path = export_pair(model, folder, tag)
     conv_s, base_s = ort_session(converted_path, threads), ort_session(base_path, threads)
     outputs = [o.name for o in conv_s.get_outputs()]
     rows = []
     cpu = machine_info()["cpu"]  # rows of several runs share the file (--only): each says where it ran
+    with torch.no_grad():
+        whole = model.forward_dynamic(images[:max(batches)])
     for batch in batches:
-        x = images[:batch]
+        x = images[:batch] if batch > 1 else images[single_image_mix(whole.stage)]
+        split = [x] if batch > 1 else list(x.split(1))
         with torch.no_grad():
-            eager = model.forward_dynamic(x)
-        got = dict(zip(outputs, conv_s.run(outputs, {"pixel_values": x.numpy()}), strict=True))
-        agree = {"max_abs_logit_difference": float(np.abs(got["logits"] - eager.logits.numpy()).max()),
-                 "same_exits": None if eager.stage is None else bool((got["exit"] == eager.stage.numpy()).all())}
-        timed = compare({"onnx_converted": lambda t: conv_s.run(["logits"], {"pixel_values": t.numpy()}),
-                         "onnx_base": lambda t: base_s.run(["logits"], {"pixel_values": t.numpy()}),
-                         "eager_converted": model, "eager_base": base}, x, reference="onnx_base",
-                        min_rounds=rounds[batch])
+            parts = [model.forward_dynamic(t) for t in split]
+        got_parts = [dict(zip(outputs, conv_s.run(outputs, {"pixel_values": t.numpy()}), strict=True)) for t in split]
+        eager_logits = torch.cat([e.logits for e in parts]).numpy()
+        stage = None if parts[0].stage is None else torch.cat([e.stage for e in parts])
+        gmacs = torch.cat([e.gmacs for e in parts])
+        got = {k: np.concatenate([g[k] for g in got_parts]) for k in outputs}
+        agree = {"max_abs_logit_difference": float(np.abs(got["logits"] - eager_logits).max()),
+                 "same_exits": None if stage is None else bool((got["exit"] == stage.numpy()).all())}
+        fns = {"onnx_converted": onnx_logits(conv_s), "onnx_base": onnx_logits(base_s), "eager_converted": model,
+               "eager_base": base}
+        if batch == 1:
+            fns = {name: one_at_a_time(fn) for name, fn in fns.items()}
+        timed = compare(fns, x, reference="onnx_base", min_rounds=rounds[batch])
         onnx_speedup = timed["onnx_converted"].ratio
         eager_speedup = paired_ratio(list(timed["eager_converted"].throughput.values),
                                      list(timed["eager_base"].throughput.values))
         stages = len(graph_knobs(model)) + 1  # a cascade: one threshold per stage but the last
         row = {"method": recipe, "backbone": arch, "batch": batch, "threads": threads, **fields,
                "measured": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
-               "exit_shares": {} if eager.stage is None else {str(k): float((eager.stage == k).float().mean())
-                                                              for k in range(stages)},
-               "gmacs": float(eager.gmacs.mean()), "base_gmacs": model.base_gmacs,
+               "images": x.shape[0], "one_at_a_time": batch == 1,
+               "exit_shares": {} if stage is None else {str(k): float((stage == k).float().mean())
+                                                        for k in range(stages)},
+               "gmacs": float(gmacs.mean()), "base_gmacs": model.base_gmacs,
                "onnx_speedup": round(onnx_speedup, 3),
                "onnx_speedup_p10_p90": [round(timed["onnx_converted"].ratio_spread.p10, 3),
                                         round(timed["onnx_converted"].ratio_spread.p90, 3)],
@@ -164,7 +204,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         exits = " / ".join(f"{v:.0%}" for v in r["exit_shares"].values()) or "-"  # no exits (FSLA)
         model = r["model"].replace(" (random weights)", "")
         cpu = f" {r.get('cpu') or 'not recorded'} |" if by_cpu else ""
-        lines.append(f"| {r['method']} | {model} | {r['batch']} | {r['gmacs'] / r['base_gmacs']:.0%} | "
+        batch = f"1 ({r['images']} alone)" if r.get("one_at_a_time") else str(r["batch"])
+        lines.append(f"| {r['method']} | {model} | {batch} | {r['gmacs'] / r['base_gmacs']:.0%} | "
                      f"{exits} | {r['onnx_speedup']:.2f}x ({r['onnx_speedup_p10_p90'][0]:.2f}-"
                      f"{r['onnx_speedup_p10_p90'][1]:.2f}) | {r['eager_speedup']:.2f}x | "
                      f"{r['onnx_share_of_eager_speedup']:.0%} |{cpu}")
@@ -181,7 +222,7 @@ def run(quick: bool, out_dir: Path, threads: int | None = None, cifar: bool = Tr
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     batches = [16, 1] if quick else [64, 1]
-    rounds = {16: 3, 64: 6, 1: 10 if quick else 30}
+    rounds = {16: 3, 64: 6, 1: 4 if quick else 10}  # a batch-1 round runs SINGLE_IMAGES images
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as folder:
         if trained:
@@ -199,14 +240,15 @@ def run(quick: bool, out_dir: Path, threads: int | None = None, cifar: bool = Tr
 
     result = {"name": "export_speed", "quick": quick, "machine": machine_block(), "threads": threads,
               "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
-              "protocol": "ONNX graphs in onnxruntime's CPU provider (intra-op threads = torch threads, no spinning "
-                          "after a run: session.intra_op.allow_spinning 0) and the eager "
-                          "models, all four timed in the same interleaved rounds after warm-up; speed-ups are medians "
-                          "of per-round paired ratios. Fine-tuned rows: CIFAR-10 models after the short recipe, at "
-                          "their calibrated points, timed on validation images. CIFAR-10 rows: the project's "
-                          "CIFAR-10 ViT, calibrated at 50% GMACs on held-out training images (not fine-tuned), timed "
-                          "on validation images; other "
-                          "rows: random weights, exit thresholds forced on the timed images",
+              "protocol": ("ONNX graphs in onnxruntime's CPU provider (intra-op threads = torch threads, no spinning "
+                           "after a run: session.intra_op.allow_spinning 0) and the eager models, all four timed in "
+                           "the same interleaved rounds after warm-up; speed-ups are medians of per-round paired "
+                           "ratios. Batch 1: 8 images each run alone in every round, a cascade's chosen in the "
+                           "proportions of its exits on the batch of 64. Fine-tuned rows: CIFAR-10 models after the "
+                           "short recipe, at their calibrated points, timed on validation images. CIFAR-10 rows: the "
+                           "project's CIFAR-10 ViT, calibrated at 50% GMACs on held-out training images (not "
+                           "fine-tuned), timed on validation images; other rows: random weights, exit thresholds "
+                           "forced on the timed images"),
               "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=1) + "\n")

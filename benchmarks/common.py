@@ -214,12 +214,16 @@ def point_for_gmacs(model: ConvertedModel, x: torch.Tensor, share: float, steps:
 # forced on the timed images (a cascade), none (the recipe's point) or a GMACs share to reach with the method's knob.
 EXPORT_ROWS: tuple[tuple[str, str, list[float] | float], ...] = (
     ("deit_small_patch16_224", "cfvit", [0.5]),
+    ("pvt_v2_b1", "cfvit", [0.5]),  # the recipe's PVT-v2 point: every region of a refined image (alpha 1)
+    ("swin_tiny_patch4_window7_224", "cfvit", [0.5]),  # alpha 0.5: half the windows of a refined image
     ("deit_small_patch16_224", "dvt", [0.5, 0.25]),
     ("pvt_v2_b1", "dvt", [0.5, 0.25]),
     ("swin_tiny_patch4_window7_224", "dvt", [0.5, 0.25]),
     ("swin_tiny_patch4_window7_224", "fsla", []),  # no exits; the recipe's cluster size (the window area, 49)
+    ("deit_small_patch16_224", "fsla_replace", []),  # the recipe's blocks and cluster size
     ("deit_small_patch16_224", "dge", 0.5),  # random routers, coarsening set for ~50% of the base's GMACs
     ("pvt_v2_b1", "dge", 0.6),
+    ("swin_tiny_patch4_window7_224", "dge", 0.6),
 )
 
 

@@ -502,6 +502,20 @@ def test_export_table_names_the_cpu_only_when_rows_ran_on_several() -> None:
     assert mixed.splitlines()[2].endswith("| AMD EPYC |") and mixed.splitlines()[3].endswith("| not recorded |")
 
 
+def test_export_batch_one_rows_take_images_in_the_proportions_of_the_exits() -> None:
+    from benchmarks.bench_export import markdown, single_image_mix
+
+    stage = torch.tensor([2, 0, 0, 1, 0, 2, 0, 1, 0, 0, 2, 1, 0, 0, 2, 0])  # 9 / 3 / 4 of 16 exit at stages 0 / 1 / 2
+    picked = single_image_mix(stage, 8)  # 4.5 / 1.5 / 2 of 8: the tie of remainders to the first stage
+    assert picked.tolist() == [0, 1, 2, 3, 4, 5, 6, 8] and torch.bincount(stage[picked]).tolist() == [5, 1, 2]
+    assert single_image_mix(torch.zeros(16, dtype=torch.long), 4).tolist() == [0, 1, 2, 3]
+    assert single_image_mix(None, 3).tolist() == [0, 1, 2]  # no exits: the first images
+    row = {"method": "dge", "model": "pvt_v2_b1 (random weights)", "batch": 1, "images": 8, "one_at_a_time": True,
+           "gmacs": 1.0, "base_gmacs": 2.0, "exit_shares": {}, "onnx_speedup": 1.0, "onnx_speedup_p10_p90": [0.9, 1.1],
+           "eager_speedup": 1.0, "onnx_share_of_eager_speedup": 1.0}
+    assert "| dge | pvt_v2_b1 | 1 (8 alone) | 50% | - |" in markdown([row])
+
+
 def test_committee_exits_average_the_softmax_of_the_stages_so_far() -> None:
     from benchmarks.studies.exit_scores import committee
 

@@ -378,3 +378,18 @@ def test_gather_rows_is_torch_gather_over_the_channels() -> None:
         idx = torch.randint(0, shape[-2], (*shape[:-2], m), generator=g)
         want = torch.gather(t, -2, idx.unsqueeze(-1).expand(*idx.shape, shape[-1]))
         assert torch.equal(gather_rows(t, idx), want)
+
+
+def test_traceable_clustering_moves_its_rows_with_one_gather_per_level() -> None:
+    """Each level of the traceable clustering reorders one table (features, inverse norms, padding flags, tokens)
+    with one row gather, and reads nothing gathered by an earlier level but that table: separate gathers chained
+    level after level were inlined into one another by inductor, into index expressions as deep as the hierarchy
+    whose simplification kept FSLA on Swin-T from compiling."""
+    plan = plan_clusters(197 - 1, 16, 4)  # padded to 256 positions: 4 levels
+    q = _qkv(2, 197)[0][:, :, 1:]
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = make_fx(lambda t: traceable_clusters(t, plan))(q).graph
+    ops = [str(node.target) for node in graph.nodes if node.op == "call_function"]
+    assert plan.levels == 4
+    assert ops.count("aten.index_select.default") == plan.levels and "aten.gather.default" not in ops

@@ -265,10 +265,6 @@ class Family(abc.ABC):
     block_layout: ClassVar[Literal["tokens", "map"]]
     splits_at_blocks: ClassVar[bool] = False
     global_attention: ClassVar[bool] = False
-    # Whether the family's modules run on a batch of no images, eager and exported (timm's PVT-v2, Swin, BEiT and EVA
-    # reshape with -1 next to the batch size, which a batch of 0 leaves undetermined). Where they do, a cascade's
-    # exported graph gives a stage no image when every image has left before it; elsewhere one stand-in row.
-    empty_batches: ClassVar[bool] = False
 
     @abc.abstractmethod
     def read(self, model: nn.Module, draft: Anatomy) -> list[str]:

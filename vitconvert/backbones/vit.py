@@ -73,7 +73,6 @@ class ViT(Family):
     name = "vit"
     description = "ViT/DeiT"
     block_layout = "tokens"
-    empty_batches = True
     splits_at_blocks = True
     global_attention = True
 

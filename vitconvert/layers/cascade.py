@@ -29,6 +29,7 @@ import torch
 
 from .compiled import compile_settings, mark_rows_dynamic
 from .costs import count_macs, to_gmacs
+from .empty_batches import empty_batch_safe
 
 Carry = dict[str, torch.Tensor]
 StageFn = Callable[[torch.Tensor, Carry], tuple[torch.Tensor, Carry]]
@@ -94,17 +95,13 @@ def cumulative(costs: Sequence[float]) -> list[float]:
 class Cascade:
     """Stages run with real early exit (see the module docstring)."""
 
-    def __init__(self, stages: Sequence[Stage], score: ExitScore = "max_softmax", empty_sub_batches: bool = False
-                 ) -> None:
-        """``empty_sub_batches``: the stages run on a batch of no images, so :meth:`run_traceable` gives a stage an
-        empty sub-batch when every image has left before it, instead of one stand-in row."""
+    def __init__(self, stages: Sequence[Stage], score: ExitScore = "max_softmax") -> None:
         if len(stages) < 2:
             raise ValueError("a cascade needs at least two stages")
         if score not in EXIT_SCORES:
             raise ValueError(f"exit score must be one of {EXIT_SCORES}, got {score!r}")
         self.stages = list(stages)
         self.score: ExitScore = score
-        self.empty_sub_batches = empty_sub_batches
         # GMACs per image of the last stage run alone (run_last: no carry), set by count_costs
         self.last_alone_gmacs = 0.0
 
@@ -217,10 +214,10 @@ class Cascade:
         ``thresholds`` is a (K-1,) tensor, so an exported graph takes them as an input a runtime can change. Every
         stage after the first runs on the images still undecided (``nonzero``, ``index_select``; their logits go
         back with ``index_copy``): a sub-batch whose size is known only at run time. When every image has left, the
-        later stages get an empty sub-batch (they cost next to nothing: an image that exits pays only for what it
-        ran) if the cascade was built with ``empty_sub_batches``, else one stand-in row that runs and is dropped
-        (timm's PVT-v2 and Swin cannot reshape an empty batch). Confidences are not reported (``confidence`` stays
-        empty).
+        later stages get an empty sub-batch and cost next to nothing: an image that exits pays only for what it ran.
+        They run under :func:`~vitconvert.layers.empty_batches.empty_batch_safe`, which rewrites the calls of timm's
+        PVT-v2, Swin, BEiT and EVA that refuse a batch of no images. Confidences are not reported (``confidence``
+        stays empty).
         """
         b = x.shape[0]
         last = len(self.stages) - 1
@@ -230,8 +227,11 @@ class Cascade:
         xs, state = x, dict(carry or {})
         logits_out: torch.Tensor | None = None
         for k, stage in enumerate(self.stages):
-            logits, state = stage.run(xs, state)
-            logits = logits[: active.shape[0]]  # the stand-in row, if any, is not an image
+            if k == 0:
+                logits, state = stage.run(xs, state)
+            else:
+                with empty_batch_safe():  # the sub-batch may hold no image
+                    logits, state = stage.run(xs, state)
             logits_out = logits if logits_out is None else logits_out.index_copy(0, active, logits.to(
                 logits_out.dtype))
             if k == last:
@@ -241,16 +241,8 @@ class Cascade:
             exit_stage = exit_stage.index_fill(0, active[leave], k)
             stay = (~leave).nonzero().squeeze(1)
             active = active.index_select(0, stay)
-            if self.empty_sub_batches:
-                rows = stay
-            else:
-                count = torch.clamp((~leave).sum(), min=1).item()  # the sub-batch, one stand-in row when it is empty
-                torch._check(count >= 1)
-                torch._check(stay.shape[0] <= count)
-                torch._check(count <= stay.shape[0] + 1)
-                rows = torch.cat([stay, stay.new_zeros(1)])[:count]
-            xs = xs.index_select(0, rows)
-            state = {name: t.index_select(0, rows) for name, t in state.items()}
+            xs = xs.index_select(0, stay)
+            state = {name: t.index_select(0, stay) for name, t in state.items()}
         assert logits_out is not None
         return CascadeOutput(logits=logits_out, exit=exit_stage, gmacs=cost_at[exit_stage])
 

@@ -665,28 +665,39 @@ def traceable_clusters(q: Tensor, plan: ClusterPlan, iters: int = DEFAULT_ITERS,
             x = F.pad(x, (0, 0, 0, np_ - n))
         inv = torch.linalg.vector_norm(x, dim=-1).clamp_min(1e-12).reciprocal()  # (rows, np_)
         tokens = torch.arange(np_, device=q.device).expand(x.shape[0], np_)  # token at each position
-        pad = tokens >= n
+        # Each row carries its inverse norm, padding flag and token number as three more columns (float32: exact for
+        # token numbers below 2**24), so that one gather moves them all and each level reads them from the table the
+        # level before stored. As separate gathers, chained level after level, inductor inlined them into one
+        # another: index expressions as deep as the hierarchy, which its C++ code generation simplified with sympy
+        # for minutes (FSLA on Swin-T had not compiled after 15 minutes).
+        table = torch.cat([x, inv.unsqueeze(-1), (tokens >= n).to(x.dtype).unsqueeze(-1),
+                           tokens.to(x.dtype).unsqueeze(-1)], dim=-1)
         for level in range(plan.levels):
-            size = np_ >> level
-            half = size // 2
-            xg = x.reshape(-1, size, d)  # (rows x groups, size, d)
-            xt = xg.transpose(1, 2)
-            inv_g = inv.reshape(-1, 1, size)
-            c = _normalized_f(xg.reshape(-1, 2, half, d).sum(2))
-            for _ in range(iters):
-                dc = (c[:, :1] - c[:, 1:]) * temperature
-                a0 = torch.sigmoid(torch.bmm(dc, xt) * inv_g)
-                c = _normalized_f(torch.bmm(torch.cat([a0, 1.0 - a0], dim=1), xg))
-            s = torch.bmm(c, xt) * inv_g + 1.0
-            # The eager floors (0 and 1e-6 as one (1, 2, 1) tensor), as two clamps with the same float32 bounds.
-            r = s[:, 0].clamp_min(0.0) / s[:, 1].clamp_min(1e-6)  # (rows x groups, size)
-            r = torch.where(pad.reshape(-1, size), torch.full_like(r, float("inf")), r)
-            idx = torch.argsort(r, dim=-1, stable=True)  # positions inside each group, in the new order
-            x = gather_rows(xg, idx).reshape(-1, np_, d)
-            inv = torch.gather(inv.reshape(-1, size), 1, idx).reshape(-1, np_)
-            pad = torch.gather(pad.reshape(-1, size), 1, idx).reshape(-1, np_)
-            tokens = torch.gather(tokens.reshape(-1, size), 1, idx).reshape(-1, np_)
-    return tokens
+            table = _split_level(table, d, np_ >> level, iters, temperature)
+    return table[..., d + 2].long()
+
+
+def _split_level(table: Tensor, d: int, size: int, iters: int, temperature: float) -> Tensor:
+    """One level of :func:`traceable_clusters`: every group of ``size`` positions split in two halves; ``table``
+    (rows, padded, d + 3): each position's features, then its inverse norm, padding flag and token number, reordered
+    as one table."""
+    np_ = table.shape[1]
+    half = size // 2
+    tg = table.reshape(-1, size, d + 3)  # (rows x groups, size, d + 3)
+    xg = tg[..., :d].contiguous()  # the layout the eager clustering's matmuls read (the same float32 results)
+    xt = xg.transpose(1, 2)
+    inv_g = tg[..., d].reshape(-1, 1, size)
+    c = _normalized_f(xg.reshape(-1, 2, half, d).sum(2))
+    for _ in range(iters):
+        dc = (c[:, :1] - c[:, 1:]) * temperature
+        a0 = torch.sigmoid(torch.bmm(dc, xt) * inv_g)
+        c = _normalized_f(torch.bmm(torch.cat([a0, 1.0 - a0], dim=1), xg))
+    s = torch.bmm(c, xt) * inv_g + 1.0
+    # The eager floors (0 and 1e-6 as one (1, 2, 1) tensor), as two clamps with the same float32 bounds.
+    r = s[:, 0].clamp_min(0.0) / s[:, 1].clamp_min(1e-6)  # (rows x groups, size)
+    r = torch.where(tg[..., d + 1] > 0, torch.full_like(r, float("inf")), r)
+    idx = torch.argsort(r, dim=-1, stable=True)  # positions inside each group, in the new order
+    return gather_rows(tg, idx).reshape(-1, np_, d + 3)
 
 
 def gather_rows(t: Tensor, idx: Tensor) -> Tensor:

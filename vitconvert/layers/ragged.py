@@ -182,9 +182,10 @@ class TracedQueries:
     core; M and that length are known only at run time.
 
     The length is read with ``.item()`` and bounded with ``torch._check`` (at least one query per image: every
-    region holds at least one candidate at its level; at most every candidate), so the exporter accepts the
-    data-dependent size and no empty tensor ever reaches the block's layers, whatever mix of levels the routers
-    chose. No ``out=`` writes, no in-place updates and no Python decision on the data.
+    region holds at least one candidate at its level, and 1 on a batch of no images; at most every candidate), so
+    the exporter accepts the data-dependent size and no empty tensor reaches the block's layers but on a batch of no
+    images, whatever mix of levels the routers chose. No ``out=`` writes, no in-place updates and no Python decision
+    on the data.
 
     Why packed: per-row layers (norms, projections, the MLP) run on the M real rows. Padded to the largest count
     they ran on 1.7x as many rows on DeiT-S with random routers at half the GMACs (1.2x on PVT-v2-b1), where the
@@ -203,7 +204,8 @@ class TracedQueries:
         b, t = qsel.shape
         pos = qsel.long().cumsum(1) - 1  # slot of each selected candidate in its image's queries
         self.nq = pos[:, -1] + 1
-        length = self.nq.max().item()
+        # the largest count, 1 on a batch of no images (a cascade's later stage when every image has left)
+        length = torch.cat([self.nq, self.nq.new_ones(1)]).max().item()
         torch._check(length >= 1)
         torch._check(length <= t)
         self.batch, self.length, self.tokens, self.candidates = b, length, tok_src.shape[1], t

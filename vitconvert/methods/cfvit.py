@@ -257,8 +257,7 @@ class CFViT(ConvertedModel, SimulatesPoints):
         }
         # Not modules: the stages call the graphs above, whose parameters are registered once under base.
         attach(self, _graphs=graphs, cascade=Cascade([Stage("coarse", self._coarse_stage, 0.0),
-                                                      Stage("fine", self._fine_stage, 0.0)], s.exit_score,
-                                                     family.empty_batches))
+                                                      Stage("fine", self._fine_stage, 0.0)], s.exit_score))
         self.eta = s.eta
         self._alpha = s.alpha
         self.dense = 0.0
@@ -525,7 +524,8 @@ class CFViT(ConvertedModel, SimulatesPoints):
         if gates is None:
             return torch.zeros(batch, regions, dtype=torch.long, device=device)
         if index in self._window_blocks:
-            gates = gates.repeat_interleave(regions // gates.shape[1], dim=1)
+            # repeat_interleave, spelled so that a batch of no images reshapes too (exporters write it with a -1)
+            gates = gates.unsqueeze(2).expand(-1, -1, regions // gates.shape[1]).reshape(batch, regions)
         assert gates.shape == (batch, regions), (gates.shape, batch, regions)
         return gates
 

@@ -282,9 +282,7 @@ class DVT(ConvertedModel, SimulatesPoints):
             vfx.share_code(g["head"] for g in graphs)
         stages = [Stage(name, self._stage_fn(k), 0.0) for k, name in enumerate(self.names)]
         # Not modules: the graphs call the members' own modules, registered once under base / members.
-        # Empty sub-batches in the exported cascade where the family's modules run on no images (the member resize is
-        # two matrix products there: the antialiased interpolation itself could not be traced on an empty batch).
-        attach(self, _graphs=graphs, _family=family, cascade=Cascade(stages, s.exit_score, family.empty_batches))
+        attach(self, _graphs=graphs, _family=family, cascade=Cascade(stages, s.exit_score))
         thresholds = s.thresholds if s.thresholds is not None else [1.0] * (k_members - 1)
         if len(thresholds) != k_members - 1 or any(not 0.0 <= t <= 1.0 for t in thresholds):
             raise UserError(f"recipe: model.thresholds must be {k_members - 1} values in [0, 1], got {thresholds}")

@@ -148,6 +148,11 @@ class WindowCall:
     base: Callable[[], torch.Tensor] | None
     rows: torch.Tensor | None = None  # window index (0..windows-1) of each row of a sub-batch; None: the whole batch
 
+    @property
+    def per_image(self) -> int:
+        """Windows per image (spelled out, not the batch over the images: a cascade's stage may get no image)."""
+        return self.windows[0] * self.windows[1]
+
 
 def candidate_members(lay: RegionLayout) -> torch.Tensor:
     """(T, N) float: row t marks the grid positions candidate t of ``lay`` stands for (prefix tokens not included)."""
@@ -399,7 +404,7 @@ class DGEBlock(nn.Module):
         assert fn is not None
         if call is None:
             return fn(self.index, b, regions, device)
-        gates = fn(self.index, call.images, b // call.images * regions, device).reshape(b, regions)
+        gates = fn(self.index, call.images, call.per_image * regions, device).reshape(b, regions)
         cap = self._cap(b, call)
         return gates if cap is None else torch.minimum(gates, cap)
 
@@ -416,10 +421,10 @@ class DGEBlock(nn.Module):
             g = gates.reshape(b, *lay.regions) if gates is not None else None
         else:
             b = call.images
-            per_window = nq.reshape(b, -1)
+            per_window = nq.reshape(b, call.per_image)
             nq = per_window.sum(1)
             pad = (per_window.max(1).values * per_window.shape[1] - nq) * self._costs["core"]
-            conv_macs = pad if conv_macs is None else conv_macs.reshape(b, -1).sum(1) + pad
+            conv_macs = pad if conv_macs is None else conv_macs.reshape(b, call.per_image).sum(1) + pad
             if gates is not None:
                 conv_macs = conv_macs.to(torch.float64)
             (gh, gw), (rh, rw) = call.windows, lay.regions
