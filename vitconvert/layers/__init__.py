@@ -2,6 +2,8 @@
 
 * :mod:`~vitconvert.layers.costs`: the MAC rules and units every GMACs figure is made of;
 * :mod:`~vitconvert.layers.cascade`: early-exit cascades (real sub-batching, per-image cost, simulation);
+* :mod:`~vitconvert.layers.empty_batches`: timm's blocks on a sub-batch that may hold no image (a cascade's later
+  stages in an exported graph);
 * :mod:`~vitconvert.layers.regions`, :mod:`~vitconvert.layers.ragged`: region layouts of token grids and
   execution of a ragged subset of queries;
 * :mod:`~vitconvert.layers.scale_conv`: PVT-v2's depthwise convolution at each query's own scale;
