@@ -26,7 +26,8 @@ another: a cascade's chosen in the proportions its exits take on the batch, :fun
   finest grain), ``coarsening`` set by bisection so that the timed images' mean GMACs come near 50% / 60% / 60% of
   the base's.
 
-``--only fsla dge`` re-measures those methods' rows alone and keeps the others of the result file.
+``--only fsla dge`` re-measures those methods' rows alone and keeps the others of the result file; ``--trained DIR
+--only`` measures the fine-tuned folder alone and keeps every other row.
 
 Writes ``benchmarks/results/export_speed.json`` and ``export_speed.md``. Usage (from the repo root; about 50
 minutes on the 2-core CPU)::
@@ -77,9 +78,12 @@ def cifar_rows(batches: list[int], threads: int, rounds: dict[int, int], folder:
     from benchmarks.common import CHECKPOINTS
     from vitconvert.data import spread_batch
 
+    recipes = [r for r in ("cfvit", "dvt") if only is None or r in only]
+    if not recipes:
+        return []
     _, val = cifar10.split_files()
     rows = []
-    for recipe in [r for r in ("cfvit", "dvt") if only is None or r in only]:
+    for recipe in recipes:
         model = vitconvert.apply(f"local-dir:{CHECKPOINTS / 'cifar10-vit'}", recipe)
         record = vitconvert.calibrate(model, str(cifar10.resolve_root()), budget="50%", max_images=max_images,
                                       progress=False, check_speed=False)
@@ -217,16 +221,15 @@ def run(quick: bool, out_dir: Path, threads: int | None = None, cifar: bool = Tr
     """The suite's entry point; ``threads``: torch's and onnxruntime's (default: torch's current setting);
     ``cifar``: also the CIFAR-10 rows (needs the CIFAR-10 training folder, see ``benchmarks.cifar10``); ``only``:
     measure these methods' rows and keep the other rows of the existing result file (rows of one run are
-    comparable with each other; the file records each row's own date); ``trained``: fine-tuned model folders measured
-    first, at their calibrated points."""
+    comparable with each other; the file records each row's own date; ``[]``: none); ``trained``: fine-tuned model
+    folders measured first, at their calibrated points (with ``only``, they replace the file's fine-tuned rows)."""
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     batches = [16, 1] if quick else [64, 1]
     rounds = {16: 3, 64: 6, 1: 4 if quick else 10}  # a batch-1 round runs SINGLE_IMAGES images
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as folder:
-        if trained:
-            rows += trained_rows(trained, batches, threads, rounds, Path(folder))
+        fine_tuned = trained_rows(trained, batches, threads, rounds, Path(folder)) if trained else []
         if cifar and not quick:  # trained-base rows first
             rows += cifar_rows(batches, threads, rounds, Path(folder), max_images=cifar_images, only=only)
         for arch, recipe, shares in EXPORT_ROWS[:1] if quick else EXPORT_ROWS:
@@ -234,8 +237,10 @@ def run(quick: bool, out_dir: Path, threads: int | None = None, cifar: bool = Tr
                 rows += measure_row(arch, recipe, shares, batches, threads, rounds, Path(folder))
     out_json = out_dir / "export_speed.json"
     if only is not None and out_json.exists():  # keep the rows of the methods not re-measured, in their order
-        kept = [r for r in json.loads(out_json.read_text())["rows"] if r["method"] not in only]
+        kept = [r for r in json.loads(out_json.read_text())["rows"] if r["method"] not in only
+                and not (fine_tuned and r.get("gates") == "trained")]  # new fine-tuned rows replace the old ones
         rows = kept + rows
+    rows = fine_tuned + rows
     import onnxruntime
 
     result = {"name": "export_speed", "quick": quick, "machine": machine_block(), "threads": threads,
@@ -264,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--no-cifar", action="store_true", help="skip the CIFAR-10 rows (no data needed)")
     parser.add_argument("--cifar-images", type=int, default=2000, help="held-out images calibration uses")
-    parser.add_argument("--only", nargs="+", default=None, help="re-measure these methods' rows only")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="re-measure these methods' rows only (none given: only --trained's)")
     parser.add_argument("--trained", nargs="+", type=Path, default=None, metavar="FOLDER",
                         help="fine-tuned, calibrated CIFAR-10 model folders to measure first")
     args = parser.parse_args(argv)

@@ -516,6 +516,25 @@ def test_export_batch_one_rows_take_images_in_the_proportions_of_the_exits() -> 
     assert "| dge | pvt_v2_b1 | 1 (8 alone) | 50% | - |" in markdown([row])
 
 
+def test_export_bench_measures_a_fine_tuned_folder_alone_and_keeps_the_other_rows(monkeypatch, tmp_path) -> None:
+    """``--trained DIR --only``: the fine-tuned rows are measured (first in the file, replacing the old fine-tuned
+    rows) and every other row of the result file is kept; nothing else is measured."""
+    from benchmarks import bench_export
+
+    def row(method: str, gates: str) -> dict:
+        return {"method": method, "model": f"{method} model", "batch": 64, "gmacs": 1.0, "base_gmacs": 2.0,
+                "exit_shares": {}, "onnx_speedup": 1.5, "onnx_speedup_p10_p90": [1.4, 1.6], "eager_speedup": 1.5,
+                "onnx_share_of_eager_speedup": 1.0, "gates": gates}
+
+    old = [row("cfvit", "trained"), row("dvt", "forced"), row("dge", "random routers")]
+    (tmp_path / "export_speed.json").write_text(json.dumps({"rows": old}))
+    monkeypatch.setattr(bench_export, "trained_rows", lambda *a, **k: [row("cfvit", "trained") | {"model": "new"}])
+    monkeypatch.setattr(bench_export, "measure_row", lambda *a, **k: pytest.fail("measured a random-weight row"))
+    result = bench_export.run(quick=False, out_dir=tmp_path, threads=1, cifar=True, only=[], trained=[tmp_path])
+    assert [(r["method"], r["model"]) for r in result["rows"]] == [("cfvit", "new"), ("dvt", "dvt model"),
+                                                                    ("dge", "dge model")]
+
+
 def test_committee_exits_average_the_softmax_of_the_stages_so_far() -> None:
     from benchmarks.studies.exit_scores import committee
 
