@@ -55,6 +55,7 @@ from benchmarks.common import (
     build_row,
     export_pair,
     machine_block,
+    ort_logits,
     ort_session,
     paired_ratio,
 )
@@ -134,11 +135,6 @@ def single_image_mix(stage: torch.Tensor | None, count: int = SINGLE_IMAGES) -> 
     return torch.cat(picked).sort().values
 
 
-def onnx_logits(session: Any) -> Any:
-    """The session as a callable on an image tensor (its logits)."""
-    return lambda t: session.run(["logits"], {"pixel_values": t.numpy()})
-
-
 def one_at_a_time(fn: Any) -> Any:
     """``fn`` on each image of a batch alone, one after another (the batch-1 rows)."""
     return lambda t: [fn(t[i:i + 1]) for i in range(t.shape[0])]
@@ -159,8 +155,11 @@ def measure(model: vitconvert.ConvertedModel, images: torch.Tensor, batches: lis
     for batch in batches:
         x = images[:batch] if batch > 1 else images[single_image_mix(whole.stage)]
         split = [x] if batch > 1 else list(x.split(1))
-        with torch.no_grad():
-            parts = [model.forward_dynamic(t) for t in split]
+        if batch == max(batches):  # the pass above
+            parts = [whole]
+        else:
+            with torch.no_grad():
+                parts = [model.forward_dynamic(t) for t in split]
         got_parts = [dict(zip(outputs, conv_s.run(outputs, {"pixel_values": t.numpy()}), strict=True)) for t in split]
         eager_logits = torch.cat([e.logits for e in parts]).numpy()
         stage = None if parts[0].stage is None else torch.cat([e.stage for e in parts])
@@ -168,7 +167,7 @@ def measure(model: vitconvert.ConvertedModel, images: torch.Tensor, batches: lis
         got = {k: np.concatenate([g[k] for g in got_parts]) for k in outputs}
         agree = {"max_abs_logit_difference": float(np.abs(got["logits"] - eager_logits).max()),
                  "same_exits": None if stage is None else bool((got["exit"] == stage.numpy()).all())}
-        fns = {"onnx_converted": onnx_logits(conv_s), "onnx_base": onnx_logits(base_s), "eager_converted": model,
+        fns = {"onnx_converted": ort_logits(conv_s), "onnx_base": ort_logits(base_s), "eager_converted": model,
                "eager_base": base}
         if batch == 1:
             fns = {name: one_at_a_time(fn) for name, fn in fns.items()}

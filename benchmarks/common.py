@@ -195,6 +195,11 @@ def ort_session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def ort_logits(session: Any) -> Any:
+    """An onnxruntime session as a timed callable: the graph's logits for a torch batch."""
+    return lambda t: session.run(["logits"], {"pixel_values": t.numpy()})
+
+
 def point_for_gmacs(model: ConvertedModel, x: torch.Tensor, share: float, steps: int = 10
                     ) -> dict[str, float]:
     """The operating point whose first knob puts the mean GMACs of ``x`` nearest ``share`` of the base's (bisection;

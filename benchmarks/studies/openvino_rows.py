@@ -26,7 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import EXPORT_ROWS, build_row, export_pair, machine_block, ort_session, paired_ratio
+from benchmarks.common import (
+    EXPORT_ROWS,
+    build_row,
+    export_pair,
+    machine_block,
+    ort_logits,
+    ort_session,
+    paired_ratio,
+)
 from vitconvert.timing import compare
 
 
@@ -63,8 +71,8 @@ def measure(arch: str, recipe: str, shares: list[float] | float, batches: list[i
         timed = compare({
             "openvino_converted": lambda t: openvino_run(ov_conv, t)["logits"],
             "openvino_base": lambda t: openvino_run(ov_base, t)["logits"],
-            "onnx_converted": lambda t: ort_conv.run(["logits"], {"pixel_values": t.numpy()}),
-            "onnx_base": lambda t: ort_base.run(["logits"], {"pixel_values": t.numpy()}),
+            "onnx_converted": ort_logits(ort_conv),
+            "onnx_base": ort_logits(ort_base),
         }, x, reference="openvino_base", min_rounds=rounds[batch])
         throughput = {k: list(t.throughput.values) for k, t in timed.items()}
         row = {"method": recipe, "backbone": arch, "batch": batch, "threads": threads, **fields,

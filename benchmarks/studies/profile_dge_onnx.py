@@ -34,7 +34,14 @@ import numpy as np
 import torch
 
 import vitconvert
-from benchmarks.common import machine_block, onnx_base, ort_session, point_for_gmacs, randomize_zero_init
+from benchmarks.common import (
+    machine_block,
+    onnx_base,
+    ort_logits,
+    ort_session,
+    point_for_gmacs,
+    randomize_zero_init,
+)
 from benchmarks.studies.profile_onnx import profile
 from vitconvert.timing import compare
 
@@ -49,11 +56,6 @@ def build(arch: str, share: float, batch: int) -> tuple[vitconvert.ConvertedMode
     images = torch.randn(batch, 3, *model.anatomy.img_size, generator=torch.Generator().manual_seed(2))  # random_batch
     point_for_gmacs(model, images[:16], share)
     return model.eval(), images
-
-
-def runner(sess: Any) -> Any:
-    """A timed callable: the graph's logits for a torch batch."""
-    return lambda b: sess.run(["logits"], {"pixel_values": b.numpy()})
 
 
 def op_shares(path: Path, x: np.ndarray, threads: int, runs: int) -> dict[str, Any]:
@@ -117,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             row["max_abs_logit_difference"] = {
                 t: float(np.abs(s.run(["logits"], {"pixel_values": x.numpy()})[0] - eager.logits.numpy()).max())
                 for t, s in sessions.items()}
-            fns: dict[str, Any] = {f"onnx_{t}": runner(s) for t, s in sessions.items()}
-            fns["onnx_base"] = runner(base_s)
+            fns: dict[str, Any] = {f"onnx_{t}": ort_logits(s) for t, s in sessions.items()}
+            fns["onnx_base"] = ort_logits(base_s)
             fns["eager_converted"] = model
             fns["eager_base"] = model.build_base().eval()
             timed = compare(fns, x, reference="onnx_base", min_rounds=args.rounds)
