@@ -21,6 +21,7 @@ Nothing here knows a model: CF-ViT is a two-stage cascade (coarse, fine), DVT a 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -227,11 +228,8 @@ class Cascade:
         xs, state = x, dict(carry or {})
         logits_out: torch.Tensor | None = None
         for k, stage in enumerate(self.stages):
-            if k == 0:
+            with empty_batch_safe() if k else contextlib.nullcontext():  # a later sub-batch may hold no image
                 logits, state = stage.run(xs, state)
-            else:
-                with empty_batch_safe():  # the sub-batch may hold no image
-                    logits, state = stage.run(xs, state)
             logits_out = logits if logits_out is None else logits_out.index_copy(0, active, logits.to(
                 logits_out.dtype))
             if k == last:
